@@ -1,0 +1,198 @@
+//! The admin API (HTTP/1.1 on localhost:15000 of the node): health,
+//! readiness, the workload registry with capture status, recent flows, the
+//! datapath (attachments, map occupancy, per-reason counters), the effective
+//! configuration and process statistics. The `heddle` CLI and the tests read
+//! it; everything is JSON. Read-only: nothing here changes agent state.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{capture::Capture, datapath::Datapath, flows::FlowLog, registry::SharedRegistry};
+
+/// Default number of flows returned by `/flows`.
+const DEFAULT_FLOWS: usize = 1000;
+
+/// Everything the admin API reads.
+pub struct AdminState {
+    /// This node.
+    pub node: String,
+    /// Set once programs are attached and the first configuration applied.
+    pub ready: AtomicBool,
+    /// Flows and counters.
+    pub flows: Arc<FlowLog>,
+    /// The datapath.
+    pub datapath: Arc<Datapath>,
+    /// Enrollment state.
+    pub capture: Arc<Mutex<Capture>>,
+    /// The latest registry.
+    pub registry: watch::Receiver<SharedRegistry>,
+    /// Process flags, as applied.
+    pub effective_config: Value,
+    /// The last configuration file error, cleared by a good reload.
+    pub config_error: Mutex<Option<String>>,
+}
+
+/// Serves the admin API on `listener` until `stop` fires.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let query = parse_query(req.uri().query());
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/ready" => {
+            if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        "/flows" => {
+            let n = query
+                .get("last")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_FLOWS);
+            json_response(&json!(state.flows.recent(n)))
+        }
+        "/workloads" => json_response(&workloads(state)),
+        "/datapath" => json_response(&datapath(state)),
+        "/config" => json_response(&json!({
+            "node": state.node,
+            "flags": state.effective_config,
+            "configError": *state.config_error.lock().expect("lock"),
+        })),
+        "/stats" => json_response(&json!({
+            "node": state.node,
+            "openFds": open_fds(),
+            "activeConnections": state.flows.active(),
+        })),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz /ready /workloads /flows /datapath /config /stats\n",
+        ),
+    }
+}
+
+fn workloads(state: &AdminState) -> Value {
+    let registry = state.registry.borrow().clone();
+    let capture = state.capture.lock().expect("capture lock");
+    let list: Vec<Value> = registry
+        .workloads()
+        .map(|w| {
+            let mut v = serde_json::to_value(w).unwrap_or(Value::Null);
+            let local = w.node == state.node;
+            if let Value::Object(m) = &mut v {
+                m.insert("local".into(), json!(local));
+                let status = local.then(|| capture.status(&w.id));
+                m.insert("captured".into(), json!(status.as_ref().is_some_and(|s| s.captured)));
+                m.insert("netnsCookie".into(), json!(status.as_ref().and_then(|s| s.netns_cookie)));
+                m.insert("captureError".into(), json!(status.and_then(|s| s.error)));
+                if let Value::Object(c) = serde_json::to_value(state.flows.counters(&w.id)).unwrap_or(Value::Null) {
+                    m.extend(c);
+                }
+            }
+            v
+        })
+        .collect();
+    json!(list)
+}
+
+fn datapath(state: &AdminState) -> Value {
+    let mut programs: Vec<Value> = state
+        .datapath
+        .attachments()
+        .into_iter()
+        .map(|a| json!(a))
+        .collect();
+    programs.extend(
+        state
+            .capture
+            .lock()
+            .expect("capture lock")
+            .attachments()
+            .into_iter()
+            .map(|a| json!(a)),
+    );
+    let maps: BTreeMap<&str, Value> = state
+        .datapath
+        .map_usage()
+        .into_iter()
+        .map(|(name, u)| (name, json!(u)))
+        .collect();
+    let reasons: BTreeMap<&str, u64> = state.datapath.reasons().into_iter().collect();
+    json!({ "programs": programs, "maps": maps, "reasons": reasons })
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+}
+
+fn parse_query(q: Option<&str>) -> BTreeMap<String, String> {
+    q.unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
+
+fn json_response(v: &Value) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}

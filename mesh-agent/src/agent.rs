@@ -1,0 +1,220 @@
+//! The composition root of `mesh-agent run`: loads the configuration, starts
+//! the datapath, enrolls pods, serves the admin API, watches the
+//! configuration file, and shuts down in order on SIGTERM/SIGINT.
+//!
+//! Tasks (all on the tokio runtime): the admin server, the config watcher,
+//! two accept loops per enrolled pod, one task per proxied connection, and
+//! the eBPF log reader.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::{self, AdminState},
+    capture::Capture,
+    config,
+    datapath::Datapath,
+    flows::FlowLog,
+    netns::Netns,
+    proxy::ProxyContext,
+    registry::{Registry, SharedRegistry},
+};
+
+/// How often the configuration file is re-read and enrollment retried.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Settings of a running agent (process flags, resolved).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    /// The local configuration file.
+    pub config: PathBuf,
+    /// This node's name.
+    pub node: String,
+    /// Cgroup v2 directory the cgroup programs attach to.
+    pub cgroup: PathBuf,
+    /// Directory on bpffs for pinned links.
+    pub pin_dir: PathBuf,
+    /// Admin API address.
+    pub admin_addr: SocketAddr,
+    /// Flow records kept.
+    pub flow_capacity: usize,
+    /// How long shutdown waits for open connections.
+    #[serde(with = "secs")]
+    pub drain_timeout: Duration,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let initial_text = std::fs::read_to_string(&settings.config)
+        .with_context(|| format!("reading {}", settings.config.display()))?;
+    let initial = config::parse(&settings.config, &initial_text)?;
+    let (registry_tx, registry_rx) = watch::channel::<SharedRegistry>(Arc::new(Registry::from_config(&initial)));
+
+    let home = Arc::new(Netns::current()?);
+    let datapath = Arc::new(
+        Datapath::start(&settings.cgroup, &settings.pin_dir).context("starting the eBPF datapath")?,
+    );
+    tracing::info!(cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), "eBPF programs attached");
+
+    let flows = Arc::new(FlowLog::new(settings.flow_capacity));
+    let tracker = TaskTracker::new();
+    let ctx = Arc::new(ProxyContext {
+        datapath: datapath.clone(),
+        flows: flows.clone(),
+        registry: registry_rx.clone(),
+        tracker: tracker.clone(),
+    });
+    let capture = Arc::new(Mutex::new(Capture::new(settings.node.clone(), home, ctx)));
+    let stop = CancellationToken::new();
+
+    let admin_state = Arc::new(AdminState {
+        node: settings.node.clone(),
+        ready: false.into(),
+        flows,
+        datapath: datapath.clone(),
+        capture: capture.clone(),
+        registry: registry_rx.clone(),
+        effective_config: serde_json::to_value(&settings)?,
+        config_error: Mutex::new(None),
+    });
+    let admin_listener = admin::bind(settings.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin API on {}", settings.admin_addr))?;
+    tokio::spawn(admin::serve(admin_listener, admin_state.clone(), stop.clone()));
+
+    capture.lock().expect("capture lock").reconcile(&registry_rx.borrow());
+    admin_state.ready.store(true, Ordering::Release);
+    tracing::info!(node = %settings.node, admin = %settings.admin_addr, "agent ready");
+
+    let watcher = tokio::spawn(watch_config(
+        settings.config.clone(),
+        initial_text,
+        registry_tx,
+        capture.clone(),
+        admin_state.clone(),
+        stop.clone(),
+    ));
+
+    wait_for_shutdown().await?;
+    tracing::info!("shutting down: un-enrolling pods, draining connections");
+    admin_state.ready.store(false, Ordering::Release);
+    stop.cancel();
+    let _ = watcher.await;
+    capture.lock().expect("capture lock").shutdown();
+    tracker.close();
+    if tokio::time::timeout(settings.drain_timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "drain deadline passed; closing remaining connections");
+    }
+    datapath.shutdown();
+    tracing::info!("eBPF programs detached; bye");
+    Ok(())
+}
+
+async fn wait_for_shutdown() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+/// Re-reads the file on SIGHUP and every [`POLL_INTERVAL`]; a valid change is
+/// published and applied, an invalid one is logged (once) and the last good
+/// state kept. Every tick also retries pods that failed to enroll.
+async fn watch_config(
+    path: PathBuf,
+    mut last_good: String,
+    registry_tx: watch::Sender<SharedRegistry>,
+    capture: Arc<Mutex<Capture>>,
+    admin: Arc<AdminState>,
+    stop: CancellationToken,
+) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; relying on polling");
+        return;
+    };
+    let mut last_bad: Option<String> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = hup.recv() => tracing::info!(file = %path.display(), "SIGHUP: reloading configuration"),
+            () = tokio::time::sleep(POLL_INTERVAL) => {},
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(text) if text != last_good && Some(&text) != last_bad.as_ref() => {
+                match config::parse(&path, &text) {
+                    Ok(cfg) => {
+                        tracing::info!(file = %path.display(), "configuration reloaded");
+                        registry_tx.send_replace(Arc::new(Registry::from_config(&cfg)));
+                        *admin.config_error.lock().expect("lock") = None;
+                        last_good = text;
+                        last_bad = None;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "configuration rejected; keeping the last good one");
+                        *admin.config_error.lock().expect("lock") = Some(e.to_string());
+                        last_bad = Some(text);
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let msg = format!("cannot read {}: {e}", path.display());
+                if admin.config_error.lock().expect("lock").as_deref() != Some(msg.as_str()) {
+                    tracing::error!(error = %msg, "keeping the last good configuration");
+                    *admin.config_error.lock().expect("lock") = Some(msg);
+                }
+            }
+        }
+        let registry = registry_tx.borrow().clone();
+        capture.lock().expect("capture lock").reconcile(&registry);
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit: every proxied
+/// connection holds two sockets.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer to an rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } == 0 && lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };
+    }
+}
+
+/// The node's cgroup v2 root: `/sys/fs/cgroup` on a unified host,
+/// `/sys/fs/cgroup/unified` on a hybrid one.
+#[must_use]
+pub fn default_cgroup_root() -> PathBuf {
+    let unified = PathBuf::from("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").exists() {
+        unified
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}

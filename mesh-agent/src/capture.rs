@@ -1,0 +1,228 @@
+//! Enrollment: turns "these pods on this node are in the mesh" into datapath
+//! state and in-pod listeners, and back.
+//!
+//! Enrolling a pod, in this order (so that no connection is captured before
+//! the agent can take it): open its netns and read its cookie; bind the
+//! outbound (`127.0.0.1:15001`) and inbound (`127.0.0.1:15006`) listeners
+//! inside it; attach `sk_lookup` to the netns; register the inbound listener
+//! for each pod IPv4; mark the netns enrolled for `connect4`; start the accept
+//! loops. Un-enrolling runs the steps backwards. Existing connections are not
+//! cut: they hold their own sockets and finish (or drain at shutdown).
+//!
+//! [`Capture::reconcile`] is idempotent and is called on every configuration
+//! change and every poll tick, so a pod that could not be enrolled (its netns
+//! not there yet) is retried.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::AsFd,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use mesh_common::{PORT_INBOUND, PORT_OUTBOUND};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    datapath::{Datapath, DatapathError, NetnsLink},
+    netns::{Netns, NetnsError},
+    proxy::{self, sockets::SocketError, Pod, ProxyContext},
+    registry::{ObjectRef, Registry, Workload},
+};
+
+/// Why a pod could not be enrolled.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// Namespace problem.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// Listener problem.
+    #[error("in-pod listener: {0}")]
+    Listener(#[from] SocketError),
+    /// Datapath problem.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// The workload has no namespace path.
+    #[error("workload has no netns path")]
+    NoNetns,
+}
+
+/// What the admin API shows for a local workload.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaptureStatus {
+    /// Capture active.
+    pub captured: bool,
+    /// Netns cookie, when captured.
+    pub netns_cookie: Option<u64>,
+    /// Last enrollment error.
+    pub error: Option<String>,
+}
+
+/// The desired capture of one pod; a change means re-enrolling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Desired {
+    netns: PathBuf,
+    ips: Vec<IpAddr>,
+}
+
+struct Enrolled {
+    desired: Desired,
+    pod: Arc<Pod>,
+    link: Option<NetnsLink>,
+    inbound_ips: Vec<Ipv4Addr>,
+    stop: CancellationToken,
+}
+
+/// The set of enrolled pods on this node.
+pub struct Capture {
+    node: String,
+    home: Arc<File>,
+    ctx: Arc<ProxyContext>,
+    enrolled: BTreeMap<ObjectRef, Enrolled>,
+    errors: BTreeMap<ObjectRef, String>,
+}
+
+impl Capture {
+    /// An empty capture for `node`; `home` is the agent's own netns.
+    #[must_use]
+    pub fn new(node: String, home: Arc<File>, ctx: Arc<ProxyContext>) -> Self {
+        Self {
+            node,
+            home,
+            ctx,
+            enrolled: BTreeMap::new(),
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn datapath(&self) -> &Datapath {
+        &self.ctx.datapath
+    }
+
+    /// Brings the enrolled set in line with `registry`.
+    pub fn reconcile(&mut self, registry: &Registry) {
+        let desired: BTreeMap<ObjectRef, (Desired, &Workload)> = registry
+            .on_node(&self.node)
+            .filter(|w| w.enrolled)
+            .filter_map(|w| {
+                let netns = w.netns.clone()?;
+                Some((w.id.clone(), (Desired { netns, ips: w.ips.clone() }, w)))
+            })
+            .collect();
+        let stale: Vec<ObjectRef> = self
+            .enrolled
+            .iter()
+            .filter(|(id, e)| desired.get(*id).is_none_or(|(d, _)| *d != e.desired))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            if let Some(e) = self.enrolled.remove(&id) {
+                self.unenroll(&id, e);
+            }
+        }
+        self.errors.retain(|id, _| desired.contains_key(id));
+        for (id, (want, _)) in desired {
+            if self.enrolled.contains_key(&id) {
+                continue;
+            }
+            match self.enroll(&id, &want) {
+                Ok(e) => {
+                    tracing::info!(pod = %id, netns = %want.netns.display(), cookie = e.pod.cookie, "pod enrolled");
+                    self.errors.remove(&id);
+                    self.enrolled.insert(id, e);
+                }
+                Err(err) => {
+                    let msg = err.to_string();
+                    if self.errors.get(&id) != Some(&msg) {
+                        tracing::error!(pod = %id, error = %msg, "cannot enroll pod; will retry");
+                    }
+                    self.errors.insert(id, msg);
+                }
+            }
+        }
+    }
+
+    fn enroll(&self, id: &ObjectRef, want: &Desired) -> Result<Enrolled, CaptureError> {
+        let netns = Netns::open(&want.netns, self.home.clone())?;
+        let cookie = netns.cookie()?;
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let outbound = proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_OUTBOUND))?;
+        let inbound = proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_INBOUND))?;
+        let ns_file = File::open(&want.netns).map_err(|source| NetnsError::Open {
+            path: want.netns.clone(),
+            source,
+        })?;
+        let link = self.datapath().attach_netns(ns_file.as_fd(), &want.netns, cookie)?;
+        let pod = Arc::new(Pod {
+            id: id.clone(),
+            netns,
+            cookie,
+        });
+        let mut enrolled = Enrolled {
+            desired: want.clone(),
+            pod: pod.clone(),
+            link: Some(link),
+            inbound_ips: Vec::new(),
+            stop: CancellationToken::new(),
+        };
+        let registered = (|| {
+            for ip in &want.ips {
+                if let IpAddr::V4(ip) = ip {
+                    self.datapath().add_inbound(*ip, &inbound)?;
+                    enrolled.inbound_ips.push(*ip);
+                }
+            }
+            self.datapath().enroll_netns(cookie)
+        })();
+        if let Err(e) = registered {
+            self.unenroll(id, enrolled);
+            return Err(e.into());
+        }
+        let ctx = &self.ctx;
+        tokio::spawn(proxy::outbound::run(outbound, pod.clone(), ctx.clone(), enrolled.stop.clone()));
+        tokio::spawn(proxy::inbound::run(inbound, pod, ctx.clone(), enrolled.stop.clone()));
+        Ok(enrolled)
+    }
+
+    fn unenroll(&self, id: &ObjectRef, mut e: Enrolled) {
+        self.datapath().unenroll_netns(e.pod.cookie);
+        for ip in &e.inbound_ips {
+            self.datapath().remove_inbound(*ip);
+        }
+        if let Some(link) = e.link.take() {
+            self.datapath().detach_netns(link);
+        }
+        e.stop.cancel();
+        tracing::info!(pod = %id, "pod un-enrolled");
+    }
+
+    /// Un-enrolls every pod (agent shutdown).
+    pub fn shutdown(&mut self) {
+        for (id, e) in std::mem::take(&mut self.enrolled) {
+            self.unenroll(&id, e);
+        }
+    }
+
+    /// Capture status of a local workload.
+    #[must_use]
+    pub fn status(&self, id: &ObjectRef) -> CaptureStatus {
+        CaptureStatus {
+            captured: self.enrolled.contains_key(id),
+            netns_cookie: self.enrolled.get(id).map(|e| e.pod.cookie),
+            error: self.errors.get(id).cloned(),
+        }
+    }
+
+    /// The `sk_lookup` attachments of enrolled pods.
+    #[must_use]
+    pub fn attachments(&self) -> Vec<crate::datapath::Attachment> {
+        self.enrolled
+            .values()
+            .filter_map(|e| e.link.as_ref().map(|l| l.attachment().clone()))
+            .collect()
+    }
+}

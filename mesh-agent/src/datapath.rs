@@ -1,0 +1,531 @@
+//! The eBPF datapath: loading the programs, attaching them, pinning their
+//! links, and the map operations the agent needs.
+//!
+//! Lifecycle (see ARCHITECTURE.md, "Crash and restart"):
+//! * links are pinned under the pin directory, so programs stay attached if
+//!   the agent dies: enrolled pods then fail closed (outbound connects are
+//!   refused, inbound connections dropped) rather than bypass the mesh;
+//! * on start, links left by a previous instance are detached before new
+//!   programs are attached, so exactly one set is ever active;
+//! * on a clean exit everything is detached and the pins removed, and pods
+//!   go direct again.
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
+    },
+    Ebpf,
+};
+use mesh_common::{capacity, maps, ConnKey, EnrolledNetns, OrigDst, PendingConnect, Reason};
+use serde::Serialize;
+
+/// The compiled eBPF object, embedded at build time by `build.rs`.
+#[cfg(not(heddle_no_ebpf))]
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+
+const PROG_CONNECT4: &str = "heddle_connect4";
+const PROG_SOCKOPS: &str = "heddle_sockops";
+const PROG_SK_LOOKUP: &str = "heddle_sk_lookup";
+/// Cgroup links are always multi-attach (they coexist with other programs on
+/// the same cgroup); the kernel rejects BPF_F_ALLOW_MULTI on BPF_LINK_CREATE.
+const CGROUP_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+/// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Errors of the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The agent binary carries no eBPF object.
+    #[error("this mesh-agent was built without eBPF (AYA_BUILD_SKIP); rebuild with `cargo xtask build`")]
+    NoObject,
+    /// The object could not be loaded.
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// A program is missing or has the wrong type.
+    #[error("eBPF program {0} missing from the object")]
+    MissingProgram(&'static str),
+    /// A program could not be loaded (verifier) or attached.
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// A map is missing or an operation on it failed.
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: Box<MapError>,
+    },
+    /// A link could not be converted for pinning.
+    #[error("eBPF link of {name}: {source}")]
+    Link {
+        /// The program.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    /// A map is missing from the object.
+    #[error("eBPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    /// Pinning or unpinning failed.
+    #[error("bpffs {path}: {message}")]
+    Pin {
+        /// Path of the pin.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The cgroup to attach to could not be opened.
+    #[error("cannot open cgroup {path}: {source} (is cgroup v2 mounted there?)")]
+    Cgroup {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// An attached program, as reported by the admin API.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attachment {
+    /// Program name.
+    pub program: &'static str,
+    /// Attach type.
+    pub attach: &'static str,
+    /// Cgroup path or network namespace path.
+    pub target: String,
+    /// Pin path of the link.
+    pub pin: PathBuf,
+}
+
+/// Occupancy of one map.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct MapUsage {
+    /// Entries now.
+    pub entries: usize,
+    /// Capacity.
+    pub capacity: u32,
+}
+
+/// The loaded datapath. Map operations are short syscalls behind std mutexes.
+pub struct Datapath {
+    pin_dir: PathBuf,
+    ebpf: Mutex<Ebpf>,
+    cgroup_links: Mutex<Vec<(Attachment, PinnedLink)>>,
+    enrolled: Mutex<HashMap<MapData, u64, EnrolledNetns>>,
+    pending: Mutex<HashMap<MapData, u64, PendingConnect>>,
+    orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    inbound: Mutex<SockHash<MapData, u32>>,
+    inbound_ips: Mutex<HashMap<MapData, u32, u32>>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// A pod's `sk_lookup` attachment; detached when [`Datapath::detach_netns`] is called.
+pub struct NetnsLink {
+    link: PinnedLink,
+    attachment: Attachment,
+}
+
+impl NetnsLink {
+    /// What is attached where.
+    #[must_use]
+    pub fn attachment(&self) -> &Attachment {
+        &self.attachment
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Datapath {
+    /// Loads the programs, detaches whatever a previous instance left pinned
+    /// in `pin_dir`, and attaches the cgroup programs at `cgroup`.
+    pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<Self, DatapathError> {
+        ensure_bpffs(pin_dir)?;
+        remove_stale_pins(pin_dir)?;
+        std::fs::create_dir_all(pin_dir).map_err(|e| DatapathError::Pin {
+            path: pin_dir.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut ebpf = load_object()?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_ebpf_logger(logger),
+            Err(e) => tracing::debug!(error = %e, "no eBPF log buffer"),
+        }
+        let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let mut links = Vec::new();
+        {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(PROG_CONNECT4)
+                .ok_or(DatapathError::MissingProgram(PROG_CONNECT4))?
+                .try_into()
+                .map_err(prog_err(PROG_CONNECT4))?;
+            prog.load().map_err(prog_err(PROG_CONNECT4))?;
+            let id = prog
+                .attach(&cgroup_file, CGROUP_ATTACH_MODE)
+                .map_err(prog_err(PROG_CONNECT4))?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(PROG_CONNECT4))?)
+                .map_err(|source| DatapathError::Link { name: PROG_CONNECT4, source })?;
+            links.push(pin_link(link, pin_dir, PROG_CONNECT4, "cgroup/connect4", cgroup)?);
+        }
+        {
+            let prog: &mut SockOps = ebpf
+                .program_mut(PROG_SOCKOPS)
+                .ok_or(DatapathError::MissingProgram(PROG_SOCKOPS))?
+                .try_into()
+                .map_err(prog_err(PROG_SOCKOPS))?;
+            prog.load().map_err(prog_err(PROG_SOCKOPS))?;
+            let id = prog
+                .attach(&cgroup_file, CGROUP_ATTACH_MODE)
+                .map_err(prog_err(PROG_SOCKOPS))?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(PROG_SOCKOPS))?)
+                .map_err(|source| DatapathError::Link { name: PROG_SOCKOPS, source })?;
+            links.push(pin_link(link, pin_dir, PROG_SOCKOPS, "cgroup/sock_ops", cgroup)?);
+        }
+        {
+            let prog: &mut SkLookup = ebpf
+                .program_mut(PROG_SK_LOOKUP)
+                .ok_or(DatapathError::MissingProgram(PROG_SK_LOOKUP))?
+                .try_into()
+                .map_err(prog_err(PROG_SK_LOOKUP))?;
+            prog.load().map_err(prog_err(PROG_SK_LOOKUP))?;
+        }
+        Ok(Self {
+            pin_dir: pin_dir.to_owned(),
+            enrolled: Mutex::new(take(&mut ebpf, maps::ENROLLED_NETNS)?),
+            pending: Mutex::new(take(&mut ebpf, maps::PENDING)?),
+            orig_dst: Mutex::new(take(&mut ebpf, maps::ORIG_DST)?),
+            inbound: Mutex::new(take(&mut ebpf, maps::INBOUND_LISTENERS)?),
+            inbound_ips: Mutex::new(take(&mut ebpf, maps::INBOUND_ENROLLED)?),
+            stats: take(&mut ebpf, maps::STATS)?,
+            cgroup_links: Mutex::new(links),
+            ebpf: Mutex::new(ebpf),
+        })
+    }
+
+    /// Attaches `sk_lookup` to a pod's network namespace.
+    pub fn attach_netns(
+        &self,
+        netns: BorrowedFd<'_>,
+        netns_path: &Path,
+        cookie: u64,
+    ) -> Result<NetnsLink, DatapathError> {
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let prog: &mut SkLookup = ebpf
+            .program_mut(PROG_SK_LOOKUP)
+            .ok_or(DatapathError::MissingProgram(PROG_SK_LOOKUP))?
+            .try_into()
+            .map_err(prog_err(PROG_SK_LOOKUP))?;
+        let id = prog.attach(netns).map_err(prog_err(PROG_SK_LOOKUP))?;
+        let link = FdLink::from(prog.take_link(id).map_err(prog_err(PROG_SK_LOOKUP))?);
+        let name = format!("sk_lookup-{cookie}");
+        let (attachment, link) = pin_link(link, &self.pin_dir, &name, "sk_lookup", netns_path)?;
+        Ok(NetnsLink { link, attachment })
+    }
+
+    /// Detaches a pod's `sk_lookup` and removes its pin.
+    pub fn detach_netns(&self, link: NetnsLink) {
+        unpin_and_detach(link.link, &link.attachment.pin);
+    }
+
+    /// Marks a network namespace enrolled: its connects are captured.
+    pub fn enroll_netns(&self, cookie: u64) -> Result<(), DatapathError> {
+        self.enrolled
+            .lock()
+            .expect("map lock")
+            .insert(cookie, EnrolledNetns::default(), 0)
+            .map_err(map_err(maps::ENROLLED_NETNS))
+    }
+
+    /// Removes a network namespace: its new connects go direct.
+    pub fn unenroll_netns(&self, cookie: u64) {
+        let _ = self.enrolled.lock().expect("map lock").remove(&cookie);
+    }
+
+    /// Steers inbound connections to `ip` to `listener` (a socket in the pod's netns).
+    pub fn add_inbound(&self, ip: Ipv4Addr, listener: &impl AsRawFd) -> Result<(), DatapathError> {
+        let key = u32::from_ne_bytes(ip.octets());
+        self.inbound
+            .lock()
+            .expect("map lock")
+            .insert(key, listener.as_raw_fd(), 0)
+            .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        self.inbound_ips
+            .lock()
+            .expect("map lock")
+            .insert(key, 1, 0)
+            .map_err(map_err(maps::INBOUND_ENROLLED))
+    }
+
+    /// Stops steering inbound connections to `ip`.
+    pub fn remove_inbound(&self, ip: Ipv4Addr) {
+        let key = u32::from_ne_bytes(ip.octets());
+        let _ = self.inbound_ips.lock().expect("map lock").remove(&key);
+        let _ = self.inbound.lock().expect("map lock").remove(&key);
+    }
+
+    /// Takes the original destination of a redirected connection accepted
+    /// from `peer` in the namespace `netns_cookie`.
+    pub fn take_orig_dst(&self, netns_cookie: u64, peer: SocketAddrV4) -> Option<SocketAddrV4> {
+        let key = ConnKey {
+            netns_cookie,
+            src_ip4: u32::from_ne_bytes(peer.ip().octets()),
+            src_port: peer.port(),
+            _pad: 0,
+        };
+        let mut map = self.orig_dst.lock().expect("map lock");
+        let dst = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(SocketAddrV4::new(
+            Ipv4Addr::from(dst.ip4.to_ne_bytes()),
+            u16::from_be(dst.port),
+        ))
+    }
+
+    /// Per-reason counters, summed over CPUs.
+    #[must_use]
+    pub fn reasons(&self) -> Vec<(&'static str, u64)> {
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                let total = self
+                    .stats
+                    .get(&(*r as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (r.name(), total)
+            })
+            .collect()
+    }
+
+    /// Occupancy of each map.
+    #[must_use]
+    pub fn map_usage(&self) -> Vec<(&'static str, MapUsage)> {
+        let usage = |entries, capacity| MapUsage { entries, capacity };
+        vec![
+            (
+                maps::ENROLLED_NETNS,
+                usage(self.enrolled.lock().expect("map lock").keys().count(), capacity::ENROLLED_NETNS),
+            ),
+            (
+                maps::PENDING,
+                usage(self.pending.lock().expect("map lock").keys().count(), capacity::PENDING),
+            ),
+            (
+                maps::ORIG_DST,
+                usage(self.orig_dst.lock().expect("map lock").keys().count(), capacity::ORIG_DST),
+            ),
+            (
+                maps::INBOUND_LISTENERS,
+                usage(self.inbound.lock().expect("map lock").keys().count(), capacity::INBOUND),
+            ),
+            (
+                maps::INBOUND_ENROLLED,
+                usage(self.inbound_ips.lock().expect("map lock").keys().count(), capacity::INBOUND),
+            ),
+        ]
+    }
+
+    /// The node-wide attachments (cgroup programs).
+    #[must_use]
+    pub fn attachments(&self) -> Vec<Attachment> {
+        self.cgroup_links
+            .lock()
+            .expect("links lock")
+            .iter()
+            .map(|(a, _)| a.clone())
+            .collect()
+    }
+
+    /// Detaches the cgroup programs and removes the pin directory. Pod
+    /// attachments must have been detached first.
+    pub fn shutdown(&self) {
+        for (att, link) in self.cgroup_links.lock().expect("links lock").drain(..) {
+            unpin_and_detach(link, &att.pin);
+        }
+        if let Err(e) = std::fs::remove_dir(&self.pin_dir) {
+            tracing::warn!(dir = %self.pin_dir.display(), error = %e, "cannot remove pin directory");
+        }
+    }
+}
+
+#[cfg(not(heddle_no_ebpf))]
+fn load_object() -> Result<Ebpf, DatapathError> {
+    Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))
+}
+
+#[cfg(heddle_no_ebpf)]
+fn load_object() -> Result<Ebpf, DatapathError> {
+    Err(DatapathError::NoObject)
+}
+
+fn pin_link(
+    link: FdLink,
+    pin_dir: &Path,
+    name: &str,
+    attach: &'static str,
+    target: &Path,
+) -> Result<(Attachment, PinnedLink), DatapathError> {
+    let path = pin_dir.join(name);
+    let pinned = link.pin(&path).map_err(|e| DatapathError::Pin {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let program = match attach {
+        "cgroup/connect4" => PROG_CONNECT4,
+        "cgroup/sock_ops" => PROG_SOCKOPS,
+        _ => PROG_SK_LOOKUP,
+    };
+    Ok((
+        Attachment {
+            program,
+            attach,
+            target: target.display().to_string(),
+            pin: path,
+        },
+        pinned,
+    ))
+}
+
+fn unpin_and_detach(link: PinnedLink, path: &Path) {
+    match link.unpin() {
+        // Dropping the last reference detaches the link.
+        Ok(fd_link) => drop(fd_link),
+        Err(e) => tracing::warn!(pin = %path.display(), error = %e, "cannot unpin link"),
+    }
+}
+
+/// Detaches links a previous (crashed) instance left pinned in `dir`.
+fn remove_stale_pins(dir: &Path) -> Result<(), DatapathError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match PinnedLink::from_pin(&path) {
+            Ok(link) => {
+                tracing::info!(pin = %path.display(), "detaching link left by a previous agent");
+                unpin_and_detach(link, &path);
+            }
+            Err(_) => {
+                tracing::info!(pin = %path.display(), "removing stale pin");
+                std::fs::remove_file(&path).map_err(|e| DatapathError::Pin {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure the pin directory is on a bpffs, mounting one at /sys/fs/bpf
+/// when nothing is mounted there.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    let root = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        let rc = {
+            let src = c"bpf";
+            let target = c"/sys/fs/bpf";
+            // SAFETY: valid NUL-terminated strings; no data argument.
+            unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    src.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            }
+        };
+        if rc != 0 {
+            return Err(DatapathError::Pin {
+                path: root.to_owned(),
+                message: format!("cannot mount bpffs: {}", std::io::Error::last_os_error()),
+            });
+        }
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    let parent = pin_dir.parent().unwrap_or(pin_dir);
+    std::fs::create_dir_all(parent).map_err(|e| DatapathError::Pin {
+        path: parent.to_owned(),
+        message: e.to_string(),
+    })?;
+    if !is_bpffs(parent) {
+        return Err(DatapathError::Pin {
+            path: parent.to_owned(),
+            message: "not on a bpffs".into(),
+        });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: valid path string and a buffer of the right type.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    // SAFETY: initialised by a successful statfs.
+    rc == 0 && i64::from(unsafe { st.assume_init() }.f_type) == BPF_FS_MAGIC
+}
+
+fn spawn_ebpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    tokio::spawn(async move {
+        // SAFETY: the AsyncFd owns the logger, so its ring buffer fd stays
+        // open for as long as it is registered.
+        let Ok(mut fd) = (unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }) else {
+            return;
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

@@ -1,0 +1,323 @@
+//! Flow records: one per captured connection at open and at close (and one
+//! per connection that failed), kept in a bounded ring for the admin API, and
+//! per-workload connection and byte counters.
+//!
+//! Recording never blocks the data path for long: a short critical section
+//! on a std mutex, no I/O, bounded memory (the oldest record is dropped when
+//! the ring is full).
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::registry::ObjectRef;
+
+/// Direction of a captured connection relative to the enrolled pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// The pod opened it.
+    Outbound,
+    /// The pod received it.
+    Inbound,
+}
+
+/// What a record reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// Connected to the destination; bytes flow.
+    Open,
+    /// Both directions finished.
+    Close,
+    /// The connection could not be forwarded.
+    Error,
+}
+
+/// One flow record (see the admin API in ARCHITECTURE.md).
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowRecord {
+    /// Monotonic id of the record.
+    pub id: u64,
+    /// Connection id; the open and close records of a connection share it.
+    pub conn: u64,
+    /// RFC 3339 UTC time.
+    pub time: String,
+    /// Open, close or error.
+    pub event: Event,
+    /// Outbound or inbound.
+    pub direction: Direction,
+    /// The enrolled pod on whose behalf the agent handled it (`ns/name`).
+    pub workload: String,
+    /// Source address as the destination sees it.
+    pub src: Option<SocketAddr>,
+    /// The destination the client asked for.
+    pub orig_dst: Option<SocketAddr>,
+    /// Where the agent sent it (differs from `orig_dst` for a service VIP).
+    pub dst: Option<SocketAddr>,
+    /// The service whose VIP was dialled.
+    pub service: Option<String>,
+    /// Bytes from the client toward the server.
+    pub bytes_sent: u64,
+    /// Bytes from the server back to the client.
+    pub bytes_received: u64,
+    /// Lifetime of the connection (close records).
+    pub duration_ms: Option<f64>,
+    /// What went wrong (error records, or a close that ended in an error).
+    pub error: Option<String>,
+}
+
+/// Per-workload totals.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadCounters {
+    /// Outbound connections captured.
+    pub outbound_connections: u64,
+    /// Inbound connections captured.
+    pub inbound_connections: u64,
+    /// Bytes from this pod (outbound client bytes + inbound server replies).
+    pub bytes_sent: u64,
+    /// Bytes to this pod.
+    pub bytes_received: u64,
+    /// Connections that could not be forwarded.
+    pub failed_connections: u64,
+}
+
+/// Facts about a connection known when it is accepted.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// Direction.
+    pub direction: Direction,
+    /// Enrolled pod.
+    pub workload: ObjectRef,
+    /// Source address.
+    pub src: Option<SocketAddr>,
+    /// Original destination.
+    pub orig_dst: Option<SocketAddr>,
+    /// Resolved destination.
+    pub dst: Option<SocketAddr>,
+    /// Service dialled.
+    pub service: Option<ObjectRef>,
+}
+
+/// The ring of recent records and the counters.
+pub struct FlowLog {
+    capacity: usize,
+    next_id: AtomicU64,
+    next_conn: AtomicU64,
+    active: AtomicU64,
+    ring: Mutex<VecDeque<FlowRecord>>,
+    counters: Mutex<BTreeMap<ObjectRef, WorkloadCounters>>,
+}
+
+impl FlowLog {
+    /// A log keeping at most `capacity` records.
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            next_id: AtomicU64::new(1),
+            next_conn: AtomicU64::new(1),
+            active: AtomicU64::new(0),
+            ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            counters: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// A new connection id.
+    pub fn conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Records that a connection is open; call [`FlowLog::closed`] later.
+    pub fn opened(&self, conn: u64, info: &ConnInfo) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut counters = self.counters.lock().expect("counters lock");
+            let c = counters.entry(info.workload.clone()).or_default();
+            match info.direction {
+                Direction::Outbound => c.outbound_connections += 1,
+                Direction::Inbound => c.inbound_connections += 1,
+            }
+        }
+        self.push(conn, info, Event::Open, (0, 0), None, None);
+    }
+
+    /// Records the end of a connection opened with [`FlowLog::opened`].
+    pub fn closed(
+        &self,
+        conn: u64,
+        info: &ConnInfo,
+        bytes: (u64, u64),
+        duration: Duration,
+        error: Option<String>,
+    ) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        {
+            let mut counters = self.counters.lock().expect("counters lock");
+            let c = counters.entry(info.workload.clone()).or_default();
+            let (to_server, to_client) = bytes;
+            match info.direction {
+                Direction::Outbound => {
+                    c.bytes_sent += to_server;
+                    c.bytes_received += to_client;
+                }
+                Direction::Inbound => {
+                    c.bytes_received += to_server;
+                    c.bytes_sent += to_client;
+                }
+            }
+        }
+        self.push(conn, info, Event::Close, bytes, Some(duration), error);
+    }
+
+    /// Records a connection that could not be forwarded.
+    pub fn failed(&self, conn: u64, info: &ConnInfo, error: String) {
+        self.counters
+            .lock()
+            .expect("counters lock")
+            .entry(info.workload.clone())
+            .or_default()
+            .failed_connections += 1;
+        self.push(conn, info, Event::Error, (0, 0), None, Some(error));
+    }
+
+    fn push(
+        &self,
+        conn: u64,
+        info: &ConnInfo,
+        event: Event,
+        (bytes_sent, bytes_received): (u64, u64),
+        duration: Option<Duration>,
+        error: Option<String>,
+    ) {
+        let record = FlowRecord {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            conn,
+            time: rfc3339(SystemTime::now()),
+            event,
+            direction: info.direction,
+            workload: info.workload.to_string(),
+            src: info.src,
+            orig_dst: info.orig_dst,
+            dst: info.dst,
+            service: info.service.as_ref().map(ToString::to_string),
+            bytes_sent,
+            bytes_received,
+            duration_ms: duration.map(|d| d.as_secs_f64() * 1000.0),
+            error,
+        };
+        let mut ring = self.ring.lock().expect("ring lock");
+        if ring.len() == self.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(record);
+    }
+
+    /// The last `n` records, oldest first.
+    pub fn recent(&self, n: usize) -> Vec<FlowRecord> {
+        let ring = self.ring.lock().expect("ring lock");
+        let skip = ring.len().saturating_sub(n);
+        ring.iter().skip(skip).cloned().collect()
+    }
+
+    /// Counters of one workload.
+    pub fn counters(&self, workload: &ObjectRef) -> WorkloadCounters {
+        self.counters
+            .lock()
+            .expect("counters lock")
+            .get(workload)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// Formats a time as RFC 3339 UTC with microseconds, without a date crate.
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(days.cast_signed());
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ConnInfo {
+        ConnInfo {
+            direction: Direction::Outbound,
+            workload: ObjectRef {
+                namespace: "demo".into(),
+                name: "client".into(),
+            },
+            src: None,
+            orig_dst: Some("10.0.0.1:80".parse().unwrap()),
+            dst: None,
+            service: None,
+        }
+    }
+
+    #[test]
+    fn keeps_only_the_newest_records() {
+        let log = FlowLog::new(3);
+        for _ in 0..5 {
+            log.failed(log.conn_id(), &info(), "x".into());
+        }
+        let ids: Vec<u64> = log.recent(10).iter().map(|r| r.id).collect();
+        assert_eq!(ids, [3, 4, 5]);
+        assert_eq!(log.recent(1)[0].id, 5);
+    }
+
+    #[test]
+    fn counts_connections_and_bytes_per_workload() {
+        let log = FlowLog::new(10);
+        let i = info();
+        log.opened(1, &i);
+        assert_eq!(log.active(), 1);
+        log.closed(1, &i, (100, 7), Duration::from_millis(3), None);
+        assert_eq!(log.active(), 0);
+        let c = log.counters(&i.workload);
+        assert_eq!((c.outbound_connections, c.bytes_sent, c.bytes_received), (1, 100, 7));
+    }
+
+    #[test]
+    fn formats_times_as_rfc3339() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_312_496);
+        assert_eq!(rfc3339(t), "2026-11-22T01:54:56.000000Z");
+    }
+}

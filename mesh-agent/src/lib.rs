@@ -1,0 +1,18 @@
+//! Heddle's node agent: transparent capture of enrolled pods' TCP connections
+//! with eBPF, and their forwarding. See ARCHITECTURE.md for the data path.
+//!
+//! Modules, one concern each: [`config`] (the local file), [`registry`] (the
+//! cluster view), [`netns`] (namespaces and in-pod sockets), [`datapath`]
+//! (eBPF programs and maps), [`capture`] (enrollment), [`proxy`] (the
+//! forwarding legs), [`flows`] (records and counters), [`admin`] (the admin
+//! API), [`agent`] (the composition root).
+
+pub mod admin;
+pub mod agent;
+pub mod capture;
+pub mod config;
+pub mod datapath;
+pub mod flows;
+pub mod netns;
+pub mod proxy;
+pub mod registry;

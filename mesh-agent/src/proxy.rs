@@ -1,0 +1,79 @@
+//! The forwarding legs: accept loops for the in-pod outbound and inbound
+//! listeners, and the splice between the accepted and the upstream socket.
+//!
+//! Each accepted connection runs in its own task, tracked by the agent's
+//! [`TaskTracker`] so shutdown can drain them. In this issue the upstream leg
+//! is plaintext TCP to the original destination, opened from inside the pod's
+//! network namespace so it keeps the pod's IP as its source; the zero-trust
+//! tunnel replaces it with HBONE later.
+
+pub mod inbound;
+pub mod outbound;
+pub mod sockets;
+pub mod splice;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    datapath::Datapath,
+    flows::FlowLog,
+    netns::Netns,
+    registry::{ObjectRef, SharedRegistry},
+};
+
+/// What every connection handler needs.
+pub struct ProxyContext {
+    /// Map access (original destinations).
+    pub datapath: Arc<Datapath>,
+    /// Flow records and counters.
+    pub flows: Arc<FlowLog>,
+    /// The latest registry.
+    pub registry: watch::Receiver<SharedRegistry>,
+    /// Tracks connection tasks for draining at shutdown.
+    pub tracker: TaskTracker,
+}
+
+/// An enrolled pod, as the proxy legs see it.
+pub struct Pod {
+    /// Namespace and name.
+    pub id: ObjectRef,
+    /// Its network namespace.
+    pub netns: Netns,
+    /// Its network namespace cookie.
+    pub cookie: u64,
+}
+
+/// Accepts until `stop` fires, handing each connection to `spawn`. Accept
+/// errors are logged and retried after a pause (EMFILE must not spin).
+async fn accept_loop<F, T>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    leg: &'static str,
+    pod: &ObjectRef,
+    mut spawn: F,
+) where
+    F: FnMut(TcpStream, SocketAddr) -> T,
+{
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    drop(spawn(stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(%pod, leg, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    tracing::debug!(%pod, leg, "listener closed");
+}

@@ -1,0 +1,64 @@
+//! Inbound leg: connections that arrived at an enrolled pod from outside it,
+//! assigned by `sk_lookup` to the pod's `127.0.0.1:15006` listener. The
+//! accepted socket's local address is the original destination; the agent
+//! connects to it from inside the pod over loopback, which `sk_lookup` does
+//! not steer.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    accept_loop,
+    sockets::{connect_in, reset},
+    splice::splice,
+    Pod, ProxyContext,
+};
+use crate::flows::{ConnInfo, Direction};
+
+/// Accepts on the pod's inbound listener until `stop` fires.
+pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, stop: CancellationToken) {
+    accept_loop(listener, stop, "inbound", &pod.id.clone(), move |stream, peer| {
+        let (pod, ctx) = (pod.clone(), ctx.clone());
+        ctx.tracker.clone().spawn(handle(stream, peer, pod, ctx))
+    })
+    .await;
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
+    let conn = ctx.flows.conn_id();
+    let orig = client.local_addr().ok();
+    let info = ConnInfo {
+        direction: Direction::Inbound,
+        workload: pod.id.clone(),
+        src: Some(peer),
+        orig_dst: orig,
+        dst: orig,
+        service: None,
+    };
+    let Some(orig) = orig else {
+        ctx.flows.failed(conn, &info, "accepted socket has no local address".into());
+        reset(client);
+        return;
+    };
+    let started = Instant::now();
+    let upstream = match connect_in(&pod.netns, orig).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(pod = %pod.id, dst = %orig, error = %e, "application connect failed");
+            ctx.flows.failed(conn, &info, e.to_string());
+            reset(client);
+            return;
+        }
+    };
+    ctx.flows.opened(conn, &info);
+    let done = splice(client, upstream).await;
+    ctx.flows.closed(
+        conn,
+        &info,
+        (done.to_server, done.to_client),
+        started.elapsed(),
+        done.error.map(|e| e.to_string()),
+    );
+}

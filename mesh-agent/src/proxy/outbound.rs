@@ -1,0 +1,86 @@
+//! Outbound leg: connections an enrolled pod opened, redirected by
+//! `connect4` to the pod's `127.0.0.1:15001`. The original destination comes
+//! from the `HEDDLE_ORIG_DST` map, keyed by the client's address; a service
+//! VIP is resolved to one endpoint; the upstream connection is opened from
+//! the pod's namespace.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Instant,
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    accept_loop,
+    sockets::{connect_in, reset},
+    splice::splice,
+    Pod, ProxyContext,
+};
+use crate::flows::{ConnInfo, Direction};
+
+/// Accepts on the pod's outbound listener until `stop` fires.
+pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, stop: CancellationToken) {
+    accept_loop(listener, stop, "outbound", &pod.id.clone(), move |stream, peer| {
+        let (pod, ctx) = (pod.clone(), ctx.clone());
+        ctx.tracker.clone().spawn(handle(stream, peer, pod, ctx))
+    })
+    .await;
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
+    let conn = ctx.flows.conn_id();
+    let mut info = ConnInfo {
+        direction: Direction::Outbound,
+        workload: pod.id.clone(),
+        src: None,
+        orig_dst: None,
+        dst: None,
+        service: None,
+    };
+    let orig = match peer {
+        SocketAddr::V4(peer) => ctx.datapath.take_orig_dst(pod.cookie, peer),
+        SocketAddr::V6(_) => None,
+    };
+    let Some(orig) = orig else {
+        tracing::warn!(pod = %pod.id, %peer, "no original destination for accepted connection");
+        ctx.flows.failed(conn, &info, "original destination unknown".into());
+        reset(client);
+        return;
+    };
+    let orig = SocketAddr::V4(SocketAddrV4::new(*orig.ip(), orig.port()));
+    info.orig_dst = Some(orig);
+    let resolved = ctx.registry.borrow().resolve(orig);
+    let resolved = match resolved {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.flows.failed(conn, &info, e.to_string());
+            reset(client);
+            return;
+        }
+    };
+    info.dst = Some(resolved.addr);
+    info.service = resolved.service;
+    let started = Instant::now();
+    let upstream = match connect_in(&pod.netns, resolved.addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(pod = %pod.id, dst = %resolved.addr, error = %e, "upstream connect failed");
+            ctx.flows.failed(conn, &info, e.to_string());
+            reset(client);
+            return;
+        }
+    };
+    info.src = upstream.local_addr().ok();
+    ctx.flows.opened(conn, &info);
+    let done = splice(client, upstream).await;
+    ctx.flows.closed(
+        conn,
+        &info,
+        (done.to_server, done.to_client),
+        started.elapsed(),
+        done.error.map(|e| e.to_string()),
+    );
+}

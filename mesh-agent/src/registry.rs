@@ -1,0 +1,304 @@
+//! The in-memory registry of workloads and services: the one view of the
+//! cluster every other module reads. The local file (`config`) feeds it now;
+//! the Kubernetes source will feed the same type later.
+//!
+//! A [`Registry`] is an immutable snapshot published through a
+//! `tokio::sync::watch`; a change builds a new snapshot, so readers never see
+//! a half-applied update.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use serde::Serialize;
+
+use crate::config::LocalConfig;
+
+/// `namespace/name` of a workload or service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ObjectRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A pod as the mesh sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Namespace and name.
+    #[serde(flatten)]
+    pub id: ObjectRef,
+    /// Service account (the identity, later).
+    pub service_account: String,
+    /// Node it runs on.
+    pub node: String,
+    /// Pod IPs.
+    pub ips: Vec<IpAddr>,
+    /// Network namespace path (pods on this node).
+    pub netns: Option<PathBuf>,
+    /// In the mesh.
+    pub enrolled: bool,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A service port mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// Port on the VIP.
+    pub port: u16,
+    /// Port on the endpoints.
+    pub target_port: u16,
+}
+
+/// A service: a VIP and the workloads behind it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// Namespace and name.
+    #[serde(flatten)]
+    pub id: ObjectRef,
+    /// Virtual IP.
+    pub vip: IpAddr,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// Endpoint workloads (selected by labels), stable order.
+    pub endpoints: Vec<ObjectRef>,
+    /// Round-robin cursor.
+    #[serde(skip)]
+    next: AtomicUsize,
+}
+
+/// Where a captured connection should go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// Address to connect to.
+    pub addr: SocketAddr,
+    /// The service whose VIP was dialled, if any.
+    pub service: Option<ObjectRef>,
+    /// The destination workload, if it is known to the mesh.
+    pub workload: Option<ObjectRef>,
+}
+
+/// Why a destination could not be resolved.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    /// The service exists but has no endpoint.
+    #[error("service {service} has no endpoints")]
+    NoEndpoints {
+        /// The service.
+        service: ObjectRef,
+    },
+    /// The VIP is a service's but the port is not one of its ports.
+    #[error("service {service} has no port {port}")]
+    NoSuchPort {
+        /// The service.
+        service: ObjectRef,
+        /// The port dialled.
+        port: u16,
+    },
+}
+
+/// An immutable snapshot of the cluster.
+#[derive(Debug, Default)]
+pub struct Registry {
+    workloads: BTreeMap<ObjectRef, Workload>,
+    by_ip: HashMap<IpAddr, ObjectRef>,
+    services: BTreeMap<ObjectRef, Service>,
+    by_vip: HashMap<IpAddr, ObjectRef>,
+}
+
+impl Registry {
+    /// Builds a snapshot from a validated local configuration.
+    #[must_use]
+    pub fn from_config(config: &LocalConfig) -> Self {
+        let mut reg = Registry::default();
+        for w in &config.workloads {
+            let id = ObjectRef {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+            };
+            for ip in &w.ips {
+                reg.by_ip.insert(*ip, id.clone());
+            }
+            reg.workloads.insert(
+                id.clone(),
+                Workload {
+                    id,
+                    service_account: w.service_account.clone(),
+                    node: w.node.clone(),
+                    ips: w.ips.clone(),
+                    netns: w.netns.clone(),
+                    enrolled: w.enrolled,
+                    labels: w.labels.clone(),
+                },
+            );
+        }
+        for s in &config.services {
+            let id = ObjectRef {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+            };
+            let endpoints = reg
+                .workloads
+                .values()
+                .filter(|w| {
+                    w.id.namespace == s.namespace
+                        && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                })
+                .map(|w| w.id.clone())
+                .collect();
+            let ports = s
+                .ports
+                .iter()
+                .map(|p| ServicePort {
+                    port: p.port,
+                    target_port: p.target_port.unwrap_or(p.port),
+                })
+                .collect();
+            reg.by_vip.insert(s.vip, id.clone());
+            reg.services.insert(
+                id.clone(),
+                Service {
+                    id,
+                    vip: s.vip,
+                    ports,
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                },
+            );
+        }
+        reg
+    }
+
+    /// All workloads, ordered by namespace/name.
+    pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.values()
+    }
+
+    /// All services.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+
+    /// Workloads scheduled on `node`.
+    pub fn on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.values().filter(move |w| w.node == node)
+    }
+
+    /// The workload that owns `ip`.
+    #[must_use]
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.by_ip.get(&ip).and_then(|id| self.workloads.get(id))
+    }
+
+    /// Resolves an original destination: a service VIP becomes one of its
+    /// endpoints (round robin); anything else is dialled as it is.
+    pub fn resolve(&self, dst: SocketAddr) -> Result<Resolved, ResolveError> {
+        let Some(svc) = self.by_vip.get(&dst.ip()).and_then(|id| self.services.get(id)) else {
+            return Ok(Resolved {
+                addr: dst,
+                service: None,
+                workload: self.by_ip.get(&dst.ip()).cloned(),
+            });
+        };
+        let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
+            return Err(ResolveError::NoSuchPort {
+                service: svc.id.clone(),
+                port: dst.port(),
+            });
+        };
+        // Endpoints of the same address family as the VIP.
+        let candidates: Vec<(&ObjectRef, IpAddr)> = svc
+            .endpoints
+            .iter()
+            .filter_map(|id| {
+                let w = self.workloads.get(id)?;
+                let ip = w.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4())?;
+                Some((id, *ip))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(ResolveError::NoEndpoints {
+                service: svc.id.clone(),
+            });
+        }
+        let i = svc.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        let (id, ip) = candidates[i];
+        Ok(Resolved {
+            addr: SocketAddr::new(ip, port.target_port),
+            service: Some(svc.id.clone()),
+            workload: Some(id.clone()),
+        })
+    }
+}
+
+/// The snapshot shared by every task.
+pub type SharedRegistry = Arc<Registry>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use std::path::Path;
+
+    fn registry() -> Registry {
+        let text = r#"
+workloads:
+  - {name: a1, namespace: demo, node: n1, ips: ["10.0.0.1"], enrolled: false, labels: {app: a}}
+  - {name: a2, namespace: demo, node: n2, ips: ["10.0.0.2"], enrolled: false, labels: {app: a}}
+  - {name: b1, namespace: other, node: n1, ips: ["10.0.0.3"], enrolled: false, labels: {app: a}}
+services:
+  - {name: a, namespace: demo, vip: 10.96.0.1, ports: [{port: 80, targetPort: 8080}], selector: {app: a}}
+  - {name: empty, namespace: demo, vip: 10.96.0.2, ports: [{port: 80}], selector: {app: none}}
+"#;
+        Registry::from_config(&config::parse(Path::new("t"), text).unwrap())
+    }
+
+    #[test]
+    fn resolves_a_vip_round_robin_to_endpoints_in_its_namespace() {
+        let reg = registry();
+        let dst: SocketAddr = "10.96.0.1:80".parse().unwrap();
+        let got: Vec<_> = (0..4).map(|_| reg.resolve(dst).unwrap().addr.to_string()).collect();
+        assert_eq!(got, ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert_eq!(reg.resolve(dst).unwrap().service.unwrap().to_string(), "demo/a");
+    }
+
+    #[test]
+    fn passes_a_pod_ip_through_and_names_its_workload() {
+        let reg = registry();
+        let r = reg.resolve("10.0.0.3:9000".parse().unwrap()).unwrap();
+        assert_eq!(r.addr.to_string(), "10.0.0.3:9000");
+        assert_eq!(r.workload.unwrap().to_string(), "other/b1");
+        assert!(r.service.is_none());
+    }
+
+    #[test]
+    fn refuses_unknown_service_ports_and_empty_services() {
+        let reg = registry();
+        assert!(matches!(
+            reg.resolve("10.96.0.1:81".parse().unwrap()),
+            Err(ResolveError::NoSuchPort { .. })
+        ));
+        assert!(matches!(
+            reg.resolve("10.96.0.2:80".parse().unwrap()),
+            Err(ResolveError::NoEndpoints { .. })
+        ));
+    }
+}
