@@ -166,7 +166,15 @@ pub fn parse(path: &Path, text: &str) -> Result<LocalConfig, ConfigError> {
             path: path.to_owned(),
             line: loc.as_ref().map(serde_yaml_ng::Location::line),
             column: loc.as_ref().map(serde_yaml_ng::Location::column),
-            message: e.to_string(),
+            // The parser appends the location, which is already in the prefix.
+            message: loc.as_ref().map_or_else(
+                || e.to_string(),
+                |l| {
+                    let m = e.to_string();
+                    let suffix = format!(" at line {} column {}", l.line(), l.column());
+                    m.strip_suffix(&suffix).map_or(m.clone(), str::to_owned)
+                },
+            ),
         }
     })?;
     let problems = config.validate();
@@ -349,7 +357,7 @@ services:
     fn rejects_unknown_fields_with_the_line() {
         let err = p("workloads:\n  - name: a\n    namespace: demo\n    nod: x\n").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("test.yaml line 2"), "{msg}");
+        assert!(msg.contains("test.yaml line 4 column 5: workloads[0]: unknown field `nod`"), "{msg}");
         assert!(msg.contains("nod"), "{msg}");
     }
 

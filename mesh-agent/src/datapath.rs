@@ -37,7 +37,7 @@ const PROG_CONNECT4: &str = "heddle_connect4";
 const PROG_SOCKOPS: &str = "heddle_sockops";
 const PROG_SK_LOOKUP: &str = "heddle_sk_lookup";
 /// Cgroup links are always multi-attach (they coexist with other programs on
-/// the same cgroup); the kernel rejects BPF_F_ALLOW_MULTI on BPF_LINK_CREATE.
+/// the same cgroup); the kernel rejects `BPF_F_ALLOW_MULTI` on `BPF_LINK_CREATE`.
 const CGROUP_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -311,7 +311,7 @@ impl Datapath {
             netns_cookie,
             src_ip4: u32::from_ne_bytes(peer.ip().octets()),
             src_port: peer.port(),
-            _pad: 0,
+            pad: 0,
         };
         let mut map = self.orig_dst.lock().expect("map lock");
         let dst = map.get(&key, 0).ok()?;
@@ -331,8 +331,7 @@ impl Datapath {
                 let total = self
                     .stats
                     .get(&(*r as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
+                    .map_or(0, |v| v.iter().sum());
                 (r.name(), total)
             })
             .collect()
@@ -442,18 +441,15 @@ fn remove_stale_pins(dir: &Path) -> Result<(), DatapathError> {
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        match PinnedLink::from_pin(&path) {
-            Ok(link) => {
-                tracing::info!(pin = %path.display(), "detaching link left by a previous agent");
-                unpin_and_detach(link, &path);
-            }
-            Err(_) => {
-                tracing::info!(pin = %path.display(), "removing stale pin");
-                std::fs::remove_file(&path).map_err(|e| DatapathError::Pin {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            }
+        if let Ok(link) = PinnedLink::from_pin(&path) {
+            tracing::info!(pin = %path.display(), "detaching link left by a previous agent");
+            unpin_and_detach(link, &path);
+        } else {
+            tracing::info!(pin = %path.display(), "removing stale pin");
+            std::fs::remove_file(&path).map_err(|e| DatapathError::Pin {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         }
     }
     Ok(())
@@ -508,7 +504,7 @@ fn is_bpffs(path: &Path) -> bool {
     // SAFETY: valid path string and a buffer of the right type.
     let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
     // SAFETY: initialised by a successful statfs.
-    rc == 0 && i64::from(unsafe { st.assume_init() }.f_type) == BPF_FS_MAGIC
+    rc == 0 && unsafe { st.assume_init() }.f_type == BPF_FS_MAGIC
 }
 
 fn spawn_ebpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {

@@ -45,7 +45,7 @@ struct RunArgs {
     /// This node's name [default: `node` from the configuration file].
     #[arg(long, env = "NODE_NAME")]
     node: Option<String>,
-    /// Cgroup v2 directory to attach the connect and sock_ops programs to
+    /// Cgroup v2 directory to attach the `connect4` and `sock_ops` programs to
     /// [default: the node's cgroup v2 root].
     #[arg(long, env = "HEDDLE_CGROUP")]
     cgroup: Option<PathBuf>,

@@ -66,7 +66,7 @@ pub struct EnrolledNetns {
     /// Reserved, zero.
     pub flags: u32,
     /// Explicit padding, zero.
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// An IPv4 socket address as the kernel gives it to cgroup hooks.
@@ -78,7 +78,7 @@ pub struct OrigDst {
     /// TCP port, network byte order in the low 16 bits.
     pub port: u16,
     /// Explicit padding, zero.
-    pub _pad: u16,
+    pub pad: u16,
 }
 
 /// Value of [`maps::PENDING`]: what `connect4` saved for a socket cookie.
@@ -103,7 +103,7 @@ pub struct ConnKey {
     /// Client port, host byte order.
     pub src_port: u16,
     /// Explicit padding, zero.
-    pub _pad: u16,
+    pub pad: u16,
 }
 
 /// Why a datapath program did what it did. Each reason is a slot in the
@@ -162,7 +162,7 @@ impl Reason {
         Reason::LookupNotEnrolled,
     ];
 
-    /// Stable snake_case name, used as a metric label and in the admin API.
+    /// Stable `snake_case` name, used as a metric label and in the admin API.
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {

@@ -117,7 +117,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Reason {
         orig_dst: OrigDst {
             ip4: dst_ip,
             port: sa.user_port as u16,
-            _pad: 0,
+            pad: 0,
         },
     };
     if PENDING.insert(&cookie, &pending, 0).is_err() {
@@ -168,7 +168,7 @@ fn on_established(ctx: &SockOpsContext) {
         netns_cookie: pending.netns_cookie,
         src_ip4: ctx.local_ip4(),
         src_port: ctx.local_port() as u16,
-        _pad: 0,
+        pad: 0,
     };
     if ORIG_DST.insert(&key, &pending.orig_dst, 0).is_ok() {
         count(Reason::SockopsRecorded);
@@ -190,7 +190,7 @@ fn on_state_change(ctx: &SockOpsContext) {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         src_ip4: ctx.local_ip4(),
         src_port: ctx.local_port() as u16,
-        _pad: 0,
+        pad: 0,
     };
     let _ = ORIG_DST.remove(&key);
 }

@@ -1,1 +1,232 @@
-fn main(){}
+//! `cargo xtask`: set-up, build, demo and tests for Heddle.
+//!
+//! * `setup` installs what building the eBPF programs needs, idempotently:
+//!   Debian's `rustc-web`/`rust-web-src` (rustc with std sources, linked as
+//!   the rustup toolchain `heddle-bpf`) unless a nightly with `rust-src` is
+//!   present, `bpf-linker` built against Debian's LLVM 22, and the tools the
+//!   test bed drives (iproute2, curl, python3). `demo` and `test` run it
+//!   first, so a fresh machine needs nothing else.
+//! * `build` builds the agent (with its embedded eBPF object), the CLI and
+//!   the test bed binaries.
+//! * `demo` runs the two-node, four-pod demo from the local configuration.
+//! * `test` runs every test: unit tests, the eBPF build, and the
+//!   network-namespace end-to-end tests (root required; under `CI=true` they
+//!   fail rather than skip when they cannot run).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the build and the test bed need.
+const DEBIAN_PACKAGES: &[&str] = &[
+    // eBPF toolchain: rustc 1.96 with std sources (for -Z build-std=core).
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    // bpf-linker's build needs LLVM 22.
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    // Test bed and demo.
+    "iproute2",
+    "curl",
+    "python3",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LINKED_TOOLCHAIN: &str = "heddle-bpf";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Heddle build, set-up, demo and test orchestration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain and test tools (idempotent).
+    Setup,
+    /// Build the agent, CLI and test bed binaries.
+    Build {
+        /// Optimised build.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the demo: two nodes, four pods, two agents, traffic, a report.
+    Demo,
+    /// Run all tests (unit, eBPF build, network-namespace end-to-end).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Cmd::Setup => {
+            setup()?;
+        }
+        Cmd::Build { release } => {
+            let tc = setup()?;
+            build(&root, &tc, release)?;
+        }
+        Cmd::Demo => {
+            let tc = setup()?;
+            build(&root, &tc, false)?;
+            let bin = root.join("target/debug");
+            run(Command::new(bin.join("demo")).env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
+        }
+        Cmd::Test { args } => {
+            let tc = setup()?;
+            build(&root, &tc, false)?;
+            let mut cmd = cargo(&tc);
+            cmd.args(["test", "--workspace", "--exclude", "mesh-ebpf"])
+                .args(&args)
+                .env("HEDDLE_AGENT_BIN", root.join("target/debug/mesh-agent"));
+            run(&mut cmd)?;
+        }
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// The eBPF toolchain chosen by [`setup`].
+struct Toolchain(String);
+
+fn cargo(tc: &Toolchain) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.env("HEDDLE_EBPF_TOOLCHAIN", &tc.0);
+    cmd
+}
+
+fn build(root: &Path, tc: &Toolchain, release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo(tc);
+    cmd.current_dir(root)
+        .args(["build", "--package", "mesh-agent", "--package", "heddle-tests", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", cmd.get_program().display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", cmd.get_program().display());
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Makes sure everything is installed; returns the eBPF toolchain to use.
+fn setup() -> anyhow::Result<Toolchain> {
+    let nightly_has_src = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")));
+    let forced = std::env::var("HEDDLE_EBPF_TOOLCHAIN").ok();
+    let use_debian = forced.as_deref().map_or(!nightly_has_src, |t| t == LINKED_TOOLCHAIN);
+
+    let mut wanted: Vec<&str> = DEBIAN_PACKAGES.to_vec();
+    if !use_debian {
+        wanted.retain(|p| !p.contains("-web"));
+    }
+    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if linker_ok {
+        // Only bpf-linker's build needs the -dev packages.
+        wanted.retain(|p| !p.ends_with("-dev"));
+    }
+    let missing: Vec<&str> = wanted.into_iter().filter(|p| !dpkg_installed(p)).collect();
+    if !missing.is_empty() {
+        install_debian(&missing)?;
+    }
+    if use_debian {
+        let linked = output(Command::new("rustup").args(["toolchain", "list"]))
+            .is_some_and(|s| s.lines().any(|l| l.starts_with(LINKED_TOOLCHAIN)));
+        if !linked {
+            eprintln!("xtask: linking Debian's rustc as rustup toolchain `{LINKED_TOOLCHAIN}`");
+            run(Command::new("rustup").args(["toolchain", "link", LINKED_TOOLCHAIN, "/usr"]))
+                .context("rustup toolchain link failed")?;
+        }
+    }
+    if !linker_ok {
+        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)");
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+        .context("installing bpf-linker failed")?;
+    }
+    let tc = forced.unwrap_or_else(|| if use_debian { LINKED_TOOLCHAIN } else { "nightly" }.into());
+    Ok(Toolchain(tc))
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn install_debian(pkgs: &[&str]) -> anyhow::Result<()> {
+    let root = output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0");
+    if !root {
+        bail!(
+            "missing Debian packages: {}. Install them as root: `sudo apt-get install -y {}` \
+             (or run `sudo cargo xtask setup`)",
+            pkgs.join(" "),
+            pkgs.join(" ")
+        );
+    }
+    eprintln!("xtask: installing Debian packages: {}", pkgs.join(" "));
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // rustc-web 1.96 and LLVM 22 come from bookworm-security: refresh the
+    // package lists first so a stale cache does not pick older versions.
+    if !apt(&["update", "-q"]) {
+        eprintln!("xtask: apt-get update failed; trying with the cached lists");
+    }
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend_from_slice(pkgs);
+    if !apt(&args) {
+        bail!("apt-get install {} failed", pkgs.join(" "));
+    }
+    Ok(())
+}

@@ -97,6 +97,7 @@ fn s(v: &Value) -> String {
     }
 }
 
+#[allow(clippy::cast_precision_loss)] // display only
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut v = n as f64;
