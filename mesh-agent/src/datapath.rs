@@ -34,6 +34,7 @@ use serde::Serialize;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
 const PROG_CONNECT4: &str = "heddle_connect4";
+const PROG_CONNECT6: &str = "heddle_connect6";
 const PROG_SOCKOPS: &str = "heddle_sockops";
 const PROG_SK_LOOKUP: &str = "heddle_sk_lookup";
 /// Cgroup links are always multi-attach (they coexist with other programs on
@@ -194,19 +195,19 @@ impl Datapath {
             source,
         })?;
         let mut links = Vec::new();
-        {
+        for (name, attach) in [(PROG_CONNECT4, "cgroup/connect4"), (PROG_CONNECT6, "cgroup/connect6")] {
             let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(PROG_CONNECT4)
-                .ok_or(DatapathError::MissingProgram(PROG_CONNECT4))?
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
-                .map_err(prog_err(PROG_CONNECT4))?;
-            prog.load().map_err(prog_err(PROG_CONNECT4))?;
+                .map_err(prog_err(name))?;
+            prog.load().map_err(prog_err(name))?;
             let id = prog
                 .attach(&cgroup_file, CGROUP_ATTACH_MODE)
-                .map_err(prog_err(PROG_CONNECT4))?;
-            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(PROG_CONNECT4))?)
-                .map_err(|source| DatapathError::Link { name: PROG_CONNECT4, source })?;
-            links.push(pin_link(link, pin_dir, PROG_CONNECT4, "cgroup/connect4", cgroup)?);
+                .map_err(prog_err(name))?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?)
+                .map_err(|source| DatapathError::Link { name, source })?;
+            links.push(pin_link(link, pin_dir, name, name, attach, cgroup)?);
         }
         {
             let prog: &mut SockOps = ebpf
@@ -220,7 +221,7 @@ impl Datapath {
                 .map_err(prog_err(PROG_SOCKOPS))?;
             let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(PROG_SOCKOPS))?)
                 .map_err(|source| DatapathError::Link { name: PROG_SOCKOPS, source })?;
-            links.push(pin_link(link, pin_dir, PROG_SOCKOPS, "cgroup/sock_ops", cgroup)?);
+            links.push(pin_link(link, pin_dir, PROG_SOCKOPS, PROG_SOCKOPS, "cgroup/sock_ops", cgroup)?);
         }
         {
             let prog: &mut SkLookup = ebpf
@@ -259,7 +260,7 @@ impl Datapath {
         let id = prog.attach(netns).map_err(prog_err(PROG_SK_LOOKUP))?;
         let link = FdLink::from(prog.take_link(id).map_err(prog_err(PROG_SK_LOOKUP))?);
         let name = format!("sk_lookup-{cookie}");
-        let (attachment, link) = pin_link(link, &self.pin_dir, &name, "sk_lookup", netns_path)?;
+        let (attachment, link) = pin_link(link, &self.pin_dir, &name, PROG_SK_LOOKUP, "sk_lookup", netns_path)?;
         Ok(NetnsLink { link, attachment })
     }
 
@@ -402,6 +403,7 @@ fn pin_link(
     link: FdLink,
     pin_dir: &Path,
     name: &str,
+    program: &'static str,
     attach: &'static str,
     target: &Path,
 ) -> Result<(Attachment, PinnedLink), DatapathError> {
@@ -410,11 +412,6 @@ fn pin_link(
         path: path.clone(),
         message: e.to_string(),
     })?;
-    let program = match attach {
-        "cgroup/connect4" => PROG_CONNECT4,
-        "cgroup/sock_ops" => PROG_SOCKOPS,
-        _ => PROG_SK_LOOKUP,
-    };
     Ok((
         Attachment {
             program,

@@ -139,11 +139,14 @@ pub enum Reason {
     LookupRefusedNoListener = 11,
     /// `sk_lookup`: destination IP not enrolled (or not IPv4 TCP).
     LookupNotEnrolled = 12,
+    /// `connect6`: a native IPv6 destination (IPv6 capture is not built yet;
+    /// IPv4-mapped destinations are captured like `connect4`).
+    ConnectIpv6NotCaptured = 13,
 }
 
 impl Reason {
     /// Number of reasons, the length of the stats array.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -160,6 +163,7 @@ impl Reason {
         Reason::LookupTunnelPort,
         Reason::LookupRefusedNoListener,
         Reason::LookupNotEnrolled,
+        Reason::ConnectIpv6NotCaptured,
     ];
 
     /// Stable `snake_case` name, used as a metric label and in the admin API.
@@ -179,6 +183,7 @@ impl Reason {
             Reason::LookupTunnelPort => "lookup_tunnel_port",
             Reason::LookupRefusedNoListener => "lookup_refused_no_listener",
             Reason::LookupNotEnrolled => "lookup_not_enrolled",
+            Reason::ConnectIpv6NotCaptured => "connect_ipv6_not_captured",
         }
     }
 }

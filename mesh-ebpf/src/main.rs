@@ -95,20 +95,38 @@ fn try_connect4(ctx: &SockAddrContext) -> Reason {
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return Reason::ConnectNotTcp;
     }
-    let dst_ip = sa.user_ip4;
+    match redirect(ctx, sa.__bindgen_anon_1, sa.user_ip4, sa.user_port) {
+        Ok(()) => {
+            sa.user_ip4 = LOCALHOST_BE;
+            sa.user_port = u32::from(PORT_OUTBOUND.to_be());
+            Reason::ConnectRedirected
+        }
+        Err(reason) => reason,
+    }
+}
+
+/// Decides whether a connect to `dst_ip:port` (both network byte order) is
+/// captured and, if so, saves its original destination. The caller rewrites.
+#[inline(always)]
+fn redirect(
+    ctx: &SockAddrContext,
+    sk: aya_ebpf::bindings::bpf_sock_addr__bindgen_ty_1,
+    dst_ip: u32,
+    port: u32,
+) -> Result<(), Reason> {
     if u32::from_be(dst_ip) >> 24 == 127 {
-        return Reason::ConnectLoopback;
+        return Err(Reason::ConnectLoopback);
     }
     // SAFETY: `sk` is always set (PTR_TO_SOCKET) for cgroup sock_addr hooks.
-    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+    let mark = unsafe { (*sk.sk).mark };
     if mark == AGENT_MARK {
-        return Reason::ConnectAgentMark;
+        return Err(Reason::ConnectAgentMark);
     }
     // SAFETY: helper valid for cgroup sock_addr programs (Linux 5.7+).
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only existence check.
     if unsafe { ENROLLED.get(&netns_cookie) }.is_none() {
-        return Reason::ConnectNotEnrolled;
+        return Err(Reason::ConnectNotEnrolled);
     }
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -116,16 +134,49 @@ fn try_connect4(ctx: &SockAddrContext) -> Reason {
         netns_cookie,
         orig_dst: OrigDst {
             ip4: dst_ip,
-            port: sa.user_port as u16,
+            port: port as u16,
             pad: 0,
         },
     };
-    if PENDING.insert(&cookie, &pending, 0).is_err() {
-        return Reason::ConnectMapFull;
+    PENDING
+        .insert(&cookie, &pending, 0)
+        .map_err(|_| Reason::ConnectMapFull)
+}
+
+/// `::ffff:0:0/96` prefix word, network byte order.
+const V4_MAPPED_BE: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// IPv4 connects made through dual-stack `AF_INET6` sockets (Java, many
+/// runtimes) arrive here as IPv4-mapped addresses; without this hook they
+/// would bypass the mesh.
+#[cgroup_sock_addr(connect6)]
+pub fn heddle_connect6(ctx: SockAddrContext) -> i32 {
+    let reason = try_connect6(&ctx);
+    if reason == Reason::ConnectMapFull {
+        warn!(&ctx, "heddle: pending-connect map full, connection not captured");
     }
-    sa.user_ip4 = LOCALHOST_BE;
-    sa.user_port = u32::from(PORT_OUTBOUND.to_be());
-    Reason::ConnectRedirected
+    count(reason);
+    CONNECT_ALLOW
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Reason {
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` for this program type.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+        return Reason::ConnectNotTcp;
+    }
+    let (w0, w1, w2, w3) = (sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]);
+    if w0 != 0 || w1 != 0 || w2 != V4_MAPPED_BE {
+        return Reason::ConnectIpv6NotCaptured;
+    }
+    match redirect(ctx, sa.__bindgen_anon_1, w3, sa.user_port) {
+        Ok(()) => {
+            sa.user_ip6[3] = LOCALHOST_BE;
+            sa.user_port = u32::from(PORT_OUTBOUND.to_be());
+            Reason::ConnectRedirected
+        }
+        Err(reason) => reason,
+    }
 }
 
 #[sock_ops]
