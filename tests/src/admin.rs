@@ -1,0 +1,332 @@
+//! The agent's admin API, as typed answers.
+//!
+//! Requests are made with `curl` spawned inside the node's network namespace
+//! (the API listens on the node's loopback) and inside the test bed's
+//! `tools` cgroup, which is outside every node's subtree, so the agent's own
+//! cgroup programs never see the probe. The types mirror the contract:
+//! flows use `snake_case` keys, everything else `camelCase`. Unknown keys are
+//! ignored so the agent can add fields without breaking the tests.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::{truncate, Result, TestbedError};
+use crate::exec::spawn_in;
+
+/// Map names reported by `GET /datapath`.
+pub mod maps {
+    /// Connects rewritten by `connect4`, waiting for their handshake.
+    pub const PENDING: &str = "HEDDLE_PENDING";
+    /// Original destinations not yet taken by the agent.
+    pub const ORIG_DST: &str = "HEDDLE_ORIG_DST";
+    /// Enrolled pod network namespaces.
+    pub const ENROLLED: &str = "HEDDLE_ENROLLED";
+    /// Pod IPs whose inbound is captured.
+    pub const INBOUND_IPS: &str = "HEDDLE_INBOUND_IPS";
+}
+
+/// What happened to a connection, per flow record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowEvent {
+    /// The connection was established.
+    Open,
+    /// The connection ended normally.
+    Close,
+    /// The connection failed.
+    Error,
+}
+
+/// Which way the agent handled a connection for its workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The workload was the client.
+    Outbound,
+    /// The workload was the server.
+    Inbound,
+}
+
+/// One record of `GET /flows`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Flow {
+    /// Record id, increasing.
+    pub id: u64,
+    /// Connection id shared by a connection's records, if the agent reports it.
+    #[serde(default)]
+    pub conn: Option<u64>,
+    /// When it was recorded.
+    pub time: String,
+    /// What happened.
+    pub event: FlowEvent,
+    /// Outbound or inbound.
+    pub direction: Direction,
+    /// The enrolled pod, `namespace/name`.
+    pub workload: String,
+    /// Outbound: pod IP and the agent's upstream port; inbound: the remote
+    /// client. `None` only if the agent could not learn it (error records).
+    pub src: Option<SocketAddr>,
+    /// What the application connected to (`None` only on error records).
+    pub orig_dst: Option<SocketAddr>,
+    /// Where the agent sent it (differs from `orig_dst` for a service VIP;
+    /// `None` if it was never resolved).
+    pub dst: Option<SocketAddr>,
+    /// The service, `namespace/name`, if `orig_dst` was a VIP.
+    pub service: Option<String>,
+    /// Bytes from client toward server.
+    pub bytes_sent: u64,
+    /// Bytes from server toward client.
+    pub bytes_received: u64,
+    /// Duration, once closed.
+    pub duration_ms: Option<f64>,
+    /// Error text for `error` records.
+    pub error: Option<String>,
+}
+
+impl Flow {
+    /// Whether this record ends a connection (`close` or `error`). Counting
+    /// terminal records counts connections, whether or not the agent also
+    /// logs `open` records.
+    #[must_use]
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.event, FlowEvent::Close | FlowEvent::Error)
+    }
+
+    /// The IP of `src`, if known.
+    #[must_use]
+    pub fn src_ip(&self) -> Option<IpAddr> {
+        self.src.map(|s| s.ip())
+    }
+}
+
+/// An optional address for display (`-` when absent).
+pub(crate) fn show_addr(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "-".to_owned(), |a| a.to_string())
+}
+
+impl fmt::Display for Flow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "#{} {:?} {:?} {} {} -> {} (orig {}) svc={} sent={} recv={}",
+            self.id,
+            self.event,
+            self.direction,
+            self.workload,
+            show_addr(self.src),
+            show_addr(self.dst),
+            show_addr(self.orig_dst),
+            self.service.as_deref().unwrap_or("-"),
+            self.bytes_sent,
+            self.bytes_received,
+        )?;
+        if let Some(e) = &self.error {
+            write!(f, " error={e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One entry of `GET /workloads`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Service account.
+    pub service_account: String,
+    /// Node.
+    pub node: String,
+    /// Pod IPs.
+    pub ips: Vec<IpAddr>,
+    /// Enrolled per the config.
+    pub enrolled: bool,
+    /// Capture active on this agent.
+    pub captured: bool,
+    /// Cookie of the pod's netns, once known.
+    pub netns_cookie: Option<u64>,
+    /// Outbound connections handled.
+    pub outbound_connections: u64,
+    /// Inbound connections handled.
+    pub inbound_connections: u64,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+}
+
+impl Workload {
+    /// `namespace/name`.
+    #[must_use]
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Occupancy of one eBPF map.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct MapOccupancy {
+    /// Entries now.
+    pub entries: u64,
+    /// Maximum entries.
+    pub capacity: u64,
+}
+
+/// `GET /datapath`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Datapath {
+    /// Loaded programs (shape left to the agent).
+    pub programs: Vec<serde_json::Value>,
+    /// Map occupancy by map name.
+    pub maps: BTreeMap<String, MapOccupancy>,
+    /// Datapath reason counters by reason name.
+    pub reasons: BTreeMap<String, u64>,
+}
+
+impl Datapath {
+    /// Entries of the map `name`, 0 if the agent does not report it.
+    #[must_use]
+    pub fn map_entries(&self, name: &str) -> u64 {
+        self.maps.get(name).map_or(0, |m| m.entries)
+    }
+
+    /// Counter of `reason`, 0 if the agent does not report it.
+    #[must_use]
+    pub fn reason(&self, reason: &str) -> u64 {
+        self.reasons.get(reason).copied().unwrap_or(0)
+    }
+}
+
+/// `GET /stats`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    /// File descriptors the agent has open.
+    pub open_fds: u64,
+    /// Connections being proxied now.
+    pub active_connections: u64,
+}
+
+/// Talks to one agent's admin API from inside its node's netns.
+#[derive(Debug, Clone)]
+pub(crate) struct AdminClient {
+    pub(crate) node: String,
+    pub(crate) netns: PathBuf,
+    pub(crate) cgroup: PathBuf,
+    pub(crate) addr: String,
+}
+
+impl AdminClient {
+    /// GETs `path`; returns the status code and body.
+    pub(crate) fn get(&self, path: &str) -> Result<(u16, String)> {
+        let url = format!("http://{}{}", self.addr, path);
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let out = spawn_in(cmd, &self.netns, &self.cgroup)?
+            .wait_with_output()
+            .map_err(|e| TestbedError::io(format!("curl {url}"), e))?;
+        let admin_err = |problem: String| TestbedError::Admin {
+            node: self.node.clone(),
+            path: path.to_owned(),
+            problem,
+        };
+        if !out.status.success() {
+            return Err(admin_err(format!(
+                "failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = text
+            .rsplit_once('\n')
+            .ok_or_else(|| admin_err(format!("curl printed no status: {text}")))?;
+        let code = code
+            .trim()
+            .parse()
+            .map_err(|_| admin_err(format!("curl printed a bad status: {code}")))?;
+        Ok((code, body.to_owned()))
+    }
+
+    /// GETs `path`, requires 200 and decodes the JSON body.
+    pub(crate) fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let (code, body) = self.get(path)?;
+        if code != 200 {
+            return Err(TestbedError::Admin {
+                node: self.node.clone(),
+                path: path.to_owned(),
+                problem: format!("returned {code}: {}", truncate(&body, 500)),
+            });
+        }
+        serde_json::from_str(&body).map_err(|source| TestbedError::AdminBody {
+            node: self.node.clone(),
+            path: path.to_owned(),
+            source,
+            body: truncate(&body, 2000),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_flow_record_as_documented() {
+        let json = r#"{"id":1,"time":"2024-01-01T00:00:00Z","event":"close","direction":"outbound",
+            "workload":"demo/client","src":"10.44.1.2:40001","orig_dst":"10.96.0.10:80",
+            "dst":"10.44.2.2:8080","service":"demo/server","bytes_sent":3,"bytes_received":4,
+            "duration_ms":12,"error":null,"extra":"ignored"}"#;
+        let flow: Flow = serde_json::from_str(json).unwrap();
+        assert!(flow.is_terminal());
+        assert_eq!(flow.direction, Direction::Outbound);
+        assert_eq!(flow.orig_dst, Some("10.96.0.10:80".parse().unwrap()));
+        let err: Flow = serde_json::from_str(
+            r#"{"id":2,"conn":9,"time":"t","event":"error","direction":"inbound","workload":"demo/s",
+            "src":null,"orig_dst":null,"dst":null,"service":null,"bytes_sent":0,"bytes_received":0,
+            "duration_ms":null,"error":"no original destination"}"#,
+        )
+        .unwrap();
+        assert!(err.is_terminal() && err.src_ip().is_none() && err.conn == Some(9));
+        assert_eq!(flow.service.as_deref(), Some("demo/server"));
+        assert_eq!(flow.duration_ms, Some(12.0));
+    }
+
+    #[test]
+    fn decodes_workloads_and_datapath_in_camel_case() {
+        let w: Workload = serde_json::from_str(
+            r#"{"namespace":"demo","name":"client","serviceAccount":"client","node":"node-a",
+            "ips":["10.44.1.2"],"enrolled":true,"captured":true,"netnsCookie":null,
+            "outboundConnections":1,"inboundConnections":0,"bytesSent":5,"bytesReceived":5}"#,
+        )
+        .unwrap();
+        assert_eq!(w.qualified_name(), "demo/client");
+        let d: Datapath = serde_json::from_str(
+            r#"{"programs":[],"maps":{"HEDDLE_PENDING":{"entries":2,"capacity":65536}},
+            "reasons":{"connect_agent_mark":7}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.map_entries(maps::PENDING), 2);
+        assert_eq!(d.map_entries(maps::ORIG_DST), 0);
+        assert_eq!(d.reason("connect_agent_mark"), 7);
+    }
+}

@@ -1,0 +1,176 @@
+//! Plain-text tables of what an agent reports, for the demo and test logs.
+//!
+//! Pure formatting over the admin API types; no I/O.
+
+use std::fmt;
+
+use crate::admin::{show_addr, Datapath, Direction, Flow, FlowEvent, Workload};
+
+/// A left-aligned text table.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    headers: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column headers.
+    #[must_use]
+    pub fn new(headers: &[&str]) -> Self {
+        Self {
+            headers: headers.iter().map(|h| (*h).to_owned()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Appends a row (missing cells render empty).
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// Whether the table has no rows.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate() {
+                if i < widths.len() {
+                    widths[i] = widths[i].max(cell.chars().count());
+                }
+            }
+        }
+        let line = |f: &mut fmt::Formatter<'_>, cells: &[String]| -> fmt::Result {
+            let mut out = String::new();
+            for (i, w) in widths.iter().enumerate() {
+                let cell = cells.get(i).map_or("", String::as_str);
+                out.push_str(cell);
+                out.extend(std::iter::repeat_n(' ', w - cell.chars().count() + 2));
+            }
+            writeln!(f, "  {}", out.trim_end())
+        };
+        line(f, &self.headers)?;
+        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        line(f, &rule)?;
+        for row in &self.rows {
+            line(f, row)?;
+        }
+        Ok(())
+    }
+}
+
+/// One row per finished connection (`close`/`error` records).
+#[must_use]
+pub fn flow_table(flows: &[Flow]) -> Table {
+    let mut t = Table::new(&[
+        "id",
+        "dir",
+        "event",
+        "workload",
+        "src",
+        "orig dst -> dst",
+        "service",
+        "sent",
+        "recv",
+        "duration",
+    ]);
+    for f in flows.iter().filter(|f| f.is_terminal()) {
+        let dir = match f.direction {
+            Direction::Outbound => "out",
+            Direction::Inbound => "in",
+        };
+        let event = match f.event {
+            FlowEvent::Open => "open".to_owned(),
+            FlowEvent::Close => "close".to_owned(),
+            FlowEvent::Error => format!("error: {}", f.error.as_deref().unwrap_or("?")),
+        };
+        let route = if f.orig_dst == f.dst {
+            show_addr(f.dst)
+        } else {
+            format!("{} -> {}", show_addr(f.orig_dst), show_addr(f.dst))
+        };
+        t.row(vec![
+            f.id.to_string(),
+            dir.to_owned(),
+            event,
+            f.workload.clone(),
+            show_addr(f.src),
+            route,
+            f.service.clone().unwrap_or_else(|| "-".to_owned()),
+            f.bytes_sent.to_string(),
+            f.bytes_received.to_string(),
+            f.duration_ms
+                .map_or_else(|| "-".to_owned(), |d| format!("{d:.1} ms")),
+        ]);
+    }
+    t
+}
+
+/// One row per workload with its counters.
+#[must_use]
+pub fn workload_table(workloads: &[Workload]) -> Table {
+    let mut t = Table::new(&[
+        "workload",
+        "node",
+        "ips",
+        "enrolled",
+        "captured",
+        "out conns",
+        "in conns",
+        "sent",
+        "recv",
+    ]);
+    for w in workloads {
+        let ips: Vec<String> = w.ips.iter().map(ToString::to_string).collect();
+        t.row(vec![
+            w.qualified_name(),
+            w.node.clone(),
+            ips.join(","),
+            w.enrolled.to_string(),
+            w.captured.to_string(),
+            w.outbound_connections.to_string(),
+            w.inbound_connections.to_string(),
+            w.bytes_sent.to_string(),
+            w.bytes_received.to_string(),
+        ]);
+    }
+    t
+}
+
+/// Reason counters (all of them, in the agent's order) and map occupancy.
+#[must_use]
+pub fn datapath_tables(datapath: &Datapath) -> (Table, Table) {
+    let mut reasons = Table::new(&["reason", "count"]);
+    for (name, count) in &datapath.reasons {
+        reasons.row(vec![name.clone(), count.to_string()]);
+    }
+    let mut maps = Table::new(&["map", "entries", "capacity"]);
+    for (name, m) in &datapath.maps {
+        maps.row(vec![
+            name.clone(),
+            m.entries.to_string(),
+            m.capacity.to_string(),
+        ]);
+    }
+    (reasons, maps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Table;
+
+    #[test]
+    fn aligns_columns_to_the_widest_cell() {
+        let mut t = Table::new(&["a", "bb"]);
+        t.row(vec!["long cell".into(), "x".into()]);
+        let text = t.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "  a          bb");
+        assert_eq!(lines[2], "  long cell  x");
+    }
+}
