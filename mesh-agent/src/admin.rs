@@ -45,6 +45,8 @@ pub struct AdminState {
     pub effective_config: Value,
     /// The last configuration file error, cleared by a good reload.
     pub config_error: Mutex<Option<String>>,
+    /// mTLS state, when a CA is configured.
+    pub mesh: Option<Arc<crate::proxy::hbone::Mesh>>,
 }
 
 /// Serves the admin API on `listener` until `stop` fires.
@@ -100,6 +102,10 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             json_response(&json!(state.flows.recent(n)))
         }
         "/workloads" => json_response(&workloads(state)),
+        "/certs" => json_response(&match &state.mesh {
+            Some(m) => json!({ "mtls": true, "certificates": m.certs.list(), "pooledTunnels": m.pooled() }),
+            None => json!({ "mtls": false, "certificates": [] }),
+        }),
         "/datapath" => json_response(&datapath(state)),
         "/config" => json_response(&json!({
             "node": state.node,
@@ -113,7 +119,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         })),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /ready /workloads /flows /datapath /config /stats\n",
+            "not found; try /healthz /ready /workloads /flows /certs /datapath /config /stats\n",
         ),
     }
 }

@@ -27,8 +27,9 @@ use crate::{
     config,
     datapath::Datapath,
     flows::FlowLog,
+    identity::{ca_client::RemoteCa, certs::CertManager, tls},
     netns::Netns,
-    proxy::ProxyContext,
+    proxy::{hbone::Mesh, ProxyContext},
     registry::{Registry, SharedRegistry},
 };
 
@@ -54,6 +55,33 @@ pub struct Settings {
     /// How long shutdown waits for open connections.
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
+    /// The mesh CA; `None` runs without mTLS (plaintext forwarding).
+    pub ca: Option<CaClientSettings>,
+}
+
+/// How the agent reaches the mesh CA.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaClientSettings {
+    /// CA address.
+    pub addr: SocketAddr,
+    /// File holding this node's token.
+    pub token_file: PathBuf,
+    /// PEM bundle of trusted roots.
+    pub trust_bundle: PathBuf,
+}
+
+fn build_mesh(ca: &CaClientSettings, trust_domain: &str) -> anyhow::Result<Arc<Mesh>> {
+    let bundle = std::fs::read_to_string(&ca.trust_bundle)
+        .with_context(|| format!("reading the trust bundle {}", ca.trust_bundle.display()))?;
+    let roots = tls::roots_from_pem(&bundle)
+        .with_context(|| format!("trust bundle {}", ca.trust_bundle.display()))?;
+    let token = std::fs::read_to_string(&ca.token_file)
+        .with_context(|| format!("reading the node token {}", ca.token_file.display()))?
+        .trim()
+        .to_owned();
+    let remote = RemoteCa::new(ca.addr, token, roots.clone(), trust_domain)?;
+    Ok(Arc::new(Mesh::new(CertManager::new(Arc::new(remote)), roots)))
 }
 
 mod secs {
@@ -75,6 +103,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     tracing::info!(cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), "eBPF programs attached");
 
+    let mesh = match &settings.ca {
+        Some(ca) => Some(build_mesh(ca, &initial.trust_domain)?),
+        None => {
+            tracing::warn!("no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development");
+            None
+        }
+    };
     let flows = Arc::new(FlowLog::new(settings.flow_capacity));
     let tracker = TaskTracker::new();
     let ctx = Arc::new(ProxyContext {
@@ -82,6 +117,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         flows: flows.clone(),
         registry: registry_rx.clone(),
         tracker: tracker.clone(),
+        mesh: mesh.clone(),
     });
     let capture = Arc::new(Mutex::new(Capture::new(settings.node.clone(), home, ctx)));
     let stop = CancellationToken::new();
@@ -95,6 +131,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         registry: registry_rx.clone(),
         effective_config: serde_json::to_value(&settings)?,
         config_error: Mutex::new(None),
+        mesh,
     });
     let admin_listener = admin::bind(settings.admin_addr)
         .await

@@ -4,7 +4,7 @@
 //! Enrolling a pod, in this order (so that no connection is captured before
 //! the agent can take it): open its netns and read its cookie; bind the
 //! outbound (`127.0.0.1:15001`) and inbound (`127.0.0.1:15006`) listeners
-//! inside it; attach `sk_lookup` to the netns; register the inbound listener
+//! inside it, and the tunnel listener (`0.0.0.0:15008`) when mTLS is on; attach `sk_lookup` to the netns; register the inbound listener
 //! for each pod IPv4; mark the netns enrolled for `connect4`; start the accept
 //! loops. Un-enrolling runs the steps backwards. Existing connections are not
 //! cut: they hold their own sockets and finish (or drain at shutdown).
@@ -14,7 +14,7 @@
 //! not there yet) is retried.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::AsFd,
@@ -22,12 +22,13 @@ use std::{
     sync::Arc,
 };
 
-use mesh_common::{PORT_INBOUND, PORT_OUTBOUND};
+use mesh_common::{PORT_INBOUND, PORT_OUTBOUND, PORT_TUNNEL};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     datapath::{Datapath, DatapathError, NetnsLink},
+    identity::SpiffeId,
     netns::{Netns, NetnsError},
     proxy::{self, sockets::SocketError, Pod, ProxyContext},
     registry::{ObjectRef, Registry, Workload},
@@ -67,6 +68,7 @@ pub struct CaptureStatus {
 struct Desired {
     netns: PathBuf,
     ips: Vec<IpAddr>,
+    identity: SpiffeId,
 }
 
 struct Enrolled {
@@ -110,7 +112,12 @@ impl Capture {
             .filter(|w| w.enrolled)
             .filter_map(|w| {
                 let netns = w.netns.clone()?;
-                Some((w.id.clone(), (Desired { netns, ips: w.ips.clone() }, w)))
+                let want = Desired {
+                    netns,
+                    ips: w.ips.clone(),
+                    identity: w.identity.clone(),
+                };
+                Some((w.id.clone(), (want, w)))
             })
             .collect();
         let stale: Vec<ObjectRef> = self
@@ -125,6 +132,14 @@ impl Capture {
             }
         }
         self.errors.retain(|id, _| desired.contains_key(id));
+        if let Some(mesh) = &self.ctx.mesh {
+            // Certificates: exactly the identities of this node's enrolled pods.
+            let ids: HashSet<SpiffeId> = desired.values().map(|(d, _)| d.identity.clone()).collect();
+            mesh.certs.retain(&ids);
+            for id in &ids {
+                mesh.certs.ensure(id);
+            }
+        }
         for (id, (want, _)) in desired {
             if self.enrolled.contains_key(&id) {
                 continue;
@@ -152,6 +167,13 @@ impl Capture {
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let outbound = proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_OUTBOUND))?;
         let inbound = proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_INBOUND))?;
+        let tunnel = match &self.ctx.mesh {
+            Some(_) => Some(proxy::sockets::listen_in(
+                &netns,
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT_TUNNEL),
+            )?),
+            None => None,
+        };
         let ns_file = File::open(&want.netns).map_err(|source| NetnsError::Open {
             path: want.netns.clone(),
             source,
@@ -161,6 +183,8 @@ impl Capture {
             id: id.clone(),
             netns,
             cookie,
+            ips: want.ips.clone(),
+            identity: want.identity.clone(),
         });
         let mut enrolled = Enrolled {
             desired: want.clone(),
@@ -184,7 +208,10 @@ impl Capture {
         }
         let ctx = &self.ctx;
         tokio::spawn(proxy::outbound::run(outbound, pod.clone(), ctx.clone(), enrolled.stop.clone()));
-        tokio::spawn(proxy::inbound::run(inbound, pod, ctx.clone(), enrolled.stop.clone()));
+        tokio::spawn(proxy::inbound::run(inbound, pod.clone(), ctx.clone(), enrolled.stop.clone()));
+        if let (Some(listener), Some(mesh)) = (tunnel, ctx.mesh.clone()) {
+            tokio::spawn(proxy::tunnel::run(listener, pod, ctx.clone(), mesh, enrolled.stop.clone()));
+        }
         Ok(enrolled)
     }
 

@@ -17,18 +17,46 @@ use serde::{Deserialize, Serialize};
 
 /// The file as written by the user (`serde(deny_unknown_fields)`: a typo is an
 /// error, never silently ignored).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LocalConfig {
     /// Default node name for an agent started without `--node`.
     #[serde(default)]
     pub node: Option<String>,
+    /// SPIFFE trust domain of the mesh. Default: `cluster.local`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Per-namespace settings.
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceSpec>,
     /// Every workload (pod) of the cluster, on every node.
     #[serde(default)]
     pub workloads: Vec<WorkloadSpec>,
     /// Services: virtual IPs load-balanced to the workloads their selector picks.
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+}
+
+/// How an enrolled pod treats inbound connections that are not mesh mTLS.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InboundMode {
+    /// Plaintext from outside the mesh still reaches the pod (default, for adoption).
+    #[default]
+    Permissive,
+    /// Only tunnelled mTLS connections are accepted; plaintext is reset.
+    Strict,
+}
+
+/// Settings of one namespace.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NamespaceSpec {
+    /// Namespace name.
+    pub name: String,
+    /// Inbound mode of its workloads (a workload's own setting wins).
+    #[serde(default)]
+    pub inbound_mode: Option<InboundMode>,
 }
 
 /// One pod.
@@ -56,6 +84,9 @@ pub struct WorkloadSpec {
     /// Labels, used by service selectors.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Inbound mode of this workload (overrides its namespace's).
+    #[serde(default)]
+    pub inbound_mode: Option<InboundMode>,
 }
 
 /// One service.
@@ -83,6 +114,10 @@ pub struct ServicePortSpec {
     /// Port on the selected workloads. Default: same as `port`.
     #[serde(default)]
     pub target_port: Option<u16>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_owned()
 }
 
 fn default_service_account() -> String {
@@ -203,11 +238,35 @@ fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            node: None,
+            trust_domain: default_trust_domain(),
+            namespaces: Vec::new(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+}
+
 impl LocalConfig {
     /// Every problem in the file, each naming the field (empty when valid).
     #[must_use]
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if !is_dns_subdomain(&self.trust_domain) {
+            problems.push(format!("trustDomain: {:?} is not a valid trust domain", self.trust_domain));
+        }
+        let mut ns_seen = HashSet::new();
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            if !is_dns_label(&ns.name) {
+                problems.push(format!("namespaces[{i}].name: {:?} is not a valid namespace", ns.name));
+            }
+            if !ns_seen.insert(ns.name.as_str()) {
+                problems.push(format!("namespaces[{i}].name: {} is listed twice", ns.name));
+            }
+        }
         if let Some(node) = &self.node {
             if !is_dns_subdomain(node) {
                 problems.push(format!("node: {node:?} is not a valid node name"));

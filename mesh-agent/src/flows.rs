@@ -30,6 +30,17 @@ pub enum Direction {
     Inbound,
 }
 
+/// How the bytes crossed the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Security {
+    /// Inside an HBONE mTLS tunnel.
+    MutualTls,
+    /// In the clear.
+    #[default]
+    Plaintext,
+}
+
 /// What a record reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -65,6 +76,15 @@ pub struct FlowRecord {
     pub dst: Option<SocketAddr>,
     /// The service whose VIP was dialled.
     pub service: Option<String>,
+    /// `mutual_tls` or `plaintext`.
+    pub security: Security,
+    /// Authenticated (or, outbound, local) source identity.
+    pub src_identity: Option<String>,
+    /// Authenticated destination identity.
+    pub dst_identity: Option<String>,
+    /// Serial number (hex) of the certificate the peer authenticated with
+    /// (inbound tunnel connections).
+    pub peer_cert_serial: Option<String>,
     /// Bytes from the client toward the server.
     pub bytes_sent: u64,
     /// Bytes from the server back to the client.
@@ -106,6 +126,33 @@ pub struct ConnInfo {
     pub dst: Option<SocketAddr>,
     /// Service dialled.
     pub service: Option<ObjectRef>,
+    /// Tunnelled or not.
+    pub security: Security,
+    /// Source identity.
+    pub src_identity: Option<String>,
+    /// Destination identity.
+    pub dst_identity: Option<String>,
+    /// Peer certificate serial.
+    pub peer_cert_serial: Option<String>,
+}
+
+impl ConnInfo {
+    /// Facts of a new connection of `workload`.
+    #[must_use]
+    pub fn new(direction: Direction, workload: ObjectRef) -> Self {
+        Self {
+            direction,
+            workload,
+            src: None,
+            orig_dst: None,
+            dst: None,
+            service: None,
+            security: Security::Plaintext,
+            src_identity: None,
+            dst_identity: None,
+            peer_cert_serial: None,
+        }
+    }
 }
 
 /// The ring of recent records and the counters.
@@ -215,6 +262,10 @@ impl FlowLog {
             orig_dst: info.orig_dst,
             dst: info.dst,
             service: info.service.as_ref().map(ToString::to_string),
+            security: info.security,
+            src_identity: info.src_identity.clone(),
+            dst_identity: info.dst_identity.clone(),
+            peer_cert_serial: info.peer_cert_serial.clone(),
             bytes_sent,
             bytes_received,
             duration_ms: duration.map(|d| d.as_secs_f64() * 1000.0),
@@ -279,17 +330,15 @@ mod tests {
     use super::*;
 
     fn info() -> ConnInfo {
-        ConnInfo {
-            direction: Direction::Outbound,
-            workload: ObjectRef {
+        let mut i = ConnInfo::new(
+            Direction::Outbound,
+            ObjectRef {
                 namespace: "demo".into(),
                 name: "client".into(),
             },
-            src: None,
-            orig_dst: Some("10.0.0.1:80".parse().unwrap()),
-            dst: None,
-            service: None,
-        }
+        );
+        i.orig_dst = Some("10.0.0.1:80".parse().unwrap());
+        i
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod capture;
 pub mod config;
 pub mod datapath;
 pub mod flows;
+pub mod identity;
 pub mod netns;
 pub mod proxy;
 pub mod registry;

@@ -30,6 +30,8 @@ enum LogFormat {
 enum Command {
     /// Run the agent (needs root: BPF, cgroups, network namespaces).
     Run(RunArgs),
+    /// Run the mesh CA (signs workload certificates for node agents).
+    Ca(CaArgs),
     /// Validate a local configuration file and print what is wrong.
     CheckConfig {
         /// The file.
@@ -64,6 +66,32 @@ struct RunArgs {
     /// Tokio worker threads.
     #[arg(long, env = "HEDDLE_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
+    /// Address of the mesh CA. Without it the agent forwards mesh traffic in
+    /// plaintext (development only).
+    #[arg(long, env = "HEDDLE_CA_ADDR", requires_all = ["ca_token_file", "trust_bundle"])]
+    ca_addr: Option<SocketAddr>,
+    /// File holding this node's CA token.
+    #[arg(long, env = "HEDDLE_CA_TOKEN_FILE")]
+    ca_token_file: Option<PathBuf>,
+    /// PEM file of the trusted mesh roots.
+    #[arg(long, env = "HEDDLE_TRUST_BUNDLE")]
+    trust_bundle: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct CaArgs {
+    /// The local configuration (which workloads run on which node).
+    #[arg(long, env = "HEDDLE_CONFIG")]
+    config: PathBuf,
+    /// Directory for the root key and certificate, trust bundle and node tokens.
+    #[arg(long, env = "HEDDLE_CA_STATE_DIR", default_value = "/var/lib/heddle/ca")]
+    state_dir: PathBuf,
+    /// TLS listen address.
+    #[arg(long, env = "HEDDLE_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Lifetime of workload certificates, in seconds.
+    #[arg(long, env = "HEDDLE_CERT_TTL_SECONDS", default_value_t = 86_400)]
+    ttl_seconds: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +109,21 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args),
+        Command::Ca(args) => {
+            let trust_domain = config::load(&args.config)?.trust_domain;
+            let settings = mesh_agent::identity::ca_server::CaSettings {
+                state_dir: args.state_dir,
+                listen: args.listen,
+                config: args.config,
+                trust_domain,
+                leaf_ttl: Duration::from_secs(args.ttl_seconds.max(2)),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?
+                .block_on(mesh_agent::identity::ca_server::run(settings))
+        }
     }
 }
 
@@ -102,6 +145,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         flow_capacity: args.flow_capacity,
         drain_timeout: Duration::from_secs(args.drain_seconds),
+        ca: match (args.ca_addr, args.ca_token_file, args.trust_bundle) {
+            (Some(addr), Some(token_file), Some(trust_bundle)) => Some(agent::CaClientSettings {
+                addr,
+                token_file,
+                trust_bundle,
+            }),
+            _ => None,
+        },
     };
     agent::raise_fd_limit();
     tokio::runtime::Builder::new_multi_thread()

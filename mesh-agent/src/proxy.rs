@@ -3,14 +3,17 @@
 //!
 //! Each accepted connection runs in its own task, tracked by the agent's
 //! [`TaskTracker`] so shutdown can drain them. In this issue the upstream leg
-//! is plaintext TCP to the original destination, opened from inside the pod's
-//! network namespace so it keeps the pod's IP as its source; the zero-trust
-//! tunnel replaces it with HBONE later.
+//! goes from inside the pod's network namespace (so it keeps the pod's IP as
+//! its source): through an HBONE mTLS tunnel (`hbone`, served by `tunnel` on
+//! the destination pod's port 15008) when the destination is an enrolled
+//! workload, in plaintext otherwise.
 
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod sockets;
 pub mod splice;
+pub mod tunnel;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -37,6 +40,8 @@ pub struct ProxyContext {
     pub registry: watch::Receiver<SharedRegistry>,
     /// Tracks connection tasks for draining at shutdown.
     pub tracker: TaskTracker,
+    /// mTLS tunnelling; `None` when no CA is configured (plaintext mode).
+    pub mesh: Option<Arc<hbone::Mesh>>,
 }
 
 /// An enrolled pod, as the proxy legs see it.
@@ -47,6 +52,10 @@ pub struct Pod {
     pub netns: Netns,
     /// Its network namespace cookie.
     pub cookie: u64,
+    /// Its IPs.
+    pub ips: Vec<std::net::IpAddr>,
+    /// Its identity.
+    pub identity: crate::identity::SpiffeId,
 }
 
 /// Accepts until `stop` fires, handing each connection to `spawn`. Accept

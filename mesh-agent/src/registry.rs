@@ -19,7 +19,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::config::LocalConfig;
+use crate::{
+    config::{InboundMode, LocalConfig},
+    identity::SpiffeId,
+};
 
 /// `namespace/name` of a workload or service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -55,6 +58,15 @@ pub struct Workload {
     pub enrolled: bool,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// Effective inbound mode (workload, else namespace, else permissive).
+    pub inbound_mode: InboundMode,
+    /// SPIFFE ID (from namespace and service account).
+    #[serde(serialize_with = "ser_display")]
+    pub identity: SpiffeId,
+}
+
+fn ser_display<S: serde::Serializer>(v: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 /// A service port mapping.
@@ -122,13 +134,22 @@ pub struct Registry {
     by_ip: HashMap<IpAddr, ObjectRef>,
     services: BTreeMap<ObjectRef, Service>,
     by_vip: HashMap<IpAddr, ObjectRef>,
+    trust_domain: String,
 }
 
 impl Registry {
     /// Builds a snapshot from a validated local configuration.
     #[must_use]
     pub fn from_config(config: &LocalConfig) -> Self {
-        let mut reg = Registry::default();
+        let mut reg = Registry {
+            trust_domain: config.trust_domain.clone(),
+            ..Registry::default()
+        };
+        let ns_modes: HashMap<&str, InboundMode> = config
+            .namespaces
+            .iter()
+            .filter_map(|n| Some((n.name.as_str(), n.inbound_mode?)))
+            .collect();
         for w in &config.workloads {
             let id = ObjectRef {
                 namespace: w.namespace.clone(),
@@ -147,6 +168,11 @@ impl Registry {
                     netns: w.netns.clone(),
                     enrolled: w.enrolled,
                     labels: w.labels.clone(),
+                    inbound_mode: w
+                        .inbound_mode
+                        .or_else(|| ns_modes.get(w.namespace.as_str()).copied())
+                        .unwrap_or_default(),
+                    identity: SpiffeId::new(&config.trust_domain, &w.namespace, &w.service_account),
                 },
             );
         }
@@ -185,6 +211,18 @@ impl Registry {
             );
         }
         reg
+    }
+
+    /// The mesh's trust domain.
+    #[must_use]
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// A workload by namespace/name.
+    #[must_use]
+    pub fn workload(&self, id: &ObjectRef) -> Option<&Workload> {
+        self.workloads.get(id)
     }
 
     /// All workloads, ordered by namespace/name.

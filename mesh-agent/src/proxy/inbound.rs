@@ -15,7 +15,10 @@ use super::{
     splice::splice,
     Pod, ProxyContext,
 };
-use crate::flows::{ConnInfo, Direction};
+use crate::{
+    config::InboundMode,
+    flows::{ConnInfo, Direction},
+};
 
 /// Accepts on the pod's inbound listener until `stop` fires.
 pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, stop: CancellationToken) {
@@ -29,19 +32,26 @@ pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, s
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     let conn = ctx.flows.conn_id();
     let orig = client.local_addr().ok();
-    let info = ConnInfo {
-        direction: Direction::Inbound,
-        workload: pod.id.clone(),
-        src: Some(peer),
-        orig_dst: orig,
-        dst: orig,
-        service: None,
-    };
+    let mut info = ConnInfo::new(Direction::Inbound, pod.id.clone());
+    info.src = Some(peer);
+    info.orig_dst = orig;
+    info.dst = orig;
     let Some(orig) = orig else {
         ctx.flows.failed(conn, &info, "accepted socket has no local address".into());
         reset(client);
         return;
     };
+    let strict = ctx
+        .registry
+        .borrow()
+        .workload(&pod.id)
+        .is_some_and(|w| w.inbound_mode == InboundMode::Strict);
+    if strict {
+        tracing::info!(pod = %pod.id, %peer, "plaintext connection refused: inbound mode STRICT");
+        ctx.flows.failed(conn, &info, "refused: inbound mode STRICT accepts only mesh mTLS".into());
+        reset(client);
+        return;
+    }
     let started = Instant::now();
     let upstream = match connect_in(&pod.netns, orig).await {
         Ok(s) => s,
@@ -57,7 +67,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     ctx.flows.closed(
         conn,
         &info,
-        (done.to_server, done.to_client),
+        (done.from_tcp, done.to_tcp),
         started.elapsed(),
         done.error.map(|e| e.to_string()),
     );

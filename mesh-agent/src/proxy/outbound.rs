@@ -19,7 +19,7 @@ use super::{
     splice::splice,
     Pod, ProxyContext,
 };
-use crate::flows::{ConnInfo, Direction};
+use crate::flows::{ConnInfo, Direction, Security};
 
 /// Accepts on the pod's outbound listener until `stop` fires.
 pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, stop: CancellationToken) {
@@ -32,14 +32,7 @@ pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, s
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     let conn = ctx.flows.conn_id();
-    let mut info = ConnInfo {
-        direction: Direction::Outbound,
-        workload: pod.id.clone(),
-        src: None,
-        orig_dst: None,
-        dst: None,
-        service: None,
-    };
+    let mut info = ConnInfo::new(Direction::Outbound, pod.id.clone());
     let orig = match peer {
         SocketAddr::V4(peer) => ctx.datapath.take_orig_dst(pod.cookie, peer),
         SocketAddr::V6(_) => None,
@@ -63,7 +56,38 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     };
     info.dst = Some(resolved.addr);
     info.service = resolved.service;
+    info.src_identity = Some(pod.identity.to_string());
     let started = Instant::now();
+    let dst_identity = resolved.workload.as_ref().and_then(|id| {
+        let reg = ctx.registry.borrow();
+        reg.workload(id).filter(|w| w.enrolled).map(|w| w.identity.clone())
+    });
+    if let (Some(mesh), Some(dst_id)) = (ctx.mesh.clone(), dst_identity) {
+        info.security = Security::MutualTls;
+        info.dst_identity = Some(dst_id.to_string());
+        let stream = match mesh.connect(&pod, &pod.identity, resolved.addr, &dst_id).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(pod = %pod.id, dst = %resolved.addr, error = %e, "tunnel failed");
+                ctx.flows.failed(conn, &info, e.to_string());
+                reset(client);
+                return;
+            }
+        };
+        // Streams share tunnel connections, so the source is the pod's IP
+        // and the application's own source port.
+        info.src = pod.ips.first().map(|ip| SocketAddr::new(*ip, peer.port()));
+        ctx.flows.opened(conn, &info);
+        let done = splice(client, stream).await;
+        ctx.flows.closed(
+            conn,
+            &info,
+            (done.from_tcp, done.to_tcp),
+            started.elapsed(),
+            done.error.map(|e| e.to_string()),
+        );
+        return;
+    }
     let upstream = match connect_in(&pod.netns, resolved.addr).await {
         Ok(s) => s,
         Err(e) => {
@@ -79,7 +103,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     ctx.flows.closed(
         conn,
         &info,
-        (done.to_server, done.to_client),
+        (done.from_tcp, done.to_tcp),
         started.elapsed(),
         done.error.map(|e| e.to_string()),
     );

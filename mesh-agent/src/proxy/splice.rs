@@ -1,9 +1,13 @@
-//! Copies bytes both ways between two TCP streams, honouring half-close (an
-//! EOF on one side becomes a `shutdown(SHUT_WR)` on the other) with bounded
-//! buffers, so a slow reader applies back-pressure to the writer.
-//! An error on either side resets both, so neither application hangs.
+//! Copies bytes both ways between a TCP stream and another byte stream (a
+//! TCP stream or an HBONE tunnel stream), honouring half-close (an EOF on one
+//! side becomes a shutdown of the other's write side) with bounded buffers,
+//! so a slow reader applies back-pressure to the writer. An error on either
+//! side resets the TCP side and drops the other, so neither application hangs.
 
-use tokio::{io, net::TcpStream};
+use tokio::{
+    io::{self, AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 
 use super::sockets::reset;
 
@@ -12,28 +16,31 @@ const BUF_SIZE: usize = 64 * 1024;
 
 /// Result of a finished splice.
 pub struct Spliced {
-    /// Bytes client → server.
-    pub to_server: u64,
-    /// Bytes server → client.
-    pub to_client: u64,
+    /// Bytes read from the TCP side and written to the other.
+    pub from_tcp: u64,
+    /// Bytes read from the other side and written to the TCP side.
+    pub to_tcp: u64,
     /// Why it ended, if not by EOF on both sides.
     pub error: Option<io::Error>,
 }
 
-/// Splices `client` and `server` until both directions are finished.
-pub async fn splice(mut client: TcpStream, mut server: TcpStream) -> Spliced {
-    match io::copy_bidirectional_with_sizes(&mut client, &mut server, BUF_SIZE, BUF_SIZE).await {
-        Ok((to_server, to_client)) => Spliced {
-            to_server,
-            to_client,
+/// Splices `tcp` and `other` until both directions are finished.
+pub async fn splice<S>(mut tcp: TcpStream, mut other: S) -> Spliced
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match io::copy_bidirectional_with_sizes(&mut tcp, &mut other, BUF_SIZE, BUF_SIZE).await {
+        Ok((from_tcp, to_tcp)) => Spliced {
+            from_tcp,
+            to_tcp,
             error: None,
         },
         Err(error) => {
-            reset(client);
-            reset(server);
+            reset(tcp);
+            drop(other);
             Spliced {
-                to_server: 0,
-                to_client: 0,
+                from_tcp: 0,
+                to_tcp: 0,
                 error: Some(error),
             }
         }

@@ -1,0 +1,297 @@
+//! The certificates a node agent holds: one per identity of a workload on
+//! its node, requested on demand, cached, and rotated at half their lifetime.
+//!
+//! Each identity has a maintenance task: generate a P-256 key on this node,
+//! send only a CSR to the CA, publish the certificate through a
+//! `tokio::sync::watch` (TLS configs read the newest one at every handshake,
+//! so rotation drops nothing), sleep until the refresh point, repeat. A CA
+//! that is down or refuses is retried with exponential back-off (200 ms to
+//! 30 s); certificates already held keep serving meanwhile.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::{
+    pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    sign::CertifiedKey,
+};
+use serde::Serialize;
+use tokio::{sync::watch, task::AbortHandle};
+
+use super::{
+    ca_client::{CaError, CertificateAuthority},
+    tls::{self, CurrentCert},
+    SpiffeId,
+};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Errors obtaining a certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// The CA failed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// Key or CSR generation failed.
+    #[error("key generation: {0}")]
+    Keygen(#[from] rcgen::Error),
+    /// What the CA returned is unusable.
+    #[error("certificate from the CA is unusable: {0}")]
+    BadChain(String),
+    /// No certificate yet.
+    #[error("no certificate for {id} yet{}", last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    NotReady {
+        /// The identity.
+        id: SpiffeId,
+        /// Why the last attempt failed.
+        last_error: Option<String>,
+    },
+}
+
+/// A certificate and key held for one identity.
+pub struct WorkloadCert {
+    /// The identity in the URI SAN.
+    pub id: SpiffeId,
+    /// Chain and signing key for rustls.
+    pub key: Arc<CertifiedKey>,
+    /// When it was obtained.
+    pub issued_at: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// Increases with every new certificate of any identity.
+    pub generation: u64,
+}
+
+impl fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("id", &self.id)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the admin API shows per certificate.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertStatus {
+    /// SPIFFE ID.
+    pub identity: String,
+    /// Held now.
+    pub ready: bool,
+    /// Unix seconds.
+    pub issued_at: Option<u64>,
+    /// Unix seconds.
+    pub not_after: Option<u64>,
+    /// Number of the certificate.
+    pub generation: Option<u64>,
+    /// Last failure, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+struct Entry {
+    rx: watch::Receiver<Option<Arc<WorkloadCert>>>,
+    task: AbortHandle,
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+/// The node's certificates.
+pub struct CertManager {
+    ca: Arc<dyn CertificateAuthority>,
+    entries: Mutex<HashMap<SpiffeId, Entry>>,
+    generation: AtomicU64,
+}
+
+/// The newest certificate of one identity, for rustls resolvers.
+#[derive(Clone)]
+pub struct CertHandle {
+    rx: watch::Receiver<Option<Arc<WorkloadCert>>>,
+}
+
+impl fmt::Debug for CertHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertHandle").finish_non_exhaustive()
+    }
+}
+
+impl CurrentCert for CertHandle {
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.rx.borrow().as_ref().map(|c| c.key.clone())
+    }
+}
+
+impl CertHandle {
+    /// The certificate now, if any.
+    #[must_use]
+    pub fn get(&self) -> Option<Arc<WorkloadCert>> {
+        self.rx.borrow().clone()
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+impl CertManager {
+    /// A manager asking `ca`.
+    #[must_use]
+    pub fn new(ca: Arc<dyn CertificateAuthority>) -> Arc<Self> {
+        Arc::new(Self {
+            ca,
+            entries: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    /// Starts maintaining a certificate for `id` (idempotent).
+    pub fn ensure(self: &Arc<Self>, id: &SpiffeId) -> CertHandle {
+        let mut entries = self.entries.lock().expect("certs lock");
+        if let Some(e) = entries.get(id) {
+            return CertHandle { rx: e.rx.clone() };
+        }
+        let (tx, rx) = watch::channel(None);
+        let last_error = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(maintain(self.clone(), id.clone(), tx, last_error.clone())).abort_handle();
+        entries.insert(
+            id.clone(),
+            Entry {
+                rx: rx.clone(),
+                task,
+                last_error,
+            },
+        );
+        CertHandle { rx }
+    }
+
+    /// Stops maintaining (and drops) every identity not in `keep`.
+    pub fn retain(&self, keep: &HashSet<SpiffeId>) {
+        self.entries.lock().expect("certs lock").retain(|id, e| {
+            let kept = keep.contains(id);
+            if !kept {
+                e.task.abort();
+                tracing::info!(%id, "certificate dropped: no workload with this identity on the node");
+            }
+            kept
+        });
+    }
+
+    /// The certificate of `id`, waiting up to `wait` for the first one.
+    pub async fn get(self: &Arc<Self>, id: &SpiffeId, wait: Duration) -> Result<Arc<WorkloadCert>, CertError> {
+        let mut handle = self.ensure(id);
+        if let Some(c) = handle.get() {
+            return Ok(c);
+        }
+        let got = tokio::time::timeout(wait, handle.rx.wait_for(Option::is_some)).await;
+        if let Ok(Ok(c)) = got {
+            if let Some(c) = c.as_ref() {
+                return Ok(c.clone());
+            }
+        }
+        Err(CertError::NotReady {
+            id: id.clone(),
+            last_error: self.last_error(id),
+        })
+    }
+
+    fn last_error(&self, id: &SpiffeId) -> Option<String> {
+        self.entries
+            .lock()
+            .expect("certs lock")
+            .get(id)
+            .and_then(|e| e.last_error.lock().expect("lock").clone())
+    }
+
+    /// Every certificate held or wanted.
+    #[must_use]
+    pub fn list(&self) -> Vec<CertStatus> {
+        let entries = self.entries.lock().expect("certs lock");
+        let mut out: Vec<CertStatus> = entries
+            .iter()
+            .map(|(id, e)| {
+                let cert = e.rx.borrow().clone();
+                CertStatus {
+                    identity: id.to_string(),
+                    ready: cert.is_some(),
+                    issued_at: cert.as_ref().map(|c| unix(c.issued_at)),
+                    not_after: cert.as_ref().map(|c| unix(c.not_after)),
+                    generation: cert.as_ref().map(|c| c.generation),
+                    last_error: e.last_error.lock().expect("lock").clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
+    async fn fetch(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, CertError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        let csr = params.serialize_request(&key)?.pem()?;
+        let signed = self.ca.sign(id, csr).await?;
+        let chain = signed
+            .chain_pem
+            .iter()
+            .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CertError::BadChain(e.to_string()))?;
+        let got = tls::peer_identity(Some(&chain), Some(id)).map_err(|e| CertError::BadChain(e.to_string()))?;
+        debug_assert_eq!(&got, id);
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = tls::provider()
+            .key_provider
+            .load_private_key(der)
+            .map_err(|e| CertError::BadChain(e.to_string()))?;
+        Ok(Arc::new(WorkloadCert {
+            id: id.clone(),
+            key: Arc::new(CertifiedKey::new(chain, signing)),
+            issued_at: SystemTime::now(),
+            not_after: signed.not_after,
+            generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
+        }))
+    }
+}
+
+async fn maintain(
+    mgr: Arc<CertManager>,
+    id: SpiffeId,
+    tx: watch::Sender<Option<Arc<WorkloadCert>>>,
+    last_error: Arc<Mutex<Option<String>>>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match mgr.fetch(&id).await {
+            Ok(cert) => {
+                let life = cert.not_after.duration_since(cert.issued_at).unwrap_or_default();
+                let refresh_in = life / 2;
+                tracing::info!(%id, generation = cert.generation, valid_s = life.as_secs(), refresh_s = refresh_in.as_secs(), "certificate obtained");
+                tx.send_replace(Some(cert));
+                *last_error.lock().expect("lock") = None;
+                backoff = BACKOFF_MIN;
+                tokio::time::sleep(refresh_in.max(Duration::from_secs(1))).await;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                {
+                    let mut last = last_error.lock().expect("lock");
+                    if last.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(%id, error = %msg, retry_ms = backoff.as_millis(), "cannot obtain certificate; retrying");
+                    }
+                    *last = Some(msg);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! rustls configurations for the mesh: TLS 1.3 only, mutual, peers verified
+//! against the trust bundle and then by their SPIFFE URI SAN.
+//!
+//! Chain verification is done by rustls/webpki during the handshake. The
+//! identity check (URI SAN == the identity expected for *this* connection) is
+//! done right after the handshake, before a single byte of application data
+//! is sent or accepted, with [`peer_identity`]; certificates without a SPIFFE
+//! URI SAN are rejected there. DNS names are never consulted.
+
+use std::{fmt, sync::Arc};
+
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::WebPkiClientVerifier,
+    sign::CertifiedKey,
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+};
+use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+
+use super::SpiffeId;
+
+/// ALPN of the HBONE tunnel.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Errors building TLS configurations or checking peers.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The trust bundle is empty or unparsable.
+    #[error("trust bundle: {0}")]
+    Bundle(String),
+    /// rustls refused the configuration.
+    #[error("tls configuration: {0}")]
+    Config(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client verifier: {0}")]
+    Verifier(String),
+    /// The peer presented no certificate.
+    #[error("peer presented no certificate")]
+    NoPeerCertificate,
+    /// The peer certificate carries no workload SPIFFE ID.
+    #[error("peer certificate has no SPIFFE URI SAN")]
+    NoSpiffeId,
+    /// The peer is someone else.
+    #[error("peer identity {got} does not match expected {expected}")]
+    WrongPeer {
+        /// What the peer presented.
+        got: SpiffeId,
+        /// What this connection required.
+        expected: SpiffeId,
+    },
+}
+
+/// The crypto provider used everywhere (ring).
+#[must_use]
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parses a PEM trust bundle (one or more roots).
+pub fn roots_from_pem(pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| TlsError::Bundle(e.to_string()))?;
+        roots.add(cert).map_err(|e| TlsError::Bundle(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Bundle("no certificate in the trust bundle".into()));
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The SPIFFE ID in a certificate's URI SAN.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).map_err(|_| TlsError::NoSpiffeId)?;
+    let san = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .ok_or(TlsError::NoSpiffeId)?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::URI(u) => u.parse::<SpiffeId>().ok(),
+            _ => None,
+        })
+        .ok_or(TlsError::NoSpiffeId)
+}
+
+/// Serial number of a certificate, lowercase hex.
+#[must_use]
+pub fn serial_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    Some(parsed.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Checks the peer of a finished handshake against `expected`.
+pub fn peer_identity(
+    certs: Option<&[CertificateDer<'_>]>,
+    expected: Option<&SpiffeId>,
+) -> Result<SpiffeId, TlsError> {
+    let leaf = certs.and_then(<[_]>::first).ok_or(TlsError::NoPeerCertificate)?;
+    let got = spiffe_id_of(leaf)?;
+    match expected {
+        Some(want) if *want != got => Err(TlsError::WrongPeer {
+            got,
+            expected: want.clone(),
+        }),
+        _ => Ok(got),
+    }
+}
+
+/// Serves a certificate chosen at handshake time (the newest one, so
+/// rotation needs no restart).
+pub trait CurrentCert: Send + Sync + fmt::Debug {
+    /// The certificate to present now, if any.
+    fn current(&self) -> Option<Arc<CertifiedKey>>;
+}
+
+#[derive(Debug)]
+struct ServerResolver(Arc<dyn CurrentCert>);
+
+impl rustls::server::ResolvesServerCert for ServerResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.current()
+    }
+}
+
+#[derive(Debug)]
+struct ClientResolver(Arc<dyn CurrentCert>);
+
+impl rustls::client::ResolvesClientCert for ClientResolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Server side: requires a client certificate chaining to `roots`.
+pub fn server_config(
+    cert: Arc<dyn CurrentCert>,
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(ServerResolver(cert)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client side: presents `cert`, verifies the server chain against `roots`.
+pub fn client_config(
+    cert: Arc<dyn CurrentCert>,
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(ChainOnlyVerifier {
+        roots,
+        algs: provider.signature_verification_algorithms,
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(ClientResolver(cert)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Client config with no client certificate (for the CA's own endpoint,
+/// where the agent authenticates with a token).
+pub fn anonymous_client_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(ChainOnlyVerifier {
+        roots,
+        algs: provider.signature_verification_algorithms,
+    });
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Verifies the server's chain against the trust bundle and nothing else:
+/// the name check is replaced by the SPIFFE ID check of [`peer_identity`],
+/// done by the caller before any data flows.
+#[derive(Debug)]
+struct ChainOnlyVerifier {
+    roots: Arc<RootCertStore>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ChainOnlyVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::InvalidCertificate(pki_error(e)))?;
+        cert.verify_for_usage(
+            self.algs.all,
+            &self.roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| rustls::Error::InvalidCertificate(pki_error(e)))?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+fn pki_error(e: webpki::Error) -> rustls::CertificateError {
+    use rustls::CertificateError as C;
+    match e {
+        webpki::Error::CertExpired { .. } => C::Expired,
+        webpki::Error::CertNotValidYet { .. } => C::NotValidYet,
+        webpki::Error::UnknownIssuer => C::UnknownIssuer,
+        webpki::Error::InvalidSignatureForPublicKey => C::BadSignature,
+        other => C::Other(rustls::OtherError(Arc::new(other))),
+    }
+}

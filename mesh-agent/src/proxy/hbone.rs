@@ -1,0 +1,263 @@
+//! The HBONE client: mTLS + HTTP/2 `CONNECT` from a source pod to the
+//! tunnel port of a destination pod, with pooled connections.
+//!
+//! A tunnel connection is opened from inside the source pod's namespace
+//! (with the agent's mark), presents the source workload's certificate,
+//! checks that the server is the destination workload it meant to reach
+//! (SPIFFE ID, after chain verification), and carries one HTTP/2 stream per
+//! proxied connection, `CONNECT <original destination ip:port>`.
+//! Connections are pooled per (source identity, destination IP, destination
+//! identity) and tagged with the generation of the source certificate, so
+//! after a rotation new streams go over a new connection with the new
+//! certificate while old streams finish on the old one.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{client::conn::http2, Method, Request, StatusCode, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_common::PORT_TUNNEL;
+use rustls::{pki_types::ServerName, ClientConfig, RootCertStore};
+
+use super::{sockets, Pod};
+use crate::identity::{certs::CertManager, tls, SpiffeId};
+
+/// Time to obtain a source certificate before failing the connection.
+const CERT_WAIT: Duration = Duration::from_secs(5);
+/// Time for the TCP + TLS + HTTP/2 set-up of a tunnel connection.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow-control windows: large, so one stream can fill a fast link.
+pub const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
+/// Connection-level window.
+pub const CONN_WINDOW: u32 = 64 * 1024 * 1024;
+/// Largest HTTP/2 frame.
+pub const MAX_FRAME: u32 = 256 * 1024;
+/// Header carrying the reason of a refused CONNECT.
+pub const REASON_HEADER: &str = "heddle-reason";
+
+/// A byte stream inside a tunnel.
+pub type TunnelStream = TokioIo<hyper::upgrade::Upgraded>;
+
+/// Why a tunnel could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// No certificate for the source workload.
+    #[error("source certificate: {0}")]
+    Cert(#[from] crate::identity::certs::CertError),
+    /// Socket trouble reaching the destination.
+    #[error("tunnel connect: {0}")]
+    Connect(#[from] sockets::SocketError),
+    /// TLS handshake failed.
+    #[error("tunnel TLS handshake with {addr}: {message}")]
+    Tls {
+        /// Destination tunnel address.
+        addr: SocketAddr,
+        /// What failed.
+        message: String,
+    },
+    /// The server is not who we meant to reach.
+    #[error("tunnel to {addr}: {source}")]
+    Identity {
+        /// Destination tunnel address.
+        addr: SocketAddr,
+        /// The mismatch.
+        #[source]
+        source: tls::TlsError,
+    },
+    /// HTTP/2 failed.
+    #[error("tunnel HTTP/2: {0}")]
+    Http(#[from] hyper::Error),
+    /// The destination agent refused the CONNECT.
+    #[error("destination refused the tunnel ({status}): {reason}")]
+    Refused {
+        /// HTTP status.
+        status: StatusCode,
+        /// Reason given.
+        reason: String,
+    },
+    /// Set-up took too long.
+    #[error("tunnel set-up timed out")]
+    Timeout,
+    /// TLS configuration problem.
+    #[error(transparent)]
+    Config(#[from] tls::TlsError),
+}
+
+impl TunnelError {
+    /// Short stable reason for flows and metrics.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TunnelError::Cert(_) => "no_certificate",
+            TunnelError::Connect(e) => e.reason(),
+            TunnelError::Tls { .. } => "tls_handshake",
+            TunnelError::Identity { .. } => "peer_identity",
+            TunnelError::Http(_) => "http2",
+            TunnelError::Refused { status, .. } if *status == StatusCode::FORBIDDEN => "denied",
+            TunnelError::Refused { .. } => "refused",
+            TunnelError::Timeout => "timeout",
+            TunnelError::Config(_) => "tls_config",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    src: SpiffeId,
+    dst_ip: IpAddr,
+    dst_id: SpiffeId,
+}
+
+struct Pooled {
+    sender: http2::SendRequest<Empty<Bytes>>,
+    generation: u64,
+}
+
+/// The mesh side of the agent: certificates, trust, the tunnel pool.
+pub struct Mesh {
+    /// Certificates of local workloads.
+    pub certs: Arc<CertManager>,
+    /// Trust bundle.
+    pub roots: Arc<RootCertStore>,
+    pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    client_configs: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl Mesh {
+    /// A mesh with no tunnels open yet.
+    #[must_use]
+    pub fn new(certs: Arc<CertManager>, roots: Arc<RootCertStore>) -> Self {
+        Self {
+            certs,
+            roots,
+            pool: Mutex::new(HashMap::new()),
+            client_configs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens a tunnelled stream from `pod` (identity `src`) to `dst`, which
+    /// must be served by a workload with identity `dst_id`.
+    pub async fn connect(
+        &self,
+        pod: &Pod,
+        src: &SpiffeId,
+        dst: SocketAddr,
+        dst_id: &SpiffeId,
+    ) -> Result<TunnelStream, TunnelError> {
+        let cert = self.certs.get(src, CERT_WAIT).await?;
+        let key = PoolKey {
+            src: src.clone(),
+            dst_ip: dst.ip(),
+            dst_id: dst_id.clone(),
+        };
+        let mut sender = self.sender(pod, &key, cert.generation).await?;
+        let uri = Uri::builder()
+            .authority(dst.to_string())
+            .build()
+            .map_err(|e| TunnelError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                reason: e.to_string(),
+            })?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(uri)
+            .version(hyper::Version::HTTP_2)
+            .body(Empty::new())
+            .expect("static request");
+        let resp = sender.send_request(req).await?;
+        if resp.status() != StatusCode::OK {
+            let reason = resp
+                .headers()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            return Err(TunnelError::Refused {
+                status: resp.status(),
+                reason,
+            });
+        }
+        let upgraded = hyper::upgrade::on(resp).await?;
+        Ok(TokioIo::new(upgraded))
+    }
+
+    /// A ready sender for `key`, reusing a pooled connection made with the
+    /// current certificate generation, else opening a new one.
+    async fn sender(
+        &self,
+        pod: &Pod,
+        key: &PoolKey,
+        generation: u64,
+    ) -> Result<http2::SendRequest<Empty<Bytes>>, TunnelError> {
+        {
+            let mut pool = self.pool.lock().expect("pool lock");
+            if let Some(conns) = pool.get_mut(key) {
+                conns.retain(|c| !c.sender.is_closed() && c.generation >= generation);
+                if let Some(c) = conns.iter().find(|c| c.sender.is_ready()) {
+                    return Ok(c.sender.clone());
+                }
+            }
+        }
+        let sender = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open(pod, key))
+            .await
+            .map_err(|_| TunnelError::Timeout)??;
+        self.pool
+            .lock()
+            .expect("pool lock")
+            .entry(key.clone())
+            .or_default()
+            .push(Pooled {
+                sender: sender.clone(),
+                generation,
+            });
+        Ok(sender)
+    }
+
+    fn client_config(&self, src: &SpiffeId) -> Result<Arc<ClientConfig>, TunnelError> {
+        let mut configs = self.client_configs.lock().expect("configs lock");
+        if let Some(c) = configs.get(src) {
+            return Ok(c.clone());
+        }
+        let c = tls::client_config(Arc::new(self.certs.ensure(src)), self.roots.clone())?;
+        configs.insert(src.clone(), c.clone());
+        Ok(c)
+    }
+
+    async fn open(&self, pod: &Pod, key: &PoolKey) -> Result<http2::SendRequest<Empty<Bytes>>, TunnelError> {
+        let addr = SocketAddr::new(key.dst_ip, PORT_TUNNEL);
+        let tcp = sockets::connect_in(&pod.netns, addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(self.client_config(&key.src)?);
+        let name = ServerName::IpAddress(key.dst_ip.into());
+        let tls = connector.connect(name, tcp).await.map_err(|e| TunnelError::Tls {
+            addr,
+            message: e.to_string(),
+        })?;
+        tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&key.dst_id))
+            .map_err(|source| TunnelError::Identity { addr, source })?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake(TokioIo::new(tls))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "tunnel connection ended");
+            }
+        });
+        tracing::debug!(src = %key.src, dst = %addr, "tunnel connection opened");
+        Ok(sender)
+    }
+
+    /// Number of pooled tunnel connections.
+    #[must_use]
+    pub fn pooled(&self) -> usize {
+        self.pool.lock().expect("pool lock").values().map(Vec::len).sum()
+    }
+}

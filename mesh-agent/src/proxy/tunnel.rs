@@ -1,0 +1,179 @@
+//! The HBONE server: the destination side of the tunnel, one listener on
+//! port 15008 inside each enrolled pod.
+//!
+//! Per connection: TLS 1.3 with the pod's own certificate, a client
+//! certificate required and verified against the trust bundle; the client's
+//! SPIFFE ID must be the identity of the workload that owns the connection's
+//! source IP (tunnels are opened from inside the source pod). Per HTTP/2
+//! stream: only `CONNECT` to one of this pod's own IPs is served; it is
+//! authorized (hook; everything is allowed until the policy issue lands),
+//! the application is dialled from inside the pod, and only then is `200`
+//! sent and the stream spliced. A refusal is a non-200 status with a
+//! `heddle-reason` header; the source agent then resets its client.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{body::Incoming, server::conn::http2, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    accept_loop,
+    hbone::{Mesh, CONN_WINDOW, MAX_FRAME, REASON_HEADER, STREAM_WINDOW},
+    sockets::connect_in,
+    splice::splice,
+    Pod, ProxyContext,
+};
+use crate::{
+    flows::{ConnInfo, Direction, Security},
+    identity::{tls, SpiffeId},
+};
+
+/// Time allowed for a client to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Streams per tunnel connection.
+const MAX_STREAMS: u32 = 4096;
+
+/// Serves the pod's tunnel port until `stop` fires.
+pub async fn run(
+    listener: TcpListener,
+    pod: Arc<Pod>,
+    ctx: Arc<ProxyContext>,
+    mesh: Arc<Mesh>,
+    stop: CancellationToken,
+) {
+    let handle = Arc::new(mesh.certs.ensure(&pod.identity));
+    let acceptor = match tls::server_config(handle, mesh.roots.clone()) {
+        Ok(c) => TlsAcceptor::from(c),
+        Err(e) => {
+            tracing::error!(pod = %pod.id, error = %e, "cannot serve the tunnel port");
+            return;
+        }
+    };
+    accept_loop(listener, stop, "tunnel", &pod.id.clone(), move |tcp, peer| {
+        let (pod, ctx, acceptor) = (pod.clone(), ctx.clone(), acceptor.clone());
+        ctx.tracker.clone().spawn(serve_connection(tcp, peer, pod, ctx, acceptor))
+    })
+    .await;
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<Pod>,
+    ctx: Arc<ProxyContext>,
+    acceptor: TlsAcceptor,
+) {
+    let mut info = ConnInfo::new(Direction::Inbound, pod.id.clone());
+    info.src = Some(peer);
+    info.security = Security::MutualTls;
+    info.dst_identity = Some(pod.identity.to_string());
+    let fail = |info: &ConnInfo, msg: String| {
+        tracing::info!(pod = %pod.id, %peer, error = %msg, "tunnel connection refused");
+        ctx.flows.failed(ctx.flows.conn_id(), info, msg);
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return fail(&info, format!("tunnel TLS handshake failed: {e}")),
+        Err(_) => return fail(&info, "tunnel TLS handshake timed out".into()),
+    };
+    let expected = ctx.registry.borrow().workload_by_ip(peer.ip()).map(|w| w.identity.clone());
+    let Some(expected) = expected else {
+        return fail(&info, format!("no mesh workload owns source address {}", peer.ip()));
+    };
+    let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&expected)) {
+        Ok(id) => id,
+        Err(e) => return fail(&info, format!("tunnel client rejected: {e}")),
+    };
+    info.src_identity = Some(peer_id.to_string());
+    info.peer_cert_serial = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(<[_]>::first)
+        .and_then(tls::serial_of);
+    let info = Arc::new(info);
+    let service = service_fn(move |req| {
+        let (pod, ctx, info, peer_id) = (pod.clone(), ctx.clone(), info.clone(), peer_id.clone());
+        async move { Ok::<_, std::convert::Infallible>(serve_stream(req, &pod, &ctx, &info, &peer_id).await) }
+    });
+    let served = http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(%peer, error = %e, "tunnel connection ended with an error");
+    }
+}
+
+fn refuse(status: StatusCode, reason: &str) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(reason) {
+        r.headers_mut().insert(REASON_HEADER, v);
+    }
+    r
+}
+
+async fn serve_stream(
+    req: Request<Incoming>,
+    pod: &Arc<Pod>,
+    ctx: &Arc<ProxyContext>,
+    info: &ConnInfo,
+    _peer_id: &SpiffeId,
+) -> Response<Empty<Bytes>> {
+    let conn = ctx.flows.conn_id();
+    let mut info = info.clone();
+    if req.method() != Method::CONNECT {
+        ctx.flows.failed(conn, &info, format!("tunnel request {} is not CONNECT", req.method()));
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served");
+    }
+    let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
+    let Some(target) = target else {
+        ctx.flows.failed(conn, &info, format!("bad CONNECT authority {:?}", req.uri().to_string()));
+        return refuse(StatusCode::BAD_REQUEST, "CONNECT authority must be ip:port");
+    };
+    info.orig_dst = Some(target);
+    info.dst = Some(target);
+    if !pod.ips.contains(&target.ip()) {
+        ctx.flows.failed(conn, &info, format!("{target} is not a local enrolled workload"));
+        return refuse(StatusCode::BAD_REQUEST, "destination is not this workload");
+    }
+    // Authorization hook: the policy issue plugs in here; until then, allow.
+    let started = Instant::now();
+    let upstream = match connect_in(&pod.netns, target).await {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.flows.failed(conn, &info, e.to_string());
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, e.reason());
+        }
+    };
+    ctx.flows.opened(conn, &info);
+    let ctx = ctx.clone();
+    ctx.tracker.clone().spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let done = splice(upstream, TokioIo::new(upgraded)).await;
+                ctx.flows.closed(
+                    conn,
+                    &info,
+                    (done.to_tcp, done.from_tcp),
+                    started.elapsed(),
+                    done.error.map(|e| e.to_string()),
+                );
+            }
+            Err(e) => {
+                super::sockets::reset(upstream);
+                ctx.flows.closed(conn, &info, (0, 0), started.elapsed(), Some(format!("tunnel upgrade failed: {e}")));
+            }
+        }
+    });
+    Response::new(Empty::new())
+}
