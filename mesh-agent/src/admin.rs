@@ -16,7 +16,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::watch};
@@ -103,7 +105,9 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/workloads" => json_response(&workloads(state)),
         "/certs" => json_response(&match &state.mesh {
-            Some(m) => json!({ "mtls": true, "certificates": m.certs.list(), "pooledTunnels": m.pooled() }),
+            Some(m) => {
+                json!({ "mtls": true, "certificates": m.certs.list(), "pooledTunnels": m.pooled() })
+            }
             None => json!({ "mtls": false, "certificates": [] }),
         }),
         "/datapath" => json_response(&datapath(state)),
@@ -135,10 +139,18 @@ fn workloads(state: &AdminState) -> Value {
             if let Value::Object(m) = &mut v {
                 m.insert("local".into(), json!(local));
                 let status = local.then(|| capture.status(&w.id));
-                m.insert("captured".into(), json!(status.as_ref().is_some_and(|s| s.captured)));
-                m.insert("netnsCookie".into(), json!(status.as_ref().and_then(|s| s.netns_cookie)));
+                m.insert(
+                    "captured".into(),
+                    json!(status.as_ref().is_some_and(|s| s.captured)),
+                );
+                m.insert(
+                    "netnsCookie".into(),
+                    json!(status.as_ref().and_then(|s| s.netns_cookie)),
+                );
                 m.insert("captureError".into(), json!(status.and_then(|s| s.error)));
-                if let Value::Object(c) = serde_json::to_value(state.flows.counters(&w.id)).unwrap_or(Value::Null) {
+                if let Value::Object(c) =
+                    serde_json::to_value(state.flows.counters(&w.id)).unwrap_or(Value::Null)
+                {
                     m.extend(c);
                 }
             }

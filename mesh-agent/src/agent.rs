@@ -81,11 +81,17 @@ fn build_mesh(ca: &CaClientSettings, trust_domain: &str) -> anyhow::Result<Arc<M
         .trim()
         .to_owned();
     let remote = RemoteCa::new(ca.addr, token, roots.clone(), trust_domain)?;
-    Ok(Arc::new(Mesh::new(CertManager::new(Arc::new(remote)), roots)))
+    Ok(Arc::new(Mesh::new(
+        CertManager::new(Arc::new(remote)),
+        roots,
+    )))
 }
 
 mod secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 }
@@ -95,11 +101,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let initial_text = std::fs::read_to_string(&settings.config)
         .with_context(|| format!("reading {}", settings.config.display()))?;
     let initial = config::parse(&settings.config, &initial_text)?;
-    let (registry_tx, registry_rx) = watch::channel::<SharedRegistry>(Arc::new(Registry::from_config(&initial)));
+    let (registry_tx, registry_rx) =
+        watch::channel::<SharedRegistry>(Arc::new(Registry::from_config(&initial)));
 
     let home = Arc::new(Netns::current()?);
     let datapath = Arc::new(
-        Datapath::start(&settings.cgroup, &settings.pin_dir).context("starting the eBPF datapath")?,
+        Datapath::start(&settings.cgroup, &settings.pin_dir)
+            .context("starting the eBPF datapath")?,
     );
     tracing::info!(cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), "eBPF programs attached");
 
@@ -136,9 +144,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let admin_listener = admin::bind(settings.admin_addr)
         .await
         .with_context(|| format!("binding the admin API on {}", settings.admin_addr))?;
-    tokio::spawn(admin::serve(admin_listener, admin_state.clone(), stop.clone()));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state.clone(),
+        stop.clone(),
+    ));
 
-    capture.lock().expect("capture lock").reconcile(&registry_rx.borrow());
+    capture
+        .lock()
+        .expect("capture lock")
+        .reconcile(&registry_rx.borrow());
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(node = %settings.node, admin = %settings.admin_addr, "agent ready");
 
@@ -158,8 +173,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = watcher.await;
     capture.lock().expect("capture lock").shutdown();
     tracker.close();
-    if tokio::time::timeout(settings.drain_timeout, tracker.wait()).await.is_err() {
-        tracing::warn!(open = tracker.len(), "drain deadline passed; closing remaining connections");
+    if tokio::time::timeout(settings.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "drain deadline passed; closing remaining connections"
+        );
     }
     datapath.shutdown();
     tracing::info!("eBPF programs detached; bye");
@@ -237,7 +258,9 @@ pub fn raise_fd_limit() {
         rlim_max: 0,
     };
     // SAFETY: valid pointer to an rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } == 0 && lim.rlim_cur < lim.rlim_max {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } == 0
+        && lim.rlim_cur < lim.rlim_max
+    {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: as above.
         let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };

@@ -134,7 +134,8 @@ impl Capture {
         self.errors.retain(|id, _| desired.contains_key(id));
         if let Some(mesh) = &self.ctx.mesh {
             // Certificates: exactly the identities of this node's enrolled pods.
-            let ids: HashSet<SpiffeId> = desired.values().map(|(d, _)| d.identity.clone()).collect();
+            let ids: HashSet<SpiffeId> =
+                desired.values().map(|(d, _)| d.identity.clone()).collect();
             mesh.certs.retain(&ids);
             for id in &ids {
                 mesh.certs.ensure(id);
@@ -165,7 +166,8 @@ impl Capture {
         let netns = Netns::open(&want.netns, self.home.clone())?;
         let cookie = netns.cookie()?;
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let outbound = proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_OUTBOUND))?;
+        let outbound =
+            proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_OUTBOUND))?;
         let inbound = proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_INBOUND))?;
         let tunnel = match &self.ctx.mesh {
             Some(_) => Some(proxy::sockets::listen_in(
@@ -178,7 +180,9 @@ impl Capture {
             path: want.netns.clone(),
             source,
         })?;
-        let link = self.datapath().attach_netns(ns_file.as_fd(), &want.netns, cookie)?;
+        let link = self
+            .datapath()
+            .attach_netns(ns_file.as_fd(), &want.netns, cookie)?;
         let pod = Arc::new(Pod {
             id: id.clone(),
             netns,
@@ -207,10 +211,26 @@ impl Capture {
             return Err(e.into());
         }
         let ctx = &self.ctx;
-        tokio::spawn(proxy::outbound::run(outbound, pod.clone(), ctx.clone(), enrolled.stop.clone()));
-        tokio::spawn(proxy::inbound::run(inbound, pod.clone(), ctx.clone(), enrolled.stop.clone()));
+        tokio::spawn(proxy::outbound::run(
+            outbound,
+            pod.clone(),
+            ctx.clone(),
+            enrolled.stop.clone(),
+        ));
+        tokio::spawn(proxy::inbound::run(
+            inbound,
+            pod.clone(),
+            ctx.clone(),
+            enrolled.stop.clone(),
+        ));
         if let (Some(listener), Some(mesh)) = (tunnel, ctx.mesh.clone()) {
-            tokio::spawn(proxy::tunnel::run(listener, pod, ctx.clone(), mesh, enrolled.stop.clone()));
+            tokio::spawn(proxy::tunnel::run(
+                listener,
+                pod,
+                ctx.clone(),
+                mesh,
+                enrolled.stop.clone(),
+            ));
         }
         Ok(enrolled)
     }

@@ -47,7 +47,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     /// The agent binary carries no eBPF object.
-    #[error("this mesh-agent was built without eBPF (AYA_BUILD_SKIP); rebuild with `cargo xtask build`")]
+    #[error(
+        "this mesh-agent was built without eBPF (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
+    )]
     NoObject,
     /// The object could not be loaded.
     #[error("cannot load the eBPF object: {0}")]
@@ -195,7 +197,10 @@ impl Datapath {
             source,
         })?;
         let mut links = Vec::new();
-        for (name, attach) in [(PROG_CONNECT4, "cgroup/connect4"), (PROG_CONNECT6, "cgroup/connect6")] {
+        for (name, attach) in [
+            (PROG_CONNECT4, "cgroup/connect4"),
+            (PROG_CONNECT6, "cgroup/connect6"),
+        ] {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?
@@ -220,8 +225,18 @@ impl Datapath {
                 .attach(&cgroup_file, CGROUP_ATTACH_MODE)
                 .map_err(prog_err(PROG_SOCKOPS))?;
             let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(PROG_SOCKOPS))?)
-                .map_err(|source| DatapathError::Link { name: PROG_SOCKOPS, source })?;
-            links.push(pin_link(link, pin_dir, PROG_SOCKOPS, PROG_SOCKOPS, "cgroup/sock_ops", cgroup)?);
+                .map_err(|source| DatapathError::Link {
+                    name: PROG_SOCKOPS,
+                    source,
+                })?;
+            links.push(pin_link(
+                link,
+                pin_dir,
+                PROG_SOCKOPS,
+                PROG_SOCKOPS,
+                "cgroup/sock_ops",
+                cgroup,
+            )?);
         }
         {
             let prog: &mut SkLookup = ebpf
@@ -260,7 +275,14 @@ impl Datapath {
         let id = prog.attach(netns).map_err(prog_err(PROG_SK_LOOKUP))?;
         let link = FdLink::from(prog.take_link(id).map_err(prog_err(PROG_SK_LOOKUP))?);
         let name = format!("sk_lookup-{cookie}");
-        let (attachment, link) = pin_link(link, &self.pin_dir, &name, PROG_SK_LOOKUP, "sk_lookup", netns_path)?;
+        let (attachment, link) = pin_link(
+            link,
+            &self.pin_dir,
+            &name,
+            PROG_SK_LOOKUP,
+            "sk_lookup",
+            netns_path,
+        )?;
         Ok(NetnsLink { link, attachment })
     }
 
@@ -345,23 +367,38 @@ impl Datapath {
         vec![
             (
                 maps::ENROLLED_NETNS,
-                usage(self.enrolled.lock().expect("map lock").keys().count(), capacity::ENROLLED_NETNS),
+                usage(
+                    self.enrolled.lock().expect("map lock").keys().count(),
+                    capacity::ENROLLED_NETNS,
+                ),
             ),
             (
                 maps::PENDING,
-                usage(self.pending.lock().expect("map lock").keys().count(), capacity::PENDING),
+                usage(
+                    self.pending.lock().expect("map lock").keys().count(),
+                    capacity::PENDING,
+                ),
             ),
             (
                 maps::ORIG_DST,
-                usage(self.orig_dst.lock().expect("map lock").keys().count(), capacity::ORIG_DST),
+                usage(
+                    self.orig_dst.lock().expect("map lock").keys().count(),
+                    capacity::ORIG_DST,
+                ),
             ),
             (
                 maps::INBOUND_LISTENERS,
-                usage(self.inbound.lock().expect("map lock").keys().count(), capacity::INBOUND),
+                usage(
+                    self.inbound.lock().expect("map lock").keys().count(),
+                    capacity::INBOUND,
+                ),
             ),
             (
                 maps::INBOUND_ENROLLED,
-                usage(self.inbound_ips.lock().expect("map lock").keys().count(), capacity::INBOUND),
+                usage(
+                    self.inbound_ips.lock().expect("map lock").keys().count(),
+                    capacity::INBOUND,
+                ),
             ),
         ]
     }

@@ -361,7 +361,10 @@ mod tests {
         log.closed(1, &i, (100, 7), Duration::from_millis(3), None);
         assert_eq!(log.active(), 0);
         let c = log.counters(&i.workload);
-        assert_eq!((c.outbound_connections, c.bytes_sent, c.bytes_received), (1, 100, 7));
+        assert_eq!(
+            (c.outbound_connections, c.bytes_sent, c.bytes_received),
+            (1, 100, 7)
+        );
     }
 
     #[test]

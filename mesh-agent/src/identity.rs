@@ -15,3 +15,6 @@ pub mod spiffe;
 pub mod tls;
 
 pub use spiffe::SpiffeId;
+
+#[cfg(test)]
+mod tests;

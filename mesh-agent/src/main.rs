@@ -11,7 +11,11 @@ use mesh_agent::{agent, config};
 use mesh_common::PORT_ADMIN;
 
 #[derive(Parser)]
-#[command(name = "mesh-agent", version, about = "Heddle node agent: eBPF capture and forwarding of enrolled pods' TCP traffic")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "Heddle node agent: eBPF capture and forwarding of enrolled pods' TCP traffic"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, env = "HEDDLE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -84,7 +88,11 @@ struct CaArgs {
     #[arg(long, env = "HEDDLE_CONFIG")]
     config: PathBuf,
     /// Directory for the root key and certificate, trust bundle and node tokens.
-    #[arg(long, env = "HEDDLE_CA_STATE_DIR", default_value = "/var/lib/heddle/ca")]
+    #[arg(
+        long,
+        env = "HEDDLE_CA_STATE_DIR",
+        default_value = "/var/lib/heddle/ca"
+    )]
     state_dir: PathBuf,
     /// TLS listen address.
     #[arg(long, env = "HEDDLE_CA_LISTEN", default_value = "0.0.0.0:15012")]
@@ -131,10 +139,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
     let file_node = config::parse(&args.config, &text)?.node;
-    let node = args
-        .node
-        .or(file_node)
-        .context("no node name: pass --node (or NODE_NAME), or set `node:` in the configuration file")?;
+    let node = args.node.or(file_node).context(
+        "no node name: pass --node (or NODE_NAME), or set `node:` in the configuration file",
+    )?;
     let settings = agent::Settings {
         pin_dir: args
             .pin_dir

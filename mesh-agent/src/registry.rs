@@ -249,7 +249,11 @@ impl Registry {
     /// Resolves an original destination: a service VIP becomes one of its
     /// endpoints (round robin); anything else is dialled as it is.
     pub fn resolve(&self, dst: SocketAddr) -> Result<Resolved, ResolveError> {
-        let Some(svc) = self.by_vip.get(&dst.ip()).and_then(|id| self.services.get(id)) else {
+        let Some(svc) = self
+            .by_vip
+            .get(&dst.ip())
+            .and_then(|id| self.services.get(id))
+        else {
             return Ok(Resolved {
                 addr: dst,
                 service: None,
@@ -313,9 +317,22 @@ services:
     fn resolves_a_vip_round_robin_to_endpoints_in_its_namespace() {
         let reg = registry();
         let dst: SocketAddr = "10.96.0.1:80".parse().unwrap();
-        let got: Vec<_> = (0..4).map(|_| reg.resolve(dst).unwrap().addr.to_string()).collect();
-        assert_eq!(got, ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.1:8080", "10.0.0.2:8080"]);
-        assert_eq!(reg.resolve(dst).unwrap().service.unwrap().to_string(), "demo/a");
+        let got: Vec<_> = (0..4)
+            .map(|_| reg.resolve(dst).unwrap().addr.to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "10.0.0.1:8080",
+                "10.0.0.2:8080",
+                "10.0.0.1:8080",
+                "10.0.0.2:8080"
+            ]
+        );
+        assert_eq!(
+            reg.resolve(dst).unwrap().service.unwrap().to_string(),
+            "demo/a"
+        );
     }
 
     #[test]

@@ -152,6 +152,18 @@ impl Authority {
 
     /// Signs `csr_pem` if it asks for exactly `expected` (one URI SAN).
     pub fn sign_csr(&self, csr_pem: &str, expected: &SpiffeId) -> Result<Issued, AuthorityError> {
+        let now = SystemTime::now();
+        self.sign_csr_valid(csr_pem, expected, now - BACKDATE, now + self.leaf_ttl)
+    }
+
+    /// [`Authority::sign_csr`] with an explicit validity window.
+    pub(crate) fn sign_csr_valid(
+        &self,
+        csr_pem: &str,
+        expected: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Issued, AuthorityError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| AuthorityError::BadCsr(e.to_string()))?;
         let uris: Vec<String> = csr
@@ -169,9 +181,7 @@ impl Authority {
                 expected: expected.clone(),
             });
         }
-        let now = SystemTime::now();
-        let not_after = now + self.leaf_ttl;
-        let params = leaf_params(expected, now, not_after)?;
+        let params = leaf_params(expected, not_before, not_after)?;
         let leaf = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
@@ -187,7 +197,8 @@ impl Authority {
     pub fn serving_cert(&self, id: &SpiffeId) -> Result<(Vec<String>, String), AuthorityError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let now = SystemTime::now();
-        let cert = leaf_params(id, now, now + ROOT_VALIDITY / 10)?.signed_by(&key, &self.issuer)?;
+        let cert = leaf_params(id, now - BACKDATE, now + ROOT_VALIDITY / 10)?
+            .signed_by(&key, &self.issuer)?;
         Ok((vec![cert.pem(), self.root_pem.clone()], key.serialize_pem()))
     }
 }
@@ -200,10 +211,13 @@ fn leaf_params(
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
-    params.not_before = odt(not_before - BACKDATE);
+    params.not_before = odt(not_before);
     params.not_after = odt(not_after);
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyAgreement,
+    ];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -268,25 +282,41 @@ mod tests {
     fn creates_the_root_once_with_a_private_key_file() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = temp_dir("create");
-        let a = Authority::load_or_create(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
-        let mode = fs::metadata(dir.join("root.key")).unwrap().permissions().mode();
+        let a =
+            Authority::load_or_create(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
+        let mode = fs::metadata(dir.join("root.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let b = Authority::load_or_create(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
-        assert_eq!(a.bundle_pem(), b.bundle_pem(), "the root is kept across restarts");
+        let b =
+            Authority::load_or_create(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
+        assert_eq!(
+            a.bundle_pem(),
+            b.bundle_pem(),
+            "the root is kept across restarts"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn signs_exactly_the_expected_identity() {
         let dir = temp_dir("sign");
-        let a = Authority::load_or_create(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
+        let a =
+            Authority::load_or_create(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
         let id = SpiffeId::new("cluster.local", "demo", "web");
         let (csr, _key) = csr_for(&id.to_string());
         let issued = a.sign_csr(&csr, &id).unwrap();
         assert_eq!(issued.chain_pem.len(), 2);
         let other = SpiffeId::new("cluster.local", "demo", "db");
-        assert!(matches!(a.sign_csr(&csr, &other), Err(AuthorityError::WrongIdentity { .. })));
-        assert!(matches!(a.sign_csr("garbage", &id), Err(AuthorityError::BadCsr(_))));
+        assert!(matches!(
+            a.sign_csr(&csr, &other),
+            Err(AuthorityError::WrongIdentity { .. })
+        ));
+        assert!(matches!(
+            a.sign_csr("garbage", &id),
+            Err(AuthorityError::BadCsr(_))
+        ));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -81,7 +81,11 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Something that signs CSRs for this node.
 pub trait CertificateAuthority: Send + Sync {
     /// Asks for a certificate for `identity`.
-    fn sign<'a>(&'a self, identity: &'a SpiffeId, csr_pem: String) -> BoxFuture<'a, Result<SignedChain, CaError>>;
+    fn sign<'a>(
+        &'a self,
+        identity: &'a SpiffeId,
+        csr_pem: String,
+    ) -> BoxFuture<'a, Result<SignedChain, CaError>>;
 }
 
 /// JSON request body.
@@ -126,13 +130,24 @@ pub struct RemoteCa {
 
 impl RemoteCa {
     /// A client for the CA at `addr`, authenticating with the node `token`.
-    pub fn new(addr: SocketAddr, token: String, roots: Arc<RootCertStore>, trust_domain: &str) -> Result<Self, tls::TlsError> {
+    pub fn new(
+        addr: SocketAddr,
+        token: String,
+        roots: Arc<RootCertStore>,
+        trust_domain: &str,
+    ) -> Result<Self, tls::TlsError> {
         Ok(Self {
             addr,
             token,
             tls: tls::anonymous_client_config(roots)?,
             expected: ca_identity(trust_domain),
         })
+    }
+
+    /// The CA's address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     async fn request(&self, identity: &SpiffeId, csr_pem: String) -> Result<SignedChain, CaError> {
@@ -145,9 +160,16 @@ impl RemoteCa {
         let stream = connector
             .connect(name, tcp)
             .await
-            .map_err(|e| CaError::NotTrusted { addr, message: e.to_string() })?;
-        tls::peer_identity(stream.get_ref().1.peer_certificates(), Some(&self.expected))
-            .map_err(|e| CaError::NotTrusted { addr, message: e.to_string() })?;
+            .map_err(|e| CaError::NotTrusted {
+                addr,
+                message: e.to_string(),
+            })?;
+        tls::peer_identity(stream.get_ref().1.peer_certificates(), Some(&self.expected)).map_err(
+            |e| CaError::NotTrusted {
+                addr,
+                message: e.to_string(),
+            },
+        )?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| CaError::Protocol(e.to_string()))?;
@@ -159,7 +181,10 @@ impl RemoteCa {
         .map_err(|e| CaError::Protocol(e.to_string()))?;
         let req = hyper::Request::post("/v1/certificates")
             .header(hyper::header::HOST, "heddle-ca")
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| CaError::Protocol(e.to_string()))?;
@@ -175,14 +200,17 @@ impl RemoteCa {
             .map_err(|e| CaError::Protocol(e.to_string()))?
             .to_bytes();
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorResponse>(&bytes)
-                .map_or_else(|_| String::from_utf8_lossy(&bytes).into_owned(), |e| e.error);
+            let message = serde_json::from_slice::<ErrorResponse>(&bytes).map_or_else(
+                |_| String::from_utf8_lossy(&bytes).into_owned(),
+                |e| e.error,
+            );
             return Err(CaError::Refused {
                 status: status.as_u16(),
                 message,
             });
         }
-        let ok: SignResponse = serde_json::from_slice(&bytes).map_err(|e| CaError::Protocol(e.to_string()))?;
+        let ok: SignResponse =
+            serde_json::from_slice(&bytes).map_err(|e| CaError::Protocol(e.to_string()))?;
         Ok(SignedChain {
             chain_pem: ok.chain,
             not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(ok.not_after),
@@ -191,7 +219,11 @@ impl RemoteCa {
 }
 
 impl CertificateAuthority for RemoteCa {
-    fn sign<'a>(&'a self, identity: &'a SpiffeId, csr_pem: String) -> BoxFuture<'a, Result<SignedChain, CaError>> {
+    fn sign<'a>(
+        &'a self,
+        identity: &'a SpiffeId,
+        csr_pem: String,
+    ) -> BoxFuture<'a, Result<SignedChain, CaError>> {
         Box::pin(async move {
             tokio::time::timeout(REQUEST_TIMEOUT, self.request(identity, csr_pem))
                 .await

@@ -138,7 +138,9 @@ impl CertHandle {
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 impl CertManager {
@@ -160,7 +162,8 @@ impl CertManager {
         }
         let (tx, rx) = watch::channel(None);
         let last_error = Arc::new(Mutex::new(None));
-        let task = tokio::spawn(maintain(self.clone(), id.clone(), tx, last_error.clone())).abort_handle();
+        let task =
+            tokio::spawn(maintain(self.clone(), id.clone(), tx, last_error.clone())).abort_handle();
         entries.insert(
             id.clone(),
             Entry {
@@ -185,7 +188,11 @@ impl CertManager {
     }
 
     /// The certificate of `id`, waiting up to `wait` for the first one.
-    pub async fn get(self: &Arc<Self>, id: &SpiffeId, wait: Duration) -> Result<Arc<WorkloadCert>, CertError> {
+    pub async fn get(
+        self: &Arc<Self>,
+        id: &SpiffeId,
+        wait: Duration,
+    ) -> Result<Arc<WorkloadCert>, CertError> {
         let mut handle = self.ensure(id);
         if let Some(c) = handle.get() {
             return Ok(c);
@@ -245,7 +252,8 @@ impl CertManager {
             .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CertError::BadChain(e.to_string()))?;
-        let got = tls::peer_identity(Some(&chain), Some(id)).map_err(|e| CertError::BadChain(e.to_string()))?;
+        let got = tls::peer_identity(Some(&chain), Some(id))
+            .map_err(|e| CertError::BadChain(e.to_string()))?;
         debug_assert_eq!(&got, id);
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signing = tls::provider()
@@ -272,7 +280,10 @@ async fn maintain(
     loop {
         match mgr.fetch(&id).await {
             Ok(cert) => {
-                let life = cert.not_after.duration_since(cert.issued_at).unwrap_or_default();
+                let life = cert
+                    .not_after
+                    .duration_since(cert.issued_at)
+                    .unwrap_or_default();
                 let refresh_in = life / 2;
                 tracing::info!(%id, generation = cert.generation, valid_s = life.as_secs(), refresh_s = refresh_in.as_secs(), "certificate obtained");
                 tx.send_replace(Some(cert));

@@ -49,7 +49,10 @@ impl SpiffeId {
     /// The form Istio policies match principals against: without `spiffe://`.
     #[must_use]
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -63,7 +66,9 @@ impl FromStr for SpiffeId {
     type Err = ParseSpiffeIdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseSpiffeIdError { input: s.to_owned() };
+        let err = || ParseSpiffeIdError {
+            input: s.to_owned(),
+        };
         let rest = s.strip_prefix("spiffe://").ok_or_else(err)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
@@ -90,7 +95,12 @@ mod tests {
 
     #[test]
     fn rejects_ids_that_are_not_workload_ids() {
-        for bad in ["cluster.local/ns/a/sa/b", "spiffe://td/ns/a", "spiffe://td/ns//sa/b", "spiffe://td/ns/a/sa/b/c"] {
+        for bad in [
+            "cluster.local/ns/a/sa/b",
+            "spiffe://td/ns/a",
+            "spiffe://td/ns//sa/b",
+            "spiffe://td/ns/a/sa/b/c",
+        ] {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
         }
     }

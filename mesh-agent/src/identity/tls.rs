@@ -11,7 +11,9 @@ use std::{fmt, sync::Arc};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms},
+    crypto::{
+        verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+    },
     pki_types::{CertificateDer, ServerName, UnixTime},
     server::WebPkiClientVerifier,
     sign::CertifiedKey,
@@ -64,10 +66,14 @@ pub fn roots_from_pem(pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         let cert = cert.map_err(|e| TlsError::Bundle(e.to_string()))?;
-        roots.add(cert).map_err(|e| TlsError::Bundle(e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Bundle(e.to_string()))?;
     }
     if roots.is_empty() {
-        return Err(TlsError::Bundle("no certificate in the trust bundle".into()));
+        return Err(TlsError::Bundle(
+            "no certificate in the trust bundle".into(),
+        ));
     }
     Ok(Arc::new(roots))
 }
@@ -94,7 +100,13 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
 #[must_use]
 pub fn serial_of(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
-    Some(parsed.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+    Some(
+        parsed
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 /// Checks the peer of a finished handshake against `expected`.
@@ -102,7 +114,9 @@ pub fn peer_identity(
     certs: Option<&[CertificateDer<'_>]>,
     expected: Option<&SpiffeId>,
 ) -> Result<SpiffeId, TlsError> {
-    let leaf = certs.and_then(<[_]>::first).ok_or(TlsError::NoPeerCertificate)?;
+    let leaf = certs
+        .and_then(<[_]>::first)
+        .ok_or(TlsError::NoPeerCertificate)?;
     let got = spiffe_id_of(leaf)?;
     match expected {
         Some(want) if *want != got => Err(TlsError::WrongPeer {
@@ -156,6 +170,8 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(ServerResolver(cert)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Agents do not resume sessions (each tunnel is long-lived and pooled).
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

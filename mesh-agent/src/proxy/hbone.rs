@@ -229,15 +229,22 @@ impl Mesh {
         Ok(c)
     }
 
-    async fn open(&self, pod: &Pod, key: &PoolKey) -> Result<http2::SendRequest<Empty<Bytes>>, TunnelError> {
+    async fn open(
+        &self,
+        pod: &Pod,
+        key: &PoolKey,
+    ) -> Result<http2::SendRequest<Empty<Bytes>>, TunnelError> {
         let addr = SocketAddr::new(key.dst_ip, PORT_TUNNEL);
         let tcp = sockets::connect_in(&pod.netns, addr).await?;
         let connector = tokio_rustls::TlsConnector::from(self.client_config(&key.src)?);
         let name = ServerName::IpAddress(key.dst_ip.into());
-        let tls = connector.connect(name, tcp).await.map_err(|e| TunnelError::Tls {
-            addr,
-            message: e.to_string(),
-        })?;
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| TunnelError::Tls {
+                addr,
+                message: e.to_string(),
+            })?;
         tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&key.dst_id))
             .map_err(|source| TunnelError::Identity { addr, source })?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -258,6 +265,11 @@ impl Mesh {
     /// Number of pooled tunnel connections.
     #[must_use]
     pub fn pooled(&self) -> usize {
-        self.pool.lock().expect("pool lock").values().map(Vec::len).sum()
+        self.pool
+            .lock()
+            .expect("pool lock")
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 }

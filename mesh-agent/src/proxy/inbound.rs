@@ -21,11 +21,22 @@ use crate::{
 };
 
 /// Accepts on the pod's inbound listener until `stop` fires.
-pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, stop: CancellationToken) {
-    accept_loop(listener, stop, "inbound", &pod.id.clone(), move |stream, peer| {
-        let (pod, ctx) = (pod.clone(), ctx.clone());
-        ctx.tracker.clone().spawn(handle(stream, peer, pod, ctx))
-    })
+pub async fn run(
+    listener: TcpListener,
+    pod: Arc<Pod>,
+    ctx: Arc<ProxyContext>,
+    stop: CancellationToken,
+) {
+    accept_loop(
+        listener,
+        stop,
+        "inbound",
+        &pod.id.clone(),
+        move |stream, peer| {
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            ctx.tracker.clone().spawn(handle(stream, peer, pod, ctx))
+        },
+    )
     .await;
 }
 
@@ -37,7 +48,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     info.orig_dst = orig;
     info.dst = orig;
     let Some(orig) = orig else {
-        ctx.flows.failed(conn, &info, "accepted socket has no local address".into());
+        ctx.flows
+            .failed(conn, &info, "accepted socket has no local address".into());
         reset(client);
         return;
     };
@@ -48,7 +60,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         .is_some_and(|w| w.inbound_mode == InboundMode::Strict);
     if strict {
         tracing::info!(pod = %pod.id, %peer, "plaintext connection refused: inbound mode STRICT");
-        ctx.flows.failed(conn, &info, "refused: inbound mode STRICT accepts only mesh mTLS".into());
+        ctx.flows.failed(
+            conn,
+            &info,
+            "refused: inbound mode STRICT accepts only mesh mTLS".into(),
+        );
         reset(client);
         return;
     }

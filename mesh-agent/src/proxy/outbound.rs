@@ -22,11 +22,22 @@ use super::{
 use crate::flows::{ConnInfo, Direction, Security};
 
 /// Accepts on the pod's outbound listener until `stop` fires.
-pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, stop: CancellationToken) {
-    accept_loop(listener, stop, "outbound", &pod.id.clone(), move |stream, peer| {
-        let (pod, ctx) = (pod.clone(), ctx.clone());
-        ctx.tracker.clone().spawn(handle(stream, peer, pod, ctx))
-    })
+pub async fn run(
+    listener: TcpListener,
+    pod: Arc<Pod>,
+    ctx: Arc<ProxyContext>,
+    stop: CancellationToken,
+) {
+    accept_loop(
+        listener,
+        stop,
+        "outbound",
+        &pod.id.clone(),
+        move |stream, peer| {
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            ctx.tracker.clone().spawn(handle(stream, peer, pod, ctx))
+        },
+    )
     .await;
 }
 
@@ -39,7 +50,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     };
     let Some(orig) = orig else {
         tracing::warn!(pod = %pod.id, %peer, "no original destination for accepted connection");
-        ctx.flows.failed(conn, &info, "original destination unknown".into());
+        ctx.flows
+            .failed(conn, &info, "original destination unknown".into());
         reset(client);
         return;
     };
@@ -60,12 +72,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let started = Instant::now();
     let dst_identity = resolved.workload.as_ref().and_then(|id| {
         let reg = ctx.registry.borrow();
-        reg.workload(id).filter(|w| w.enrolled).map(|w| w.identity.clone())
+        reg.workload(id)
+            .filter(|w| w.enrolled)
+            .map(|w| w.identity.clone())
     });
     if let (Some(mesh), Some(dst_id)) = (ctx.mesh.clone(), dst_identity) {
         info.security = Security::MutualTls;
         info.dst_identity = Some(dst_id.to_string());
-        let stream = match mesh.connect(&pod, &pod.identity, resolved.addr, &dst_id).await {
+        let stream = match mesh
+            .connect(&pod, &pod.identity, resolved.addr, &dst_id)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(pod = %pod.id, dst = %resolved.addr, error = %e, "tunnel failed");

@@ -15,7 +15,9 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper::{body::Incoming, server::conn::http2, service::service_fn, Method, Request, Response, StatusCode};
+use hyper::{
+    body::Incoming, server::conn::http2, service::service_fn, Method, Request, Response, StatusCode,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -54,10 +56,18 @@ pub async fn run(
             return;
         }
     };
-    accept_loop(listener, stop, "tunnel", &pod.id.clone(), move |tcp, peer| {
-        let (pod, ctx, acceptor) = (pod.clone(), ctx.clone(), acceptor.clone());
-        ctx.tracker.clone().spawn(serve_connection(tcp, peer, pod, ctx, acceptor))
-    })
+    accept_loop(
+        listener,
+        stop,
+        "tunnel",
+        &pod.id.clone(),
+        move |tcp, peer| {
+            let (pod, ctx, acceptor) = (pod.clone(), ctx.clone(), acceptor.clone());
+            ctx.tracker
+                .clone()
+                .spawn(serve_connection(tcp, peer, pod, ctx, acceptor))
+        },
+    )
     .await;
 }
 
@@ -81,9 +91,16 @@ async fn serve_connection(
         Ok(Err(e)) => return fail(&info, format!("tunnel TLS handshake failed: {e}")),
         Err(_) => return fail(&info, "tunnel TLS handshake timed out".into()),
     };
-    let expected = ctx.registry.borrow().workload_by_ip(peer.ip()).map(|w| w.identity.clone());
+    let expected = ctx
+        .registry
+        .borrow()
+        .workload_by_ip(peer.ip())
+        .map(|w| w.identity.clone());
     let Some(expected) = expected else {
-        return fail(&info, format!("no mesh workload owns source address {}", peer.ip()));
+        return fail(
+            &info,
+            format!("no mesh workload owns source address {}", peer.ip()),
+        );
     };
     let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&expected)) {
         Ok(id) => id,
@@ -99,7 +116,9 @@ async fn serve_connection(
     let info = Arc::new(info);
     let service = service_fn(move |req| {
         let (pod, ctx, info, peer_id) = (pod.clone(), ctx.clone(), info.clone(), peer_id.clone());
-        async move { Ok::<_, std::convert::Infallible>(serve_stream(req, &pod, &ctx, &info, &peer_id).await) }
+        async move {
+            Ok::<_, std::convert::Infallible>(serve_stream(req, &pod, &ctx, &info, &peer_id).await)
+        }
     });
     let served = http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
@@ -110,6 +129,41 @@ async fn serve_connection(
         .await;
     if let Err(e) = served {
         tracing::debug!(%peer, error = %e, "tunnel connection ended with an error");
+    }
+}
+
+/// Why a CONNECT target is not served.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The authority is not `ip:port`.
+    #[error("bad CONNECT authority {0:?}: must be ip:port")]
+    BadAuthority(String),
+    /// The address is not one of this pod's.
+    #[error("{0} is not a local enrolled workload")]
+    NotLocal(SocketAddr),
+}
+
+impl Refusal {
+    /// Short stable reason, sent in the `heddle-reason` header.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::BadAuthority(_) => "bad_authority",
+            Refusal::NotLocal(_) => "not_local_workload",
+        }
+    }
+}
+
+/// The address a CONNECT asks for, if this pod serves it.
+pub fn connect_target(uri: &hyper::Uri, pod_ips: &[std::net::IpAddr]) -> Result<SocketAddr, Refusal> {
+    let target: SocketAddr = uri
+        .authority()
+        .and_then(|a| a.as_str().parse().ok())
+        .ok_or_else(|| Refusal::BadAuthority(uri.to_string()))?;
+    if pod_ips.contains(&target.ip()) {
+        Ok(target)
+    } else {
+        Err(Refusal::NotLocal(target))
     }
 }
 
@@ -132,20 +186,25 @@ async fn serve_stream(
     let conn = ctx.flows.conn_id();
     let mut info = info.clone();
     if req.method() != Method::CONNECT {
-        ctx.flows.failed(conn, &info, format!("tunnel request {} is not CONNECT", req.method()));
+        ctx.flows.failed(
+            conn,
+            &info,
+            format!("tunnel request {} is not CONNECT", req.method()),
+        );
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served");
     }
-    let target: Option<SocketAddr> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
-    let Some(target) = target else {
-        ctx.flows.failed(conn, &info, format!("bad CONNECT authority {:?}", req.uri().to_string()));
-        return refuse(StatusCode::BAD_REQUEST, "CONNECT authority must be ip:port");
+    let target = match connect_target(req.uri(), &pod.ips) {
+        Ok(t) => t,
+        Err(refusal) => {
+            if let Refusal::NotLocal(t) = &refusal {
+                info.orig_dst = Some(*t);
+            }
+            ctx.flows.failed(conn, &info, refusal.to_string());
+            return refuse(StatusCode::BAD_REQUEST, refusal.reason());
+        }
     };
     info.orig_dst = Some(target);
     info.dst = Some(target);
-    if !pod.ips.contains(&target.ip()) {
-        ctx.flows.failed(conn, &info, format!("{target} is not a local enrolled workload"));
-        return refuse(StatusCode::BAD_REQUEST, "destination is not this workload");
-    }
     // Authorization hook: the policy issue plugs in here; until then, allow.
     let started = Instant::now();
     let upstream = match connect_in(&pod.netns, target).await {
@@ -171,9 +230,44 @@ async fn serve_stream(
             }
             Err(e) => {
                 super::sockets::reset(upstream);
-                ctx.flows.closed(conn, &info, (0, 0), started.elapsed(), Some(format!("tunnel upgrade failed: {e}")));
+                ctx.flows.closed(
+                    conn,
+                    &info,
+                    (0, 0),
+                    started.elapsed(),
+                    Some(format!("tunnel upgrade failed: {e}")),
+                );
             }
         }
     });
     Response::new(Empty::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uri(s: &str) -> hyper::Uri {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn serves_a_connect_to_one_of_the_pods_own_addresses() {
+        let ips = ["10.44.2.2".parse().unwrap()];
+        assert_eq!(connect_target(&uri("10.44.2.2:8080"), &ips), Ok("10.44.2.2:8080".parse().unwrap()));
+    }
+
+    #[test]
+    fn refuses_a_connect_to_an_address_that_is_not_the_pods() {
+        let ips = ["10.44.2.2".parse().unwrap()];
+        let got = connect_target(&uri("10.44.2.3:8080"), &ips);
+        assert_eq!(got, Err(Refusal::NotLocal("10.44.2.3:8080".parse().unwrap())));
+        assert_eq!(got.unwrap_err().to_string(), "10.44.2.3:8080 is not a local enrolled workload");
+    }
+
+    #[test]
+    fn refuses_a_connect_whose_authority_is_a_name() {
+        let ips = ["10.44.2.2".parse().unwrap()];
+        assert!(matches!(connect_target(&uri("example.com:80"), &ips), Err(Refusal::BadAuthority(_))));
+    }
 }
