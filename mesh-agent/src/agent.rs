@@ -111,12 +111,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     tracing::info!(cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), "eBPF programs attached");
 
-    let mesh = match &settings.ca {
-        Some(ca) => Some(build_mesh(ca, &initial.trust_domain)?),
-        None => {
-            tracing::warn!("no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development");
-            None
-        }
+    let mesh = if let Some(ca) = &settings.ca {
+        Some(build_mesh(ca, &initial.trust_domain)?)
+    } else {
+        tracing::warn!("no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development");
+        None
     };
     let flows = Arc::new(FlowLog::new(settings.flow_capacity));
     let tracker = TaskTracker::new();

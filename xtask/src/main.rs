@@ -9,6 +9,9 @@
 //! * `build` builds the agent (with its embedded eBPF object), the CLI and
 //!   the test bed binaries.
 //! * `demo` runs the two-node, four-pod demo from the local configuration.
+//! * `bench` compares direct and meshed connections in the test bed
+//!   (throughput with iperf3, ping-pong latency with sockperf, HTTP latency
+//!   at a fixed rate, new connections per second, agent CPU and memory).
 //! * `test` runs every test: unit tests, the eBPF build, and the
 //!   network-namespace end-to-end tests (root required; under `CI=true` they
 //!   fail rather than skip when they cannot run).
@@ -37,6 +40,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "python3",
 ];
+/// Real clients the benchmark drives (only `cargo xtask bench` installs them).
+const BENCH_PACKAGES: &[&str] = &["iperf3", "sockperf"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LINKED_TOOLCHAIN: &str = "heddle-bpf";
 
@@ -59,6 +64,12 @@ enum Cmd {
     },
     /// Run the demo: two nodes, four pods, two agents, traffic, a report.
     Demo,
+    /// Benchmark direct vs meshed connections in the test bed (release build).
+    Bench {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Run all tests (unit, eBPF build, network-namespace end-to-end).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -83,6 +94,19 @@ fn main() -> anyhow::Result<()> {
             build(&root, &tc, false)?;
             let bin = root.join("target/debug");
             run(Command::new(bin.join("demo")).env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
+        }
+        Cmd::Bench { seconds } => {
+            let tc = setup()?;
+            let missing: Vec<&str> = BENCH_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+            if !missing.is_empty() {
+                install_debian(&missing)?;
+            }
+            build(&root, &tc, true)?;
+            let bin = root.join("target/release");
+            run(Command::new(bin.join("bench"))
+                .arg("--seconds")
+                .arg(seconds.to_string())
+                .env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
         }
         Cmd::Test { args } => {
             let tc = setup()?;

@@ -24,9 +24,9 @@ use time::OffsetDateTime;
 use super::SpiffeId;
 
 /// Root validity.
-const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const ROOT_VALIDITY: Duration = Duration::from_hours(10 * 365 * 24);
 /// Leaves are valid from a little before issuance, for clock skew.
-const BACKDATE: Duration = Duration::from_secs(60);
+const BACKDATE: Duration = Duration::from_mins(1);
 
 /// Errors of the signing core.
 #[derive(Debug, thiserror::Error)]
@@ -283,14 +283,14 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = temp_dir("create");
         let a =
-            Authority::load_or_create(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
+            Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
         let mode = fs::metadata(dir.join("root.key"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         let b =
-            Authority::load_or_create(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
+            Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
         assert_eq!(
             a.bundle_pem(),
             b.bundle_pem(),
@@ -303,7 +303,7 @@ mod tests {
     fn signs_exactly_the_expected_identity() {
         let dir = temp_dir("sign");
         let a =
-            Authority::load_or_create(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
+            Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
         let id = SpiffeId::new("cluster.local", "demo", "web");
         let (csr, _key) = csr_for(&id.to_string());
         let issued = a.sign_csr(&csr, &id).unwrap();

@@ -7,7 +7,7 @@
 //! Node tokens: `<state-dir>/nodes/<node>.token` (mode 0600), created on
 //! start for every node the configuration names. In local mode the agent of
 //! node N is given that file (`--ca-token-file`). The Kubernetes issue
-//! replaces tokens with projected service-account tokens and TokenReview.
+//! replaces tokens with projected service-account tokens and `TokenReview`.
 
 use std::{
     collections::BTreeSet,
@@ -179,10 +179,7 @@ fn ensure_token(state_dir: &Path, node: &str) -> anyhow::Result<()> {
     if path.exists() {
         return Ok(());
     }
-    let token: String = rand::random::<[u8; 32]>()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let token = super::tls::hex(&rand::random::<[u8; 32]>());
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

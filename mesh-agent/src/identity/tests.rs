@@ -40,7 +40,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn authority(name: &str) -> (Authority, Arc<RootCertStore>) {
-    let a = Authority::load_or_create(&temp_dir(name), "cluster.local", Duration::from_secs(3600)).unwrap();
+    let a = Authority::load_or_create(&temp_dir(name), "cluster.local", Duration::from_hours(1)).unwrap();
     let roots = tls::roots_from_pem(a.bundle_pem()).unwrap();
     (a, roots)
 }
@@ -151,7 +151,7 @@ async fn a_server_certificate_from_an_untrusted_ca_is_rejected() {
 async fn an_expired_certificate_is_rejected_on_both_sides() {
     let (a, roots) = authority("expired");
     let now = SystemTime::now();
-    let past = Some((now - Duration::from_secs(7200), now - Duration::from_secs(3600)));
+    let past = Some((now - Duration::from_hours(2), now - Duration::from_hours(1)));
     let (s, _) = handshake(issue(&a, &id("api"), None), roots.clone(), Some(issue(&a, &id("web"), past)), roots.clone()).await;
     let err = s.unwrap_err();
     assert!(err.to_lowercase().contains("expired"), "{err}");
@@ -187,7 +187,7 @@ async fn ca_and_client(name: &str, node: &str) -> (CancellationToken, RemoteCa, 
         listen: "127.0.0.1:0".parse().unwrap(),
         config: write_config(&dir),
         trust_domain: "cluster.local".into(),
-        leaf_ttl: Duration::from_secs(600),
+        leaf_ttl: Duration::from_mins(10),
     };
     let server = CaServer::new(settings).unwrap();
     let roots = tls::roots_from_pem(&server.bundle_pem()).unwrap();
@@ -259,7 +259,7 @@ async fn the_agent_retries_a_ca_that_is_down_and_serves_once_it_is_up() {
         listen: addr,
         config: write_config(&dir),
         trust_domain: "cluster.local".into(),
-        leaf_ttl: Duration::from_secs(600),
+        leaf_ttl: Duration::from_mins(10),
     };
     let server = CaServer::new(settings).unwrap();
     let roots = tls::roots_from_pem(&server.bundle_pem()).unwrap();

@@ -48,9 +48,9 @@ pub enum TlsError {
     #[error("peer identity {got} does not match expected {expected}")]
     WrongPeer {
         /// What the peer presented.
-        got: SpiffeId,
+        got: Box<SpiffeId>,
         /// What this connection required.
-        expected: SpiffeId,
+        expected: Box<SpiffeId>,
     },
 }
 
@@ -100,13 +100,17 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
 #[must_use]
 pub fn serial_of(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
-    Some(
-        parsed
-            .raw_serial()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    Some(hex(parsed.raw_serial()))
+}
+
+/// Lowercase hex of `bytes`.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// Checks the peer of a finished handshake against `expected`.
@@ -120,8 +124,8 @@ pub fn peer_identity(
     let got = spiffe_id_of(leaf)?;
     match expected {
         Some(want) if *want != got => Err(TlsError::WrongPeer {
-            got,
-            expected: want.clone(),
+            got: Box::new(got),
+            expected: Box::new(want.clone()),
         }),
         _ => Ok(got),
     }
