@@ -126,8 +126,9 @@ async fn load(to: SocketAddr, rate: u32, duration: Duration, conns: u32, size: u
                     .header(hyper::header::HOST, to.to_string())
                     .body(Full::new(body.clone()))?;
                 match sender.send_request(req).await {
-                    Ok(resp) => match resp.into_body().collect().await {
-                        Ok(b) if b.to_bytes().len() == size => {
+                    // `to_bytes` consumes the body, so it cannot run in a match guard.
+                    Ok(resp) => match resp.into_body().collect().await.map(http_body_util::Collected::to_bytes) {
+                        Ok(b) if b.len() == size => {
                             lat.push(u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX));
                         }
                         _ => errors += 1,

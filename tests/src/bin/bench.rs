@@ -1,0 +1,240 @@
+//! `cargo xtask bench`: direct versus meshed connections, measured in one run
+//! on the same two-node test bed.
+//!
+//! Topology: `client` on node-a, `server` on node-b (a veth/bridge path
+//! between two network namespaces, as in the ztunnel baseline).
+//! First every measurement runs with no agent (direct); then the CA and both
+//! agents start (mTLS, HBONE) and the same measurements run again. Real
+//! clients: iperf3 (single-stream throughput), sockperf (1 KiB TCP
+//! ping-pong; its figure is one-way, RTT/2), `loadgen` (1 KiB HTTP/1.1
+//! requests at a fixed rate, open loop), `pod-app` (new connections: connect,
+//! 1-byte echo, close). Agent CPU time and peak RSS are read from /proc.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use clap::Parser;
+use heddle_tests::{check_environment, Agent, CaOptions, ClientSpec, Pod, PodSpec, Testbed};
+
+#[derive(Parser)]
+#[command(about = "Benchmark Heddle's data path against direct connections")]
+struct Args {
+    /// Seconds per throughput, ping-pong and HTTP measurement.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// HTTP requests per second (fixed rate).
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Connections for the new-connections measurement.
+    #[arg(long, default_value_t = 5000)]
+    conns: usize,
+}
+
+const IPERF_PORT: u16 = 5201;
+const SOCKPERF_PORT: u16 = 11111;
+const HTTP_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 9000;
+
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    gbps: f64,
+    pp_avg_us: f64,
+    pp_p50_us: f64,
+    pp_p99_us: f64,
+    http: [f64; 4],
+    http_errors: u64,
+    http_requests: u64,
+    /// Agents' CPU seconds during the HTTP phase (mesh only).
+    http_cpu_s: f64,
+    conns_per_s: f64,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    check_environment().context("the benchmark needs root and the test bed's tools")?;
+    for tool in ["iperf3", "sockperf"] {
+        ensure!(
+            Command::new(tool).arg("--help").output().is_ok(),
+            "{tool} is missing: `apt-get install {tool}` (cargo xtask bench installs it)"
+        );
+    }
+    let tb = Testbed::new("bench")?;
+    let a = tb.add_node("node-a")?;
+    let b = tb.add_node("node-b")?;
+    let client = tb.add_pod(&a, PodSpec::new("client").enrolled(true))?;
+    let server = tb.add_pod(&b, PodSpec::new("server").enrolled(true))?;
+    let loadgen = heddle_tests::pod_app_binary()?.with_file_name("loadgen");
+
+    let mut servers = Vec::new();
+    servers.push(server.spawn(cmd("iperf3", &["-s", "-B", "0.0.0.0", "-p", &IPERF_PORT.to_string()]))?);
+    servers.push(server.spawn(cmd("sockperf", &["sr", "--tcp", "-i", "0.0.0.0", "-p", &SOCKPERF_PORT.to_string()]))?);
+    let mut serve = Command::new(&loadgen);
+    serve.args(["serve", "--listen", &format!("0.0.0.0:{HTTP_PORT}"), "--size", "1024"]);
+    servers.push(server.spawn(serve)?);
+    servers.push(server.start_echo(ECHO_PORT)?);
+    for port in [IPERF_PORT, SOCKPERF_PORT, HTTP_PORT, ECHO_PORT] {
+        server.wait_listening(port, Duration::from_secs(10))?;
+    }
+
+    eprintln!("bench: measuring the direct path ({} s per measurement)…", args.seconds);
+    let direct = measure(&args, &client, &server, &loadgen, &[])?;
+
+    eprintln!("bench: starting the CA and both agents (mTLS on)…");
+    tb.start_ca(&a, CaOptions::default())?;
+    let agents = tb.start_agents(&[&a, &b])?;
+    // Warm-up: certificates and the pooled tunnel.
+    let warm = client.run_client(&ClientSpec::to(server.addr(ECHO_PORT)))?;
+    ensure!(warm.all_ok(), "warm-up connection through the mesh failed: {warm:?}");
+    eprintln!("bench: measuring the meshed path…");
+    let mesh = measure(&args, &client, &server, &loadgen, &agents)?;
+    let rss: Vec<f64> = agents.iter().map(peak_rss_mib).collect::<Result<_>>()?;
+    let flows = agents[0].flows()?;
+    ensure!(
+        flows.iter().any(|f| f.security == heddle_tests::Security::MutualTls),
+        "the meshed run carried no mTLS flow: the benchmark did not measure the mesh"
+    );
+
+    #[allow(clippy::cast_precision_loss)]
+    let cpu_per_k = mesh.http_cpu_s / (mesh.http_requests.max(1) as f64) * 1000.0;
+    report(&args, &direct, &mesh, cpu_per_k, &rss);
+    drop(servers);
+    Ok(())
+}
+
+fn cmd(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    c
+}
+
+fn run_ok(pod: &Pod, c: Command, what: &str) -> Result<String> {
+    let out = pod.run(c).with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn measure(args: &Args, client: &Pod, server: &Pod, loadgen: &std::path::Path, agents: &[Agent]) -> Result<Figures> {
+    let secs = args.seconds.to_string();
+    let ip = server.ip().to_string();
+    let mut f = Figures::default();
+
+    let out = run_ok(client, cmd("iperf3", &["-c", &ip, "-p", &IPERF_PORT.to_string(), "-t", &secs, "-J"]), "iperf3")?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+    f.gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
+
+    let out = run_ok(
+        client,
+        cmd("sockperf", &["pp", "--tcp", "-i", &ip, "-p", &SOCKPERF_PORT.to_string(), "-t", &secs, "-m", "1024"]),
+        "sockperf",
+    )?;
+    let out = strip_ansi(&out);
+    f.pp_avg_us = sockperf_value(&out, "avg-latency=")?;
+    f.pp_p50_us = sockperf_value(&out, "percentile 50.000 =")?;
+    f.pp_p99_us = sockperf_value(&out, "percentile 99.000 =")?;
+
+    let mut load = Command::new(loadgen);
+    load.args(["http", "--to", &server.addr(HTTP_PORT).to_string(), "--rate", &args.rate.to_string(), "--duration", &secs, "--conns", "10", "--size", "1024"]);
+    let cpu_before: f64 = agents.iter().map(cpu_seconds).sum::<Result<f64>>()?;
+    let out = run_ok(client, load, "loadgen")?;
+    f.http_cpu_s = agents.iter().map(cpu_seconds).sum::<Result<f64>>()? - cpu_before;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).context("loadgen JSON")?;
+    for (i, k) in ["p50_us", "p90_us", "p99_us", "p999_us"].iter().enumerate() {
+        #[allow(clippy::cast_precision_loss)]
+        {
+            f.http[i] = v[k].as_u64().unwrap_or(0) as f64;
+        }
+    }
+    f.http_errors = v["errors"].as_u64().unwrap_or(0);
+    f.http_requests = v["requests"].as_u64().unwrap_or(0);
+
+    let started = Instant::now();
+    let s = client.run_client(&ClientSpec::to(server.addr(ECHO_PORT)).conns(args.conns).parallel(8).bytes(1))?;
+    let elapsed = started.elapsed();
+    ensure!(s.all_ok(), "new-connections run had failures: {s:?}");
+    #[allow(clippy::cast_precision_loss)]
+    {
+        f.conns_per_s = args.conns as f64 / elapsed.as_secs_f64();
+    }
+    Ok(f)
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn sockperf_value(out: &str, key: &str) -> Result<f64> {
+    out.lines()
+        .find_map(|l| {
+            let rest = &l[l.find(key)? + key.len()..];
+            rest.split_whitespace().next()?.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok()
+        })
+        .with_context(|| format!("sockperf output has no {key:?}:\n{out}"))
+}
+
+fn cpu_seconds(agent: &Agent) -> Result<f64> {
+    let pid = agent.pid().context("agent not running")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces): utime is
+    // field 14 and stime field 15 of the whole line.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
+fn peak_rss_mib(agent: &Agent) -> Result<f64> {
+    let pid = agent.pid().context("agent not running")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmHWM")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+fn report(args: &Args, d: &Figures, m: &Figures, cpu_per_k: f64, rss: &[f64]) {
+    let ratio = |m: f64, d: f64| if d > 0.0 { format!("{:.0}%", m / d * 100.0) } else { "-".into() };
+    let added = |m: f64, d: f64| format!("+{:.1} µs", m - d);
+    println!();
+    println!("Heddle benchmark: client on node-a, server on node-b, {} s per measurement", args.seconds);
+    println!("{:<44} {:>12} {:>12} {:>14}", "", "direct", "mesh (mTLS)", "mesh vs direct");
+    println!("{:<44} {:>12.2} {:>12.2} {:>14}", "single-stream throughput, Gbit/s (iperf3)", d.gbps, m.gbps, ratio(m.gbps, d.gbps));
+    println!("{:<44} {:>12.1} {:>12.1} {:>14}", "1 KiB ping-pong one-way avg, µs (sockperf)", d.pp_avg_us, m.pp_avg_us, added(m.pp_avg_us, d.pp_avg_us));
+    println!("{:<44} {:>12.1} {:>12.1} {:>14}", "1 KiB ping-pong one-way p50, µs", d.pp_p50_us, m.pp_p50_us, added(m.pp_p50_us, d.pp_p50_us));
+    println!("{:<44} {:>12.1} {:>12.1} {:>14}", "1 KiB ping-pong one-way p99, µs", d.pp_p99_us, m.pp_p99_us, added(m.pp_p99_us, d.pp_p99_us));
+    for (i, p) in ["p50", "p90", "p99", "p99.9"].iter().enumerate() {
+        let label = format!("HTTP 1 KiB at {}/s, latency {p}, µs", args.rate);
+        println!("{:<44} {:>12.0} {:>12.0} {:>14}", label, d.http[i], m.http[i], ratio(m.http[i], d.http[i]));
+    }
+    println!("{:<44} {:>12} {:>12} {:>14}", "HTTP errors", d.http_errors, m.http_errors, "");
+    println!("{:<44} {:>12.0} {:>12.0} {:>14}", "new connections/s (connect, 1 B echo, close)", d.conns_per_s, m.conns_per_s, ratio(m.conns_per_s, d.conns_per_s));
+    println!("{:<44} {:>12} {:>12.3} {:>14}", "agent CPU s per 1,000 HTTP requests (both)", "-", cpu_per_k, "");
+    let rss_s: Vec<String> = rss.iter().map(|r| format!("{r:.1}")).collect();
+    println!("{:<44} {:>12} {:>12} {:>14}", "agent peak RSS, MiB (node-a, node-b)", "-", rss_s.join(" / "), "");
+}
