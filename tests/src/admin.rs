@@ -53,6 +53,27 @@ pub enum Direction {
     Inbound,
 }
 
+/// How a connection's bytes crossed the network, per flow record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Security {
+    /// Inside the HBONE mTLS tunnel (port 15008).
+    MutualTls,
+    /// In the clear (also what a record without the field means: agents
+    /// before the tunnel only forwarded in plaintext).
+    #[default]
+    Plaintext,
+}
+
+impl fmt::Display for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::MutualTls => "mutual_tls",
+            Self::Plaintext => "plaintext",
+        })
+    }
+}
+
 /// One record of `GET /flows`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Flow {
@@ -79,6 +100,18 @@ pub struct Flow {
     pub dst: Option<SocketAddr>,
     /// The service, `namespace/name`, if `orig_dst` was a VIP.
     pub service: Option<String>,
+    /// Tunnelled or plaintext.
+    #[serde(default)]
+    pub security: Security,
+    /// SPIFFE ID of the client workload, when known.
+    #[serde(default)]
+    pub src_identity: Option<String>,
+    /// SPIFFE ID of the server workload, when known.
+    #[serde(default)]
+    pub dst_identity: Option<String>,
+    /// Hex serial of the client certificate (inbound tunnel records).
+    #[serde(default)]
+    pub peer_cert_serial: Option<String>,
     /// Bytes from client toward server.
     pub bytes_sent: u64,
     /// Bytes from server toward client.
@@ -103,6 +136,12 @@ impl Flow {
     pub fn src_ip(&self) -> Option<IpAddr> {
         self.src.map(|s| s.ip())
     }
+
+    /// Whether the record says the connection went through the mTLS tunnel.
+    #[must_use]
+    pub fn is_mutual_tls(&self) -> bool {
+        self.security == Security::MutualTls
+    }
 }
 
 /// An optional address for display (`-` when absent).
@@ -126,6 +165,18 @@ impl fmt::Display for Flow {
             self.bytes_sent,
             self.bytes_received,
         )?;
+        write!(f, " sec={}", self.security)?;
+        if self.src_identity.is_some() || self.dst_identity.is_some() {
+            write!(
+                f,
+                " ids={} -> {}",
+                self.src_identity.as_deref().unwrap_or("-"),
+                self.dst_identity.as_deref().unwrap_or("-")
+            )?;
+        }
+        if let Some(serial) = &self.peer_cert_serial {
+            write!(f, " peer_serial={serial}")?;
+        }
         if let Some(e) = &self.error {
             write!(f, " error={e}")?;
         }
@@ -213,6 +264,72 @@ pub struct Stats {
     pub open_fds: u64,
     /// Connections being proxied now.
     pub active_connections: u64,
+}
+
+/// `GET /certs`: the workload certificates an agent holds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Certs {
+    /// Whether the agent runs with a CA (mTLS on).
+    pub mtls: bool,
+    /// One entry per identity held or wanted, sorted by identity.
+    pub certificates: Vec<Certificate>,
+    /// Tunnel connections in the client pool (absent without mTLS).
+    #[serde(default)]
+    pub pooled_tunnels: Option<u64>,
+}
+
+impl Certs {
+    /// The entry of `identity` (a SPIFFE ID), if listed.
+    #[must_use]
+    pub fn certificate(&self, identity: &str) -> Option<&Certificate> {
+        self.certificates.iter().find(|c| c.identity == identity)
+    }
+}
+
+impl fmt::Display for Certs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "mtls={} pooledTunnels={}",
+            self.mtls,
+            self.pooled_tunnels
+                .map_or_else(|| "-".to_owned(), |n| n.to_string())
+        )?;
+        for c in &self.certificates {
+            write!(
+                f,
+                "; {} ready={} generation={}",
+                c.identity,
+                c.ready,
+                c.generation
+                    .map_or_else(|| "-".to_owned(), |g| g.to_string())
+            )?;
+            if let Some(e) = &c.last_error {
+                write!(f, " lastError={e}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One certificate of `GET /certs`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Certificate {
+    /// The SPIFFE ID it carries.
+    pub identity: String,
+    /// Whether a certificate is held now.
+    pub ready: bool,
+    /// When it was obtained (Unix seconds).
+    pub issued_at: Option<u64>,
+    /// End of validity (Unix seconds).
+    pub not_after: Option<u64>,
+    /// The agent's certificate counter at issue (increases with every
+    /// certificate the agent obtains, for any identity).
+    pub generation: Option<u64>,
+    /// Why the last attempt to obtain one failed, if it did.
+    pub last_error: Option<String>,
 }
 
 /// Talks to one agent's admin API from inside its node's netns.
@@ -309,6 +426,35 @@ mod tests {
         assert!(err.is_terminal() && err.src_ip().is_none() && err.conn == Some(9));
         assert_eq!(flow.service.as_deref(), Some("demo/server"));
         assert_eq!(flow.duration_ms, Some(12.0));
+    }
+
+    #[test]
+    fn decodes_tunnel_fields_and_certs_as_documented() {
+        let flow: Flow = serde_json::from_str(
+            r#"{"id":3,"conn":4,"time":"t","event":"close","direction":"inbound","workload":"demo/server",
+            "src":"10.44.1.2:40000","orig_dst":"10.44.2.2:8080","dst":"10.44.2.2:8080","service":null,
+            "security":"mutual_tls","src_identity":"spiffe://cluster.local/ns/demo/sa/client",
+            "dst_identity":"spiffe://cluster.local/ns/demo/sa/server","peer_cert_serial":"0a1b",
+            "bytes_sent":1,"bytes_received":1,"duration_ms":1.5,"error":null}"#,
+        )
+        .unwrap();
+        assert!(flow.is_mutual_tls());
+        assert_eq!(flow.peer_cert_serial.as_deref(), Some("0a1b"));
+        assert!(flow.to_string().contains("sec=mutual_tls"), "{flow}");
+        let certs: Certs = serde_json::from_str(
+            r#"{"mtls":true,"pooledTunnels":2,"certificates":[{"identity":"spiffe://cluster.local/ns/demo/sa/client",
+            "ready":true,"issuedAt":10,"notAfter":16,"generation":3,"lastError":null}]}"#,
+        )
+        .unwrap();
+        let c = certs
+            .certificate("spiffe://cluster.local/ns/demo/sa/client")
+            .unwrap();
+        assert_eq!(
+            (c.ready, c.generation, c.not_after),
+            (true, Some(3), Some(16))
+        );
+        let off: Certs = serde_json::from_str(r#"{"mtls":false,"certificates":[]}"#).unwrap();
+        assert!(!off.mtls && off.pooled_tunnels.is_none());
     }
 
     #[test]

@@ -7,18 +7,21 @@
 //! quoted in errors and printed when a test fails. SIGHUP reloads the config,
 //! SIGTERM stops it cleanly (detach, unpin); teardown sends SIGTERM and
 //! SIGKILLs after five seconds.
+//!
+//! An agent created while the test bed has a mesh CA ([`crate::Ca`]) gets
+//! the CA flags (`--ca-addr`, `--ca-token-file`, `--trust-bundle`) and so
+//! tunnels mesh traffic over mTLS; without a CA it forwards in plaintext.
 
 use std::fmt::Write as _;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::admin::{AdminClient, Datapath, Flow, Stats, Workload};
+use crate::admin::{AdminClient, Certificate, Certs, Datapath, Flow, Stats, Workload};
+use crate::ca::AgentCaFlags;
+use crate::daemon::Daemon;
 use crate::error::{Result, TestbedError};
-use crate::exec::{command_line, signal, spawn_in, wait_timeout};
 use crate::handles::Node;
 use crate::wait::{poll_until, Check};
 
@@ -37,13 +40,13 @@ pub struct Agent {
 struct Inner {
     node: Node,
     bin: PathBuf,
-    log: PathBuf,
+    ca: Option<AgentCaFlags>,
     admin: AdminClient,
-    child: Mutex<Option<Child>>,
+    daemon: Daemon,
 }
 
 impl Agent {
-    pub(crate) fn new(node: Node, bin: PathBuf) -> Self {
+    pub(crate) fn new(node: Node, bin: PathBuf, ca: Option<AgentCaFlags>) -> Self {
         let log = node.shared().tmp.join(format!("agent-{}.log", node.name()));
         let admin = AdminClient {
             node: node.name().to_owned(),
@@ -51,22 +54,21 @@ impl Agent {
             cgroup: node.tools_cgroup(),
             addr: ADMIN_ADDR.to_owned(),
         };
+        let daemon = Daemon::new(
+            format!("agent on {}", node.name()),
+            node.netns_path(),
+            node.agent_cgroup(),
+            log,
+        );
         Self {
             inner: Arc::new(Inner {
                 node,
                 bin,
-                log,
+                ca,
                 admin,
-                child: Mutex::new(None),
+                daemon,
             }),
         }
-    }
-
-    fn child(&self) -> MutexGuard<'_, Option<Child>> {
-        self.inner
-            .child
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The node this agent serves.
@@ -78,7 +80,13 @@ impl Agent {
     /// Its log file.
     #[must_use]
     pub fn log_path(&self) -> &Path {
-        &self.inner.log
+        self.inner.daemon.log_path()
+    }
+
+    /// Whether it was started with the mesh CA flags (mTLS on).
+    #[must_use]
+    pub fn mtls(&self) -> bool {
+        self.inner.ca.is_some()
     }
 
     /// The command line it is started with.
@@ -96,40 +104,23 @@ impl Agent {
             .arg("--pin-dir")
             .arg(node.pin_dir())
             .args(["--admin-addr", ADMIN_ADDR]);
+        if let Some(ca) = &self.inner.ca {
+            cmd.arg("--ca-addr")
+                .arg(ca.ca_addr.to_string())
+                .arg("--ca-token-file")
+                .arg(&ca.token_file)
+                .arg("--trust-bundle")
+                .arg(&ca.trust_bundle);
+        }
         cmd
     }
 
     /// Starts the process (not waiting for readiness); fails if it runs.
     pub(crate) fn start(&self) -> Result<()> {
-        let mut child = self.child();
-        if let Some(c) = child.as_mut() {
-            if matches!(c.try_wait(), Ok(None)) {
-                return Err(TestbedError::Environment(format!(
-                    "agent on {} is already running",
-                    self.inner.node.name()
-                )));
-            }
+        if let Some(ca) = &self.inner.ca {
+            ca.check_present()?;
         }
-        let log_err = |e| TestbedError::io(format!("open {}", self.inner.log.display()), e);
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.inner.log)
-            .map_err(log_err)?;
-        let mut cmd = self.command();
-        let _ = writeln!(
-            log,
-            "===== heddle-tests: starting `{}` =====",
-            command_line(&cmd)
-        );
-        let log2: File = log.try_clone().map_err(log_err)?;
-        cmd.stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .env("RUST_BACKTRACE", "1");
-        let node = &self.inner.node;
-        *child = Some(spawn_in(cmd, &node.netns_path(), &node.agent_cgroup())?);
-        Ok(())
+        self.inner.daemon.start(self.command())
     }
 
     /// Restarts the agent with the same arguments (stopping it first if it
@@ -145,9 +136,7 @@ impl Agent {
     /// The process id while it runs.
     #[must_use]
     pub fn pid(&self) -> Option<u32> {
-        let mut child = self.child();
-        let c = child.as_mut()?;
-        matches!(c.try_wait(), Ok(None)).then(|| c.id())
+        self.inner.daemon.pid()
     }
 
     /// Whether the process runs.
@@ -158,27 +147,16 @@ impl Agent {
 
     /// Sends SIGHUP: reload the config file now.
     pub fn reload(&self) -> Result<()> {
-        self.send(libc::SIGHUP, "SIGHUP")
-    }
-
-    /// Sends `sig` to the running process.
-    fn send(&self, sig: libc::c_int, name: &str) -> Result<()> {
-        let pid = self
-            .pid()
-            .ok_or_else(|| self.not_running("not started or exited"))?;
-        signal(pid, sig).map_err(|e| TestbedError::io(format!("{name} agent {pid}"), e))
+        self.inner
+            .daemon
+            .send(libc::SIGHUP, "SIGHUP")
+            .unwrap_or_else(|| Err(self.not_running("not started or exited")))
     }
 
     /// SIGKILLs the agent (simulating a crash) and reaps it. Its pinned
     /// programs and maps stay behind.
     pub fn kill(&self) -> Result<()> {
-        let mut child = self.child();
-        if let Some(c) = child.as_mut() {
-            let ctx = |e| TestbedError::io("kill agent", e);
-            c.kill().map_err(ctx)?;
-            c.wait().map_err(ctx)?;
-        }
-        Ok(())
+        self.inner.daemon.kill()
     }
 
     /// Stops the agent: SIGTERM, then SIGKILL after [`STOP_GRACE`].
@@ -190,25 +168,12 @@ impl Agent {
 
     /// Sends SIGTERM if running (teardown step one).
     pub(crate) fn terminate(&self) {
-        if let Some(pid) = self.pid() {
-            let _ = signal(pid, libc::SIGTERM);
-        }
+        self.inner.daemon.terminate();
     }
 
     /// Waits for the process until `deadline`, then SIGKILLs and reaps it.
     pub(crate) fn reap_by(&self, deadline: Instant) {
-        let mut child = self.child();
-        if let Some(c) = child.as_mut() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !matches!(wait_timeout(c, left), Ok(Some(_))) {
-                eprintln!(
-                    "agent on {} did not exit within {STOP_GRACE:?} of SIGTERM; sending SIGKILL",
-                    self.inner.node.name()
-                );
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
+        self.inner.daemon.reap_by(deadline);
     }
 
     /// Waits until `GET /ready` answers 200; fails early if the process
@@ -241,16 +206,10 @@ impl Agent {
 
     /// Fails with the exit status and log tail if the process is not running.
     fn check_alive(&self) -> Result<()> {
-        let status = {
-            let mut child = self.child();
-            match child.as_mut().map(Child::try_wait) {
-                Some(Ok(None)) => return Ok(()),
-                Some(Ok(Some(status))) => status.to_string(),
-                Some(Err(e)) => e.to_string(),
-                None => "never started".to_owned(),
-            }
-        };
-        Err(self.not_running(&status))
+        self.inner
+            .daemon
+            .running()
+            .map_err(|status| self.not_running(&status))
     }
 
     fn not_running(&self, status: &str) -> TestbedError {
@@ -264,9 +223,7 @@ impl Agent {
     /// The last `lines` lines of the agent's log.
     #[must_use]
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.inner.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        self.inner.daemon.log_tail(lines)
     }
 
     /// Number of open file descriptors, counted in `/proc/<pid>/fd`.
@@ -309,6 +266,37 @@ impl Agent {
     /// `GET /stats`.
     pub fn stats(&self) -> Result<Stats> {
         self.inner.admin.get_json("/stats")
+    }
+
+    /// `GET /certs`: the certificates this agent holds for its workloads.
+    pub fn certs(&self) -> Result<Certs> {
+        self.inner.admin.get_json("/certs")
+    }
+
+    /// Waits until the agent holds a certificate for every identity in
+    /// `identities` (SPIFFE IDs) and returns them in that order.
+    pub fn wait_certificates(
+        &self,
+        identities: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<Certificate>> {
+        let what = format!(
+            "agent on {} to hold certificates for {identities:?}",
+            self.inner.node.name()
+        );
+        poll_until(&what, timeout, Duration::from_millis(100), || {
+            self.check_alive()?;
+            let certs = self.certs()?;
+            let found: Vec<Option<&Certificate>> = identities
+                .iter()
+                .map(|id| certs.certificate(id).filter(|c| c.ready))
+                .collect();
+            Ok(if found.iter().all(Option::is_some) {
+                Check::Ready(found.into_iter().flatten().cloned().collect())
+            } else {
+                Check::Pending(certs.to_string())
+            })
+        })
     }
 
     /// `GET path` on the admin API: status code and raw body.

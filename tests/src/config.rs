@@ -4,6 +4,10 @@
 //! services); each agent picks its node with `--node`. The file is replaced
 //! atomically (write a sibling, then rename) because agents poll it every
 //! second and must never read half a file.
+//!
+//! Optional mesh settings (`trustDomain`, `namespaces`, a workload's
+//! `inboundMode`) are left out of the file unless a test sets them, so the
+//! agent's documented defaults apply (`cluster.local`, PERMISSIVE).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -13,9 +17,19 @@ use serde::Serialize;
 
 use crate::error::{Result, TestbedError};
 
+/// The default SPIFFE trust domain when the file names none.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ClusterConfig {
+    /// SPIFFE trust domain of the mesh; the agent's default if `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+    /// Per-namespace settings.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<NamespaceConfig>,
     /// Every pod of every node.
     pub workloads: Vec<WorkloadConfig>,
     /// Every service.
@@ -42,6 +56,30 @@ pub struct WorkloadConfig {
     pub enrolled: bool,
     /// Pod labels (matched by service selectors).
     pub labels: BTreeMap<String, String>,
+    /// The pod's own inbound mode (wins over its namespace's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbound_mode: Option<InboundMode>,
+}
+
+/// How an enrolled pod treats inbound connections that are not mesh mTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InboundMode {
+    /// Plaintext from outside the mesh still reaches the pod (the default).
+    Permissive,
+    /// Only tunnelled mTLS connections reach the pod; plaintext is reset.
+    Strict,
+}
+
+/// Settings of one Kubernetes namespace.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceConfig {
+    /// Namespace name.
+    pub name: String,
+    /// Inbound mode of its workloads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbound_mode: Option<InboundMode>,
 }
 
 /// One service.
@@ -93,6 +131,8 @@ mod tests {
     #[test]
     fn renders_the_documented_keys() {
         let cfg = ClusterConfig {
+            trust_domain: None,
+            namespaces: Vec::new(),
             workloads: vec![WorkloadConfig {
                 name: "client".into(),
                 namespace: "demo".into(),
@@ -102,6 +142,7 @@ mod tests {
                 netns: "/run/netns/ht-1-0-client".into(),
                 enrolled: true,
                 labels: BTreeMap::from([("app".into(), "client".into())]),
+                inbound_mode: None,
             }],
             services: vec![ServiceConfig {
                 name: "server".into(),
@@ -123,6 +164,43 @@ mod tests {
             "vip: 10.96.0.10",
             "targetPort: 8080",
             "app: server",
+        ] {
+            assert!(yaml.contains(key), "{key:?} missing from:\n{yaml}");
+        }
+        for absent in ["trustDomain", "namespaces", "inboundMode"] {
+            assert!(
+                !yaml.contains(absent),
+                "{absent:?} written by default:\n{yaml}"
+            );
+        }
+    }
+
+    #[test]
+    fn renders_mesh_settings_in_the_agent_spelling() {
+        let cfg = ClusterConfig {
+            trust_domain: Some("heddle.test".into()),
+            namespaces: vec![NamespaceConfig {
+                name: "vault".into(),
+                inbound_mode: Some(InboundMode::Strict),
+            }],
+            workloads: vec![WorkloadConfig {
+                name: "open".into(),
+                namespace: "vault".into(),
+                service_account: "open".into(),
+                node: "node-b".into(),
+                ips: vec![Ipv4Addr::new(10, 44, 2, 3)],
+                netns: "/run/netns/x".into(),
+                enrolled: true,
+                labels: BTreeMap::new(),
+                inbound_mode: Some(InboundMode::Permissive),
+            }],
+            services: Vec::new(),
+        };
+        let yaml = cfg.to_yaml().unwrap();
+        for key in [
+            "trustDomain: heddle.test",
+            "- name: vault\n  inboundMode: STRICT",
+            "inboundMode: PERMISSIVE",
         ] {
             assert!(yaml.contains(key), "{key:?} missing from:\n{yaml}");
         }

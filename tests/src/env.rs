@@ -4,7 +4,9 @@
 //! `ip netns`, cgroup v2); [`ensure_bpffs`] mounts the BPF file system once,
 //! under a file lock so parallel test processes never stack two mounts;
 //! [`agent_binary`] and [`pod_app_binary`] locate the programs launched
-//! into nodes and pods.
+//! into nodes and pods. [`require_tool`] finds a tool some tests need
+//! beyond the basics (tcpdump, nghttpd, openssl) and installs its Debian
+//! package if it is absent; [`find_tool`] only looks.
 
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
@@ -22,6 +24,99 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 pub const AGENT_BIN_ENV: &str = "HEDDLE_AGENT_BIN";
 /// Environment variable overriding the pod test application binary.
 pub const POD_APP_BIN_ENV: &str = "HEDDLE_POD_APP_BIN";
+
+/// A program some tests run, and the Debian package that ships it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tool {
+    /// The executable's name.
+    pub binary: &'static str,
+    /// The Debian package to install for it.
+    pub package: &'static str,
+}
+
+/// Packet capture on the link between nodes.
+pub const TCPDUMP: Tool = Tool {
+    binary: "tcpdump",
+    package: "tcpdump",
+};
+/// A real HTTP/2 server (`nghttpd --no-tls` serves h2c).
+pub const NGHTTPD: Tool = Tool {
+    binary: "nghttpd",
+    package: "nghttp2-server",
+};
+/// A TLS toolkit: certificates and a TLS client.
+pub const OPENSSL: Tool = Tool {
+    binary: "openssl",
+    package: "openssl",
+};
+
+/// The path of `tool`'s executable, searched in `PATH` and the usual
+/// system directories; `None` if it is not installed.
+#[must_use]
+pub fn find_tool(tool: Tool) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool.binary))
+        .find(|p| p.is_file())
+}
+
+/// [`find_tool`], installing the tool's Debian package with `apt-get` first
+/// if it is absent (once per machine: parallel tests wait on a lock, and the
+/// package lists are refreshed only if the first attempt fails). Fails with
+/// the package's name if the tool still cannot be found.
+pub fn require_tool(tool: Tool) -> Result<PathBuf> {
+    if let Some(path) = find_tool(tool) {
+        return Ok(path);
+    }
+    let lock_path = "/run/heddle-test-apt.lock";
+    let lock =
+        File::create(lock_path).map_err(|e| TestbedError::io(format!("create {lock_path}"), e))?;
+    // SAFETY: flock(2) on a valid fd; released when `lock` is closed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(TestbedError::io(
+            format!("lock {lock_path}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if let Some(path) = find_tool(tool) {
+        return Ok(path);
+    }
+    eprintln!(
+        "testbed: {} is missing; installing the Debian package `{}`",
+        tool.binary, tool.package
+    );
+    let install = || {
+        run_checked(
+            "env",
+            [
+                "DEBIAN_FRONTEND=noninteractive",
+                "apt-get",
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                tool.package,
+            ],
+        )
+    };
+    let detail = match install() {
+        Ok(_) => String::new(),
+        Err(first) => {
+            eprintln!("testbed: {first}; refreshing the package lists and retrying");
+            match run_checked("apt-get", ["update", "-q"]).and_then(|_| install()) {
+                Ok(_) => String::new(),
+                Err(e) => e.to_string(),
+            }
+        }
+    };
+    drop(lock);
+    find_tool(tool).ok_or(TestbedError::MissingTool {
+        binary: tool.binary,
+        package: tool.package,
+        detail,
+    })
+}
 
 /// Checks that this process can build a test bed: running as root, `ip netns`
 /// usable, cgroup v2 mounted at [`CGROUP_ROOT`] with `cgroup.kill` support.

@@ -47,6 +47,17 @@ pub enum TestbedError {
         hint: &'static str,
     },
 
+    /// A tool a test needs is not installed and could not be installed.
+    #[error("{binary} is not installed: install the Debian package `{package}` (apt-get install {package}){}", if detail.is_empty() { String::new() } else { format!("; automatic install failed: {detail}") })]
+    MissingTool {
+        /// The executable.
+        binary: &'static str,
+        /// The Debian package that ships it.
+        package: &'static str,
+        /// Why installing it failed, if it was tried.
+        detail: String,
+    },
+
     /// A name was used twice or is not usable as a netns/cgroup name.
     #[error("invalid name {name:?}: {why}")]
     InvalidName {

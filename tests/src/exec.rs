@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -187,11 +187,37 @@ where
 pub struct Process {
     child: Child,
     what: String,
+    log: Option<PathBuf>,
 }
 
 impl Process {
     pub(crate) fn new(child: Child, what: String) -> Self {
-        Self { child, what }
+        Self {
+            child,
+            what,
+            log: None,
+        }
+    }
+
+    /// Records the file its stdout and stderr go to.
+    pub(crate) fn with_log(mut self, log: PathBuf) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    /// The file its stdout and stderr go to, if they are logged.
+    #[must_use]
+    pub fn log_path(&self) -> Option<&Path> {
+        self.log.as_deref()
+    }
+
+    /// Everything it has logged so far (empty if it logs nowhere).
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     /// The process id.

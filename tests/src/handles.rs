@@ -18,7 +18,7 @@ use crate::env::pod_app_binary;
 use crate::error::{Result, TestbedError};
 use crate::exec::{command_line, in_netns, spawn_in, Process};
 use crate::network;
-use crate::podapp::{ClientSpec, ClientSummary};
+use crate::podapp::{parse_summary, ClientSpec, ClientSummary};
 use crate::spec::PodSpec;
 use crate::testbed::Shared;
 use crate::wait::{poll_until, Check};
@@ -133,6 +133,7 @@ pub struct Pod {
     shared: Arc<Shared>,
     name: String,
     namespace: String,
+    service_account: String,
     node: String,
     ip: Ipv4Addr,
     netns: String,
@@ -146,6 +147,7 @@ impl Pod {
             cgroup: node.cgroup().join("pods").join(&spec.name),
             name: spec.name.clone(),
             namespace: spec.namespace.clone(),
+            service_account: spec.service_account_name().to_owned(),
             node: node.name().to_owned(),
             ip,
             shared,
@@ -168,6 +170,23 @@ impl Pod {
     #[must_use]
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Its service account.
+    #[must_use]
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+
+    /// Its mesh identity, `spiffe://<trust domain>/ns/<namespace>/sa/<service
+    /// account>`, with the test bed's trust domain as it stands.
+    #[must_use]
+    pub fn spiffe_id(&self) -> String {
+        let trust_domain = self.shared.lock().trust_domain();
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
     }
 
     /// The node it runs on.
@@ -256,22 +275,60 @@ impl Pod {
         cmd.args(spec.args());
         let out = self.run(cmd)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
-        stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .and_then(|l| serde_json::from_str(l).ok())
-            .ok_or_else(|| TestbedError::ClientOutput {
-                pod: self.qualified_name(),
-                status: out.status,
-                stdout: stdout.trim().to_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        parse_summary(&stdout).ok_or_else(|| TestbedError::ClientOutput {
+            pod: self.qualified_name(),
+            status: out.status,
+            stdout: stdout.trim().to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+
+    /// Starts `pod-app client` in the background (e.g. a long-lived
+    /// connection that must survive something the test does meanwhile).
+    pub fn spawn_client(&self, spec: &ClientSpec) -> Result<BackgroundClient> {
+        let mut cmd = self.pod_app()?;
+        cmd.args(spec.args());
+        Ok(BackgroundClient {
+            process: self.spawn(cmd)?,
+            pod: self.qualified_name(),
+        })
+    }
+}
+
+/// A `pod-app client` running in the background; killed if dropped.
+#[derive(Debug)]
+pub struct BackgroundClient {
+    process: Process,
+    pod: String,
+}
+
+impl BackgroundClient {
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> Result<bool> {
+        Ok(self.process.try_wait()?.is_none())
+    }
+
+    /// Waits up to `timeout` for it to finish and returns its summary.
+    pub fn wait(mut self, timeout: Duration) -> Result<ClientSummary> {
+        let what = format!("pod-app client in {} to finish", self.pod);
+        let status = poll_until(&what, timeout, Duration::from_millis(50), || {
+            Ok(match self.process.try_wait()? {
+                Some(status) => Check::Ready(status),
+                None => Check::Pending("still running".into()),
             })
+        })?;
+        let log = self.process.log_text();
+        parse_summary(&log).ok_or_else(|| TestbedError::ClientOutput {
+            pod: self.pod.clone(),
+            status,
+            stdout: log.trim().to_owned(),
+            stderr: String::new(),
+        })
     }
 }
 
 /// Spawns with stdout and stderr appended to a fresh log file.
-fn spawn_logged(
+pub(crate) fn spawn_logged(
     shared: &Shared,
     mut cmd: Command,
     netns: &Path,
@@ -291,7 +348,7 @@ fn spawn_logged(
         log.display()
     );
     let child = spawn_in(cmd, netns, cgroup)?;
-    Ok(Process::new(child, what))
+    Ok(Process::new(child, what).with_log(log))
 }
 
 /// Runs to completion with piped output.
@@ -307,7 +364,7 @@ fn run_captured(mut cmd: Command, netns: &Path, cgroup: &Path) -> Result<Output>
 
 /// TCP ports in LISTEN state in the network namespace `netns`, read from
 /// `/proc/thread-self/net/tcp` on a thread that joined it.
-fn listening_ports(netns: &Path) -> Result<Vec<u16>> {
+pub(crate) fn listening_ports(netns: &Path) -> Result<Vec<u16>> {
     const TCP_LISTEN: &str = "0A";
     let text = in_netns(netns, || {
         std::fs::read_to_string("/proc/thread-self/net/tcp")

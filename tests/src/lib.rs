@@ -3,8 +3,11 @@
 //! Builds a small isolated cluster on one machine — nodes and pods as
 //! network namespaces, each with its own cgroup v2 directory — writes the
 //! cluster config the node agents read, runs `mesh-agent` per node and reads
-//! its admin API as typed values. The end-to-end tests (`tests/`) and the
-//! demo binary are built on it.
+//! its admin API as typed values. With [`Testbed::start_ca`] it also runs
+//! the mesh CA, so the agents tunnel mesh traffic over mTLS, and
+//! [`Testbed::capture_link`] shows what crosses the link between nodes
+//! ([`wire`]). The end-to-end tests (`tests/`) and the demo binary are
+//! built on it.
 //!
 //! ```no_run
 //! use heddle_tests::{ClientSpec, PodSpec, Testbed};
@@ -29,8 +32,10 @@
 
 pub mod admin;
 pub mod agent;
+pub mod ca;
 pub mod cgroup;
 pub mod config;
+mod daemon;
 pub mod env;
 pub mod error;
 mod exec;
@@ -42,14 +47,24 @@ pub mod spec;
 pub mod teardown;
 pub mod testbed;
 pub mod wait;
+pub mod wire;
 
-pub use admin::{Datapath, Direction, Flow, FlowEvent, MapOccupancy, Stats, Workload};
+pub use admin::{
+    Certificate, Certs, Datapath, Direction, Flow, FlowEvent, MapOccupancy, Security, Stats,
+    Workload,
+};
 pub use agent::Agent;
-pub use env::{agent_binary, check_environment, pod_app_binary};
+pub use ca::{Ca, CaOptions, CA_PORT};
+pub use config::InboundMode;
+pub use env::{agent_binary, check_environment, find_tool, pod_app_binary, require_tool, Tool};
 pub use error::{Result, TestbedError};
 pub use exec::Process;
-pub use handles::{Node, Pod};
+pub use handles::{BackgroundClient, Node, Pod};
 pub use podapp::{ClientSpec, ClientSummary};
 pub use spec::{PodSpec, ServiceSpec};
 pub use testbed::{TeardownHandle, Testbed};
 pub use wait::{poll_until, Check};
+pub use wire::{WireCapture, WireReport};
+
+/// The port of the HBONE mTLS tunnel on every enrolled pod.
+pub const TUNNEL_PORT: u16 = 15008;

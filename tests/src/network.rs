@@ -33,6 +33,13 @@ pub fn gateway_ip(index: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 44, index, 1)
 }
 
+/// The switch port (in the switch netns) of node `index`: the peer of the
+/// node's `eth0`.
+#[must_use]
+pub fn switch_port(index: u8) -> String {
+    format!("n{index}")
+}
+
 /// A node's pod CIDR.
 #[must_use]
 pub fn pod_cidr(index: u8) -> String {
@@ -98,7 +105,7 @@ fn bridged_veth(inner_ns: &str, inner_if: &str, bridge_ns: &str, bridge_port: &s
 /// Plumbs node `index` (netns `node_ns`, already created) into the switch and
 /// gives it its pod bridge and forwarding.
 pub(crate) fn setup_node(switch_ns: &str, node_ns: &str, index: u8) -> Result<()> {
-    bridged_veth(node_ns, "eth0", switch_ns, &format!("n{index}"))?;
+    bridged_veth(node_ns, "eth0", switch_ns, &switch_port(index))?;
     ip([
         "-n",
         node_ns,

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::admin::{show_addr, Datapath, Direction, Flow, FlowEvent, Workload};
+use crate::admin::{show_addr, Certs, Datapath, Direction, Flow, FlowEvent, Security, Workload};
 
 /// A left-aligned text table.
 #[derive(Debug, Clone, Default)]
@@ -75,9 +75,11 @@ pub fn flow_table(flows: &[Flow]) -> Table {
         "src",
         "orig dst -> dst",
         "service",
+        "security",
         "sent",
         "recv",
         "duration",
+        "error",
     ]);
     for f in flows.iter().filter(|f| f.is_terminal()) {
         let dir = match f.direction {
@@ -85,9 +87,9 @@ pub fn flow_table(flows: &[Flow]) -> Table {
             Direction::Inbound => "in",
         };
         let event = match f.event {
-            FlowEvent::Open => "open".to_owned(),
-            FlowEvent::Close => "close".to_owned(),
-            FlowEvent::Error => format!("error: {}", f.error.as_deref().unwrap_or("?")),
+            FlowEvent::Open => "open",
+            FlowEvent::Close => "close",
+            FlowEvent::Error => "error",
         };
         let route = if f.orig_dst == f.dst {
             show_addr(f.dst)
@@ -97,15 +99,76 @@ pub fn flow_table(flows: &[Flow]) -> Table {
         t.row(vec![
             f.id.to_string(),
             dir.to_owned(),
-            event,
+            event.to_owned(),
             f.workload.clone(),
             show_addr(f.src),
             route,
             f.service.clone().unwrap_or_else(|| "-".to_owned()),
+            security(f.security).to_owned(),
             f.bytes_sent.to_string(),
             f.bytes_received.to_string(),
             f.duration_ms
                 .map_or_else(|| "-".to_owned(), |d| format!("{d:.1} ms")),
+            f.error.clone().unwrap_or_default(),
+        ]);
+    }
+    t
+}
+
+/// How a flow's security reads in a table.
+fn security(s: Security) -> &'static str {
+    match s {
+        Security::MutualTls => "mTLS",
+        Security::Plaintext => "plaintext",
+    }
+}
+
+/// One row per tunnelled connection (finished `mutual_tls` records): who
+/// talked to whom, by SPIFFE ID, and the client certificate's serial.
+#[must_use]
+pub fn identity_table(flows: &[Flow]) -> Table {
+    let mut t = Table::new(&[
+        "id",
+        "dir",
+        "client identity",
+        "server identity",
+        "client cert serial",
+    ]);
+    for f in flows
+        .iter()
+        .filter(|f| f.is_terminal() && f.is_mutual_tls())
+    {
+        t.row(vec![
+            f.id.to_string(),
+            match f.direction {
+                Direction::Outbound => "out",
+                Direction::Inbound => "in",
+            }
+            .to_owned(),
+            f.src_identity.clone().unwrap_or_else(|| "-".to_owned()),
+            f.dst_identity.clone().unwrap_or_else(|| "-".to_owned()),
+            f.peer_cert_serial.clone().unwrap_or_else(|| "-".to_owned()),
+        ]);
+    }
+    t
+}
+
+/// One row per certificate an agent holds.
+#[must_use]
+pub fn cert_table(certs: &Certs) -> Table {
+    let mut t = Table::new(&["identity", "ready", "generation", "valid for", "last error"]);
+    for c in &certs.certificates {
+        let valid = match (c.issued_at, c.not_after) {
+            (Some(from), Some(to)) => format!("{} s", to.saturating_sub(from)),
+            _ => "-".to_owned(),
+        };
+        t.row(vec![
+            c.identity.clone(),
+            c.ready.to_string(),
+            c.generation
+                .map_or_else(|| "-".to_owned(), |g| g.to_string()),
+            valid,
+            c.last_error.clone().unwrap_or_else(|| "-".to_owned()),
         ]);
     }
     t

@@ -1,13 +1,13 @@
 //! What a test creates: pod and service descriptions.
 //!
 //! Builders with the defaults the tests rely on (namespace `demo`, label
-//! `app: <name>`, service account `<name>`); the test bed turns them into
-//! the cluster config ([`crate::config`]).
+//! `app: <name>`, service account `<name>`, no inbound mode of its own);
+//! the test bed turns them into the cluster config ([`crate::config`]).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use crate::config::{ServiceConfig, ServicePort};
+use crate::config::{InboundMode, ServiceConfig, ServicePort};
 
 /// Default Kubernetes namespace of pods and services.
 pub const DEFAULT_NAMESPACE: &str = "demo";
@@ -20,6 +20,7 @@ pub struct PodSpec {
     pub(crate) service_account: Option<String>,
     pub(crate) enrolled: bool,
     pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) inbound_mode: Option<InboundMode>,
 }
 
 impl PodSpec {
@@ -33,6 +34,7 @@ impl PodSpec {
             service_account: None,
             enrolled: false,
             labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+            inbound_mode: None,
         }
     }
 
@@ -55,6 +57,20 @@ impl PodSpec {
     pub fn service_account(mut self, sa: &str) -> Self {
         self.service_account = Some(sa.to_owned());
         self
+    }
+
+    /// Sets the pod's own inbound mode (it wins over its namespace's; see
+    /// [`crate::Testbed::set_namespace_inbound_mode`]).
+    #[must_use]
+    pub fn inbound_mode(mut self, mode: InboundMode) -> Self {
+        self.inbound_mode = Some(mode);
+        self
+    }
+
+    /// The service account: the one set, else the pod's name.
+    #[must_use]
+    pub fn service_account_name(&self) -> &str {
+        self.service_account.as_deref().unwrap_or(&self.name)
     }
 
     /// Adds (or replaces) a label.

@@ -1,7 +1,7 @@
 //! Removing a test bed, and leftovers of test processes that died.
 //!
-//! Order matters: agents first (SIGTERM so they detach and unpin; SIGKILL
-//! after the grace period), then every other process (`cgroup.kill` on the
+//! Order matters: agents and the mesh CA first (SIGTERM so the agents
+//! detach and unpin; SIGKILL after the grace period), then every other process (`cgroup.kill` on the
 //! test bed's subtree), then the network namespaces (which takes every veth
 //! and bridge with them), the pins, the cgroups bottom-up and the temp dir.
 //! Each step is best-effort: a failure is printed and the next step still
@@ -28,7 +28,7 @@ pub const KEEP_TMP_ENV: &str = "HEDDLE_KEEP_TMP";
 
 /// Tears the test bed down; idempotent.
 pub(crate) fn teardown(shared: &Shared) {
-    let (agents, netns) = {
+    let (agents, ca, netns) = {
         let mut state = shared.lock();
         if state.torn_down {
             return;
@@ -36,15 +36,22 @@ pub(crate) fn teardown(shared: &Shared) {
         state.torn_down = true;
         (
             std::mem::take(&mut state.agents),
+            state.ca.take(),
             std::mem::take(&mut state.netns),
         )
     };
     for agent in &agents {
         agent.terminate();
     }
+    if let Some(ca) = &ca {
+        ca.terminate();
+    }
     let deadline = Instant::now() + STOP_GRACE;
     for agent in &agents {
         agent.reap_by(deadline);
+    }
+    if let Some(ca) = &ca {
+        ca.reap_by(deadline);
     }
     let failed = shared.failed.load(Ordering::Relaxed) || std::thread::panicking();
     if failed {
@@ -55,6 +62,15 @@ pub(crate) fn teardown(shared: &Shared) {
                 shared.id,
                 agent.log_path().display(),
                 agent.log_tail(50)
+            );
+        }
+        if let Some(ca) = &ca {
+            eprintln!(
+                "----- testbed {} ({}): last 30 lines of {} -----\n{}\n-----",
+                shared.name,
+                shared.id,
+                ca.log_path().display(),
+                ca.log_tail(30)
             );
         }
     }

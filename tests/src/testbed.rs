@@ -10,7 +10,12 @@
 //! All methods take `&self`: the mutable cluster description lives behind a
 //! mutex, and [`Node`], [`Pod`] and [`Agent`] are cheap cloneable handles,
 //! so tests can hold them while changing enrollment.
+//!
+//! mTLS is opt-in per test bed: [`Testbed::start_ca`] starts the mesh CA,
+//! and every agent started after it gets the CA flags. A test bed without a
+//! CA runs its agents in plaintext-forwarding mode.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -18,8 +23,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::agent::Agent;
+use crate::ca::{Ca, CaOptions};
 use crate::cgroup::{self, CGROUP_ROOT};
-use crate::config::{ClusterConfig, WorkloadConfig};
+use crate::config::{
+    ClusterConfig, InboundMode, NamespaceConfig, WorkloadConfig, DEFAULT_TRUST_DOMAIN,
+};
 use crate::env::{self, BPFFS};
 use crate::error::{Result, TestbedError};
 use crate::handles::{Node, Pod};
@@ -27,6 +35,7 @@ use crate::network;
 use crate::spec::{PodSpec, ServiceSpec};
 use crate::teardown;
 use crate::wait::{poll_until, Check};
+use crate::wire::WireCapture;
 
 /// How long an agent gets to become ready.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -54,10 +63,16 @@ pub(crate) struct State {
     nodes: Vec<NodeRecord>,
     pods: Vec<PodRecord>,
     services: Vec<ServiceSpec>,
+    /// `trustDomain`, if a test set one.
+    trust_domain: Option<String>,
+    /// Namespace inbound modes.
+    namespaces: BTreeMap<String, InboundMode>,
     /// Network namespaces created, in creation order.
     pub(crate) netns: Vec<String>,
     /// Agents started, in start order.
     pub(crate) agents: Vec<Agent>,
+    /// The mesh CA, once started.
+    pub(crate) ca: Option<Ca>,
     pub(crate) torn_down: bool,
 }
 
@@ -90,9 +105,14 @@ impl Shared {
         format!("ht-{}--sw", self.id)
     }
 
-    /// The cgroup for admin-API probes, outside every node.
+    /// The cgroup for admin-API probes and captures, outside every node.
     pub(crate) fn tools_cgroup(&self) -> PathBuf {
         self.cgroup_root.join("tools")
+    }
+
+    /// The mesh CA's cgroup, outside every node.
+    pub(crate) fn ca_cgroup(&self) -> PathBuf {
+        self.cgroup_root.join("ca")
     }
 
     /// A fresh log file path in the temp dir for `label`.
@@ -103,6 +123,25 @@ impl Shared {
 }
 
 impl State {
+    /// The trust domain the agents use.
+    pub(crate) fn trust_domain(&self) -> String {
+        self.trust_domain
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned())
+    }
+
+    /// The nodes that have pods, sorted, each once.
+    pub(crate) fn pod_nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self
+            .pods
+            .iter()
+            .map(|p| p.handle.node_name().to_owned())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
     /// Fails once the test bed has been torn down.
     fn check_live(&self) -> Result<()> {
         if self.torn_down {
@@ -310,27 +349,52 @@ impl Testbed {
         Ok(())
     }
 
+    /// Sets the config's `trustDomain` (default `cluster.local`). Call it
+    /// before starting the CA and the agents.
+    pub fn set_trust_domain(&self, trust_domain: &str) -> Result<()> {
+        let mut state = self.shared.lock();
+        state.check_live()?;
+        state.trust_domain = Some(trust_domain.to_owned());
+        Ok(())
+    }
+
+    /// Sets the inbound mode of the Kubernetes namespace `namespace` (a
+    /// pod's own mode, [`PodSpec::inbound_mode`], wins). Written with the
+    /// next [`Testbed::write_config`].
+    pub fn set_namespace_inbound_mode(&self, namespace: &str, mode: InboundMode) -> Result<()> {
+        let mut state = self.shared.lock();
+        state.check_live()?;
+        state.namespaces.insert(namespace.to_owned(), mode);
+        Ok(())
+    }
+
     /// The cluster config as it stands.
     #[must_use]
     pub fn config(&self) -> ClusterConfig {
         let state = self.shared.lock();
         ClusterConfig {
+            trust_domain: state.trust_domain.clone(),
+            namespaces: state
+                .namespaces
+                .iter()
+                .map(|(name, mode)| NamespaceConfig {
+                    name: name.clone(),
+                    inbound_mode: Some(*mode),
+                })
+                .collect(),
             workloads: state
                 .pods
                 .iter()
                 .map(|p| WorkloadConfig {
                     name: p.spec.name.clone(),
                     namespace: p.spec.namespace.clone(),
-                    service_account: p
-                        .spec
-                        .service_account
-                        .clone()
-                        .unwrap_or_else(|| p.spec.name.clone()),
+                    service_account: p.spec.service_account_name().to_owned(),
                     node: p.handle.node_name().to_owned(),
                     ips: vec![p.handle.ip()],
                     netns: p.handle.netns_path(),
                     enrolled: p.spec.enrolled,
                     labels: p.spec.labels.clone(),
+                    inbound_mode: p.spec.inbound_mode,
                 })
                 .collect(),
             services: state.services.iter().map(ServiceSpec::to_config).collect(),
@@ -412,6 +476,48 @@ impl Testbed {
         Ok(())
     }
 
+    /// Writes the config and starts the mesh CA in `node`'s netns on its
+    /// transit address (see [`crate::ca`]); waits until it serves. Agents
+    /// started afterwards use it (mTLS on). Add every pod first: the CA
+    /// makes a token only for nodes that have workloads when it starts.
+    pub fn start_ca(&self, node: &Node, options: CaOptions) -> Result<Ca> {
+        let bin = env::agent_binary()?;
+        self.write_config()?;
+        let s = &self.shared;
+        let ca = {
+            let mut state = s.lock();
+            state.check_live()?;
+            if state.ca.is_some() {
+                return Err(TestbedError::Environment(
+                    "this test bed already has a CA".into(),
+                ));
+            }
+            cgroup::create(&s.ca_cgroup())?;
+            let ca = Ca::new(node.clone(), bin, options, s.ca_cgroup());
+            state.ca = Some(ca.clone());
+            ca
+        };
+        ca.start()?;
+        Ok(ca)
+    }
+
+    /// The mesh CA, if one was started.
+    #[must_use]
+    pub fn ca(&self) -> Option<Ca> {
+        self.shared.lock().ca.clone()
+    }
+
+    /// Starts `tcpdump` on the link between `node` and the switch (its
+    /// switch port), with the capture filter `filter` (e.g. `tcp`), and
+    /// waits until it listens. Needs tcpdump installed
+    /// ([`crate::env::require_tool`]).
+    pub fn capture_link(&self, node: &Node, filter: &str) -> Result<WireCapture> {
+        let s = &self.shared;
+        s.lock().check_live()?;
+        let netns = Path::new("/run/netns").join(s.switch_netns());
+        WireCapture::start(s, &netns, &network::switch_port(node.index()), filter)
+    }
+
     /// Writes the config, starts the agent for `node` and waits until ready.
     pub fn start_agent(&self, node: &Node) -> Result<Agent> {
         let agents = self.start_agents(&[node])?;
@@ -423,9 +529,11 @@ impl Testbed {
     pub fn start_agents(&self, nodes: &[&Node]) -> Result<Vec<Agent>> {
         let bin = env::agent_binary()?;
         self.write_config()?;
+        let ca = self.ca();
         let mut agents = Vec::with_capacity(nodes.len());
         for node in nodes {
-            let agent = Agent::new((*node).clone(), bin.clone());
+            let flags = ca.as_ref().map(|ca| ca.agent_flags(node));
+            let agent = Agent::new((*node).clone(), bin.clone(), flags);
             {
                 let mut state = self.shared.lock();
                 state.check_live()?;
@@ -495,7 +603,7 @@ fn validate_name(state: &State, name: &str) -> Result<()> {
     {
         return invalid("use lowercase letters, digits and inner dashes");
     }
-    if ["tools", "agent", "host", "pods"].contains(&name) {
+    if ["tools", "ca", "agent", "host", "pods"].contains(&name) {
         return invalid("reserved");
     }
     let taken = state.nodes.iter().any(|n| n.handle.name() == name)

@@ -68,7 +68,7 @@ fn enrolled_client_to_a_pod_on_another_node_is_captured_by_both_agents_and_deliv
 
 #[test]
 fn enrolled_pods_on_the_same_node_are_captured_outbound_and_inbound_by_their_agent() {
-    run_e2e("same_node", Options { peer: true }, |c| {
+    run_e2e("same_node", Options::peer(), |c| {
         let peer = c.peer.as_ref().context("peer pod")?;
         let to = peer.addr(ECHO_PORT);
         expect_delivered(&c.client, &ClientSpec::to(to).bytes(4096))?;

@@ -35,10 +35,13 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
-    // Test bed and demo.
+    // Test bed and demo: namespaces, real clients, wire captures.
     "iproute2",
     "curl",
     "python3",
+    "tcpdump",
+    "nghttp2-server",
+    "openssl",
 ];
 /// Real clients the benchmark drives (only `cargo xtask bench` installs them).
 const BENCH_PACKAGES: &[&str] = &["iperf3", "sockperf"];

@@ -202,7 +202,8 @@ fn cpu_seconds(agent: &Agent) -> Result<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = f64::from(u32::try_from(hz).unwrap_or(100));
     Ok(ticks / hz)
 }
 

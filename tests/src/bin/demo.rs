@@ -1,11 +1,16 @@
 //! `demo`: Heddle on a two-node, four-pod cluster, explained.
 //!
 //! Builds (with the test bed library) node-a with `web-client` (enrolled) and
-//! `legacy` (not enrolled), node-b with `api` (enrolled, echo on 8080) and
-//! `db` (not enrolled, echo on 5432), and the service `demo/api` at
-//! 10.96.0.20:80 -> 8080; starts both agents, sends five kinds of traffic
-//! and prints, per step, whether it was delivered and which agent captured
-//! it, then each agent's flows, workload counters and datapath counters.
+//! `legacy` (not enrolled), node-b with `api` (enrolled, inbound mode STRICT,
+//! echo on 8080) and `db` (not enrolled, echo on 5432), and the service
+//! `demo/api` at 10.96.0.20:80 -> 8080; starts the mesh CA on node-a and
+//! both agents with mTLS, sends five kinds of traffic and prints, per step,
+//! whether it was delivered (or refused), which agent captured it, the
+//! identities of both ends of each tunnelled connection and, for two steps,
+//! what a packet capture on node-a's link saw (TLS or the plaintext marker
+//! every step sends). Then each agent's flows, certificates, workload
+//! counters and datapath counters. Without tcpdump it says so and skips the
+//! captures.
 //!
 //! Everything is removed at the end, on error, on panic (the test bed's
 //! `Drop`) and on Ctrl-C/SIGTERM (a signal thread tears the test bed down
@@ -13,20 +18,28 @@
 //! Exits 1 if the environment cannot run it or if a step did not behave as
 //! expected.
 
+use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::ExitCode;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use heddle_tests::report::{datapath_tables, flow_table, workload_table};
+use heddle_tests::env::TCPDUMP;
+use heddle_tests::report::{
+    cert_table, datapath_tables, flow_table, identity_table, workload_table,
+};
 use heddle_tests::{
-    check_environment, Agent, ClientSpec, Direction, Flow, Pod, PodSpec, ServiceSpec,
-    TeardownHandle, Testbed,
+    check_environment, find_tool, Agent, CaOptions, ClientSpec, Direction, Flow, FlowEvent,
+    InboundMode, Node, Pod, PodSpec, Security, ServiceSpec, TeardownHandle, Testbed, TUNNEL_PORT,
 };
 
 /// The `demo/api` service's VIP.
 const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// Every step's payload: a packet capture looks for it.
+const MARKER: &str = "HEDDLE-DEMO-PLAINTEXT/";
+/// How long the agents get to obtain their first certificates.
+const CERT_WAIT: Duration = Duration::from_secs(15);
 
 /// The test bed to tear down if a signal arrives.
 static TEARDOWN: Mutex<Option<TeardownHandle>> = Mutex::new(None);
@@ -86,6 +99,19 @@ fn handle_signals() -> std::io::Result<()> {
     Ok(())
 }
 
+/// What a step should do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Delivered with this security; captured outbound / inbound or not.
+    Delivered {
+        security: Option<Security>,
+        outbound: bool,
+        inbound: bool,
+    },
+    /// Refused by the destination's agent (inbound mode STRICT).
+    Refused,
+}
+
 /// One kind of traffic.
 struct Step {
     from: Pod,
@@ -93,15 +119,19 @@ struct Step {
     to: SocketAddr,
     /// The pod the traffic ends up at (for inbound matching).
     target: Pod,
-    expect_outbound: bool,
-    expect_inbound: bool,
+    expect: Expect,
+    /// Capture node-a's link during this step.
+    capture: bool,
 }
 
 /// The cluster of the demo.
 struct Demo {
     tb: Testbed,
+    node_a: Node,
     agents: Vec<Agent>,
     steps: Vec<Step>,
+    /// Whether tcpdump is installed (the wire captures need it).
+    tcpdump: bool,
     _servers: Vec<heddle_tests::Process>,
 }
 
@@ -112,28 +142,42 @@ fn build() -> Result<Demo> {
     let b = tb.add_node("node-b")?;
     let web = tb.add_pod(&a, PodSpec::new("web-client").enrolled(true))?;
     let legacy = tb.add_pod(&a, PodSpec::new("legacy"))?;
-    let api = tb.add_pod(&b, PodSpec::new("api").enrolled(true))?;
+    let api = tb.add_pod(
+        &b,
+        PodSpec::new("api")
+            .enrolled(true)
+            .inbound_mode(InboundMode::Strict),
+    )?;
     let db = tb.add_pod(&b, PodSpec::new("db"))?;
     tb.add_service(ServiceSpec::new("api", API_VIP).port(80, 8080))?;
     let servers = vec![api.start_echo(8080)?, db.start_echo(5432)?];
-    println!("Starting agents on node-a and node-b…");
+    println!("Starting the mesh CA on node-a, then agents on node-a and node-b (mTLS on)…");
+    tb.start_ca(&a, CaOptions::default())?;
     let agents = tb.start_agents(&[&a, &b])?;
+    agents[0].wait_certificates(&[web.spiffe_id()], CERT_WAIT)?;
+    agents[1].wait_certificates(&[api.spiffe_id()], CERT_WAIT)?;
     let vip = SocketAddr::V4(SocketAddrV4::new(API_VIP, 80));
-    let step = |from: &Pod, label: &str, to: SocketAddr, target: &Pod, out: bool, inb: bool| Step {
+    let step = |from: &Pod, label: &str, to: SocketAddr, target: &Pod, expect, capture| Step {
         from: from.clone(),
         label: label.to_owned(),
         to,
         target: target.clone(),
-        expect_outbound: out,
-        expect_inbound: inb,
+        expect,
+        capture,
     };
+    let delivered = |security, outbound, inbound| Expect::Delivered {
+        security,
+        outbound,
+        inbound,
+    };
+    let mtls = Some(Security::MutualTls);
     let steps = vec![
         step(
             &web,
             "web-client -> api (pod IP)",
             api.addr(8080),
             &api,
-            true,
+            delivered(mtls, true, true),
             true,
         ),
         step(
@@ -141,17 +185,40 @@ fn build() -> Result<Demo> {
             "web-client -> api (service VIP)",
             vip,
             &api,
-            true,
+            delivered(mtls, true, true),
+            false,
+        ),
+        step(
+            &web,
+            "web-client -> db",
+            db.addr(5432),
+            &db,
+            delivered(Some(Security::Plaintext), true, false),
             true,
         ),
-        step(&web, "web-client -> db", db.addr(5432), &db, true, false),
-        step(&legacy, "legacy -> api", api.addr(8080), &api, false, true),
-        step(&legacy, "legacy -> db", db.addr(5432), &db, false, false),
+        step(
+            &legacy,
+            "legacy -> api (STRICT)",
+            api.addr(8080),
+            &api,
+            Expect::Refused,
+            false,
+        ),
+        step(
+            &legacy,
+            "legacy -> db",
+            db.addr(5432),
+            &db,
+            delivered(None, false, false),
+            false,
+        ),
     ];
     Ok(Demo {
         tb,
+        node_a: a,
         agents,
         steps,
+        tcpdump: find_tool(TCPDUMP).is_some(),
         _servers: servers,
     })
 }
@@ -159,22 +226,40 @@ fn build() -> Result<Demo> {
 fn run() -> Result<bool> {
     let demo = build()?;
     println!("\nCluster (id {}):", demo.tb.id());
+    let config = demo.tb.config();
     for pod in demo.tb.pods() {
-        let enrolled = demo
-            .tb
-            .config()
-            .workloads
-            .iter()
-            .any(|w| w.name == pod.name() && w.enrolled);
+        let w = config.workloads.iter().find(|w| w.name == pod.name());
+        let enrolled = w.is_some_and(|w| w.enrolled);
+        let strict = w.is_some_and(|w| w.inbound_mode == Some(InboundMode::Strict));
         println!(
-            "  {:<12} {:<7} {:<11} {}",
+            "  {:<12} {:<7} {:<11} {:<17} {}",
             pod.name(),
             pod.node_name(),
             pod.ip(),
-            if enrolled { "enrolled" } else { "not enrolled" }
+            match (enrolled, strict) {
+                (true, true) => "enrolled, STRICT",
+                (true, false) => "enrolled",
+                _ => "not enrolled",
+            },
+            if enrolled {
+                pod.spiffe_id()
+            } else {
+                String::new()
+            }
         );
     }
-    println!("  service demo/api {API_VIP}:80 -> 8080\n\nTraffic:");
+    if let Some(ca) = demo.tb.ca() {
+        println!("  mesh CA on {} at {}", ca.node().name(), ca.addr());
+    }
+    println!(
+        "  service demo/api {API_VIP}:80 -> 8080\n\nTraffic (each payload is {MARKER:?} repeated):"
+    );
+    if !demo.tcpdump {
+        println!(
+            "  (tcpdump is not installed, so the wire captures are skipped: install the Debian package `{}`)",
+            TCPDUMP.package
+        );
+    }
     let mut all_as_expected = true;
     for step in &demo.steps {
         all_as_expected &= run_step(&demo, step)?;
@@ -185,56 +270,148 @@ fn run() -> Result<bool> {
     Ok(all_as_expected)
 }
 
-/// Sends one step's traffic and says who captured it.
+/// What the agents recorded about one step.
+#[derive(Default)]
+struct Seen {
+    outbound_by: Vec<String>,
+    inbound_by: Vec<String>,
+    refused_by: Vec<String>,
+    security: Option<Security>,
+    identities: Option<String>,
+}
+
+impl Seen {
+    fn of(demo: &Demo, step: &Step, new_flows: &[Vec<Flow>]) -> Self {
+        let mut seen = Self::default();
+        for (agent, flows) in demo.agents.iter().zip(new_flows) {
+            let node = agent.node().name().to_owned();
+            if let Some(f) = flows.iter().find(|f| {
+                f.direction == Direction::Outbound && f.workload == step.from.qualified_name()
+            }) {
+                seen.outbound_by.push(node.clone());
+                seen.security = Some(f.security);
+                if f.is_mutual_tls() {
+                    seen.identities = Some(format!(
+                        "{} -> {}",
+                        f.src_identity.as_deref().unwrap_or("?"),
+                        f.dst_identity.as_deref().unwrap_or("?")
+                    ));
+                }
+            }
+            for f in flows.iter().filter(|f| {
+                f.direction == Direction::Inbound
+                    && f.workload == step.target.qualified_name()
+                    && f.src_ip() == Some(step.from.ip().into())
+            }) {
+                if f.event == FlowEvent::Error {
+                    seen.refused_by
+                        .push(format!("{node} ({})", f.error.as_deref().unwrap_or("?")));
+                    continue;
+                }
+                seen.inbound_by.push(node.clone());
+                seen.security = seen.security.or(Some(f.security));
+                if let Some(serial) = &f.peer_cert_serial {
+                    let ids = seen.identities.get_or_insert_with(|| {
+                        format!(
+                            "{} -> {}",
+                            f.src_identity.as_deref().unwrap_or("?"),
+                            f.dst_identity.as_deref().unwrap_or("?")
+                        )
+                    });
+                    let _ = write!(ids, " (client certificate serial {serial})");
+                }
+            }
+        }
+        seen
+    }
+
+    fn captured(&self) -> String {
+        match (self.outbound_by.is_empty(), self.inbound_by.is_empty()) {
+            (true, true) => "not captured".to_owned(),
+            (false, true) => format!("captured outbound by {}", self.outbound_by.join(",")),
+            (true, false) => format!("captured inbound by {}", self.inbound_by.join(",")),
+            (false, false) => format!(
+                "captured outbound by {}, inbound by {}",
+                self.outbound_by.join(","),
+                self.inbound_by.join(",")
+            ),
+        }
+    }
+}
+
+/// Sends one step's traffic and says what happened to it.
 fn run_step(demo: &Demo, step: &Step) -> Result<bool> {
     let before: Vec<u64> = demo
         .agents
         .iter()
         .map(|a| Ok(a.flows()?.last().map_or(0, |f| f.id)))
         .collect::<Result<_>>()?;
-    let summary = step.from.run_client(&ClientSpec::to(step.to).bytes(4096))?;
-    let new_flows = settle(&demo.agents, &before)?;
-    let mut outbound_by = Vec::new();
-    let mut inbound_by = Vec::new();
-    for (agent, flows) in demo.agents.iter().zip(&new_flows) {
-        let node = agent.node().name();
-        if flows
-            .iter()
-            .any(|f| f.direction == Direction::Outbound && f.workload == step.from.qualified_name())
-        {
-            outbound_by.push(node.to_owned());
-        }
-        if flows.iter().any(|f| {
-            f.direction == Direction::Inbound
-                && f.workload == step.target.qualified_name()
-                && f.src_ip() == Some(step.from.ip().into())
-        }) {
-            inbound_by.push(node.to_owned());
-        }
-    }
-    let delivered = summary.all_ok();
-    let captured = match (outbound_by.is_empty(), inbound_by.is_empty()) {
-        (true, true) => "not captured".to_owned(),
-        (false, true) => format!("captured outbound by {}", outbound_by.join(",")),
-        (true, false) => format!("captured inbound by {}", inbound_by.join(",")),
-        (false, false) => format!(
-            "captured outbound by {}, inbound by {}",
-            outbound_by.join(","),
-            inbound_by.join(",")
-        ),
+    let capture = if step.capture && demo.tcpdump {
+        Some(demo.tb.capture_link(&demo.node_a, "tcp")?)
+    } else {
+        None
     };
-    let as_expected = delivered
-        && outbound_by.is_empty() != step.expect_outbound
-        && inbound_by.is_empty() != step.expect_inbound;
+    let summary = step
+        .from
+        .run_client(&ClientSpec::to(step.to).bytes(4096).pattern(MARKER))?;
+    let wire = capture.map(heddle_tests::WireCapture::stop).transpose()?;
+    let new_flows = settle(&demo.agents, &before)?;
+    let seen = Seen::of(demo, step, &new_flows);
+    let delivered = summary.all_ok();
+    let as_expected = match step.expect {
+        Expect::Delivered {
+            security,
+            outbound,
+            inbound,
+        } => {
+            delivered
+                && seen.outbound_by.is_empty() != outbound
+                && seen.inbound_by.is_empty() != inbound
+                && seen.security == security
+        }
+        Expect::Refused => !delivered && !seen.refused_by.is_empty(),
+    };
+    let (outcome, how) = if delivered {
+        let how = match seen.security {
+            Some(Security::MutualTls) => "mTLS",
+            Some(Security::Plaintext) => "plaintext",
+            None => "direct",
+        };
+        ("delivered", how)
+    } else if seen.refused_by.is_empty() {
+        ("FAILED", "")
+    } else {
+        ("REFUSED", "")
+    };
+    let detail = if seen.refused_by.is_empty() {
+        seen.captured()
+    } else {
+        format!("reset by {}", seen.refused_by.join(", "))
+    };
     println!(
-        "  {:<34} {:<22} {:<10} {}{}",
+        "  {:<32} {:<18} {:<9} {:<10} {}{}",
         step.label,
         step.to,
-        if delivered { "delivered" } else { "FAILED" },
-        captured,
+        outcome,
+        how,
+        detail,
         if as_expected { "" } else { "   <-- UNEXPECTED" }
     );
-    if !delivered {
+    if let Some(ids) = &seen.identities {
+        println!("      identities: {ids}");
+    }
+    if let Some(wire) = wire {
+        let port = if seen.security == Some(Security::MutualTls) {
+            TUNNEL_PORT
+        } else {
+            step.to.port()
+        };
+        println!(
+            "      on the wire (node-a's link): {}",
+            wire.describe(port, MARKER)
+        );
+    }
+    if !delivered && step.expect != Expect::Refused {
         println!("      client: {summary}");
     }
     Ok(as_expected)
@@ -280,6 +457,17 @@ fn print_agent(agent: &Agent) -> Result<()> {
     } else {
         print!("{table}");
     }
+    let ids = identity_table(&flows);
+    if !ids.is_empty() {
+        println!("\nTunnelled connections (mTLS identities):");
+        print!("{ids}");
+    }
+    let certs = agent.certs()?;
+    println!(
+        "\nCertificates ({} pooled tunnel connections):",
+        certs.pooled_tunnels.unwrap_or(0)
+    );
+    print!("{}", cert_table(&certs));
     println!("\nWorkloads:");
     print!("{}", workload_table(&agent.workloads()?));
     let (reasons, maps) = datapath_tables(&agent.datapath()?);

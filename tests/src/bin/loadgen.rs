@@ -4,9 +4,10 @@
 //!   answers every request with N bytes.
 //! * `loadgen http --to ADDR --rate R --duration S --conns C --size N`: an
 //!   open-loop client: C keep-alive connections share R requests/s; each
-//!   request (POST of N bytes) has a scheduled send time, and its latency is
-//!   measured from that time (so a slow response delays the next request and
-//!   is charged for it: no coordinated omission). Prints one JSON line with
+//!   request (POST of N bytes) has a scheduled send time; when a slow
+//!   response delays the next request, that request's latency is measured
+//!   from its scheduled time (no coordinated omission), otherwise from when
+//!   it was sent (so the timer's 1 ms granularity is not counted). Prints one JSON line with
 //!   the count, errors and the p50/p90/p99/p99.9 latencies in microseconds.
 
 use std::{
@@ -116,12 +117,17 @@ async fn load(to: SocketAddr, rate: u32, duration: Duration, conns: u32, size: u
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             let mut k = 0u32;
+            let mut prev_done = start;
             loop {
                 let due = start + offset + interval * k;
                 if due >= start + duration {
                     break;
                 }
                 tokio::time::sleep_until(due.into()).await;
+                // Charged from the scheduled time when the previous response
+                // made this request late (no coordinated omission); from the
+                // real send time when only the timer's granularity did.
+                let t0 = if prev_done > due { due } else { Instant::now() };
                 let req = Request::post(format!("http://{to}/"))
                     .header(hyper::header::HOST, to.to_string())
                     .body(Full::new(body.clone()))?;
@@ -129,12 +135,13 @@ async fn load(to: SocketAddr, rate: u32, duration: Duration, conns: u32, size: u
                     // `to_bytes` consumes the body, so it cannot run in a match guard.
                     Ok(resp) => match resp.into_body().collect().await.map(http_body_util::Collected::to_bytes) {
                         Ok(b) if b.len() == size => {
-                            lat.push(u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX));
+                            lat.push(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
                         }
                         _ => errors += 1,
                     },
                     Err(_) => errors += 1,
                 }
+                prev_done = Instant::now();
                 k += 1;
             }
             anyhow::Ok((lat, errors))

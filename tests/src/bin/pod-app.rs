@@ -1,18 +1,25 @@
 //! `pod-app`: the application the test bed runs inside pods.
 //!
 //! - `pod-app echo --listen ADDR`: echoes every byte until the client's
-//!   EOF, then shuts down its write side (half-close honoured). A thread per
-//!   connection; the listen backlog is large so bursts of connects are not
-//!   dropped by the application itself.
-//! - `pod-app client --to ADDR [--bytes N] [--conns C] [--parallel P] [--hold]`:
-//!   C connections, at most P at once, each sending N bytes of
-//!   [`heddle_tests::podapp::pattern`], half-closing, and checking the echo is
-//!   byte-exact. With `--hold` each batch of P connections is established
-//!   before any transfers (a barrier), which proves P concurrent connections.
-//!   Prints one JSON [`ClientSummary`] line; exits 0 only if none failed.
+//!   EOF, then shuts down its write side (half-close honoured) and logs one
+//!   [`EchoRecord`] line (peer, bytes, FNV-1a checksum of what it received).
+//!   A thread per connection; the listen backlog is large so bursts of
+//!   connects are not dropped by the application itself.
+//! - `pod-app client --to ADDR [--bytes N] [--conns C] [--parallel P] [--hold]
+//!   [--pattern TEXT] [--chunks K --interval-ms MS] [--checksum]`:
+//!   C connections, at most P at once, each sending N bytes of its
+//!   [`Payload`] (the connection's [`heddle_tests::podapp::pattern`], or
+//!   TEXT repeated), half-closing, and checking the echo is byte-exact. With
+//!   `--hold` each batch of P connections is established before any
+//!   transfers (a barrier), which proves P concurrent connections. With
+//!   `--chunks` a connection instead sends K chunks of N bytes, MS apart,
+//!   verifying each chunk's echo before the next (a long-lived connection).
+//!   Prints one JSON [`ClientSummary`] line (with `--checksum`, the FNV-1a of
+//!   what each connection sent); exits 0 only if none failed.
 //!
 //! Plain threads and std sockets: the point is to behave like an ordinary
-//! application, with nothing mesh-aware in it.
+//! application, with nothing mesh-aware in it. Large payloads are generated,
+//! sent and verified as streams, so memory does not grow with `--bytes`.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -23,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use heddle_tests::podapp::{pattern, ClientSummary};
+use heddle_tests::podapp::{ClientSummary, ConnChecksum, EchoRecord, Fnv1a64, Payload};
 use socket2::{Domain, Socket, Type};
 
 /// Connect timeout per connection.
@@ -33,6 +40,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(20);
 /// Payloads up to this size are written before reading; larger ones are
 /// written from a second thread so a full echo path cannot deadlock.
 const INLINE_WRITE_MAX: usize = 64 * 1024;
+/// Block size of streamed payloads.
+const BLOCK: usize = 64 * 1024;
 /// Thread stack size: hundreds of connection threads run at once.
 const STACK_SIZE: usize = 256 * 1024;
 
@@ -56,7 +65,7 @@ enum Cmd {
         /// Server address.
         #[arg(long)]
         to: SocketAddr,
-        /// Bytes per connection.
+        /// Bytes per connection (per chunk with `--chunks`).
         #[arg(long, default_value_t = 1024)]
         bytes: usize,
         /// Number of connections.
@@ -68,6 +77,18 @@ enum Cmd {
         /// Establish each batch of `parallel` connections before transferring.
         #[arg(long)]
         hold: bool,
+        /// Send this text repeated instead of the pseudo-random pattern.
+        #[arg(long)]
+        pattern: Option<String>,
+        /// Send this many chunks of `bytes` per connection, one echo at a time.
+        #[arg(long, default_value_t = 0)]
+        chunks: usize,
+        /// Pause between chunks, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+        /// Report the FNV-1a checksum of what each connection sent.
+        #[arg(long)]
+        checksum: bool,
     },
 }
 
@@ -80,6 +101,10 @@ fn main() -> Result<()> {
             conns,
             parallel,
             hold,
+            pattern,
+            chunks,
+            interval_ms,
+            checksum,
         } => {
             let summary = client(&Plan {
                 to,
@@ -87,6 +112,10 @@ fn main() -> Result<()> {
                 conns,
                 parallel: parallel.max(1),
                 hold,
+                pattern,
+                chunks,
+                interval: Duration::from_millis(interval_ms),
+                checksum,
             });
             println!("{}", serde_json::to_string(&summary)?);
             std::process::exit(i32::from(!summary.all_ok()));
@@ -109,10 +138,9 @@ fn echo(listen: SocketAddr) -> Result<()> {
             Ok(stream) => {
                 let spawned = thread::Builder::new()
                     .stack_size(STACK_SIZE)
-                    .spawn(move || {
-                        if let Err(e) = echo_one(&stream) {
-                            eprintln!("echo: {e}");
-                        }
+                    .spawn(move || match echo_one(&stream) {
+                        Ok(record) => eprintln!("{}", record.line()),
+                        Err(e) => eprintln!("echo: {e}"),
                     });
                 if let Err(e) = spawned {
                     eprintln!("echo: cannot spawn a thread: {e}");
@@ -125,18 +153,28 @@ fn echo(listen: SocketAddr) -> Result<()> {
 }
 
 /// Echoes one connection until EOF, then half-closes.
-fn echo_one(stream: &TcpStream) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+fn echo_one(stream: &TcpStream) -> std::io::Result<EchoRecord> {
+    let peer = stream.peer_addr()?;
+    let mut buf = vec![0u8; BLOCK];
     let mut reader = stream;
     let mut writer = stream;
+    let mut bytes = 0u64;
+    let mut sum = Fnv1a64::default();
     loop {
         let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
+        sum.update(&buf[..n]);
+        bytes += n as u64;
         writer.write_all(&buf[..n])?;
     }
-    stream.shutdown(Shutdown::Write)
+    stream.shutdown(Shutdown::Write)?;
+    Ok(EchoRecord {
+        peer,
+        bytes,
+        fnv1a64: sum.hex(),
+    })
 }
 
 /// What the client does.
@@ -146,6 +184,19 @@ struct Plan {
     conns: usize,
     parallel: usize,
     hold: bool,
+    pattern: Option<String>,
+    chunks: usize,
+    interval: Duration,
+    checksum: bool,
+}
+
+impl Plan {
+    /// The byte stream connection `index` sends.
+    fn payload(&self, index: usize) -> Payload {
+        self.pattern
+            .as_deref()
+            .map_or_else(|| Payload::random(index as u64), Payload::text)
+    }
 }
 
 /// Runs the plan and summarises.
@@ -161,18 +212,38 @@ fn client(plan: &Plan) -> ClientSummary {
     } else {
         run_pool(plan, &summary);
     }
-    let summary = summary
+    let mut summary = summary
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
+    summary.checksums.sort_by_key(|c| c.conn);
     summary
 }
 
-fn record(summary: &Mutex<ClientSummary>, index: usize, result: Result<()>) {
+fn record(summary: &Mutex<ClientSummary>, plan: &Plan, index: usize, result: Result<Sent>) {
     let mut s = summary.lock().unwrap_or_else(PoisonError::into_inner);
     match result {
-        Ok(()) => s.ok += 1,
+        Ok(sent) => {
+            s.ok += 1;
+            if plan.checksum {
+                s.checksums.push(ConnChecksum {
+                    conn: index as u64,
+                    bytes: sent.bytes,
+                    fnv1a64: sent.sum.hex(),
+                });
+            }
+        }
         Err(e) => s.record_error(format!("conn {index}: {e:#}")),
+    }
+}
+
+/// One connection from connect to verified echo.
+fn run_one(plan: &Plan, index: usize, conn: Result<TcpStream>) -> Result<Sent> {
+    let stream = conn?;
+    if plan.chunks > 0 {
+        trickle(&stream, plan, index)
+    } else {
+        transfer(&stream, plan, index)
     }
 }
 
@@ -188,8 +259,8 @@ fn run_pool(plan: &Plan, summary: &Arc<Mutex<ClientSummary>>) {
                     if index >= plan.conns {
                         break;
                     }
-                    let result = connect(plan.to).and_then(|s| transfer(&s, index, plan.bytes));
-                    record(summary, index, result);
+                    let result = run_one(plan, index, connect(plan.to));
+                    record(summary, plan, index, result);
                 })
                 .expect("spawn client worker");
         }
@@ -208,8 +279,8 @@ fn run_batch(plan: &Plan, start: usize, batch: usize, summary: &Arc<Mutex<Client
                 .spawn_scoped(scope, move || {
                     let conn = connect(plan.to);
                     barrier.wait();
-                    let result = conn.and_then(|s| transfer(&s, index, plan.bytes));
-                    record(summary, index, result);
+                    let result = run_one(plan, index, conn);
+                    record(summary, plan, index, result);
                 })
                 .expect("spawn client connection");
         }
@@ -224,40 +295,135 @@ fn connect(to: SocketAddr) -> Result<TcpStream> {
     Ok(stream)
 }
 
-/// Sends the pattern of connection `index`, half-closes, reads to EOF and
-/// compares.
-fn transfer(stream: &TcpStream, index: usize, bytes: usize) -> Result<()> {
-    let payload = pattern(index as u64, bytes);
-    let received = if bytes <= INLINE_WRITE_MAX {
+/// What a connection sent, once its echo was verified.
+struct Sent {
+    bytes: u64,
+    sum: Fnv1a64,
+}
+
+/// Sends the connection's payload, half-closes, reads to EOF and compares.
+fn transfer(stream: &TcpStream, plan: &Plan, index: usize) -> Result<Sent> {
+    let bytes = plan.bytes;
+    if bytes <= INLINE_WRITE_MAX {
+        let mut payload = vec![0; bytes];
+        plan.payload(index).fill(&mut payload);
         send_all(stream, &payload)?;
-        read_to_end(stream, bytes)?
-    } else {
-        thread::scope(|scope| {
-            let writer = scope.spawn(|| send_all(stream, &payload));
-            let read = read_to_end(stream, bytes);
-            let written = writer
-                .join()
-                .map_err(|_| anyhow::anyhow!("writer panicked"))?;
-            written?;
-            read
-        })?
-    };
-    if received.len() != payload.len() {
-        anyhow::bail!("echoed {} bytes, sent {}", received.len(), payload.len());
+        let mut received = Vec::with_capacity(bytes);
+        let mut reader = stream;
+        reader.read_to_end(&mut received).context("read")?;
+        if received.len() != payload.len() {
+            anyhow::bail!("echoed {} bytes, sent {}", received.len(), payload.len());
+        }
+        if let Some(at) = received.iter().zip(&payload).position(|(a, b)| a != b) {
+            anyhow::bail!("echo differs at byte {at} of {bytes}");
+        }
+        let mut sum = Fnv1a64::default();
+        sum.update(&payload);
+        return Ok(Sent {
+            bytes: bytes as u64,
+            sum,
+        });
     }
-    if let Some(at) = received.iter().zip(&payload).position(|(a, b)| a != b) {
-        anyhow::bail!("echo differs at byte {at} of {bytes}");
+    thread::scope(|scope| {
+        let writer = scope.spawn(|| send_stream(stream, plan.payload(index), bytes));
+        let read = verify_stream(stream, plan.payload(index), bytes);
+        let written = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))?;
+        let sum = written?;
+        read?;
+        Ok(Sent {
+            bytes: bytes as u64,
+            sum,
+        })
+    })
+}
+
+/// Writes `len` bytes of `payload`, then half-closes; returns their checksum.
+fn send_stream(mut stream: &TcpStream, mut payload: Payload, len: usize) -> Result<Fnv1a64> {
+    let mut block = vec![0; BLOCK];
+    let mut sum = Fnv1a64::default();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(BLOCK);
+        payload.fill(&mut block[..n]);
+        sum.update(&block[..n]);
+        stream
+            .write_all(&block[..n])
+            .with_context(|| format!("write at byte {}", len - left))?;
+        left -= n;
+    }
+    stream
+        .shutdown(Shutdown::Write)
+        .context("shutdown(write)")?;
+    Ok(sum)
+}
+
+/// Reads to EOF, comparing with `expected` as it arrives.
+fn verify_stream(mut stream: &TcpStream, mut expected: Payload, len: usize) -> Result<()> {
+    let mut buf = vec![0; BLOCK];
+    let mut want = vec![0; BLOCK];
+    let mut got = 0usize;
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .with_context(|| format!("read at byte {got}"))?;
+        if n == 0 {
+            break;
+        }
+        if got + n > len {
+            anyhow::bail!("echoed more than the {len} bytes sent");
+        }
+        expected.fill(&mut want[..n]);
+        if let Some(at) = buf[..n].iter().zip(&want[..n]).position(|(a, b)| a != b) {
+            anyhow::bail!("echo differs at byte {} of {len}", got + at);
+        }
+        got += n;
+    }
+    if got != len {
+        anyhow::bail!("echoed {got} bytes, sent {len}");
     }
     Ok(())
+}
+
+/// `--chunks`: one chunk at a time, each echo verified, `interval` apart.
+fn trickle(stream: &TcpStream, plan: &Plan, index: usize) -> Result<Sent> {
+    let mut payload = plan.payload(index);
+    let mut chunk = vec![0; plan.bytes];
+    let mut echoed = vec![0; plan.bytes];
+    let mut sum = Fnv1a64::default();
+    let (mut reader, mut writer) = (stream, stream);
+    for i in 0..plan.chunks {
+        if i > 0 {
+            thread::sleep(plan.interval);
+        }
+        payload.fill(&mut chunk);
+        sum.update(&chunk);
+        writer
+            .write_all(&chunk)
+            .with_context(|| format!("write chunk {i} of {}", plan.chunks))?;
+        reader
+            .read_exact(&mut echoed)
+            .with_context(|| format!("read echo of chunk {i} of {}", plan.chunks))?;
+        if echoed != chunk {
+            anyhow::bail!("echo of chunk {i} differs");
+        }
+    }
+    stream
+        .shutdown(Shutdown::Write)
+        .context("shutdown(write)")?;
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).context("read to EOF")?;
+    if !rest.is_empty() {
+        anyhow::bail!("{} unexpected bytes after the last chunk", rest.len());
+    }
+    Ok(Sent {
+        bytes: (plan.bytes * plan.chunks) as u64,
+        sum,
+    })
 }
 
 fn send_all(mut stream: &TcpStream, payload: &[u8]) -> Result<()> {
     stream.write_all(payload).context("write")?;
     stream.shutdown(Shutdown::Write).context("shutdown(write)")
-}
-
-fn read_to_end(mut stream: &TcpStream, expected: usize) -> Result<Vec<u8>> {
-    let mut received = Vec::with_capacity(expected);
-    stream.read_to_end(&mut received).context("read")?;
-    Ok(received)
 }

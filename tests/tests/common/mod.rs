@@ -5,21 +5,28 @@
 //! ```text
 //! node-a: client (enrolled)   other (not enrolled)   [peer (enrolled, echo :8080)]
 //! node-b: server (enrolled, echo :8080)   plain (not enrolled, echo :8080)
+//!         [locked (enrolled, STRICT, echo :8080)]
+//!         [vault (namespace vault: STRICT; enrolled, echo :8080)]
+//!         [vault-open (namespace vault, itself PERMISSIVE; enrolled, echo :8080)]
 //! service demo/server  10.96.0.10:80 -> 8080
+//! [mesh CA on node-a, trust domain heddle.test]
 //! one agent per node
 //! ```
 //! Each test builds its own cluster; nothing is shared between tests.
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod mesh;
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use heddle_tests::agent::describe_flows;
+use heddle_tests::podapp::EchoRecord;
 use heddle_tests::{
-    check_environment, Agent, ClientSpec, ClientSummary, Direction, Flow, Node, Pod, PodSpec,
-    Process, ServiceSpec, Testbed,
+    check_environment, Agent, Ca, CaOptions, ClientSpec, ClientSummary, Direction, Flow,
+    InboundMode, Node, Pod, PodSpec, Process, ServiceSpec, Testbed,
 };
 
 /// Port of every echo server.
@@ -48,16 +55,62 @@ pub fn environment_ready() -> bool {
     }
 }
 
+/// The trust domain of clusters with mTLS (not the default, so the tests
+/// also prove the agents take it from the config).
+pub const TRUST_DOMAIN: &str = "heddle.test";
+
 /// What to add to the standard cluster.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     /// Add `peer`, an enrolled pod on node-a running echo.
     pub peer: bool,
+    /// Run a mesh CA (mTLS on) with these settings.
+    pub mtls: Option<Mtls>,
+    /// Add the STRICT pods `locked`, `vault` and `vault-open` on node-b.
+    pub strict: bool,
+}
+
+/// How the cluster's mesh CA runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mtls {
+    /// Certificate lifetime; `None` for the CA's default (a day).
+    pub ttl_seconds: Option<u64>,
+    /// Stop the CA before the agents start (it has written its state).
+    pub ca_down_at_start: bool,
+}
+
+impl Options {
+    /// The standard cluster with `peer`.
+    pub fn peer() -> Self {
+        Self {
+            peer: true,
+            ..Self::default()
+        }
+    }
+
+    /// The standard cluster with a mesh CA.
+    pub fn mtls() -> Self {
+        Self {
+            mtls: Some(Mtls::default()),
+            ..Self::default()
+        }
+    }
+}
+
+/// The pods of [`Options::strict`].
+pub struct StrictPods {
+    /// `demo/locked`: the pod itself is STRICT.
+    pub locked: Pod,
+    /// `vault/vault`: STRICT through its namespace.
+    pub vault: Pod,
+    /// `vault/vault-open`: PERMISSIVE itself in the STRICT namespace.
+    pub vault_open: Pod,
 }
 
 /// The standard cluster. Fields drop in order: processes, then the test bed.
 pub struct Cluster {
-    echo: Vec<Process>,
+    /// Echo servers by qualified pod name.
+    echo: Vec<(String, Process)>,
     pub agent_a: Agent,
     pub agent_b: Agent,
     pub client: Pod,
@@ -65,6 +118,8 @@ pub struct Cluster {
     pub server: Pod,
     pub plain: Pod,
     pub peer: Option<Pod>,
+    pub strict: Option<StrictPods>,
+    pub ca: Option<Ca>,
     pub node_a: Node,
     pub node_b: Node,
     pub tb: Testbed,
@@ -86,16 +141,41 @@ impl Cluster {
         let server = tb.add_pod(&node_b, PodSpec::new("server").enrolled(true))?;
         let plain = tb.add_pod(&node_b, PodSpec::new("plain"))?;
         tb.add_service(ServiceSpec::new("server", SERVER_VIP).port(SERVER_VIP_PORT, ECHO_PORT))?;
-        let mut echo = vec![server.start_echo(ECHO_PORT)?, plain.start_echo(ECHO_PORT)?];
-        if let Some(peer) = &peer {
-            echo.push(peer.start_echo(ECHO_PORT)?);
+        let strict = if options.strict {
+            Some(add_strict_pods(&tb, &node_b)?)
+        } else {
+            None
+        };
+        let mut echo = Vec::new();
+        for pod in [&server, &plain].into_iter().chain(&peer).chain(
+            strict
+                .iter()
+                .flat_map(|s| [&s.locked, &s.vault, &s.vault_open]),
+        ) {
+            echo.push((pod.qualified_name(), pod.start_echo(ECHO_PORT)?));
         }
+        let ca = match options.mtls {
+            Some(mtls) => {
+                tb.set_trust_domain(TRUST_DOMAIN)?;
+                let ca = tb.start_ca(
+                    &node_a,
+                    CaOptions {
+                        ttl_seconds: mtls.ttl_seconds,
+                    },
+                )?;
+                if mtls.ca_down_at_start {
+                    ca.stop();
+                }
+                Some(ca)
+            }
+            None => None,
+        };
         let mut agents = tb.start_agents(&[&node_a, &node_b])?.into_iter();
         let (agent_a, agent_b) = (
             agents.next().context("agent a")?,
             agents.next().context("agent b")?,
         );
-        Ok(Self {
+        let cluster = Self {
             echo,
             agent_a,
             agent_b,
@@ -104,11 +184,77 @@ impl Cluster {
             server,
             plain,
             peer,
+            strict,
+            ca,
             node_a,
             node_b,
             tb,
-        })
+        };
+        if cluster.ca.as_ref().is_some_and(Ca::is_running) {
+            cluster.wait_certificates()?;
+        }
+        Ok(cluster)
     }
+
+    /// What the echo server of `pod` logged about the connections it served.
+    pub fn echo_records(&self, pod: &Pod) -> Vec<EchoRecord> {
+        self.echo
+            .iter()
+            .filter(|(name, _)| *name == pod.qualified_name())
+            .flat_map(|(_, p)| EchoRecord::parse_log(&p.log_text()))
+            .collect()
+    }
+
+    /// Waits until each agent holds a certificate for each enrolled pod on
+    /// its node (the tunnel server of each one asks for it at enrollment).
+    pub fn wait_certificates(&self) -> Result<()> {
+        let config = self.tb.config();
+        for agent in [&self.agent_a, &self.agent_b] {
+            let ids: Vec<String> = self
+                .tb
+                .pods()
+                .iter()
+                .filter(|p| p.node_name() == agent.node().name())
+                .filter(|p| {
+                    config
+                        .workloads
+                        .iter()
+                        .any(|w| w.name == p.name() && w.enrolled)
+                })
+                .map(Pod::spiffe_id)
+                .collect();
+            agent.wait_certificates(&ids, WAIT)?;
+        }
+        Ok(())
+    }
+}
+
+/// `locked` (STRICT itself), and in namespace `vault` (STRICT) `vault`
+/// and `vault-open` (PERMISSIVE itself).
+fn add_strict_pods(tb: &Testbed, node: &Node) -> Result<StrictPods> {
+    tb.set_namespace_inbound_mode("vault", InboundMode::Strict)?;
+    let locked = tb.add_pod(
+        node,
+        PodSpec::new("locked")
+            .enrolled(true)
+            .inbound_mode(InboundMode::Strict),
+    )?;
+    let vault = tb.add_pod(
+        node,
+        PodSpec::new("vault").namespace("vault").enrolled(true),
+    )?;
+    let vault_open = tb.add_pod(
+        node,
+        PodSpec::new("vault-open")
+            .namespace("vault")
+            .enrolled(true)
+            .inbound_mode(InboundMode::Permissive),
+    )?;
+    Ok(StrictPods {
+        locked,
+        vault,
+        vault_open,
+    })
 }
 
 /// Runs an end-to-end test: skips if the environment cannot host it, builds
