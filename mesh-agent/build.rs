@@ -22,7 +22,11 @@ fn main() -> anyhow::Result<()> {
         let linked = Command::new("rustup")
             .args(["toolchain", "list"])
             .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("heddle-bpf")));
+            .is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.starts_with("heddle-bpf"))
+            });
         if linked { "heddle-bpf" } else { "nightly" }.to_owned()
     });
     if toolchain == "heddle-bpf" && std::env::var_os("RUSTC_BOOTSTRAP").is_none() {

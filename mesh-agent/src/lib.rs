@@ -15,5 +15,6 @@ pub mod datapath;
 pub mod flows;
 pub mod identity;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod registry;

@@ -1,20 +1,40 @@
 //! `heddle`: the Heddle command-line interface. It talks to a node agent's
-//! admin API (default: this node's, `http://127.0.0.1:15000`).
+//! admin API (default: this node's, `http://127.0.0.1:15000`), except for
+//! `heddle policy`, which evaluates and validates authorization policies
+//! offline, from files, with the agent's own engine ([`mesh_agent::policy`]).
 //!
-//! This is the first cut (flows, workloads, status); the observability issue
-//! grows it into a `hubble observe`-like tool.
+//! This is the first cut (flows, workloads, status, policy); the
+//! observability issue grows it into a `hubble observe`-like tool.
 
-use std::time::Duration;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
-use serde_json::Value;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mesh_agent::policy::{
+    self, load, Connection, Destination, OrigDst, PeerIdentity, PolicySet, SrcIp,
+};
+use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(name = "heddle", version, about = "Inspect a Heddle node agent: captured flows, workloads, datapath status")]
+#[command(
+    name = "heddle",
+    version,
+    about = "Inspect a Heddle node agent (captured flows, workloads, datapath status) and evaluate authorization policies offline"
+)]
 struct Cli {
     /// Admin API of the agent to query.
-    #[arg(long, env = "HEDDLE_AGENT", default_value = "http://127.0.0.1:15000", global = true)]
+    #[arg(
+        long,
+        env = "HEDDLE_AGENT",
+        default_value = "http://127.0.0.1:15000",
+        global = true
+    )]
     agent: String,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
@@ -30,6 +50,7 @@ enum Output {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start-up
 enum Command {
     /// Show recent flows (connections the agent captured).
     Flows {
@@ -41,11 +62,81 @@ enum Command {
     Workloads,
     /// Show agent health, attached eBPF programs, map usage and datapath counters.
     Status,
+    /// Authorization policies, offline: evaluate a connection, validate files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start-up
+enum PolicyCommand {
+    /// Decide one inbound connection against policy files, as the destination
+    /// agent would: prints ALLOW or DENY, the deciding policy, rule and
+    /// reason. Exit status: 0 allow, 1 deny, 2 invalid input.
+    Eval(EvalArgs),
+    /// Check policy files and report every problem in every file.
+    /// Exit status: 0 if all are valid, 2 otherwise.
+    Validate {
+        /// Files or directories of (multi-document) YAML.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Policy file or directory (multi-document YAML); may be repeated.
+    #[arg(short = 'f', long = "policies", required = true, num_args = 1..)]
+    policies: Vec<PathBuf>,
+    /// Namespace of the destination workload.
+    #[arg(long)]
+    dst_namespace: String,
+    /// Labels of the destination workload: k=v,k2=v2.
+    #[arg(long, value_parser = parse_labels, default_value = "")]
+    dst_labels: Labels,
+    /// Destination port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    dst_port: u16,
+    /// Destination IP (needed only by `destination.ip` conditions).
+    #[arg(long)]
+    dst_ip: Option<IpAddr>,
+    /// Authenticated peer identity, trust-domain/ns/NS/sa/SA; without it the
+    /// peer is plaintext (unauthenticated).
+    #[arg(long)]
+    src_principal: Option<PeerIdentity>,
+    /// Source IP (needed only by `ipBlocks` and `source.ip`).
+    #[arg(long)]
+    src_ip: Option<IpAddr>,
+    /// Namespace whose policies apply mesh-wide.
+    #[arg(long, env = "HEDDLE_ROOT_NAMESPACE", default_value = policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Evaluate with the valid policies even if some are invalid, as the
+    /// agent does (the problems are still printed).
+    #[arg(long)]
+    skip_invalid: bool,
+}
+
+/// Workload labels from `--dst-labels`.
+#[derive(Clone, Debug, Default)]
+struct Labels(BTreeMap<String, String>);
+
+fn parse_labels(s: &str) -> Result<Labels, String> {
+    let mut labels = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                labels.insert(k.trim().to_owned(), v.trim().to_owned())
+            }
+            _ => return Err(format!("{pair:?} is not key=value")),
+        };
+    }
+    Ok(Labels(labels))
+}
+
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Policy(cmd) => return Ok(policy_command(cmd, cli.output)),
         Command::Flows { last } => {
             let flows = get(&cli.agent, &format!("/flows?last={last}"))?;
             if cli.output == Output::Json {
@@ -66,23 +157,32 @@ fn main() -> anyhow::Result<()> {
             let dp = get(&cli.agent, "/datapath")?;
             let stats = get(&cli.agent, "/stats")?;
             if cli.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"datapath": dp, "stats": stats}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"datapath": dp, "stats": stats})
+                    )?
+                );
             } else {
                 print_status(&dp, &stats);
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn get(agent: &str, path: &str) -> anyhow::Result<Value> {
     let url = format!("{}{path}", agent.trim_end_matches('/'));
-    let agent_err = || format!("cannot reach the Heddle agent at {agent} (is mesh-agent running on this node? use --agent URL)");
+    let agent_err = || {
+        format!("cannot reach the Heddle agent at {agent} (is mesh-agent running on this node? use --agent URL)")
+    };
     let resp = ureq::get(&url)
         .timeout(Duration::from_secs(5))
         .call()
         .with_context(agent_err)?;
-    let v: Value = resp.into_json().with_context(|| format!("invalid JSON from {url}"))?;
+    let v: Value = resp
+        .into_json()
+        .with_context(|| format!("invalid JSON from {url}"))?;
     if v.is_null() {
         bail!("empty answer from {url}");
     }
@@ -106,18 +206,33 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n}B") } else { format!("{v:.1}{}", UNITS[u]) }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
 }
 
 fn print_flows(flows: &Value) {
     println!(
         "{:<12} {:<5} {:<8} {:<20} {:<21} {:<21} {:<21} {:>9} {:>9} {:>8}",
-        "TIME", "EVENT", "DIR", "WORKLOAD", "SOURCE", "ORIGINAL DST", "SENT TO", "SENT", "RECEIVED", "DURATION"
+        "TIME",
+        "EVENT",
+        "DIR",
+        "WORKLOAD",
+        "SOURCE",
+        "ORIGINAL DST",
+        "SENT TO",
+        "SENT",
+        "RECEIVED",
+        "DURATION"
     );
     for f in flows.as_array().into_iter().flatten() {
         let time = s(&f["time"]);
         let time = time.get(11..23).unwrap_or(&time).to_owned();
-        let dur = f["duration_ms"].as_f64().map_or("-".into(), |d| format!("{d:.1}ms"));
+        let dur = f["duration_ms"]
+            .as_f64()
+            .map_or("-".into(), |d| format!("{d:.1}ms"));
         let mut dst = s(&f["dst"]);
         if let Some(svc) = f["service"].as_str() {
             dst = format!("{dst} ({svc})");
@@ -134,7 +249,10 @@ fn print_flows(flows: &Value) {
             human_bytes(f["bytes_sent"].as_u64().unwrap_or(0)),
             human_bytes(f["bytes_received"].as_u64().unwrap_or(0)),
             dur,
-            f["error"].as_str().map(|e| format!("  error: {e}")).unwrap_or_default(),
+            f["error"]
+                .as_str()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default(),
         );
     }
 }
@@ -161,17 +279,214 @@ fn print_workloads(w: &Value) {
 
 fn print_status(dp: &Value, stats: &Value) {
     println!("agent:        up (node {})", s(&stats["node"]));
-    println!("connections:  {} open, {} fds", s(&stats["activeConnections"]), s(&stats["openFds"]));
+    println!(
+        "connections:  {} open, {} fds",
+        s(&stats["activeConnections"]),
+        s(&stats["openFds"])
+    );
     println!("programs:");
     for p in dp["programs"].as_array().into_iter().flatten() {
-        println!("  {:<18} {:<16} {}", s(&p["program"]), s(&p["attach"]), s(&p["target"]));
+        println!(
+            "  {:<18} {:<16} {}",
+            s(&p["program"]),
+            s(&p["attach"]),
+            s(&p["target"])
+        );
     }
     println!("maps:");
     for (name, m) in dp["maps"].as_object().into_iter().flatten() {
-        println!("  {:<20} {:>6} / {}", name, s(&m["entries"]), s(&m["capacity"]));
+        println!(
+            "  {:<20} {:>6} / {}",
+            name,
+            s(&m["entries"]),
+            s(&m["capacity"])
+        );
     }
     println!("datapath decisions:");
     for (name, n) in dp["reasons"].as_object().into_iter().flatten() {
         println!("  {name:<28} {}", s(n));
     }
+}
+
+/// Exit status of `heddle policy`: allow, deny, invalid input.
+const EXIT_ALLOW: u8 = 0;
+const EXIT_DENY: u8 = 1;
+const EXIT_INVALID: u8 = 2;
+
+fn policy_command(cmd: PolicyCommand, output: Output) -> ExitCode {
+    ExitCode::from(match cmd {
+        PolicyCommand::Eval(args) => policy_eval(&args, output),
+        PolicyCommand::Validate { files } => policy_validate(&files, output),
+    })
+}
+
+/// Loaded files, the set built from them, and every problem found, each
+/// message prefixed with where its object came from.
+struct Checked {
+    set: PolicySet,
+    errors: Vec<String>,
+    warnings: Vec<(policy::PolicyRef, String)>,
+    notes: Vec<String>,
+    objects: usize,
+}
+
+fn check(paths: &[PathBuf], root_namespace: &str) -> Checked {
+    let loaded = load::load_paths(paths);
+    let origins: Vec<load::Origin> = loaded.objects.iter().map(|(o, _)| o.clone()).collect();
+    let objects = origins.len();
+    let (set, policy_errors) =
+        PolicySet::from_objects(loaded.objects.into_iter().map(|(_, o)| o), root_namespace);
+    let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    errors.extend(
+        policy_errors
+            .iter()
+            .map(|e| format!("{}: {e}", origins[e.index])),
+    );
+    let warnings = set
+        .warnings()
+        .iter()
+        .map(|w| (w.policy.clone(), format!("{}: {w}", origins[w.index])))
+        .collect();
+    let notes = loaded
+        .skipped
+        .iter()
+        .map(|s| {
+            format!(
+                "{}: skipped, kind {:?} is not AuthorizationPolicy",
+                s.origin, s.kind
+            )
+        })
+        .collect();
+    Checked {
+        set,
+        errors,
+        warnings,
+        notes,
+        objects,
+    }
+}
+
+fn policy_eval(args: &EvalArgs, output: Output) -> u8 {
+    let checked = check(&args.policies, &args.root_namespace);
+    let labels = &args.dst_labels.0;
+    let applied = checked.set.applicable(&args.dst_namespace, labels);
+    let mut errors = checked.errors.clone();
+    if args.skip_invalid {
+        for e in &checked.errors {
+            eprintln!("warning: ignoring invalid policy: {e}");
+        }
+        errors.clear();
+    }
+    // An address that some applicable rule looks at must be given: a default
+    // would silently decide those rules.
+    let missing =
+        |needed: fn(&policy::AppliedPolicy) -> bool, what: &str, flag: &str, given: bool| {
+            let p = applied.iter().find(|p| needed(p) && !given)?;
+            Some(format!(
+                "policy {} looks at the {what}: pass {flag}",
+                p.policy
+            ))
+        };
+    errors.extend(missing(
+        |p| p.needs_source_ip,
+        "source IP",
+        "--src-ip",
+        args.src_ip.is_some(),
+    ));
+    errors.extend(missing(
+        |p| p.needs_destination_ip,
+        "destination IP",
+        "--dst-ip",
+        args.dst_ip.is_some(),
+    ));
+    if !errors.is_empty() {
+        report_invalid(&errors, output);
+        return EXIT_INVALID;
+    }
+    let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let conn = Connection {
+        dst: Destination {
+            namespace: &args.dst_namespace,
+            labels,
+            addr: OrigDst(SocketAddr::new(
+                args.dst_ip.unwrap_or(unspecified),
+                args.dst_port,
+            )),
+        },
+        src: SrcIp(args.src_ip.unwrap_or(unspecified)),
+        peer: args.src_principal.as_ref(),
+    };
+    let decision = policy::authorize(&checked.set, &conn);
+    let warnings: Vec<&String> = checked
+        .warnings
+        .iter()
+        .filter(|(p, _)| applied.iter().any(|a| &a.policy == p))
+        .map(|(_, w)| w)
+        .collect();
+    if output == Output::Json {
+        let mut out = decision.to_json();
+        out["warnings"] = json!(warnings);
+        println!("{out}");
+    } else {
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+        println!("{decision}");
+    }
+    if decision.is_allowed() {
+        EXIT_ALLOW
+    } else {
+        EXIT_DENY
+    }
+}
+
+fn report_invalid(errors: &[String], output: Output) {
+    if output == Output::Json {
+        println!("{}", json!({ "verdict": null, "errors": errors }));
+    }
+    for e in errors {
+        eprintln!("error: {e}");
+    }
+}
+
+fn policy_validate(files: &[PathBuf], output: Output) -> u8 {
+    let checked = check(files, policy::DEFAULT_ROOT_NAMESPACE);
+    let valid = checked.errors.is_empty();
+    let warnings: Vec<&String> = checked.warnings.iter().map(|(_, w)| w).collect();
+    if output == Output::Json {
+        let out = json!({
+            "valid": valid,
+            "objects": checked.objects,
+            "errors": checked.errors,
+            "warnings": warnings,
+            "skipped": checked.notes,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        for e in &checked.errors {
+            println!("error: {e}");
+        }
+        for w in &warnings {
+            println!("warning: {w}");
+        }
+        for n in &checked.notes {
+            println!("note: {n}");
+        }
+        println!(
+            "{}: {} AuthorizationPolicy objects, {}, {}",
+            if valid { "valid" } else { "invalid" },
+            checked.objects,
+            counted(checked.errors.len(), "problem"),
+            counted(warnings.len(), "warning"),
+        );
+    }
+    if valid {
+        EXIT_ALLOW
+    } else {
+        EXIT_INVALID
+    }
+}
+
+fn counted(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
