@@ -8,6 +8,7 @@
 //! the destination pod's port 15008) when the destination is an enrolled
 //! workload, in plaintext otherwise.
 
+pub mod h2splice;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;

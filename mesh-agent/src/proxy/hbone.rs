@@ -18,14 +18,14 @@ use std::{
     time::Duration,
 };
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{client::conn::http2, Method, Request, StatusCode, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::{Method, Request, StatusCode, Uri};
 use mesh_common::PORT_TUNNEL;
 use rustls::{pki_types::ServerName, ClientConfig, RootCertStore};
 
-use super::{sockets, Pod};
+use super::{h2splice::H2Stream, sockets, Pod};
 use crate::identity::{certs::CertManager, tls, SpiffeId};
 
 /// Time to obtain a source certificate before failing the connection.
@@ -41,8 +41,6 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// Header carrying the reason of a refused CONNECT.
 pub const REASON_HEADER: &str = "heddle-reason";
 
-/// A byte stream inside a tunnel.
-pub type TunnelStream = TokioIo<hyper::upgrade::Upgraded>;
 
 /// Why a tunnel could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +70,7 @@ pub enum TunnelError {
     },
     /// HTTP/2 failed.
     #[error("tunnel HTTP/2: {0}")]
-    Http(#[from] hyper::Error),
+    Http(#[from] h2::Error),
     /// The destination agent refused the CONNECT.
     #[error("destination refused the tunnel ({status}): {reason}")]
     Refused {
@@ -115,8 +113,10 @@ struct PoolKey {
 }
 
 struct Pooled {
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: h2::client::SendRequest<Bytes>,
     generation: u64,
+    /// Set by the connection's driver task when the connection ends.
+    closed: Arc<AtomicBool>,
 }
 
 /// The mesh side of the agent: certificates, trust, the tunnel pool.
@@ -149,14 +149,13 @@ impl Mesh {
         src: &SpiffeId,
         dst: SocketAddr,
         dst_id: &SpiffeId,
-    ) -> Result<TunnelStream, TunnelError> {
+    ) -> Result<H2Stream, TunnelError> {
         let cert = self.certs.get(src, CERT_WAIT).await?;
         let key = PoolKey {
             src: src.clone(),
             dst_ip: dst.ip(),
             dst_id: dst_id.clone(),
         };
-        let mut sender = self.sender(pod, &key, cert.generation).await?;
         let uri = Uri::builder()
             .authority(dst.to_string())
             .build()
@@ -164,13 +163,29 @@ impl Mesh {
                 status: StatusCode::BAD_REQUEST,
                 reason: e.to_string(),
             })?;
+        // A pooled connection may have just died: retry once on a new one.
+        let mut fresh = false;
+        loop {
+            let sender = self.sender(pod, &key, cert.generation, fresh).await?;
+            match Self::request(sender, &uri).await {
+                Err(TunnelError::Http(e)) if !fresh && (e.is_go_away() || e.is_io() || e.reason().is_none()) => {
+                    tracing::debug!(error = %e, "pooled tunnel connection failed; retrying on a new one");
+                    fresh = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn request(sender: h2::client::SendRequest<Bytes>, uri: &Uri) -> Result<H2Stream, TunnelError> {
+        let mut sender = sender.ready().await?;
         let req = Request::builder()
             .method(Method::CONNECT)
-            .uri(uri)
-            .version(hyper::Version::HTTP_2)
-            .body(Empty::new())
+            .uri(uri.clone())
+            .body(())
             .expect("static request");
-        let resp = sender.send_request(req).await?;
+        let (response, send) = sender.send_request(req, false)?;
+        let resp = response.await?;
         if resp.status() != StatusCode::OK {
             let reason = resp
                 .headers()
@@ -183,28 +198,32 @@ impl Mesh {
                 reason,
             });
         }
-        let upgraded = hyper::upgrade::on(resp).await?;
-        Ok(TokioIo::new(upgraded))
+        Ok(H2Stream {
+            send,
+            recv: resp.into_body(),
+        })
     }
 
-    /// A ready sender for `key`, reusing a pooled connection made with the
-    /// current certificate generation, else opening a new one.
+    /// A sender for `key`: a pooled connection made with the current
+    /// certificate generation (unless `fresh`), else a new connection.
     async fn sender(
         &self,
         pod: &Pod,
         key: &PoolKey,
         generation: u64,
-    ) -> Result<http2::SendRequest<Empty<Bytes>>, TunnelError> {
-        {
+        fresh: bool,
+    ) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
+        if !fresh {
             let mut pool = self.pool.lock().expect("pool lock");
             if let Some(conns) = pool.get_mut(key) {
-                conns.retain(|c| !c.sender.is_closed() && c.generation >= generation);
-                if let Some(c) = conns.iter().find(|c| c.sender.is_ready()) {
+                conns.retain(|c| !c.closed.load(Ordering::Acquire) && c.generation >= generation);
+                if let Some(c) = conns.first() {
                     return Ok(c.sender.clone());
                 }
             }
         }
-        let sender = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open(pod, key))
+        let closed = Arc::new(AtomicBool::new(false));
+        let sender = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open(pod, key, closed.clone()))
             .await
             .map_err(|_| TunnelError::Timeout)??;
         self.pool
@@ -215,6 +234,7 @@ impl Mesh {
             .push(Pooled {
                 sender: sender.clone(),
                 generation,
+                closed,
             });
         Ok(sender)
     }
@@ -233,30 +253,30 @@ impl Mesh {
         &self,
         pod: &Pod,
         key: &PoolKey,
-    ) -> Result<http2::SendRequest<Empty<Bytes>>, TunnelError> {
+        closed: Arc<AtomicBool>,
+    ) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
         let addr = SocketAddr::new(key.dst_ip, PORT_TUNNEL);
         let tcp = sockets::connect_in(&pod.netns, addr).await?;
         let connector = tokio_rustls::TlsConnector::from(self.client_config(&key.src)?);
         let name = ServerName::IpAddress(key.dst_ip.into());
-        let tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| TunnelError::Tls {
-                addr,
-                message: e.to_string(),
-            })?;
+        let tls = connector.connect(name, tcp).await.map_err(|e| TunnelError::Tls {
+            addr,
+            message: e.to_string(),
+        })?;
         tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&key.dst_id))
             .map_err(|source| TunnelError::Identity { addr, source })?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .handshake(TokioIo::new(tls))
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
             .await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "tunnel connection ended");
             }
+            closed.store(true, Ordering::Release);
         });
         tracing::debug!(src = %key.src, dst = %addr, "tunnel connection opened");
         Ok(sender)
@@ -269,7 +289,7 @@ impl Mesh {
             .lock()
             .expect("pool lock")
             .values()
-            .map(Vec::len)
+            .map(|v| v.iter().filter(|c| !c.closed.load(Ordering::Acquire)).count())
             .sum()
     }
 }

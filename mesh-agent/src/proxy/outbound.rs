@@ -95,7 +95,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         // and the application's own source port.
         info.src = pod.ips.first().map(|ip| SocketAddr::new(*ip, peer.port()));
         ctx.flows.opened(conn, &info);
-        let done = splice(client, stream).await;
+        let done = super::h2splice::splice(client, stream).await;
         ctx.flows.closed(
             conn,
             &info,

@@ -31,6 +31,10 @@ struct Args {
     /// Connections for the new-connections measurement.
     #[arg(long, default_value_t = 5000)]
     conns: usize,
+    /// Run the agents without a CA (plaintext forwarding), to separate the
+    /// cost of capture and proxying from the cost of mTLS + HTTP/2.
+    #[arg(long)]
+    no_mtls: bool,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -82,8 +86,12 @@ fn main() -> Result<()> {
     eprintln!("bench: measuring the direct path ({} s per measurement)…", args.seconds);
     let direct = measure(&args, &client, &server, &loadgen, &[])?;
 
-    eprintln!("bench: starting the CA and both agents (mTLS on)…");
-    tb.start_ca(&a, CaOptions::default())?;
+    if args.no_mtls {
+        eprintln!("bench: starting both agents WITHOUT a CA (plaintext forwarding)…");
+    } else {
+        eprintln!("bench: starting the CA and both agents (mTLS on)…");
+        tb.start_ca(&a, CaOptions::default())?;
+    }
     let agents = tb.start_agents(&[&a, &b])?;
     // Warm-up: certificates and the pooled tunnel.
     let warm = client.run_client(&ClientSpec::to(server.addr(ECHO_PORT)))?;
@@ -92,9 +100,10 @@ fn main() -> Result<()> {
     let mesh = measure(&args, &client, &server, &loadgen, &agents)?;
     let rss: Vec<f64> = agents.iter().map(peak_rss_mib).collect::<Result<_>>()?;
     let flows = agents[0].flows()?;
+    let want = if args.no_mtls { heddle_tests::Security::Plaintext } else { heddle_tests::Security::MutualTls };
     ensure!(
-        flows.iter().any(|f| f.security == heddle_tests::Security::MutualTls),
-        "the meshed run carried no mTLS flow: the benchmark did not measure the mesh"
+        flows.iter().any(|f| f.security == want),
+        "the meshed run carried no {want:?} flow: the benchmark did not measure the mesh"
     );
 
     #[allow(clippy::cast_precision_loss)]
@@ -224,7 +233,8 @@ fn report(args: &Args, d: &Figures, m: &Figures, cpu_per_k: f64, rss: &[f64]) {
     let added = |m: f64, d: f64| format!("+{:.1} µs", m - d);
     println!();
     println!("Heddle benchmark: client on node-a, server on node-b, {} s per measurement", args.seconds);
-    println!("{:<44} {:>12} {:>12} {:>14}", "", "direct", "mesh (mTLS)", "mesh vs direct");
+    let mode = if args.no_mtls { "mesh (plain)" } else { "mesh (mTLS)" };
+    println!("{:<44} {:>12} {:>12} {:>14}", "", "direct", mode, "mesh vs direct");
     println!("{:<44} {:>12.2} {:>12.2} {:>14}", "single-stream throughput, Gbit/s (iperf3)", d.gbps, m.gbps, ratio(m.gbps, d.gbps));
     println!("{:<44} {:>12.1} {:>12.1} {:>14}", "1 KiB ping-pong one-way avg, µs (sockperf)", d.pp_avg_us, m.pp_avg_us, added(m.pp_avg_us, d.pp_avg_us));
     println!("{:<44} {:>12.1} {:>12.1} {:>14}", "1 KiB ping-pong one-way p50, µs", d.pp_p50_us, m.pp_p50_us, added(m.pp_p50_us, d.pp_p50_us));
