@@ -14,11 +14,8 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{
-    body::Incoming, server::conn::http2, service::service_fn, Method, Request, Response, StatusCode,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::{server::SendResponse, RecvStream};
+use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -26,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use super::{
     accept_loop,
     hbone::{Mesh, CONN_WINDOW, MAX_FRAME, REASON_HEADER, STREAM_WINDOW},
+    h2splice::{self, H2Stream},
     sockets::connect_in,
-    splice::splice,
     Pod, ProxyContext,
 };
 use crate::{
@@ -114,21 +111,29 @@ async fn serve_connection(
         .and_then(<[_]>::first)
         .and_then(tls::serial_of);
     let info = Arc::new(info);
-    let service = service_fn(move |req| {
-        let (pod, ctx, info, peer_id) = (pod.clone(), ctx.clone(), info.clone(), peer_id.clone());
-        async move {
-            Ok::<_, std::convert::Infallible>(serve_stream(req, &pod, &ctx, &info, &peer_id).await)
-        }
-    });
-    let served = http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
-        .serve_connection(TokioIo::new(tls), service)
+        .handshake::<_, Bytes>(tls)
         .await;
-    if let Err(e) = served {
-        tracing::debug!(%peer, error = %e, "tunnel connection ended with an error");
+    let mut h2 = match handshake {
+        Ok(c) => c,
+        Err(e) => return fail(&info, format!("tunnel HTTP/2 handshake failed: {e}")),
+    };
+    // `accept` also drives the connection's I/O for every open stream.
+    while let Some(next) = h2.accept().await {
+        match next {
+            Ok((req, respond)) => {
+                let (pod, ctx2, info, peer_id) = (pod.clone(), ctx.clone(), info.clone(), peer_id.clone());
+                ctx.tracker.spawn(async move { serve_stream(req, respond, &pod, &ctx2, &info, &peer_id).await });
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "tunnel connection ended with an error");
+                break;
+            }
+        }
     }
 }
 
@@ -167,8 +172,8 @@ pub fn connect_target(uri: &hyper::Uri, pod_ips: &[std::net::IpAddr]) -> Result<
     }
 }
 
-fn refuse(status: StatusCode, reason: &str) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn refuse(status: StatusCode, reason: &str) -> Response<()> {
+    let mut r = Response::new(());
     *r.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(reason) {
         r.headers_mut().insert(REASON_HEADER, v);
@@ -177,12 +182,13 @@ fn refuse(status: StatusCode, reason: &str) -> Response<Empty<Bytes>> {
 }
 
 async fn serve_stream(
-    req: Request<Incoming>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     pod: &Arc<Pod>,
     ctx: &Arc<ProxyContext>,
     info: &ConnInfo,
     _peer_id: &SpiffeId,
-) -> Response<Empty<Bytes>> {
+) {
     let conn = ctx.flows.conn_id();
     let mut info = info.clone();
     if req.method() != Method::CONNECT {
@@ -191,7 +197,8 @@ async fn serve_stream(
             &info,
             format!("tunnel request {} is not CONNECT", req.method()),
         );
-        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served");
+        let _ = respond.send_response(refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served"), true);
+        return;
     }
     let target = match connect_target(req.uri(), &pod.ips) {
         Ok(t) => t,
@@ -200,7 +207,8 @@ async fn serve_stream(
                 info.orig_dst = Some(*t);
             }
             ctx.flows.failed(conn, &info, refusal.to_string());
-            return refuse(StatusCode::BAD_REQUEST, refusal.reason());
+            let _ = respond.send_response(refuse(StatusCode::BAD_REQUEST, refusal.reason()), true);
+        return;
         }
     };
     info.orig_dst = Some(target);
@@ -211,36 +219,34 @@ async fn serve_stream(
         Ok(s) => s,
         Err(e) => {
             ctx.flows.failed(conn, &info, e.to_string());
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, e.reason());
+            let _ = respond.send_response(refuse(StatusCode::SERVICE_UNAVAILABLE, e.reason()), true);
+        return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            super::sockets::reset(upstream);
+            ctx.flows.failed(conn, &info, format!("tunnel stream: {e}"));
+            return;
         }
     };
     ctx.flows.opened(conn, &info);
-    let ctx = ctx.clone();
-    ctx.tracker.clone().spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => {
-                let done = splice(upstream, TokioIo::new(upgraded)).await;
-                ctx.flows.closed(
-                    conn,
-                    &info,
-                    (done.to_tcp, done.from_tcp),
-                    started.elapsed(),
-                    done.error.map(|e| e.to_string()),
-                );
-            }
-            Err(e) => {
-                super::sockets::reset(upstream);
-                ctx.flows.closed(
-                    conn,
-                    &info,
-                    (0, 0),
-                    started.elapsed(),
-                    Some(format!("tunnel upgrade failed: {e}")),
-                );
-            }
-        }
-    });
-    Response::new(Empty::new())
+    let done = h2splice::splice(
+        upstream,
+        H2Stream {
+            send,
+            recv: req.into_body(),
+        },
+    )
+    .await;
+    ctx.flows.closed(
+        conn,
+        &info,
+        (done.to_tcp, done.from_tcp),
+        started.elapsed(),
+        done.error.map(|e| e.to_string()),
+    );
 }
 
 #[cfg(test)]
