@@ -1,7 +1,8 @@
 //! The admin API (HTTP/1.1 on localhost:15000 of the node): health,
 //! readiness, the workload registry with capture status, recent flows, the
 //! datapath (attachments, map occupancy, per-reason counters), the effective
-//! configuration and process statistics. The `heddle` CLI and the tests read
+//! configuration, the authorization policies in force (with rejected ones
+//! and decision counters) and process statistics. The `heddle` CLI and the tests read
 //! it; everything is JSON. Read-only: nothing here changes agent state.
 
 use std::{
@@ -24,7 +25,13 @@ use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{capture::Capture, datapath::Datapath, flows::FlowLog, registry::SharedRegistry};
+use crate::{
+    authz::{source::PolicyStatus, Authorizer},
+    capture::Capture,
+    datapath::Datapath,
+    flows::FlowLog,
+    registry::SharedRegistry,
+};
 
 /// Default number of flows returned by `/flows`.
 const DEFAULT_FLOWS: usize = 1000;
@@ -49,6 +56,10 @@ pub struct AdminState {
     pub config_error: Mutex<Option<String>>,
     /// mTLS state, when a CA is configured.
     pub mesh: Option<Arc<crate::proxy::hbone::Mesh>>,
+    /// Policy enforcement: the set in force, live connections, counters.
+    pub authz: Arc<Authorizer>,
+    /// The policy source's status (rejected policies, caveats).
+    pub policy_status: Arc<Mutex<PolicyStatus>>,
 }
 
 /// Serves the admin API on `listener` until `stop` fires.
@@ -111,6 +122,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             None => json!({ "mtls": false, "certificates": [] }),
         }),
         "/datapath" => json_response(&datapath(state)),
+        "/policies" => json_response(&policies(state)),
         "/config" => json_response(&json!({
             "node": state.node,
             "flags": state.effective_config,
@@ -123,7 +135,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         })),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /ready /workloads /flows /certs /datapath /config /stats\n",
+            "not found; try /healthz /ready /workloads /flows /certs /datapath /policies /config /stats\n",
         ),
     }
 }
@@ -184,6 +196,39 @@ fn datapath(state: &AdminState) -> Value {
         .collect();
     let reasons: BTreeMap<&str, u64> = state.datapath.reasons().into_iter().collect();
     json!({ "programs": programs, "maps": maps, "reasons": reasons })
+}
+
+/// `GET /policies`: the root namespace, the policies in force (`loaded`),
+/// those rejected from the current source content (`errors`, each naming the
+/// policy and field), caveats (`warnings`), the source and its content hash,
+/// why the current content is not applied (`sourceError`), live inbound
+/// connections, and decision counters per (action, policy, verdict).
+fn policies(state: &AdminState) -> Value {
+    let set = state.authz.policies();
+    let status = state.policy_status.lock().expect("lock").clone();
+    let loaded: Vec<Value> = set
+        .summaries()
+        .into_iter()
+        .map(|p| {
+            json!({
+                "policy": p.policy,
+                "action": p.action.as_str(),
+                "rules": p.rules,
+                "dryRun": p.dry_run,
+            })
+        })
+        .collect();
+    json!({
+        "rootNamespace": set.root_namespace(),
+        "source": status.source,
+        "contentHash": status.content_hash,
+        "loaded": loaded,
+        "errors": status.errors,
+        "warnings": status.warnings,
+        "sourceError": status.source_error,
+        "liveConnections": state.authz.live_count(),
+        "decisions": state.authz.decisions(),
+    })
 }
 
 fn open_fds() -> usize {

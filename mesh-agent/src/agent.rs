@@ -1,9 +1,11 @@
-//! The composition root of `mesh-agent run`: loads the configuration, starts
-//! the datapath, enrolls pods, serves the admin API, watches the
-//! configuration file, and shuts down in order on SIGTERM/SIGINT.
+//! The composition root of `mesh-agent run`: loads the configuration and the
+//! authorization policies, starts the datapath, enrolls pods, serves the
+//! admin API, watches the configuration and policy files, and shuts down in
+//! order on SIGTERM/SIGINT.
 //!
-//! Tasks (all on the tokio runtime): the admin server, the config watcher,
-//! two accept loops per enrolled pod, one task per proxied connection, and
+//! Tasks (all on the tokio runtime): the admin server, the watcher (config
+//! and policies), the policy re-evaluation task ([`Authorizer::run`]), the
+//! accept loops of each enrolled pod, one task per proxied connection, and
 //! the eBPF log reader.
 
 use std::{
@@ -23,6 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, AdminState},
+    authz::{source::PolicySource, Authorizer},
     capture::Capture,
     config,
     datapath::Datapath,
@@ -57,6 +60,10 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// The mesh CA; `None` runs without mTLS (plaintext forwarding).
     pub ca: Option<CaClientSettings>,
+    /// Authorization policies (a file or a directory); `None`: no policies.
+    pub policies: Option<PathBuf>,
+    /// The namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
 }
 
 /// How the agent reaches the mesh CA.
@@ -103,6 +110,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let initial = config::parse(&settings.config, &initial_text)?;
     let (registry_tx, registry_rx) =
         watch::channel::<SharedRegistry>(Arc::new(Registry::from_config(&initial)));
+    let (policies, policies_rx) =
+        PolicySource::open(settings.policies.as_deref(), &settings.root_namespace)
+            .context("loading the authorization policies (--policies)")?;
+    let authz = Arc::new(Authorizer::new(policies_rx, registry_rx.clone()));
 
     let home = Arc::new(Netns::current()?);
     let datapath = Arc::new(
@@ -117,7 +128,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!("no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development");
         None
     };
-    let flows = Arc::new(FlowLog::new(settings.flow_capacity));
+    let flows = Arc::new(FlowLog::new(settings.flow_capacity, authz.clone()));
     let tracker = TaskTracker::new();
     let ctx = Arc::new(ProxyContext {
         datapath: datapath.clone(),
@@ -139,6 +150,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         effective_config: serde_json::to_value(&settings)?,
         config_error: Mutex::new(None),
         mesh,
+        authz: authz.clone(),
+        policy_status: policies.status(),
     });
     let admin_listener = admin::bind(settings.admin_addr)
         .await
@@ -156,20 +169,26 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(node = %settings.node, admin = %settings.admin_addr, "agent ready");
 
-    let watcher = tokio::spawn(watch_config(
-        settings.config.clone(),
-        initial_text,
-        registry_tx,
-        capture.clone(),
-        admin_state.clone(),
-        stop.clone(),
-    ));
+    let reevaluator = tokio::spawn(authz.run(stop.clone()));
+    let watcher = tokio::spawn(
+        Watcher {
+            path: settings.config.clone(),
+            last_good: initial_text,
+            last_bad: None,
+            registry_tx,
+            policies,
+            capture: capture.clone(),
+            admin: admin_state.clone(),
+        }
+        .run(stop.clone()),
+    );
 
     wait_for_shutdown().await?;
     tracing::info!("shutting down: un-enrolling pods, draining connections");
     admin_state.ready.store(false, Ordering::Release);
     stop.cancel();
     let _ = watcher.await;
+    let _ = reevaluator.await;
     capture.lock().expect("capture lock").shutdown();
     tracker.close();
     if tokio::time::timeout(settings.drain_timeout, tracker.wait())
@@ -196,56 +215,73 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-reads the file on SIGHUP and every [`POLL_INTERVAL`]; a valid change is
-/// published and applied, an invalid one is logged (once) and the last good
-/// state kept. Every tick also retries pods that failed to enroll.
-async fn watch_config(
+/// Re-reads the configuration file and the policy source on SIGHUP and
+/// every [`POLL_INTERVAL`]. A valid configuration change is published and
+/// applied; an invalid one is logged (once) and the last good state kept.
+/// Policies: see [`PolicySource::reload`]. Every tick also retries pods that
+/// failed to enroll.
+struct Watcher {
     path: PathBuf,
-    mut last_good: String,
+    last_good: String,
+    last_bad: Option<String>,
     registry_tx: watch::Sender<SharedRegistry>,
+    policies: PolicySource,
     capture: Arc<Mutex<Capture>>,
     admin: Arc<AdminState>,
-    stop: CancellationToken,
-) {
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler; relying on polling");
-        return;
-    };
-    let mut last_bad: Option<String> = None;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = hup.recv() => tracing::info!(file = %path.display(), "SIGHUP: reloading configuration"),
-            () = tokio::time::sleep(POLL_INTERVAL) => {},
+}
+
+impl Watcher {
+    async fn run(mut self, stop: CancellationToken) {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot install the SIGHUP handler; relying on polling");
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = hup.recv() => tracing::info!(file = %self.path.display(), "SIGHUP: reloading configuration and policies"),
+                () = tokio::time::sleep(POLL_INTERVAL) => {},
+            }
+            self.reload_config();
+            self.policies.reload();
+            let registry = self.registry_tx.borrow().clone();
+            self.capture
+                .lock()
+                .expect("capture lock")
+                .reconcile(&registry);
         }
-        match std::fs::read_to_string(&path) {
-            Ok(text) if text != last_good && Some(&text) != last_bad.as_ref() => {
-                match config::parse(&path, &text) {
+    }
+
+    fn reload_config(&mut self) {
+        let path = &self.path;
+        match std::fs::read_to_string(path) {
+            Ok(text) if text != self.last_good && Some(&text) != self.last_bad.as_ref() => {
+                match config::parse(path, &text) {
                     Ok(cfg) => {
                         tracing::info!(file = %path.display(), "configuration reloaded");
-                        registry_tx.send_replace(Arc::new(Registry::from_config(&cfg)));
-                        *admin.config_error.lock().expect("lock") = None;
-                        last_good = text;
-                        last_bad = None;
+                        self.registry_tx
+                            .send_replace(Arc::new(Registry::from_config(&cfg)));
+                        *self.admin.config_error.lock().expect("lock") = None;
+                        self.last_good = text;
+                        self.last_bad = None;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "configuration rejected; keeping the last good one");
-                        *admin.config_error.lock().expect("lock") = Some(e.to_string());
-                        last_bad = Some(text);
+                        *self.admin.config_error.lock().expect("lock") = Some(e.to_string());
+                        self.last_bad = Some(text);
                     }
                 }
             }
             Ok(_) => {}
             Err(e) => {
                 let msg = format!("cannot read {}: {e}", path.display());
-                if admin.config_error.lock().expect("lock").as_deref() != Some(msg.as_str()) {
+                let mut error = self.admin.config_error.lock().expect("lock");
+                if error.as_deref() != Some(msg.as_str()) {
                     tracing::error!(error = %msg, "keeping the last good configuration");
-                    *admin.config_error.lock().expect("lock") = Some(msg);
+                    *error = Some(msg);
                 }
             }
         }
-        let registry = registry_tx.borrow().clone();
-        capture.lock().expect("capture lock").reconcile(&registry);
     }
 }
 

@@ -1,6 +1,12 @@
 //! Flow records: one per captured connection at open and at close (and one
 //! per connection that failed), kept in a bounded ring for the admin API, and
-//! per-workload connection and byte counters.
+//! per-workload connection and byte counters. Inbound records also say what
+//! authorization policy decided ([`PolicyMark`], set by the handler from the
+//! [`crate::authz`] decision).
+//!
+//! The log also carries the agent's [`Authorizer`], because every
+//! connection handler already holds the log (through `proxy::ProxyContext`);
+//! see [`FlowLog::authz`].
 //!
 //! Recording never blocks the data path for long: a short critical section
 //! on a std mutex, no I/O, bounded memory (the oldest record is dropped when
@@ -11,14 +17,14 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime},
 };
 
 use serde::Serialize;
 
-use crate::registry::ObjectRef;
+use crate::{authz::Authorizer, policy::PolicyRef, registry::ObjectRef};
 
 /// Direction of a captured connection relative to the enrolled pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -51,6 +57,40 @@ pub enum Event {
     Close,
     /// The connection could not be forwarded.
     Error,
+}
+
+/// What happened to a connection as far as the mesh is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Forwarded (allowed, or not subject to policy: outbound).
+    Forwarded,
+    /// Refused or closed by authorization policy (or by failing closed).
+    Denied,
+    /// Forwarded, and an AUDIT policy matched.
+    Audited,
+    /// Could not be forwarded for another reason.
+    Error,
+}
+
+/// What authorization policy said about a connection, for its records.
+/// The default (not evaluated) fits outbound connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyMark {
+    /// Refused at admission, or closed by a later change.
+    pub denied: bool,
+    /// An AUDIT policy matched.
+    pub audited: bool,
+    /// The deciding policy.
+    pub policy: Option<PolicyRef>,
+    /// Its matching rule.
+    pub rule: Option<usize>,
+    /// The AUDIT policy that matched.
+    pub audit_policy: Option<PolicyRef>,
+    /// What the dry-run policies would have decided, as a phrase.
+    pub dry_run: Option<String>,
+    /// The policy whose change closed this live connection.
+    pub closed_by_policy: Option<PolicyRef>,
 }
 
 /// One flow record (see the admin API in ARCHITECTURE.md).
@@ -93,6 +133,19 @@ pub struct FlowRecord {
     pub duration_ms: Option<f64>,
     /// What went wrong (error records, or a close that ended in an error).
     pub error: Option<String>,
+    /// `forwarded`, `denied`, `audited` or `error`.
+    pub verdict: Verdict,
+    /// The policy that decided (inbound), `ns/name`.
+    pub policy: Option<String>,
+    /// The index of its rule that matched.
+    pub policy_rule: Option<usize>,
+    /// The AUDIT policy that matched, `ns/name`.
+    pub audit_policy: Option<String>,
+    /// What the dry-run policies would have decided.
+    pub dry_run: Option<String>,
+    /// Close records of live connections closed by a policy change: the
+    /// policy, `ns/name` (`policy` and `policy_rule` give the decision).
+    pub closed_by_policy: Option<String>,
 }
 
 /// Per-workload totals.
@@ -134,6 +187,8 @@ pub struct ConnInfo {
     pub dst_identity: Option<String>,
     /// Peer certificate serial.
     pub peer_cert_serial: Option<String>,
+    /// What authorization policy decided (inbound).
+    pub policy: PolicyMark,
 }
 
 impl ConnInfo {
@@ -151,6 +206,7 @@ impl ConnInfo {
             src_identity: None,
             dst_identity: None,
             peer_cert_serial: None,
+            policy: PolicyMark::default(),
         }
     }
 }
@@ -163,13 +219,15 @@ pub struct FlowLog {
     active: AtomicU64,
     ring: Mutex<VecDeque<FlowRecord>>,
     counters: Mutex<BTreeMap<ObjectRef, WorkloadCounters>>,
+    authz: Arc<Authorizer>,
 }
 
 impl FlowLog {
-    /// A log keeping at most `capacity` records.
+    /// A log keeping at most `capacity` records, carrying `authz`.
     #[must_use]
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, authz: Arc<Authorizer>) -> Self {
         Self {
+            authz,
             capacity: capacity.max(1),
             next_id: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
@@ -177,6 +235,14 @@ impl FlowLog {
             ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
             counters: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The agent's authorizer. It lives here only because the connection
+    /// handlers reach the agent's shared state through `ProxyContext`, which
+    /// has no field for it yet; it belongs there.
+    #[must_use]
+    pub fn authz(&self) -> &Arc<Authorizer> {
+        &self.authz
     }
 
     /// A new connection id.
@@ -251,6 +317,14 @@ impl FlowLog {
         duration: Option<Duration>,
         error: Option<String>,
     ) {
+        let mark = &info.policy;
+        let verdict = match event {
+            _ if mark.denied => Verdict::Denied,
+            Event::Error => Verdict::Error,
+            Event::Open | Event::Close if mark.audited => Verdict::Audited,
+            Event::Open | Event::Close => Verdict::Forwarded,
+        };
+        let name = |p: &Option<PolicyRef>| p.as_ref().map(ToString::to_string);
         let record = FlowRecord {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             conn,
@@ -270,6 +344,12 @@ impl FlowLog {
             bytes_received,
             duration_ms: duration.map(|d| d.as_secs_f64() * 1000.0),
             error,
+            verdict,
+            policy: name(&mark.policy),
+            policy_rule: mark.rule,
+            audit_policy: name(&mark.audit_policy),
+            dry_run: mark.dry_run.clone(),
+            closed_by_policy: name(&mark.closed_by_policy),
         };
         let mut ring = self.ring.lock().expect("ring lock");
         if ring.len() == self.capacity {
@@ -328,6 +408,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{policy::PolicySet, registry::Registry};
+
+    fn log(capacity: usize) -> FlowLog {
+        let (_, policies) = tokio::sync::watch::channel(Arc::new(PolicySet::default()));
+        let (_, registry) = tokio::sync::watch::channel(Arc::new(Registry::default()));
+        FlowLog::new(capacity, Arc::new(Authorizer::new(policies, registry)))
+    }
 
     fn info() -> ConnInfo {
         let mut i = ConnInfo::new(
@@ -343,7 +430,7 @@ mod tests {
 
     #[test]
     fn keeps_only_the_newest_records() {
-        let log = FlowLog::new(3);
+        let log = log(3);
         for _ in 0..5 {
             log.failed(log.conn_id(), &info(), "x".into());
         }
@@ -354,7 +441,7 @@ mod tests {
 
     #[test]
     fn counts_connections_and_bytes_per_workload() {
-        let log = FlowLog::new(10);
+        let log = log(10);
         let i = info();
         log.opened(1, &i);
         assert_eq!(log.active(), 1);
@@ -365,6 +452,60 @@ mod tests {
             (c.outbound_connections, c.bytes_sent, c.bytes_received),
             (1, 100, 7)
         );
+    }
+
+    #[test]
+    fn records_say_what_policy_decided() {
+        let log = log(10);
+        let mut i = info();
+        log.opened(1, &i);
+        log.failed(2, &i, "refused".into());
+        i.policy = PolicyMark {
+            audited: true,
+            policy: Some(PolicyRef::new("demo", "allow")),
+            rule: Some(1),
+            audit_policy: Some(PolicyRef::new("demo", "watch")),
+            ..PolicyMark::default()
+        };
+        log.opened(3, &i);
+        i.policy = PolicyMark {
+            denied: true,
+            policy: Some(PolicyRef::new("demo", "deny")),
+            rule: Some(0),
+            closed_by_policy: Some(PolicyRef::new("demo", "deny")),
+            ..PolicyMark::default()
+        };
+        log.closed(
+            3,
+            &i,
+            (1, 1),
+            Duration::from_millis(1),
+            Some("closed".into()),
+        );
+        let r = log.recent(10);
+        let verdicts: Vec<Verdict> = r.iter().map(|r| r.verdict).collect();
+        assert_eq!(
+            verdicts,
+            [
+                Verdict::Forwarded,
+                Verdict::Error,
+                Verdict::Audited,
+                Verdict::Denied
+            ]
+        );
+        assert_eq!(
+            (
+                r[2].policy.as_deref(),
+                r[2].policy_rule,
+                r[2].audit_policy.as_deref()
+            ),
+            (Some("demo/allow"), Some(1), Some("demo/watch"))
+        );
+        let json = serde_json::to_value(&r[3]).unwrap();
+        assert_eq!(json["verdict"], "denied");
+        assert_eq!(json["closed_by_policy"], "demo/deny");
+        assert_eq!(json["policy_rule"], 0);
+        assert!(json["dry_run"].is_null() && json["audit_policy"].is_null());
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! Modules, one concern each: [`config`] (the local file), [`registry`] (the
 //! cluster view), [`netns`] (namespaces and in-pod sockets), [`datapath`]
 //! (eBPF programs and maps), [`capture`] (enrollment), [`proxy`] (the
-//! forwarding legs), [`flows`] (records and counters), [`admin`] (the admin
-//! API), [`agent`] (the composition root).
+//! forwarding legs), [`policy`] (the authorization policy engine), [`authz`]
+//! (enforcing it on inbound connections), [`flows`] (records and counters),
+//! [`admin`] (the admin API), [`agent`] (the composition root).
 
 pub mod admin;
 pub mod agent;
+pub mod authz;
 pub mod capture;
 pub mod config;
 pub mod datapath;

@@ -80,6 +80,13 @@ struct RunArgs {
     /// PEM file of the trusted mesh roots.
     #[arg(long, env = "HEDDLE_TRUST_BUNDLE")]
     trust_bundle: Option<PathBuf>,
+    /// Authorization policies: a multi-document YAML file or a directory of
+    /// them, reloaded like the configuration. Without it no policy applies.
+    #[arg(long, env = "HEDDLE_POLICIES")]
+    policies: Option<PathBuf>,
+    /// The namespace whose policies apply to every workload.
+    #[arg(long, env = "HEDDLE_ROOT_NAMESPACE", default_value = mesh_agent::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
 }
 
 #[derive(clap::Args)]
@@ -160,6 +167,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             }),
             _ => None,
         },
+        policies: args.policies,
+        root_namespace: args.root_namespace,
     };
     agent::raise_fd_limit();
     tokio::runtime::Builder::new_multi_thread()

@@ -40,7 +40,7 @@ pub use eval::{
     authorize, Connection, Decision, Destination, DryRunDecision, OrigDst, PeerIdentity, Reason,
     RuleRef, SrcIp, Verdict,
 };
-pub use index::{AppliedPolicy, PolicySet};
+pub use index::{AppliedPolicy, PolicySet, PolicySummary};
 pub use model::{Action, AuthorizationPolicy, ObjectMeta};
 
 /// The root namespace used when none is configured: policies there apply

@@ -74,6 +74,31 @@ impl fmt::Display for Security {
     }
 }
 
+/// What the mesh did with a connection, per flow record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Forwarded (allowed by policy, or not subject to it).
+    Forwarded,
+    /// Refused, or closed, by authorization policy.
+    Denied,
+    /// Forwarded, and an AUDIT policy matched.
+    Audited,
+    /// Failed for another reason.
+    Error,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Forwarded => "forwarded",
+            Self::Denied => "denied",
+            Self::Audited => "audited",
+            Self::Error => "error",
+        })
+    }
+}
+
 /// One record of `GET /flows`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Flow {
@@ -120,6 +145,24 @@ pub struct Flow {
     pub duration_ms: Option<f64>,
     /// Error text for `error` records.
     pub error: Option<String>,
+    /// What the mesh did (absent from agents before policy enforcement).
+    #[serde(default)]
+    pub verdict: Option<Verdict>,
+    /// The deciding authorization policy, `namespace/name` (inbound).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The index of its matching rule.
+    #[serde(default)]
+    pub policy_rule: Option<usize>,
+    /// The AUDIT policy that matched, `namespace/name`.
+    #[serde(default)]
+    pub audit_policy: Option<String>,
+    /// What dry-run policies would have decided.
+    #[serde(default)]
+    pub dry_run: Option<String>,
+    /// Close records of live connections closed by a policy change.
+    #[serde(default)]
+    pub closed_by_policy: Option<String>,
 }
 
 impl Flow {
@@ -176,6 +219,24 @@ impl fmt::Display for Flow {
         }
         if let Some(serial) = &self.peer_cert_serial {
             write!(f, " peer_serial={serial}")?;
+        }
+        if let Some(v) = self.verdict {
+            write!(f, " verdict={v}")?;
+        }
+        if let Some(p) = &self.policy {
+            write!(f, " policy={p}")?;
+            if let Some(r) = self.policy_rule {
+                write!(f, " rule={r}")?;
+            }
+        }
+        if let Some(p) = &self.audit_policy {
+            write!(f, " audited_by={p}")?;
+        }
+        if let Some(d) = &self.dry_run {
+            write!(f, " dry_run={d:?}")?;
+        }
+        if let Some(p) = &self.closed_by_policy {
+            write!(f, " closed_by_policy={p}")?;
         }
         if let Some(e) = &self.error {
             write!(f, " error={e}")?;
@@ -332,6 +393,97 @@ pub struct Certificate {
     pub last_error: Option<String>,
 }
 
+/// `GET /policies`: the authorization policies an agent enforces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Policies {
+    /// The namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
+    /// The `--policies` file or directory, if any.
+    pub source: Option<PathBuf>,
+    /// `fnv1a64:<hex>` of the source content the agent last read.
+    pub content_hash: Option<String>,
+    /// The policies in force.
+    pub loaded: Vec<LoadedPolicy>,
+    /// Policies rejected from that content: `policy ns/name: field: problem`.
+    pub errors: Vec<String>,
+    /// Caveats about accepted policies.
+    pub warnings: Vec<String>,
+    /// Why the current content is not applied (the previous set is), if so.
+    pub source_error: Option<String>,
+    /// Inbound connections registered for re-evaluation now.
+    pub live_connections: u64,
+    /// Decision counters.
+    pub decisions: Vec<DecisionCount>,
+}
+
+impl Policies {
+    /// The loaded policy `ns/name`, if in force.
+    #[must_use]
+    pub fn policy(&self, qualified_name: &str) -> Option<&LoadedPolicy> {
+        self.loaded.iter().find(|p| p.policy == qualified_name)
+    }
+
+    /// The counter of (`policy`, `verdict`), 0 if absent.
+    #[must_use]
+    pub fn decisions_of(&self, policy: &str, verdict: &str) -> u64 {
+        self.decisions
+            .iter()
+            .filter(|d| d.policy.as_deref() == Some(policy) && d.verdict == verdict)
+            .map(|d| d.count)
+            .sum()
+    }
+}
+
+impl fmt::Display for Policies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "hash={} loaded=[",
+            self.content_hash.as_deref().unwrap_or("-")
+        )?;
+        for (i, p) in self.loaded.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{} {} rules={}", p.policy, p.action, p.rules)?;
+            if p.dry_run {
+                f.write_str(" dry-run")?;
+            }
+        }
+        write!(f, "] errors={:?}", self.errors)?;
+        if let Some(e) = &self.source_error {
+            write!(f, " sourceError={e:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One policy in force, per `GET /policies`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadedPolicy {
+    /// `namespace/name`.
+    pub policy: String,
+    /// `ALLOW`, `DENY` or `AUDIT`.
+    pub action: String,
+    /// Number of rules.
+    pub rules: usize,
+    /// Evaluated but not enforced.
+    pub dry_run: bool,
+}
+
+/// One decision counter of `GET /policies`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DecisionCount {
+    /// The deciding policy's action (`null` if none decided).
+    pub action: Option<String>,
+    /// The policy, `namespace/name` (`null` if none decided).
+    pub policy: Option<String>,
+    /// `allow`, `deny`, `audit`, `dry_run_allow`, `dry_run_deny`, `close`.
+    pub verdict: String,
+    /// How many.
+    pub count: u64,
+}
+
 /// Talks to one agent's admin API from inside its node's netns.
 #[derive(Debug, Clone)]
 pub(crate) struct AdminClient {
@@ -455,6 +607,35 @@ mod tests {
         );
         let off: Certs = serde_json::from_str(r#"{"mtls":false,"certificates":[]}"#).unwrap();
         assert!(!off.mtls && off.pooled_tunnels.is_none());
+    }
+
+    #[test]
+    fn decodes_policy_fields_of_flows_and_the_policies_endpoint() {
+        let flow: Flow = serde_json::from_str(
+            r#"{"id":5,"conn":6,"time":"t","event":"close","direction":"inbound","workload":"demo/server",
+            "src":"10.44.1.2:40000","orig_dst":"10.44.2.2:8080","dst":"10.44.2.2:8080","service":null,
+            "bytes_sent":1,"bytes_received":1,"duration_ms":1.5,"error":"closed by policy change",
+            "verdict":"denied","policy":"demo/cut","policy_rule":0,"audit_policy":null,"dry_run":null,
+            "closed_by_policy":"demo/cut"}"#,
+        )
+        .unwrap();
+        assert_eq!(flow.verdict, Some(Verdict::Denied));
+        assert_eq!(flow.closed_by_policy.as_deref(), Some("demo/cut"));
+        assert!(
+            flow.to_string()
+                .contains("verdict=denied policy=demo/cut rule=0"),
+            "{flow}"
+        );
+        let p: Policies = serde_json::from_str(
+            r#"{"rootNamespace":"heddle-system","source":"/tmp/p.yaml","contentHash":"fnv1a64:00",
+            "loaded":[{"policy":"demo/a","action":"ALLOW","rules":1,"dryRun":false}],
+            "errors":["policy demo/b: spec.x: bad"],"warnings":[],"sourceError":null,
+            "liveConnections":2,"decisions":[{"action":"ALLOW","policy":"demo/a","verdict":"allow","count":3}]}"#,
+        )
+        .unwrap();
+        assert_eq!(p.policy("demo/a").map(|l| l.rules), Some(1));
+        assert_eq!(p.decisions_of("demo/a", "allow"), 3);
+        assert_eq!(p.live_connections, 2);
     }
 
     #[test]

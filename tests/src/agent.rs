@@ -11,6 +11,8 @@
 //! An agent created while the test bed has a mesh CA ([`crate::Ca`]) gets
 //! the CA flags (`--ca-addr`, `--ca-token-file`, `--trust-bundle`) and so
 //! tunnels mesh traffic over mTLS; without a CA it forwards in plaintext.
+//! Every agent reads the test bed's policies file (`--policies`, empty
+//! until [`crate::Testbed::set_policies`] writes it).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::admin::{AdminClient, Certificate, Certs, Datapath, Flow, Stats, Workload};
+use crate::admin::{AdminClient, Certificate, Certs, Datapath, Flow, Policies, Stats, Workload};
 use crate::ca::AgentCaFlags;
 use crate::daemon::Daemon;
 use crate::error::{Result, TestbedError};
@@ -103,7 +105,9 @@ impl Agent {
             .arg(node.cgroup())
             .arg("--pin-dir")
             .arg(node.pin_dir())
-            .args(["--admin-addr", ADMIN_ADDR]);
+            .args(["--admin-addr", ADMIN_ADDR])
+            .arg("--policies")
+            .arg(shared.policies_path());
         if let Some(ca) = &self.inner.ca {
             cmd.arg("--ca-addr")
                 .arg(ca.ca_addr.to_string())
@@ -266,6 +270,30 @@ impl Agent {
     /// `GET /stats`.
     pub fn stats(&self) -> Result<Stats> {
         self.inner.admin.get_json("/stats")
+    }
+
+    /// `GET /policies`: the authorization policies in force, rejected ones
+    /// and decision counters.
+    pub fn policies(&self) -> Result<Policies> {
+        self.inner.admin.get_json("/policies")
+    }
+
+    /// Waits until the agent has read the policy content whose hash is
+    /// `content_hash` (`fnv1a64:<hex>`), and returns what it shows.
+    pub fn wait_policies(&self, content_hash: &str, timeout: Duration) -> Result<Policies> {
+        let what = format!(
+            "agent on {} to read policies {content_hash}",
+            self.inner.node.name()
+        );
+        poll_until(&what, timeout, Duration::from_millis(50), || {
+            self.check_alive()?;
+            let policies = self.policies()?;
+            Ok(if policies.content_hash.as_deref() == Some(content_hash) {
+                Check::Ready(policies)
+            } else {
+                Check::Pending(policies.to_string())
+            })
+        })
     }
 
     /// `GET /certs`: the certificates this agent holds for its workloads.

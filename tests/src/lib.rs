@@ -4,7 +4,9 @@
 //! network namespaces, each with its own cgroup v2 directory — writes the
 //! cluster config the node agents read, runs `mesh-agent` per node and reads
 //! its admin API as typed values. With [`Testbed::start_ca`] it also runs
-//! the mesh CA, so the agents tunnel mesh traffic over mTLS, and
+//! the mesh CA, so the agents tunnel mesh traffic over mTLS;
+//! [`Testbed::set_policies`] changes the authorization policies every agent
+//! enforces (each agent reads the test bed's policies file), and
 //! [`Testbed::capture_link`] shows what crosses the link between nodes
 //! ([`wire`]). The end-to-end tests (`tests/`) and the demo binary are
 //! built on it.
@@ -50,8 +52,8 @@ pub mod wait;
 pub mod wire;
 
 pub use admin::{
-    Certificate, Certs, Datapath, Direction, Flow, FlowEvent, MapOccupancy, Security, Stats,
-    Workload,
+    Certificate, Certs, Datapath, Direction, Flow, FlowEvent, MapOccupancy, Policies, Security,
+    Stats, Verdict, Workload,
 };
 pub use agent::Agent;
 pub use ca::{Ca, CaOptions, CA_PORT};

@@ -2,9 +2,11 @@
 //!
 //! Pure formatting over the admin API types; no I/O.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
-use crate::admin::{show_addr, Certs, Datapath, Direction, Flow, FlowEvent, Security, Workload};
+use crate::admin::{
+    show_addr, Certs, Datapath, Direction, Flow, FlowEvent, Security, Verdict, Workload,
+};
 
 /// A left-aligned text table.
 #[derive(Debug, Clone, Default)]
@@ -79,6 +81,7 @@ pub fn flow_table(flows: &[Flow]) -> Table {
         "sent",
         "recv",
         "duration",
+        "policy",
         "error",
     ]);
     for f in flows.iter().filter(|f| f.is_terminal()) {
@@ -109,10 +112,32 @@ pub fn flow_table(flows: &[Flow]) -> Table {
             f.bytes_received.to_string(),
             f.duration_ms
                 .map_or_else(|| "-".to_owned(), |d| format!("{d:.1} ms")),
+            policy(f),
             f.error.clone().unwrap_or_default(),
         ]);
     }
     t
+}
+
+/// What authorization policy decided, for a table cell: `demo/p rule 0`,
+/// `denied: demo/p rule 1`, `... audited by demo/a`; empty when no policy
+/// applied.
+fn policy(f: &Flow) -> String {
+    let denied = f.verdict == Some(Verdict::Denied);
+    let mut cell = String::new();
+    if denied {
+        cell.push_str("denied: ");
+    }
+    let _ = match (&f.policy, f.policy_rule) {
+        (Some(p), Some(rule)) => write!(cell, "{p} rule {rule}"),
+        (Some(p), None) => write!(cell, "{p} (no ALLOW rule matched)"),
+        (None, _) if denied => write!(cell, "fail closed"),
+        (None, _) => Ok(()),
+    };
+    if let Some(a) = &f.audit_policy {
+        let _ = write!(cell, " audited by {a}");
+    }
+    cell.trim().to_owned()
 }
 
 /// How a flow's security reads in a table.

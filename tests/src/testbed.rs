@@ -14,6 +14,11 @@
 //! mTLS is opt-in per test bed: [`Testbed::start_ca`] starts the mesh CA,
 //! and every agent started after it gets the CA flags. A test bed without a
 //! CA runs its agents in plaintext-forwarding mode.
+//!
+//! Authorization policies: every agent reads `<temp dir>/policies.yaml`
+//! (written empty before the first agent starts);
+//! [`Testbed::set_policies`] replaces it and waits until every agent has
+//! read the new content.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -22,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use crate::admin::Policies;
 use crate::agent::Agent;
 use crate::ca::{Ca, CaOptions};
 use crate::cgroup::{self, CGROUP_ROOT};
@@ -32,6 +38,7 @@ use crate::env::{self, BPFFS};
 use crate::error::{Result, TestbedError};
 use crate::handles::{Node, Pod};
 use crate::network;
+use crate::podapp::Fnv1a64;
 use crate::spec::{PodSpec, ServiceSpec};
 use crate::teardown;
 use crate::wait::{poll_until, Check};
@@ -113,6 +120,11 @@ impl Shared {
     /// The mesh CA's cgroup, outside every node.
     pub(crate) fn ca_cgroup(&self) -> PathBuf {
         self.cgroup_root.join("ca")
+    }
+
+    /// The authorization policies file every agent reads (`--policies`).
+    pub(crate) fn policies_path(&self) -> PathBuf {
+        self.tmp.join("policies.yaml")
     }
 
     /// A fresh log file path in the temp dir for `label`.
@@ -518,6 +530,37 @@ impl Testbed {
         WireCapture::start(s, &netns, &network::switch_port(node.index()), filter)
     }
 
+    /// The authorization policies file the agents read (`--policies`).
+    #[must_use]
+    pub fn policies_path(&self) -> PathBuf {
+        self.shared.policies_path()
+    }
+
+    /// Writes `yaml` (multi-document `AuthorizationPolicy` objects; empty for
+    /// none) as the policies file, atomically, then SIGHUPs every running
+    /// agent and waits until each has read it (its `/policies` content hash
+    /// is the text's). Returns what each agent shows, in start order.
+    /// Invalid policies are not an error here: the agents report them.
+    pub fn set_policies(&self, yaml: &str) -> Result<Vec<Policies>> {
+        self.shared.lock().check_live()?;
+        write_atomically(&self.policies_path(), yaml)?;
+        let mut hash = Fnv1a64::default();
+        hash.update(yaml.as_bytes());
+        let content_hash = format!("fnv1a64:{}", hash.hex());
+        let agents: Vec<Agent> = self
+            .agents()
+            .into_iter()
+            .filter(Agent::is_running)
+            .collect();
+        for agent in &agents {
+            agent.reload()?;
+        }
+        agents
+            .iter()
+            .map(|a| a.wait_policies(&content_hash, Duration::from_secs(10)))
+            .collect()
+    }
+
     /// Writes the config, starts the agent for `node` and waits until ready.
     pub fn start_agent(&self, node: &Node) -> Result<Agent> {
         let agents = self.start_agents(&[node])?;
@@ -529,6 +572,10 @@ impl Testbed {
     pub fn start_agents(&self, nodes: &[&Node]) -> Result<Vec<Agent>> {
         let bin = env::agent_binary()?;
         self.write_config()?;
+        let policies = self.policies_path();
+        if !policies.exists() {
+            write_atomically(&policies, "")?;
+        }
         let ca = self.ca();
         let mut agents = Vec::with_capacity(nodes.len());
         for node in nodes {
@@ -581,6 +628,16 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         teardown::teardown(&self.shared);
     }
+}
+
+/// Writes `text` to `path` through a temp file and a rename, so a reader
+/// never sees a partial file.
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text)
+        .map_err(|e| TestbedError::io(format!("write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| TestbedError::io(format!("rename {} into place", tmp.display()), e))
 }
 
 /// Node and pod names become netns and cgroup names: lowercase letters,

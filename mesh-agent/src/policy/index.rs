@@ -22,6 +22,19 @@ use super::{
     PolicyError, PolicyRef, PolicyWarning, Problem, DEFAULT_ROOT_NAMESPACE,
 };
 
+/// One policy in force, as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySummary {
+    /// The policy.
+    pub policy: PolicyRef,
+    /// Its action.
+    pub action: Action,
+    /// Number of `spec.rules`.
+    pub rules: usize,
+    /// Whether it is dry-run (evaluated, never enforced).
+    pub dry_run: bool,
+}
+
 /// Validated, indexed policies.
 #[derive(Debug, Clone)]
 pub struct PolicySet {
@@ -156,6 +169,26 @@ impl PolicySet {
     #[must_use]
     pub fn warnings(&self) -> &[PolicyWarning] {
         &self.warnings
+    }
+
+    /// Every policy in force, in rank order (root namespace first, then by
+    /// namespace and name).
+    #[must_use]
+    pub fn summaries(&self) -> Vec<PolicySummary> {
+        let mut all: Vec<&CompiledPolicy> = self
+            .namespaces
+            .values()
+            .flat_map(|ns| ns.policies.iter())
+            .collect();
+        all.sort_by_key(|p| p.order);
+        all.into_iter()
+            .map(|p| PolicySummary {
+                policy: p.id.clone(),
+                action: p.action,
+                rules: p.rules.len(),
+                dry_run: p.dry_run,
+            })
+            .collect()
     }
 
     /// The policies that apply to a workload in `namespace` with `labels`,

@@ -119,7 +119,9 @@ pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Loaded {
     loaded
 }
 
-fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// The `.yaml`, `.yml` and `.json` files of `dir` (not recursive), in name
+/// order: what [`load_paths`] reads from a directory.
+pub fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();

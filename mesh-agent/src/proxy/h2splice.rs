@@ -7,7 +7,7 @@
 //! Here the task that reads the TCP socket hands `Bytes` to `h2` itself, and
 //! received DATA frames are written straight to the socket, with flow-control
 //! capacity released only once written (so a slow application applies
-//! back-pressure to the remote sender). Half-close maps to END_STREAM both
+//! back-pressure to the remote sender). Half-close maps to `END_STREAM` both
 //! ways; an error resets the TCP side and the stream (`RST_STREAM CANCEL`).
 
 use bytes::{Bytes, BytesMut};

@@ -3,6 +3,12 @@
 //! accepted socket's local address is the original destination; the agent
 //! connects to it from inside the pod over loopback, which `sk_lookup` does
 //! not steer.
+//!
+//! These peers are plaintext (no identity): after the STRICT check the
+//! connection is authorized with `peer = None` and the client's IP
+//! ([`crate::authz`]); a denial resets the client. An admitted connection
+//! stays registered as live; if a policy change denies it, both the client
+//! and the application are reset.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -12,10 +18,11 @@ use tokio_util::sync::CancellationToken;
 use super::{
     accept_loop,
     sockets::{connect_in, reset},
-    splice::splice,
+    splice::splice_until,
     Pod, ProxyContext,
 };
 use crate::{
+    authz::{Admitted, ConnFacts},
     config::InboundMode,
     flows::{ConnInfo, Direction},
 };
@@ -68,6 +75,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         reset(client);
         return;
     }
+    let Some(admitted) = admit(conn, &pod, &ctx, &mut info, orig, peer) else {
+        reset(client);
+        return;
+    };
     let started = Instant::now();
     let upstream = match connect_in(&pod.netns, orig).await {
         Ok(s) => s,
@@ -79,12 +90,46 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         }
     };
     ctx.flows.opened(conn, &info);
-    let done = splice(client, upstream).await;
-    ctx.flows.closed(
-        conn,
-        &info,
-        (done.from_tcp, done.to_tcp),
-        started.elapsed(),
-        done.error.map(|e| e.to_string()),
-    );
+    let live = admitted.live;
+    let (bytes, error) = match splice_until(client, upstream, live.revoked()).await {
+        Ok(done) => (
+            (done.from_tcp, done.to_tcp),
+            done.error.map(|e| e.to_string()),
+        ),
+        Err(stopped) => {
+            let denial = live.denial().expect("a stopped splice was revoked");
+            info.policy = denial.closing_mark();
+            (
+                (stopped.from_tcp, stopped.to_tcp),
+                Some(format!("closed by policy change: {denial}")),
+            )
+        }
+    };
+    ctx.flows
+        .closed(conn, &info, bytes, started.elapsed(), error);
+}
+
+/// Authorizes a plaintext connection (no identity) from `peer` to `orig`;
+/// a denial is recorded, and the caller resets the client.
+fn admit(
+    conn: u64,
+    pod: &Pod,
+    ctx: &ProxyContext,
+    info: &mut ConnInfo,
+    orig: SocketAddr,
+    peer: SocketAddr,
+) -> Option<Admitted> {
+    let facts = ConnFacts::plaintext(pod.id.clone(), orig, peer.ip());
+    match ctx.flows.authz().admit(conn, facts) {
+        Ok(admitted) => {
+            info.policy = admitted.permit.mark();
+            Some(admitted)
+        }
+        Err(denial) => {
+            tracing::debug!(pod = %pod.id, %peer, reason = %denial, "plaintext connection denied");
+            info.policy = denial.mark();
+            ctx.flows.failed(conn, info, denial.to_string());
+            None
+        }
+    }
 }

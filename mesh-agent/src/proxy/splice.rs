@@ -3,9 +3,19 @@
 //! side becomes a shutdown of the other's write side) with bounded buffers,
 //! so a slow reader applies back-pressure to the writer. An error on either
 //! side resets the TCP side and drops the other, so neither application hangs.
+//!
+//! [`splice_until`] (TCP to TCP: the plaintext inbound leg) also stops when
+//! told to (a policy change revoked the connection): both sides are then
+//! reset, and the bytes copied so far are reported.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
 use tokio::{
-    io::{self, AsyncRead, AsyncWrite},
+    io::{self, AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 
@@ -22,6 +32,15 @@ pub struct Spliced {
     pub to_tcp: u64,
     /// Why it ended, if not by EOF on both sides.
     pub error: Option<io::Error>,
+}
+
+/// A splice stopped by [`splice_until`]'s signal: both sides were reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Bytes read from the first stream until then.
+    pub from_tcp: u64,
+    /// Bytes read from the second stream until then.
+    pub to_tcp: u64,
 }
 
 /// Splices `tcp` and `other` until both directions are finished.
@@ -43,6 +62,131 @@ where
                 to_tcp: 0,
                 error: Some(error),
             }
+        }
+    }
+}
+
+/// [`splice`] between two TCP streams, unless `stop` completes first: then
+/// both are reset and the bytes read from each so far are returned.
+pub async fn splice_until(
+    tcp: TcpStream,
+    other: TcpStream,
+    stop: impl Future,
+) -> Result<Spliced, Stopped> {
+    let mut tcp = Counted::new(tcp);
+    let mut other = Counted::new(other);
+    let copied = tokio::select! {
+        r = io::copy_bidirectional_with_sizes(&mut tcp, &mut other, BUF_SIZE, BUF_SIZE) => r,
+        _ = stop => {
+            let stopped = Stopped { from_tcp: tcp.read, to_tcp: other.read };
+            reset(tcp.inner);
+            reset(other.inner);
+            return Err(stopped);
+        }
+    };
+    Ok(match copied {
+        Ok((from_tcp, to_tcp)) => Spliced {
+            from_tcp,
+            to_tcp,
+            error: None,
+        },
+        Err(error) => {
+            let (from_tcp, to_tcp) = (tcp.read, other.read);
+            reset(tcp.inner);
+            drop(other);
+            Spliced {
+                from_tcp,
+                to_tcp,
+                error: Some(error),
+            }
+        }
+    })
+}
+
+/// A stream that counts the bytes read from it.
+struct Counted<S> {
+    inner: S,
+    read: u64,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S) -> Self {
+        Self { inner, read: 0 }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.read += (buf.filled().len() - before) as u64;
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (c, l.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_stopped_splice_resets_both_peers_and_counts_what_was_copied() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_app, mut app) = pair().await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let splice = tokio::spawn({
+            let stop = stop.clone();
+            async move { splice_until(proxy_client, proxy_app, stop.cancelled_owned()).await }
+        });
+        client.write_all(b"hello").await.unwrap();
+        let mut buf = [0; 5];
+        app.read_exact(&mut buf).await.unwrap();
+        stop.cancel();
+        let stopped = splice.await.unwrap().err().expect("stopped");
+        assert_eq!(
+            stopped,
+            Stopped {
+                from_tcp: 5,
+                to_tcp: 0
+            }
+        );
+        for peer in [&mut client, &mut app] {
+            let got = peer.read(&mut buf).await;
+            assert_eq!(
+                got.map_err(|e| e.kind()).unwrap_err(),
+                std::io::ErrorKind::ConnectionReset
+            );
         }
     }
 }

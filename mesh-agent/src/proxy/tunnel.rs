@@ -6,12 +6,21 @@
 //! SPIFFE ID must be the identity of the workload that owns the connection's
 //! source IP (tunnels are opened from inside the source pod). Per HTTP/2
 //! stream: only `CONNECT` to one of this pod's own IPs is served; it is
-//! authorized (hook; everything is allowed until the policy issue lands),
-//! the application is dialled from inside the pod, and only then is `200`
-//! sent and the stream spliced. A refusal is a non-200 status with a
-//! `heddle-reason` header; the source agent then resets its client.
+//! authorized ([`crate::authz`], with the verified peer identity), the
+//! application is dialled from inside the pod, and only then is `200` sent
+//! and the stream spliced. A refusal is a non-200 status with a
+//! `heddle-reason` header (`403` and `denied by policy ns/name rule N` for a
+//! policy denial); the source agent then resets its client. An admitted
+//! stream stays registered as live until it ends; if a policy change denies
+//! it, the application side is reset and the stream dropped (`RST_STREAM`),
+//! so the source agent resets its client too.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    sync::Arc,
+    time::Instant,
+};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
@@ -22,12 +31,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     accept_loop,
-    hbone::{Mesh, CONN_WINDOW, MAX_FRAME, REASON_HEADER, STREAM_WINDOW},
     h2splice::{self, H2Stream},
+    hbone::{Mesh, CONN_WINDOW, MAX_FRAME, REASON_HEADER, STREAM_WINDOW},
     sockets::connect_in,
+    splice::Spliced,
     Pod, ProxyContext,
 };
 use crate::{
+    authz::{Admitted, ConnFacts, Denial, LiveConn},
     flows::{ConnInfo, Direction, Security},
     identity::{tls, SpiffeId},
 };
@@ -126,8 +137,11 @@ async fn serve_connection(
     while let Some(next) = h2.accept().await {
         match next {
             Ok((req, respond)) => {
-                let (pod, ctx2, info, peer_id) = (pod.clone(), ctx.clone(), info.clone(), peer_id.clone());
-                ctx.tracker.spawn(async move { serve_stream(req, respond, &pod, &ctx2, &info, &peer_id).await });
+                let (pod, ctx2, info, peer_id) =
+                    (pod.clone(), ctx.clone(), info.clone(), peer_id.clone());
+                ctx.tracker.spawn(async move {
+                    serve_stream(req, respond, &pod, &ctx2, &info, &peer_id).await;
+                });
             }
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "tunnel connection ended with an error");
@@ -160,7 +174,10 @@ impl Refusal {
 }
 
 /// The address a CONNECT asks for, if this pod serves it.
-pub fn connect_target(uri: &hyper::Uri, pod_ips: &[std::net::IpAddr]) -> Result<SocketAddr, Refusal> {
+pub fn connect_target(
+    uri: &hyper::Uri,
+    pod_ips: &[std::net::IpAddr],
+) -> Result<SocketAddr, Refusal> {
     let target: SocketAddr = uri
         .authority()
         .and_then(|a| a.as_str().parse().ok())
@@ -181,46 +198,34 @@ fn refuse(status: StatusCode, reason: &str) -> Response<()> {
     r
 }
 
+/// Serves one CONNECT stream: checks it, authorizes it, dials the
+/// application, answers, splices, records.
 async fn serve_stream(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     pod: &Arc<Pod>,
     ctx: &Arc<ProxyContext>,
     info: &ConnInfo,
-    _peer_id: &SpiffeId,
+    peer_id: &SpiffeId,
 ) {
     let conn = ctx.flows.conn_id();
     let mut info = info.clone();
-    if req.method() != Method::CONNECT {
-        ctx.flows.failed(
-            conn,
-            &info,
-            format!("tunnel request {} is not CONNECT", req.method()),
-        );
-        let _ = respond.send_response(refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served"), true);
-        return;
-    }
-    let target = match connect_target(req.uri(), &pod.ips) {
-        Ok(t) => t,
-        Err(refusal) => {
-            if let Refusal::NotLocal(t) = &refusal {
-                info.orig_dst = Some(*t);
-            }
-            ctx.flows.failed(conn, &info, refusal.to_string());
-            let _ = respond.send_response(refuse(StatusCode::BAD_REQUEST, refusal.reason()), true);
-        return;
+    let admitted = match check_stream(&req, conn, pod, ctx, &mut info, peer_id) {
+        Ok(a) => a,
+        Err((status, reason)) => {
+            let _ = respond.send_response(refuse(status, &reason), true);
+            return;
         }
     };
-    info.orig_dst = Some(target);
-    info.dst = Some(target);
-    // Authorization hook: the policy issue plugs in here; until then, allow.
+    let target = info.dst.expect("set by check_stream");
     let started = Instant::now();
     let upstream = match connect_in(&pod.netns, target).await {
         Ok(s) => s,
         Err(e) => {
             ctx.flows.failed(conn, &info, e.to_string());
-            let _ = respond.send_response(refuse(StatusCode::SERVICE_UNAVAILABLE, e.reason()), true);
-        return;
+            let _ =
+                respond.send_response(refuse(StatusCode::SERVICE_UNAVAILABLE, e.reason()), true);
+            return;
         }
     };
     let send = match respond.send_response(Response::new(()), false) {
@@ -232,21 +237,155 @@ async fn serve_stream(
         }
     };
     ctx.flows.opened(conn, &info);
-    let done = h2splice::splice(
-        upstream,
-        H2Stream {
-            send,
-            recv: req.into_body(),
-        },
-    )
-    .await;
-    ctx.flows.closed(
-        conn,
-        &info,
-        (done.to_tcp, done.from_tcp),
-        started.elapsed(),
-        done.error.map(|e| e.to_string()),
-    );
+    let stream = H2Stream {
+        send,
+        recv: req.into_body(),
+    };
+    let (bytes, error) = match splice_until_revoked(upstream, stream, &admitted.live).await {
+        Ok(done) => (
+            (done.to_tcp, done.from_tcp),
+            done.error.map(|e| e.to_string()),
+        ),
+        Err((denial, bytes)) => {
+            info.policy = denial.closing_mark();
+            (bytes, Some(format!("closed by policy change: {denial}")))
+        }
+    };
+    ctx.flows
+        .closed(conn, &info, bytes, started.elapsed(), error);
+}
+
+/// The checks before the application is dialled: the method, the target
+/// (which must be this pod's), and authorization. On success `info` has the
+/// target and the policy decision; on failure the error record is written
+/// and the answer to send is returned (status, `heddle-reason`).
+fn check_stream(
+    req: &Request<RecvStream>,
+    conn: u64,
+    pod: &Pod,
+    ctx: &ProxyContext,
+    info: &mut ConnInfo,
+    peer_id: &SpiffeId,
+) -> Result<Admitted, (StatusCode, String)> {
+    if req.method() != Method::CONNECT {
+        let error = format!("tunnel request {} is not CONNECT", req.method());
+        ctx.flows.failed(conn, info, error);
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only CONNECT is served".into(),
+        ));
+    }
+    let target = match connect_target(req.uri(), &pod.ips) {
+        Ok(t) => t,
+        Err(refusal) => {
+            if let Refusal::NotLocal(t) = &refusal {
+                info.orig_dst = Some(*t);
+            }
+            ctx.flows.failed(conn, info, refusal.to_string());
+            return Err((StatusCode::BAD_REQUEST, refusal.reason().into()));
+        }
+    };
+    info.orig_dst = Some(target);
+    info.dst = Some(target);
+    let src = info.src.map_or(target.ip(), |s| s.ip());
+    let facts = ConnFacts::tunnelled(pod.id.clone(), target, src, peer_id);
+    match ctx.flows.authz().admit(conn, facts) {
+        Ok(admitted) => {
+            info.policy = admitted.permit.mark();
+            Ok(admitted)
+        }
+        Err(denial) => {
+            tracing::debug!(pod = %pod.id, peer = %peer_id, %target, reason = %denial, "tunnel stream denied");
+            info.policy = denial.mark();
+            let text = denial.to_string();
+            ctx.flows.failed(conn, info, text.clone());
+            Err((StatusCode::FORBIDDEN, text))
+        }
+    }
+}
+
+/// [`h2splice::splice`], unless `live` is revoked first: then the
+/// application's connection is reset at once, through a duplicate of its
+/// descriptor (the splice owns the original), and the splice is dropped,
+/// which resets its HTTP/2 stream (`CANCEL`: not closed both ways), so the
+/// source agent resets its client. The byte counts of a revoked stream are
+/// the kernel's for the application socket (bytes it acknowledged, bytes it
+/// sent), as (client to server, server to client).
+async fn splice_until_revoked(
+    upstream: TcpStream,
+    stream: H2Stream,
+    live: &LiveConn,
+) -> Result<Spliced, (Denial, (u64, u64))> {
+    let app: Option<OwnedFd> = upstream.as_fd().try_clone_to_owned().ok();
+    let splice = h2splice::splice(upstream, stream);
+    tokio::pin!(splice);
+    tokio::select! {
+        done = &mut splice => Ok(done),
+        denial = live.revoked() => {
+            // Before the splice is dropped: dropping its write half would
+            // send a FIN first, and the application would take the reset
+            // for a clean end of stream.
+            let bytes = app.as_ref().and_then(|fd| app_socket::bytes(fd.as_fd()));
+            if let Some(fd) = &app {
+                app_socket::abort(fd.as_fd());
+            }
+            Err((denial.clone(), bytes.unwrap_or_default()))
+        }
+    }
+}
+
+/// Kernel-level operations on the application's socket of a tunnel stream.
+mod app_socket {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    /// Resets the TCP connection of `fd` now, whatever other descriptors
+    /// refer to it: `connect()` with `AF_UNSPEC` disconnects a TCP socket,
+    /// and Linux's `tcp_disconnect` sends a RST from the established states
+    /// (connect(2): "connectionless sockets may dissolve the association by
+    /// connecting to an address with the `sa_family` member of sockaddr set
+    /// to `AF_UNSPEC`"; for TCP see `inet_stream_connect` and
+    /// `tcp_disconnect` in net/ipv4).
+    pub(super) fn abort(fd: BorrowedFd<'_>) {
+        let unspec = libc::sockaddr {
+            sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+            sa_data: [0; 14],
+        };
+        let len = std::mem::size_of::<libc::sockaddr>() as libc::socklen_t;
+        // SAFETY: `fd` is an open socket for the duration of the call, and
+        // `unspec` is a valid sockaddr of `len` bytes.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), &raw const unspec, len) };
+        if rc != 0 {
+            // Already closed or reset by the peer: nothing left to abort.
+            tracing::debug!(error = %std::io::Error::last_os_error(), "abort of the application connection");
+        }
+    }
+
+    /// (bytes the application acknowledged, bytes it sent) on `fd`, from
+    /// `TCP_INFO` (`tcpi_bytes_acked`, `tcpi_bytes_received`, Linux 4.1+).
+    /// Read before [`abort`], which clears them. The agent opened this
+    /// connection, and the acknowledgement of its SYN counts one byte in
+    /// `tcpi_bytes_acked` (as would that of a FIN, after a half-close): one is
+    /// taken off.
+    pub(super) fn bytes(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+        // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `fd` is an open socket; `info` is writable for `len` bytes
+        // and `len` is updated by the kernel to what it wrote.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &raw mut len,
+            )
+        };
+        (rc == 0).then_some((
+            info.tcpi_bytes_acked.saturating_sub(1),
+            info.tcpi_bytes_received,
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -260,20 +399,32 @@ mod tests {
     #[test]
     fn serves_a_connect_to_one_of_the_pods_own_addresses() {
         let ips = ["10.44.2.2".parse().unwrap()];
-        assert_eq!(connect_target(&uri("10.44.2.2:8080"), &ips), Ok("10.44.2.2:8080".parse().unwrap()));
+        assert_eq!(
+            connect_target(&uri("10.44.2.2:8080"), &ips),
+            Ok("10.44.2.2:8080".parse().unwrap())
+        );
     }
 
     #[test]
     fn refuses_a_connect_to_an_address_that_is_not_the_pods() {
         let ips = ["10.44.2.2".parse().unwrap()];
         let got = connect_target(&uri("10.44.2.3:8080"), &ips);
-        assert_eq!(got, Err(Refusal::NotLocal("10.44.2.3:8080".parse().unwrap())));
-        assert_eq!(got.unwrap_err().to_string(), "10.44.2.3:8080 is not a local enrolled workload");
+        assert_eq!(
+            got,
+            Err(Refusal::NotLocal("10.44.2.3:8080".parse().unwrap()))
+        );
+        assert_eq!(
+            got.unwrap_err().to_string(),
+            "10.44.2.3:8080 is not a local enrolled workload"
+        );
     }
 
     #[test]
     fn refuses_a_connect_whose_authority_is_a_name() {
         let ips = ["10.44.2.2".parse().unwrap()];
-        assert!(matches!(connect_target(&uri("example.com:80"), &ips), Err(Refusal::BadAuthority(_))));
+        assert!(matches!(
+            connect_target(&uri("example.com:80"), &ips),
+            Err(Refusal::BadAuthority(_))
+        ));
     }
 }

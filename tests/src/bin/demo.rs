@@ -1,16 +1,19 @@
 //! `demo`: Heddle on a two-node, four-pod cluster, explained.
 //!
-//! Builds (with the test bed library) node-a with `web-client` (enrolled) and
-//! `legacy` (not enrolled), node-b with `api` (enrolled, inbound mode STRICT,
-//! echo on 8080) and `db` (not enrolled, echo on 5432), and the service
-//! `demo/api` at 10.96.0.20:80 -> 8080; starts the mesh CA on node-a and
-//! both agents with mTLS, sends five kinds of traffic and prints, per step,
-//! whether it was delivered (or refused), which agent captured it, the
-//! identities of both ends of each tunnelled connection and, for two steps,
-//! what a packet capture on node-a's link saw (TLS or the plaintext marker
-//! every step sends). Then each agent's flows, certificates, workload
-//! counters and datapath counters. Without tcpdump it says so and skips the
-//! captures.
+//! Builds (with the test bed library) node-a with `web-client` and `batch`
+//! (enrolled) and `legacy` (not enrolled), node-b with `api` (enrolled,
+//! inbound mode STRICT, echo on 8080) and `db` (not enrolled, echo on 5432),
+//! and the service `demo/api` at 10.96.0.20:80 -> 8080; starts the mesh CA
+//! on node-a and both agents with mTLS, sends five kinds of traffic and
+//! prints, per step, whether it was delivered (or refused), which agent
+//! captured it, the identities of both ends of each tunnelled connection
+//! and, for two steps, what a packet capture on node-a's link saw (TLS or
+//! the plaintext marker every step sends). Then it applies an authorization
+//! policy (ALLOW to `api` only from `web-client`'s identity) and shows one
+//! connection allowed and one denied, each with the policy that decided.
+//! Then each agent's flows (with the deciding policy), certificates,
+//! workload counters and datapath counters. Without tcpdump it says so and
+//! skips the captures.
 //!
 //! Everything is removed at the end, on error, on panic (the test bed's
 //! `Drop`) and on Ctrl-C/SIGTERM (a signal thread tears the test bed down
@@ -38,6 +41,8 @@ use heddle_tests::{
 const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 /// Every step's payload: a packet capture looks for it.
 const MARKER: &str = "HEDDLE-DEMO-PLAINTEXT/";
+/// The policy the demo applies (`ns/name`).
+const API_POLICY: &str = "demo/api-allow-web";
 /// How long the agents get to obtain their first certificates.
 const CERT_WAIT: Duration = Duration::from_secs(15);
 
@@ -122,6 +127,8 @@ struct Step {
     expect: Expect,
     /// Capture node-a's link during this step.
     capture: bool,
+    /// The policy the destination agent must name as deciding, if any.
+    policy: Option<&'static str>,
 }
 
 /// The cluster of the demo.
@@ -130,6 +137,10 @@ struct Demo {
     node_a: Node,
     agents: Vec<Agent>,
     steps: Vec<Step>,
+    /// Run after the policy is applied.
+    policy_steps: Vec<Step>,
+    /// The policy applied before `policy_steps`.
+    policy: String,
     /// Whether tcpdump is installed (the wire captures need it).
     tcpdump: bool,
     _servers: Vec<heddle_tests::Process>,
@@ -141,6 +152,7 @@ fn build() -> Result<Demo> {
     let a = tb.add_node("node-a")?;
     let b = tb.add_node("node-b")?;
     let web = tb.add_pod(&a, PodSpec::new("web-client").enrolled(true))?;
+    let batch = tb.add_pod(&a, PodSpec::new("batch").enrolled(true))?;
     let legacy = tb.add_pod(&a, PodSpec::new("legacy"))?;
     let api = tb.add_pod(
         &b,
@@ -154,7 +166,7 @@ fn build() -> Result<Demo> {
     println!("Starting the mesh CA on node-a, then agents on node-a and node-b (mTLS on)…");
     tb.start_ca(&a, CaOptions::default())?;
     let agents = tb.start_agents(&[&a, &b])?;
-    agents[0].wait_certificates(&[web.spiffe_id()], CERT_WAIT)?;
+    agents[0].wait_certificates(&[web.spiffe_id(), batch.spiffe_id()], CERT_WAIT)?;
     agents[1].wait_certificates(&[api.spiffe_id()], CERT_WAIT)?;
     let vip = SocketAddr::V4(SocketAddrV4::new(API_VIP, 80));
     let step = |from: &Pod, label: &str, to: SocketAddr, target: &Pod, expect, capture| Step {
@@ -164,6 +176,7 @@ fn build() -> Result<Demo> {
         target: target.clone(),
         expect,
         capture,
+        policy: None,
     };
     let delivered = |security, outbound, inbound| Expect::Delivered {
         security,
@@ -213,14 +226,51 @@ fn build() -> Result<Demo> {
             false,
         ),
     ];
+    let (policy_steps, policy) = policy_phase(&web, &batch, &api);
     Ok(Demo {
         tb,
         node_a: a,
         agents,
         steps,
+        policy_steps,
+        policy,
         tcpdump: find_tool(TCPDUMP).is_some(),
         _servers: servers,
     })
+}
+
+/// The policy the demo applies (ALLOW to `api`, port 8080, only from
+/// `web-client`'s identity) and the two steps run under it.
+fn policy_phase(web: &Pod, batch: &Pod, api: &Pod) -> (Vec<Step>, String) {
+    let step = |from: &Pod, label: &str, expect| Step {
+        from: from.clone(),
+        label: label.to_owned(),
+        to: api.addr(8080),
+        target: api.clone(),
+        expect,
+        capture: false,
+        policy: Some(API_POLICY),
+    };
+    let steps = vec![
+        step(
+            web,
+            "web-client -> api (policy)",
+            Expect::Delivered {
+                security: Some(Security::MutualTls),
+                outbound: true,
+                inbound: true,
+            },
+        ),
+        step(batch, "batch -> api (policy)", Expect::Refused),
+    ];
+    let principal = web.spiffe_id().trim_start_matches("spiffe://").to_owned();
+    let policy = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: api-allow-web, namespace: demo}}\n\
+         spec:\n  selector: {{matchLabels: {{app: api}}}}\n  action: ALLOW\n  rules:\n  \
+         - from: [{{source: {{principals: [\"{principal}\"]}}}}]\n    to: [{{operation: {{ports: [\"8080\"]}}}}]\n"
+    );
+    (steps, policy)
 }
 
 fn run() -> Result<bool> {
@@ -264,6 +314,33 @@ fn run() -> Result<bool> {
     for step in &demo.steps {
         all_as_expected &= run_step(&demo, step)?;
     }
+    println!(
+        "\nAuthorization policy, enforced by the destination's agent (written to {}, then SIGHUP):",
+        demo.tb.policies_path().display()
+    );
+    for line in demo.policy.lines() {
+        println!("    {line}");
+    }
+    let shown = demo.tb.set_policies(&demo.policy)?;
+    if let Some(node_b) = shown.get(1) {
+        let loaded: Vec<String> = node_b
+            .loaded
+            .iter()
+            .map(|p| format!("{} ({}, {} rule(s))", p.policy, p.action, p.rules))
+            .collect();
+        println!(
+            "  node-b's agent loaded: {}; rejected: {}",
+            loaded.join(", "),
+            if node_b.errors.is_empty() {
+                "none".to_owned()
+            } else {
+                node_b.errors.join("; ")
+            }
+        );
+    }
+    for step in &demo.policy_steps {
+        all_as_expected &= run_step(&demo, step)?;
+    }
     for agent in &demo.agents {
         print_agent(agent)?;
     }
@@ -278,6 +355,8 @@ struct Seen {
     refused_by: Vec<String>,
     security: Option<Security>,
     identities: Option<String>,
+    /// The deciding policy the destination agent recorded, with the rule.
+    policy: Option<String>,
 }
 
 impl Seen {
@@ -303,6 +382,12 @@ impl Seen {
                     && f.workload == step.target.qualified_name()
                     && f.src_ip() == Some(step.from.ip().into())
             }) {
+                if let Some(p) = &f.policy {
+                    seen.policy = Some(match f.policy_rule {
+                        Some(rule) => format!("{p} rule {rule}"),
+                        None => p.clone(),
+                    });
+                }
                 if f.event == FlowEvent::Error {
                     seen.refused_by
                         .push(format!("{node} ({})", f.error.as_deref().unwrap_or("?")));
@@ -358,19 +443,23 @@ fn run_step(demo: &Demo, step: &Step) -> Result<bool> {
     let new_flows = settle(&demo.agents, &before)?;
     let seen = Seen::of(demo, step, &new_flows);
     let delivered = summary.all_ok();
-    let as_expected = match step.expect {
-        Expect::Delivered {
-            security,
-            outbound,
-            inbound,
-        } => {
-            delivered
-                && seen.outbound_by.is_empty() != outbound
-                && seen.inbound_by.is_empty() != inbound
-                && seen.security == security
-        }
-        Expect::Refused => !delivered && !seen.refused_by.is_empty(),
-    };
+    let policy_as_expected = step
+        .policy
+        .is_none_or(|p| seen.policy.as_deref().is_some_and(|s| s.starts_with(p)));
+    let as_expected = policy_as_expected
+        && match step.expect {
+            Expect::Delivered {
+                security,
+                outbound,
+                inbound,
+            } => {
+                delivered
+                    && seen.outbound_by.is_empty() != outbound
+                    && seen.inbound_by.is_empty() != inbound
+                    && seen.security == security
+            }
+            Expect::Refused => !delivered && !seen.refused_by.is_empty(),
+        };
     let (outcome, how) = if delivered {
         let how = match seen.security {
             Some(Security::MutualTls) => "mTLS",
@@ -399,6 +488,11 @@ fn run_step(demo: &Demo, step: &Step) -> Result<bool> {
     );
     if let Some(ids) = &seen.identities {
         println!("      identities: {ids}");
+    }
+    if step.policy.is_some() {
+        let decided = seen.policy.as_deref().unwrap_or("no policy recorded");
+        let verdict = if delivered { "allowed" } else { "denied" };
+        println!("      {verdict} by node-b's agent, deciding policy: {decided}");
     }
     if let Some(wire) = wire {
         let port = if seen.security == Some(Security::MutualTls) {

@@ -205,6 +205,16 @@ impl Cluster {
             .collect()
     }
 
+    /// The raw log of the echo server of `pod` (errors included, e.g. a
+    /// connection reset).
+    pub fn echo_log(&self, pod: &Pod) -> String {
+        self.echo
+            .iter()
+            .filter(|(name, _)| *name == pod.qualified_name())
+            .map(|(_, p)| p.log_text())
+            .collect()
+    }
+
     /// Waits until each agent holds a certificate for each enrolled pod on
     /// its node (the tunnel server of each one asks for it at enrollment).
     pub fn wait_certificates(&self) -> Result<()> {
