@@ -128,7 +128,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!("no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development");
         None
     };
-    let flows = Arc::new(FlowLog::new(settings.flow_capacity, authz.clone()));
+    let flows = Arc::new(FlowLog::new(settings.flow_capacity));
     let tracker = TaskTracker::new();
     let ctx = Arc::new(ProxyContext {
         datapath: datapath.clone(),
@@ -136,6 +136,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         registry: registry_rx.clone(),
         tracker: tracker.clone(),
         mesh: mesh.clone(),
+        authz: authz.clone(),
     });
     let capture = Arc::new(Mutex::new(Capture::new(settings.node.clone(), home, ctx)));
     let stop = CancellationToken::new();

@@ -4,10 +4,6 @@
 //! authorization policy decided ([`PolicyMark`], set by the handler from the
 //! [`crate::authz`] decision).
 //!
-//! The log also carries the agent's [`Authorizer`], because every
-//! connection handler already holds the log (through `proxy::ProxyContext`);
-//! see [`FlowLog::authz`].
-//!
 //! Recording never blocks the data path for long: a short critical section
 //! on a std mutex, no I/O, bounded memory (the oldest record is dropped when
 //! the ring is full).
@@ -17,14 +13,14 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Mutex,
     },
     time::{Duration, SystemTime},
 };
 
 use serde::Serialize;
 
-use crate::{authz::Authorizer, policy::PolicyRef, registry::ObjectRef};
+use crate::{policy::PolicyRef, registry::ObjectRef};
 
 /// Direction of a captured connection relative to the enrolled pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -219,15 +215,13 @@ pub struct FlowLog {
     active: AtomicU64,
     ring: Mutex<VecDeque<FlowRecord>>,
     counters: Mutex<BTreeMap<ObjectRef, WorkloadCounters>>,
-    authz: Arc<Authorizer>,
 }
 
 impl FlowLog {
-    /// A log keeping at most `capacity` records, carrying `authz`.
+    /// A log keeping at most `capacity` records.
     #[must_use]
-    pub fn new(capacity: usize, authz: Arc<Authorizer>) -> Self {
+    pub fn new(capacity: usize) -> Self {
         Self {
-            authz,
             capacity: capacity.max(1),
             next_id: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
@@ -235,14 +229,6 @@ impl FlowLog {
             ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
             counters: Mutex::new(BTreeMap::new()),
         }
-    }
-
-    /// The agent's authorizer. It lives here only because the connection
-    /// handlers reach the agent's shared state through `ProxyContext`, which
-    /// has no field for it yet; it belongs there.
-    #[must_use]
-    pub fn authz(&self) -> &Arc<Authorizer> {
-        &self.authz
     }
 
     /// A new connection id.
@@ -408,12 +394,9 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{policy::PolicySet, registry::Registry};
 
     fn log(capacity: usize) -> FlowLog {
-        let (_, policies) = tokio::sync::watch::channel(Arc::new(PolicySet::default()));
-        let (_, registry) = tokio::sync::watch::channel(Arc::new(Registry::default()));
-        FlowLog::new(capacity, Arc::new(Authorizer::new(policies, registry)))
+        FlowLog::new(capacity)
     }
 
     fn info() -> ConnInfo {

@@ -43,6 +43,8 @@ pub struct ProxyContext {
     pub tracker: TaskTracker,
     /// mTLS tunnelling; `None` when no CA is configured (plaintext mode).
     pub mesh: Option<Arc<hbone::Mesh>>,
+    /// Authorization of inbound connections and the live-connection table.
+    pub authz: Arc<crate::authz::Authorizer>,
 }
 
 /// An enrolled pod, as the proxy legs see it.

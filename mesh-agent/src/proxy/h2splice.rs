@@ -8,17 +8,28 @@
 //! received DATA frames are written straight to the socket, with flow-control
 //! capacity released only once written (so a slow application applies
 //! back-pressure to the remote sender). Half-close maps to `END_STREAM` both
-//! ways; an error resets the TCP side and the stream (`RST_STREAM CANCEL`).
+//! ways; an error, or the stop signal of [`splice_until`] (a policy change
+//! revoked the connection), resets the TCP side and the stream
+//! (`RST_STREAM CANCEL`), so neither application hangs or mistakes the end
+//! for a clean close.
+
+use std::{
+    future::{poll_fn, Future},
+    pin::pin,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use std::{future::poll_fn, pin::pin};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
 
-use super::{sockets::reset, splice::Spliced};
+use super::{
+    sockets::reset,
+    splice::{Spliced, Stopped},
+};
 
 /// Largest read from the TCP side per DATA frame batch.
 const READ_CHUNK: usize = 64 * 1024;
@@ -33,46 +44,60 @@ pub struct H2Stream {
 
 /// Splices `tcp` and `stream` until both directions are finished.
 pub async fn splice(tcp: TcpStream, stream: H2Stream) -> Spliced {
+    match splice_until(tcp, stream, std::future::pending::<()>()).await {
+        Ok(done) => done,
+        Err(stopped) => Spliced {
+            from_tcp: stopped.from_tcp,
+            to_tcp: stopped.to_tcp,
+            error: None,
+        },
+    }
+}
+
+/// [`splice`], unless `stop` completes first: then both sides are reset and
+/// the bytes copied so far are returned.
+pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -> Result<Spliced, Stopped> {
     let H2Stream { mut send, mut recv } = stream;
     let (mut rd, mut wr) = tcp.into_split();
-    let (up, down) = {
+    // Atomics only because the future must be `Send`; one task touches them.
+    let (up_n, down_n) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (up, down, stopped) = {
         let mut up = pin!(async {
-        let mut total = 0u64;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        loop {
-            buf.reserve(READ_CHUNK);
-            let n = rd.read_buf(&mut buf).await?;
-            if n == 0 {
-                send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                return Ok::<u64, std::io::Error>(total);
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            loop {
+                buf.reserve(READ_CHUNK);
+                let n = rd.read_buf(&mut buf).await?;
+                if n == 0 {
+                    send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                    return Ok::<(), std::io::Error>(());
+                }
+                up_n.fetch_add(n as u64, Relaxed);
+                let mut data = buf.split().freeze();
+                while !data.is_empty() {
+                    send.reserve_capacity(data.len());
+                    let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                        Some(Ok(cap)) => cap,
+                        Some(Err(e)) => return Err(h2_io(e)),
+                        None => return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "tunnel stream closed")),
+                    };
+                    let chunk = data.split_to(cap.min(data.len()));
+                    send.send_data(chunk, false).map_err(h2_io)?;
+                }
             }
-            total += n as u64;
-            let mut data = buf.split().freeze();
-            while !data.is_empty() {
-                send.reserve_capacity(data.len());
-                let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                    Some(Ok(cap)) => cap,
-                    Some(Err(e)) => return Err(h2_io(e)),
-                    None => return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "tunnel stream closed")),
-                };
-                let chunk = data.split_to(cap.min(data.len()));
-                send.send_data(chunk, false).map_err(h2_io)?;
-            }
-        }
         });
         let mut down = pin!(async {
-        let mut total = 0u64;
-        while let Some(chunk) = recv.data().await {
-            let chunk = chunk.map_err(h2_io)?;
-            wr.write_all(&chunk).await?;
-            total += chunk.len() as u64;
-            let _ = recv.flow_control().release_capacity(chunk.len());
-        }
-        wr.shutdown().await?;
-        Ok::<u64, std::io::Error>(total)
+            while let Some(chunk) = recv.data().await {
+                let chunk = chunk.map_err(h2_io)?;
+                wr.write_all(&chunk).await?;
+                down_n.fetch_add(chunk.len() as u64, Relaxed);
+                let _ = recv.flow_control().release_capacity(chunk.len());
+            }
+            wr.shutdown().await?;
+            Ok::<(), std::io::Error>(())
         });
-        // Both directions run until done; the first error stops both.
-        let (mut up_res, mut down_res) = (None, None);
+        let mut stop = pin!(stop);
+        // Both directions run until done; the first error, or `stop`, ends both.
+        let (mut up_res, mut down_res, mut stopped) = (None, None, false);
         while up_res.is_none() || down_res.is_none() {
             tokio::select! {
                 r = &mut up, if up_res.is_none() => {
@@ -85,29 +110,39 @@ pub async fn splice(tcp: TcpStream, stream: H2Stream) -> Spliced {
                     down_res = Some(r);
                     if failed { break; }
                 }
+                _ = &mut stop => {
+                    stopped = true;
+                    break;
+                }
             }
         }
-        (up_res, down_res)
+        (up_res, down_res, stopped)
     };
+    let (from_tcp, to_tcp) = (up_n.load(Relaxed), down_n.load(Relaxed));
+    let abort = |send: &mut SendStream<Bytes>, rd, wr| {
+        send.send_reset(h2::Reason::CANCEL);
+        if let Ok(tcp) = tokio::net::tcp::OwnedReadHalf::reunite(rd, wr) {
+            reset(tcp);
+        }
+    };
+    if stopped {
+        abort(&mut send, rd, wr);
+        return Err(Stopped { from_tcp, to_tcp });
+    }
     let unfinished = || std::io::Error::other("other direction failed");
-    let up = up.unwrap_or_else(|| Err(unfinished()));
-    let down = down.unwrap_or_else(|| Err(unfinished()));
-    match (up, down) {
-        (Ok(from_tcp), Ok(to_tcp)) => Spliced {
+    match (up.unwrap_or_else(|| Err(unfinished())), down.unwrap_or_else(|| Err(unfinished()))) {
+        (Ok(()), Ok(())) => Ok(Spliced {
             from_tcp,
             to_tcp,
             error: None,
-        },
+        }),
         (up, down) => {
-            send.send_reset(h2::Reason::CANCEL);
-            if let Ok(tcp) = rd.reunite(wr) {
-                reset(tcp);
-            }
-            Spliced {
-                from_tcp: *up.as_ref().unwrap_or(&0),
-                to_tcp: *down.as_ref().unwrap_or(&0),
+            abort(&mut send, rd, wr);
+            Ok(Spliced {
+                from_tcp,
+                to_tcp,
                 error: up.err().or_else(|| down.err()),
-            }
+            })
         }
     }
 }

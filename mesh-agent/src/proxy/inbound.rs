@@ -120,7 +120,7 @@ fn admit(
     peer: SocketAddr,
 ) -> Option<Admitted> {
     let facts = ConnFacts::plaintext(pod.id.clone(), orig, peer.ip());
-    match ctx.flows.authz().admit(conn, facts) {
+    match ctx.authz.admit(conn, facts) {
         Ok(admitted) => {
             info.policy = admitted.permit.mark();
             Some(admitted)

@@ -12,15 +12,10 @@
 //! `heddle-reason` header (`403` and `denied by policy ns/name rule N` for a
 //! policy denial); the source agent then resets its client. An admitted
 //! stream stays registered as live until it ends; if a policy change denies
-//! it, the application side is reset and the stream dropped (`RST_STREAM`),
+//! it, the application side and the stream are reset (`RST_STREAM CANCEL`),
 //! so the source agent resets its client too.
 
-use std::{
-    net::SocketAddr,
-    os::fd::{AsFd, OwnedFd},
-    sync::Arc,
-    time::Instant,
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
@@ -289,7 +284,7 @@ fn check_stream(
     info.dst = Some(target);
     let src = info.src.map_or(target.ip(), |s| s.ip());
     let facts = ConnFacts::tunnelled(pod.id.clone(), target, src, peer_id);
-    match ctx.flows.authz().admit(conn, facts) {
+    match ctx.authz.admit(conn, facts) {
         Ok(admitted) => {
             info.policy = admitted.permit.mark();
             Ok(admitted)
@@ -305,86 +300,20 @@ fn check_stream(
 }
 
 /// [`h2splice::splice`], unless `live` is revoked first: then the
-/// application's connection is reset at once, through a duplicate of its
-/// descriptor (the splice owns the original), and the splice is dropped,
-/// which resets its HTTP/2 stream (`CANCEL`: not closed both ways), so the
-/// source agent resets its client. The byte counts of a revoked stream are
-/// the kernel's for the application socket (bytes it acknowledged, bytes it
-/// sent), as (client to server, server to client).
+/// application's connection and the HTTP/2 stream are reset (`CANCEL`, on
+/// which the source agent resets its client) and the bytes copied so far
+/// are returned, as (client to server, server to client).
 async fn splice_until_revoked(
     upstream: TcpStream,
     stream: H2Stream,
     live: &LiveConn,
 ) -> Result<Spliced, (Denial, (u64, u64))> {
-    let app: Option<OwnedFd> = upstream.as_fd().try_clone_to_owned().ok();
-    let splice = h2splice::splice(upstream, stream);
-    tokio::pin!(splice);
-    tokio::select! {
-        done = &mut splice => Ok(done),
-        denial = live.revoked() => {
-            // Before the splice is dropped: dropping its write half would
-            // send a FIN first, and the application would take the reset
-            // for a clean end of stream.
-            let bytes = app.as_ref().and_then(|fd| app_socket::bytes(fd.as_fd()));
-            if let Some(fd) = &app {
-                app_socket::abort(fd.as_fd());
-            }
-            Err((denial.clone(), bytes.unwrap_or_default()))
+    match h2splice::splice_until(upstream, stream, live.revoked()).await {
+        Ok(done) => Ok(done),
+        Err(stopped) => {
+            let denial = live.denial().expect("a stopped splice was revoked").clone();
+            Err((denial, (stopped.to_tcp, stopped.from_tcp)))
         }
-    }
-}
-
-/// Kernel-level operations on the application's socket of a tunnel stream.
-mod app_socket {
-    use std::os::fd::{AsRawFd, BorrowedFd};
-
-    /// Resets the TCP connection of `fd` now, whatever other descriptors
-    /// refer to it: `connect()` with `AF_UNSPEC` disconnects a TCP socket,
-    /// and Linux's `tcp_disconnect` sends a RST from the established states
-    /// (connect(2): "connectionless sockets may dissolve the association by
-    /// connecting to an address with the `sa_family` member of sockaddr set
-    /// to `AF_UNSPEC`"; for TCP see `inet_stream_connect` and
-    /// `tcp_disconnect` in net/ipv4).
-    pub(super) fn abort(fd: BorrowedFd<'_>) {
-        let unspec = libc::sockaddr {
-            sa_family: libc::AF_UNSPEC as libc::sa_family_t,
-            sa_data: [0; 14],
-        };
-        let len = std::mem::size_of::<libc::sockaddr>() as libc::socklen_t;
-        // SAFETY: `fd` is an open socket for the duration of the call, and
-        // `unspec` is a valid sockaddr of `len` bytes.
-        let rc = unsafe { libc::connect(fd.as_raw_fd(), &raw const unspec, len) };
-        if rc != 0 {
-            // Already closed or reset by the peer: nothing left to abort.
-            tracing::debug!(error = %std::io::Error::last_os_error(), "abort of the application connection");
-        }
-    }
-
-    /// (bytes the application acknowledged, bytes it sent) on `fd`, from
-    /// `TCP_INFO` (`tcpi_bytes_acked`, `tcpi_bytes_received`, Linux 4.1+).
-    /// Read before [`abort`], which clears them. The agent opened this
-    /// connection, and the acknowledgement of its SYN counts one byte in
-    /// `tcpi_bytes_acked` (as would that of a FIN, after a half-close): one is
-    /// taken off.
-    pub(super) fn bytes(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
-        // SAFETY: tcp_info is plain old data; all-zero is a valid value.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: `fd` is an open socket; `info` is writable for `len` bytes
-        // and `len` is updated by the kernel to what it wrote.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&raw mut info).cast(),
-                &raw mut len,
-            )
-        };
-        (rc == 0).then_some((
-            info.tcpi_bytes_acked.saturating_sub(1),
-            info.tcpi_bytes_received,
-        ))
     }
 }
 
