@@ -282,15 +282,13 @@ mod tests {
     fn creates_the_root_once_with_a_private_key_file() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = temp_dir("create");
-        let a =
-            Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
+        let a = Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
         let mode = fs::metadata(dir.join("root.key"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let b =
-            Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
+        let b = Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
         assert_eq!(
             a.bundle_pem(),
             b.bundle_pem(),
@@ -302,8 +300,7 @@ mod tests {
     #[test]
     fn signs_exactly_the_expected_identity() {
         let dir = temp_dir("sign");
-        let a =
-            Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
+        let a = Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
         let id = SpiffeId::new("cluster.local", "demo", "web");
         let (csr, _key) = csr_for(&id.to_string());
         let issued = a.sign_csr(&csr, &id).unwrap();

@@ -9,7 +9,9 @@ use std::{
 
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::{
-    pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+    pki_types::{
+        pem::PemObject as _, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
+    },
     sign::CertifiedKey,
     RootCertStore,
 };
@@ -40,7 +42,8 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn authority(name: &str) -> (Authority, Arc<RootCertStore>) {
-    let a = Authority::load_or_create(&temp_dir(name), "cluster.local", Duration::from_hours(1)).unwrap();
+    let a = Authority::load_or_create(&temp_dir(name), "cluster.local", Duration::from_hours(1))
+        .unwrap();
     let roots = tls::roots_from_pem(a.bundle_pem()).unwrap();
     (a, roots)
 }
@@ -56,7 +59,11 @@ fn csr(identity: &SpiffeId) -> (String, KeyPair) {
     (params.serialize_request(&key).unwrap().pem().unwrap(), key)
 }
 
-fn issue(a: &Authority, identity: &SpiffeId, validity: Option<(SystemTime, SystemTime)>) -> Arc<dyn CurrentCert> {
+fn issue(
+    a: &Authority,
+    identity: &SpiffeId,
+    validity: Option<(SystemTime, SystemTime)>,
+) -> Arc<dyn CurrentCert> {
     let (csr, key) = csr(identity);
     let issued = match validity {
         Some((nb, na)) => a.sign_csr_valid(&csr, identity, nb, na),
@@ -70,7 +77,9 @@ fn issue(a: &Authority, identity: &SpiffeId, validity: Option<(SystemTime, Syste
         .collect();
     let signing = tls::provider()
         .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )))
         .unwrap();
     Arc::new(Fixed(Arc::new(CertifiedKey::new(chain, signing))))
 }
@@ -83,7 +92,8 @@ async fn handshake(
     client_roots: Arc<RootCertStore>,
 ) -> (Result<SpiffeId, String>, Result<SpiffeId, String>) {
     let (c, s) = tokio::io::duplex(64 * 1024);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(server_cert, server_roots).unwrap());
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(tls::server_config(server_cert, server_roots).unwrap());
     let client_config = match client_cert {
         Some(cert) => tls::client_config(cert, client_roots).unwrap(),
         None => tls::anonymous_client_config(client_roots).unwrap(),
@@ -92,19 +102,25 @@ async fn handshake(
     // Both ends stay open until both handshakes are over.
     let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let (server, client) = tokio::join!(acceptor.accept(s), connector.connect(name, c));
-    let s = server
-        .map_err(|e| e.to_string())
-        .and_then(|t| tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string()));
-    let c = client
-        .map_err(|e| e.to_string())
-        .and_then(|t| tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string()));
+    let s = server.map_err(|e| e.to_string()).and_then(|t| {
+        tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string())
+    });
+    let c = client.map_err(|e| e.to_string()).and_then(|t| {
+        tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string())
+    });
     (s, c)
 }
 
 #[tokio::test]
 async fn mutual_tls_authenticates_both_workload_identities() {
     let (a, roots) = authority("mutual");
-    let (s, c) = handshake(issue(&a, &id("api"), None), roots.clone(), Some(issue(&a, &id("web"), None)), roots).await;
+    let (s, c) = handshake(
+        issue(&a, &id("api"), None),
+        roots.clone(),
+        Some(issue(&a, &id("web"), None)),
+        roots,
+    )
+    .await;
     assert_eq!(s.unwrap(), id("web"));
     assert_eq!(c.unwrap(), id("api"));
 }
@@ -114,12 +130,15 @@ async fn a_peer_presenting_another_identity_is_rejected() {
     let (a, roots) = authority("wrongid");
     let cert = issue(&a, &id("intruder"), None);
     let (c, s) = tokio::io::duplex(64 * 1024);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(issue(&a, &id("api"), None), roots.clone()).unwrap());
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        tls::server_config(issue(&a, &id("api"), None), roots.clone()).unwrap(),
+    );
     let connector = tokio_rustls::TlsConnector::from(tls::client_config(cert, roots).unwrap());
     let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let (server, _client) = tokio::join!(acceptor.accept(s), connector.connect(name, c));
     let server = server.unwrap();
-    let err = tls::peer_identity(server.get_ref().1.peer_certificates(), Some(&id("web"))).unwrap_err();
+    let err =
+        tls::peer_identity(server.get_ref().1.peer_certificates(), Some(&id("web"))).unwrap_err();
     assert!(matches!(err, TlsError::WrongPeer { .. }), "{err}");
     assert_eq!(
         err.to_string(),
@@ -131,20 +150,38 @@ async fn a_peer_presenting_another_identity_is_rejected() {
 async fn a_client_certificate_from_an_untrusted_ca_is_rejected() {
     let (a, roots) = authority("untrusted-client-a");
     let (other, _) = authority("untrusted-client-b");
-    let (s, _) = handshake(issue(&a, &id("api"), None), roots.clone(), Some(issue(&other, &id("web"), None)), roots).await;
+    let (s, _) = handshake(
+        issue(&a, &id("api"), None),
+        roots.clone(),
+        Some(issue(&other, &id("web"), None)),
+        roots,
+    )
+    .await;
     let err = s.unwrap_err();
     // Both roots have the same subject, so webpki finds a candidate issuer
     // whose signature does not verify; with different subjects: UnknownIssuer.
-    assert!(err.contains("UnknownIssuer") || err.contains("BadSignature"), "{err}");
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("BadSignature"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn a_server_certificate_from_an_untrusted_ca_is_rejected() {
     let (a, roots) = authority("untrusted-server-a");
     let (other, other_roots) = authority("untrusted-server-b");
-    let (_, c) = handshake(issue(&other, &id("api"), None), other_roots, Some(issue(&a, &id("web"), None)), roots).await;
+    let (_, c) = handshake(
+        issue(&other, &id("api"), None),
+        other_roots,
+        Some(issue(&a, &id("web"), None)),
+        roots,
+    )
+    .await;
     let err = c.unwrap_err();
-    assert!(err.contains("UnknownIssuer") || err.contains("BadSignature"), "{err}");
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("BadSignature"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -152,10 +189,22 @@ async fn an_expired_certificate_is_rejected_on_both_sides() {
     let (a, roots) = authority("expired");
     let now = SystemTime::now();
     let past = Some((now - Duration::from_hours(2), now - Duration::from_hours(1)));
-    let (s, _) = handshake(issue(&a, &id("api"), None), roots.clone(), Some(issue(&a, &id("web"), past)), roots.clone()).await;
+    let (s, _) = handshake(
+        issue(&a, &id("api"), None),
+        roots.clone(),
+        Some(issue(&a, &id("web"), past)),
+        roots.clone(),
+    )
+    .await;
     let err = s.unwrap_err();
     assert!(err.to_lowercase().contains("expired"), "{err}");
-    let (_, c) = handshake(issue(&a, &id("api"), past), roots.clone(), Some(issue(&a, &id("web"), None)), roots).await;
+    let (_, c) = handshake(
+        issue(&a, &id("api"), past),
+        roots.clone(),
+        Some(issue(&a, &id("web"), None)),
+        roots,
+    )
+    .await;
     let err = c.unwrap_err();
     assert!(err.to_lowercase().contains("expired"), "{err}");
 }
@@ -165,7 +214,10 @@ async fn a_client_without_a_certificate_is_rejected() {
     let (a, roots) = authority("nocert");
     let (s, _) = handshake(issue(&a, &id("api"), None), roots.clone(), None, roots).await;
     let err = s.unwrap_err();
-    assert!(err.contains("NoCertificatesPresented") || err.contains("certificate"), "{err}");
+    assert!(
+        err.contains("NoCertificatesPresented") || err.contains("certificate"),
+        "{err}"
+    );
 }
 
 fn write_config(dir: &std::path::Path) -> PathBuf {
@@ -196,7 +248,11 @@ async fn ca_and_client(name: &str, node: &str) -> (CancellationToken, RemoteCa, 
     let stop = CancellationToken::new();
     tokio::spawn(server.serve(listener, stop.clone()));
     let token = std::fs::read_to_string(token_path(&dir.join("state"), node)).unwrap();
-    (stop, RemoteCa::new(addr, token, roots, "cluster.local").unwrap(), dir)
+    (
+        stop,
+        RemoteCa::new(addr, token, roots, "cluster.local").unwrap(),
+        dir,
+    )
 }
 
 #[tokio::test]
@@ -234,7 +290,9 @@ async fn the_ca_refuses_a_csr_for_another_identity_than_requested() {
 #[tokio::test]
 async fn the_ca_refuses_an_unknown_node_token() {
     let (stop, ca, dir) = ca_and_client("ca-token", "node-a").await;
-    let roots = tls::roots_from_pem(&std::fs::read_to_string(dir.join("state/bundle.pem")).unwrap()).unwrap();
+    let roots =
+        tls::roots_from_pem(&std::fs::read_to_string(dir.join("state/bundle.pem")).unwrap())
+            .unwrap();
     let addr = ca_addr(&ca);
     let forged = RemoteCa::new(addr, "f".repeat(64), roots, "cluster.local").unwrap();
     let (csr, _key) = csr(&id("web"));
@@ -264,8 +322,13 @@ async fn the_agent_retries_a_ca_that_is_down_and_serves_once_it_is_up() {
     let server = CaServer::new(settings).unwrap();
     let roots = tls::roots_from_pem(&server.bundle_pem()).unwrap();
     let token = std::fs::read_to_string(token_path(&dir.join("state"), "node-a")).unwrap();
-    let mgr = CertManager::new(Arc::new(RemoteCa::new(addr, token, roots, "cluster.local").unwrap()));
-    let err = mgr.get(&id("web"), Duration::from_millis(500)).await.unwrap_err();
+    let mgr = CertManager::new(Arc::new(
+        RemoteCa::new(addr, token, roots, "cluster.local").unwrap(),
+    ));
+    let err = mgr
+        .get(&id("web"), Duration::from_millis(500))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("unreachable"), "{err}");
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let stop = CancellationToken::new();

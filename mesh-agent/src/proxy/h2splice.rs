@@ -56,7 +56,11 @@ pub async fn splice(tcp: TcpStream, stream: H2Stream) -> Spliced {
 
 /// [`splice`], unless `stop` completes first: then both sides are reset and
 /// the bytes copied so far are returned.
-pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -> Result<Spliced, Stopped> {
+pub async fn splice_until(
+    tcp: TcpStream,
+    stream: H2Stream,
+    stop: impl Future,
+) -> Result<Spliced, Stopped> {
     let H2Stream { mut send, mut recv } = stream;
     let (mut rd, mut wr) = tcp.into_split();
     // Atomics only because the future must be `Send`; one task touches them.
@@ -78,7 +82,12 @@ pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -
                     let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
                         Some(Ok(cap)) => cap,
                         Some(Err(e)) => return Err(h2_io(e)),
-                        None => return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "tunnel stream closed")),
+                        None => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::BrokenPipe,
+                                "tunnel stream closed",
+                            ))
+                        }
                     };
                     let chunk = data.split_to(cap.min(data.len()));
                     send.send_data(chunk, false).map_err(h2_io)?;
@@ -130,7 +139,10 @@ pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -
         return Err(Stopped { from_tcp, to_tcp });
     }
     let unfinished = || std::io::Error::other("other direction failed");
-    match (up.unwrap_or_else(|| Err(unfinished())), down.unwrap_or_else(|| Err(unfinished()))) {
+    match (
+        up.unwrap_or_else(|| Err(unfinished())),
+        down.unwrap_or_else(|| Err(unfinished())),
+    ) {
         (Ok(()), Ok(())) => Ok(Spliced {
             from_tcp,
             to_tcp,
@@ -149,7 +161,8 @@ pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -
 
 fn h2_io(e: h2::Error) -> std::io::Error {
     if e.is_io() {
-        e.into_io().unwrap_or_else(|| std::io::Error::other("h2 I/O error"))
+        e.into_io()
+            .unwrap_or_else(|| std::io::Error::other("h2 I/O error"))
     } else {
         std::io::Error::other(e)
     }

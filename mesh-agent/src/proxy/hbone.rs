@@ -41,7 +41,6 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// Header carrying the reason of a refused CONNECT.
 pub const REASON_HEADER: &str = "heddle-reason";
 
-
 /// Why a tunnel could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -168,7 +167,9 @@ impl Mesh {
         loop {
             let sender = self.sender(pod, &key, cert.generation, fresh).await?;
             match Self::request(sender, &uri).await {
-                Err(TunnelError::Http(e)) if !fresh && (e.is_go_away() || e.is_io() || e.reason().is_none()) => {
+                Err(TunnelError::Http(e))
+                    if !fresh && (e.is_go_away() || e.is_io() || e.reason().is_none()) =>
+                {
                     tracing::debug!(error = %e, "pooled tunnel connection failed; retrying on a new one");
                     fresh = true;
                 }
@@ -177,7 +178,10 @@ impl Mesh {
         }
     }
 
-    async fn request(sender: h2::client::SendRequest<Bytes>, uri: &Uri) -> Result<H2Stream, TunnelError> {
+    async fn request(
+        sender: h2::client::SendRequest<Bytes>,
+        uri: &Uri,
+    ) -> Result<H2Stream, TunnelError> {
         let mut sender = sender.ready().await?;
         let req = Request::builder()
             .method(Method::CONNECT)
@@ -259,10 +263,13 @@ impl Mesh {
         let tcp = sockets::connect_in(&pod.netns, addr).await?;
         let connector = tokio_rustls::TlsConnector::from(self.client_config(&key.src)?);
         let name = ServerName::IpAddress(key.dst_ip.into());
-        let tls = connector.connect(name, tcp).await.map_err(|e| TunnelError::Tls {
-            addr,
-            message: e.to_string(),
-        })?;
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| TunnelError::Tls {
+                addr,
+                message: e.to_string(),
+            })?;
         tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&key.dst_id))
             .map_err(|source| TunnelError::Identity { addr, source })?;
         let (sender, conn) = h2::client::Builder::new()
@@ -289,7 +296,11 @@ impl Mesh {
             .lock()
             .expect("pool lock")
             .values()
-            .map(|v| v.iter().filter(|c| !c.closed.load(Ordering::Acquire)).count())
+            .map(|v| {
+                v.iter()
+                    .filter(|c| !c.closed.load(Ordering::Acquire))
+                    .count()
+            })
             .sum()
     }
 }

@@ -60,11 +60,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let resolved = ctx.registry.borrow().resolve(orig);
     let resolved = match resolved {
         Ok(r) => r,
-        Err(e) => {
-            ctx.flows.failed(conn, &info, e.to_string());
-            reset(client);
-            return;
-        }
+        Err(e) => return fail(&ctx, conn, &info, client, &e),
     };
     info.dst = Some(resolved.addr);
     info.service = resolved.service;
@@ -76,47 +72,32 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             .filter(|w| w.enrolled)
             .map(|w| w.identity.clone())
     });
-    if let (Some(mesh), Some(dst_id)) = (ctx.mesh.clone(), dst_identity) {
+    let done = if let (Some(mesh), Some(dst_id)) = (ctx.mesh.clone(), dst_identity) {
         info.security = Security::MutualTls;
         info.dst_identity = Some(dst_id.to_string());
-        let stream = match mesh
+        match mesh
             .connect(&pod, &pod.identity, resolved.addr, &dst_id)
             .await
         {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(pod = %pod.id, dst = %resolved.addr, error = %e, "tunnel failed");
-                ctx.flows.failed(conn, &info, e.to_string());
-                reset(client);
-                return;
+            Ok(stream) => {
+                // Streams share tunnel connections, so the source is the
+                // pod's IP and the application's own source port.
+                info.src = pod.ips.first().map(|ip| SocketAddr::new(*ip, peer.port()));
+                ctx.flows.opened(conn, &info);
+                super::h2splice::splice(client, stream).await
             }
-        };
-        // Streams share tunnel connections, so the source is the pod's IP
-        // and the application's own source port.
-        info.src = pod.ips.first().map(|ip| SocketAddr::new(*ip, peer.port()));
-        ctx.flows.opened(conn, &info);
-        let done = super::h2splice::splice(client, stream).await;
-        ctx.flows.closed(
-            conn,
-            &info,
-            (done.from_tcp, done.to_tcp),
-            started.elapsed(),
-            done.error.map(|e| e.to_string()),
-        );
-        return;
-    }
-    let upstream = match connect_in(&pod.netns, resolved.addr).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(pod = %pod.id, dst = %resolved.addr, error = %e, "upstream connect failed");
-            ctx.flows.failed(conn, &info, e.to_string());
-            reset(client);
-            return;
+            Err(e) => return fail(&ctx, conn, &info, client, &e),
+        }
+    } else {
+        match connect_in(&pod.netns, resolved.addr).await {
+            Ok(upstream) => {
+                info.src = upstream.local_addr().ok();
+                ctx.flows.opened(conn, &info);
+                splice(client, upstream).await
+            }
+            Err(e) => return fail(&ctx, conn, &info, client, &e),
         }
     };
-    info.src = upstream.local_addr().ok();
-    ctx.flows.opened(conn, &info);
-    let done = splice(client, upstream).await;
     ctx.flows.closed(
         conn,
         &info,
@@ -124,4 +105,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         started.elapsed(),
         done.error.map(|e| e.to_string()),
     );
+}
+
+/// Records a connection that could not be forwarded and resets its client.
+fn fail(
+    ctx: &ProxyContext,
+    conn: u64,
+    info: &ConnInfo,
+    client: TcpStream,
+    error: &dyn std::fmt::Display,
+) {
+    tracing::debug!(pod = %info.workload, dst = ?info.dst, %error, "outbound connection failed");
+    ctx.flows.failed(conn, info, error.to_string());
+    reset(client);
 }
