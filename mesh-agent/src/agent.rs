@@ -116,18 +116,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let authz = Arc::new(Authorizer::new(policies_rx, registry_rx.clone()));
 
     let home = Arc::new(Netns::current()?);
-    let datapath = Arc::new(
-        Datapath::start(&settings.cgroup, &settings.pin_dir)
-            .context("starting the eBPF datapath")?,
-    );
-    tracing::info!(cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), "eBPF programs attached");
-
     let mesh = if let Some(ca) = &settings.ca {
         Some(build_mesh(ca, &initial.trust_domain)?)
     } else {
         tracing::warn!("no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development");
         None
     };
+    // Everything that can fail on bad input is done before the programs are
+    // attached, so a start that fails leaves no pod redirected to nothing.
+    let admin_listener = admin::bind(settings.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin API on {}", settings.admin_addr))?;
+    let datapath = Arc::new(
+        Datapath::start(&settings.cgroup, &settings.pin_dir)
+            .context("starting the eBPF datapath")?,
+    );
+    tracing::info!(cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), "eBPF programs attached");
+
     let flows = Arc::new(FlowLog::new(settings.flow_capacity));
     let tracker = TaskTracker::new();
     let ctx = Arc::new(ProxyContext {
@@ -154,9 +159,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         authz: authz.clone(),
         policy_status: policies.status(),
     });
-    let admin_listener = admin::bind(settings.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin API on {}", settings.admin_addr))?;
     tokio::spawn(admin::serve(
         admin_listener,
         admin_state.clone(),
