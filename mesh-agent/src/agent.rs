@@ -1,9 +1,10 @@
 //! The composition root of `mesh-agent run`: loads the configuration and the
 //! authorization policies, starts the datapath, enrolls pods, serves the
-//! admin API, watches the configuration and policy files, and shuts down in
+//! admin API and the Prometheus metrics, watches the configuration and policy files, and shuts down in
 //! order on SIGTERM/SIGINT.
 //!
-//! Tasks (all on the tokio runtime): the admin server, the watcher (config
+//! Tasks (all on the tokio runtime): the admin server, the metrics server,
+//! the watcher (config
 //! and policies), the policy re-evaluation task ([`Authorizer::run`]), the
 //! accept loops of each enrolled pod, one task per proxied connection, and
 //! the eBPF log reader.
@@ -31,6 +32,10 @@ use crate::{
     datapath::Datapath,
     flows::FlowLog,
     identity::{ca_client::RemoteCa, certs::CertManager, tls},
+    metrics::{
+        scrape::{self, Exporter, Sources},
+        ConnMetrics,
+    },
     netns::Netns,
     proxy::{hbone::Mesh, ProxyContext},
     registry::{Registry, SharedRegistry},
@@ -53,6 +58,8 @@ pub struct Settings {
     pub pin_dir: PathBuf,
     /// Admin API address.
     pub admin_addr: SocketAddr,
+    /// Prometheus metrics address (`/metrics`, `/healthz`).
+    pub metrics_addr: SocketAddr,
     /// Flow records kept.
     pub flow_capacity: usize,
     /// How long shutdown waits for open connections.
@@ -133,7 +140,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     tracing::info!(cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), "eBPF programs attached");
 
-    let flows = Arc::new(FlowLog::new(settings.flow_capacity));
+    let prom = prometheus::Registry::new();
+    let conn_metrics = Arc::new(ConnMetrics::new(&prom, registry_rx.clone())?);
+    let flows = Arc::new(FlowLog::new(settings.flow_capacity).with_metrics(conn_metrics));
     let tracker = TaskTracker::new();
     let ctx = Arc::new(ProxyContext {
         datapath: datapath.clone(),
@@ -145,6 +154,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     });
     let capture = Arc::new(Mutex::new(Capture::new(settings.node.clone(), home, ctx)));
     let stop = CancellationToken::new();
+
+    let exporter = Arc::new(Exporter::new(
+        prom,
+        Sources {
+            flows: flows.clone(),
+            datapath: datapath.clone(),
+            authz: authz.clone(),
+            certs: mesh.as_ref().map(|m| m.certs.clone()),
+        },
+    )?);
+    let metrics_listener = scrape::bind(settings.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {}", settings.metrics_addr))?;
+    tokio::spawn(scrape::serve(metrics_listener, exporter, stop.clone()));
 
     let admin_state = Arc::new(AdminState {
         node: settings.node.clone(),
@@ -170,7 +193,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .expect("capture lock")
         .reconcile(&registry_rx.borrow());
     admin_state.ready.store(true, Ordering::Release);
-    tracing::info!(node = %settings.node, admin = %settings.admin_addr, "agent ready");
+    tracing::info!(node = %settings.node, admin = %settings.admin_addr, metrics = %settings.metrics_addr, "agent ready");
 
     let reevaluator = tokio::spawn(authz.run(stop.clone()));
     let watcher = tokio::spawn(
@@ -192,20 +215,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     stop.cancel();
     let _ = watcher.await;
     let _ = reevaluator.await;
-    capture.lock().expect("capture lock").shutdown();
-    tracker.close();
-    if tokio::time::timeout(settings.drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = tracker.len(),
-            "drain deadline passed; closing remaining connections"
-        );
-    }
+    drain(&capture, &tracker, settings.drain_timeout).await;
     datapath.shutdown();
     tracing::info!("eBPF programs detached; bye");
     Ok(())
+}
+
+/// Un-enrolls every pod (no new connections are captured), then lets open
+/// connections finish for up to `deadline`.
+async fn drain(capture: &Mutex<Capture>, tracker: &TaskTracker, deadline: Duration) {
+    capture.lock().expect("capture lock").shutdown();
+    tracker.close();
+    if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "drain deadline passed; closing remaining connections");
+    }
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

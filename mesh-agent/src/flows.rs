@@ -6,21 +6,22 @@
 //!
 //! Recording never blocks the data path for long: a short critical section
 //! on a std mutex, no I/O, bounded memory (the oldest record is dropped when
-//! the ring is full).
+//! the ring is full, and counted). With [`FlowLog::with_metrics`] every open,
+//! close and failure is also counted in [`crate::metrics`].
 
 use std::{
     collections::{BTreeMap, VecDeque},
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
     time::{Duration, SystemTime},
 };
 
 use serde::Serialize;
 
-use crate::{policy::PolicyRef, registry::ObjectRef};
+use crate::{metrics::ConnMetrics, policy::PolicyRef, registry::ObjectRef};
 
 /// Direction of a captured connection relative to the enrolled pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -213,8 +214,10 @@ pub struct FlowLog {
     next_id: AtomicU64,
     next_conn: AtomicU64,
     active: AtomicU64,
+    dropped: AtomicU64,
     ring: Mutex<VecDeque<FlowRecord>>,
     counters: Mutex<BTreeMap<ObjectRef, WorkloadCounters>>,
+    metrics: Option<Arc<ConnMetrics>>,
 }
 
 impl FlowLog {
@@ -226,9 +229,24 @@ impl FlowLog {
             next_id: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
             active: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
             ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
             counters: Mutex::new(BTreeMap::new()),
+            metrics: None,
         }
+    }
+
+    /// Also counts every open, close and failure in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<ConnMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Records evicted from the full ring so far.
+    #[must_use]
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// A new connection id.
@@ -251,6 +269,9 @@ impl FlowLog {
                 Direction::Outbound => c.outbound_connections += 1,
                 Direction::Inbound => c.inbound_connections += 1,
             }
+        }
+        if let Some(m) = &self.metrics {
+            m.opened(info);
         }
         self.push(conn, info, Event::Open, (0, 0), None, None);
     }
@@ -280,6 +301,9 @@ impl FlowLog {
                 }
             }
         }
+        if let Some(m) = &self.metrics {
+            m.closed(info, bytes, duration, error.is_some());
+        }
         self.push(conn, info, Event::Close, bytes, Some(duration), error);
     }
 
@@ -291,6 +315,9 @@ impl FlowLog {
             .entry(info.workload.clone())
             .or_default()
             .failed_connections += 1;
+        if let Some(m) = &self.metrics {
+            m.failed(info);
+        }
         self.push(conn, info, Event::Error, (0, 0), None, Some(error));
     }
 
@@ -340,6 +367,7 @@ impl FlowLog {
         let mut ring = self.ring.lock().expect("ring lock");
         if ring.len() == self.capacity {
             ring.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         ring.push_back(record);
     }
@@ -420,6 +448,7 @@ mod tests {
         let ids: Vec<u64> = log.recent(10).iter().map(|r| r.id).collect();
         assert_eq!(ids, [3, 4, 5]);
         assert_eq!(log.recent(1)[0].id, 5);
+        assert_eq!(log.dropped(), 2);
     }
 
     #[test]

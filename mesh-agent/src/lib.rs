@@ -16,6 +16,7 @@ pub mod config;
 pub mod datapath;
 pub mod flows;
 pub mod identity;
+pub mod metrics;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{agent, config};
-use mesh_common::PORT_ADMIN;
+use mesh_common::{PORT_ADMIN, PORT_METRICS};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,7 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start; boxing buys nothing
 enum Command {
     /// Run the agent (needs root: BPF, cgroups, network namespaces).
     Run(RunArgs),
@@ -61,6 +62,9 @@ struct RunArgs {
     /// Admin API address (keep it on localhost).
     #[arg(long, env = "HEDDLE_ADMIN_ADDR", default_value_t = SocketAddr::from(([127, 0, 0, 1], PORT_ADMIN)))]
     admin_addr: SocketAddr,
+    /// Prometheus metrics address (`/metrics` and `/healthz`).
+    #[arg(long, env = "HEDDLE_METRICS_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], PORT_METRICS)))]
+    metrics_addr: SocketAddr,
     /// Flow records kept in memory.
     #[arg(long, env = "HEDDLE_FLOW_CAPACITY", default_value_t = 16_384)]
     flow_capacity: usize,
@@ -157,6 +161,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         config: args.config,
         cgroup: args.cgroup.unwrap_or_else(agent::default_cgroup_root),
         admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
         flow_capacity: args.flow_capacity,
         drain_timeout: Duration::from_secs(args.drain_seconds),
         ca: match (args.ca_addr, args.ca_token_file, args.trust_bundle) {

@@ -29,6 +29,9 @@ use crate::wait::{poll_until, Check};
 
 /// Where the admin API listens inside the node's netns.
 pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// Where the Prometheus endpoint is reached inside the node's netns (the
+/// agent's default, `0.0.0.0:15020`).
+pub const METRICS_ADDR: &str = "127.0.0.1:15020";
 /// Grace period between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -44,6 +47,7 @@ struct Inner {
     bin: PathBuf,
     ca: Option<AgentCaFlags>,
     admin: AdminClient,
+    metrics: AdminClient,
     daemon: Daemon,
 }
 
@@ -55,6 +59,10 @@ impl Agent {
             netns: node.netns_path(),
             cgroup: node.tools_cgroup(),
             addr: ADMIN_ADDR.to_owned(),
+        };
+        let metrics = AdminClient {
+            addr: METRICS_ADDR.to_owned(),
+            ..admin.clone()
         };
         let daemon = Daemon::new(
             format!("agent on {}", node.name()),
@@ -68,6 +76,7 @@ impl Agent {
                 bin,
                 ca,
                 admin,
+                metrics,
                 daemon,
             }),
         }
@@ -325,6 +334,26 @@ impl Agent {
                 Check::Pending(certs.to_string())
             })
         })
+    }
+
+    /// `GET /metrics`, parsed by a Prometheus text-format parser.
+    pub fn metrics(&self) -> Result<prometheus_parse::Scrape> {
+        let (code, body) = self.inner.metrics.get("/metrics")?;
+        let problem = |problem: String| TestbedError::Admin {
+            node: self.inner.node.name().to_owned(),
+            path: format!("{METRICS_ADDR}/metrics"),
+            problem,
+        };
+        if code != 200 {
+            return Err(problem(format!("returned {code}")));
+        }
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+            .map_err(|e| problem(format!("not the Prometheus text format: {e}")))
+    }
+
+    /// `GET path` on the metrics endpoint: status code and raw body.
+    pub fn metrics_get(&self, path: &str) -> Result<(u16, String)> {
+        self.inner.metrics.get(path)
     }
 
     /// `GET path` on the admin API: status code and raw body.

@@ -1,0 +1,420 @@
+//! Prometheus metrics, served as text on the node's port 15020 (`/metrics`,
+//! and `/healthz` for probes) by [`scrape::serve`], a task of the composition
+//! root.
+//!
+//! Two kinds of series:
+//! - **Per connection**, counted by [`ConnMetrics`] when [`crate::flows`]
+//!   records an open, close or failure: Istio's L4 set renamed `heddle_tcp_*`
+//!   with Istio's label names (so ztunnel/Istio dashboards port by renaming
+//!   the metric), plus `heddle_tcp_connection_duration_seconds`, which
+//!   ztunnel lacks.
+//! - **Agent internals**, read at scrape time by [`scrape::Exporter`] from
+//!   the authorizer, the datapath, the certificate manager and the flow log.
+//!
+//! Cardinality is bounded: every label value is either a fixed enum
+//! (`reporter`, `connection_security_policy`, `response_flags`, `verdict`,
+//! `action`, `reason`, `map`) or a name from the workload registry or the
+//! mesh's own identities (workloads, namespaces, services, SPIFFE
+//! principals, policies). Peers that are not in the registry collapse into
+//! `unknown`; addresses, ports and error texts are never labels.
+//!
+//! Invariant: recording is a few atomic increments after one registry
+//! lookup per side; nothing here blocks or does I/O on the data path.
+
+pub mod scrape;
+
+use std::{net::IpAddr, time::Duration};
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry as PromRegistry};
+use tokio::sync::watch;
+
+use crate::{
+    flows::{ConnInfo, Direction, Security},
+    registry::{ObjectRef, SharedRegistry},
+};
+
+/// A label value for a peer, principal or service the agent cannot name.
+pub const UNKNOWN: &str = "unknown";
+
+/// Errors building the metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// A metric could not be created or registered (a bad name or label,
+    /// or a duplicate registration): a programming error.
+    #[error("cannot register metric: {0}")]
+    Register(#[from] prometheus::Error),
+}
+
+/// Istio's L4 label names, in the order [`ConnLabels::values`] fills them.
+const CONN_LABELS: [&str; 10] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "connection_security_policy",
+    "response_flags",
+];
+
+/// Labels of the duration histogram: the workload pair and the security
+/// (not principals or flags, to keep buckets x series small).
+const DURATION_LABELS: [&str; 6] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "destination_workload",
+    "destination_workload_namespace",
+    "connection_security_policy",
+];
+
+/// Buckets of the duration histogram, in seconds: 1 ms to ~17 min.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1000.0,
+];
+
+/// What went wrong with a connection, as the `response_flags` label: a fixed
+/// set, never the error text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// Nothing: opened, or closed cleanly.
+    None,
+    /// Refused by authorization policy, or closed by a policy change.
+    Denied,
+    /// Could not be forwarded (dial, tunnel or certificate failure, a bad
+    /// tunnel request).
+    ConnectFailed,
+    /// Forwarded, then ended with an I/O error.
+    Aborted,
+}
+
+impl ResponseFlag {
+    /// The label value.
+    #[must_use]
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::None => "-",
+            Self::Denied => "DENIED",
+            Self::ConnectFailed => "CONNECT_FAILED",
+            Self::Aborted => "ABORTED",
+        }
+    }
+}
+
+/// The label values of one connection, resolved once per event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnLabels {
+    reporter: &'static str,
+    src: Peer,
+    src_principal: String,
+    dst: Peer,
+    dst_principal: String,
+    service: String,
+    security: &'static str,
+}
+
+/// A workload label pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Peer {
+    name: String,
+    namespace: String,
+}
+
+impl Peer {
+    fn of(id: &ObjectRef) -> Self {
+        Self {
+            name: id.name.clone(),
+            namespace: id.namespace.clone(),
+        }
+    }
+
+    fn unknown() -> Self {
+        Self {
+            name: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+        }
+    }
+}
+
+impl ConnLabels {
+    /// Labels of `info`: the enrolled pod is one side; the other is looked up
+    /// in `registry` by IP (the source address inbound, the resolved
+    /// destination outbound), else `unknown`.
+    #[must_use]
+    pub fn resolve(info: &ConnInfo, registry: &crate::registry::Registry) -> Self {
+        let by_ip = |ip: Option<IpAddr>| {
+            ip.and_then(|ip| registry.workload_by_ip(ip))
+                .map_or_else(Peer::unknown, |w| Peer::of(&w.id))
+        };
+        let local = Peer::of(&info.workload);
+        let (reporter, src, dst) = match info.direction {
+            Direction::Outbound => (
+                "source",
+                local,
+                by_ip(info.dst.or(info.orig_dst).map(|a| a.ip())),
+            ),
+            Direction::Inbound => ("destination", by_ip(info.src.map(|a| a.ip())), local),
+        };
+        let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| UNKNOWN.into());
+        Self {
+            reporter,
+            src,
+            src_principal: principal(&info.src_identity),
+            dst,
+            dst_principal: principal(&info.dst_identity),
+            service: info
+                .service
+                .as_ref()
+                .map_or_else(|| UNKNOWN.into(), ToString::to_string),
+            security: match info.security {
+                Security::MutualTls => "mutual_tls",
+                Security::Plaintext => "none",
+            },
+        }
+    }
+
+    /// Values in [`CONN_LABELS`] order.
+    fn values(&self, flag: ResponseFlag) -> [&str; 10] {
+        [
+            self.reporter,
+            &self.src.name,
+            &self.src.namespace,
+            &self.src_principal,
+            &self.dst.name,
+            &self.dst.namespace,
+            &self.dst_principal,
+            &self.service,
+            self.security,
+            flag.reason(),
+        ]
+    }
+
+    /// Values in [`DURATION_LABELS`] order.
+    fn duration_values(&self) -> [&str; 6] {
+        [
+            self.reporter,
+            &self.src.name,
+            &self.src.namespace,
+            &self.dst.name,
+            &self.dst.namespace,
+            self.security,
+        ]
+    }
+}
+
+/// The per-connection series; [`crate::flows::FlowLog`] calls it.
+pub struct ConnMetrics {
+    workloads: watch::Receiver<SharedRegistry>,
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    failed: IntCounterVec,
+    received_bytes: IntCounterVec,
+    sent_bytes: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl ConnMetrics {
+    /// Creates the series and registers them in `prom`; peers are named from
+    /// the latest `workloads` registry.
+    pub fn new(
+        prom: &PromRegistry,
+        workloads: watch::Receiver<SharedRegistry>,
+    ) -> Result<Self, MetricsError> {
+        let counter = |name: &str, help: &str| -> Result<IntCounterVec, MetricsError> {
+            let c = IntCounterVec::new(Opts::new(name, help), &CONN_LABELS)?;
+            prom.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "heddle_tcp_connection_duration_seconds",
+                "Lifetime of TCP connections, observed when they close (not for connections that failed before opening).",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &DURATION_LABELS,
+        )?;
+        prom.register(Box::new(duration.clone()))?;
+        Ok(Self {
+            workloads,
+            opened: counter(
+                "heddle_tcp_connections_opened_total",
+                "TCP connections opened (forwarded to their destination), counted by the reporting agent.",
+            )?,
+            closed: counter(
+                "heddle_tcp_connections_closed_total",
+                "TCP connections closed after opening; response_flags says how they ended (- is clean).",
+            )?,
+            failed: counter(
+                "heddle_tcp_connections_failed_total",
+                "TCP connections that could not be forwarded (DENIED by policy, or CONNECT_FAILED).",
+            )?,
+            received_bytes: counter(
+                "heddle_tcp_received_bytes_total",
+                "Bytes from the client toward the server (request direction, as Istio's istio_tcp_received_bytes_total), added when the connection closes.",
+            )?,
+            sent_bytes: counter(
+                "heddle_tcp_sent_bytes_total",
+                "Bytes from the server back to the client (response direction, as Istio's istio_tcp_sent_bytes_total), added when the connection closes.",
+            )?,
+            duration,
+        })
+    }
+
+    fn labels(&self, info: &ConnInfo) -> ConnLabels {
+        ConnLabels::resolve(info, &self.workloads.borrow())
+    }
+
+    /// A connection opened.
+    pub fn opened(&self, info: &ConnInfo) {
+        let l = self.labels(info);
+        self.opened
+            .with_label_values(&l.values(ResponseFlag::None))
+            .inc();
+    }
+
+    /// A connection closed after moving `(to_server, to_client)` bytes.
+    pub fn closed(&self, info: &ConnInfo, bytes: (u64, u64), duration: Duration, error: bool) {
+        let l = self.labels(info);
+        let flag = if info.policy.denied || info.policy.closed_by_policy.is_some() {
+            ResponseFlag::Denied
+        } else if error {
+            ResponseFlag::Aborted
+        } else {
+            ResponseFlag::None
+        };
+        let values = l.values(flag);
+        self.closed.with_label_values(&values).inc();
+        self.received_bytes
+            .with_label_values(&values)
+            .inc_by(bytes.0);
+        self.sent_bytes.with_label_values(&values).inc_by(bytes.1);
+        self.duration
+            .with_label_values(&l.duration_values())
+            .observe(duration.as_secs_f64());
+    }
+
+    /// A connection could not be forwarded.
+    pub fn failed(&self, info: &ConnInfo) {
+        let flag = if info.policy.denied {
+            ResponseFlag::Denied
+        } else {
+            ResponseFlag::ConnectFailed
+        };
+        let l = self.labels(info);
+        self.failed.with_label_values(&l.values(flag)).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config, registry::Registry};
+    use std::{path::Path, sync::Arc};
+
+    fn registry() -> Registry {
+        let text = r#"
+workloads:
+  - {name: client, namespace: demo, node: n1, ips: ["10.0.1.2"], enrolled: false}
+  - {name: server, namespace: demo, node: n2, ips: ["10.0.2.2"], enrolled: false}
+"#;
+        Registry::from_config(&config::parse(Path::new("t"), text).unwrap())
+    }
+
+    fn outbound() -> ConnInfo {
+        let mut i = ConnInfo::new(
+            Direction::Outbound,
+            ObjectRef {
+                namespace: "demo".into(),
+                name: "client".into(),
+            },
+        );
+        i.src = Some("10.0.1.2:40000".parse().unwrap());
+        i.dst = Some("10.0.2.2:8080".parse().unwrap());
+        i.security = Security::MutualTls;
+        i.dst_identity = Some("spiffe://t/ns/demo/sa/server".into());
+        i
+    }
+
+    fn text(prom: &PromRegistry) -> String {
+        let mut out = Vec::new();
+        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &prom.gather(), &mut out)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn outbound_connections_name_the_destination_from_the_registry() {
+        let l = ConnLabels::resolve(&outbound(), &registry());
+        assert_eq!(
+            l.values(ResponseFlag::None),
+            [
+                "source",
+                "client",
+                "demo",
+                "unknown",
+                "server",
+                "demo",
+                "spiffe://t/ns/demo/sa/server",
+                "unknown",
+                "mutual_tls",
+                "-"
+            ]
+        );
+    }
+
+    #[test]
+    fn inbound_sources_outside_the_registry_are_unknown() {
+        let mut i = outbound();
+        i.direction = Direction::Inbound;
+        i.workload = ObjectRef {
+            namespace: "demo".into(),
+            name: "server".into(),
+        };
+        i.src = Some("192.0.2.9:1234".parse().unwrap());
+        i.security = Security::Plaintext;
+        let l = ConnLabels::resolve(&i, &registry());
+        assert_eq!(
+            &l.values(ResponseFlag::Denied)[..6],
+            [
+                "destination",
+                "unknown",
+                "unknown",
+                "unknown",
+                "server",
+                "demo"
+            ]
+        );
+        assert_eq!(l.values(ResponseFlag::Denied)[8..], ["none", "DENIED"]);
+    }
+
+    #[test]
+    fn counts_opens_closes_bytes_and_failures() {
+        let prom = PromRegistry::new();
+        let (_tx, rx) = watch::channel(Arc::new(registry()));
+        let m = ConnMetrics::new(&prom, rx).unwrap();
+        let i = outbound();
+        m.opened(&i);
+        m.closed(&i, (100, 7), Duration::from_millis(20), false);
+        m.failed(&i);
+        let t = text(&prom);
+        for line in [
+            "heddle_tcp_connections_opened_total{",
+            "heddle_tcp_connections_failed_total{",
+            "response_flags=\"CONNECT_FAILED\"",
+            "heddle_tcp_connection_duration_seconds_count{",
+        ] {
+            assert!(t.contains(line), "missing {line} in\n{t}");
+        }
+        let value = |metric: &str| {
+            t.lines()
+                .find(|l| l.starts_with(metric))
+                .and_then(|l| l.rsplit(' ').next())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(value("heddle_tcp_received_bytes_total{"), "100");
+        assert_eq!(value("heddle_tcp_sent_bytes_total{"), "7");
+    }
+}
