@@ -172,6 +172,7 @@ fn an_allow_policy_on_a_principal_admits_that_client_and_resets_everyone_else_na
         )?;
         ensure!(
             out[0].event == FlowEvent::Error
+                && out[0].verdict == Some(Verdict::Denied)
                 && out[0]
                     .error
                     .as_deref()

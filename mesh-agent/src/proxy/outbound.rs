@@ -86,7 +86,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                 ctx.flows.opened(conn, &info);
                 super::h2splice::splice(client, stream).await
             }
-            Err(e) => return fail(&ctx, conn, &info, client, &e),
+            Err(e) => {
+                // The destination's policy refused it: the source records
+                // the same verdict (the reason text names the policy).
+                info.policy.denied = e.reason() == "denied";
+                return fail(&ctx, conn, &info, client, &e);
+            }
         }
     } else {
         match connect_in(&pod.netns, resolved.addr).await {
