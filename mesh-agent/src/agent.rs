@@ -226,8 +226,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 async fn drain(capture: &Mutex<Capture>, tracker: &TaskTracker, deadline: Duration) {
     capture.lock().expect("capture lock").shutdown();
     tracker.close();
-    if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
-        tracing::warn!(open = tracker.len(), "drain deadline passed; closing remaining connections");
+    if tokio::time::timeout(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "drain deadline passed; closing remaining connections"
+        );
     }
 }
 

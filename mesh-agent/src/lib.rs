@@ -15,6 +15,7 @@ pub mod capture;
 pub mod config;
 pub mod datapath;
 pub mod flows;
+pub mod http_server;
 pub mod identity;
 pub mod metrics;
 pub mod netns;

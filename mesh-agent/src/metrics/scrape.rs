@@ -10,17 +10,13 @@
 //! monotonic as Prometheus requires.
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{
-    body::Incoming, header, server::conn::http1, service::service_fn, Request, Response, StatusCode,
-};
-use hyper_util::rt::TokioIo;
+use hyper::{body::Incoming, header, Request, Response, StatusCode};
 use prometheus::{
     Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
     TextEncoder,
@@ -189,36 +185,12 @@ impl Exporter {
 
 /// Binds the metrics listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    crate::http_server::bind(addr).await
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, exporter: Arc<Exporter>, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
-        };
-        let exporter = exporter.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let exporter = exporter.clone();
-                async move { Ok::<_, Infallible>(route(&exporter, &req)) }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection error");
-            }
-        });
-    }
+    crate::http_server::serve(listener, "metrics", exporter, route, stop).await;
 }
 
 fn route(exporter: &Exporter, req: &Request<Incoming>) -> Response<Full<Bytes>> {
