@@ -131,6 +131,9 @@ fn policy(f: &Flow) -> String {
     let _ = match (&f.policy, f.policy_rule) {
         (Some(p), Some(rule)) => write!(cell, "{p} rule {rule}"),
         (Some(p), None) => write!(cell, "{p} (no ALLOW rule matched)"),
+        (None, _) if denied && f.direction == Direction::Outbound => {
+            write!(cell, "by the destination")
+        }
         (None, _) if denied => write!(cell, "fail closed"),
         (None, _) => Ok(()),
     };

@@ -1,16 +1,17 @@
 //! `demo`: Heddle on a two-node, four-pod cluster, explained.
 //!
-//! Builds (with the test bed library) node-a with `web-client` and `batch`
-//! (enrolled) and `legacy` (not enrolled), node-b with `api` (enrolled,
-//! inbound mode STRICT, echo on 8080) and `db` (not enrolled, echo on 5432),
+//! Builds (with the test bed library) node-a with `web-client` (enrolled)
+//! and `legacy` (not enrolled), node-b with `api` (enrolled, inbound mode
+//! STRICT, echo on 8080 and 9090) and `db` (not enrolled, echo on 5432),
 //! and the service `demo/api` at 10.96.0.20:80 -> 8080; starts the mesh CA
 //! on node-a and both agents with mTLS, sends five kinds of traffic and
 //! prints, per step, whether it was delivered (or refused), which agent
 //! captured it, the identities of both ends of each tunnelled connection
 //! and, for two steps, what a packet capture on node-a's link saw (TLS or
 //! the plaintext marker every step sends). Then it applies an authorization
-//! policy (ALLOW to `api` only from `web-client`'s identity) and shows one
-//! connection allowed and one denied, each with the policy that decided.
+//! policy (ALLOW to `api` only from `web-client`'s identity, only to port
+//! 8080) and shows one connection allowed (to 8080) and one denied (to
+//! 9090), each with the policy that decided.
 //! Then each agent's flows (with the deciding policy), certificates,
 //! workload counters and datapath counters. Without tcpdump it says so and
 //! skips the captures.
@@ -152,7 +153,6 @@ fn build() -> Result<Demo> {
     let a = tb.add_node("node-a")?;
     let b = tb.add_node("node-b")?;
     let web = tb.add_pod(&a, PodSpec::new("web-client").enrolled(true))?;
-    let batch = tb.add_pod(&a, PodSpec::new("batch").enrolled(true))?;
     let legacy = tb.add_pod(&a, PodSpec::new("legacy"))?;
     let api = tb.add_pod(
         &b,
@@ -162,11 +162,11 @@ fn build() -> Result<Demo> {
     )?;
     let db = tb.add_pod(&b, PodSpec::new("db"))?;
     tb.add_service(ServiceSpec::new("api", API_VIP).port(80, 8080))?;
-    let servers = vec![api.start_echo(8080)?, db.start_echo(5432)?];
+    let servers = vec![api.start_echo(8080)?, api.start_echo(9090)?, db.start_echo(5432)?];
     println!("Starting the mesh CA on node-a, then agents on node-a and node-b (mTLS on)…");
     tb.start_ca(&a, CaOptions::default())?;
     let agents = tb.start_agents(&[&a, &b])?;
-    agents[0].wait_certificates(&[web.spiffe_id(), batch.spiffe_id()], CERT_WAIT)?;
+    agents[0].wait_certificates(&[web.spiffe_id()], CERT_WAIT)?;
     agents[1].wait_certificates(&[api.spiffe_id()], CERT_WAIT)?;
     let vip = SocketAddr::V4(SocketAddrV4::new(API_VIP, 80));
     let step = |from: &Pod, label: &str, to: SocketAddr, target: &Pod, expect, capture| Step {
@@ -226,7 +226,7 @@ fn build() -> Result<Demo> {
             false,
         ),
     ];
-    let (policy_steps, policy) = policy_phase(&web, &batch, &api);
+    let (policy_steps, policy) = policy_phase(&web, &api);
     Ok(Demo {
         tb,
         node_a: a,
@@ -241,11 +241,11 @@ fn build() -> Result<Demo> {
 
 /// The policy the demo applies (ALLOW to `api`, port 8080, only from
 /// `web-client`'s identity) and the two steps run under it.
-fn policy_phase(web: &Pod, batch: &Pod, api: &Pod) -> (Vec<Step>, String) {
-    let step = |from: &Pod, label: &str, expect| Step {
+fn policy_phase(web: &Pod, api: &Pod) -> (Vec<Step>, String) {
+    let step = |from: &Pod, label: &str, port: u16, expect| Step {
         from: from.clone(),
         label: label.to_owned(),
-        to: api.addr(8080),
+        to: api.addr(port),
         target: api.clone(),
         expect,
         capture: false,
@@ -254,14 +254,15 @@ fn policy_phase(web: &Pod, batch: &Pod, api: &Pod) -> (Vec<Step>, String) {
     let steps = vec![
         step(
             web,
-            "web-client -> api (policy)",
+            "web-client -> api:8080 (policy)",
+            8080,
             Expect::Delivered {
                 security: Some(Security::MutualTls),
                 outbound: true,
                 inbound: true,
             },
         ),
-        step(batch, "batch -> api (policy)", Expect::Refused),
+        step(web, "web-client -> api:9090 (policy)", 9090, Expect::Refused),
     ];
     let principal = web.spiffe_id().trim_start_matches("spiffe://").to_owned();
     let policy = format!(
