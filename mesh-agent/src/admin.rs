@@ -29,9 +29,6 @@ use crate::{
     registry::SharedRegistry,
 };
 
-/// Default number of flows returned by `/flows`.
-const DEFAULT_FLOWS: usize = 1000;
-
 /// Everything the admin API reads.
 pub struct AdminState {
     /// This node.
@@ -79,13 +76,14 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        "/flows" => {
-            let n = query
-                .get("last")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(DEFAULT_FLOWS);
-            json_response(&json!(state.flows.recent(n)))
-        }
+        "/flows" => match crate::flow_filter::FlowFilter::from_query(&query) {
+            Ok(filter) => json_response(&json!(state.flows.select(&filter))),
+            Err(e) => {
+                let mut r = json_response(&json!({ "error": e.to_string() }));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                r
+            }
+        },
         "/workloads" => json_response(&workloads(state)),
         "/certs" => json_response(&match &state.mesh {
             Some(m) => {

@@ -372,6 +372,20 @@ impl FlowLog {
         ring.push_back(record);
     }
 
+    /// The newest `filter.last` records that pass `filter`, oldest first.
+    pub fn select(&self, filter: &crate::flow_filter::FlowFilter) -> Vec<FlowRecord> {
+        let ring = self.ring.lock().expect("ring lock");
+        let mut out: Vec<FlowRecord> = ring
+            .iter()
+            .rev()
+            .filter(|r| filter.matches(r))
+            .take(filter.last)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+
     /// The last `n` records, oldest first.
     pub fn recent(&self, n: usize) -> Vec<FlowRecord> {
         let ring = self.ring.lock().expect("ring lock");
@@ -391,7 +405,8 @@ impl FlowLog {
 }
 
 /// Formats a time as RFC 3339 UTC with microseconds, without a date crate.
-fn rfc3339(t: SystemTime) -> String {
+#[must_use]
+pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

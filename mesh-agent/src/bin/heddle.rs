@@ -47,17 +47,20 @@ struct Cli {
 enum Output {
     Table,
     Json,
+    /// One JSON object per line (flows).
+    Jsonl,
 }
 
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once, at start-up
 enum Command {
-    /// Show recent flows (connections the agent captured).
-    Flows {
-        /// Show only the last N records.
-        #[arg(long, default_value_t = 100)]
-        last: usize,
-    },
+    /// Show flows (connections the agent captured), like `hubble observe`.
+    ///
+    /// Examples:
+    ///   heddle flows --namespace demo --verdict denied
+    ///   heddle flows --from-identity ns/demo/sa/web --since 5m -o jsonl
+    ///   heddle flows --pod api --follow
+    Flows(mesh_agent::cli_flows::FlowsArgs),
     /// Show the workloads the agent knows and whether their traffic is captured.
     Workloads,
     /// Show agent health, attached eBPF programs, map usage and datapath counters.
@@ -137,14 +140,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Policy(cmd) => return Ok(policy_command(cmd, cli.output)),
-        Command::Flows { last } => {
-            let flows = get(&cli.agent, &format!("/flows?last={last}"))?;
-            if cli.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&flows)?);
-            } else {
-                print_flows(&flows);
-            }
-        }
+        Command::Flows(args) => flows(&cli.agent, cli.output, &args)?,
         Command::Workloads => {
             let w = get(&cli.agent, "/workloads")?;
             if cli.output == Output::Json {
@@ -197,63 +193,39 @@ fn s(v: &Value) -> String {
     }
 }
 
-#[allow(clippy::cast_precision_loss)] // display only
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
+fn flows(
+    agent: &str,
+    output: Output,
+    args: &mesh_agent::cli_flows::FlowsArgs,
+) -> anyhow::Result<()> {
+    use mesh_agent::cli_flows::{query, table_header, table_row};
+    let mut after = None;
+    if output == Output::Table {
+        println!("{}", table_header());
     }
-    if u == 0 {
-        format!("{n}B")
-    } else {
-        format!("{v:.1}{}", UNITS[u])
-    }
-}
-
-fn print_flows(flows: &Value) {
-    println!(
-        "{:<12} {:<5} {:<8} {:<20} {:<21} {:<21} {:<21} {:>9} {:>9} {:>8}",
-        "TIME",
-        "EVENT",
-        "DIR",
-        "WORKLOAD",
-        "SOURCE",
-        "ORIGINAL DST",
-        "SENT TO",
-        "SENT",
-        "RECEIVED",
-        "DURATION"
-    );
-    for f in flows.as_array().into_iter().flatten() {
-        let time = s(&f["time"]);
-        let time = time.get(11..23).unwrap_or(&time).to_owned();
-        let dur = f["duration_ms"]
-            .as_f64()
-            .map_or("-".into(), |d| format!("{d:.1}ms"));
-        let mut dst = s(&f["dst"]);
-        if let Some(svc) = f["service"].as_str() {
-            dst = format!("{dst} ({svc})");
+    loop {
+        let flows = get(agent, &query(args, std::time::SystemTime::now(), after))?;
+        let list = flows.as_array().cloned().unwrap_or_default();
+        match output {
+            Output::Json if !args.follow => println!("{}", serde_json::to_string_pretty(&flows)?),
+            Output::Json | Output::Jsonl => {
+                for f in &list {
+                    println!("{f}");
+                }
+            }
+            Output::Table => {
+                for f in &list {
+                    println!("{}", table_row(f));
+                }
+            }
         }
-        println!(
-            "{:<12} {:<5} {:<8} {:<20} {:<21} {:<21} {:<21} {:>9} {:>9} {:>8}{}",
-            time,
-            s(&f["event"]),
-            s(&f["direction"]),
-            s(&f["workload"]),
-            s(&f["src"]),
-            s(&f["orig_dst"]),
-            dst,
-            human_bytes(f["bytes_sent"].as_u64().unwrap_or(0)),
-            human_bytes(f["bytes_received"].as_u64().unwrap_or(0)),
-            dur,
-            f["error"]
-                .as_str()
-                .map(|e| format!("  error: {e}"))
-                .unwrap_or_default(),
-        );
+        if !args.follow {
+            return Ok(());
+        }
+        if let Some(id) = list.last().and_then(|f| f["id"].as_u64()) {
+            after = Some(id);
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

@@ -1,0 +1,307 @@
+//! `heddle flows`: its flags, the query they become (filters are applied by
+//! the agent, see `flow_filter`), and the output formats: a table that fits
+//! 120 columns (identities shortened to `ns/sa`, bytes and durations
+//! humanised) and JSON / JSON Lines that are stable for scripts (the agent's
+//! records as they are).
+
+use std::time::{Duration, SystemTime};
+
+use clap::Args;
+use serde_json::Value;
+
+/// Filters and options of `heddle flows`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct FlowsArgs {
+    /// Keep printing new flows as they arrive (polls the agent twice a second).
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Show only the newest N matching flows.
+    #[arg(long, default_value_t = 100)]
+    pub last: usize,
+    /// Only flows newer than this (e.g. 30s, 5m, 2h).
+    #[arg(long, value_parser = parse_duration)]
+    pub since: Option<Duration>,
+    /// Only flows of pods in this namespace.
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// Only flows of this pod (`name` or `namespace/name`).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only flows whose source identity contains this (e.g. `ns/demo/sa/web`).
+    #[arg(long)]
+    pub from_identity: Option<String>,
+    /// Only flows whose destination identity contains this.
+    #[arg(long)]
+    pub to_identity: Option<String>,
+    /// Only flows from this IP.
+    #[arg(long)]
+    pub from_ip: Option<std::net::IpAddr>,
+    /// Only flows to this IP.
+    #[arg(long)]
+    pub to_ip: Option<std::net::IpAddr>,
+    /// Only flows to this port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only flows with this verdict: forwarded, denied, audited, error.
+    #[arg(long, value_parser = ["forwarded", "denied", "audited", "error"])]
+    pub verdict: Option<String>,
+    /// Only flows decided, audited or closed by this policy (`namespace/name`).
+    #[arg(long)]
+    pub policy: Option<String>,
+}
+
+/// Parses `30s`, `5m`, `2h`, `1d` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 2h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// The `/flows` query for `args`; `after` continues from a record id.
+#[must_use]
+pub fn query(args: &FlowsArgs, now: SystemTime, after: Option<u64>) -> String {
+    // While following, each page takes everything new, not the newest N.
+    let last = if after.is_some() {
+        crate::flow_filter::DEFAULT_LAST
+    } else {
+        args.last
+    };
+    let mut q = vec![format!("last={last}")];
+    let mut add = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", encode(&v)));
+        }
+    };
+    add("namespace", args.namespace.clone());
+    add("pod", args.pod.clone());
+    add("from_identity", args.from_identity.clone());
+    add("to_identity", args.to_identity.clone());
+    add("from_ip", args.from_ip.map(|ip| ip.to_string()));
+    add("to_ip", args.to_ip.map(|ip| ip.to_string()));
+    add("port", args.port.map(|p| p.to_string()));
+    add("verdict", args.verdict.clone());
+    add("policy", args.policy.clone());
+    add("since", args.since.map(|d| crate::flows::rfc3339(now - d)));
+    add("after", after.map(|a| a.to_string()));
+    format!("/flows?{}", q.join("&"))
+}
+
+/// Percent-encodes what a query value may not carry as is.
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `spiffe://td/ns/demo/sa/web` → `demo/web`; anything else unchanged.
+#[must_use]
+pub fn short_identity(id: &str) -> String {
+    let parts: Vec<&str> = id.trim_start_matches("spiffe://").split('/').collect();
+    match parts.as_slice() {
+        [_, "ns", ns, "sa", sa] => format!("{ns}/{sa}"),
+        _ => id.to_owned(),
+    }
+}
+
+/// `1536` → `1.5K`.
+#[must_use]
+#[allow(clippy::cast_precision_loss)] // display only
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
+    if n < 1024 {
+        return n.to_string();
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1}{}", UNITS[u])
+}
+
+fn human_ms(ms: f64) -> String {
+    if ms < 1000.0 {
+        format!("{ms:.1}ms")
+    } else {
+        format!("{:.1}s", ms / 1000.0)
+    }
+}
+
+fn text(v: &Value) -> &str {
+    v.as_str().unwrap_or("-")
+}
+
+fn fit(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// The table header (120 columns).
+#[must_use]
+pub fn table_header() -> String {
+    format!(
+        "{:<12} {:<3} {:<9} {:<22} {:<22} {:<4} {:>11} {:>8} {}",
+        "TIME",
+        "DIR",
+        "VERDICT",
+        "SOURCE",
+        "DESTINATION",
+        "SEC",
+        "OUT/IN",
+        "DURATION",
+        "POLICY / ERROR"
+    )
+}
+
+/// One table line per record.
+#[must_use]
+pub fn table_row(f: &Value) -> String {
+    let time = text(&f["time"]);
+    let time = time.get(11..23).unwrap_or(time);
+    let dir = if f["direction"] == "outbound" {
+        "out"
+    } else {
+        "in"
+    };
+    let side = |identity: &Value, addr: &Value| match identity.as_str() {
+        Some(id) => short_identity(id),
+        None => text(addr).to_owned(),
+    };
+    let src = side(&f["src_identity"], &f["src"]);
+    let mut dst = match f["dst_identity"].as_str() {
+        Some(id) => format!("{}:{}", short_identity(id), port_of(&f["orig_dst"])),
+        None => text(&f["orig_dst"]).to_owned(),
+    };
+    if let Some(svc) = f["service"].as_str() {
+        dst = format!("{svc} → {dst}");
+    }
+    let sec = if f["security"] == "mutual_tls" {
+        "mTLS"
+    } else {
+        "-"
+    };
+    let bytes = format!(
+        "{}/{}",
+        human_bytes(f["bytes_sent"].as_u64().unwrap_or(0)),
+        human_bytes(f["bytes_received"].as_u64().unwrap_or(0))
+    );
+    let dur = f["duration_ms"].as_f64().map_or("-".to_owned(), human_ms);
+    let mut note = match (f["policy"].as_str(), f["policy_rule"].as_u64()) {
+        (Some(p), Some(r)) => format!("{p}#{r}"),
+        (Some(p), None) => p.to_owned(),
+        _ => String::new(),
+    };
+    if let Some(e) = f["error"].as_str() {
+        note = if note.is_empty() {
+            e.to_owned()
+        } else {
+            format!("{note} {e}")
+        };
+    }
+    let line = format!(
+        "{:<12} {:<3} {:<9} {:<22} {:<22} {:<4} {:>11} {:>8} {}",
+        time,
+        dir,
+        text(&f["verdict"]),
+        fit(&src, 22),
+        fit(&dst, 22),
+        sec,
+        bytes,
+        dur,
+        note
+    );
+    fit(&line, 120)
+}
+
+fn port_of(addr: &Value) -> String {
+    addr.as_str()
+        .and_then(|a| a.rsplit_once(':'))
+        .map_or("-".to_owned(), |(_, p)| p.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record() -> Value {
+        json!({
+            "id": 7, "time": "2026-11-22T04:30:00.123456Z", "event": "close", "direction": "inbound",
+            "workload": "demo/api", "src": "10.44.1.2:40000", "orig_dst": "10.44.2.2:8080",
+            "dst": "10.44.2.2:8080", "service": null, "security": "mutual_tls",
+            "src_identity": "spiffe://cluster.local/ns/demo/sa/web-client",
+            "dst_identity": "spiffe://cluster.local/ns/demo/sa/api",
+            "bytes_sent": 1_048_576, "bytes_received": 100, "duration_ms": 2500.0,
+            "error": null, "verdict": "forwarded", "policy": "demo/allow-web", "policy_rule": 0
+        })
+    }
+
+    #[test]
+    fn a_table_row_fits_120_columns_with_short_identities_and_human_units() {
+        let row = table_row(&record());
+        assert!(row.chars().count() <= 120, "{row}");
+        assert!(table_header().chars().count() <= 120);
+        for part in [
+            "04:30:00.123",
+            "in",
+            "forwarded",
+            "demo/web-client",
+            "demo/api:8080",
+            "mTLS",
+            "1.0M/100",
+            "2.5s",
+            "demo/allow-web#0",
+        ] {
+            assert!(row.contains(part), "{part} missing from {row}");
+        }
+    }
+
+    #[test]
+    fn the_query_carries_every_filter() {
+        let args = FlowsArgs {
+            last: 5,
+            namespace: Some("demo".into()),
+            from_identity: Some("ns/demo/sa/web".into()),
+            port: Some(8080),
+            verdict: Some("denied".into()),
+            since: Some(Duration::from_mins(1)),
+            ..FlowsArgs::default()
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_312_496);
+        let q = query(&args, now, Some(9));
+        assert_eq!(
+            q,
+            "/flows?last=1000&namespace=demo&from_identity=ns/demo/sa/web&port=8080&verdict=denied&since=2026-11-22T01:53:56.000000Z&after=9"
+        );
+        assert!(query(&args, now, None).starts_with("/flows?last=5&"));
+    }
+
+    #[test]
+    fn parses_durations_and_rejects_nonsense() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_mins(5)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_hours(2)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5w").is_err());
+    }
+}

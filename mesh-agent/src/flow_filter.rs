@@ -1,0 +1,242 @@
+//! Server-side selection of flow records for `GET /flows` (and so for
+//! `heddle flows`): every filter the CLI offers is applied by the agent, so a
+//! busy node sends only what was asked for.
+//!
+//! Query parameters: `namespace`, `pod` (`name` or `ns/name`),
+//! `from_identity`, `to_identity` (substring of the SPIFFE ID, so
+//! `ns/demo/sa/web` works), `from_ip`, `to_ip`, `port`, `verdict`
+//! (`forwarded|denied|audited|error`), `policy` (`ns/name`), `since`
+//! (RFC 3339, compared with the record time), `after` (record id, for
+//! following), `last` (the newest N matches, applied after filtering).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use crate::flows::{FlowRecord, Verdict};
+
+/// Records returned when `last` is not given.
+pub const DEFAULT_LAST: usize = 1000;
+
+/// A bad query parameter.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("bad flow filter {name}={value:?}: {expected}")]
+pub struct FilterError {
+    name: String,
+    value: String,
+    expected: &'static str,
+}
+
+/// Which records to return.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowFilter {
+    /// Namespace of the enrolled pod the record is about.
+    pub namespace: Option<String>,
+    /// Pod name, or `ns/name`.
+    pub pod: Option<String>,
+    /// Substring of the source identity.
+    pub from_identity: Option<String>,
+    /// Substring of the destination identity.
+    pub to_identity: Option<String>,
+    /// Source IP.
+    pub from_ip: Option<IpAddr>,
+    /// Destination IP (original or resolved).
+    pub to_ip: Option<IpAddr>,
+    /// Destination port (original or resolved).
+    pub port: Option<u16>,
+    /// Verdict.
+    pub verdict: Option<Verdict>,
+    /// Deciding, auditing or closing policy (`ns/name`).
+    pub policy: Option<String>,
+    /// Records at or after this RFC 3339 time.
+    pub since: Option<String>,
+    /// Records with a larger id.
+    pub after: Option<u64>,
+    /// The newest N matches.
+    pub last: usize,
+}
+
+fn parse<T: std::str::FromStr>(
+    name: &str,
+    value: &str,
+    expected: &'static str,
+) -> Result<T, FilterError> {
+    value.parse().map_err(|_| FilterError {
+        name: name.to_owned(),
+        value: value.to_owned(),
+        expected,
+    })
+}
+
+impl FlowFilter {
+    /// Builds a filter from query parameters; unknown parameters are errors.
+    pub fn from_query(query: &BTreeMap<String, String>) -> Result<Self, FilterError> {
+        let mut f = FlowFilter {
+            last: DEFAULT_LAST,
+            ..FlowFilter::default()
+        };
+        for (k, v) in query {
+            let s = Some(v.clone());
+            match k.as_str() {
+                "namespace" => f.namespace = s,
+                "pod" => f.pod = s,
+                "from_identity" => f.from_identity = s,
+                "to_identity" => f.to_identity = s,
+                "policy" => f.policy = s,
+                "since" => f.since = s,
+                "from_ip" => f.from_ip = Some(parse(k, v, "an IP address")?),
+                "to_ip" => f.to_ip = Some(parse(k, v, "an IP address")?),
+                "port" => f.port = Some(parse(k, v, "a port 1-65535")?),
+                "after" => f.after = Some(parse(k, v, "a flow record id")?),
+                "last" => f.last = parse(k, v, "a count")?,
+                "verdict" => {
+                    f.verdict = Some(match v.as_str() {
+                        "forwarded" => Verdict::Forwarded,
+                        "denied" => Verdict::Denied,
+                        "audited" => Verdict::Audited,
+                        "error" => Verdict::Error,
+                        _ => {
+                            return Err(FilterError {
+                                name: k.clone(),
+                                value: v.clone(),
+                                expected: "forwarded|denied|audited|error",
+                            })
+                        }
+                    });
+                }
+                _ => {
+                    return Err(FilterError {
+                        name: k.clone(),
+                        value: v.clone(),
+                        expected: "a known filter (namespace, pod, from_identity, to_identity, from_ip, to_ip, port, verdict, policy, since, after, last)",
+                    })
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// Whether `r` passes every filter given.
+    #[must_use]
+    pub fn matches(&self, r: &FlowRecord) -> bool {
+        let (ns, name) = r
+            .workload
+            .split_once('/')
+            .unwrap_or(("", r.workload.as_str()));
+        let contains = |have: &Option<String>, want: &Option<String>| {
+            want.as_ref()
+                .is_none_or(|w| have.as_ref().is_some_and(|h| h.contains(w.as_str())))
+        };
+        let dst_ips = [r.orig_dst, r.dst];
+        self.namespace.as_ref().is_none_or(|n| n == ns)
+            && self
+                .pod
+                .as_ref()
+                .is_none_or(|p| p == name || *p == r.workload)
+            && contains(&r.src_identity, &self.from_identity)
+            && contains(&r.dst_identity, &self.to_identity)
+            && self
+                .from_ip
+                .is_none_or(|ip| r.src.is_some_and(|s| s.ip() == ip))
+            && self
+                .to_ip
+                .is_none_or(|ip| dst_ips.iter().flatten().any(|d| d.ip() == ip))
+            && self
+                .port
+                .is_none_or(|p| dst_ips.iter().flatten().any(|d| d.port() == p))
+            && self.verdict.is_none_or(|v| r.verdict == v)
+            && self.policy.as_ref().is_none_or(|p| {
+                [&r.policy, &r.audit_policy, &r.closed_by_policy]
+                    .iter()
+                    .any(|x| x.as_deref() == Some(p.as_str()))
+            })
+            && self
+                .since
+                .as_ref()
+                .is_none_or(|t| r.time.as_str() >= t.as_str())
+            && self.after.is_none_or(|id| r.id > id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::{ConnInfo, Direction, FlowLog, Security};
+    use crate::registry::ObjectRef;
+
+    fn log() -> FlowLog {
+        let log = FlowLog::new(100);
+        let mut a = ConnInfo::new(
+            Direction::Inbound,
+            ObjectRef {
+                namespace: "demo".into(),
+                name: "api".into(),
+            },
+        );
+        a.src = Some("10.44.1.2:40000".parse().unwrap());
+        a.orig_dst = Some("10.44.2.2:8080".parse().unwrap());
+        a.security = Security::MutualTls;
+        a.src_identity = Some("spiffe://cluster.local/ns/demo/sa/web".into());
+        log.opened(1, &a);
+        let mut b = ConnInfo::new(
+            Direction::Outbound,
+            ObjectRef {
+                namespace: "shop".into(),
+                name: "cart".into(),
+            },
+        );
+        b.orig_dst = Some("10.44.2.3:5432".parse().unwrap());
+        log.failed(2, &b, "refused".into());
+        log
+    }
+
+    fn q(pairs: &[(&str, &str)]) -> FlowFilter {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        FlowFilter::from_query(&map).unwrap()
+    }
+
+    fn ids(log: &FlowLog, f: &FlowFilter) -> Vec<String> {
+        log.select(f).iter().map(|r| r.workload.clone()).collect()
+    }
+
+    #[test]
+    fn filters_by_namespace_pod_identity_ip_port_and_verdict() {
+        let log = log();
+        assert_eq!(ids(&log, &q(&[("namespace", "demo")])), ["demo/api"]);
+        assert_eq!(ids(&log, &q(&[("pod", "cart")])), ["shop/cart"]);
+        assert_eq!(ids(&log, &q(&[("pod", "shop/cart")])), ["shop/cart"]);
+        assert_eq!(
+            ids(&log, &q(&[("from_identity", "ns/demo/sa/web")])),
+            ["demo/api"]
+        );
+        assert_eq!(ids(&log, &q(&[("from_ip", "10.44.1.2")])), ["demo/api"]);
+        assert_eq!(ids(&log, &q(&[("to_ip", "10.44.2.3")])), ["shop/cart"]);
+        assert_eq!(ids(&log, &q(&[("port", "8080")])), ["demo/api"]);
+        assert_eq!(ids(&log, &q(&[("verdict", "error")])), ["shop/cart"]);
+        assert_eq!(
+            ids(&log, &q(&[("verdict", "forwarded"), ("pod", "cart")])),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn follows_with_after_and_keeps_the_newest_matches() {
+        let log = log();
+        assert_eq!(ids(&log, &q(&[("after", "1")])), ["shop/cart"]);
+        assert_eq!(ids(&log, &q(&[("last", "1")])), ["shop/cart"]);
+        assert_eq!(ids(&log, &q(&[("since", "2000-01-01T00:00:00Z")])).len(), 2);
+        assert!(ids(&log, &q(&[("since", "2999-01-01T00:00:00Z")])).is_empty());
+    }
+
+    #[test]
+    fn rejects_unknown_filters_and_bad_values_naming_them() {
+        let bad = |k: &str, v: &str| {
+            let map = [(k.to_owned(), v.to_owned())].into_iter().collect();
+            FlowFilter::from_query(&map).unwrap_err().to_string()
+        };
+        assert!(bad("port", "http").contains("port=\"http\""));
+        assert!(bad("verdict", "maybe").contains("forwarded|denied|audited|error"));
+        assert!(bad("colour", "red").contains("colour"));
+    }
+}
