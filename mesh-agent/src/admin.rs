@@ -102,6 +102,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "node": state.node,
             "openFds": open_fds(),
             "activeConnections": state.flows.active(),
+            "flowsDropped": state.flows.dropped(),
         })),
         _ => text(
             StatusCode::NOT_FOUND,

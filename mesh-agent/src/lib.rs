@@ -12,6 +12,7 @@ pub mod admin;
 pub mod agent;
 pub mod authz;
 pub mod capture;
+pub mod cli_agent;
 pub mod cli_flows;
 pub mod config;
 pub mod datapath;

@@ -64,6 +64,18 @@ fn heddle_flows_shows_the_captured_connections_in_every_format_with_filters() {
         ensure!(code == 0 && out.trim().is_empty(), "denied flows: {out}");
         let (code, _, err) = heddle(&c.agent_a, &["flows", "--verdict", "maybe"])?;
         ensure!(code != 0 && err.contains("maybe"), "bad verdict accepted: {err}");
+        // Status, certificates, policies and completions.
+        let (code, out, err) = heddle(&c.agent_a, &["status"])?;
+        ensure!(code == 0, "heddle status failed: {err}");
+        for want in ["up on node", "enrolled", "captured", "mTLS:", "policies:", "heddle_connect4", "HEDDLE_ORIG_DST"] {
+            ensure!(out.contains(want), "status lacks {want:?}:\n{out}");
+        }
+        let (code, out, _) = heddle(&c.agent_a, &["certs"])?;
+        ensure!(code == 0 && out.contains("mTLS is off"), "certs without a CA: {out}");
+        let (code, out, _) = heddle(&c.agent_a, &["policy", "list"])?;
+        ensure!(code == 0 && out.contains("root namespace: heddle-system"), "policy list: {out}");
+        let (code, out, _) = heddle(&c.agent_a, &["completion", "bash"])?;
+        ensure!(code == 0 && out.contains("heddle"), "completion script missing");
         // The agent unreachable: a clear message.
         let (code, _, err) = heddle(&c.agent_a, &["--agent", "http://127.0.0.1:1", "flows"])?;
         ensure!(code != 0 && err.contains("cannot reach the Heddle agent"), "{err}");

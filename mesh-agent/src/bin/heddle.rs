@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mesh_agent::cli_agent;
 use mesh_agent::policy::{
     self, load, Connection, Destination, OrigDst, PeerIdentity, PolicySet, SrcIp,
 };
@@ -63,8 +64,16 @@ enum Command {
     Flows(mesh_agent::cli_flows::FlowsArgs),
     /// Show the workloads the agent knows and whether their traffic is captured.
     Workloads,
-    /// Show agent health, attached eBPF programs, map usage and datapath counters.
+    /// Show agent health: workloads captured, mTLS and certificate expiry,
+    /// policy errors, flows dropped, eBPF programs, maps and datapath counters.
     Status,
+    /// Show the workload certificates the agent holds, and when they expire.
+    Certs,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Authorization policies, offline: evaluate a connection, validate files.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -77,6 +86,8 @@ enum PolicyCommand {
     /// agent would: prints ALLOW or DENY, the deciding policy, rule and
     /// reason. Exit status: 0 allow, 1 deny, 2 invalid input.
     Eval(EvalArgs),
+    /// List the policies the agent enforces, and the ones it rejected.
+    List,
     /// Check policy files and report every problem in every file.
     /// Exit status: 0 if all are valid, 2 otherwise.
     Validate {
@@ -139,7 +150,7 @@ fn parse_labels(s: &str) -> Result<Labels, String> {
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Policy(cmd) => return Ok(policy_command(cmd, cli.output)),
+        Command::Policy(cmd) => return policy_command(cmd, &cli.agent, cli.output),
         Command::Flows(args) => flows(&cli.agent, cli.output, &args)?,
         Command::Workloads => {
             let w = get(&cli.agent, "/workloads")?;
@@ -150,18 +161,39 @@ fn main() -> anyhow::Result<ExitCode> {
             }
         }
         Command::Status => {
-            let dp = get(&cli.agent, "/datapath")?;
             let stats = get(&cli.agent, "/stats")?;
-            if cli.output == Output::Json {
-                println!(
+            let dp = get(&cli.agent, "/datapath")?;
+            let certs = get(&cli.agent, "/certs")?;
+            let policies = get(&cli.agent, "/policies")?;
+            let workloads = get(&cli.agent, "/workloads")?;
+            if cli.output == Output::Table {
+                print!(
                     "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"datapath": dp, "stats": stats})
-                    )?
+                    cli_agent::status_text(&stats, &dp, &certs, &policies, &workloads)
                 );
             } else {
-                print_status(&dp, &stats);
+                let all = serde_json::json!({"stats": stats, "datapath": dp, "certs": certs, "policies": policies});
+                println!("{}", serde_json::to_string_pretty(&all)?);
             }
+        }
+        Command::Certs => {
+            let certs = get(&cli.agent, "/certs")?;
+            if cli.output == Output::Table {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                print!("{}", cli_agent::certs_text(&certs, now));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&certs)?);
+            }
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "heddle",
+                &mut std::io::stdout(),
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -249,47 +281,25 @@ fn print_workloads(w: &Value) {
     }
 }
 
-fn print_status(dp: &Value, stats: &Value) {
-    println!("agent:        up (node {})", s(&stats["node"]));
-    println!(
-        "connections:  {} open, {} fds",
-        s(&stats["activeConnections"]),
-        s(&stats["openFds"])
-    );
-    println!("programs:");
-    for p in dp["programs"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<18} {:<16} {}",
-            s(&p["program"]),
-            s(&p["attach"]),
-            s(&p["target"])
-        );
-    }
-    println!("maps:");
-    for (name, m) in dp["maps"].as_object().into_iter().flatten() {
-        println!(
-            "  {:<20} {:>6} / {}",
-            name,
-            s(&m["entries"]),
-            s(&m["capacity"])
-        );
-    }
-    println!("datapath decisions:");
-    for (name, n) in dp["reasons"].as_object().into_iter().flatten() {
-        println!("  {name:<28} {}", s(n));
-    }
-}
-
 /// Exit status of `heddle policy`: allow, deny, invalid input.
 const EXIT_ALLOW: u8 = 0;
 const EXIT_DENY: u8 = 1;
 const EXIT_INVALID: u8 = 2;
 
-fn policy_command(cmd: PolicyCommand, output: Output) -> ExitCode {
-    ExitCode::from(match cmd {
+fn policy_command(cmd: PolicyCommand, agent: &str, output: Output) -> anyhow::Result<ExitCode> {
+    Ok(ExitCode::from(match cmd {
         PolicyCommand::Eval(args) => policy_eval(&args, output),
         PolicyCommand::Validate { files } => policy_validate(&files, output),
-    })
+        PolicyCommand::List => {
+            let p = get(agent, "/policies")?;
+            if output == Output::Table {
+                print!("{}", cli_agent::policies_text(&p));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            }
+            0
+        }
+    }))
 }
 
 /// Loaded files, the set built from them, and every problem found, each
