@@ -13,8 +13,9 @@
 //! 8080) and shows one connection allowed (to 8080) and one denied (to
 //! 9090), each with the policy that decided.
 //! Then each agent's flows (with the deciding policy), certificates,
-//! workload counters and datapath counters. Without tcpdump it says so and
-//! skips the captures.
+//! workload counters and datapath counters, and finally `heddle flows` and
+//! `heddle status` as an operator on node-b would run them. Without tcpdump
+//! it says so and skips the captures.
 //!
 //! Everything is removed at the end, on error, on panic (the test bed's
 //! `Drop`) and on Ctrl-C/SIGTERM (a signal thread tears the test bed down
@@ -345,7 +346,26 @@ fn run() -> Result<bool> {
     for agent in &demo.agents {
         print_agent(agent)?;
     }
+    // What an operator on node-b types: the CLI against its local agent.
+    if let Some(agent) = demo.agents.get(1) {
+        for args in [&["flows", "--last", "12"][..], &["status"][..]] {
+            println!("\n$ heddle {}   (on {})", args.join(" "), agent.node().name());
+            print!("{}", heddle_cli(agent, args)?);
+        }
+    }
     Ok(all_as_expected)
+}
+
+/// Runs the `heddle` CLI (next to the agent binary) on `agent`'s node.
+fn heddle_cli(agent: &Agent, args: &[&str]) -> Result<String> {
+    let bin = heddle_tests::agent_binary()?.with_file_name("heddle");
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(args);
+    let out = agent.node().run(cmd)?;
+    if !out.status.success() {
+        anyhow::bail!("heddle {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// What the agents recorded about one step.
