@@ -20,6 +20,7 @@ pub mod flow_filter;
 pub mod flows;
 pub mod http_server;
 pub mod identity;
+pub mod k8s;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

@@ -1,6 +1,7 @@
 //! The in-memory registry of workloads and services: the one view of the
 //! cluster every other module reads. The local file (`config`) feeds it now;
-//! the Kubernetes source will feed the same type later.
+//! the Kubernetes source (`k8s::source`) feeds the same type; nothing else
+//! knows which source is in use.
 //!
 //! A [`Registry`] is an immutable snapshot published through a
 //! `tokio::sync::watch`; a change builds a new snapshot, so readers never see
@@ -97,6 +98,19 @@ pub struct Service {
     next: AtomicUsize,
 }
 
+/// A service as a source describes it, before it goes into a [`Registry`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Namespace and name.
+    pub id: ObjectRef,
+    /// Virtual IP.
+    pub vip: IpAddr,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// Endpoint workloads, in a stable order.
+    pub endpoints: Vec<ObjectRef>,
+}
+
 /// Where a captured connection should go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
@@ -141,71 +155,91 @@ impl Registry {
     /// Builds a snapshot from a validated local configuration.
     #[must_use]
     pub fn from_config(config: &LocalConfig) -> Self {
-        let mut reg = Registry {
-            trust_domain: config.trust_domain.clone(),
-            ..Registry::default()
-        };
         let ns_modes: HashMap<&str, InboundMode> = config
             .namespaces
             .iter()
             .filter_map(|n| Some((n.name.as_str(), n.inbound_mode?)))
             .collect();
-        for w in &config.workloads {
-            let id = ObjectRef {
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
-            };
-            for ip in &w.ips {
-                reg.by_ip.insert(*ip, id.clone());
-            }
-            reg.workloads.insert(
-                id.clone(),
-                Workload {
-                    id,
-                    service_account: w.service_account.clone(),
-                    node: w.node.clone(),
-                    ips: w.ips.clone(),
-                    netns: w.netns.clone(),
-                    enrolled: w.enrolled,
-                    labels: w.labels.clone(),
-                    inbound_mode: w
-                        .inbound_mode
-                        .or_else(|| ns_modes.get(w.namespace.as_str()).copied())
-                        .unwrap_or_default(),
-                    identity: SpiffeId::new(&config.trust_domain, &w.namespace, &w.service_account),
+        let workloads: Vec<Workload> = config
+            .workloads
+            .iter()
+            .map(|w| Workload {
+                id: ObjectRef {
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
                 },
-            );
+                service_account: w.service_account.clone(),
+                node: w.node.clone(),
+                ips: w.ips.clone(),
+                netns: w.netns.clone(),
+                enrolled: w.enrolled,
+                labels: w.labels.clone(),
+                inbound_mode: w
+                    .inbound_mode
+                    .or_else(|| ns_modes.get(w.namespace.as_str()).copied())
+                    .unwrap_or_default(),
+                identity: SpiffeId::new(&config.trust_domain, &w.namespace, &w.service_account),
+            })
+            .collect();
+        // The local file selects endpoints by labels, as a Service selector does.
+        let services: Vec<ServiceEntry> = config
+            .services
+            .iter()
+            .map(|s| ServiceEntry {
+                id: ObjectRef {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                },
+                vip: s.vip,
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| ServicePort {
+                        port: p.port,
+                        target_port: p.target_port.unwrap_or(p.port),
+                    })
+                    .collect(),
+                endpoints: workloads
+                    .iter()
+                    .filter(|w| {
+                        w.id.namespace == s.namespace
+                            && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                    })
+                    .map(|w| w.id.clone())
+                    .collect(),
+            })
+            .collect();
+        Self::from_parts(&config.trust_domain, workloads, services)
+    }
+
+    /// Builds a snapshot from workloads and services whatever their source
+    /// (the local file, or the Kubernetes reflectors). A later workload with
+    /// the same IP as an earlier one takes the IP over.
+    #[must_use]
+    pub fn from_parts(
+        trust_domain: &str,
+        workloads: impl IntoIterator<Item = Workload>,
+        services: impl IntoIterator<Item = ServiceEntry>,
+    ) -> Self {
+        let mut reg = Registry {
+            trust_domain: trust_domain.to_owned(),
+            ..Registry::default()
+        };
+        for w in workloads {
+            for ip in &w.ips {
+                reg.by_ip.insert(*ip, w.id.clone());
+            }
+            reg.workloads.insert(w.id.clone(), w);
         }
-        for s in &config.services {
-            let id = ObjectRef {
-                namespace: s.namespace.clone(),
-                name: s.name.clone(),
-            };
-            let endpoints = reg
-                .workloads
-                .values()
-                .filter(|w| {
-                    w.id.namespace == s.namespace
-                        && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                })
-                .map(|w| w.id.clone())
-                .collect();
-            let ports = s
-                .ports
-                .iter()
-                .map(|p| ServicePort {
-                    port: p.port,
-                    target_port: p.target_port.unwrap_or(p.port),
-                })
-                .collect();
-            reg.by_vip.insert(s.vip, id.clone());
+        for s in services {
+            reg.by_vip.insert(s.vip, s.id.clone());
             reg.services.insert(
-                id.clone(),
+                s.id.clone(),
                 Service {
-                    id,
+                    id: s.id,
                     vip: s.vip,
-                    ports,
-                    endpoints,
+                    ports: s.ports,
+                    endpoints: s.endpoints,
                     next: AtomicUsize::new(0),
                 },
             );

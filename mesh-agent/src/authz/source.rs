@@ -49,8 +49,8 @@ pub enum SourceError {
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
-    /// The file or directory; `null` without `--policies`.
-    pub source: Option<PathBuf>,
+    /// The file or directory, or `kubernetes`; `null` without a source.
+    pub source: Option<String>,
     /// `fnv1a64:<16 hex digits>` of the content last read (applied or not):
     /// of the file's bytes, or for a directory of each file's name, a NUL,
     /// its bytes and a NUL, in name order.
@@ -104,7 +104,7 @@ impl PolicySource {
             tx,
             last: None,
             status: Arc::new(Mutex::new(PolicyStatus {
-                source: path.map(Path::to_owned),
+                source: path.map(|p| p.display().to_string()),
                 ..PolicyStatus::default()
             })),
         };
