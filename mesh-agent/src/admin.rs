@@ -4,6 +4,13 @@
 //! configuration, the authorization policies in force (with rejected ones
 //! and decision counters) and process statistics. The `heddle` CLI and the tests read
 //! it; everything is JSON. Read-only: nothing here changes agent state.
+//!
+//! `GET /flows?follow=true` is the one streaming endpoint ([`stream`]): it
+//! stays open and sends new records as JSON Lines, so this module runs its
+//! own accept loop (one task per connection, like [`crate::http_server`])
+//! with a body type that can stream.
+
+pub mod stream;
 
 use std::{
     collections::BTreeMap,
@@ -15,8 +22,11 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{body::Incoming, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
@@ -46,7 +56,7 @@ pub struct AdminState {
     /// Process flags, as applied.
     pub effective_config: Value,
     /// The last configuration file error, cleared by a good reload.
-    pub config_error: Mutex<Option<String>>,
+    pub config_error: Arc<Mutex<Option<String>>>,
     /// mTLS state, when a CA is configured.
     pub mesh: Option<Arc<crate::proxy::hbone::Mesh>>,
     /// Policy enforcement: the set in force, live connections, counters.
@@ -55,9 +65,60 @@ pub struct AdminState {
     pub policy_status: Arc<Mutex<PolicyStatus>>,
 }
 
-/// Serves the admin API on `listener` until `stop` fires.
+/// Serves the admin API on `listener` until `stop` fires (which also ends
+/// open flow streams).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
-    crate::http_server::serve(listener, "admin", state, route, stop).await;
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(endpoint = "admin", error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (state, stop) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let response = answer(&state, &req, &stop);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(endpoint = "admin", error = %e, "connection error");
+            }
+        });
+    }
+}
+
+type AnyBody = BoxBody<Bytes, std::convert::Infallible>;
+
+/// A flow stream for `GET /flows?follow=true`, else the JSON answer.
+fn answer(state: &AdminState, req: &Request<Incoming>, stop: &CancellationToken) -> Response<AnyBody> {
+    if req.uri().path() == "/flows" {
+        let query = parse_query(req.uri().query());
+        if let Ok(filter) = crate::flow_filter::FlowFilter::from_query(&query) {
+            if filter.follow {
+                let queue = filter
+                    .queue
+                    .unwrap_or(crate::flows::subscribers::DEFAULT_QUEUE);
+                let sub = state.flows.subscribe(filter, queue);
+                tracing::debug!(subscriber = sub.id, "flow stream opened");
+                let mut r = Response::new(stream::FlowStream::new(sub, stop.child_token()).boxed());
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/jsonl"),
+                );
+                return r;
+            }
+        }
+    }
+    route(state, req).map(BodyExt::boxed)
 }
 
 /// Binds the admin listener.
@@ -98,12 +159,17 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "flags": state.effective_config,
             "configError": *state.config_error.lock().expect("lock"),
         })),
-        "/stats" => json_response(&json!({
-            "node": state.node,
-            "openFds": open_fds(),
-            "activeConnections": state.flows.active(),
-            "flowsDropped": state.flows.dropped(),
-        })),
+        "/stats" => {
+            let subs = state.flows.subscriber_stats();
+            json_response(&json!({
+                "node": state.node,
+                "openFds": open_fds(),
+                "activeConnections": state.flows.active(),
+                "flowsDropped": state.flows.dropped(),
+                "flowSubscribers": subs.subscribers,
+                "flowSubscriberDropped": subs.lost_total,
+            }))
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /healthz /ready /workloads /flows /certs /datapath /policies /config /stats\n",

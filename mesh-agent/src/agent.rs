@@ -26,17 +26,26 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, AdminState},
-    authz::{source::PolicySource, Authorizer},
+    authz::{
+        source::{PolicySource, PolicyStatus},
+        Authorizer,
+    },
     capture::Capture,
     config,
     datapath::Datapath,
     flows::FlowLog,
-    identity::{ca_client::RemoteCa, certs::CertManager, tls},
+    identity::{
+        ca_client::{RemoteCa, TokenSource},
+        certs::CertManager,
+        tls,
+    },
     metrics::{
         scrape::{self, Exporter, Sources},
         ConnMetrics,
     },
+    k8s::source::{KubeSettings, KubeSource},
     netns::Netns,
+    policy::PolicySet,
     proxy::{hbone::Mesh, ProxyContext},
     registry::{Registry, SharedRegistry},
 };
@@ -48,8 +57,8 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Settings {
-    /// The local configuration file.
-    pub config: PathBuf,
+    /// Where workloads, services and policies come from.
+    pub source: SourceSettings,
     /// This node's name.
     pub node: String,
     /// Cgroup v2 directory the cgroup programs attach to.
@@ -62,39 +71,175 @@ pub struct Settings {
     pub metrics_addr: SocketAddr,
     /// Flow records kept.
     pub flow_capacity: usize,
+    /// Where the JSON access log goes; `None`: off.
+    pub access_log: Option<crate::access_log::AccessLogTarget>,
     /// How long shutdown waits for open connections.
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
     /// The mesh CA; `None` runs without mTLS (plaintext forwarding).
     pub ca: Option<CaClientSettings>,
-    /// Authorization policies (a file or a directory); `None`: no policies.
-    pub policies: Option<PathBuf>,
     /// The namespace whose policies apply mesh-wide.
     pub root_namespace: String,
+}
+
+/// Where the registry and the policies come from. Only the composition root
+/// knows; every other module reads the same `watch` channels.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum SourceSettings {
+    /// The local YAML file, and policy files.
+    #[serde(rename_all = "camelCase")]
+    Local {
+        /// The local configuration file.
+        config: PathBuf,
+        /// Authorization policies (a file or a directory); `None`: no policies.
+        policies: Option<PathBuf>,
+    },
+    /// The Kubernetes API (in-cluster configuration, or `KUBECONFIG`).
+    #[serde(rename_all = "camelCase")]
+    Kubernetes {
+        /// The mesh's trust domain.
+        trust_domain: String,
+        /// Directories of named pod network namespaces to search instead
+        /// of `/run/netns` and `/proc`.
+        netns_dirs: Vec<PathBuf>,
+    },
+}
+
+/// What a source publishes, and the task that keeps it current.
+struct Inputs {
+    registry: watch::Receiver<SharedRegistry>,
+    policies: watch::Receiver<Arc<PolicySet>>,
+    policy_status: Arc<Mutex<PolicyStatus>>,
+    trust_domain: String,
+    updater: Updater,
+}
+
+/// The task that keeps a source's channels current.
+enum Updater {
+    Local(LocalWatcher),
+    Kubernetes(KubeSource),
+}
+
+impl Updater {
+    async fn run(self, stop: CancellationToken) {
+        match self {
+            Updater::Local(w) => w.run(stop).await,
+            Updater::Kubernetes(k) => k.run(stop).await,
+        }
+    }
+}
+
+/// Opens the configured source and publishes its first state.
+async fn open_source(
+    settings: &Settings,
+    home: &Arc<std::fs::File>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Inputs> {
+    match &settings.source {
+        SourceSettings::Local { config, policies } => {
+            let initial_text = std::fs::read_to_string(config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let initial = config::parse(config, &initial_text)?;
+            let (registry_tx, registry) =
+                watch::channel::<SharedRegistry>(Arc::new(Registry::from_config(&initial)));
+            let (policy_source, policies) =
+                PolicySource::open(policies.as_deref(), &settings.root_namespace)
+                    .context("loading the authorization policies (--policies)")?;
+            Ok(Inputs {
+                registry,
+                policies,
+                policy_status: policy_source.status(),
+                trust_domain: initial.trust_domain,
+                updater: Updater::Local(LocalWatcher {
+                    path: config.clone(),
+                    last_good: initial_text,
+                    last_bad: None,
+                    registry_tx,
+                    policies: policy_source,
+                    config_error: Arc::new(Mutex::new(None)),
+                }),
+            })
+        }
+        SourceSettings::Kubernetes {
+            trust_domain,
+            netns_dirs,
+        } => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
+            let (source, published) = KubeSource::start(
+                client,
+                KubeSettings {
+                    node: settings.node.clone(),
+                    trust_domain: trust_domain.clone(),
+                    root_namespace: settings.root_namespace.clone(),
+                    netns_dirs: netns_dirs.clone(),
+                },
+                home.clone(),
+                stop,
+            )
+            .await?;
+            Ok(Inputs {
+                registry: published.registry,
+                policies: published.policies,
+                policy_status: published.policy_status,
+                trust_domain: trust_domain.clone(),
+                updater: Updater::Kubernetes(source),
+            })
+        }
+    }
 }
 
 /// How the agent reaches the mesh CA.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CaClientSettings {
-    /// CA address.
-    pub addr: SocketAddr,
-    /// File holding this node's token.
+    /// CA address, `host:port` (resolved at every connection).
+    pub addr: String,
+    /// File holding this node's token, re-read for every request.
     pub token_file: PathBuf,
     /// PEM bundle of trusted roots.
     pub trust_bundle: PathBuf,
+    /// Wait for the trust bundle to appear instead of failing (Kubernetes
+    /// mode: the CA publishes it in a `ConfigMap` the kubelet mounts).
+    pub wait_for_trust_bundle: bool,
 }
 
-fn build_mesh(ca: &CaClientSettings, trust_domain: &str) -> anyhow::Result<Arc<Mesh>> {
-    let bundle = std::fs::read_to_string(&ca.trust_bundle)
-        .with_context(|| format!("reading the trust bundle {}", ca.trust_bundle.display()))?;
+/// How often a missing trust bundle is looked for, and how often that is logged.
+const BUNDLE_POLL: Duration = Duration::from_millis(500);
+const BUNDLE_LOG_EVERY: Duration = Duration::from_secs(5);
+
+async fn read_trust_bundle(ca: &CaClientSettings) -> anyhow::Result<String> {
+    let started = std::time::Instant::now();
+    let mut logged = started;
+    loop {
+        match std::fs::read_to_string(&ca.trust_bundle) {
+            Ok(pem) if !pem.trim().is_empty() || !ca.wait_for_trust_bundle => return Ok(pem),
+            Err(e) if !ca.wait_for_trust_bundle || e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| {
+                    format!("reading the trust bundle {}", ca.trust_bundle.display())
+                })
+            }
+            _ => {}
+        }
+        if logged.elapsed() >= BUNDLE_LOG_EVERY || logged == started {
+            tracing::warn!(path = %ca.trust_bundle.display(), waited_s = started.elapsed().as_secs(), "waiting for the trust bundle (published by the mesh CA in ConfigMap heddle-trust-bundle)");
+            logged = std::time::Instant::now();
+        }
+        tokio::time::sleep(BUNDLE_POLL).await;
+    }
+}
+
+async fn build_mesh(ca: &CaClientSettings, trust_domain: &str) -> anyhow::Result<Arc<Mesh>> {
+    let bundle = read_trust_bundle(ca).await?;
     let roots = tls::roots_from_pem(&bundle)
         .with_context(|| format!("trust bundle {}", ca.trust_bundle.display()))?;
-    let token = std::fs::read_to_string(&ca.token_file)
-        .with_context(|| format!("reading the node token {}", ca.token_file.display()))?
-        .trim()
-        .to_owned();
-    let remote = RemoteCa::new(ca.addr, token, roots.clone(), trust_domain)?;
+    // Checked once at start so a wrong path fails fast; re-read per request.
+    std::fs::metadata(&ca.token_file)
+        .with_context(|| format!("reading the node token {}", ca.token_file.display()))?;
+    let token = TokenSource::File(ca.token_file.clone());
+    let remote = RemoteCa::new(ca.addr.clone(), token, roots.clone(), trust_domain)?;
     Ok(Arc::new(Mesh::new(
         CertManager::new(Arc::new(remote)),
         roots,
@@ -112,19 +257,14 @@ mod secs {
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let initial_text = std::fs::read_to_string(&settings.config)
-        .with_context(|| format!("reading {}", settings.config.display()))?;
-    let initial = config::parse(&settings.config, &initial_text)?;
-    let (registry_tx, registry_rx) =
-        watch::channel::<SharedRegistry>(Arc::new(Registry::from_config(&initial)));
-    let (policies, policies_rx) =
-        PolicySource::open(settings.policies.as_deref(), &settings.root_namespace)
-            .context("loading the authorization policies (--policies)")?;
-    let authz = Arc::new(Authorizer::new(policies_rx, registry_rx.clone()));
-
+    let home = Arc::new(Netns::current()?);
+    let stop = CancellationToken::new();
+    let inputs = open_source(&settings, &home, &stop).await?;
+    let registry_rx = inputs.registry.clone();
+    let authz = Arc::new(Authorizer::new(inputs.policies.clone(), registry_rx.clone()));
     let home = Arc::new(Netns::current()?);
     let mesh = if let Some(ca) = &settings.ca {
-        Some(build_mesh(ca, &initial.trust_domain)?)
+        Some(build_mesh(ca, &inputs.trust_domain).await?)
     } else {
         tracing::warn!("no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development");
         None
@@ -142,7 +282,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let prom = prometheus::Registry::new();
     let conn_metrics = Arc::new(ConnMetrics::new(&prom, registry_rx.clone())?);
-    let flows = Arc::new(FlowLog::new(settings.flow_capacity).with_metrics(conn_metrics));
+    let access_log = match &settings.access_log {
+        Some(target) => Some(Arc::new(crate::access_log::AccessLog::open(target)?)),
+        None => None,
+    };
+    let flows = Arc::new(
+        FlowLog::new(settings.flow_capacity)
+            .with_metrics(conn_metrics)
+            .with_access_log(access_log),
+    );
     let tracker = TaskTracker::new();
     let ctx = Arc::new(ProxyContext {
         datapath: datapath.clone(),
@@ -153,7 +301,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         authz: authz.clone(),
     });
     let capture = Arc::new(Mutex::new(Capture::new(settings.node.clone(), home, ctx)));
-    let stop = CancellationToken::new();
 
     let exporter = Arc::new(Exporter::new(
         prom,
@@ -177,10 +324,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         capture: capture.clone(),
         registry: registry_rx.clone(),
         effective_config: serde_json::to_value(&settings)?,
-        config_error: Mutex::new(None),
+        config_error: match &inputs.updater {
+            Updater::Local(w) => w.config_error.clone(),
+            Updater::Kubernetes(_) => Arc::new(Mutex::new(None)),
+        },
         mesh,
         authz: authz.clone(),
-        policy_status: policies.status(),
+        policy_status: inputs.policy_status.clone(),
     });
     tokio::spawn(admin::serve(
         admin_listener,
@@ -196,24 +346,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tracing::info!(node = %settings.node, admin = %settings.admin_addr, metrics = %settings.metrics_addr, "agent ready");
 
     let reevaluator = tokio::spawn(authz.run(stop.clone()));
-    let watcher = tokio::spawn(
-        Watcher {
-            path: settings.config.clone(),
-            last_good: initial_text,
-            last_bad: None,
-            registry_tx,
-            policies,
-            capture: capture.clone(),
-            admin: admin_state.clone(),
-        }
-        .run(stop.clone()),
-    );
+    let updater = tokio::spawn(inputs.updater.run(stop.clone()));
+    let reconciler = tokio::spawn(reconcile(registry_rx, capture.clone(), stop.clone()));
 
     wait_for_shutdown().await?;
     tracing::info!("shutting down: un-enrolling pods, draining connections");
     admin_state.ready.store(false, Ordering::Release);
     stop.cancel();
-    let _ = watcher.await;
+    let _ = updater.await;
+    let _ = reconciler.await;
     let _ = reevaluator.await;
     drain(&capture, &tracker, settings.drain_timeout).await;
     datapath.shutdown();
@@ -247,22 +388,39 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps capture in line with the registry: at once when a source publishes
+/// a change, and every [`POLL_INTERVAL`] to retry pods that failed to enroll.
+async fn reconcile(
+    mut registry: watch::Receiver<SharedRegistry>,
+    capture: Arc<Mutex<Capture>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = registry.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(POLL_INTERVAL) => {},
+        }
+        let current = registry.borrow_and_update().clone();
+        capture.lock().expect("capture lock").reconcile(&current);
+    }
+}
+
 /// Re-reads the configuration file and the policy source on SIGHUP and
-/// every [`POLL_INTERVAL`]. A valid configuration change is published and
-/// applied; an invalid one is logged (once) and the last good state kept.
-/// Policies: see [`PolicySource::reload`]. Every tick also retries pods that
-/// failed to enroll.
-struct Watcher {
+/// every [`POLL_INTERVAL`]. A valid configuration change is published; an
+/// invalid one is logged (once) and the last good state kept. Policies: see
+/// [`PolicySource::reload`].
+struct LocalWatcher {
     path: PathBuf,
     last_good: String,
     last_bad: Option<String>,
     registry_tx: watch::Sender<SharedRegistry>,
     policies: PolicySource,
-    capture: Arc<Mutex<Capture>>,
-    admin: Arc<AdminState>,
+    /// Why the file on disk is not applied, for `GET /config`.
+    config_error: Arc<Mutex<Option<String>>>,
 }
 
-impl Watcher {
+impl LocalWatcher {
     async fn run(mut self, stop: CancellationToken) {
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             tracing::error!("cannot install the SIGHUP handler; relying on polling");
@@ -276,11 +434,6 @@ impl Watcher {
             }
             self.reload_config();
             self.policies.reload();
-            let registry = self.registry_tx.borrow().clone();
-            self.capture
-                .lock()
-                .expect("capture lock")
-                .reconcile(&registry);
         }
     }
 
@@ -293,13 +446,13 @@ impl Watcher {
                         tracing::info!(file = %path.display(), "configuration reloaded");
                         self.registry_tx
                             .send_replace(Arc::new(Registry::from_config(&cfg)));
-                        *self.admin.config_error.lock().expect("lock") = None;
+                        *self.config_error.lock().expect("lock") = None;
                         self.last_good = text;
                         self.last_bad = None;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "configuration rejected; keeping the last good one");
-                        *self.admin.config_error.lock().expect("lock") = Some(e.to_string());
+                        *self.config_error.lock().expect("lock") = Some(e.to_string());
                         self.last_bad = Some(text);
                     }
                 }
@@ -307,7 +460,7 @@ impl Watcher {
             Ok(_) => {}
             Err(e) => {
                 let msg = format!("cannot read {}: {e}", path.display());
-                let mut error = self.admin.config_error.lock().expect("lock");
+                let mut error = self.config_error.lock().expect("lock");
                 if error.as_deref() != Some(msg.as_str()) {
                     tracing::error!(error = %msg, "keeping the last good configuration");
                     *error = Some(msg);

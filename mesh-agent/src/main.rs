@@ -42,13 +42,29 @@ enum Command {
         /// The file.
         file: PathBuf,
     },
+    /// Print the `heddle.dev/v1alpha1` AuthorizationPolicy CRD (YAML).
+    Crd,
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The local configuration file (workloads, services).
-    #[arg(long, env = "HEDDLE_CONFIG")]
-    config: PathBuf,
+    /// The local configuration file (workloads, services). Required unless
+    /// --kubernetes.
+    #[arg(long, env = "HEDDLE_CONFIG", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    config: Option<PathBuf>,
+    /// Read workloads, services and policies from the Kubernetes API
+    /// (in-cluster service account, or KUBECONFIG) instead of --config.
+    #[arg(long, env = "HEDDLE_KUBERNETES")]
+    kubernetes: bool,
+    /// Trust domain of the mesh's SPIFFE IDs (Kubernetes mode; the local
+    /// file has its own `trustDomain`).
+    #[arg(long, env = "HEDDLE_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Kubernetes mode: find pod network namespaces only among the named
+    /// namespaces in this directory (repeatable), instead of /run/netns and
+    /// /proc/*/ns/net.
+    #[arg(long, env = "HEDDLE_NETNS_DIR", value_delimiter = ',')]
+    netns_dir: Vec<PathBuf>,
     /// This node's name [default: `node` from the configuration file].
     #[arg(long, env = "NODE_NAME")]
     node: Option<String>,
@@ -68,22 +84,31 @@ struct RunArgs {
     /// Flow records kept in memory.
     #[arg(long, env = "HEDDLE_FLOW_CAPACITY", default_value_t = 16_384)]
     flow_capacity: usize,
+    /// Write a JSON access log line per ended connection (its flow record)
+    /// to `stdout` or to this file (appended). Off by default.
+    #[arg(long, env = "HEDDLE_ACCESS_LOG", value_name = "stdout|PATH")]
+    access_log: Option<mesh_agent::access_log::AccessLogTarget>,
     /// Seconds to let open connections finish at shutdown.
     #[arg(long, env = "HEDDLE_DRAIN_SECONDS", default_value_t = 5)]
     drain_seconds: u64,
     /// Tokio worker threads.
     #[arg(long, env = "HEDDLE_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
-    /// Address of the mesh CA. Without it the agent forwards mesh traffic in
-    /// plaintext (development only).
+    /// Address of the mesh CA, `host:port` (resolved at every connection,
+    /// e.g. heddle-ca.heddle-system.svc:15012). Without it the agent forwards
+    /// mesh traffic in plaintext (development only).
     #[arg(long, env = "HEDDLE_CA_ADDR", requires_all = ["ca_token_file", "trust_bundle"])]
-    ca_addr: Option<SocketAddr>,
+    ca_addr: Option<String>,
     /// File holding this node's CA token.
     #[arg(long, env = "HEDDLE_CA_TOKEN_FILE")]
     ca_token_file: Option<PathBuf>,
     /// PEM file of the trusted mesh roots.
     #[arg(long, env = "HEDDLE_TRUST_BUNDLE")]
     trust_bundle: Option<PathBuf>,
+    /// Wait for the trust bundle file to appear instead of failing (it is
+    /// published by the CA and mounted by the kubelet).
+    #[arg(long, env = "HEDDLE_WAIT_FOR_TRUST_BUNDLE")]
+    wait_for_trust_bundle: bool,
     /// Authorization policies: a multi-document YAML file or a directory of
     /// them, reloaded like the configuration. Without it no policy applies.
     #[arg(long, env = "HEDDLE_POLICIES")]
@@ -95,9 +120,23 @@ struct RunArgs {
 
 #[derive(clap::Args)]
 struct CaArgs {
-    /// The local configuration (which workloads run on which node).
-    #[arg(long, env = "HEDDLE_CONFIG")]
-    config: PathBuf,
+    /// Kubernetes mode: authenticate agents by token review, authorize from
+    /// the pods on their node, keep the root in secret heddle-ca-root and
+    /// publish the trust bundle in config map heddle-trust-bundle.
+    #[arg(long, env = "HEDDLE_KUBERNETES")]
+    kubernetes: bool,
+    /// The CA's namespace (Kubernetes mode).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "heddle-system")]
+    namespace: String,
+    /// Trust domain [default: the configuration's; cluster.local in Kubernetes mode].
+    #[arg(long, env = "HEDDLE_TRUST_DOMAIN")]
+    trust_domain: Option<String>,
+    /// The node agents' service account (Kubernetes mode).
+    #[arg(long, env = "HEDDLE_AGENT_SERVICE_ACCOUNT", default_value = "heddle-agent")]
+    agent_service_account: String,
+    /// The local configuration (which workloads run on which node); local mode.
+    #[arg(long, env = "HEDDLE_CONFIG", required_unless_present = "kubernetes")]
+    config: Option<PathBuf>,
     /// Directory for the root key and certificate, trust bundle and node tokens.
     #[arg(
         long,
@@ -117,6 +156,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Crd => {
+            print!("{}", mesh_agent::k8s::crd::crd_yaml()?);
+            Ok(())
+        }
         Command::CheckConfig { file } => {
             let cfg = config::load(&file)?;
             println!(
@@ -128,28 +171,72 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args),
-        Command::Ca(args) => {
-            let trust_domain = config::load(&args.config)?.trust_domain;
-            let settings = mesh_agent::identity::ca_server::CaSettings {
-                state_dir: args.state_dir,
-                listen: args.listen,
-                config: args.config,
-                trust_domain,
-                leaf_ttl: Duration::from_secs(args.ttl_seconds.max(2)),
-            };
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?
-                .block_on(mesh_agent::identity::ca_server::run(settings))
-        }
+        Command::Ca(args) => ca(args),
     }
 }
 
+fn ca(args: CaArgs) -> anyhow::Result<()> {
+    use mesh_agent::{identity::ca_server, k8s::ca_root};
+    let leaf_ttl = Duration::from_secs(args.ttl_seconds.max(2));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    if args.kubernetes {
+        let settings = ca_root::KubeCaSettings {
+            namespace: args.namespace,
+            trust_domain: args.trust_domain.unwrap_or_else(|| "cluster.local".into()),
+            leaf_ttl,
+            agent_service_account: args.agent_service_account,
+        };
+        return runtime.block_on(async {
+            let client = kube::Client::try_default()
+                .await
+                .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+            let server = ca_root::kubernetes_ca(client, &settings).await?;
+            ca_server::run(server, args.listen).await
+        });
+    }
+    let config = args.config.context("--config is required without --kubernetes")?;
+    let trust_domain = match args.trust_domain {
+        Some(td) => td,
+        None => config::load(&config)?.trust_domain,
+    };
+    let settings = ca_server::CaSettings {
+        state_dir: args.state_dir,
+        listen: args.listen,
+        config,
+        trust_domain,
+        leaf_ttl,
+    };
+    let listen = settings.listen;
+    runtime.block_on(async { ca_server::run(ca_server::CaServer::new(&settings)?, listen).await })
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let file_node = config::parse(&args.config, &text)?.node;
+    let (source, file_node) = match args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let file_node = config::parse(&path, &text)?.node;
+            let source = agent::SourceSettings::Local {
+                config: path,
+                policies: args.policies,
+            };
+            (source, file_node)
+        }
+        None => {
+            anyhow::ensure!(
+                args.policies.is_none(),
+                "--policies is for the local configuration; in Kubernetes mode policies are AuthorizationPolicy objects"
+            );
+            let source = agent::SourceSettings::Kubernetes {
+                trust_domain: args.trust_domain,
+                netns_dirs: args.netns_dir,
+            };
+            (source, None)
+        }
+    };
     let node = args.node.or(file_node).context(
         "no node name: pass --node (or NODE_NAME), or set `node:` in the configuration file",
     )?;
@@ -158,21 +245,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .pin_dir
             .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/heddle").join(&node)),
         node,
-        config: args.config,
+        source,
         cgroup: args.cgroup.unwrap_or_else(agent::default_cgroup_root),
         admin_addr: args.admin_addr,
         metrics_addr: args.metrics_addr,
         flow_capacity: args.flow_capacity,
+        access_log: args.access_log,
         drain_timeout: Duration::from_secs(args.drain_seconds),
         ca: match (args.ca_addr, args.ca_token_file, args.trust_bundle) {
             (Some(addr), Some(token_file), Some(trust_bundle)) => Some(agent::CaClientSettings {
                 addr,
                 token_file,
                 trust_bundle,
+                wait_for_trust_bundle: args.wait_for_trust_bundle,
             }),
             _ => None,
         },
-        policies: args.policies,
         root_namespace: args.root_namespace,
     };
     agent::raise_fd_limit();

@@ -106,17 +106,26 @@ impl Agent {
         let node = &self.inner.node;
         let shared = node.shared();
         let mut cmd = Command::new(&self.inner.bin);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&shared.config_path)
-            .args(["--node", node.name()])
+        cmd.arg("run");
+        let kubernetes = shared.lock().kubernetes.clone();
+        if let Some(k) = kubernetes {
+            cmd.arg("--kubernetes")
+                .args(["--trust-domain", &k.trust_domain])
+                .arg("--netns-dir")
+                .arg(node.pod_netns_dir())
+                .env("KUBECONFIG", &k.kubeconfig);
+        } else {
+            cmd.arg("--config")
+                .arg(&shared.config_path)
+                .arg("--policies")
+                .arg(shared.policies_path());
+        }
+        cmd.args(["--node", node.name()])
             .arg("--cgroup")
             .arg(node.cgroup())
             .arg("--pin-dir")
             .arg(node.pin_dir())
-            .args(["--admin-addr", ADMIN_ADDR])
-            .arg("--policies")
-            .arg(shared.policies_path());
+            .args(["--admin-addr", ADMIN_ADDR]);
         if let Some(ca) = &self.inner.ca {
             cmd.arg("--ca-addr")
                 .arg(ca.ca_addr.to_string())

@@ -68,6 +68,15 @@ impl Node {
         Path::new("/run/netns").join(&self.netns)
     }
 
+    /// A directory of symlinks to the network namespaces of this node's
+    /// pods, as a CNI plugin's `/run/netns` on a real node: what an agent
+    /// in Kubernetes mode searches (`--netns-dir`), since every node of
+    /// every test bed shares this machine's `/run/netns` and `/proc`.
+    #[must_use]
+    pub fn pod_netns_dir(&self) -> PathBuf {
+        self.shared.tmp.join(format!("netns-{}", self.name))
+    }
+
     /// The cgroup the agent attaches its programs to (covers the node's
     /// pods and the agent itself).
     #[must_use]

@@ -80,7 +80,18 @@ pub(crate) struct State {
     pub(crate) agents: Vec<Agent>,
     /// The mesh CA, once started.
     pub(crate) ca: Option<Ca>,
+    /// Agents started from now on read the Kubernetes API, not the file.
+    pub(crate) kubernetes: Option<KubernetesMode>,
     pub(crate) torn_down: bool,
+}
+
+/// How agents run in Kubernetes mode ([`Testbed::use_kubernetes`]).
+#[derive(Debug, Clone)]
+pub struct KubernetesMode {
+    /// The kubeconfig the agents read (`KUBECONFIG`).
+    pub kubeconfig: PathBuf,
+    /// `--trust-domain`.
+    pub trust_domain: String,
 }
 
 /// What every handle of one test bed shares.
@@ -344,6 +355,10 @@ impl Testbed {
         let pod = Pod::new(Arc::clone(s), &spec, node, ip);
         state.netns.push(pod.netns_name().to_owned());
         network::create_netns(pod.netns_name())?;
+        let dir = node.pod_netns_dir();
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::os::unix::fs::symlink(pod.netns_path(), dir.join(pod.netns_name())))
+            .map_err(|e| TestbedError::io(format!("linking {} into {}", pod.netns_name(), dir.display()), e))?;
         network::setup_pod(node.netns_name(), node.index(), pod.netns_name(), host)?;
         cgroup::create(pod.cgroup())?;
         state.pods.push(PodRecord {
@@ -559,6 +574,14 @@ impl Testbed {
             .iter()
             .map(|a| a.wait_policies(&content_hash, Duration::from_secs(10)))
             .collect()
+    }
+
+    /// Agents started after this call run `mesh-agent run --kubernetes`
+    /// with `KUBECONFIG=<kubeconfig>` (an API server, e.g. the test's
+    /// stand-in) instead of reading the local file and policies; each
+    /// searches its node's [`Node::pod_netns_dir`].
+    pub fn use_kubernetes(&self, mode: KubernetesMode) {
+        self.shared.lock().kubernetes = Some(mode);
     }
 
     /// Writes the config, starts the agent for `node` and waits until ready.

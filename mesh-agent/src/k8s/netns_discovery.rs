@@ -44,20 +44,38 @@ type NsKey = (u64, u64);
 pub struct NetnsFinder {
     home: Arc<File>,
     home_key: Option<NsKey>,
-    proc_root: PathBuf,
+    /// Directories of named namespaces to search.
+    dirs: Vec<PathBuf>,
+    /// `/proc`, searched after `dirs`; `None` when only `dirs` are searched.
+    proc_root: Option<PathBuf>,
     cache: HashMap<IpAddr, (PathBuf, NsKey)>,
 }
 
 impl NetnsFinder {
-    /// A finder that returns threads to `home` (the agent's namespace) and
-    /// never reports `home` itself.
+    /// A finder that searches `/run/netns`, `/var/run/netns`, then every
+    /// process's namespace; it returns threads to `home` (the agent's
+    /// namespace) and never reports `home` itself.
     #[must_use]
     pub fn new(home: Arc<File>) -> Self {
+        let dirs = NAMED_NETNS_DIRS.iter().map(PathBuf::from).collect();
+        Self::with_search(home, dirs, Some(PathBuf::from("/proc")))
+    }
+
+    /// A finder that searches only the named namespaces in `dirs` (files
+    /// or symlinks to namespaces), as the runtime that names them does
+    /// (`--netns-dir`; the test bed, where every node shares one `/proc`).
+    #[must_use]
+    pub fn in_dirs(home: Arc<File>, dirs: Vec<PathBuf>) -> Self {
+        Self::with_search(home, dirs, None)
+    }
+
+    fn with_search(home: Arc<File>, dirs: Vec<PathBuf>, proc_root: Option<PathBuf>) -> Self {
         let home_key = home.metadata().ok().map(|m| (m.dev(), m.ino()));
         Self {
             home,
             home_key,
-            proc_root: PathBuf::from("/proc"),
+            dirs,
+            proc_root,
             cache: HashMap::new(),
         }
     }
@@ -111,12 +129,15 @@ impl NetnsFinder {
                 }
             }
         };
-        for dir in NAMED_NETNS_DIRS {
-            for entry in read_dir_sorted(Path::new(dir)) {
+        for dir in &self.dirs {
+            for entry in read_dir_sorted(dir) {
                 push(entry);
             }
         }
-        let mut pids: Vec<u32> = std::fs::read_dir(&self.proc_root)
+        let Some(proc_root) = &self.proc_root else {
+            return out;
+        };
+        let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
             .into_iter()
             .flatten()
             .flatten()
@@ -125,7 +146,7 @@ impl NetnsFinder {
         // Lowest PID first: the pod's oldest process, usually the sandbox.
         pids.sort_unstable();
         for pid in pids {
-            push(self.proc_root.join(pid.to_string()).join("ns/net"));
+            push(proc_root.join(pid.to_string()).join("ns/net"));
         }
         out
     }

@@ -26,6 +26,7 @@
 use std::{
     collections::HashMap,
     fs::File,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -71,6 +72,9 @@ pub struct KubeSettings {
     pub trust_domain: String,
     /// The namespace whose policies apply mesh-wide.
     pub root_namespace: String,
+    /// Search only these directories of named network namespaces for pods
+    /// (`--netns-dir`); empty: `/run/netns` and every process's namespace.
+    pub netns_dirs: Vec<PathBuf>,
 }
 
 /// Errors starting the source.
@@ -215,6 +219,11 @@ impl KubeSource {
             source: Some("kubernetes".to_owned()),
             ..PolicyStatus::default()
         }));
+        let finder = if settings.netns_dirs.is_empty() {
+            NetnsFinder::new(home)
+        } else {
+            NetnsFinder::in_dirs(home, settings.netns_dirs.clone())
+        };
         let mut source = Self {
             settings,
             stores: Stores {
@@ -226,7 +235,7 @@ impl KubeSource {
                 policies: vec![heddle_store, istio_store],
             },
             changed,
-            finder: Arc::new(Mutex::new(NetnsFinder::new(home))),
+            finder: Arc::new(Mutex::new(finder)),
             registry_tx,
             policies_tx,
             policy_status: policy_status.clone(),
