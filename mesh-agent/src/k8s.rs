@@ -8,3 +8,7 @@ pub mod crd;
 pub mod convert;
 pub mod netns_discovery;
 pub mod source;
+pub mod ca_auth;
+pub mod ca_root;
+pub mod cli_enroll;
+pub mod cli_forward;

@@ -257,7 +257,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 addr,
                 token_file,
                 trust_bundle,
-                wait_for_trust_bundle: args.wait_for_trust_bundle,
+                wait_for_trust_bundle: args.wait_for_trust_bundle || args.kubernetes,
             }),
             _ => None,
         },

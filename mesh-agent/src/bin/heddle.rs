@@ -3,8 +3,11 @@
 //! `heddle policy`, which evaluates and validates authorization policies
 //! offline, from files, with the agent's own engine ([`mesh_agent::policy`]).
 //!
-//! This is the first cut (flows, workloads, status, policy); the
-//! observability issue grows it into a `hubble observe`-like tool.
+//! From outside the cluster, `--node NODE` reaches the agent on that node
+//! through the API server's port-forward (`mesh_agent::k8s::cli_forward`),
+//! and `heddle enroll|unenroll NAMESPACE` sets or removes the namespace's
+//! enrollment label (`mesh_agent::k8s::cli_enroll`), both with the kubeconfig
+//! found as kubectl finds it (`--context` to pick another context).
 
 use std::{
     collections::BTreeMap,
@@ -16,7 +19,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use mesh_agent::cli_agent;
+use mesh_agent::{cli_agent, k8s};
 use mesh_agent::policy::{
     self, load, Connection, Destination, OrigDst, PeerIdentity, PolicySet, SrcIp,
 };
@@ -37,6 +40,16 @@ struct Cli {
         global = true
     )]
     agent: String,
+    /// Reach the agent on this Kubernetes node through the API server's
+    /// port-forward (kubeconfig as kubectl finds it); wins over --agent.
+    #[arg(long, global = true)]
+    node: Option<String>,
+    /// Kubeconfig context for --node, enroll and unenroll [default: the current one].
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// Namespace of the agent pods, for --node.
+    #[arg(long, env = "HEDDLE_AGENT_NAMESPACE", default_value = k8s::cli_forward::AGENT_NAMESPACE, global = true)]
+    agent_namespace: String,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -69,6 +82,18 @@ enum Command {
     Status,
     /// Show the workload certificates the agent holds, and when they expire.
     Certs,
+    /// Enroll a namespace: label it heddle.dev/mesh=enabled, so the agents
+    /// capture its pods' new connections (through the Kubernetes API).
+    Enroll {
+        /// The namespace.
+        namespace: String,
+    },
+    /// Remove a namespace's heddle.dev/mesh label: its pods' new connections
+    /// no longer go through the mesh.
+    Unenroll {
+        /// The namespace.
+        namespace: String,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         /// The shell.
@@ -147,9 +172,99 @@ fn parse_labels(s: &str) -> Result<Labels, String> {
     Ok(Labels(labels))
 }
 
+/// How the agent is reached when it is not at --agent (set once, for error
+/// messages).
+static VIA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The port-forward to the agent and the runtime that drives it, kept alive
+/// while the (blocking) HTTP client uses the local end.
+struct Forwarding {
+    _forward: k8s::cli_forward::AgentForward,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Starts forwarding to the agent on `node`; returns its local URL.
+fn forward_to_node(cli: &Cli, node: &str) -> anyhow::Result<(String, Forwarding)> {
+    let rt = runtime()?;
+    let forward = rt.block_on(async {
+        let (client, url) = k8s::cli_enroll::kube_client(cli.context.as_deref()).await?;
+        anyhow::Ok(
+            k8s::cli_forward::forward_to_agent(
+                client,
+                &url,
+                &cli.agent_namespace,
+                node,
+                mesh_common::PORT_ADMIN,
+            )
+            .await?,
+        )
+    })?;
+    let _ = VIA.set(format!(
+        "the agent on node {node} (pod {}/{}, through the API server's port-forward)",
+        cli.agent_namespace,
+        forward.pod()
+    ));
+    Ok((
+        forward.local_url(),
+        Forwarding {
+            _forward: forward,
+            _runtime: rt,
+        },
+    ))
+}
+
+fn enroll(context: Option<&str>, namespace: &str, enroll: bool) -> anyhow::Result<ExitCode> {
+    use k8s::cli_enroll::{kube_client, set_enrollment, Outcome};
+    let outcome = runtime()?.block_on(async {
+        let (client, url) = kube_client(context).await?;
+        set_enrollment(&client, &url, namespace, enroll).await
+    })?;
+    let label = format!("{}={}", k8s::cli_enroll::MESH_LABEL, k8s::cli_enroll::ENABLED);
+    match (outcome, enroll) {
+        (Outcome::Changed, true) => println!(
+            "namespace {namespace} enrolled ({label}): new connections of its pods go through the mesh"
+        ),
+        (Outcome::Unchanged, true) => println!("namespace {namespace} is already enrolled ({label})"),
+        (Outcome::Changed, false) => println!(
+            "namespace {namespace} unenrolled: new connections of its pods no longer go through the mesh"
+        ),
+        (Outcome::Unchanged, false) => println!("namespace {namespace} is not enrolled"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    match &cli.command {
+        Command::Enroll { namespace } => return enroll(cli.context.as_deref(), namespace, true),
+        Command::Unenroll { namespace } => {
+            return enroll(cli.context.as_deref(), namespace, false)
+        }
+        _ => {}
+    }
+    let needs_agent = !matches!(
+        cli.command,
+        Command::Completion { .. }
+            | Command::Policy(PolicyCommand::Eval(_) | PolicyCommand::Validate { .. })
+    );
+    let _forwarding = match cli.node.clone() {
+        Some(node) if needs_agent => {
+            let (url, forwarding) = forward_to_node(&cli, &node)?;
+            cli.agent = url;
+            Some(forwarding)
+        }
+        _ => None,
+    };
     match cli.command {
+        Command::Enroll { .. } | Command::Unenroll { .. } => unreachable!("handled above"),
         Command::Policy(cmd) => return policy_command(cmd, &cli.agent, cli.output),
         Command::Flows(args) => flows(&cli.agent, cli.output, &args)?,
         Command::Workloads => {
@@ -201,8 +316,9 @@ fn main() -> anyhow::Result<ExitCode> {
 
 fn get(agent: &str, path: &str) -> anyhow::Result<Value> {
     let url = format!("{}{path}", agent.trim_end_matches('/'));
-    let agent_err = || {
-        format!("cannot reach the Heddle agent at {agent} (is mesh-agent running on this node? use --agent URL)")
+    let agent_err = || match VIA.get() {
+        Some(via) => format!("cannot reach {via}"),
+        None => format!("cannot reach the Heddle agent at {agent} (is mesh-agent running on this node? use --agent URL or --node NODE)"),
     };
     let resp = ureq::get(&url)
         .timeout(Duration::from_secs(5))

@@ -1,11 +1,17 @@
-//! The mesh CA's signing core: the root key and certificate (created on first
-//! run and kept on disk, key mode 0600 in a 0700 directory), the trust bundle
-//! (every root agents accept, so a root can be rotated), and issuance of
-//! workload leaves from CSRs.
+//! The mesh CA's signing core: the root key and certificate, the trust
+//! bundle (every root agents accept, so a root can be rotated), and issuance
+//! of workload leaves from CSRs.
 //!
-//! Root rotation: put the new root in `bundle.pem` next to the old one and
-//! let agents pick it up; switch `root.pem`/`root.key` to the new root; once
-//! every leaf signed by the old root has expired, drop it from the bundle.
+//! Where the root comes from is the caller's business: [`Authority::load_or_create`]
+//! keeps it on disk (local mode: key mode 0600 in a 0700 directory),
+//! [`Authority::from_pem`] takes it from memory (Kubernetes mode: the
+//! `heddle-ca-root` Secret, see `k8s::ca_root`). The key never leaves the
+//! process either way.
+//!
+//! Root rotation (local mode): put the new root in `bundle.pem` next to the
+//! old one and let agents pick it up; switch `root.pem`/`root.key` to the new
+//! root; once every leaf signed by the old root has expired, drop it from the
+//! bundle. Kubernetes mode: ARCHITECTURE.md, "Identity and the mesh CA".
 
 use std::{
     fs,
@@ -41,10 +47,10 @@ pub enum AuthorityError {
         source: std::io::Error,
     },
     /// The stored root could not be read.
-    #[error("CA root in {path} is unusable: {message}")]
+    #[error("CA root in {origin} is unusable: {message}")]
     BadRoot {
-        /// The file.
-        path: PathBuf,
+        /// Where it came from: a file, or a Secret and key.
+        origin: String,
         /// What is wrong.
         message: String,
     },
@@ -71,6 +77,23 @@ pub struct Issued {
     pub chain_pem: Vec<String>,
     /// End of validity.
     pub not_after: SystemTime,
+}
+
+/// A root certificate and key in PEM, with where they came from (for error
+/// messages).
+#[derive(Clone, Copy, Debug)]
+pub struct RootPem<'a> {
+    /// The signing certificate (the first PEM block; any further blocks are
+    /// sent along with every leaf as its chain).
+    pub cert: &'a str,
+    /// Its private key (PKCS#8 or SEC1 PEM).
+    pub key: &'a str,
+    /// Every root agents should trust; `None`: just `cert`.
+    pub bundle: Option<&'a str>,
+    /// Where `cert` came from, e.g. `Secret heddle-system/heddle-ca-root key tls.crt`.
+    pub cert_origin: &'a str,
+    /// Where `key` came from.
+    pub key_origin: &'a str,
 }
 
 /// The CA's root and issuing logic.
@@ -116,22 +139,62 @@ impl Authority {
         }
         let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let root_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
-        let bad = |path: &Path, e: rcgen::Error| AuthorityError::BadRoot {
-            path: path.to_owned(),
-            message: e.to_string(),
-        };
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&key_path, e))?;
-        let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| bad(&cert_path, e))?;
         let bundle_path = state_dir.join("bundle.pem");
         let bundle_pem = if bundle_path.exists() {
-            fs::read_to_string(&bundle_path).map_err(io_err(&bundle_path))?
+            Some(fs::read_to_string(&bundle_path).map_err(io_err(&bundle_path))?)
         } else {
             fs::write(&bundle_path, &root_pem).map_err(io_err(&bundle_path))?;
-            root_pem.clone()
+            None
         };
+        Self::from_pem(
+            &RootPem {
+                cert: &root_pem,
+                key: &key_pem,
+                bundle: bundle_pem.as_deref(),
+                cert_origin: &cert_path.display().to_string(),
+                key_origin: &key_path.display().to_string(),
+            },
+            trust_domain,
+            leaf_ttl,
+        )
+    }
+
+    /// Builds the authority from a root held in memory. The trust bundle is
+    /// `root.bundle` if given (several roots, during a rotation), else the
+    /// root certificate; the signing certificate is always in it (appended
+    /// if the given bundle lacks it), or agents would refuse every leaf.
+    pub fn from_pem(
+        root: &RootPem<'_>,
+        trust_domain: &str,
+        leaf_ttl: Duration,
+    ) -> Result<Self, AuthorityError> {
+        let bad = |origin: &str, message: String| AuthorityError::BadRoot {
+            origin: origin.to_owned(),
+            message,
+        };
+        let key = KeyPair::from_pem(root.key).map_err(|e| bad(root.key_origin, e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_pem(root.cert, key)
+            .map_err(|e| bad(root.cert_origin, e.to_string()))?;
+        let first = first_pem_block(root.cert)
+            .ok_or_else(|| bad(root.cert_origin, "no PEM certificate".into()))?;
+        let mut bundle_pem = match root.bundle {
+            Some(b) if !b.trim().is_empty() => b.to_owned(),
+            _ => root.cert.to_owned(),
+        };
+        if !normalise(&bundle_pem).contains(&normalise(first)) {
+            tracing::warn!(
+                root = root.cert_origin,
+                "the trust bundle lacks the signing root: adding it"
+            );
+            if !bundle_pem.ends_with('\n') {
+                bundle_pem.push('\n');
+            }
+            bundle_pem.push_str(first);
+            bundle_pem.push('\n');
+        }
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
-            root_pem,
+            root_pem: root.cert.to_owned(),
             issuer,
             bundle_pem,
             leaf_ttl,
@@ -148,6 +211,12 @@ impl Authority {
     #[must_use]
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// Lifetime of the leaves it signs.
+    #[must_use]
+    pub fn leaf_ttl(&self) -> Duration {
+        self.leaf_ttl
     }
 
     /// Signs `csr_pem` if it asks for exactly `expected` (one URI SAN).
@@ -227,7 +296,21 @@ fn leaf_params(
     Ok(params)
 }
 
-fn create_root(trust_domain: &str) -> Result<(String, String), AuthorityError> {
+/// The first PEM block of `pem`, `-----BEGIN` to `-----END ...-----`.
+fn first_pem_block(pem: &str) -> Option<&str> {
+    let start = pem.find("-----BEGIN")?;
+    let end_marker = pem[start..].find("-----END")? + start;
+    let end = pem[end_marker + 8..].find("-----")? + end_marker + 8 + 5;
+    Some(&pem[start..end])
+}
+
+/// PEM without any whitespace, for comparing certificates as text.
+fn normalise(pem: &str) -> String {
+    pem.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+/// A new self-signed mesh root for `trust_domain`: (certificate PEM, key PEM).
+pub fn create_root(trust_domain: &str) -> Result<(String, String), AuthorityError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -315,5 +398,54 @@ mod tests {
             Err(AuthorityError::BadCsr(_))
         ));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn root_pem<'a>(cert: &'a str, key: &'a str, bundle: Option<&'a str>) -> RootPem<'a> {
+        RootPem {
+            cert,
+            key,
+            bundle,
+            cert_origin: "test tls.crt",
+            key_origin: "test tls.key",
+        }
+    }
+
+    #[test]
+    fn an_authority_built_from_pem_signs_and_trusts_its_root() {
+        let (cert, key) = create_root("cluster.local").unwrap();
+        let a = Authority::from_pem(&root_pem(&cert, &key, None), "cluster.local", Duration::from_hours(1))
+            .unwrap();
+        assert_eq!(a.bundle_pem(), cert);
+        let id = SpiffeId::new("cluster.local", "demo", "web");
+        let (csr, _key) = csr_for(&id.to_string());
+        assert_eq!(a.sign_csr(&csr, &id).unwrap().chain_pem[1], cert);
+    }
+
+    #[test]
+    fn a_bundle_without_the_signing_root_gets_it_added() {
+        let (cert, key) = create_root("cluster.local").unwrap();
+        let (old, _) = create_root("cluster.local").unwrap();
+        let a = Authority::from_pem(
+            &root_pem(&cert, &key, Some(&old)),
+            "cluster.local",
+            Duration::from_hours(1),
+        )
+        .unwrap();
+        assert!(a.bundle_pem().starts_with(&old));
+        assert!(normalise(a.bundle_pem()).contains(&normalise(&cert)));
+        assert_eq!(crate::identity::tls::roots_from_pem(a.bundle_pem()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_malformed_key_is_reported_with_its_origin() {
+        let (cert, _) = create_root("cluster.local").unwrap();
+        let err = Authority::from_pem(
+            &root_pem(&cert, "not a key", None),
+            "cluster.local",
+            Duration::from_hours(1),
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().starts_with("CA root in test tls.key is unusable"), "{err}");
     }
 }

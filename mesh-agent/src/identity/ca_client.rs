@@ -7,12 +7,18 @@
 //! `{"identity": "spiffe://...", "csr": "<PEM>"}`; the answer is
 //! `{"chain": ["<leaf PEM>", "<root PEM>"], "notAfter": <unix seconds>}` or
 //! `{"error": "..."}` with 400 (bad CSR), 401 (unknown node token) or 403
-//! (identity not scheduled on the requesting node). The CA's TLS certificate
-//! must carry the CA's own SPIFFE ID.
+//! (identity not scheduled on the requesting node), 503 (the CA cannot
+//! consult its source of truth). The CA's TLS certificate must carry the CA's
+//! own SPIFFE ID.
+//!
+//! The address is `host:port`, resolved at every connection (a Service name
+//! such as `heddle-ca.heddle-system.svc:15012` follows the CA's pods), and a
+//! token kept in a file is re-read for every request (the kubelet rotates
+//! projected service-account tokens in place).
 
 use std::{
     future::Future,
-    net::SocketAddr,
+    path::PathBuf,
     pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -33,11 +39,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the CA did not sign.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    /// Could not reach the CA.
+    /// Could not reach the CA (or resolve its name).
     #[error("CA {addr} unreachable: {source}")]
     Unreachable {
-        /// The CA address.
-        addr: SocketAddr,
+        /// The CA address, `host:port`.
+        addr: String,
         /// Cause.
         #[source]
         source: std::io::Error,
@@ -45,10 +51,19 @@ pub enum CaError {
     /// The CA's TLS endpoint could not be authenticated.
     #[error("CA {addr} failed authentication: {message}")]
     NotTrusted {
-        /// The CA address.
-        addr: SocketAddr,
+        /// The CA address, `host:port`.
+        addr: String,
         /// What is wrong.
         message: String,
+    },
+    /// The node's token could not be read.
+    #[error("cannot read the CA token {path}: {source}")]
+    Token {
+        /// The token file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
     },
     /// The CA answered with an error.
     #[error("CA refused ({status}): {message}")]
@@ -120,24 +135,50 @@ pub fn ca_identity(trust_domain: &str) -> SpiffeId {
     SpiffeId::new(trust_domain, "heddle-system", "heddle-ca")
 }
 
+/// Where the node's bearer token comes from.
+#[derive(Clone, Debug)]
+pub enum TokenSource {
+    /// A fixed token.
+    Static(String),
+    /// A file, re-read for every request (projected tokens are rotated in
+    /// place by the kubelet); surrounding whitespace is ignored.
+    File(PathBuf),
+}
+
+impl TokenSource {
+    async fn read(&self) -> Result<String, CaError> {
+        match self {
+            Self::Static(t) => Ok(t.clone()),
+            Self::File(path) => tokio::fs::read_to_string(path)
+                .await
+                .map(|t| t.trim().to_owned())
+                .map_err(|source| CaError::Token {
+                    path: path.clone(),
+                    source,
+                }),
+        }
+    }
+}
+
 /// `mesh-agent ca` over the network.
 pub struct RemoteCa {
-    addr: SocketAddr,
-    token: String,
+    addr: String,
+    token: TokenSource,
     tls: Arc<rustls::ClientConfig>,
     expected: SpiffeId,
 }
 
 impl RemoteCa {
-    /// A client for the CA at `addr`, authenticating with the node `token`.
+    /// A client for the CA at `addr` (`host:port` or `ip:port`),
+    /// authenticating with `token`.
     pub fn new(
-        addr: SocketAddr,
-        token: String,
+        addr: impl Into<String>,
+        token: TokenSource,
         roots: Arc<RootCertStore>,
         trust_domain: &str,
     ) -> Result<Self, tls::TlsError> {
         Ok(Self {
-            addr,
+            addr: addr.into(),
             token,
             tls: tls::anonymous_client_config(roots)?,
             expected: ca_identity(trust_domain),
@@ -146,27 +187,48 @@ impl RemoteCa {
 
     /// The CA's address.
     #[must_use]
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Resolves the address now and connects to the first address that
+    /// answers.
+    async fn connect(&self) -> Result<TcpStream, CaError> {
+        let unreachable = |source| CaError::Unreachable {
+            addr: self.addr.clone(),
+            source,
+        };
+        let mut last = None;
+        for candidate in tokio::net::lookup_host(self.addr.as_str())
+            .await
+            .map_err(unreachable)?
+        {
+            match TcpStream::connect(candidate).await {
+                Ok(tcp) => return Ok(tcp),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(unreachable(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address")
+        })))
     }
 
     async fn request(&self, identity: &SpiffeId, csr_pem: String) -> Result<SignedChain, CaError> {
-        let addr = self.addr;
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|source| CaError::Unreachable { addr, source })?;
+        let token = self.token.read().await?;
+        let addr = self.addr.clone();
+        let tcp = self.connect().await?;
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
         let name = ServerName::try_from("heddle-ca").expect("static name");
         let stream = connector
             .connect(name, tcp)
             .await
             .map_err(|e| CaError::NotTrusted {
-                addr,
+                addr: addr.clone(),
                 message: e.to_string(),
             })?;
         tls::peer_identity(stream.get_ref().1.peer_certificates(), Some(&self.expected)).map_err(
             |e| CaError::NotTrusted {
-                addr,
+                addr: addr.clone(),
                 message: e.to_string(),
             },
         )?;
@@ -183,7 +245,7 @@ impl RemoteCa {
             .header(hyper::header::HOST, "heddle-ca")
             .header(
                 hyper::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
+                format!("Bearer {token}"),
             )
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))

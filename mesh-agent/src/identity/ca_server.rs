@@ -1,21 +1,19 @@
-//! `mesh-agent ca`: the mesh CA as its own process (a Deployment in
-//! Kubernetes later). It authenticates the requesting node agent by its node
-//! token, signs a CSR only for an identity that has a workload scheduled on
-//! that node (local mode: from the shared configuration file, re-read on each
-//! request), and never lets its key leave `--state-dir`.
+//! `mesh-agent ca`: the mesh CA as its own process. It authenticates the
+//! requesting node agent ([`NodeAuthenticator`]), signs a CSR only for an
+//! identity that has a workload scheduled on that node
+//! ([`IdentityAuthorizer`]), and never lets its key leave the process.
 //!
-//! Node tokens: `<state-dir>/nodes/<node>.token` (mode 0600), created on
-//! start for every node the configuration names. In local mode the agent of
-//! node N is given that file (`--ca-token-file`). The Kubernetes issue
-//! replaces tokens with projected service-account tokens and `TokenReview`.
+//! Two modes share this server: local ([`CaServer::new`]: node tokens in
+//! `<state-dir>/nodes/<node>.token`, mode 0600, created on start for every
+//! node of the configuration file, which is re-read on each request; the root
+//! in `--state-dir`) and Kubernetes (`k8s::ca_root::kubernetes_ca`:
+//! `TokenReview` of projected service-account tokens, the node's pods, the
+//! root in a Secret and in memory only). Status codes: 401 unauthenticated,
+//! 403 not allowed (the message names node and identity), 400 bad request or
+//! CSR, 503 when the source of truth cannot be consulted (fail closed).
 
 use std::{
-    collections::BTreeSet,
-    convert::Infallible,
-    net::SocketAddr,
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
-    path::{Path, PathBuf},
-    sync::Arc,
+    collections::BTreeSet, convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -30,8 +28,10 @@ use rustls::pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use super::ca_auth::token_path;
 use super::{
     authority::Authority,
+    ca_auth::{ConfigFile, IdentityAuthorizer, NodeAuthenticator, NodeTokens},
     ca_client::{ca_identity, ErrorResponse, SignRequest, SignResponse},
     SpiffeId,
 };
@@ -40,7 +40,7 @@ use crate::config;
 /// Largest request body accepted (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
 
-/// Settings of the CA process.
+/// Settings of the CA process in local mode.
 #[derive(Clone, Debug)]
 pub struct CaSettings {
     /// Where the root key, root certificate, bundle and node tokens live.
@@ -57,13 +57,14 @@ pub struct CaSettings {
 
 struct State {
     authority: Authority,
-    settings: CaSettings,
+    authn: Arc<dyn NodeAuthenticator>,
+    authz: Arc<dyn IdentityAuthorizer>,
+    /// Where the decisions come from, for the start-up log line.
+    mode: &'static str,
 }
 
-/// Runs the CA until SIGTERM/SIGINT.
-pub async fn run(settings: CaSettings) -> anyhow::Result<()> {
-    let listen = settings.listen;
-    let server = CaServer::new(settings)?;
+/// Serves `server` on `listen` until SIGTERM/SIGINT.
+pub async fn run(server: CaServer, listen: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the CA on {listen}"))?;
@@ -86,19 +87,34 @@ pub struct CaServer {
 }
 
 impl CaServer {
-    /// Loads (or creates) the root, the node tokens and the serving certificate.
-    pub fn new(settings: CaSettings) -> anyhow::Result<Self> {
+    /// Local mode: loads (or creates) the root in the state directory and
+    /// the node tokens; authorizes from the configuration file.
+    pub fn new(settings: &CaSettings) -> anyhow::Result<Self> {
         let authority = Authority::load_or_create(
             &settings.state_dir,
             &settings.trust_domain,
             settings.leaf_ttl,
         )?;
         let cfg = config::load(&settings.config)?;
+        let tokens = NodeTokens::new(&settings.state_dir);
         let nodes: BTreeSet<&str> = cfg.workloads.iter().map(|w| w.node.as_str()).collect();
         for node in nodes {
-            ensure_token(&settings.state_dir, node)?;
+            tokens
+                .ensure(node)
+                .with_context(|| format!("creating the token of node {node}"))?;
         }
-        let (chain, key) = authority.serving_cert(&ca_identity(&settings.trust_domain))?;
+        let authorizer = ConfigFile::new(&settings.config, &settings.trust_domain);
+        Self::from_parts(authority, Arc::new(tokens), Arc::new(authorizer), "local")
+    }
+
+    /// A CA over any root and decision sources; `mode` names them in logs.
+    pub fn from_parts(
+        authority: Authority,
+        authenticator: Arc<dyn NodeAuthenticator>,
+        authorizer: Arc<dyn IdentityAuthorizer>,
+        mode: &'static str,
+    ) -> anyhow::Result<Self> {
+        let (chain, key) = authority.serving_cert(&ca_identity(authority.trust_domain()))?;
         let certs = chain
             .iter()
             .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()))
@@ -114,7 +130,9 @@ impl CaServer {
             acceptor,
             state: Arc::new(State {
                 authority,
-                settings,
+                authn: authenticator,
+                authz: authorizer,
+                mode,
             }),
         })
     }
@@ -129,7 +147,7 @@ impl CaServer {
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
         let Self { acceptor, state } = self;
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(listen = %addr, state = %state.settings.state_dir.display(), ttl_s = state.settings.leaf_ttl.as_secs(), "mesh CA ready");
+            tracing::info!(listen = %addr, mode = state.mode, trust_domain = state.authority.trust_domain(), ttl_s = state.authority.leaf_ttl().as_secs(), "mesh CA ready");
         }
         loop {
             let (tcp, peer) = tokio::select! {
@@ -163,68 +181,6 @@ impl CaServer {
     }
 }
 
-/// Where the token of `node` is kept.
-#[must_use]
-pub fn token_path(state_dir: &Path, node: &str) -> PathBuf {
-    state_dir.join("nodes").join(format!("{node}.token"))
-}
-
-fn ensure_token(state_dir: &Path, node: &str) -> anyhow::Result<()> {
-    let dir = state_dir.join("nodes");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)?;
-    let path = token_path(state_dir, node);
-    if path.exists() {
-        return Ok(());
-    }
-    let token = super::tls::hex(&rand::random::<[u8; 32]>());
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    std::io::Write::write_all(&mut f, token.as_bytes())?;
-    Ok(())
-}
-
-/// The node whose token this is, comparing in constant time.
-fn authenticate(state_dir: &Path, bearer: &str) -> Option<String> {
-    let entries = std::fs::read_dir(state_dir.join("nodes")).ok()?;
-    entries.flatten().find_map(|e| {
-        let name = e
-            .file_name()
-            .to_string_lossy()
-            .strip_suffix(".token")?
-            .to_owned();
-        let token = std::fs::read_to_string(e.path()).ok()?;
-        let token = token.trim().as_bytes();
-        let given = bearer.as_bytes();
-        let same = token.len() == given.len()
-            && token
-                .iter()
-                .zip(given)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        same.then_some(name)
-    })
-}
-
-/// Whether `identity` belongs to a workload scheduled on `node`.
-fn scheduled_on(
-    config_path: &Path,
-    trust_domain: &str,
-    node: &str,
-    identity: &SpiffeId,
-) -> Result<bool, String> {
-    let cfg = config::load(config_path).map_err(|e| e.to_string())?;
-    Ok(cfg.workloads.iter().any(|w| {
-        w.node == node && SpiffeId::new(trust_domain, &w.namespace, &w.service_account) == *identity
-    }))
-}
-
 async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/v1/bundle") => respond(
@@ -234,7 +190,11 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
         ("POST", "/v1/certificates") => match sign(state, req).await {
             Ok(r) => respond(StatusCode::OK, serde_json::to_vec(&r).unwrap_or_default()),
             Err((status, error)) => {
-                tracing::warn!(status = status.as_u16(), %error, "certificate request refused");
+                if status.is_server_error() {
+                    tracing::error!(status = status.as_u16(), %error, "cannot decide a certificate request: refusing it (fail closed)");
+                } else {
+                    tracing::warn!(status = status.as_u16(), %error, "certificate request refused");
+                }
                 respond(
                     status,
                     serde_json::to_vec(&ErrorResponse { error }).unwrap_or_default(),
@@ -246,7 +206,6 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
 }
 
 async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (StatusCode, String)> {
-    let settings = &state.settings;
     let bearer = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -254,8 +213,8 @@ async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (St
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned)
         .ok_or((StatusCode::UNAUTHORIZED, "missing bearer token".to_owned()))?;
-    let node = authenticate(&settings.state_dir, &bearer)
-        .ok_or((StatusCode::UNAUTHORIZED, "unknown node token".to_owned()))?;
+    let refused = |e: super::ca_auth::CaAuthError| (e.status(), e.to_string());
+    let node = state.authn.authenticate(&bearer).await.map_err(refused)?;
     let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
@@ -267,30 +226,18 @@ async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (St
         .identity
         .parse()
         .map_err(|e: super::spiffe::ParseSpiffeIdError| (StatusCode::BAD_REQUEST, e.to_string()))?;
-    if identity.trust_domain() != settings.trust_domain {
+    let trust_domain = state.authority.trust_domain();
+    if identity.trust_domain() != trust_domain {
         return Err((
             StatusCode::FORBIDDEN,
-            format!(
-                "{identity} is not in trust domain {}",
-                settings.trust_domain
-            ),
+            format!("node {node} asked for {identity}, which is not in trust domain {trust_domain}"),
         ));
     }
-    match scheduled_on(&settings.config, &settings.trust_domain, &node, &identity) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err((
-                StatusCode::FORBIDDEN,
-                format!("no workload with identity {identity} is scheduled on node {node}"),
-            ));
-        }
-        Err(e) => {
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("configuration unavailable: {e}"),
-            ))
-        }
-    }
+    state
+        .authz
+        .authorize(&node, &identity)
+        .await
+        .map_err(refused)?;
     let issued = state
         .authority
         .sign_csr(&request.csr, &identity)

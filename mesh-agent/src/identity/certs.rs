@@ -240,11 +240,7 @@ impl CertManager {
     }
 
     async fn fetch(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, CertError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
-        let csr = params.serialize_request(&key)?.pem()?;
+        let (csr, key) = new_key_and_csr(id)?;
         let signed = self.ca.sign(id, csr).await?;
         let chain = signed
             .chain_pem
@@ -268,6 +264,17 @@ impl CertManager {
             generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
         }))
     }
+}
+
+/// A fresh ECDSA P-256 key and a CSR asking for exactly `id` (its only URI
+/// SAN), as every agent sends them to the CA.
+pub fn new_key_and_csr(id: &SpiffeId) -> Result<(String, KeyPair), rcgen::Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((csr, key))
 }
 
 async fn maintain(

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     authority::Authority,
-    ca_client::{CaError, CertificateAuthority, RemoteCa},
+    ca_client::{CaError, CertificateAuthority, RemoteCa, TokenSource},
     ca_server::{token_path, CaServer, CaSettings},
     certs::CertManager,
     tls::{self, CurrentCert, TlsError},
@@ -241,7 +241,7 @@ async fn ca_and_client(name: &str, node: &str) -> (CancellationToken, RemoteCa, 
         trust_domain: "cluster.local".into(),
         leaf_ttl: Duration::from_mins(10),
     };
-    let server = CaServer::new(settings).unwrap();
+    let server = CaServer::new(&settings).unwrap();
     let roots = tls::roots_from_pem(&server.bundle_pem()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -250,7 +250,7 @@ async fn ca_and_client(name: &str, node: &str) -> (CancellationToken, RemoteCa, 
     let token = std::fs::read_to_string(token_path(&dir.join("state"), node)).unwrap();
     (
         stop,
-        RemoteCa::new(addr, token, roots, "cluster.local").unwrap(),
+        RemoteCa::new(addr.to_string(), TokenSource::Static(token), roots, "cluster.local").unwrap(),
         dir,
     )
 }
@@ -294,15 +294,15 @@ async fn the_ca_refuses_an_unknown_node_token() {
         tls::roots_from_pem(&std::fs::read_to_string(dir.join("state/bundle.pem")).unwrap())
             .unwrap();
     let addr = ca_addr(&ca);
-    let forged = RemoteCa::new(addr, "f".repeat(64), roots, "cluster.local").unwrap();
+    let forged = RemoteCa::new(addr, TokenSource::Static("f".repeat(64)), roots, "cluster.local").unwrap();
     let (csr, _key) = csr(&id("web"));
     let err = forged.sign(&id("web"), csr).await.unwrap_err();
     assert!(matches!(err, CaError::Refused { status: 401, .. }), "{err}");
     stop.cancel();
 }
 
-fn ca_addr(ca: &RemoteCa) -> std::net::SocketAddr {
-    ca.addr()
+fn ca_addr(ca: &RemoteCa) -> String {
+    ca.addr().to_owned()
 }
 
 #[tokio::test]
@@ -319,11 +319,11 @@ async fn the_agent_retries_a_ca_that_is_down_and_serves_once_it_is_up() {
         trust_domain: "cluster.local".into(),
         leaf_ttl: Duration::from_mins(10),
     };
-    let server = CaServer::new(settings).unwrap();
+    let server = CaServer::new(&settings).unwrap();
     let roots = tls::roots_from_pem(&server.bundle_pem()).unwrap();
-    let token = std::fs::read_to_string(token_path(&dir.join("state"), "node-a")).unwrap();
+    let token = TokenSource::File(token_path(&dir.join("state"), "node-a"));
     let mgr = CertManager::new(Arc::new(
-        RemoteCa::new(addr, token, roots, "cluster.local").unwrap(),
+        RemoteCa::new(addr.to_string(), token, roots, "cluster.local").unwrap(),
     ));
     let err = mgr
         .get(&id("web"), Duration::from_millis(500))
@@ -336,5 +336,32 @@ async fn the_agent_retries_a_ca_that_is_down_and_serves_once_it_is_up() {
     let cert = mgr.get(&id("web"), Duration::from_secs(5)).await.unwrap();
     assert_eq!(cert.id, id("web"));
     assert!(mgr.list().iter().all(|c| c.ready && c.last_error.is_none()));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn the_client_resolves_a_host_name_and_rereads_its_token_file() {
+    let (stop, ca, dir) = ca_and_client("ca-name", "node-a").await;
+    let port = ca.addr().rsplit_once(':').unwrap().1.to_owned();
+    let roots =
+        tls::roots_from_pem(&std::fs::read_to_string(dir.join("state/bundle.pem")).unwrap())
+            .unwrap();
+    let token_file = dir.join("rotating.token");
+    std::fs::write(&token_file, "stale").unwrap();
+    let named = RemoteCa::new(
+        format!("localhost:{port}"),
+        TokenSource::File(token_file.clone()),
+        roots,
+        "cluster.local",
+    )
+    .unwrap();
+    let (csr1, _key) = csr(&id("web"));
+    let err = named.sign(&id("web"), csr1).await.unwrap_err();
+    assert!(matches!(err, CaError::Refused { status: 401, .. }), "{err}");
+    // The kubelet rotates the token in place: the next request uses it.
+    let good = std::fs::read_to_string(token_path(&dir.join("state"), "node-a")).unwrap();
+    std::fs::write(&token_file, format!("{good}\n")).unwrap();
+    let (csr2, _key) = csr(&id("web"));
+    named.sign(&id("web"), csr2).await.unwrap();
     stop.cancel();
 }

@@ -96,6 +96,13 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
         .ok_or(TlsError::NoSpiffeId)
 }
 
+/// The SPIFFE ID in the URI SAN of the first certificate of `pem`.
+pub fn spiffe_id_of_pem(pem: &str) -> Result<SpiffeId, TlsError> {
+    use rustls::pki_types::pem::PemObject as _;
+    let cert = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|_| TlsError::NoSpiffeId)?;
+    spiffe_id_of(&cert)
+}
+
 /// Serial number of a certificate, lowercase hex.
 #[must_use]
 pub fn serial_of(cert: &CertificateDer<'_>) -> Option<String> {
