@@ -42,7 +42,7 @@ enum Command {
         /// The file.
         file: PathBuf,
     },
-    /// Print the `heddle.dev/v1alpha1` AuthorizationPolicy CRD (YAML).
+    /// Print the CRD of heddle.dev/v1alpha1 authorization policies (YAML).
     Crd,
 }
 
