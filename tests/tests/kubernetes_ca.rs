@@ -2,7 +2,7 @@
 //! `mesh-agent ca --kubernetes` binary (KUBECONFIG pointing at the stand-in
 //! on loopback) and the agents' real CA client (`RemoteCa`, TLS 1.3, the
 //! CA's SPIFFE ID checked). What is shown: the root Secret and the trust
-//! bundle ConfigMap are created on first start and reused after; a supplied
+//! bundle `ConfigMap` are created on first start and reused after; a supplied
 //! Secret is used as is and a malformed one stops the CA naming it; a node
 //! authenticated by `TokenReview` gets certificates for the pods on its node
 //! and only for those; unknown tokens, tokens for another audience and
@@ -19,6 +19,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
+use base64::Engine as _;
 use heddle_tests::apiserver::{ApiServer, TokenUser};
 use mesh_agent::identity::{
     authority::create_root,
@@ -154,7 +155,6 @@ fn spawn_ca(kubeconfig: &Path, dir: &Path) -> Result<(Child, SocketAddr)> {
 }
 
 fn b64(v: &Value) -> String {
-    use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(v.as_str().unwrap_or_default())
         .unwrap_or_default();
@@ -253,7 +253,6 @@ fn the_ca_uses_a_supplied_root_secret_as_is() -> Result<()> {
     let (cert, key) = create_root("cluster.local")?;
     let (old_root, _) = create_root("cluster.local")?;
     let bundle = format!("{old_root}{cert}");
-    use base64::Engine as _;
     let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     api.apply(json!({
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
@@ -279,7 +278,6 @@ fn a_malformed_root_secret_stops_the_ca_with_a_message_naming_it() -> Result<()>
     let api = ApiServer::start()?;
     let dir = TempDir::new("malformed");
     let (cert, _) = create_root("cluster.local")?;
-    use base64::Engine as _;
     api.apply(json!({
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
         "metadata": {"namespace": NS, "name": "heddle-ca-root"},
