@@ -12,6 +12,8 @@
 //! * `bench` compares direct and meshed connections in the test bed
 //!   (throughput with iperf3, ping-pong latency with sockperf, HTTP latency
 //!   at a fixed rate, new connections per second, agent CPU and memory).
+//! * `manifests` regenerates the generated Kubernetes manifests of
+//!   `daemonset/` (the CRD, from the policy types); `--check` fails on drift.
 //! * `test` runs every test: unit tests, the eBPF build, and the
 //!   network-namespace end-to-end tests (root required; under `CI=true` they
 //!   fail rather than skip when they cannot run).
@@ -23,6 +25,8 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+
+mod manifests;
 
 /// Debian packages the build and the test bed need.
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -73,6 +77,12 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Regenerate daemonset/'s generated manifests (the CRD) from the Rust types.
+    Manifests {
+        /// Change nothing; fail if a generated manifest is out of date.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run all tests (unit, eBPF build, network-namespace end-to-end).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -110,6 +120,10 @@ fn main() -> anyhow::Result<()> {
                 .arg("--seconds")
                 .arg(seconds.to_string())
                 .env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
+        }
+        Cmd::Manifests { check } => {
+            let tc = setup()?;
+            manifests::run(&root, || cargo(&tc), check)?;
         }
         Cmd::Test { args } => {
             let tc = setup()?;

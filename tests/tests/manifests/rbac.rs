@@ -1,0 +1,101 @@
+//! Least privilege: what the agent and the CA may do with the API.
+
+use k8s_openapi::api::rbac::v1::PolicyRule;
+
+use super::load::{manifests, pod_spec_of_daemonset, AGENT_READ_VERBS};
+
+#[test]
+fn agent_rbac_reads_what_the_kubernetes_source_watches_and_writes_nothing() {
+    let m = manifests();
+    let spec = pod_spec_of_daemonset(&m);
+    assert_eq!(spec.service_account_name.as_deref(), Some("heddle-agent"));
+    let (cluster, namespaced) = m.rules_of("heddle-agent");
+    assert!(namespaced.is_empty(), "the agent needs no namespaced role");
+    for rule in &cluster {
+        for verb in &rule.verbs {
+            assert!(
+                AGENT_READ_VERBS.contains(&verb.as_str()),
+                "agent may {verb} {:?}",
+                rule.resources
+            );
+        }
+        assert!(rule.non_resource_urls.is_none());
+    }
+    let grants = |group: &str, resource: &str| {
+        cluster.iter().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && AGENT_READ_VERBS
+                    .iter()
+                    .all(|v| r.verbs.iter().any(|x| x == v))
+        })
+    };
+    for (group, resource) in [
+        ("", "namespaces"),
+        ("", "pods"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("heddle.dev", "authorizationpolicies"),
+        ("security.istio.io", "authorizationpolicies"),
+    ] {
+        assert!(
+            grants(group, resource),
+            "agent cannot get/list/watch {group}/{resource}"
+        );
+    }
+}
+
+#[test]
+fn ca_rbac_covers_token_reviews_pods_and_only_its_own_secret_and_configmap() {
+    let m = manifests();
+    let (cluster, namespaced) = m.rules_of("heddle-ca");
+    let allowed = |rules: &[PolicyRule], group: &str, resource: &str, verb: &str, name: &str| {
+        rules.iter().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+                && r.resource_names
+                    .as_ref()
+                    .is_none_or(|n| n.iter().any(|n| n == name))
+        })
+    };
+    assert!(allowed(
+        &cluster,
+        "authentication.k8s.io",
+        "tokenreviews",
+        "create",
+        ""
+    ));
+    assert!(allowed(&cluster, "", "pods", "list", ""));
+    assert!(allowed(&cluster, "", "pods", "get", ""));
+    for rule in &cluster {
+        for verb in &rule.verbs {
+            let ok = verb == "create"
+                && rule.resources.as_deref() == Some(&["tokenreviews".to_owned()][..])
+                || AGENT_READ_VERBS.contains(&verb.as_str());
+            assert!(ok, "CA may {verb} {:?} cluster-wide", rule.resources);
+        }
+        assert!(!rule
+            .resources
+            .iter()
+            .flatten()
+            .any(|r| r == "secrets" || r == "configmaps"));
+    }
+    for verb in ["get", "create", "update"] {
+        assert!(
+            allowed(&namespaced, "", "secrets", verb, "heddle-ca-root"),
+            "secrets {verb}"
+        );
+        assert!(
+            allowed(&namespaced, "", "configmaps", verb, "heddle-trust-bundle"),
+            "configmaps {verb}"
+        );
+    }
+    // Reading or changing any other Secret is not allowed: only create is
+    // granted without a name (Kubernetes cannot restrict create by name).
+    for rule in &namespaced {
+        if rule.resource_names.is_none() {
+            assert_eq!(rule.verbs, ["create"], "{rule:?}");
+        }
+    }
+}
