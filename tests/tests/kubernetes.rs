@@ -40,6 +40,8 @@ use serde_json::{json, Value};
 const API_PORT: u16 = 6443;
 /// How long to wait for an agent to act on an API change.
 const WAIT: Duration = Duration::from_secs(10);
+/// How often to look.
+const POLL: Duration = Duration::from_millis(50);
 
 /// The test bed, the stand-in and the two agents in Kubernetes mode.
 /// Fields drop in order: processes, then the stand-in, then the test bed.
@@ -163,10 +165,10 @@ impl KubeCluster {
     /// long that took.
     fn wait_captured(&self, agent: &Agent, pod: &str, captured: bool) -> Result<Duration> {
         let start = Instant::now();
-        poll_until(&format!("{pod} captured={captured} on {}", agent.node().name()), WAIT, || {
+        poll_until(&format!("{pod} captured={captured} on {}", agent.node().name()), WAIT, POLL, || {
             Ok(match agent.workload(pod)? {
-                Some(w) if w.captured == captured => Check::Done(()),
-                other => Check::NotYet(format!("{other:?}")),
+                Some(w) if w.captured == captured => Check::Ready(()),
+                other => Check::Pending(format!("{other:?}")),
             })
         })?;
         Ok(start.elapsed())
@@ -256,10 +258,10 @@ fn pods_appear_and_disappear_on_the_right_node() {
         ensure!(c.agent_b.workload("demo/late")?.is_none(), "known before its Pod object exists");
         c.api.apply(pod_object(&late, &json!({"app": "late"})))?;
         c.wait_captured(&c.agent_b, "demo/late", true)?;
-        let seen_by_a = poll_until("node-a learns demo/late", WAIT, || {
+        let seen_by_a = poll_until("node-a learns demo/late", WAIT, POLL, || {
             Ok(match c.agent_a.workload("demo/late")? {
-                Some(w) => Check::Done(w),
-                None => Check::NotYet("absent".into()),
+                Some(w) => Check::Ready(w),
+                None => Check::Pending("absent".into()),
             })
         })?;
         ensure!(
@@ -273,10 +275,10 @@ fn pods_appear_and_disappear_on_the_right_node() {
 
         c.api.delete("v1", "Pod", Some("demo"), "late")?;
         for agent in [&c.agent_a, &c.agent_b] {
-            poll_until("demo/late gone", WAIT, || {
+            poll_until("demo/late gone", WAIT, POLL, || {
                 Ok(match agent.workload("demo/late")? {
-                    None => Check::Done(()),
-                    Some(w) => Check::NotYet(format!("{w:?}")),
+                    None => Check::Ready(()),
+                    Some(w) => Check::Pending(format!("{w:?}")),
                 })
             })?;
         }
@@ -312,28 +314,28 @@ fn deny_client(api_version: &str, name: &str) -> Value {
 fn expect_denied_by(c: &KubeCluster, policy: &str) -> Result<()> {
     let summary = c.client.run_client(&ClientSpec::to(c.server.addr(ECHO_PORT)))?;
     ensure!(summary.failed == 1, "not denied by {policy}: {summary}");
-    poll_until(&format!("denied by {policy}"), WAIT, || {
+    Ok(poll_until(&format!("denied by {policy}"), WAIT, POLL, || {
         let flows = c.agent_b.flows()?;
         Ok(
             if flows.iter().any(|f| f.verdict == Some(Verdict::Denied) && f.policy.as_deref() == Some(policy)) {
-                Check::Done(())
+                Check::Ready(())
             } else {
-                Check::NotYet(describe_flows(&flows, 5))
+                Check::Pending(describe_flows(&flows, 5))
             },
         )
-    })
+    })?)
 }
 
 /// Waits until node-b's agent has `n` policies loaded.
 fn wait_policy_count(c: &KubeCluster, n: usize) -> Result<()> {
-    poll_until(&format!("{n} policies on node-b"), WAIT, || {
+    Ok(poll_until(&format!("{n} policies on node-b"), WAIT, POLL, || {
         let p = c.agent_b.policies()?;
         Ok(if p.loaded.len() == n {
-            Check::Done(())
+            Check::Ready(())
         } else {
-            Check::NotYet(format!("{} loaded, errors {:?}", p.loaded.len(), p.errors))
+            Check::Pending(format!("{} loaded, errors {:?}", p.loaded.len(), p.errors))
         })
-    })
+    })?)
 }
 
 #[test]
@@ -350,9 +352,9 @@ fn policy_objects_created_changed_and_deleted_change_decisions() {
         let mut changed = deny_client("heddle.dev/v1alpha1", "deny-node-a");
         changed["spec"]["rules"][0]["to"][0]["operation"]["ports"] = json!(["9999"]);
         c.api.apply(changed)?;
-        poll_until("the changed policy allows the client", WAIT, || {
+        poll_until("the changed policy allows the client", WAIT, POLL, || {
             let s = c.client.run_client(&ClientSpec::to(c.server.addr(ECHO_PORT)))?;
-            Ok(if s.all_ok() { Check::Done(()) } else { Check::NotYet(s.to_string()) })
+            Ok(if s.all_ok() { Check::Ready(()) } else { Check::Pending(s.to_string()) })
         })?;
 
         // Deleted, and an Istio object with the same effect.
@@ -367,12 +369,12 @@ fn policy_objects_created_changed_and_deleted_change_decisions() {
             "metadata": {"name": "typo", "namespace": "demo"},
             "spec": {"action": "DENY", "rulez": []}
         }))?;
-        poll_until("the typo is reported", WAIT, || {
+        poll_until("the typo is reported", WAIT, POLL, || {
             let p = c.agent_b.policies()?;
             Ok(if p.errors.iter().any(|e| e.contains("demo/typo") && e.contains("rulez")) {
-                Check::Done(())
+                Check::Ready(())
             } else {
-                Check::NotYet(format!("{:?}", p.errors))
+                Check::Pending(format!("{:?}", p.errors))
             })
         })?;
         expect_denied_by(c, "demo/istio-deny")?;

@@ -173,13 +173,10 @@ fn ns_key(path: &Path) -> Option<NsKey> {
     Some((meta.dev(), meta.ino()))
 }
 
-/// Whether `path` is a network namespace file (`readlink` of a
-/// `/proc/<pid>/ns/net` says `net:[inode]`; a named namespace is a bind
-/// mount of one, recognised by its filesystem being nsfs).
+/// Whether `path` (followed through symlinks and `/proc/<pid>/ns/net`
+/// magic links) is a namespace file: its filesystem is nsfs. Only network
+/// namespaces are looked at (`ns/net`, or what a CNI bind-mounted).
 fn is_netns(path: &Path) -> bool {
-    if let Ok(target) = std::fs::read_link(path) {
-        return target.to_string_lossy().starts_with("net:[");
-    }
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
