@@ -350,9 +350,16 @@ pub fn assert_probe_served(probe: Option<&Probe>, c: &Container, what: &str) -> 
         .iter()
         .find(|(p, _)| *p == port)
         .unwrap_or_else(|| panic!("{what}: port {port} is not one the agent serves"));
-    let text = fs::read_to_string(repo_root().join(source)).unwrap();
+    // The module's file, and its submodules (`admin.rs` + `admin/*.rs`).
+    let file = repo_root().join(source);
+    let mut texts = vec![fs::read_to_string(&file).unwrap()];
+    if let Ok(dir) = fs::read_dir(file.with_extension("")) {
+        for entry in dir.flatten() {
+            texts.extend(fs::read_to_string(entry.path()));
+        }
+    }
     assert!(
-        text.contains(&format!("\"{path}\" =>")),
+        texts.iter().any(|t| t.contains(&format!("\"{path}\" =>"))),
         "{what}: {source} (port {port}) has no route for {path}"
     );
     (port, path)
