@@ -703,3 +703,55 @@ fn port_forward_bridges_a_pod_port_to_the_registered_target() {
         assert_eq!(api_code(&missing).0, 404);
     });
 }
+
+#[test]
+fn a_watch_ends_when_its_timeout_expires() {
+    let server = ApiServer::start().unwrap();
+    run(async {
+        let cms: Api<ConfigMap> = Api::default_namespaced(client(&server, "t").await);
+        let now = server.resource_version().to_string();
+        let started = std::time::Instant::now();
+        let mut stream = cms
+            .watch(&WatchParams::default().timeout(1), &now)
+            .await
+            .unwrap()
+            .boxed();
+        assert!(stream.try_next().await.unwrap().is_none());
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+    });
+}
+
+#[test]
+fn status_writes_touch_only_status_and_identical_writes_change_nothing() {
+    let server = ApiServer::start().unwrap();
+    let stored = server.apply(pod("default", "p", "node-a")).unwrap();
+    let again = server.apply(pod("default", "p", "node-a")).unwrap();
+    assert_eq!(
+        again["metadata"]["resourceVersion"],
+        stored["metadata"]["resourceVersion"]
+    );
+    run(async {
+        let pods: Api<Pod> = Api::default_namespaced(client(&server, "t").await);
+        let patched = pods
+            .patch_status("p", &PatchParams::default(), &Patch::Merge(json!({ "status": { "phase": "Running", "podIP": "10.0.0.7" }, "spec": { "nodeName": "elsewhere" } })))
+            .await
+            .unwrap();
+        assert_eq!(patched.status.unwrap().pod_ip.as_deref(), Some("10.0.0.7"));
+        assert_eq!(patched.spec.unwrap().node_name.as_deref(), Some("node-a"));
+        // A main-resource write cannot change status.
+        let main = pods
+            .patch("p", &PatchParams::default(), &Patch::Merge(json!({ "metadata": { "labels": { "x": "y" } }, "status": { "phase": "Failed" } })))
+            .await
+            .unwrap();
+        assert_eq!(main.status.unwrap().phase.as_deref(), Some("Running"));
+        let running = pods
+            .list(&ListParams::default().fields("status.phase=Running,status.podIP=10.0.0.7"))
+            .await
+            .unwrap();
+        assert_eq!(running.items.len(), 1);
+    });
+}
