@@ -1,5 +1,5 @@
 //! Kubernetes: the agent's Kubernetes source (reflectors on Namespaces, this
-//! node's Pods, Services, EndpointSlices and AuthorizationPolicies feeding
+//! node's Pods, Services, `EndpointSlices` and `AuthorizationPolicies` feeding
 //! the same registry and policy channels as the local file), pod network
 //! namespace discovery, the CRD types, and the API clients used by the CA
 //! (`TokenReview`, the root Secret) and by `heddle enroll`.

@@ -214,28 +214,25 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (source, file_node) = match args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let file_node = config::parse(&path, &text)?.node;
-            let source = agent::SourceSettings::Local {
-                config: path,
-                policies: args.policies,
-            };
-            (source, file_node)
-        }
-        None => {
-            anyhow::ensure!(
-                args.policies.is_none(),
-                "--policies is for the local configuration; in Kubernetes mode policies are AuthorizationPolicy objects"
-            );
-            let source = agent::SourceSettings::Kubernetes {
-                trust_domain: args.trust_domain,
-                netns_dirs: args.netns_dir,
-            };
-            (source, None)
-        }
+    let (source, file_node) = if let Some(path) = args.config {
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let file_node = config::parse(&path, &text)?.node;
+        let source = agent::SourceSettings::Local {
+            config: path,
+            policies: args.policies,
+        };
+        (source, file_node)
+    } else {
+        anyhow::ensure!(
+            args.policies.is_none(),
+            "--policies is for the local configuration; in Kubernetes mode policies are AuthorizationPolicy objects"
+        );
+        let source = agent::SourceSettings::Kubernetes {
+            trust_domain: args.trust_domain,
+            netns_dirs: args.netns_dir,
+        };
+        (source, None)
     };
     let node = args.node.or(file_node).context(
         "no node name: pass --node (or NODE_NAME), or set `node:` in the configuration file",

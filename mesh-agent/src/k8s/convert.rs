@@ -1,5 +1,5 @@
 //! Kubernetes objects to the mesh's domain types, as pure functions: Pods
-//! and Namespaces become [`Workload`]s, Services and EndpointSlices become
+//! and Namespaces become [`Workload`]s, Services and `EndpointSlices` become
 //! [`ServiceEntry`]s. The watch tasks in [`super::source`] call these on
 //! every change; nothing past this module sees a Kubernetes type.
 //!
@@ -35,7 +35,7 @@ use crate::{
 pub const MESH_LABEL: &str = "heddle.dev/mesh";
 /// The inbound mode annotation, on Pods and Namespaces.
 pub const INBOUND_MODE_ANNOTATION: &str = "heddle.dev/inbound-mode";
-/// The label EndpointSlices carry to name their Service.
+/// The label `EndpointSlices` carry to name their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// What the mesh needs to know about a namespace.
@@ -54,8 +54,8 @@ pub fn namespaces<'a>(items: impl IntoIterator<Item = &'a Namespace>) -> HashMap
         .into_iter()
         .filter_map(|ns| {
             let name = ns.metadata.name.clone()?;
-            let enrolled = label(&ns.metadata.labels, MESH_LABEL) == Some("enabled");
-            let inbound_mode = inbound_mode(&ns.metadata.annotations);
+            let enrolled = label(ns.metadata.labels.as_ref(), MESH_LABEL) == Some("enabled");
+            let inbound_mode = inbound_mode(ns.metadata.annotations.as_ref());
             Some((
                 name,
                 NamespaceInfo {
@@ -67,11 +67,11 @@ pub fn namespaces<'a>(items: impl IntoIterator<Item = &'a Namespace>) -> HashMap
         .collect()
 }
 
-fn label<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
-    map.as_ref()?.get(key).map(String::as_str)
+fn label<'a>(map: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    map?.get(key).map(String::as_str)
 }
 
-fn inbound_mode(annotations: &Option<BTreeMap<String, String>>) -> Option<InboundMode> {
+fn inbound_mode(annotations: Option<&BTreeMap<String, String>>) -> Option<InboundMode> {
     match label(annotations, INBOUND_MODE_ANNOTATION)? {
         "strict" | "STRICT" => Some(InboundMode::Strict),
         "permissive" | "PERMISSIVE" => Some(InboundMode::Permissive),
@@ -86,9 +86,9 @@ fn inbound_mode(annotations: &Option<BTreeMap<String, String>>) -> Option<Inboun
 /// finished (`Succeeded`/`Failed`), or `hostNetwork`. `netns` is filled in
 /// by the caller for pods on its node.
 #[must_use]
-pub fn workload(
+pub fn workload<S: std::hash::BuildHasher>(
     pod: &Pod,
-    namespaces: &HashMap<String, NamespaceInfo>,
+    namespaces: &HashMap<String, NamespaceInfo, S>,
     trust_domain: &str,
     netns: Option<PathBuf>,
 ) -> Option<Workload> {
@@ -107,7 +107,7 @@ pub fn workload(
         return None;
     }
     let ns = namespaces.get(&namespace);
-    let opted_out = label(&meta.labels, MESH_LABEL) == Some("disabled");
+    let opted_out = label(meta.labels.as_ref(), MESH_LABEL) == Some("disabled");
     let service_account = spec
         .service_account_name
         .clone()
@@ -122,7 +122,7 @@ pub fn workload(
         netns,
         enrolled: ns.is_some_and(|n| n.enrolled) && !opted_out,
         labels: meta.labels.clone().unwrap_or_default(),
-        inbound_mode: inbound_mode(&meta.annotations)
+        inbound_mode: inbound_mode(meta.annotations.as_ref())
             .or_else(|| ns.and_then(|n| n.inbound_mode))
             .unwrap_or_default(),
     })
@@ -142,10 +142,10 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     listed.into_iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
-/// The service entry of a ClusterIP Service: its first IPv4 cluster IP (the
+/// The service entry of a `ClusterIP` Service: its first IPv4 cluster IP (the
 /// datapath captures IPv4, and IPv4-mapped IPv6), its TCP ports with target
-/// ports resolved from the EndpointSlices (named target ports need them),
-/// and its ready endpoints that are pods. Headless and ExternalName
+/// ports resolved from the `EndpointSlices` (named target ports need them),
+/// and its ready endpoints that are pods. Headless and `ExternalName`
 /// Services have no VIP and give `None`.
 #[must_use]
 pub fn service(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceEntry> {
@@ -164,7 +164,7 @@ pub fn service(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceEntry>
         .copied()
         .filter(|s| {
             s.metadata.namespace.as_deref() == Some(namespace.as_str())
-                && label(&s.metadata.labels, SERVICE_NAME_LABEL) == Some(name.as_str())
+                && label(s.metadata.labels.as_ref(), SERVICE_NAME_LABEL) == Some(name.as_str())
         })
         .collect();
     let ports = spec
@@ -202,7 +202,7 @@ pub fn service(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceEntry>
     })
 }
 
-/// The endpoints' port for a service port: the EndpointSlice port of the
+/// The endpoints' port for a service port: the `EndpointSlice` port of the
 /// same name (this is how Kubernetes resolves named target ports), else a
 /// numeric `targetPort`.
 fn target_port(
@@ -230,12 +230,12 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn ns(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Namespace {
+    fn ns(name: &str, labels: &serde_json::Value, annotations: &serde_json::Value) -> Namespace {
         serde_json::from_value(json!({"metadata": {"name": name, "labels": labels, "annotations": annotations}}))
             .unwrap()
     }
 
-    fn web(labels: serde_json::Value, host_network: bool) -> Pod {
+    fn web(labels: &serde_json::Value, host_network: bool) -> Pod {
         pod(json!({
             "metadata": {"name": "web-1", "namespace": "demo", "labels": labels},
             "spec": {"nodeName": "node-a", "serviceAccountName": "web", "hostNetwork": host_network, "containers": []},
@@ -245,8 +245,8 @@ mod tests {
 
     #[test]
     fn enrolls_pods_of_a_labelled_namespace_with_their_service_account_identity() {
-        let nss = namespaces(&[ns("demo", json!({"heddle.dev/mesh": "enabled"}), json!({}))]);
-        let w = workload(&web(json!({"app": "web"}), false), &nss, "cluster.local", None).unwrap();
+        let nss = namespaces(&[ns("demo", &json!({"heddle.dev/mesh": "enabled"}), &json!({}))]);
+        let w = workload(&web(&json!({"app": "web"}), false), &nss, "cluster.local", None).unwrap();
         assert!(w.enrolled);
         assert_eq!(w.node, "node-a");
         assert_eq!(w.ips, vec!["10.1.0.5".parse::<IpAddr>().unwrap()]);
@@ -256,19 +256,19 @@ mod tests {
 
     #[test]
     fn leaves_pods_of_unlabelled_namespaces_and_opted_out_pods_unenrolled() {
-        let plain = namespaces(&[ns("demo", json!({}), json!({}))]);
-        assert!(!workload(&web(json!({}), false), &plain, "td", None).unwrap().enrolled);
-        let on = namespaces(&[ns("demo", json!({"heddle.dev/mesh": "enabled"}), json!({}))]);
-        let out = web(json!({"heddle.dev/mesh": "disabled"}), false);
+        let plain = namespaces(&[ns("demo", &json!({}), &json!({}))]);
+        assert!(!workload(&web(&json!({}), false), &plain, "td", None).unwrap().enrolled);
+        let on = namespaces(&[ns("demo", &json!({"heddle.dev/mesh": "enabled"}), &json!({}))]);
+        let out = web(&json!({"heddle.dev/mesh": "disabled"}), false);
         assert!(!workload(&out, &on, "td", None).unwrap().enrolled);
-        let disabled_ns = namespaces(&[ns("demo", json!({"heddle.dev/mesh": "disabled"}), json!({}))]);
-        assert!(!workload(&web(json!({}), false), &disabled_ns, "td", None).unwrap().enrolled);
+        let disabled_ns = namespaces(&[ns("demo", &json!({"heddle.dev/mesh": "disabled"}), &json!({}))]);
+        assert!(!workload(&web(&json!({}), false), &disabled_ns, "td", None).unwrap().enrolled);
     }
 
     #[test]
     fn never_includes_host_network_pods_or_pods_without_ip_or_finished_pods() {
-        let on = namespaces(&[ns("demo", json!({"heddle.dev/mesh": "enabled"}), json!({}))]);
-        assert!(workload(&web(json!({}), true), &on, "td", None).is_none());
+        let on = namespaces(&[ns("demo", &json!({"heddle.dev/mesh": "enabled"}), &json!({}))]);
+        assert!(workload(&web(&json!({}), true), &on, "td", None).is_none());
         let pending = pod(json!({
             "metadata": {"name": "p", "namespace": "demo"},
             "spec": {"nodeName": "node-a", "containers": []},
@@ -285,10 +285,8 @@ mod tests {
 
     #[test]
     fn uses_the_default_service_account_and_the_inbound_mode_annotations() {
-        let nss = namespaces(&[ns(
-            "demo",
-            json!({"heddle.dev/mesh": "enabled"}),
-            json!({"heddle.dev/inbound-mode": "strict"}),
+        let nss = namespaces(&[ns("demo", &json!({"heddle.dev/mesh": "enabled"}),
+            &json!({"heddle.dev/inbound-mode": "strict"}),
         )]);
         let p = pod(json!({
             "metadata": {"name": "p", "namespace": "demo"},
@@ -304,7 +302,7 @@ mod tests {
         assert_eq!(workload(&p2, &nss, "td", None).unwrap().inbound_mode, InboundMode::Permissive);
     }
 
-    fn svc(target_port: serde_json::Value) -> Service {
+    fn svc(target_port: &serde_json::Value) -> Service {
         serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "demo"},
             "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
@@ -330,21 +328,21 @@ mod tests {
     #[test]
     fn maps_a_cluster_ip_service_to_its_ready_pod_endpoints_and_named_target_port() {
         let s = slice(false);
-        let e = service(&svc(json!("http")), &[&s]).unwrap();
+        let e = service(&svc(&json!("http")), &[&s]).unwrap();
         assert_eq!(e.vip.to_string(), "10.96.0.10");
         assert_eq!(e.ports, vec![ServicePort { port: 80, target_port: 8080 }]);
         let names: Vec<String> = e.endpoints.iter().map(ToString::to_string).collect();
         assert_eq!(names, ["demo/web-1"]);
         let s = slice(true);
-        assert_eq!(service(&svc(json!("http")), &[&s]).unwrap().endpoints.len(), 2);
+        assert_eq!(service(&svc(&json!("http")), &[&s]).unwrap().endpoints.len(), 2);
     }
 
     #[test]
     fn uses_a_numeric_target_port_without_slices_and_skips_headless_services() {
-        let e = service(&svc(json!(9090)), &[]).unwrap();
+        let e = service(&svc(&json!(9090)), &[]).unwrap();
         assert_eq!(e.ports, vec![ServicePort { port: 80, target_port: 9090 }]);
         assert!(e.endpoints.is_empty());
-        let mut headless = svc(json!(80));
+        let mut headless = svc(&json!(80));
         headless.spec.as_mut().unwrap().cluster_ip = Some("None".into());
         headless.spec.as_mut().unwrap().cluster_ips = Some(vec!["None".into()]);
         assert!(service(&headless, &[]).is_none());

@@ -36,6 +36,9 @@ use crate::netns::Netns;
 /// Directories where CNI plugins bind-mount named namespaces.
 const NAMED_NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
 
+/// `NSFS_MAGIC` from include/uapi/linux/magic.h.
+const NSFS_MAGIC: libc::__fsword_t = 0x6e73_6673;
+
 /// A namespace's identity: device and inode of its nsfs file.
 type NsKey = (u64, u64);
 
@@ -185,9 +188,7 @@ fn is_netns(path: &Path) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: see above; `st` is valid for writes.
     let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
-    // NSFS_MAGIC from include/uapi/linux/magic.h.
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
-    rc == 0 && i64::from(st.f_type) == NSFS_MAGIC
+    rc == 0 && st.f_type == NSFS_MAGIC
 }
 
 /// Which of `ips` are assigned in the calling thread's namespace.

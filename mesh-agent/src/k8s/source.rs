@@ -5,8 +5,8 @@
 //! - Pods on this node (`fieldSelector=spec.nodeName=<node>`: what this
 //!   agent captures) and Pods on other nodes (`spec.nodeName!=<node>`: the
 //!   identities of remote destinations, as ztunnel learns them from istiod),
-//! - Services and EndpointSlices (virtual IPs to endpoints),
-//! - AuthorizationPolicies: `heddle.dev/v1alpha1`, and `security.istio.io/v1`
+//! - Services and `EndpointSlices` (virtual IPs to endpoints),
+//! - `AuthorizationPolicies`: `heddle.dev/v1alpha1`, and `security.istio.io/v1`
 //!   when that CRD is installed (checked at start; the watch keeps retrying
 //!   with back-off, so a CRD installed later is picked up).
 //!
@@ -86,7 +86,7 @@ pub enum SourceError {
     WatchEnded(&'static str),
 }
 
-/// The API resource of Heddle's AuthorizationPolicy.
+/// The API resource of Heddle's `AuthorizationPolicy`.
 fn heddle_policies() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("heddle.dev", "v1alpha1", "AuthorizationPolicy"),
@@ -94,7 +94,7 @@ fn heddle_policies() -> ApiResource {
     )
 }
 
-/// The API resource of Istio's AuthorizationPolicy.
+/// The API resource of Istio's `AuthorizationPolicy`.
 fn istio_policies() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy"),
@@ -197,16 +197,7 @@ impl KubeSource {
         if istio_installed {
             required.push(("security.istio.io authorizationpolicies", Box::new(istio_store.clone())));
         }
-        for (name, store) in required {
-            let waited = tokio::time::timeout(SYNC_WARN_AFTER, store.ready()).await;
-            match waited {
-                Ok(r) => r.map_err(|()| SourceError::WatchEnded(name))?,
-                Err(_) => {
-                    tracing::warn!(resource = name, "still waiting for the first list from the Kubernetes API");
-                    store.ready().await.map_err(|()| SourceError::WatchEnded(name))?;
-                }
-            }
-        }
+        wait_synced(required).await?;
 
         let (registry_tx, registry) = watch::channel(Arc::new(Registry::from_parts(
             &settings.trust_domain,
@@ -404,6 +395,19 @@ fn policy_object(obj: &DynamicObject) -> Result<AuthorizationPolicy, String> {
             obj.metadata.name.as_deref().unwrap_or("")
         )
     })
+}
+
+/// Waits for the first list of every store, saying so when it takes long.
+async fn wait_synced(stores: Vec<(&'static str, Box<dyn ReadyWait>)>) -> Result<(), SourceError> {
+    for (name, store) in stores {
+        if let Ok(r) = tokio::time::timeout(SYNC_WARN_AFTER, store.ready()).await {
+            r.map_err(|()| SourceError::WatchEnded(name))?;
+        } else {
+            tracing::warn!(resource = name, "still waiting for the first list from the Kubernetes API");
+            store.ready().await.map_err(|()| SourceError::WatchEnded(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether the API server serves `resource` (its CRD is installed).
