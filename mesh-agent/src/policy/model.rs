@@ -103,7 +103,7 @@ pub struct WorkloadSelector {
     pub match_labels: BTreeMap<String, String>,
 }
 
-/// `spec.action`.
+/// `spec.action`: what a matching policy does (ALLOW when absent).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {

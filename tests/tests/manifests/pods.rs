@@ -75,6 +75,24 @@ fn agent_runs_on_every_node_with_the_node_pids_and_network() {
         annotations.get("prometheus.io/path").map(String::as_str),
         Some("/metrics")
     );
+    // `heddle --node NODE` finds the agent's pod by this label.
+    let labels = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone();
+    assert_eq!(
+        labels
+            .unwrap_or_default()
+            .get("app.kubernetes.io/name")
+            .map(String::as_str),
+        Some("heddle-agent")
+    );
     let agent = container(spec, "agent");
     assert_eq!(
         agent.command.as_deref(),
