@@ -755,3 +755,30 @@ fn status_writes_touch_only_status_and_identical_writes_change_nothing() {
         assert_eq!(running.items.len(), 1);
     });
 }
+
+#[test]
+fn a_watch_with_bookmarks_gets_one_just_before_its_timeout() {
+    let server = ApiServer::start().unwrap();
+    run(async {
+        let cms: Api<ConfigMap> = Api::default_namespaced(client(&server, "t").await);
+        let now = server.resource_version().to_string();
+        let mut stream = cms
+            .watch(&WatchParams::default().timeout(3), &now)
+            .await
+            .unwrap()
+            .boxed();
+        server
+            .apply(json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "s" } }))
+            .unwrap();
+        match stream.try_next().await.unwrap() {
+            Some(WatchEvent::Bookmark(b)) => {
+                assert_eq!(
+                    b.metadata.resource_version,
+                    server.resource_version().to_string()
+                );
+            }
+            other => panic!("expected a bookmark before the timeout, got {other:?}"),
+        }
+        assert!(stream.try_next().await.unwrap().is_none());
+    });
+}

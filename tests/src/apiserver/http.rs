@@ -27,6 +27,7 @@ use super::collection::{list, start_watch, ListOptions};
 use super::patch::{self, PatchKind};
 use super::status::ApiError;
 use super::store::{name_of, namespace_of, TypeId, WriteScope};
+use super::watch::bookmark;
 use super::{discovery, portforward, tokenreview, RequestRecord, Shared};
 
 /// The response body type: a full JSON document or a watch stream.
@@ -313,11 +314,17 @@ fn read_collection(
     let opts = ListOptions::parse(&store, id, route.namespace.clone(), query)?;
     if opts.watch || route.legacy_watch {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let weak = tx.downgrade();
         start_watch(&mut store, id, &opts, tx)?;
         let timeout = opts
             .timeout_seconds
             .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
-        Ok(watch_response(rx, timeout))
+        let last_bookmark = opts.bookmarks.then(|| LastBookmark {
+            shared: shared.clone(),
+            id,
+            tx: weak,
+        });
+        Ok(watch_response(rx, timeout, last_bookmark))
     } else {
         Ok(json_response(200, &list(&store, id, &opts)?))
     }
@@ -463,15 +470,58 @@ fn patch_object(
     Ok(json_response(200, &updated))
 }
 
+/// What a watch that allowed bookmarks needs to send one just before its
+/// deadline, as the watch cache does (`cache_watcher.go`
+/// `nextBookmarkTime`: "right before the watcher timeout - for now we
+/// simply set it 2s before the deadline"), so a client resumes from a
+/// recent version. It is queued under the store lock, behind every event
+/// already delivered, and through a weak sender so that `drop_watches`
+/// still ends the response.
+struct LastBookmark {
+    shared: Arc<Shared>,
+    id: TypeId,
+    tx: tokio::sync::mpsc::WeakUnboundedSender<Bytes>,
+}
+
+impl LastBookmark {
+    fn send(self) {
+        let store = self.shared.store();
+        if let Some(tx) = self.tx.upgrade() {
+            let _ = tx.send(bookmark(&store.types[self.id].info, store.rv, false));
+        }
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Streams the watch's lines until the store drops it or `timeout` ends it.
 fn watch_response(
     rx: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
     timeout: Duration,
+    last_bookmark: Option<LastBookmark>,
 ) -> Response<Body> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let stream = futures::stream::unfold(rx, move |mut rx| async move {
-        tokio::select! {
-            line = rx.recv() => line.map(|l| (Ok::<_, Infallible>(Frame::data(l)), rx)),
-            () = tokio::time::sleep_until(deadline) => None,
+    let bookmark_at = deadline
+        .checked_sub(Duration::from_secs(2))
+        .filter(|_| timeout > Duration::from_secs(2));
+    let last_bookmark = last_bookmark.filter(|_| bookmark_at.is_some());
+    let stream = futures::stream::unfold((rx, last_bookmark), move |(mut rx, mut pending)| async move {
+        loop {
+            let at = bookmark_at.filter(|_| pending.is_some());
+            tokio::select! {
+                line = rx.recv() => return line.map(|l| (Ok::<_, Infallible>(Frame::data(l)), (rx, pending))),
+                () = tokio::time::sleep_until(deadline) => return None,
+                () = sleep_until_some(at) => {
+                    if let Some(b) = pending.take() {
+                        b.send();
+                    }
+                }
+            }
         }
     })
     .boxed();
