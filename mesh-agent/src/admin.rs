@@ -80,13 +80,19 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                 }
             },
         };
+        // Bounds what the kernel holds for a stalled flow stream (the
+        // admin API is on loopback: a small buffer costs no speed).
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(STREAM_SOCKET_BUFFER);
         let (state, stop) = (state.clone(), stop.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let response = answer(&state, &req, &stop);
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
+            // A small write buffer keeps what a stalled flow stream holds
+            // bounded: its queue, this buffer and the socket's.
             if let Err(e) = http1::Builder::new()
+                .max_buf_size(STREAM_WRITE_BUFFER)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
@@ -98,8 +104,17 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
 
 type AnyBody = BoxBody<Bytes, std::convert::Infallible>;
 
+/// hyper's per-connection buffer limit on the admin API.
+const STREAM_WRITE_BUFFER: usize = 64 * 1024;
+/// `SO_SNDBUF` of admin API connections.
+const STREAM_SOCKET_BUFFER: usize = 128 * 1024;
+
 /// A flow stream for `GET /flows?follow=true`, else the JSON answer.
-fn answer(state: &AdminState, req: &Request<Incoming>, stop: &CancellationToken) -> Response<AnyBody> {
+fn answer(
+    state: &AdminState,
+    req: &Request<Incoming>,
+    stop: &CancellationToken,
+) -> Response<AnyBody> {
     if req.uri().path() == "/flows" {
         let query = parse_query(req.uri().query());
         if let Ok(filter) = crate::flow_filter::FlowFilter::from_query(&query) {

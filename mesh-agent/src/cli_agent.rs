@@ -154,6 +154,12 @@ pub fn status_text(
         s(&stats["flowsDropped"]),
         s(&stats["openFds"])
     );
+    let subscribers = stats["flowSubscribers"].as_array().map_or(0, Vec::len);
+    let _ = writeln!(
+        out,
+        "flow streams:  {subscribers} subscribers, {} records lost by slow subscribers",
+        s(&stats["flowSubscriberDropped"])
+    );
     let now = now_unix();
     if certs["mtls"] == true {
         let list: Vec<&Value> = certs["certificates"]
@@ -244,8 +250,8 @@ mod tests {
 
     #[test]
     fn status_summarises_workloads_certificates_and_policy_errors() {
-        let stats =
-            json!({"node": "node-a", "activeConnections": 2, "openFds": 40, "flowsDropped": 0});
+        let stats = json!({"node": "node-a", "activeConnections": 2, "openFds": 40, "flowsDropped": 0,
+                "flowSubscribers": [{"id": 1, "lost": 5}], "flowSubscriberDropped": 12});
         let workloads = json!([
             {"namespace": "demo", "name": "web", "local": true, "enrolled": true, "captured": true, "captureError": null},
             {"namespace": "demo", "name": "job", "local": true, "enrolled": true, "captured": false, "captureError": "netns missing"},
@@ -264,6 +270,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("demo/job: netns missing"), "{text}");
+        assert!(
+            text.contains("1 subscribers, 12 records lost by slow subscribers"),
+            "{text}"
+        );
         assert!(text.contains("mTLS:          OFF"), "{text}");
         assert!(text.contains("1 in force, 1 rejected"), "{text}");
     }

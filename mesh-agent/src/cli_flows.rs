@@ -1,8 +1,15 @@
 //! `heddle flows`: its flags, the query they become (filters are applied by
 //! the agent, see `flow_filter`), and the output formats: a table that fits
-//! 120 columns (identities shortened to `ns/sa`, bytes and durations
-//! humanised) and JSON / JSON Lines that are stable for scripts (the agent's
-//! records as they are).
+//! 120 columns (identities shortened to `ns/sa`, bytes, durations and the
+//! TCP round-trip time humanised, retransmits counted) and JSON / JSON Lines
+//! that are stable for scripts (the agent's records as they are: TCP health
+//! is `rtt_us` and `retransmits`).
+//!
+//! `--follow` reads the agent's push stream (`GET /flows?follow=true`,
+//! JSON Lines, [`follow`]): the stored matches first, then each new record as
+//! it is recorded. When the agent had to drop records because this client
+//! read too slowly, the stream carries `{"lost": N}` and the CLI says so on
+//! stderr ([`lost_notice`]).
 
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +19,8 @@ use serde_json::Value;
 /// Filters and options of `heddle flows`.
 #[derive(Args, Debug, Default, Clone)]
 pub struct FlowsArgs {
-    /// Keep printing new flows as they arrive (polls the agent twice a second).
+    /// Keep printing new flows as the agent records them (a live stream;
+    /// a client too slow to keep up is told how many it lost).
     #[arg(short, long)]
     pub follow: bool,
     /// Show only the newest N matching flows.
@@ -95,6 +103,95 @@ pub fn query(args: &FlowsArgs, now: SystemTime, after: Option<u64>) -> String {
     format!("/flows?{}", q.join("&"))
 }
 
+/// The streaming query for `args`: the stored matches (newest `--last`),
+/// then new ones.
+#[must_use]
+pub fn follow_query(args: &FlowsArgs, now: SystemTime) -> String {
+    format!("{}&follow=true", query(args, now, None))
+}
+
+/// Why following the stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The agent could not be reached or refused the request.
+    #[error("cannot reach the Heddle agent at {agent} (is mesh-agent running on this node? use --agent URL): {source}")]
+    Connect {
+        /// The agent's URL.
+        agent: String,
+        /// Cause.
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    /// The stream broke.
+    #[error("flow stream from {agent} broke: {source}")]
+    Read {
+        /// The agent's URL.
+        agent: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One line of the flow stream.
+#[derive(Debug, PartialEq)]
+pub enum StreamLine {
+    /// A flow record.
+    Record(Value),
+    /// The agent dropped this many records for this client.
+    Lost(u64),
+}
+
+/// Parses one line of the stream; `None` for a blank or unreadable line.
+#[must_use]
+pub fn parse_stream_line(line: &str) -> Option<StreamLine> {
+    let v: Value = serde_json::from_str(line.trim()).ok()?;
+    match v["lost"].as_u64() {
+        Some(n) if v.as_object().is_some_and(|o| o.len() == 1) => Some(StreamLine::Lost(n)),
+        _ => Some(StreamLine::Record(v)),
+    }
+}
+
+/// What `heddle flows --follow` prints on stderr when records were lost.
+#[must_use]
+pub fn lost_notice(n: u64) -> String {
+    format!("heddle: {n} flow records lost: this client read the stream too slowly (the agent drops records rather than slow connections)")
+}
+
+/// Follows the agent's flow stream until it ends, handing each line to
+/// `on_line`.
+pub fn follow(
+    agent: &str,
+    args: &FlowsArgs,
+    mut on_line: impl FnMut(StreamLine),
+) -> Result<(), FollowError> {
+    use std::io::BufRead as _;
+    let url = format!(
+        "{}{}",
+        agent.trim_end_matches('/'),
+        follow_query(args, SystemTime::now())
+    );
+    let resp = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(5))
+        .build()
+        .get(&url)
+        .call()
+        .map_err(|e| FollowError::Connect {
+            agent: agent.to_owned(),
+            source: Box::new(e),
+        })?;
+    for line in std::io::BufReader::new(resp.into_reader()).lines() {
+        let line = line.map_err(|source| FollowError::Read {
+            agent: agent.to_owned(),
+            source,
+        })?;
+        if let Some(l) = parse_stream_line(&line) {
+            on_line(l);
+        }
+    }
+    Ok(())
+}
+
 /// Percent-encodes what a query value may not carry as is.
 fn encode(v: &str) -> String {
     v.bytes()
@@ -134,6 +231,19 @@ pub fn human_bytes(n: u64) -> String {
     format!("{v:.1}{}", UNITS[u])
 }
 
+/// `40123` µs → `40.1ms`.
+#[must_use]
+#[allow(clippy::cast_precision_loss)] // display only
+pub fn human_us(us: u64) -> String {
+    if us < 1000 {
+        format!("{us}µs")
+    } else if us < 1_000_000 {
+        format!("{:.1}ms", us as f64 / 1000.0)
+    } else {
+        format!("{:.1}s", us as f64 / 1e6)
+    }
+}
+
 fn human_ms(ms: f64) -> String {
     if ms < 1000.0 {
         format!("{ms:.1}ms")
@@ -160,7 +270,7 @@ fn fit(s: &str, width: usize) -> String {
 #[must_use]
 pub fn table_header() -> String {
     format!(
-        "{:<12} {:<3} {:<9} {:<22} {:<22} {:<4} {:>11} {:>8} {}",
+        "{:<12} {:<3} {:<9} {:<17} {:<20} {:<4} {:>10} {:>8} {:>7} {:>3} {}",
         "TIME",
         "DIR",
         "VERDICT",
@@ -169,6 +279,8 @@ pub fn table_header() -> String {
         "SEC",
         "OUT/IN",
         "DURATION",
+        "RTT",
+        "RTX",
         "POLICY / ERROR"
     )
 }
@@ -206,6 +318,14 @@ pub fn table_row(f: &Value) -> String {
         human_bytes(f["bytes_received"].as_u64().unwrap_or(0))
     );
     let dur = f["duration_ms"].as_f64().map_or("-".to_owned(), human_ms);
+    let rtt = f["rtt_us"].as_u64().map_or("-".to_owned(), human_us);
+    let rtx = f["retransmits"].as_u64().map_or("-".to_owned(), |n| {
+        if n > 999 {
+            "999".into()
+        } else {
+            n.to_string()
+        }
+    });
     let mut note = match (f["policy"].as_str(), f["policy_rule"].as_u64()) {
         (Some(p), Some(r)) => format!("{p}#{r}"),
         (Some(p), None) => p.to_owned(),
@@ -219,15 +339,17 @@ pub fn table_row(f: &Value) -> String {
         };
     }
     let line = format!(
-        "{:<12} {:<3} {:<9} {:<22} {:<22} {:<4} {:>11} {:>8} {}",
+        "{:<12} {:<3} {:<9} {:<17} {:<20} {:<4} {:>10} {:>8} {:>7} {:>3} {}",
         time,
         dir,
         text(&f["verdict"]),
-        fit(&src, 22),
-        fit(&dst, 22),
+        fit(&src, 17),
+        fit(&dst, 20),
         sec,
         bytes,
         dur,
+        rtt,
+        rtx,
         note
     );
     fit(&line, 120)
@@ -252,7 +374,8 @@ mod tests {
             "src_identity": "spiffe://cluster.local/ns/demo/sa/web-client",
             "dst_identity": "spiffe://cluster.local/ns/demo/sa/api",
             "bytes_sent": 1_048_576, "bytes_received": 100, "duration_ms": 2500.0,
-            "error": null, "verdict": "forwarded", "policy": "demo/allow-web", "policy_rule": 0
+            "error": null, "verdict": "forwarded", "policy": "demo/allow-web", "policy_rule": 0,
+            "rtt_us": 40_512, "retransmits": 3
         })
     }
 
@@ -270,10 +393,48 @@ mod tests {
             "mTLS",
             "1.0M/100",
             "2.5s",
+            "40.5ms",
             "demo/allow-web#0",
         ] {
             assert!(row.contains(part), "{part} missing from {row}");
         }
+        // Right-aligned under its header.
+        let header = table_header();
+        let end = header[..header.find("RTT").unwrap() + 3].chars().count();
+        let cells: String = row.chars().take(end).collect();
+        assert!(cells.ends_with("40.5ms"), "{header}\n{row}");
+    }
+
+    #[test]
+    fn a_row_without_tcp_health_shows_dashes_and_a_long_one_still_fits() {
+        let mut r = record();
+        r["rtt_us"] = Value::Null;
+        r["retransmits"] = Value::Null;
+        r["error"] = json!("x".repeat(300));
+        let row = table_row(&r);
+        assert!(row.chars().count() <= 120, "{row}");
+        assert!(row.contains("      -   - "), "{row}");
+        assert_eq!(human_us(850), "850µs");
+        assert_eq!(human_us(1_250_000), "1.2s");
+    }
+
+    #[test]
+    fn stream_lines_are_records_or_loss_notices() {
+        assert_eq!(parse_stream_line("{\"lost\":7}"), Some(StreamLine::Lost(7)));
+        assert!(matches!(
+            parse_stream_line(&record().to_string()),
+            Some(StreamLine::Record(_))
+        ));
+        assert_eq!(parse_stream_line(""), None);
+        assert!(lost_notice(7).contains("7 flow records lost"));
+        let args = FlowsArgs {
+            last: 3,
+            ..FlowsArgs::default()
+        };
+        assert_eq!(
+            follow_query(&args, SystemTime::UNIX_EPOCH),
+            "/flows?last=3&follow=true"
+        );
     }
 
     #[test]

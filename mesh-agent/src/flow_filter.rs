@@ -8,6 +8,10 @@
 //! (`forwarded|denied|audited|error`), `policy` (`ns/name`), `since`
 //! (RFC 3339, compared with the record time), `after` (record id, for
 //! following), `last` (the newest N matches, applied after filtering).
+//! Streaming: `follow=true` keeps the response open and sends new matching
+//! records as JSON Lines after the stored ones (see `admin`), `queue` sets
+//! that subscriber's queue length (default
+//! [`crate::flows::subscribers::DEFAULT_QUEUE`]).
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -52,6 +56,10 @@ pub struct FlowFilter {
     pub after: Option<u64>,
     /// The newest N matches.
     pub last: usize,
+    /// Keep streaming new matches.
+    pub follow: bool,
+    /// Queue length of a streaming subscriber.
+    pub queue: Option<usize>,
 }
 
 fn parse<T: std::str::FromStr>(
@@ -87,6 +95,18 @@ impl FlowFilter {
                 "port" => f.port = Some(parse(k, v, "a port 1-65535")?),
                 "after" => f.after = Some(parse(k, v, "a flow record id")?),
                 "last" => f.last = parse(k, v, "a count")?,
+                "follow" => f.follow = parse(k, v, "true or false")?,
+                "queue" => {
+                    let n: usize = parse(k, v, "a queue length 1-65536")?;
+                    if !(1..=crate::flows::subscribers::MAX_QUEUE).contains(&n) {
+                        return Err(FilterError {
+                            name: k.clone(),
+                            value: v.clone(),
+                            expected: "a queue length 1-65536",
+                        });
+                    }
+                    f.queue = Some(n);
+                }
                 "verdict" => {
                     f.verdict = Some(match v.as_str() {
                         "forwarded" => Verdict::Forwarded,
@@ -106,7 +126,7 @@ impl FlowFilter {
                     return Err(FilterError {
                         name: k.clone(),
                         value: v.clone(),
-                        expected: "a known filter (namespace, pod, from_identity, to_identity, from_ip, to_ip, port, verdict, policy, since, after, last)",
+                        expected: "a known filter (namespace, pod, from_identity, to_identity, from_ip, to_ip, port, verdict, policy, since, after, last, follow, queue)",
                     })
                 }
             }
@@ -238,5 +258,14 @@ mod tests {
         assert!(bad("port", "http").contains("port=\"http\""));
         assert!(bad("verdict", "maybe").contains("forwarded|denied|audited|error"));
         assert!(bad("colour", "red").contains("colour"));
+        assert!(bad("queue", "0").contains("queue length"));
+        assert!(bad("follow", "yes").contains("true or false"));
+    }
+
+    #[test]
+    fn follow_and_queue_are_stream_options() {
+        let f = q(&[("follow", "true"), ("queue", "16"), ("namespace", "demo")]);
+        assert!(f.follow && f.queue == Some(16));
+        assert!(!q(&[]).follow);
     }
 }

@@ -7,7 +7,18 @@
 //! Recording never blocks the data path for long: a short critical section
 //! on a std mutex, no I/O, bounded memory (the oldest record is dropped when
 //! the ring is full, and counted). With [`FlowLog::with_metrics`] every open,
-//! close and failure is also counted in [`crate::metrics`].
+//! close and failure is also counted in [`crate::metrics`]; with
+//! [`FlowLog::with_access_log`] every connection's terminal record (close or
+//! error) is also written to the JSON access log ([`crate::access_log`]).
+//!
+//! Live subscribers ([`FlowLog::subscribe`], the admin API's
+//! `GET /flows?follow=true`) each get a bounded queue filled with
+//! `try_send` under the ring lock: a full queue loses the record (counted
+//! per subscriber and in total) and the data path never waits for a reader.
+//! Because the ring and the subscriber list share one lock, a subscriber's
+//! backlog and its live records neither overlap nor leave a gap.
+
+pub mod subscribers;
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -21,7 +32,11 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{metrics::ConnMetrics, policy::PolicyRef, registry::ObjectRef};
+use crate::{
+    access_log::AccessLog, flow_filter::FlowFilter, metrics::ConnMetrics, policy::PolicyRef,
+    registry::ObjectRef,
+};
+use subscribers::{Subscribers, Subscription};
 
 /// Direction of a captured connection relative to the enrolled pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -128,6 +143,17 @@ pub struct FlowRecord {
     pub bytes_received: u64,
     /// Lifetime of the connection (close records).
     pub duration_ms: Option<f64>,
+    /// Time to connect upstream (the TCP connect, or the tunnel stream
+    /// set-up including any new tunnel's handshake), milliseconds.
+    pub connect_ms: Option<f64>,
+    /// Smoothed round-trip time (kernel `tcpi_rtt`) of the agent's
+    /// network-facing socket for this connection, microseconds (open
+    /// records: as known at open; close records: at close).
+    pub rtt_us: Option<u32>,
+    /// TCP segments retransmitted on that socket during this connection's
+    /// lifetime (close records; a tunnel is shared, so this is the delta
+    /// over the flow's lifetime, which may include other streams' segments).
+    pub retransmits: Option<u32>,
     /// What went wrong (error records, or a close that ended in an error).
     pub error: Option<String>,
     /// `forwarded`, `denied`, `audited` or `error`.
@@ -161,6 +187,16 @@ pub struct WorkloadCounters {
     pub failed_connections: u64,
 }
 
+/// TCP health of a connection's network-facing socket (see
+/// [`crate::proxy::tcp_health`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    /// Smoothed RTT, microseconds.
+    pub rtt_us: Option<u32>,
+    /// Retransmitted segments during the flow.
+    pub retransmits: Option<u32>,
+}
+
 /// Facts about a connection known when it is accepted.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
@@ -186,6 +222,10 @@ pub struct ConnInfo {
     pub peer_cert_serial: Option<String>,
     /// What authorization policy decided (inbound).
     pub policy: PolicyMark,
+    /// TCP health, refreshed by the handler before each record.
+    pub tcp: TcpStats,
+    /// How long the upstream connect took.
+    pub connect: Option<Duration>,
 }
 
 impl ConnInfo {
@@ -204,6 +244,8 @@ impl ConnInfo {
             dst_identity: None,
             peer_cert_serial: None,
             policy: PolicyMark::default(),
+            tcp: TcpStats::default(),
+            connect: None,
         }
     }
 }
@@ -215,9 +257,16 @@ pub struct FlowLog {
     next_conn: AtomicU64,
     active: AtomicU64,
     dropped: AtomicU64,
-    ring: Mutex<VecDeque<FlowRecord>>,
+    ring: Mutex<Inner>,
     counters: Mutex<BTreeMap<ObjectRef, WorkloadCounters>>,
     metrics: Option<Arc<ConnMetrics>>,
+    access: Option<Arc<AccessLog>>,
+}
+
+/// What the ring lock guards: the records and the live subscribers.
+struct Inner {
+    records: VecDeque<FlowRecord>,
+    subscribers: Subscribers,
 }
 
 impl FlowLog {
@@ -230,10 +279,42 @@ impl FlowLog {
             next_conn: AtomicU64::new(1),
             active: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-            ring: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            ring: Mutex::new(Inner {
+                records: VecDeque::with_capacity(capacity.min(4096)),
+                subscribers: Subscribers::default(),
+            }),
             counters: Mutex::new(BTreeMap::new()),
             metrics: None,
+            access: None,
         }
+    }
+
+    /// Also writes each connection's terminal record to `access`.
+    #[must_use]
+    pub fn with_access_log(mut self, access: Option<Arc<AccessLog>>) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// The metrics this log counts in, if any (for the proxy's latency
+    /// histograms).
+    #[must_use]
+    pub fn metrics(&self) -> Option<&ConnMetrics> {
+        self.metrics.as_deref()
+    }
+
+    /// A live subscription to new records passing `filter`, with a queue of
+    /// `queue` records, and the backlog (the newest `filter.last` stored
+    /// records passing it) taken under the same lock.
+    pub fn subscribe(&self, filter: FlowFilter, queue: usize) -> Subscription {
+        let mut inner = self.ring.lock().expect("ring lock");
+        let backlog = select_from(&inner.records, &filter);
+        inner.subscribers.add(filter, queue, backlog)
+    }
+
+    /// Live subscribers and what each lost.
+    pub fn subscriber_stats(&self) -> subscribers::Stats {
+        self.ring.lock().expect("ring lock").subscribers.stats()
     }
 
     /// Also counts every open, close and failure in `metrics`.
@@ -356,6 +437,9 @@ impl FlowLog {
             bytes_sent,
             bytes_received,
             duration_ms: duration.map(|d| d.as_secs_f64() * 1000.0),
+            connect_ms: info.connect.map(|d| d.as_secs_f64() * 1000.0),
+            rtt_us: info.tcp.rtt_us,
+            retransmits: info.tcp.retransmits,
             error,
             verdict,
             policy: name(&mark.policy),
@@ -364,33 +448,30 @@ impl FlowLog {
             dry_run: mark.dry_run.clone(),
             closed_by_policy: name(&mark.closed_by_policy),
         };
-        let mut ring = self.ring.lock().expect("ring lock");
-        if ring.len() == self.capacity {
-            ring.pop_front();
+        if event != Event::Open {
+            if let Some(access) = &self.access {
+                access.write(&record);
+            }
+        }
+        let mut inner = self.ring.lock().expect("ring lock");
+        inner.subscribers.publish(&record);
+        if inner.records.len() == self.capacity {
+            inner.records.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        ring.push_back(record);
+        inner.records.push_back(record);
     }
 
     /// The newest `filter.last` records that pass `filter`, oldest first.
-    pub fn select(&self, filter: &crate::flow_filter::FlowFilter) -> Vec<FlowRecord> {
-        let ring = self.ring.lock().expect("ring lock");
-        let mut out: Vec<FlowRecord> = ring
-            .iter()
-            .rev()
-            .filter(|r| filter.matches(r))
-            .take(filter.last)
-            .cloned()
-            .collect();
-        out.reverse();
-        out
+    pub fn select(&self, filter: &FlowFilter) -> Vec<FlowRecord> {
+        select_from(&self.ring.lock().expect("ring lock").records, filter)
     }
 
     /// The last `n` records, oldest first.
     pub fn recent(&self, n: usize) -> Vec<FlowRecord> {
-        let ring = self.ring.lock().expect("ring lock");
-        let skip = ring.len().saturating_sub(n);
-        ring.iter().skip(skip).cloned().collect()
+        let inner = self.ring.lock().expect("ring lock");
+        let skip = inner.records.len().saturating_sub(n);
+        inner.records.iter().skip(skip).cloned().collect()
     }
 
     /// Counters of one workload.
@@ -402,6 +483,20 @@ impl FlowLog {
             .copied()
             .unwrap_or_default()
     }
+}
+
+/// The newest `filter.last` records of `records` that pass `filter`, oldest
+/// first.
+fn select_from(records: &VecDeque<FlowRecord>, filter: &FlowFilter) -> Vec<FlowRecord> {
+    let mut out: Vec<FlowRecord> = records
+        .iter()
+        .rev()
+        .filter(|r| filter.matches(r))
+        .take(filter.last)
+        .cloned()
+        .collect();
+    out.reverse();
+    out
 }
 
 /// Formats a time as RFC 3339 UTC with microseconds, without a date crate.

@@ -6,8 +6,14 @@
 //! - **Per connection**, counted by [`ConnMetrics`] when [`crate::flows`]
 //!   records an open, close or failure: Istio's L4 set renamed `heddle_tcp_*`
 //!   with Istio's label names (so ztunnel/Istio dashboards port by renaming
-//!   the metric), plus `heddle_tcp_connection_duration_seconds`, which
-//!   ztunnel lacks.
+//!   the metric), plus histograms ztunnel lacks:
+//!   `heddle_tcp_connection_duration_seconds`, `heddle_tcp_rtt_seconds`
+//!   (the kernel's smoothed RTT of the network-facing socket, at close) and
+//!   `heddle_tcp_connect_duration_seconds` (upstream connect or tunnel
+//!   stream set-up, at open), all with the workload-pair labels.
+//! - **TLS handshakes** of node-to-node tunnels,
+//!   `heddle_tls_handshake_duration_seconds{side}` (`client`, `server`),
+//!   observed by the proxy through [`ConnMetrics::tls_handshake`].
 //! - **Agent internals**, read at scrape time by [`scrape::Exporter`] from
 //!   the authorizer, the datapath, the certificate manager and the flow log.
 //!
@@ -69,6 +75,39 @@ const DURATION_LABELS: [&str; 6] = [
     "destination_workload_namespace",
     "connection_security_policy",
 ];
+
+/// Buckets of the RTT histogram, in seconds: 50 µs (same node) to 1.3 s
+/// (a congested intercontinental path), about doubling.
+const RTT_BUCKETS: [f64; 15] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16,
+    0.32, 0.64, 1.28,
+];
+
+/// Buckets of the connect and handshake histograms, in seconds: 100 µs to
+/// 10 s (the connect timeout).
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
+
+/// Which end of a node-to-node mTLS handshake the agent was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeSide {
+    /// The source agent, opening a tunnel.
+    Client,
+    /// The destination agent, accepting one.
+    Server,
+}
+
+impl HandshakeSide {
+    /// The label value.
+    #[must_use]
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
 
 /// Buckets of the duration histogram, in seconds: 1 ms to ~17 min.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -213,6 +252,9 @@ pub struct ConnMetrics {
     received_bytes: IntCounterVec,
     sent_bytes: IntCounterVec,
     duration: HistogramVec,
+    rtt: HistogramVec,
+    connect: HistogramVec,
+    handshake: HistogramVec,
 }
 
 impl ConnMetrics {
@@ -236,7 +278,36 @@ impl ConnMetrics {
             &DURATION_LABELS,
         )?;
         prom.register(Box::new(duration.clone()))?;
+        let histogram = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )?;
+            prom.register(Box::new(h.clone()))?;
+            Ok::<_, MetricsError>(h)
+        };
+        let rtt = histogram(
+            "heddle_tcp_rtt_seconds",
+            "Smoothed TCP round-trip time (kernel tcpi_rtt) of the agent's network-facing socket of each connection (the node-to-node tunnel, or the direct upstream/client socket in plaintext), observed when the connection closes.",
+            &RTT_BUCKETS,
+            &DURATION_LABELS,
+        )?;
+        let connect = histogram(
+            "heddle_tcp_connect_duration_seconds",
+            "Time to establish the upstream of a connection: the TCP connect (plaintext, or to the application on the destination side), or the tunnel stream including a new tunnel's TCP, TLS and HTTP/2 set-up (source side).",
+            &LATENCY_BUCKETS,
+            &DURATION_LABELS,
+        )?;
+        let handshake = histogram(
+            "heddle_tls_handshake_duration_seconds",
+            "Duration of successful node-to-node mTLS handshakes of HBONE tunnels, by side (client: the source agent, server: the destination agent).",
+            &LATENCY_BUCKETS,
+            &["side"],
+        )?;
         Ok(Self {
+            rtt,
+            connect,
+            handshake,
             workloads,
             opened: counter(
                 "heddle_tcp_connections_opened_total",
@@ -272,6 +343,18 @@ impl ConnMetrics {
         self.opened
             .with_label_values(&l.values(ResponseFlag::None))
             .inc();
+        if let Some(d) = info.connect {
+            self.connect
+                .with_label_values(&l.duration_values())
+                .observe(d.as_secs_f64());
+        }
+    }
+
+    /// A node-to-node mTLS handshake finished successfully in `duration`.
+    pub fn tls_handshake(&self, side: HandshakeSide, duration: Duration) {
+        self.handshake
+            .with_label_values(&[side.reason()])
+            .observe(duration.as_secs_f64());
     }
 
     /// A connection closed after moving `(to_server, to_client)` bytes.
@@ -293,6 +376,11 @@ impl ConnMetrics {
         self.duration
             .with_label_values(&l.duration_values())
             .observe(duration.as_secs_f64());
+        if let Some(rtt) = info.tcp.rtt_us {
+            self.rtt
+                .with_label_values(&l.duration_values())
+                .observe(f64::from(rtt) / 1e6);
+        }
     }
 
     /// A connection could not be forwarded.
@@ -394,16 +482,23 @@ workloads:
         let prom = PromRegistry::new();
         let (_tx, rx) = watch::channel(Arc::new(registry()));
         let m = ConnMetrics::new(&prom, rx).unwrap();
-        let i = outbound();
+        let mut i = outbound();
+        i.connect = Some(Duration::from_millis(2));
         m.opened(&i);
+        i.tcp.rtt_us = Some(40_000);
         m.closed(&i, (100, 7), Duration::from_millis(20), false);
         m.failed(&i);
+        m.tls_handshake(HandshakeSide::Client, Duration::from_millis(3));
         let t = text(&prom);
         for line in [
             "heddle_tcp_connections_opened_total{",
             "heddle_tcp_connections_failed_total{",
             "response_flags=\"CONNECT_FAILED\"",
             "heddle_tcp_connection_duration_seconds_count{",
+            "heddle_tcp_connect_duration_seconds_count{",
+            "heddle_tls_handshake_duration_seconds_count{side=\"client\"} 1",
+            "heddle_tcp_rtt_seconds_bucket{connection_security_policy=\"mutual_tls\",destination_workload=\"server\",destination_workload_namespace=\"demo\",reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"demo\",le=\"0.04\"} 1",
+            "le=\"0.02\"} 0",
         ] {
             assert!(t.contains(line), "missing {line} in\n{t}");
         }

@@ -6,7 +6,8 @@
 //! goes from inside the pod's network namespace (so it keeps the pod's IP as
 //! its source): through an HBONE mTLS tunnel (`hbone`, served by `tunnel` on
 //! the destination pod's port 15008) when the destination is an enrolled
-//! workload, in plaintext otherwise.
+//! workload, in plaintext otherwise. Each leg reads the TCP health of its
+//! network-facing socket for the flow records (`tcp_health`).
 
 pub mod h2splice;
 pub mod hbone;
@@ -14,6 +15,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod sockets;
 pub mod splice;
+pub mod tcp_health;
 pub mod tunnel;
 
 use std::{net::SocketAddr, sync::Arc};

@@ -163,6 +163,15 @@ pub struct Flow {
     /// Close records of live connections closed by a policy change.
     #[serde(default)]
     pub closed_by_policy: Option<String>,
+    /// Smoothed RTT of the agent's network-facing socket, microseconds.
+    #[serde(default)]
+    pub rtt_us: Option<u32>,
+    /// Retransmitted segments during the connection (close records).
+    #[serde(default)]
+    pub retransmits: Option<u32>,
+    /// Time to connect upstream, milliseconds.
+    #[serde(default)]
+    pub connect_ms: Option<f64>,
 }
 
 impl Flow {
@@ -318,13 +327,33 @@ impl Datapath {
 }
 
 /// `GET /stats`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
     /// File descriptors the agent has open.
     pub open_fds: u64,
     /// Connections being proxied now.
     pub active_connections: u64,
+    /// Live flow stream subscribers.
+    #[serde(default)]
+    pub flow_subscribers: Vec<FlowSubscriber>,
+    /// Records lost by slow flow subscribers, in total.
+    #[serde(default)]
+    pub flow_subscriber_dropped: u64,
+}
+
+/// One live flow stream subscriber in `/stats`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowSubscriber {
+    /// Its id.
+    pub id: u64,
+    /// Records queued for it.
+    pub queued: u64,
+    /// Its queue capacity.
+    pub queue: u64,
+    /// Records it lost.
+    pub lost: u64,
 }
 
 /// `GET /certs`: the workload certificates an agent holds.

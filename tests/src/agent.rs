@@ -125,7 +125,8 @@ impl Agent {
             .arg(node.cgroup())
             .arg("--pin-dir")
             .arg(node.pin_dir())
-            .args(["--admin-addr", ADMIN_ADDR]);
+            .args(["--admin-addr", ADMIN_ADDR])
+            .args(shared.lock().agent_args.clone());
         if let Some(ca) = &self.inner.ca {
             cmd.arg("--ca-addr")
                 .arg(ca.ca_addr.to_string())

@@ -82,6 +82,8 @@ pub(crate) struct State {
     pub(crate) ca: Option<Ca>,
     /// Agents started from now on read the Kubernetes API, not the file.
     pub(crate) kubernetes: Option<KubernetesMode>,
+    /// Extra `mesh-agent run` flags for agents started from now on.
+    pub(crate) agent_args: Vec<String>,
     pub(crate) torn_down: bool,
 }
 
@@ -545,6 +547,20 @@ impl Testbed {
         WireCapture::start(s, &netns, &network::switch_port(node.index()), filter)
     }
 
+    /// Delays (and optionally thins) every frame on the link between
+    /// `node` and the switch, both ways, until the returned line is dropped
+    /// ([`crate::delay_line`]: a userspace stand-in for `netem`).
+    pub fn delay_link(
+        &self,
+        node: &Node,
+        spec: crate::delay_line::DelaySpec,
+    ) -> Result<crate::delay_line::DelayLine> {
+        let s = &self.shared;
+        s.lock().check_live()?;
+        let port = network::switch_port(node.index());
+        crate::delay_line::DelayLine::start(&s.switch_netns(), &port, spec)
+    }
+
     /// The authorization policies file the agents read (`--policies`).
     #[must_use]
     pub fn policies_path(&self) -> PathBuf {
@@ -574,6 +590,12 @@ impl Testbed {
             .iter()
             .map(|a| a.wait_policies(&content_hash, Duration::from_secs(10)))
             .collect()
+    }
+
+    /// Extra `mesh-agent run` flags (e.g. `--access-log PATH`) for the
+    /// agents started after this call.
+    pub fn set_agent_args(&self, args: &[&str]) {
+        self.shared.lock().agent_args = args.iter().map(|&a| a.to_owned()).collect();
     }
 
     /// Agents started after this call run `mesh-agent run --kubernetes`

@@ -51,6 +51,8 @@ struct Internals {
     decisions: IntCounterVec,
     datapath: IntCounterVec,
     dropped: IntCounter,
+    subscriber_dropped: IntCounter,
+    subscribers: IntGauge,
     active: IntGauge,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
@@ -78,6 +80,14 @@ impl Internals {
             dropped: reg(prom, IntCounter::new(
                 "heddle_flow_records_dropped_total",
                 "Flow records evicted from the bounded ring (oldest first) before being read; raise --flow-capacity if this grows.",
+            )?)?,
+            subscriber_dropped: reg(prom, IntCounter::new(
+                "heddle_flow_subscriber_dropped_total",
+                "Flow records lost by live flow subscribers (heddle flows --follow, GET /flows?follow=true) whose queue was full: a slow reader loses records instead of slowing connections.",
+            )?)?,
+            subscribers: reg(prom, IntGauge::new(
+                "heddle_flow_subscribers",
+                "Live flow subscribers now.",
             )?)?,
             active: reg(prom, IntGauge::new(
                 "heddle_active_connections",
@@ -143,6 +153,9 @@ impl Exporter {
         let (s, m) = (&self.sources, &self.internals);
         m.active.set(gauge(s.flows.active()));
         advance(&m.dropped, s.flows.dropped());
+        let subs = s.flows.subscriber_stats();
+        advance(&m.subscriber_dropped, subs.lost_total);
+        m.subscribers.set(gauge(subs.subscribers.len()));
         for d in s.authz.decisions() {
             let policy = d
                 .policy

@@ -10,12 +10,16 @@
 //! identity) and tagged with the generation of the source certificate, so
 //! after a rotation new streams go over a new connection with the new
 //! certificate while old streams finish on the old one.
+//!
+//! Each pooled connection keeps a [`TcpProbe`] on its TCP socket, so the
+//! flows it carries can report the tunnel's RTT and retransmits; the
+//! connection's driver task releases it when the connection ends.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +29,7 @@ use hyper::{Method, Request, StatusCode, Uri};
 use mesh_common::PORT_TUNNEL;
 use rustls::{pki_types::ServerName, ClientConfig, RootCertStore};
 
-use super::{h2splice::H2Stream, sockets, Pod};
+use super::{h2splice::H2Stream, sockets, tcp_health::TcpProbe, Pod};
 use crate::identity::{certs::CertManager, tls, SpiffeId};
 
 /// Time to obtain a source certificate before failing the connection.
@@ -113,9 +117,27 @@ struct PoolKey {
 
 struct Pooled {
     sender: h2::client::SendRequest<Bytes>,
+    probe: Option<Arc<TcpProbe>>,
     generation: u64,
     /// Set by the connection's driver task when the connection ends.
     closed: Arc<AtomicBool>,
+}
+
+/// A tunnelled stream and what it rides on.
+pub struct Tunnelled {
+    /// The HTTP/2 stream.
+    pub stream: H2Stream,
+    /// The tunnel connection's TCP socket (shared with its other streams).
+    pub probe: Option<Arc<TcpProbe>>,
+    /// The TLS handshake time, when this stream needed a new tunnel.
+    pub handshake: Option<Duration>,
+}
+
+/// A tunnel connection ready for a request.
+struct Opened {
+    sender: h2::client::SendRequest<Bytes>,
+    probe: Option<Arc<TcpProbe>>,
+    handshake: Option<Duration>,
 }
 
 /// The mesh side of the agent: certificates, trust, the tunnel pool.
@@ -148,7 +170,7 @@ impl Mesh {
         src: &SpiffeId,
         dst: SocketAddr,
         dst_id: &SpiffeId,
-    ) -> Result<H2Stream, TunnelError> {
+    ) -> Result<Tunnelled, TunnelError> {
         let cert = self.certs.get(src, CERT_WAIT).await?;
         let key = PoolKey {
             src: src.clone(),
@@ -165,15 +187,21 @@ impl Mesh {
         // A pooled connection may have just died: retry once on a new one.
         let mut fresh = false;
         loop {
-            let sender = self.sender(pod, &key, cert.generation, fresh).await?;
-            match Self::request(sender, &uri).await {
+            let opened = self.sender(pod, &key, cert.generation, fresh).await?;
+            match Self::request(opened.sender, &uri).await {
                 Err(TunnelError::Http(e))
                     if !fresh && (e.is_go_away() || e.is_io() || e.reason().is_none()) =>
                 {
                     tracing::debug!(error = %e, "pooled tunnel connection failed; retrying on a new one");
                     fresh = true;
                 }
-                other => return other,
+                other => {
+                    return other.map(|stream| Tunnelled {
+                        stream,
+                        probe: opened.probe,
+                        handshake: opened.handshake,
+                    })
+                }
             }
         }
     }
@@ -216,18 +244,22 @@ impl Mesh {
         key: &PoolKey,
         generation: u64,
         fresh: bool,
-    ) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
+    ) -> Result<Opened, TunnelError> {
         if !fresh {
             let mut pool = self.pool.lock().expect("pool lock");
             if let Some(conns) = pool.get_mut(key) {
                 conns.retain(|c| !c.closed.load(Ordering::Acquire) && c.generation >= generation);
                 if let Some(c) = conns.first() {
-                    return Ok(c.sender.clone());
+                    return Ok(Opened {
+                        sender: c.sender.clone(),
+                        probe: c.probe.clone(),
+                        handshake: None,
+                    });
                 }
             }
         }
         let closed = Arc::new(AtomicBool::new(false));
-        let sender = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open(pod, key, closed.clone()))
+        let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open(pod, key, closed.clone()))
             .await
             .map_err(|_| TunnelError::Timeout)??;
         self.pool
@@ -236,11 +268,12 @@ impl Mesh {
             .entry(key.clone())
             .or_default()
             .push(Pooled {
-                sender: sender.clone(),
+                sender: opened.sender.clone(),
+                probe: opened.probe.clone(),
                 generation,
                 closed,
             });
-        Ok(sender)
+        Ok(opened)
     }
 
     fn client_config(&self, src: &SpiffeId) -> Result<Arc<ClientConfig>, TunnelError> {
@@ -258,11 +291,13 @@ impl Mesh {
         pod: &Pod,
         key: &PoolKey,
         closed: Arc<AtomicBool>,
-    ) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
+    ) -> Result<Opened, TunnelError> {
         let addr = SocketAddr::new(key.dst_ip, PORT_TUNNEL);
         let tcp = sockets::connect_in(&pod.netns, addr).await?;
+        let probe = TcpProbe::of(&tcp).map(Arc::new);
         let connector = tokio_rustls::TlsConnector::from(self.client_config(&key.src)?);
         let name = ServerName::IpAddress(key.dst_ip.into());
+        let started = Instant::now();
         let tls = connector
             .connect(name, tcp)
             .await
@@ -270,6 +305,7 @@ impl Mesh {
                 addr,
                 message: e.to_string(),
             })?;
+        let handshake = started.elapsed();
         tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&key.dst_id))
             .map_err(|source| TunnelError::Identity { addr, source })?;
         let (sender, conn) = h2::client::Builder::new()
@@ -279,14 +315,22 @@ impl Mesh {
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await?;
+        let driver_probe = probe.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "tunnel connection ended");
             }
             closed.store(true, Ordering::Release);
+            if let Some(p) = driver_probe {
+                p.release();
+            }
         });
         tracing::debug!(src = %key.src, dst = %addr, "tunnel connection opened");
-        Ok(sender)
+        Ok(Opened {
+            sender,
+            probe,
+            handshake: Some(handshake),
+        })
     }
 
     /// Number of pooled tunnel connections.

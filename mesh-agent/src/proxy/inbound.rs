@@ -8,7 +8,8 @@
 //! connection is authorized with `peer = None` and the client's IP
 //! ([`crate::authz`]); a denial resets the client. An admitted connection
 //! stays registered as live; if a policy change denies it, both the client
-//! and the application are reset.
+//! and the application are reset. TCP health comes from the accepted
+//! client socket, the one that faces the network.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -19,6 +20,7 @@ use super::{
     accept_loop,
     sockets::{connect_in, reset},
     splice::splice_until,
+    tcp_health::TcpProbe,
     Pod, ProxyContext,
 };
 use crate::{
@@ -89,6 +91,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             return;
         }
     };
+    info.connect = Some(started.elapsed());
+    let probe = TcpProbe::of(&client).map(Arc::new);
+    let health = probe.as_ref().map(TcpProbe::flow);
+    info.tcp = health.as_ref().map(|h| h.at_open()).unwrap_or_default();
     ctx.flows.opened(conn, &info);
     let live = admitted.live;
     let (bytes, error) = match splice_until(client, upstream, live.revoked()).await {
@@ -105,6 +111,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             )
         }
     };
+    info.tcp = health.as_ref().map(|h| h.now()).unwrap_or_default();
+    drop((health, probe));
     ctx.flows
         .closed(conn, &info, bytes, started.elapsed(), error);
 }

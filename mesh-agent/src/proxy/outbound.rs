@@ -3,6 +3,10 @@
 //! from the `HEDDLE_ORIG_DST` map, keyed by the client's address; a service
 //! VIP is resolved to one endpoint; the upstream connection is opened from
 //! the pod's namespace.
+//!
+//! TCP health ([`super::tcp_health`]) comes from the network-facing socket:
+//! the pooled tunnel connection for a tunnelled stream, the upstream socket
+//! for plaintext.
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -17,9 +21,13 @@ use super::{
     accept_loop,
     sockets::{connect_in, reset},
     splice::splice,
+    tcp_health::TcpProbe,
     Pod, ProxyContext,
 };
-use crate::flows::{ConnInfo, Direction, Security};
+use crate::{
+    flows::{ConnInfo, Direction, Security},
+    metrics::HandshakeSide,
+};
 
 /// Accepts on the pod's outbound listener until `stop` fires.
 pub async fn run(
@@ -72,19 +80,28 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             .filter(|w| w.enrolled)
             .map(|w| w.identity.clone())
     });
-    let done = if let (Some(mesh), Some(dst_id)) = (ctx.mesh.clone(), dst_identity) {
+    let (done, health) = if let (Some(mesh), Some(dst_id)) = (ctx.mesh.clone(), dst_identity) {
         info.security = Security::MutualTls;
         info.dst_identity = Some(dst_id.to_string());
         match mesh
             .connect(&pod, &pod.identity, resolved.addr, &dst_id)
             .await
         {
-            Ok(stream) => {
+            Ok(tunnelled) => {
+                info.connect = Some(started.elapsed());
+                if let (Some(m), Some(d)) = (ctx.flows.metrics(), tunnelled.handshake) {
+                    m.tls_handshake(HandshakeSide::Client, d);
+                }
                 // Streams share tunnel connections, so the source is the
                 // pod's IP and the application's own source port.
                 info.src = pod.ips.first().map(|ip| SocketAddr::new(*ip, peer.port()));
+                let health = tunnelled.probe.as_ref().map(TcpProbe::flow);
+                info.tcp = health.as_ref().map(|h| h.at_open()).unwrap_or_default();
                 ctx.flows.opened(conn, &info);
-                super::h2splice::splice(client, stream).await
+                (
+                    super::h2splice::splice(client, tunnelled.stream).await,
+                    health,
+                )
             }
             Err(e) => {
                 // The destination's policy refused it: the source records
@@ -96,13 +113,22 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     } else {
         match connect_in(&pod.netns, resolved.addr).await {
             Ok(upstream) => {
+                info.connect = Some(started.elapsed());
                 info.src = upstream.local_addr().ok();
+                let probe = TcpProbe::of(&upstream).map(std::sync::Arc::new);
+                let health = probe.as_ref().map(TcpProbe::flow);
+                info.tcp = health.as_ref().map(|h| h.at_open()).unwrap_or_default();
                 ctx.flows.opened(conn, &info);
-                splice(client, upstream).await
+                let done = splice(client, upstream).await;
+                (done, health)
             }
             Err(e) => return fail(&ctx, conn, &info, client, &e),
         }
     };
+    info.tcp = health.as_ref().map(|h| h.now()).unwrap_or_default();
+    // The probe of a plaintext upstream is this flow's own: close its
+    // duplicate now (a tunnel's probe is released by the tunnel).
+    drop(health);
     ctx.flows.closed(
         conn,
         &info,

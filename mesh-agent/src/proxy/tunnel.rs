@@ -14,8 +14,16 @@
 //! stream stays registered as live until it ends; if a policy change denies
 //! it, the application side and the stream are reset (`RST_STREAM CANCEL`),
 //! so the source agent resets its client too.
+//!
+//! TCP health: every stream's records carry the RTT of the accepted tunnel
+//! connection and its retransmits over the stream's lifetime (the
+//! connection is shared by the streams, see [`super::tcp_health`]).
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
@@ -30,16 +38,18 @@ use super::{
     hbone::{Mesh, CONN_WINDOW, MAX_FRAME, REASON_HEADER, STREAM_WINDOW},
     sockets::connect_in,
     splice::Spliced,
+    tcp_health::TcpProbe,
     Pod, ProxyContext,
 };
 use crate::{
     authz::{Admitted, ConnFacts, Denial, LiveConn},
     flows::{ConnInfo, Direction, Security},
     identity::{tls, SpiffeId},
+    metrics::HandshakeSide,
 };
 
 /// Time allowed for a client to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams per tunnel connection.
 const MAX_STREAMS: u32 = 4096;
 
@@ -89,8 +99,15 @@ async fn serve_connection(
         tracing::info!(pod = %pod.id, %peer, error = %msg, "tunnel connection refused");
         ctx.flows.failed(ctx.flows.conn_id(), info, msg);
     };
+    let probe = TcpProbe::of(&tcp).map(Arc::new);
+    let started = Instant::now();
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            if let Some(m) = ctx.flows.metrics() {
+                m.tls_handshake(HandshakeSide::Server, started.elapsed());
+            }
+            tls
+        }
         Ok(Err(e)) => return fail(&info, format!("tunnel TLS handshake failed: {e}")),
         Err(_) => return fail(&info, "tunnel TLS handshake timed out".into()),
     };
@@ -132,10 +149,20 @@ async fn serve_connection(
     while let Some(next) = h2.accept().await {
         match next {
             Ok((req, respond)) => {
-                let (pod, ctx2, info, peer_id) =
-                    (pod.clone(), ctx.clone(), info.clone(), peer_id.clone());
+                let (pod, ctx2, info, peer_id, probe) = (
+                    pod.clone(),
+                    ctx.clone(),
+                    info.clone(),
+                    peer_id.clone(),
+                    probe.clone(),
+                );
                 ctx.tracker.spawn(async move {
-                    serve_stream(req, respond, &pod, &ctx2, &info, &peer_id).await;
+                    let tunnel = Tunnel {
+                        info: &info,
+                        peer_id: &peer_id,
+                        probe: probe.as_ref(),
+                    };
+                    serve_stream(req, respond, &pod, &ctx2, tunnel).await;
                 });
             }
             Err(e) => {
@@ -144,6 +171,20 @@ async fn serve_connection(
             }
         }
     }
+    drop(h2);
+    if let Some(p) = probe {
+        p.release();
+    }
+}
+
+/// The tunnel connection a stream arrived on.
+struct Tunnel<'a> {
+    /// Facts common to its streams (peer, identities).
+    info: &'a ConnInfo,
+    /// The verified peer identity.
+    peer_id: &'a SpiffeId,
+    /// Its TCP socket.
+    probe: Option<&'a Arc<TcpProbe>>,
 }
 
 /// Why a CONNECT target is not served.
@@ -200,12 +241,11 @@ async fn serve_stream(
     mut respond: SendResponse<Bytes>,
     pod: &Arc<Pod>,
     ctx: &Arc<ProxyContext>,
-    info: &ConnInfo,
-    peer_id: &SpiffeId,
+    tunnel: Tunnel<'_>,
 ) {
     let conn = ctx.flows.conn_id();
-    let mut info = info.clone();
-    let admitted = match check_stream(&req, conn, pod, ctx, &mut info, peer_id) {
+    let mut info = tunnel.info.clone();
+    let admitted = match check_stream(&req, conn, pod, ctx, &mut info, tunnel.peer_id) {
         Ok(a) => a,
         Err((status, reason)) => {
             let _ = respond.send_response(refuse(status, &reason), true);
@@ -231,6 +271,9 @@ async fn serve_stream(
             return;
         }
     };
+    info.connect = Some(started.elapsed());
+    let health = tunnel.probe.map(TcpProbe::flow);
+    info.tcp = health.as_ref().map(|h| h.at_open()).unwrap_or_default();
     ctx.flows.opened(conn, &info);
     let stream = H2Stream {
         send,
@@ -246,6 +289,7 @@ async fn serve_stream(
             (bytes, Some(format!("closed by policy change: {denial}")))
         }
     };
+    info.tcp = health.as_ref().map(|h| h.now()).unwrap_or_default();
     ctx.flows
         .closed(conn, &info, bytes, started.elapsed(), error);
 }
