@@ -34,6 +34,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod apiserver;
 pub mod ca;
 pub mod cgroup;
 pub mod config;
@@ -68,7 +69,7 @@ pub use flow_stream::FlowStreamClient;
 pub use handles::{BackgroundClient, Node, Pod};
 pub use podapp::{ClientSpec, ClientSummary};
 pub use spec::{PodSpec, ServiceSpec};
-pub use testbed::{TeardownHandle, Testbed};
+pub use testbed::{KubernetesMode, TeardownHandle, Testbed};
 pub use wait::{poll_until, Check};
 pub use wire::{WireCapture, WireReport};
 
