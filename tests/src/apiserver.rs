@@ -33,7 +33,7 @@
 //! honoured ([`collection`]); only legacy discovery ([`discovery`]);
 //! JSON only (no protobuf, no CBOR); HTTP/1.1 without TLS; bookmarks are
 //! sent on request and 2 s before a watch's deadline, not every minute;
-//! `apiextensions.k8s.io` CustomResourceDefinition objects are not served
+//! `apiextensions.k8s.io` `CustomResourceDefinition` objects are not served
 //! (a test "installs" a CRD with [`ApiServer::register_crd`]); a path in a
 //! group version nobody serves gets the real mux's plain-text `404 page
 //! not found` (kube reports it as `Error::Api` with code 404).

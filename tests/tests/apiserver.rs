@@ -32,10 +32,11 @@ fn run<F: Future<Output = ()>>(f: F) {
 /// A kube client configured the way a user's would be: from a kubeconfig
 /// file the stand-in wrote.
 async fn client(server: &ApiServer, token: &str) -> Client {
+    // One file per server: tests run in parallel in one process.
     let path = std::env::temp_dir().join(format!(
-        "heddle-apiserver-kubeconfig-{}-{}",
+        "heddle-apiserver-kubeconfig-{}-{}-{token}",
         std::process::id(),
-        token
+        server.addr().port(),
     ));
     server.write_kubeconfig(&path, token).expect("kubeconfig");
     let kubeconfig = Kubeconfig::read_from(&path).expect("read kubeconfig");
