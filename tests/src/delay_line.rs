@@ -34,9 +34,9 @@ use std::{ffi::CString, io};
 use crate::error::{Result, TestbedError};
 use crate::exec::{in_netns, ip};
 
-/// `PACKET_VNET_HDR` (linux/if_packet.h).
+/// `PACKET_VNET_HDR` (`linux/if_packet.h`).
 const PACKET_VNET_HDR: libc::c_int = 15;
-/// `PACKET_IGNORE_OUTGOING` (linux/if_packet.h, Linux 4.20).
+/// `PACKET_IGNORE_OUTGOING` (`linux/if_packet.h`, Linux 4.20).
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 /// `sizeof(struct virtio_net_hdr)`.
 const VNET_HDR_LEN: usize = 10;
@@ -254,7 +254,7 @@ fn read_frames(
             large = large.wrapping_add(1);
             if spec
                 .drop_every
-                .is_some_and(|every| every > 0 && large % every == 0)
+                .is_some_and(|every| every > 0 && large.is_multiple_of(every))
             {
                 counters.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;

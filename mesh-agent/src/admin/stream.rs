@@ -90,22 +90,18 @@ impl Body for FlowStream {
                 Poll::Pending => None,
             },
         };
-        match next {
-            Some(d) => {
-                if let Some(notice) = this.notice(d.lost_before) {
-                    this.pending = Some(d);
-                    return Poll::Ready(Some(Ok(Frame::data(notice))));
-                }
-                Poll::Ready(Some(Ok(Frame::data(line(&d.record)))))
+        if let Some(d) = next {
+            if let Some(notice) = this.notice(d.lost_before) {
+                this.pending = Some(d);
+                return Poll::Ready(Some(Ok(Frame::data(notice))));
             }
-            None => {
-                // Drained: report losses that no queued record will carry.
-                let lost = this.sub.lost.load(Ordering::Relaxed);
-                match this.notice(lost) {
-                    Some(notice) => Poll::Ready(Some(Ok(Frame::data(notice)))),
-                    None => Poll::Pending,
-                }
-            }
+            return Poll::Ready(Some(Ok(Frame::data(line(&d.record)))));
+        }
+        // Drained: report losses that no queued record will carry.
+        let lost = this.sub.lost.load(Ordering::Relaxed);
+        match this.notice(lost) {
+            Some(notice) => Poll::Ready(Some(Ok(Frame::data(notice)))),
+            None => Poll::Pending,
         }
     }
 }

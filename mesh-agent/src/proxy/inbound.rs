@@ -20,7 +20,7 @@ use super::{
     accept_loop,
     sockets::{connect_in, reset},
     splice::splice_until,
-    tcp_health::TcpProbe,
+    tcp_health::{FlowHealth, TcpProbe},
     Pod, ProxyContext,
 };
 use crate::{
@@ -94,7 +94,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     info.connect = Some(started.elapsed());
     let probe = TcpProbe::of(&client).map(Arc::new);
     let health = probe.as_ref().map(TcpProbe::flow);
-    info.tcp = health.as_ref().map(|h| h.at_open()).unwrap_or_default();
+    info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
     ctx.flows.opened(conn, &info);
     let live = admitted.live;
     let (bytes, error) = match splice_until(client, upstream, live.revoked()).await {
@@ -111,7 +111,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             )
         }
     };
-    info.tcp = health.as_ref().map(|h| h.now()).unwrap_or_default();
+    info.tcp = health.as_ref().map(FlowHealth::now).unwrap_or_default();
     drop((health, probe));
     ctx.flows
         .closed(conn, &info, bytes, started.elapsed(), error);

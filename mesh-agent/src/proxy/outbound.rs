@@ -21,7 +21,7 @@ use super::{
     accept_loop,
     sockets::{connect_in, reset},
     splice::splice,
-    tcp_health::TcpProbe,
+    tcp_health::{FlowHealth, TcpProbe},
     Pod, ProxyContext,
 };
 use crate::{
@@ -96,7 +96,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                 // pod's IP and the application's own source port.
                 info.src = pod.ips.first().map(|ip| SocketAddr::new(*ip, peer.port()));
                 let health = tunnelled.probe.as_ref().map(TcpProbe::flow);
-                info.tcp = health.as_ref().map(|h| h.at_open()).unwrap_or_default();
+                info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
                 ctx.flows.opened(conn, &info);
                 (
                     super::h2splice::splice(client, tunnelled.stream).await,
@@ -117,7 +117,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                 info.src = upstream.local_addr().ok();
                 let probe = TcpProbe::of(&upstream).map(std::sync::Arc::new);
                 let health = probe.as_ref().map(TcpProbe::flow);
-                info.tcp = health.as_ref().map(|h| h.at_open()).unwrap_or_default();
+                info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
                 ctx.flows.opened(conn, &info);
                 let done = splice(client, upstream).await;
                 (done, health)
@@ -125,7 +125,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             Err(e) => return fail(&ctx, conn, &info, client, &e),
         }
     };
-    info.tcp = health.as_ref().map(|h| h.now()).unwrap_or_default();
+    info.tcp = health.as_ref().map(FlowHealth::now).unwrap_or_default();
     // The probe of a plaintext upstream is this flow's own: close its
     // duplicate now (a tunnel's probe is released by the tunnel).
     drop(health);

@@ -38,7 +38,7 @@ use super::{
     hbone::{Mesh, CONN_WINDOW, MAX_FRAME, REASON_HEADER, STREAM_WINDOW},
     sockets::connect_in,
     splice::Spliced,
-    tcp_health::TcpProbe,
+    tcp_health::{FlowHealth, TcpProbe},
     Pod, ProxyContext,
 };
 use crate::{
@@ -273,7 +273,7 @@ async fn serve_stream(
     };
     info.connect = Some(started.elapsed());
     let health = tunnel.probe.map(TcpProbe::flow);
-    info.tcp = health.as_ref().map(|h| h.at_open()).unwrap_or_default();
+    info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
     ctx.flows.opened(conn, &info);
     let stream = H2Stream {
         send,
@@ -289,7 +289,7 @@ async fn serve_stream(
             (bytes, Some(format!("closed by policy change: {denial}")))
         }
     };
-    info.tcp = health.as_ref().map(|h| h.now()).unwrap_or_default();
+    info.tcp = health.as_ref().map(FlowHealth::now).unwrap_or_default();
     ctx.flows
         .closed(conn, &info, bytes, started.elapsed(), error);
 }
