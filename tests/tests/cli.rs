@@ -82,3 +82,40 @@ fn heddle_flows_shows_the_captured_connections_in_every_format_with_filters() {
         Ok(())
     });
 }
+
+#[test]
+fn heddle_flows_follow_prints_new_connections_as_they_happen() {
+    run_e2e("cli_follow", Options::default(), |c| {
+        let bin = heddle_tests::agent_binary()?.with_file_name("heddle");
+        let mut cmd = Command::new(bin);
+        cmd.args(["flows", "--follow", "--pod", "client", "--last", "0", "-o", "jsonl"]);
+        let mut follower = c.agent_a.node().spawn(cmd)?;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let to = c.server.addr(ECHO_PORT);
+        expect_delivered(&c.client, &ClientSpec::to(to).conns(2))?;
+        let lines = heddle_tests::poll_until(
+            "two close records on the --follow stream",
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_millis(100),
+            || {
+                let text = follower.log_text();
+                let closes = text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter(|r| r["event"] == "close" && r["orig_dst"] == to.to_string())
+                    .count();
+                Ok(if closes == 2 {
+                    heddle_tests::Check::Ready(text)
+                } else {
+                    heddle_tests::Check::Pending(text)
+                })
+            },
+        )?;
+        ensure!(
+            follower.try_wait()?.is_none(),
+            "heddle flows --follow exited: {lines}"
+        );
+        follower.stop(std::time::Duration::from_secs(2))?;
+        Ok(())
+    });
+}

@@ -347,34 +347,36 @@ fn flows(
     args: &mesh_agent::cli_flows::FlowsArgs,
 ) -> anyhow::Result<()> {
     use mesh_agent::cli_flows::{query, table_header, table_row};
-    let mut after = None;
     if output == Output::Table {
         println!("{}", table_header());
     }
-    loop {
-        let flows = get(agent, &query(args, std::time::SystemTime::now(), after))?;
-        let list = flows.as_array().cloned().unwrap_or_default();
-        match output {
-            Output::Json if !args.follow => println!("{}", serde_json::to_string_pretty(&flows)?),
-            Output::Json | Output::Jsonl => {
-                for f in &list {
-                    println!("{f}");
-                }
-            }
-            Output::Table => {
-                for f in &list {
-                    println!("{}", table_row(f));
-                }
-            }
-        }
-        if !args.follow {
-            return Ok(());
-        }
-        if let Some(id) = list.last().and_then(|f| f["id"].as_u64()) {
-            after = Some(id);
-        }
-        std::thread::sleep(Duration::from_millis(500));
+    if args.follow {
+        // The agent pushes new records (JSON Lines); it drops records for a
+        // client that reads too slowly and says how many.
+        use mesh_agent::cli_flows::{follow, lost_notice, StreamLine};
+        follow(agent, args, |line| match line {
+            StreamLine::Record(f) if output == Output::Table => println!("{}", table_row(&f)),
+            StreamLine::Record(f) => println!("{f}"),
+            StreamLine::Lost(n) => eprintln!("{}", lost_notice(n)),
+        })?;
+        return Ok(());
     }
+    let flows = get(agent, &query(args, std::time::SystemTime::now(), None))?;
+    let list = flows.as_array().cloned().unwrap_or_default();
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&flows)?),
+        Output::Jsonl => {
+            for f in &list {
+                println!("{f}");
+            }
+        }
+        Output::Table => {
+            for f in &list {
+                println!("{}", table_row(f));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn print_workloads(w: &Value) {
