@@ -10,7 +10,9 @@
 //!
 //! An agent created while the test bed has a mesh CA ([`crate::Ca`]) gets
 //! the CA flags (`--ca-addr`, `--ca-token-file`, `--trust-bundle`) and so
-//! tunnels mesh traffic over mTLS; without a CA it forwards in plaintext.
+//! tunnels mesh traffic over mTLS; so does one whose node was given flags
+//! with [`crate::Testbed::set_agent_ca_flags`] (the Kubernetes-mode CA,
+//! [`crate::kube_ca`]); without either it forwards in plaintext.
 //! Every agent reads the test bed's policies file (`--policies`, empty
 //! until [`crate::Testbed::set_policies`] writes it).
 

@@ -45,6 +45,7 @@ pub mod error;
 mod exec;
 pub mod flow_stream;
 pub mod handles;
+pub mod kube_ca;
 pub mod network;
 pub mod podapp;
 pub mod report;

@@ -12,8 +12,10 @@
 //! so tests can hold them while changing enrollment.
 //!
 //! mTLS is opt-in per test bed: [`Testbed::start_ca`] starts the mesh CA,
-//! and every agent started after it gets the CA flags. A test bed without a
-//! CA runs its agents in plaintext-forwarding mode.
+//! and every agent started after it gets the CA flags (or a node's own,
+//! from [`Testbed::set_agent_ca_flags`], e.g. for the Kubernetes-mode CA of
+//! [`crate::kube_ca`]). A test bed without a CA runs its agents in
+//! plaintext-forwarding mode.
 //!
 //! Authorization policies: every agent reads `<temp dir>/policies.yaml`
 //! (written empty before the first agent starts);
@@ -29,7 +31,7 @@ use std::time::Duration;
 
 use crate::admin::Policies;
 use crate::agent::Agent;
-use crate::ca::{Ca, CaOptions};
+use crate::ca::{AgentCaFlags, Ca, CaOptions};
 use crate::cgroup::{self, CGROUP_ROOT};
 use crate::config::{
     ClusterConfig, InboundMode, NamespaceConfig, WorkloadConfig, DEFAULT_TRUST_DOMAIN,
@@ -84,6 +86,9 @@ pub(crate) struct State {
     pub(crate) kubernetes: Option<KubernetesMode>,
     /// Extra `mesh-agent run` flags for agents started from now on.
     pub(crate) agent_args: Vec<String>,
+    /// CA flags per node name, for agents started from now on; they win
+    /// over the test bed's CA (see [`Testbed::set_agent_ca_flags`]).
+    pub(crate) agent_ca: BTreeMap<String, AgentCaFlags>,
     pub(crate) torn_down: bool,
 }
 
@@ -598,6 +603,17 @@ impl Testbed {
         self.shared.lock().agent_args = args.iter().map(|&a| a.to_owned()).collect();
     }
 
+    /// The agent of `node`, when started after this call, uses `flags`
+    /// (`--ca-addr`, `--ca-token-file`, `--trust-bundle`) instead of the
+    /// test bed's CA: e.g. the Kubernetes-mode CA ([`crate::kube_ca`]) with
+    /// the node's projected token.
+    pub fn set_agent_ca_flags(&self, node: &Node, flags: AgentCaFlags) {
+        self.shared
+            .lock()
+            .agent_ca
+            .insert(node.name().to_owned(), flags);
+    }
+
     /// Agents started after this call run `mesh-agent run --kubernetes`
     /// with `KUBECONFIG=<kubeconfig>` (an API server, e.g. the test's
     /// stand-in) instead of reading the local file and policies; each
@@ -624,7 +640,8 @@ impl Testbed {
         let ca = self.ca();
         let mut agents = Vec::with_capacity(nodes.len());
         for node in nodes {
-            let flags = ca.as_ref().map(|ca| ca.agent_flags(node));
+            let own = self.shared.lock().agent_ca.get(node.name()).cloned();
+            let flags = own.or_else(|| ca.as_ref().map(|ca| ca.agent_flags(node)));
             let agent = Agent::new((*node).clone(), bin.clone(), flags);
             {
                 let mut state = self.shared.lock();
