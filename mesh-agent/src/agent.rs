@@ -262,7 +262,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let inputs = open_source(&settings, &home, &stop).await?;
     let registry_rx = inputs.registry.clone();
     let authz = Arc::new(Authorizer::new(inputs.policies.clone(), registry_rx.clone()));
-    let home = Arc::new(Netns::current()?);
     let mesh = if let Some(ca) = &settings.ca {
         Some(build_mesh(ca, &inputs.trust_domain).await?)
     } else {

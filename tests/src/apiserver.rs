@@ -146,6 +146,8 @@ pub struct Shared {
     requests: Mutex<Vec<RequestRecord>>,
     forwards: Mutex<HashMap<(String, String), SocketAddr>>,
     require_auth: AtomicBool,
+    /// While `true`, new watch requests wait before they are served.
+    pub watches_held: tokio::sync::watch::Sender<bool>,
     /// The listening address.
     pub addr: SocketAddr,
 }
@@ -253,6 +255,7 @@ impl ApiServer {
             requests: Mutex::new(Vec::new()),
             forwards: Mutex::new(HashMap::new()),
             require_auth: AtomicBool::new(false),
+            watches_held: tokio::sync::watch::Sender::new(false),
             addr,
         });
         let dup = listener.try_clone().map_err(io("duplicate the listener"))?;
@@ -396,6 +399,19 @@ impl ApiServer {
         for t in &mut self.shared.store().types {
             t.watchers.clear();
         }
+    }
+
+    /// Makes new watch requests wait (unanswered, as behind a slow or
+    /// restarting API server) until [`Self::release_watches`]; with
+    /// [`Self::drop_watches`] and [`Self::compact`] this lets a test make
+    /// changes that clients can only learn by re-listing.
+    pub fn hold_watches(&self) {
+        self.shared.watches_held.send_replace(true);
+    }
+
+    /// Serves the watch requests held by [`Self::hold_watches`], and new ones.
+    pub fn release_watches(&self) {
+        self.shared.watches_held.send_replace(false);
     }
 
     /// Forgets the event history up to now: a watch from an older version

@@ -326,14 +326,17 @@ fn expect_denied_by(c: &KubeCluster, policy: &str) -> Result<()> {
     })?)
 }
 
-/// Waits until node-b's agent has `n` policies loaded.
-fn wait_policy_count(c: &KubeCluster, n: usize) -> Result<()> {
-    Ok(poll_until(&format!("{n} policies on node-b"), WAIT, POLL, || {
+/// Waits until node-b's agent enforces exactly the policies `names`
+/// (`namespace/name`).
+fn wait_policy(c: &KubeCluster, names: &[&str]) -> Result<()> {
+    Ok(poll_until(&format!("policies {names:?} on node-b"), WAIT, POLL, || {
         let p = c.agent_b.policies()?;
-        Ok(if p.loaded.len() == n {
+        let mut loaded: Vec<String> = p.loaded.iter().map(|l| l.policy.clone()).collect();
+        loaded.sort();
+        Ok(if loaded == names {
             Check::Ready(())
         } else {
-            Check::Pending(format!("{} loaded, errors {:?}", p.loaded.len(), p.errors))
+            Check::Pending(format!("{loaded:?} loaded, errors {:?}", p.errors))
         })
     })?)
 }
@@ -345,7 +348,7 @@ fn policy_objects_created_changed_and_deleted_change_decisions() {
         expect_delivered(&c.client, &ClientSpec::to(c.server.addr(ECHO_PORT)))?;
 
         c.api.apply(deny_client("heddle.dev/v1alpha1", "deny-node-a"))?;
-        wait_policy_count(c, 1)?;
+        wait_policy(c, &["demo/deny-node-a"])?;
         expect_denied_by(c, "demo/deny-node-a")?;
 
         // Changed: the rule now names another port; the client gets through.
@@ -360,7 +363,7 @@ fn policy_objects_created_changed_and_deleted_change_decisions() {
         // Deleted, and an Istio object with the same effect.
         c.api.delete("heddle.dev/v1alpha1", "AuthorizationPolicy", Some("demo"), "deny-node-a")?;
         c.api.apply(deny_client("security.istio.io/v1", "istio-deny"))?;
-        wait_policy_count(c, 1)?;
+        wait_policy(c, &["demo/istio-deny"])?;
         expect_denied_by(c, "demo/istio-deny")?;
 
         // An invalid object is reported by name; the valid one still applies.
@@ -380,7 +383,7 @@ fn policy_objects_created_changed_and_deleted_change_decisions() {
         expect_denied_by(c, "demo/istio-deny")?;
 
         c.api.delete("security.istio.io/v1", "AuthorizationPolicy", Some("demo"), "istio-deny")?;
-        wait_policy_count(c, 0)?;
+        wait_policy(c, &[])?;
         expect_delivered(&c.client, &ClientSpec::to(c.server.addr(ECHO_PORT)))?;
         Ok(())
     });
@@ -391,22 +394,26 @@ fn a_watch_that_drops_and_relists_loses_nothing() {
     run("k8s-relist", true, |c| {
         c.wait_captured(&c.agent_a, "demo/client", true)?;
         let lists_before = list_requests(c);
-        // Changes the agents must not miss, made while history is forgotten
-        // and every watch is cut: the agents' resourceVersions are now too
-        // old (410 Gone), so they must re-list.
+        // Changes the agents can only learn by re-listing: every watch is
+        // cut and new ones are held unanswered while the changes are made
+        // and the history is compacted; once released, the agents' watches
+        // from their old resourceVersions get 410 Gone and must re-list.
+        c.api.hold_watches();
         c.api.drop_watches();
         c.label_demo(&json!({}))?;
         c.api.apply(deny_client("heddle.dev/v1alpha1", "during-outage"))?;
         c.api.compact();
-        c.api.drop_watches();
+        c.api.release_watches();
         c.wait_captured(&c.agent_a, "demo/client", false)?;
-        wait_policy_count(c, 1)?;
+        wait_policy(c, &["demo/during-outage"])?;
         ensure!(
             list_requests(c) > lists_before,
             "the agents never re-listed after the watches were cut and history compacted"
         );
         // And back, with bookmarks flowing.
         c.api.send_bookmarks();
+        c.api.delete("heddle.dev/v1alpha1", "AuthorizationPolicy", Some("demo"), "during-outage")?;
+        wait_policy(c, &[])?;
         c.label_demo(&json!({"heddle.dev/mesh": "enabled"}))?;
         c.wait_captured(&c.agent_a, "demo/client", true)?;
         ensure!(c.connect_and_count()? == 1, "not captured after re-enrollment");

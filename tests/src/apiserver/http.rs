@@ -168,6 +168,13 @@ pub async fn handle(
     if !shared.authenticated(authorization.as_deref()) {
         return Ok(error_response(&ApiError::unauthorized()));
     }
+    let is_watch = query.get("watch").is_some_and(|w| w == "true" || w == "1")
+        || path.contains("/watch/");
+    if is_watch {
+        // Held by the test (`ApiServer::hold_watches`): wait, unanswered.
+        let mut held = shared.watches_held.subscribe();
+        let _ = held.wait_for(|h| !*h).await;
+    }
     let method = req.method().clone();
     match path.trim_end_matches('/') {
         "/version" => return Ok(json_response(200, &discovery::version())),
