@@ -162,7 +162,17 @@ struct Peer {
 }
 
 impl Peer {
-    fn of(id: &ObjectRef) -> Self {
+    /// A workload's labels: its stable workload name (its controller, not
+    /// the pod), so that rollouts do not add series.
+    fn of(w: &crate::registry::Workload) -> Self {
+        Self {
+            name: w.workload_name.clone(),
+            namespace: w.id.namespace.clone(),
+        }
+    }
+
+    /// A workload the registry no longer knows (it left meanwhile).
+    fn of_ref(id: &ObjectRef) -> Self {
         Self {
             name: id.name.clone(),
             namespace: id.namespace.clone(),
@@ -185,9 +195,11 @@ impl ConnLabels {
     pub fn resolve(info: &ConnInfo, registry: &crate::registry::Registry) -> Self {
         let by_ip = |ip: Option<IpAddr>| {
             ip.and_then(|ip| registry.workload_by_ip(ip))
-                .map_or_else(Peer::unknown, |w| Peer::of(&w.id))
+                .map_or_else(Peer::unknown, Peer::of)
         };
-        let local = Peer::of(&info.workload);
+        let local = registry
+            .workload(&info.workload)
+            .map_or_else(|| Peer::of_ref(&info.workload), Peer::of);
         let (reporter, src, dst) = match info.direction {
             Direction::Outbound => (
                 "source",

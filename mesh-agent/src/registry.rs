@@ -64,6 +64,14 @@ pub struct Workload {
     /// SPIFFE ID (from namespace and service account).
     #[serde(serialize_with = "ser_display")]
     pub identity: SpiffeId,
+    /// The workload's stable name for metric labels: its controller (a
+    /// Deployment, StatefulSet, DaemonSet, Job), else the pod's name. Pod
+    /// names change on every rollout; this does not, which keeps label
+    /// cardinality bounded.
+    pub workload_name: String,
+    /// IPs of the node the pod runs on (Kubernetes `status.hostIPs`): the
+    /// source address of the kubelet's probes.
+    pub host_ips: Vec<IpAddr>,
 }
 
 fn ser_display<S: serde::Serializer>(v: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
@@ -179,6 +187,8 @@ impl Registry {
                     .or_else(|| ns_modes.get(w.namespace.as_str()).copied())
                     .unwrap_or_default(),
                 identity: SpiffeId::new(&config.trust_domain, &w.namespace, &w.service_account),
+                workload_name: w.name.clone(),
+                host_ips: Vec::new(),
             })
             .collect();
         // The local file selects endpoints by labels, as a Service selector does.

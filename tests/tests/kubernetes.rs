@@ -23,7 +23,7 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -60,18 +60,23 @@ fn namespace(name: &str, labels: &Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }
 
-/// The Pod object of a test-bed pod: what the kubelet would report.
+/// The Pod object of a test-bed pod: what the kubelet would report. Its
+/// `hostIP` is the address its node uses toward its pods (the test bed's
+/// gateway), where the kubelet's probes come from.
 fn pod_object(pod: &Pod, labels: &Value) -> Value {
     let ip = pod.ip().to_string();
+    let host_ip = Ipv4Addr::new(10, 44, pod.ip().octets()[2], 1).to_string();
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod.name(), "namespace": pod.namespace(), "labels": labels},
+        "metadata": {"name": pod.name(), "namespace": pod.namespace(), "labels": labels,
+                     "uid": format!("uid-{}-{}", pod.namespace(), pod.name())},
         "spec": {
             "nodeName": pod.node_name(),
             "serviceAccountName": pod.service_account(),
             "containers": [{"name": "app", "image": "heddle/pod-app"}]
         },
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                   "hostIP": host_ip, "hostIPs": [{"ip": host_ip}]}
     })
 }
 
@@ -428,4 +433,47 @@ fn list_requests(c: &KubeCluster) -> usize {
         .iter()
         .filter(|r| r.method == "GET" && !r.query.contains_key("watch"))
         .count()
+}
+
+/// A plaintext echo round trip from `node`'s own network namespace (where
+/// the kubelet runs) to `to`; whether the bytes came back.
+fn echo_from_node(node: &Node, to: SocketAddr) -> Result<bool> {
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg("-c").arg(format!(
+        "exec 3<>/dev/tcp/{}/{} && printf probe >&3 && timeout 3 head -c 5 <&3",
+        to.ip(),
+        to.port()
+    ));
+    let out = node.run(cmd)?;
+    Ok(out.status.success() && out.stdout == b"probe")
+}
+
+#[test]
+fn kubelet_probes_from_the_node_pass_strict_mode_and_allow_policies() {
+    run("k8s-probes", true, |c| {
+        c.wait_captured(&c.agent_b, "demo/server", true)?;
+        // STRICT namespace, and an ALLOW policy that admits nobody.
+        c.api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "demo", "labels": {"heddle.dev/mesh": "enabled"},
+                         "annotations": {"heddle.dev/inbound-mode": "strict"}}}))?;
+        c.api.apply(json!({
+            "apiVersion": "heddle.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "nobody", "namespace": "demo"},
+            "spec": {"action": "ALLOW", "selector": {"matchLabels": {"app": "server"}},
+                     "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/x/sa/none"]}}]}]}
+        }))?;
+        wait_policy(c, &["demo/nobody"])?;
+        let to = c.server.addr(ECHO_PORT);
+        // A plaintext client elsewhere is refused (STRICT)...
+        poll_until("plaintext refused by STRICT", WAIT, POLL, || {
+            let s = c.client.run_client(&ClientSpec::to(to))?;
+            Ok(if s.failed == 1 { Check::Ready(()) } else { Check::Pending(s.to_string()) })
+        })?;
+        // ...while the node itself (the kubelet's address) gets through.
+        ensure!(
+            echo_from_node(&c.node_b, to)?,
+            "a probe from node-b's own address was refused"
+        );
+        Ok(())
+    });
 }

@@ -36,7 +36,7 @@ pub const MESH_LABEL: &str = "heddle.dev/mesh";
 /// The inbound mode annotation, on Pods and Namespaces.
 pub const INBOUND_MODE_ANNOTATION: &str = "heddle.dev/inbound-mode";
 /// The label `EndpointSlices` carry to name their Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// What the mesh needs to know about a namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -115,6 +115,8 @@ pub fn workload<S: std::hash::BuildHasher>(
         .unwrap_or_else(|| "default".to_owned());
     Some(Workload {
         identity: SpiffeId::new(trust_domain, &namespace, &service_account),
+        workload_name: workload_name(pod, &name),
+        host_ips: host_ips(pod),
         id: ObjectRef { namespace, name },
         service_account,
         node: spec.node_name.clone().unwrap_or_default(),
@@ -126,6 +128,42 @@ pub fn workload<S: std::hash::BuildHasher>(
             .or_else(|| ns.and_then(|n| n.inbound_mode))
             .unwrap_or_default(),
     })
+}
+
+/// The name metrics use for a pod's workload: its controller's name, with
+/// a ReplicaSet mapped to its Deployment by removing the
+/// `-<pod-template-hash>` suffix (as Istio derives `source_workload`), else
+/// the pod's own name.
+fn workload_name(pod: &Pod, pod_name: &str) -> String {
+    let meta = &pod.metadata;
+    let Some(owner) = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    else {
+        return pod_name.to_owned();
+    };
+    if owner.kind == "ReplicaSet" {
+        if let Some(hash) = label(meta.labels.as_ref(), "pod-template-hash") {
+            if let Some(deployment) = owner.name.strip_suffix(&format!("-{hash}")) {
+                return deployment.to_owned();
+            }
+        }
+    }
+    owner.name.clone()
+}
+
+/// The IPs of the pod's node (`status.hostIPs`, else `status.hostIP`).
+fn host_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let listed: Vec<&str> = match &status.host_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(|p| p.ip.as_str()).collect(),
+        _ => status.host_ip.as_deref().into_iter().collect(),
+    };
+    listed.into_iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
 /// The pod's IPs (`status.podIPs`, else `status.podIP`), unparseable ones
@@ -281,6 +319,29 @@ mod tests {
             "status": {"phase": "Succeeded", "podIP": "10.1.0.9"}
         }));
         assert!(workload(&done, &on, "td", None).is_none());
+    }
+
+    #[test]
+    fn names_the_workload_after_its_controller_and_keeps_the_node_ips() {
+        let nss = namespaces(&[ns("demo", &json!({"heddle.dev/mesh": "enabled"}), &json!({}))]);
+        let p = pod(json!({
+            "metadata": {"name": "web-7c9f8d6b5-x2x7q", "namespace": "demo",
+                         "labels": {"pod-template-hash": "7c9f8d6b5"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                             "name": "web-7c9f8d6b5", "uid": "u", "controller": true}]},
+            "spec": {"nodeName": "n", "containers": []},
+            "status": {"podIP": "10.1.0.7", "hostIP": "192.168.0.4", "hostIPs": [{"ip": "192.168.0.4"}]}
+        }));
+        let w = workload(&p, &nss, "td", None).unwrap();
+        assert_eq!(w.workload_name, "web");
+        assert_eq!(w.host_ips, vec!["192.168.0.4".parse::<IpAddr>().unwrap()]);
+        let mut sts = p.clone();
+        sts.metadata.owner_references.as_mut().unwrap()[0].kind = "StatefulSet".into();
+        sts.metadata.owner_references.as_mut().unwrap()[0].name = "db".into();
+        assert_eq!(workload(&sts, &nss, "td", None).unwrap().workload_name, "db");
+        let mut bare = p;
+        bare.metadata.owner_references = None;
+        assert_eq!(workload(&bare, &nss, "td", None).unwrap().workload_name, "web-7c9f8d6b5-x2x7q");
     }
 
     #[test]

@@ -1,18 +1,29 @@
-//! Finds the network namespace of each pod on this node from its IP, with no
-//! help from the container runtime: the agent runs with `hostPID`, so every
-//! pod's namespace is reachable as `/proc/<pid>/ns/net` of one of its
-//! processes (the sandbox's pause process at least), and CNI plugins that
-//! name namespaces bind-mount them under `/run/netns` (mounted into the
-//! agent when present).
+//! Finds the network namespace of each pod on this node, with no help from
+//! the container runtime: the agent runs with `hostPID`, so every pod's
+//! namespace is reachable as `/proc/<pid>/ns/net` of one of its processes
+//! (the sandbox's pause process at least).
 //!
-//! A scan lists the candidate namespaces (named ones first, then `/proc`,
-//! de-duplicated by inode, the agent's own namespace skipped), enters each
-//! on the calling thread ([`Netns::run`]) and checks which of the wanted IPs
-//! are local there: binding a socket to `ip:0` succeeds only where the
-//! address is assigned (`EADDRNOTAVAIL` elsewhere). Results are cached by
-//! IP with the namespace's inode; a cached path whose inode changed (the
-//! process exited, the pod was recreated with the same IP) is dropped and
-//! found again.
+//! A scan lists the candidate namespaces (each once by inode, the agent's
+//! own skipped), enters each on the calling thread ([`Netns::run`]) and
+//! checks which wanted pod IPs are local there: binding a socket to `ip:0`
+//! succeeds only where the address is assigned (`EADDRNOTAVAIL` elsewhere).
+//!
+//! An IP alone does not prove which pod a namespace belongs to: a pod with
+//! `CAP_NET_ADMIN` in its own namespace can assign itself a neighbour's IP,
+//! and the agent would then bind the neighbour's listeners — and present the
+//! neighbour's certificate — in the wrong pod. So:
+//! - by default only `/proc/<pid>/ns/net` is searched, and a match counts
+//!   only if that process's cgroup path names the pod's UID (the kubelet puts
+//!   every container of a pod under `.../pod<uid>/` with the cgroupfs driver,
+//!   `...-pod<uid_with_underscores>.slice/` with the systemd driver);
+//! - with `--netns-dir` (named namespaces the operator vouches for, as the
+//!   test bed does) there is no UID to check;
+//! - either way, an IP found in more than one namespace is ambiguous and
+//!   left unresolved, with an error in the log, rather than guessed.
+//!
+//! Results are cached by IP with the namespace's inode; a cached path whose
+//! inode changed (the process exited, the pod was recreated with the same
+//! IP) is dropped and found again.
 //!
 //! When no namespace holds a pod's IP (the sandbox is still starting, or
 //! the agent lacks `hostPID`/`CAP_SYS_PTRACE`) the pod stays un-enrolled —
@@ -33,35 +44,50 @@ use std::{
 
 use crate::netns::Netns;
 
-/// Directories where CNI plugins bind-mount named namespaces.
-const NAMED_NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
-
 /// `NSFS_MAGIC` from include/uapi/linux/magic.h.
 const NSFS_MAGIC: libc::__fsword_t = 0x6e73_6673;
 
 /// A namespace's identity: device and inode of its nsfs file.
 type NsKey = (u64, u64);
 
+/// A pod IP to find, and the pod's UID when known.
+#[derive(Clone, Debug)]
+pub struct Wanted {
+    /// The pod IP.
+    pub ip: IpAddr,
+    /// `metadata.uid` of the pod.
+    pub pod_uid: Option<String>,
+}
+
+/// A candidate namespace.
+struct Candidate {
+    path: PathBuf,
+    key: NsKey,
+    /// The process it was reached through (`/proc` candidates).
+    pid: Option<u32>,
+}
+
 /// The finder and its cache.
 #[derive(Debug)]
 pub struct NetnsFinder {
     home: Arc<File>,
     home_key: Option<NsKey>,
-    /// Directories of named namespaces to search.
+    /// Directories of named namespaces to search (`--netns-dir`).
     dirs: Vec<PathBuf>,
-    /// `/proc`, searched after `dirs`; `None` when only `dirs` are searched.
+    /// `/proc`, searched when no `dirs` are given.
     proc_root: Option<PathBuf>,
     cache: HashMap<IpAddr, (PathBuf, NsKey)>,
+    /// IPs last reported ambiguous, to log each once.
+    ambiguous: HashSet<IpAddr>,
 }
 
 impl NetnsFinder {
-    /// A finder that searches `/run/netns`, `/var/run/netns`, then every
-    /// process's namespace; it returns threads to `home` (the agent's
-    /// namespace) and never reports `home` itself.
+    /// A finder that searches every process's namespace and accepts a match
+    /// only from a process of the pod itself; it returns threads to `home`
+    /// (the agent's namespace) and never reports `home`.
     #[must_use]
     pub fn new(home: Arc<File>) -> Self {
-        let dirs = NAMED_NETNS_DIRS.iter().map(PathBuf::from).collect();
-        Self::with_search(home, dirs, Some(PathBuf::from("/proc")))
+        Self::with_search(home, Vec::new(), Some(PathBuf::from("/proc")))
     }
 
     /// A finder that searches only the named namespaces in `dirs` (files
@@ -80,61 +106,75 @@ impl NetnsFinder {
             dirs,
             proc_root,
             cache: HashMap::new(),
+            ambiguous: HashSet::new(),
         }
     }
 
-    /// The namespace path holding each of `ips` that can be found. Scans
-    /// only when some IP is not in the (still valid) cache.
-    pub fn find(&mut self, ips: &[IpAddr]) -> HashMap<IpAddr, PathBuf> {
+    /// The namespace path holding each wanted IP that can be found without
+    /// doubt. Scans only when some IP is not in the (still valid) cache.
+    pub fn find(&mut self, wanted: &[Wanted]) -> HashMap<IpAddr, PathBuf> {
         let mut found = HashMap::new();
-        let mut missing = Vec::new();
-        for ip in ips {
-            match self.cache.get(ip) {
+        let mut missing: Vec<&Wanted> = Vec::new();
+        for w in wanted {
+            match self.cache.get(&w.ip) {
                 Some((path, key)) if ns_key(path) == Some(*key) => {
-                    found.insert(*ip, path.clone());
+                    found.insert(w.ip, path.clone());
                 }
-                _ => missing.push(*ip),
+                _ => missing.push(w),
             }
         }
         if missing.is_empty() {
             return found;
         }
-        for ip in &missing {
-            self.cache.remove(ip);
-        }
-        for (path, key) in self.candidates() {
-            let Ok(ns) = Netns::open(&path, self.home.clone()) else {
+        let ips: Vec<IpAddr> = missing.iter().map(|w| w.ip).collect();
+        let mut matches: HashMap<IpAddr, Vec<(PathBuf, NsKey)>> = HashMap::new();
+        for c in self.candidates() {
+            let Ok(ns) = Netns::open(&c.path, self.home.clone()) else {
                 continue; // the process exited meanwhile
             };
-            let Ok(local) = ns.run(|| local_ips(&missing)) else {
+            let Ok(local) = ns.run(|| local_ips(&ips)) else {
                 continue;
             };
             for ip in local {
-                self.cache.insert(ip, (path.clone(), key));
-                found.insert(ip, path.clone());
+                let uid = missing.iter().find(|w| w.ip == ip).and_then(|w| w.pod_uid.as_deref());
+                if let (Some(pid), Some(uid), Some(root)) = (c.pid, uid, self.proc_root.as_deref()) {
+                    if !process_of_pod(root, pid, uid) {
+                        continue; // another pod claims this IP; not its namespace
+                    }
+                }
+                let seen = matches.entry(ip).or_default();
+                if !seen.iter().any(|(_, k)| *k == c.key) {
+                    seen.push((c.path.clone(), c.key));
+                }
             }
-            missing.retain(|ip| !found.contains_key(ip));
-            if missing.is_empty() {
-                break;
+        }
+        for (ip, candidates) in matches {
+            if let [(path, key)] = candidates.as_slice() {
+                self.ambiguous.remove(&ip);
+                self.cache.insert(ip, (path.clone(), *key));
+                found.insert(ip, path.clone());
+            } else if self.ambiguous.insert(ip) {
+                let paths: Vec<String> = candidates.iter().map(|(p, _)| p.display().to_string()).collect();
+                tracing::error!(%ip, namespaces = ?paths, "pod IP assigned in more than one network namespace; not enrolling it");
             }
         }
         found
     }
 
-    /// Candidate namespaces, named ones first (stable paths), each once.
-    fn candidates(&self) -> Vec<(PathBuf, NsKey)> {
+    /// Candidate namespaces, each once.
+    fn candidates(&self) -> Vec<Candidate> {
         let mut seen: HashSet<NsKey> = self.home_key.into_iter().collect();
         let mut out = Vec::new();
-        let mut push = |path: PathBuf| {
+        let mut push = |path: PathBuf, pid: Option<u32>| {
             if let Some(key) = ns_key(&path) {
                 if seen.insert(key) {
-                    out.push((path, key));
+                    out.push(Candidate { path, key, pid });
                 }
             }
         };
         for dir in &self.dirs {
             for entry in read_dir_sorted(dir) {
-                push(entry);
+                push(entry, None);
             }
         }
         let Some(proc_root) = &self.proc_root else {
@@ -149,10 +189,29 @@ impl NetnsFinder {
         // Lowest PID first: the pod's oldest process, usually the sandbox.
         pids.sort_unstable();
         for pid in pids {
-            push(proc_root.join(pid.to_string()).join("ns/net"));
+            push(proc_root.join(pid.to_string()).join("ns/net"), Some(pid));
         }
         out
     }
+}
+
+/// Whether process `pid` belongs to the pod with `uid`, by its cgroup path.
+fn process_of_pod(proc_root: &Path, pid: u32, uid: &str) -> bool {
+    std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
+        .is_ok_and(|cgroups| cgroup_names_pod(&cgroups, uid))
+}
+
+/// Whether a `/proc/<pid>/cgroup` text puts the process in the pod `uid`'s
+/// cgroup: `.../pod<uid>/...` (cgroupfs driver) or
+/// `...-pod<uid with '_' for '-'>.slice/...` (systemd driver).
+fn cgroup_names_pod(cgroups: &str, uid: &str) -> bool {
+    let cgroupfs = format!("/pod{uid}/");
+    let systemd = format!("-pod{}.slice/", uid.replace('-', "_"));
+    cgroups.lines().any(|l| {
+        let path = l.splitn(3, ':').nth(2).unwrap_or("");
+        let path = format!("{path}/");
+        path.contains(&cgroupfs) || path.contains(&systemd)
+    })
 }
 
 fn read_dir_sorted(dir: &Path) -> Vec<PathBuf> {
@@ -214,7 +273,10 @@ mod tests {
         let mut finder = NetnsFinder::new(home);
         // 127.0.0.1 is local in every namespace with lo up, including ours;
         // the finder must not answer with the agent's own namespace.
-        let found = finder.find(&["127.0.0.1".parse().unwrap()]);
+        let found = finder.find(&[Wanted {
+            ip: "127.0.0.1".parse().unwrap(),
+            pod_uid: None,
+        }]);
         if let Some(path) = found.get(&"127.0.0.1".parse().unwrap()) {
             assert_ne!(ns_key(path), finder.home_key, "{}", path.display());
         }
@@ -225,6 +287,32 @@ mod tests {
         let home = Arc::new(Netns::current().unwrap());
         let mut finder = NetnsFinder::new(home);
         // TEST-NET-3, never assigned on a test machine.
-        assert!(finder.find(&["203.0.113.254".parse().unwrap()]).is_empty());
+        let wanted = Wanted {
+            ip: "203.0.113.254".parse().unwrap(),
+            pod_uid: None,
+        };
+        assert!(finder.find(&[wanted]).is_empty());
+    }
+
+    #[test]
+    fn ties_a_process_to_its_pod_by_cgroup_path_with_either_driver() {
+        let uid = "3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc33";
+        let cgroupfs = "0::/kubepods/besteffort/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc33/0123abcd
+";
+        let systemd = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f1c2a9e_5b7d_4c1e_9f00_aa11bb22cc33.slice/cri-containerd-0123.scope
+";
+        let pause_only = "0::/kubepods/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc33
+";
+        assert!(cgroup_names_pod(cgroupfs, uid));
+        assert!(cgroup_names_pod(systemd, uid));
+        assert!(cgroup_names_pod(pause_only, uid));
+        let other = "0::/kubepods/besteffort/pod99999999-5b7d-4c1e-9f00-aa11bb22cc33/0123abcd
+";
+        assert!(!cgroup_names_pod(other, uid));
+        // A prefix of another pod's UID is not a match.
+        assert!(!cgroup_names_pod("0::/kubepods/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc334/x
+", uid));
+        assert!(!cgroup_names_pod("0::/system.slice/kubelet.service
+", uid));
     }
 }

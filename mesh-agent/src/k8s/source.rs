@@ -49,7 +49,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{convert, netns_discovery::NetnsFinder};
+use super::{
+    convert,
+    netns_discovery::{NetnsFinder, Wanted},
+};
 use crate::{
     authz::source::PolicyStatus,
     policy::{model::AuthorizationPolicy, PolicySet},
@@ -290,12 +293,15 @@ impl KubeSource {
     async fn registry_parts(&mut self) -> (Vec<Workload>, Vec<ServiceEntry>) {
         let td = &self.settings.trust_domain.clone();
         let namespaces = convert::namespaces(self.stores.namespaces.state().iter().map(AsRef::as_ref));
-        let local: Vec<Workload> = self
+        let local: Vec<(Workload, Option<String>)> = self
             .stores
             .local_pods
             .state()
             .iter()
-            .filter_map(|p| convert::workload(p, &namespaces, td, None))
+            .filter_map(|p| {
+                let w = convert::workload(p, &namespaces, td, None)?;
+                Some((w, p.metadata.uid.clone()))
+            })
             .collect();
         let local = self.with_netns(local).await;
         let remote = self
@@ -307,14 +313,34 @@ impl KubeSource {
             .collect::<Vec<_>>();
         let mut workloads: Vec<Workload> = remote.into_iter().chain(local).collect();
         workloads.sort_by(|a, b| a.id.cmp(&b.id));
+        // Slices grouped by (namespace, service) once, so a rebuild is linear
+        // in the number of objects.
         let slices = self.stores.slices.state();
-        let slice_refs: Vec<&EndpointSlice> = slices.iter().map(AsRef::as_ref).collect();
+        let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &slices {
+            let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
+            if let Some(svc) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(convert::SERVICE_NAME_LABEL))
+            {
+                by_service.entry((ns, svc.as_str())).or_default().push(slice);
+            }
+        }
         let mut services: Vec<ServiceEntry> = self
             .stores
             .services
             .state()
             .iter()
-            .filter_map(|s| convert::service(s, &slice_refs))
+            .filter_map(|s| {
+                let key = (
+                    s.metadata.namespace.as_deref().unwrap_or_default(),
+                    s.metadata.name.as_deref().unwrap_or_default(),
+                );
+                let mine = by_service.get(&key).map_or(&[][..], Vec::as_slice);
+                convert::service(s, mine)
+            })
             .collect();
         services.sort_by(|a, b| a.id.cmp(&b.id));
         (workloads, services)
@@ -322,12 +348,18 @@ impl KubeSource {
 
     /// Fills in the network namespace of enrolled local pods (a blocking
     /// scan, on a blocking thread).
-    async fn with_netns(&mut self, mut local: Vec<Workload>) -> Vec<Workload> {
-        let wanted: Vec<_> = local
+    async fn with_netns(&mut self, local: Vec<(Workload, Option<String>)>) -> Vec<Workload> {
+        let wanted: Vec<Wanted> = local
             .iter()
-            .filter(|w| w.enrolled)
-            .flat_map(|w| w.ips.iter().copied())
+            .filter(|(w, _)| w.enrolled)
+            .flat_map(|(w, uid)| {
+                w.ips.iter().map(|ip| Wanted {
+                    ip: *ip,
+                    pod_uid: uid.clone(),
+                })
+            })
             .collect();
+        let mut local: Vec<Workload> = local.into_iter().map(|(w, _)| w).collect();
         if wanted.is_empty() {
             return local;
         }
@@ -410,13 +442,23 @@ async fn wait_synced(stores: Vec<(&'static str, Box<dyn ReadyWait>)>) -> Result<
     Ok(())
 }
 
-/// Whether the API server serves `resource` (its CRD is installed).
+/// Whether the API server serves `resource` (its CRD is installed). Only a
+/// 404 means "not installed"; any other error is retried, so a transient
+/// discovery failure never starts the agent without those policies (fail
+/// closed: it waits).
 async fn crd_installed(client: &Client, resource: &ApiResource) -> bool {
-    match client.list_api_group_resources(&resource.api_version).await {
-        Ok(list) => list.resources.iter().any(|r| r.name == resource.plural),
-        Err(e) => {
-            tracing::debug!(api = %resource.api_version, error = %e, "API group not served");
-            false
+    let mut attempt: u32 = 0;
+    loop {
+        match client.list_api_group_resources(&resource.api_version).await {
+            Ok(list) => return list.resources.iter().any(|r| r.name == resource.plural),
+            Err(kube::Error::Api(status)) if status.code == 404 => return false,
+            Err(e) => {
+                if attempt % 10 == 0 {
+                    tracing::warn!(api = %resource.api_version, error = %e, "cannot tell whether the API group is served; retrying");
+                }
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }

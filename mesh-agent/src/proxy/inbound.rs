@@ -62,12 +62,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         reset(client);
         return;
     };
-    let strict = ctx
-        .registry
-        .borrow()
-        .workload(&pod.id)
-        .is_some_and(|w| w.inbound_mode == InboundMode::Strict);
-    if strict {
+    let (strict, from_node) = ctx.registry.borrow().workload(&pod.id).map_or(
+        (false, false),
+        |w| (w.inbound_mode == InboundMode::Strict, w.host_ips.contains(&peer.ip())),
+    );
+    // The kubelet probes pods from the node's own IP, in plaintext: those
+    // connections skip STRICT and policy, as in Istio ambient, or every
+    // probed pod would fail its probes once STRICT or under an ALLOW policy.
+    // Host-network processes of the same node share the exemption.
+    let admitted = if from_node {
+        tracing::debug!(pod = %pod.id, %peer, "connection from the node (kubelet probe): exempt from STRICT and policy");
+        None
+    } else if strict {
         tracing::info!(pod = %pod.id, %peer, "plaintext connection refused: inbound mode STRICT");
         ctx.flows.failed(
             conn,
@@ -76,10 +82,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         );
         reset(client);
         return;
-    }
-    let Some(admitted) = admit(conn, &pod, &ctx, &mut info, orig, peer) else {
-        reset(client);
-        return;
+    } else {
+        let Some(admitted) = admit(conn, &pod, &ctx, &mut info, orig, peer) else {
+            reset(client);
+            return;
+        };
+        Some(admitted)
     };
     let started = Instant::now();
     let upstream = match connect_in(&pod.netns, orig).await {
@@ -96,14 +104,23 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let health = probe.as_ref().map(TcpProbe::flow);
     info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
     ctx.flows.opened(conn, &info);
-    let live = admitted.live;
-    let (bytes, error) = match splice_until(client, upstream, live.revoked()).await {
+    let live = admitted.map(|a| a.live);
+    let revoked = async {
+        match &live {
+            Some(live) => live.revoked().await,
+            None => std::future::pending().await,
+        }
+    };
+    let (bytes, error) = match splice_until(client, upstream, revoked).await {
         Ok(done) => (
             (done.from_tcp, done.to_tcp),
             done.error.map(|e| e.to_string()),
         ),
         Err(stopped) => {
-            let denial = live.denial().expect("a stopped splice was revoked");
+            let denial = live
+                .as_ref()
+                .and_then(|l| l.denial())
+                .expect("a stopped splice was revoked");
             info.policy = denial.closing_mark();
             (
                 (stopped.from_tcp, stopped.to_tcp),
