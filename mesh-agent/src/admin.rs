@@ -8,7 +8,9 @@
 //! `GET /flows?follow=true` is the one streaming endpoint ([`stream`]): it
 //! stays open and sends new records as JSON Lines, so this module runs its
 //! own accept loop (one task per connection, like [`crate::http_server`])
-//! with a body type that can stream.
+//! with a body type that can stream. Streams beyond the subscriber caps
+//! ([`crate::flows::subscribers::MAX_SUBSCRIBERS`] and the total queue
+//! budget) are answered 503 with a JSON `error`.
 
 pub mod stream;
 
@@ -102,7 +104,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
     }
 }
 
-type AnyBody = BoxBody<Bytes, std::convert::Infallible>;
+pub(crate) type AnyBody = BoxBody<Bytes, std::convert::Infallible>;
 
 /// hyper's per-connection buffer limit on the admin API.
 const STREAM_WRITE_BUFFER: usize = 64 * 1024;
@@ -119,17 +121,7 @@ fn answer(
         let query = parse_query(req.uri().query());
         if let Ok(filter) = crate::flow_filter::FlowFilter::from_query(&query) {
             if filter.follow {
-                let queue = filter
-                    .queue
-                    .unwrap_or(crate::flows::subscribers::DEFAULT_QUEUE);
-                let sub = state.flows.subscribe(filter, queue);
-                tracing::debug!(subscriber = sub.id, "flow stream opened");
-                let mut r = Response::new(stream::FlowStream::new(sub, stop.child_token()).boxed());
-                r.headers_mut().insert(
-                    hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("application/jsonl"),
-                );
-                return r;
+                return stream::open(&state.flows, filter, stop);
             }
         }
     }
@@ -183,6 +175,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "flowsDropped": state.flows.dropped(),
                 "flowSubscribers": subs.subscribers,
                 "flowSubscriberDropped": subs.lost_total,
+                "accessLogDropped": state.flows.access_log_dropped(),
             }))
         }
         _ => text(

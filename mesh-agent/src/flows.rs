@@ -9,12 +9,16 @@
 //! the ring is full, and counted). With [`FlowLog::with_metrics`] every open,
 //! close and failure is also counted in [`crate::metrics`]; with
 //! [`FlowLog::with_access_log`] every connection's terminal record (close or
-//! error) is also written to the JSON access log ([`crate::access_log`]).
+//! error) is also queued for the JSON access log ([`crate::access_log`]),
+//! whose own thread does the write: a full queue drops the line (counted),
+//! it never waits.
 //!
 //! Live subscribers ([`FlowLog::subscribe`], the admin API's
 //! `GET /flows?follow=true`) each get a bounded queue filled with
 //! `try_send` under the ring lock: a full queue loses the record (counted
 //! per subscriber and in total) and the data path never waits for a reader.
+//! Their number and their queues are capped ([`subscribers::MAX_SUBSCRIBERS`],
+//! [`subscribers::MAX_QUEUED_TOTAL`]).
 //! Because the ring and the subscriber list share one lock, a subscriber's
 //! backlog and its live records neither overlap nor leave a gap.
 
@@ -36,7 +40,7 @@ use crate::{
     access_log::AccessLog, flow_filter::FlowFilter, metrics::ConnMetrics, policy::PolicyRef,
     registry::ObjectRef,
 };
-use subscribers::{Subscribers, Subscription};
+use subscribers::{SubscribeError, Subscribers, Subscription};
 
 /// Direction of a captured connection relative to the enrolled pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -305,11 +309,19 @@ impl FlowLog {
 
     /// A live subscription to new records passing `filter`, with a queue of
     /// `queue` records, and the backlog (the newest `filter.last` stored
-    /// records passing it) taken under the same lock.
-    pub fn subscribe(&self, filter: FlowFilter, queue: usize) -> Subscription {
+    /// records passing it) taken under the same lock; refused beyond the
+    /// subscriber caps.
+    pub fn subscribe(
+        &self,
+        filter: FlowFilter,
+        queue: usize,
+    ) -> Result<Subscription, SubscribeError> {
         let mut inner = self.ring.lock().expect("ring lock");
-        let backlog = select_from(&inner.records, &filter);
-        inner.subscribers.add(filter, queue, backlog)
+        let Inner {
+            records,
+            subscribers,
+        } = &mut *inner;
+        subscribers.add(filter, queue, |f| select_from(records, f))
     }
 
     /// Live subscribers and what each lost.
@@ -322,6 +334,12 @@ impl FlowLog {
     pub fn with_metrics(mut self, metrics: Arc<ConnMetrics>) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Access log lines lost so far (0 without an access log).
+    #[must_use]
+    pub fn access_log_dropped(&self) -> u64 {
+        self.access.as_ref().map_or(0, |a| a.dropped())
     }
 
     /// Records evicted from the full ring so far.

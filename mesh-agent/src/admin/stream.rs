@@ -9,6 +9,11 @@
 //! slowly, the stream says so in place, before the next record (or as soon
 //! as the queue is drained): a line `{"lost": N}` with the number lost since
 //! the previous notice.
+//!
+//! [`open`] admits the stream or, beyond the subscriber caps
+//! ([`crate::flows::subscribers::MAX_SUBSCRIBERS`] live streams, and
+//! [`crate::flows::subscribers::MAX_QUEUED_TOTAL`] queued records over all
+//! of them), answers 503 with a JSON `error` saying which cap was hit.
 
 use std::{
     convert::Infallible,
@@ -19,13 +24,55 @@ use std::{
 };
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::{
+    body::{Body, Frame},
+    header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER},
+    Response, StatusCode,
+};
+use serde_json::json;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::flows::{
-    subscribers::{Delivery, Subscription},
-    FlowRecord,
+use super::AnyBody;
+use crate::{
+    flow_filter::FlowFilter,
+    flows::{
+        subscribers::{self, Delivery, SubscribeError, Subscription},
+        FlowLog, FlowRecord,
+    },
 };
+
+/// Opens a flow stream over `flows` for `filter` (which asked to follow)
+/// that ends when `stop` fires; 503 beyond the subscriber caps.
+pub fn open(flows: &FlowLog, filter: FlowFilter, stop: &CancellationToken) -> Response<AnyBody> {
+    let queue = filter.queue.unwrap_or(subscribers::DEFAULT_QUEUE);
+    match flows.subscribe(filter, queue) {
+        Ok(sub) => {
+            tracing::debug!(subscriber = sub.id, "flow stream opened");
+            let mut r = Response::new(FlowStream::new(sub, stop.child_token()).boxed());
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/jsonl"));
+            r
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "flow stream refused");
+            refused(&e).map(BodyExt::boxed)
+        }
+    }
+}
+
+/// 503 with the reason and the caps as JSON, and a hint to retry.
+fn refused(e: &SubscribeError) -> Response<http_body_util::Full<Bytes>> {
+    let mut r = super::json_response(&json!({
+        "error": e.to_string(),
+        "maxSubscribers": subscribers::MAX_SUBSCRIBERS,
+        "maxQueuedTotal": subscribers::MAX_QUEUED_TOTAL,
+    }));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    r
+}
 
 /// The body of a flow stream.
 pub struct FlowStream {
@@ -141,7 +188,7 @@ mod tests {
             ..FlowFilter::default()
         };
         let stop = CancellationToken::new();
-        let mut body = FlowStream::new(log.subscribe(filter, 2), stop.clone());
+        let mut body = FlowStream::new(log.subscribe(filter, 2).unwrap(), stop.clone());
         for conn in 2..=6 {
             fail(&log, conn);
         }
@@ -153,5 +200,54 @@ mod tests {
         assert_eq!(next_line(&mut body).await["conn"], 7);
         stop.cancel();
         assert!(body.frame().await.is_none());
+    }
+
+    fn following(queue: Option<usize>) -> FlowFilter {
+        FlowFilter {
+            follow: true,
+            queue,
+            ..FlowFilter::default()
+        }
+    }
+
+    async fn json_body(r: Response<AnyBody>) -> serde_json::Value {
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn streams_beyond_the_subscriber_cap_get_503_with_a_json_error() {
+        let log = FlowLog::new(10);
+        let stop = CancellationToken::new();
+        let open_streams: Vec<_> = (0..subscribers::MAX_SUBSCRIBERS)
+            .map(|_| open(&log, following(None), &stop))
+            .collect();
+        assert!(open_streams.iter().all(|r| r.status() == StatusCode::OK));
+        let r = open(&log, following(None), &stop);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
+        let v = json_body(r).await;
+        let error = v["error"].as_str().unwrap();
+        assert!(error.contains("too many flow subscribers"), "{error}");
+        assert_eq!(v["maxSubscribers"], subscribers::MAX_SUBSCRIBERS);
+        // A client that leaves frees its place.
+        drop(open_streams);
+        assert_eq!(open(&log, following(None), &stop).status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_queue_beyond_the_total_budget_gets_503() {
+        let log = FlowLog::new(10);
+        let stop = CancellationToken::new();
+        let max = Some(subscribers::MAX_QUEUE);
+        let _a = open(&log, following(max), &stop);
+        let _b = open(&log, following(max), &stop);
+        let r = open(&log, following(None), &stop);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let v = json_body(r).await;
+        assert!(
+            v["error"].as_str().unwrap().contains("queues are full"),
+            "{v}"
+        );
     }
 }

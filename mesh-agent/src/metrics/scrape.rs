@@ -5,7 +5,8 @@
 //! Internals are copied into the registry on each scrape, under one lock so
 //! concurrent scrapes never double-count: gauges are reset and refilled
 //! (a certificate or map that went away disappears), and counters owned by
-//! other components (policy decisions, eBPF reasons, evicted flow records)
+//! other components (policy decisions, eBPF reasons, evicted flow records,
+//! lost access log lines)
 //! are advanced by the difference since the last scrape, which keeps them
 //! monotonic as Prometheus requires.
 
@@ -53,6 +54,7 @@ struct Internals {
     dropped: IntCounter,
     subscriber_dropped: IntCounter,
     subscribers: IntGauge,
+    access_log_dropped: IntCounter,
     active: IntGauge,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
@@ -88,6 +90,10 @@ impl Internals {
             subscribers: reg(prom, IntGauge::new(
                 "heddle_flow_subscribers",
                 "Live flow subscribers now.",
+            )?)?,
+            access_log_dropped: reg(prom, IntCounter::new(
+                "heddle_access_log_dropped_total",
+                "Access log lines lost: the queue to the access log writer thread was full (the output is slower than connections end, e.g. a stalled stdout pipe), or the write failed. Connections never wait for the access log.",
             )?)?,
             active: reg(prom, IntGauge::new(
                 "heddle_active_connections",
@@ -156,6 +162,7 @@ impl Exporter {
         let subs = s.flows.subscriber_stats();
         advance(&m.subscriber_dropped, subs.lost_total);
         m.subscribers.set(gauge(subs.subscribers.len()));
+        advance(&m.access_log_dropped, s.flows.access_log_dropped());
         for d in s.authz.decisions() {
             let policy = d
                 .policy
