@@ -279,8 +279,20 @@ fn the_access_log_is_off_by_default_and_one_json_line_per_connection_when_on() {
                     .count()
                     >= 3
         })?;
-        let text =
-            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        // The access log is written by its own thread: wait for the lines.
+        let text = heddle_tests::poll_until(
+            "3 access-log lines",
+            WAIT,
+            std::time::Duration::from_millis(50),
+            || {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                Ok(if text.lines().count() >= 3 {
+                    heddle_tests::Check::Ready(text)
+                } else {
+                    heddle_tests::Check::Pending(text)
+                })
+            },
+        )?;
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(serde_json::from_str)
