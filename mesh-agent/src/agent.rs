@@ -76,6 +76,10 @@ pub struct Settings {
     /// How long shutdown waits for open connections.
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
+    /// At exit, leave enrolled pods in the maps and every program attached
+    /// and pinned (they fail closed until the next agent), unless no pod is
+    /// enrolled then. See ARCHITECTURE.md, "Crash, restart, shutdown".
+    pub keep_attached_on_exit: bool,
     /// The mesh CA; `None` runs without mTLS (plaintext forwarding).
     pub ca: Option<CaClientSettings>,
     /// The namespace whose policies apply mesh-wide.
@@ -349,22 +353,77 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let reconciler = tokio::spawn(reconcile(registry_rx, capture.clone(), stop.clone()));
 
     wait_for_shutdown().await?;
-    tracing::info!("shutting down: un-enrolling pods, draining connections");
+    tracing::info!(
+        keep_attached_on_exit = settings.keep_attached_on_exit,
+        "shutting down: not ready, stopping the pods' listeners, draining connections"
+    );
     admin_state.ready.store(false, Ordering::Release);
     stop.cancel();
     let _ = updater.await;
     let _ = reconciler.await;
     let _ = reevaluator.await;
-    drain(&capture, &tracker, settings.drain_timeout).await;
-    datapath.shutdown();
-    tracing::info!("eBPF programs detached; bye");
+    let exit = stop_capture(&capture, settings.keep_attached_on_exit);
+    drain(&tracker, settings.drain_timeout).await;
+    leave_datapath(&datapath, exit, &settings.pin_dir);
     Ok(())
 }
 
-/// Un-enrolls every pod (no new connections are captured), then lets open
-/// connections finish for up to `deadline`.
-async fn drain(capture: &Mutex<Capture>, tracker: &TaskTracker, deadline: Duration) {
-    capture.lock().expect("capture lock").shutdown();
+/// The last step of an exit: detach everything, or leave it pinned.
+fn leave_datapath(datapath: &Datapath, exit: Exit, pin_dir: &std::path::Path) {
+    match exit {
+        Exit::Detach => {
+            datapath.shutdown();
+            tracing::info!(pins = %pin_dir.display(), "eBPF programs detached and unpinned; pods go direct; bye");
+        }
+        Exit::KeepAttached { pods } => {
+            datapath.release();
+            tracing::warn!(
+                pods,
+                pins = %pin_dir.display(),
+                "eBPF programs left attached and pinned (--keep-attached-on-exit): enrolled pods fail closed until the next agent starts; bye"
+            );
+        }
+    }
+}
+
+/// What an exiting agent leaves behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    /// Everything detached and unpinned: pods go direct.
+    Detach,
+    /// Everything left attached and pinned: `pods` enrolled pods fail closed
+    /// until the next agent.
+    KeepAttached { pods: usize },
+}
+
+/// Stops capturing new connections. Without `keep_attached`, or when no pod
+/// is enrolled (an uninstall: the admin un-enrolled every namespace first),
+/// every pod is un-enrolled and the agent will detach everything. Otherwise
+/// the pods' listeners close but they stay enrolled, so the datapath keeps
+/// them from bypassing the mesh while no agent runs.
+fn stop_capture(capture: &Mutex<Capture>, keep_attached: bool) -> Exit {
+    let mut capture = capture.lock().expect("capture lock");
+    let enrolled = capture.enrolled_count();
+    if keep_attached && enrolled > 0 {
+        tracing::info!(
+            pods = enrolled,
+            "keeping enrolled pods in the datapath (--keep-attached-on-exit): their new connections fail closed until the next agent"
+        );
+        Exit::KeepAttached {
+            pods: capture.release(),
+        }
+    } else {
+        if keep_attached {
+            tracing::info!("no pod enrolled: detaching and unpinning everything despite --keep-attached-on-exit (uninstall)");
+        }
+        capture.shutdown();
+        Exit::Detach
+    }
+}
+
+/// Lets open connections finish for up to `deadline`. New ones are no
+/// longer accepted (see [`stop_capture`]).
+async fn drain(tracker: &TaskTracker, deadline: Duration) {
     tracker.close();
     if tokio::time::timeout(deadline, tracker.wait())
         .await

@@ -7,7 +7,9 @@
 //! inside it, and the tunnel listener (`0.0.0.0:15008`) when mTLS is on; attach `sk_lookup` to the netns; register the inbound listener
 //! for each pod IPv4; mark the netns enrolled for `connect4`; start the accept
 //! loops. Un-enrolling runs the steps backwards. Existing connections are not
-//! cut: they hold their own sockets and finish (or drain at shutdown).
+//! cut: they hold their own sockets and finish (or drain at shutdown). At an
+//! exit with `--keep-attached-on-exit`, [`Capture::release`] stops the accept
+//! loops without un-enrolling, so the pods fail closed until the next agent.
 //!
 //! [`Capture::reconcile`] is idempotent and is called on every configuration
 //! change and every poll tick, so a pod that could not be enrolled (its netns
@@ -247,11 +249,38 @@ impl Capture {
         tracing::info!(pod = %id, "pod un-enrolled");
     }
 
-    /// Un-enrolls every pod (agent shutdown).
+    /// Un-enrolls every pod (agent shutdown): their new connections go
+    /// direct.
     pub fn shutdown(&mut self) {
         for (id, e) in std::mem::take(&mut self.enrolled) {
             self.unenroll(&id, e);
         }
+    }
+
+    /// How many pods are enrolled now.
+    #[must_use]
+    pub fn enrolled_count(&self) -> usize {
+        self.enrolled.len()
+    }
+
+    /// Stops accepting for every pod but leaves it enrolled in the datapath
+    /// (agent exit with `--keep-attached-on-exit`): the accept loops are
+    /// cancelled, which closes the in-pod listeners, while the pod stays in
+    /// `HEDDLE_ENROLLED` and `HEDDLE_INBOUND_IPS` and its `sk_lookup` link
+    /// stays pinned. Its new connections then fail closed exactly as after
+    /// a crash (outbound: refused at the closed `15001`; inbound:
+    /// `lookup_refused_no_listener`, since the kernel drops a closed
+    /// listener from the socket hash) until the next agent detaches the
+    /// stale links and enrolls it again. Returns how many pods were left so.
+    pub fn release(&mut self) -> usize {
+        let pods = std::mem::take(&mut self.enrolled);
+        for (id, e) in &pods {
+            e.stop.cancel();
+            tracing::info!(pod = %id, cookie = e.pod.cookie, "pod left enrolled (fails closed until the next agent)");
+        }
+        // Dropping the links closes this process's handles only; their pins
+        // keep them attached.
+        pods.len()
     }
 
     /// Capture status of a local workload.

@@ -1,14 +1,17 @@
 //! The eBPF datapath: loading the programs, attaching them, pinning their
 //! links, and the map operations the agent needs.
 //!
-//! Lifecycle (see ARCHITECTURE.md, "Crash and restart"):
+//! Lifecycle (see ARCHITECTURE.md, "Crash, restart, shutdown (decision)"):
 //! * links are pinned under the pin directory, so programs stay attached if
 //!   the agent dies: enrolled pods then fail closed (outbound connects are
 //!   refused, inbound connections dropped) rather than bypass the mesh;
 //! * on start, links left by a previous instance are detached before new
 //!   programs are attached, so exactly one set is ever active;
-//! * on a clean exit everything is detached and the pins removed, and pods
-//!   go direct again.
+//! * on a clean exit either everything is detached and the pins removed
+//!   ([`Datapath::shutdown`]: pods go direct again), or, with
+//!   `--keep-attached-on-exit` and pods still enrolled, everything is left
+//!   attached and pinned ([`Datapath::release`]: pods fail closed as after a
+//!   crash until the next agent takes over).
 
 use std::{
     fs::File,
@@ -422,6 +425,18 @@ impl Datapath {
         }
         if let Err(e) = std::fs::remove_dir(&self.pin_dir) {
             tracing::warn!(dir = %self.pin_dir.display(), error = %e, "cannot remove pin directory");
+        }
+    }
+
+    /// Leaves the cgroup programs attached and pinned (and with them the
+    /// maps they reference, pod entries included): only this process's
+    /// handles are closed, the pins keep the links alive. The next agent
+    /// detaches them at start ([`Datapath::start`]).
+    pub fn release(&self) {
+        for (att, link) in self.cgroup_links.lock().expect("links lock").drain(..) {
+            tracing::debug!(pin = %att.pin.display(), "leaving link attached");
+            // Dropping a `PinnedLink` closes its fd; the pin holds the link.
+            drop(link);
         }
     }
 }

@@ -91,6 +91,13 @@ struct RunArgs {
     /// Seconds to let open connections finish at shutdown.
     #[arg(long, env = "HEDDLE_DRAIN_SECONDS", default_value_t = 5)]
     drain_seconds: u64,
+    /// On SIGTERM/SIGINT, stop accepting and drain but leave enrolled pods
+    /// in the datapath and the programs attached and pinned, so those pods
+    /// fail closed (no plaintext, no policy bypass) until the next agent
+    /// takes over, e.g. during a rollout of the agents. When no pod is enrolled
+    /// at exit everything is detached as without the flag (uninstall).
+    #[arg(long, env = "HEDDLE_KEEP_ATTACHED_ON_EXIT")]
+    keep_attached_on_exit: bool,
     /// Tokio worker threads.
     #[arg(long, env = "HEDDLE_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -249,6 +256,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         flow_capacity: args.flow_capacity,
         access_log: args.access_log,
         drain_timeout: Duration::from_secs(args.drain_seconds),
+        keep_attached_on_exit: args.keep_attached_on_exit,
         ca: match (args.ca_addr, args.ca_token_file, args.trust_bundle) {
             (Some(addr), Some(token_file), Some(trust_bundle)) => Some(agent::CaClientSettings {
                 addr,

@@ -9,7 +9,9 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,9 @@ use common::{
     ECHO_PORT, SERVER_VIP, SERVER_VIP_PORT, WAIT,
 };
 use heddle_tests::admin::maps;
-use heddle_tests::{poll_until, Agent, Check, ClientSpec, Direction, FlowEvent};
+use heddle_tests::{
+    poll_until, Agent, Check, ClientSpec, ClientSummary, Direction, FlowEvent, Node, TestbedError,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -336,6 +340,124 @@ fn a_killed_agent_fails_closed_and_captures_again_after_restart() {
 }
 
 #[test]
+fn with_keep_attached_on_exit_a_stopped_agent_leaves_its_pods_failing_closed_until_restart() {
+    let mut pin_root = None;
+    run_e2e("keep_attached", Options::peer(), |c| {
+        pin_root = c.node_a.pin_dir().parent().map(Path::to_path_buf);
+        let peer = c.peer.as_ref().context("peer pod")?;
+        let (to, to_peer) = (c.server.addr(ECHO_PORT), peer.addr(ECHO_PORT));
+        c.tb.set_agent_args(&["--keep-attached-on-exit"]);
+        c.agent_a.restart()?;
+        expect_delivered(&c.client, &ClientSpec::to(to))?;
+        expect_exactly(&c.agent_a, Direction::Outbound, "demo/client", to, 1)?;
+        let pinned = pins(&c.node_a)?;
+        ensure!(
+            pinned.len() == 5,
+            "3 cgroup links + 2 sk_lookup pinned: {pinned:?}"
+        );
+
+        c.agent_a.stop()?;
+        ensure_clean_exit(&c.agent_a, "left attached and pinned")?;
+        let left = pins(&c.node_a)?;
+        ensure!(
+            left == pinned,
+            "pins changed at exit: {pinned:?} -> {left:?}"
+        );
+
+        // Outbound from the enrolled client: refused, never delivered direct.
+        let served = c.echo_records(&c.server).len();
+        let down = c.client.run_client(&ClientSpec::to(to).conns(3))?;
+        ensure!(
+            down.failed == 3,
+            "connections succeeded with the agent down: {down}"
+        );
+        ensure_refused(&down)?;
+        // Inbound to the enrolled peer: refused by `sk_lookup` (no listener).
+        let down = c.other.run_client(&ClientSpec::to(to_peer))?;
+        ensure!(
+            down.failed == 1,
+            "inbound succeeded with the agent down: {down}"
+        );
+        ensure_refused(&down)?;
+        ensure!(
+            c.echo_records(peer).is_empty(),
+            "the peer was reached directly: {:?}",
+            c.echo_records(peer)
+        );
+        // A pod that is not enrolled is not affected.
+        expect_delivered(&c.other, &ClientSpec::to(to))?;
+        // The server saw that connection only: none of the client's arrived.
+        let got = poll_until(
+            "the server's echo record",
+            WAIT,
+            Duration::from_millis(50),
+            || {
+                let got = c.echo_records(&c.server);
+                Ok(if got.len() > served {
+                    Check::Ready(got)
+                } else {
+                    Check::Pending(format!("{} records", got.len()))
+                })
+            },
+        )?;
+        std::thread::sleep(Duration::from_millis(200));
+        let got = c.echo_records(&c.server).len().max(got.len());
+        ensure!(
+            got == served + 1,
+            "the server saw {got} connections, expected {served} + 1 (the non-enrolled pod's)"
+        );
+
+        c.agent_a.restart()?;
+        ensure!(
+            c.agent_a
+                .log_tail(200)
+                .contains("detaching link left by a previous agent"),
+            "the new agent did not detach the stale links:\n{}",
+            c.agent_a.log_tail(40)
+        );
+        expect_delivered(&c.client, &ClientSpec::to(to).conns(3))?;
+        expect_exactly(&c.agent_a, Direction::Outbound, "demo/client", to, 3)?;
+        expect_delivered(&c.other, &ClientSpec::to(to_peer))?;
+        expect_exactly(&c.agent_a, Direction::Inbound, "demo/peer", to_peer, 1)?;
+        ensure_one_set_of_attachments(&c.agent_a, 2)?;
+        let now = pins(&c.node_a)?;
+        ensure!(
+            now.len() == 5,
+            "exactly one set pinned after restart: {now:?}"
+        );
+        Ok(())
+    });
+    ensure_pins_removed(pin_root.as_deref());
+}
+
+#[test]
+fn with_keep_attached_on_exit_an_agent_with_no_enrolled_pod_detaches_everything() {
+    let mut pin_root = None;
+    run_e2e("keep_attached_uninstall", Options::default(), |c| {
+        pin_root = c.node_a.pin_dir().parent().map(Path::to_path_buf);
+        let to = c.server.addr(ECHO_PORT);
+        c.tb.set_agent_args(&["--keep-attached-on-exit"]);
+        c.agent_a.restart()?;
+        ensure!(!pins(&c.node_a)?.is_empty(), "nothing pinned");
+        // The admin un-enrolls everything before deleting the DaemonSet.
+        c.tb.apply_enrollment(&c.client, false)?;
+        wait_map_entries(&c.agent_a, maps::ENROLLED, 0)?;
+
+        c.agent_a.stop()?;
+        ensure_clean_exit(&c.agent_a, "no pod enrolled: detaching")?;
+        let left = pins(&c.node_a)?;
+        ensure!(
+            left.is_empty(),
+            "pins left after an uninstall exit: {left:?}"
+        );
+        // Pods go direct: nothing of the agent is left on the node.
+        expect_delivered(&c.client, &ClientSpec::to(to))?;
+        Ok(())
+    });
+    ensure_pins_removed(pin_root.as_deref());
+}
+
+#[test]
 fn pods_cannot_reach_addresses_outside_the_test_bed() {
     run_e2e("no_escape", Options::default(), |c| {
         for node in [&c.node_a, &c.node_b] {
@@ -428,6 +550,99 @@ fn wait_map_entries(agent: &Agent, map: &str, entries: u64) -> Result<()> {
         })
     })?;
     Ok(())
+}
+
+/// The agent exited by itself with status 0 (not killed after the grace
+/// period), and logged `said`.
+fn ensure_clean_exit(agent: &Agent, said: &str) -> Result<()> {
+    let status = match agent.wait_ready(Duration::ZERO) {
+        Err(TestbedError::AgentNotRunning { status, .. }) => status,
+        Ok(()) => "still running".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    ensure!(
+        status == "exit status: 0",
+        "agent exit: {status}\n{}",
+        agent.log_tail(30)
+    );
+    ensure!(
+        agent.log_tail(30).contains(said),
+        "agent did not log {said:?}:\n{}",
+        agent.log_tail(30)
+    );
+    Ok(())
+}
+
+/// Every connection failed as refused (or reset): fail closed.
+fn ensure_refused(summary: &ClientSummary) -> Result<()> {
+    ensure!(
+        !summary.errors.is_empty()
+            && summary.errors.iter().all(|e| {
+                let e = e.to_lowercase();
+                e.contains("refused") || e.contains("reset")
+            }),
+        "expected `connection refused` (fail closed): {summary}"
+    );
+    Ok(())
+}
+
+/// `GET /datapath` lists each cgroup program once and one `sk_lookup` per
+/// enrolled pod, each in its own namespace.
+fn ensure_one_set_of_attachments(agent: &Agent, pods: usize) -> Result<()> {
+    let programs = agent.datapath()?.programs;
+    let field = |p: &serde_json::Value, k: &str| p[k].as_str().unwrap_or_default().to_owned();
+    let count = |attach: &str| {
+        programs
+            .iter()
+            .filter(|p| field(p, "attach") == attach)
+            .count()
+    };
+    for attach in ["cgroup/connect4", "cgroup/connect6", "cgroup/sock_ops"] {
+        ensure!(
+            count(attach) == 1,
+            "{attach} attached {} times: {programs:?}",
+            count(attach)
+        );
+    }
+    let targets: BTreeSet<String> = programs
+        .iter()
+        .filter(|p| field(p, "attach") == "sk_lookup")
+        .map(|p| field(p, "target"))
+        .collect();
+    ensure!(
+        count("sk_lookup") == pods && targets.len() == pods,
+        "expected one sk_lookup in each of {pods} pods: {programs:?}"
+    );
+    ensure!(
+        programs.len() == 3 + pods,
+        "unexpected attachments: {programs:?}"
+    );
+    Ok(())
+}
+
+/// The names pinned in the node's pin directory (none if it is gone).
+fn pins(node: &Node) -> Result<BTreeSet<String>> {
+    let dir = node.pin_dir();
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => Ok(entries
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+        Err(e) => Err(e).with_context(|| format!("listing {}", dir.display())),
+    }
+}
+
+/// Teardown removed the test bed's pin root (a kept-attached exit must not
+/// leave pins behind the test bed).
+fn ensure_pins_removed(pin_root: Option<&Path>) {
+    if let Some(root) = pin_root {
+        assert!(
+            !root.exists(),
+            "{} left after teardown: {:?}",
+            root.display(),
+            std::fs::read_dir(root).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        );
+    }
 }
 
 fn ip_route_default() -> Command {

@@ -138,6 +138,18 @@ fn agent_probes_hit_endpoints_the_agent_serves() {
     let agent = container(spec, "agent");
     let (port, path) = assert_probe_served(agent.liveness_probe.as_ref(), agent, "liveness");
     assert_eq!((port, path.as_str()), (15020, "/healthz"));
+    // The first start waits for the initial lists and the trust bundle
+    // before the metrics server opens: the startup probe allows for that
+    // (and holds liveness off until then) on the same endpoint.
+    let startup = agent.startup_probe.as_ref();
+    let (port, path) = assert_probe_served(startup, agent, "startup");
+    assert_eq!((port, path.as_str()), (15020, "/healthz"));
+    let startup = startup.unwrap();
+    assert_eq!(
+        (startup.period_seconds, startup.failure_threshold),
+        (Some(5), Some(60)),
+        "startup probe: 60 x 5 s"
+    );
     let (port, path) = assert_probe_served(agent.readiness_probe.as_ref(), agent, "readiness");
     // /ready turns 200 once the programs are attached and the pods reconciled.
     assert_eq!(path, "/ready");
@@ -160,6 +172,27 @@ fn agent_probes_hit_endpoints_the_agent_serves() {
         .iter()
         .flatten()
         .any(|p| p.container_port == 15020));
+}
+
+#[test]
+fn agent_keeps_enrolled_pods_failing_closed_across_a_rollout() {
+    let m = manifests();
+    let agent = container(pod_spec_of_daemonset(&m), "agent");
+    assert_eq!(
+        env(agent)
+            .get("HEDDLE_KEEP_ATTACHED_ON_EXIT")
+            .cloned()
+            .flatten()
+            .as_deref(),
+        Some("true"),
+        "a rollout must not let enrolled pods bypass the mesh"
+    );
+    // The variable is the agent's flag, not a typo the agent would ignore.
+    let main = fs::read_to_string(repo_root().join("mesh-agent/src/main.rs")).unwrap();
+    assert!(
+        main.contains("env = \"HEDDLE_KEEP_ATTACHED_ON_EXIT\""),
+        "mesh-agent run reads HEDDLE_KEEP_ATTACHED_ON_EXIT"
+    );
 }
 
 #[test]
