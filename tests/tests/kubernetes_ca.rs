@@ -7,7 +7,9 @@
 //! authenticated by `TokenReview` gets certificates for the pods on its node
 //! and only for those; unknown tokens, tokens for another audience and
 //! tokens of another service account are refused; an API server that is
-//! down gives 503 (fail closed). Needs no root.
+//! down gives 503 (fail closed); a repeated token costs one `TokenReview`;
+//! the CA's own identity is never issued; a root Secret whose key does not
+//! match its certificate stops the CA. Needs no root.
 
 use std::{
     collections::BTreeMap,
@@ -284,7 +286,18 @@ fn a_malformed_root_secret_stops_the_ca_with_a_message_naming_it() -> Result<()>
         "data": {"tls.crt": base64::engine::general_purpose::STANDARD.encode(&cert)}
     }))?;
     let kc = kubeconfig(&api, &dir.0)?;
-    let (mut child, _) = spawn_ca(&kc, &dir.0)?;
+    let log = ca_exit_log(&kc, &dir.0)?;
+    ensure!(
+        log.contains("Secret heddle-system/heddle-ca-root is malformed: key tls.key: missing"),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// Starts the CA, expects it to exit unsuccessfully within 20 s, and
+/// returns its log.
+fn ca_exit_log(kc: &Path, dir: &Path) -> Result<String> {
+    let (mut child, _) = spawn_ca(kc, dir)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = child.try_wait()? {
@@ -292,16 +305,40 @@ fn a_malformed_root_secret_stops_the_ca_with_a_message_naming_it() -> Result<()>
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("the CA kept running with a Secret without tls.key");
+            bail!("the CA kept running with an unusable root Secret");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut log = String::new();
-    std::fs::File::open(dir.0.join("ca.log"))?.read_to_string(&mut log)?;
+    std::fs::File::open(dir.join("ca.log"))?.read_to_string(&mut log)?;
     ensure!(!status.success(), "exit status {status}");
+    Ok(log)
+}
+
+#[test]
+fn a_root_secret_whose_key_is_not_the_certificates_stops_the_ca_naming_it() -> Result<()> {
+    let api = ApiServer::start()?;
+    let dir = TempDir::new("mismatch");
+    let (cert, _) = create_root("cluster.local")?;
+    let (_, other_key) = create_root("cluster.local")?;
+    let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"namespace": NS, "name": "heddle-ca-root"},
+        "data": {"tls.crt": enc(&cert), "tls.key": enc(&other_key)}
+    }))?;
+    let kc = kubeconfig(&api, &dir.0)?;
+    let log = ca_exit_log(&kc, &dir.0)?;
     ensure!(
-        log.contains("Secret heddle-system/heddle-ca-root is malformed: key tls.key: missing"),
+        log.contains(
+            "CA root key in Secret heddle-system/heddle-ca-root key tls.key does not match \
+             the certificate in Secret heddle-system/heddle-ca-root key tls.crt"
+        ),
         "{log}"
+    );
+    ensure!(
+        api.get("v1", "ConfigMap", Some(NS), "heddle-trust-bundle").is_none(),
+        "a bundle was published from an unusable root"
     );
     Ok(())
 }
@@ -390,3 +427,67 @@ fn the_ca_answers_503_when_the_api_server_is_down() -> Result<()> {
     Ok(())
 }
 
+
+fn token_reviews(api: &ApiServer) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/tokenreviews"))
+        .count()
+}
+
+#[test]
+fn a_repeated_token_is_answered_from_the_cache_without_a_second_token_review() -> Result<()> {
+    let api = ApiServer::start()?;
+    let dir = TempDir::new("cache");
+    api.apply(pod("demo", "web-1", "web", "node-a"))?;
+    api.apply(pod("demo", "api-1", "api", "node-a"))?;
+    agent_token(&api, "agent-a", AGENT_USER, &["heddle-ca"], "node-a");
+    let kc = kubeconfig(&api, &dir.0)?;
+    let ca = start_ca(&kc, &dir.0)?;
+    let bundle = published_bundle(&api)?;
+    let before = token_reviews(&api);
+
+    // A flood of one bad token: refused every time, reviewed once.
+    let bad = client(&ca, &bundle, &dir.0, "never-issued")?;
+    for _ in 0..5 {
+        match sign(&bad, &id("demo", "web")) {
+            Err(CaError::Refused { status: 401, .. }) => {}
+            other => bail!("expected 401, got {other:?}"),
+        }
+    }
+    ensure!(
+        token_reviews(&api) == before + 1,
+        "{} TokenReviews for one bad token repeated 5 times",
+        token_reviews(&api) - before
+    );
+
+    // An agent asking for each of its identities is reviewed once too.
+    let agent_a = client(&ca, &bundle, &dir.0, "agent-a")?;
+    sign(&agent_a, &id("demo", "web"))?;
+    sign(&agent_a, &id("demo", "api"))?;
+    ensure!(token_reviews(&api) == before + 2, "good token reviewed more than once");
+    Ok(())
+}
+
+#[test]
+fn the_ca_never_issues_its_own_identity_even_to_the_node_that_hosts_its_pod() -> Result<()> {
+    let api = ApiServer::start()?;
+    let dir = TempDir::new("reserved");
+    // A pod with the CA's service account on node-a: its agent may not get
+    // the identity agents check the CA by.
+    api.apply(pod(NS, "heddle-ca-0", "heddle-ca", "node-a"))?;
+    agent_token(&api, "agent-a", AGENT_USER, &["heddle-ca"], "node-a");
+    let kc = kubeconfig(&api, &dir.0)?;
+    let ca = start_ca(&kc, &dir.0)?;
+    let bundle = published_bundle(&api)?;
+    let agent_a = client(&ca, &bundle, &dir.0, "agent-a")?;
+    match sign(&agent_a, &id(NS, "heddle-ca")) {
+        Err(CaError::Refused { status: 403, message }) => ensure!(
+            message.contains("spiffe://cluster.local/ns/heddle-system/sa/heddle-ca")
+                && message.contains("reserved for the mesh CA"),
+            "{message}"
+        ),
+        other => bail!("expected 403, got {other:?}"),
+    }
+    Ok(())
+}

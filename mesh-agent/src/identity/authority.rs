@@ -54,6 +54,18 @@ pub enum AuthorityError {
         /// What is wrong.
         message: String,
     },
+    /// The private key is not the key of the certificate: every leaf it
+    /// signed would fail verification against the published root.
+    #[error(
+        "CA root key in {key_origin} does not match the certificate in {cert_origin} \
+         (their public keys differ): supply the key of that certificate"
+    )]
+    KeyMismatch {
+        /// Where the certificate came from.
+        cert_origin: String,
+        /// Where the key came from.
+        key_origin: String,
+    },
     /// The CSR is malformed or its signature is wrong.
     #[error("invalid certificate signing request: {0}")]
     BadCsr(String),
@@ -173,6 +185,7 @@ impl Authority {
             message,
         };
         let key = KeyPair::from_pem(root.key).map_err(|e| bad(root.key_origin, e.to_string()))?;
+        check_key_matches(root, &key)?;
         let issuer = Issuer::from_ca_cert_pem(root.cert, key)
             .map_err(|e| bad(root.cert_origin, e.to_string()))?;
         let first = first_pem_block(root.cert)
@@ -294,6 +307,32 @@ fn leaf_params(
     params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
     params.use_authority_key_identifier_extension = true;
     Ok(params)
+}
+
+/// Whether `key` is the private key of the first certificate of `root.cert`:
+/// the public key of its `SubjectPublicKeyInfo` must equal the key's. Without
+/// this a mismatched Secret gives a CA that reports ready while every leaf it
+/// signs fails verification.
+fn check_key_matches(root: &RootPem<'_>, key: &KeyPair) -> Result<(), AuthorityError> {
+    use rcgen::PublicKeyData as _;
+    let bad = |message: String| AuthorityError::BadRoot {
+        origin: root.cert_origin.to_owned(),
+        message,
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(root.cert.as_bytes())
+        .map_err(|e| bad(format!("no PEM certificate: {e}")))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+    let spki = cert.public_key();
+    if spki.subject_public_key.data.as_ref() == key.der_bytes() {
+        Ok(())
+    } else {
+        Err(AuthorityError::KeyMismatch {
+            cert_origin: root.cert_origin.to_owned(),
+            key_origin: root.key_origin.to_owned(),
+        })
+    }
 }
 
 /// The first PEM block of `pem`, `-----BEGIN` to `-----END ...-----`.
@@ -434,6 +473,25 @@ mod tests {
         assert!(a.bundle_pem().starts_with(&old));
         assert!(normalise(a.bundle_pem()).contains(&normalise(&cert)));
         assert_eq!(crate::identity::tls::roots_from_pem(a.bundle_pem()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused_naming_both() {
+        let (cert, _) = create_root("cluster.local").unwrap();
+        let (_, other_key) = create_root("cluster.local").unwrap();
+        let err = Authority::from_pem(
+            &root_pem(&cert, &other_key, None),
+            "cluster.local",
+            Duration::from_hours(1),
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, AuthorityError::KeyMismatch { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "CA root key in test tls.key does not match the certificate in test tls.crt \
+             (their public keys differ): supply the key of that certificate"
+        );
     }
 
     #[test]

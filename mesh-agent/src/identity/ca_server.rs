@@ -11,10 +11,25 @@
 //! root in a Secret and in memory only). Status codes: 401 unauthenticated,
 //! 403 not allowed (the message names node and identity), 400 bad request or
 //! CSR, 503 when the source of truth cannot be consulted (fail closed).
+//!
+//! Every pod can reach the CA's port, so the server bounds what one client
+//! can hold ([`Limits`]): at most `max_connections` connections at once
+//! (excess ones are closed at once, counted in [`CaServer::refused_connections`]
+//! and logged at most once a second), a TLS handshake timeout, a
+//! request-header timeout (hyper's `header_read_timeout`, which needs a
+//! timer), and an overall deadline per connection. Identities the mesh
+//! itself relies on ([`reserved_identities`], the CA's own) are never issued.
 
 use std::{
-    collections::BTreeSet, convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc,
-    time::{Duration, SystemTime},
+    collections::BTreeSet,
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -23,9 +38,9 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 
 pub use super::ca_auth::token_path;
@@ -55,10 +70,57 @@ pub struct CaSettings {
     pub leaf_ttl: Duration,
 }
 
+/// What one client may hold on the CA (every pod can reach its port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; further ones are closed at once.
+    /// Default 512: agents open one connection per request and request a
+    /// certificate per identity per half TTL.
+    pub max_connections: usize,
+    /// Time to complete the TLS handshake. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Time to send the request headers once TLS is up (hyper
+    /// `header_read_timeout`). Default 5 s.
+    pub header_read_timeout: Duration,
+    /// Longest a connection lives, handshake and all requests included
+    /// (bounds a slow body too). Default 30 s.
+    pub connection_deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(5),
+            connection_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Identities the CA never issues to a workload, whatever runs where: its
+/// own (`spiffe://<td>/ns/heddle-system/sa/heddle-ca`, which agents check
+/// when they connect to it) and the same service account in the namespace
+/// the CA runs in, `ca_namespace`, if that differs. A node that hosts a pod
+/// with such a service account would otherwise obtain a certificate agents
+/// take for the CA's.
+#[must_use]
+pub fn reserved_identities(trust_domain: &str, ca_namespace: &str) -> Vec<SpiffeId> {
+    let own = ca_identity(trust_domain);
+    let here = SpiffeId::new(trust_domain, ca_namespace, own.service_account());
+    if here == own {
+        vec![own]
+    } else {
+        vec![own, here]
+    }
+}
+
 struct State {
     authority: Authority,
     authn: Arc<dyn NodeAuthenticator>,
     authz: Arc<dyn IdentityAuthorizer>,
+    /// Identities never issued ([`reserved_identities`]).
+    reserved: Vec<SpiffeId>,
     /// Where the decisions come from, for the start-up log line.
     mode: &'static str,
 }
@@ -83,7 +145,9 @@ pub async fn run(server: CaServer, listen: SocketAddr) -> anyhow::Result<()> {
 /// A CA ready to serve.
 pub struct CaServer {
     acceptor: tokio_rustls::TlsAcceptor,
-    state: Arc<State>,
+    state: State,
+    limits: Limits,
+    refused: Arc<AtomicU64>,
 }
 
 impl CaServer {
@@ -108,6 +172,7 @@ impl CaServer {
     }
 
     /// A CA over any root and decision sources; `mode` names them in logs.
+    /// It refuses [`ca_identity`]; [`CaServer::reserve`] adds more.
     pub fn from_parts(
         authority: Authority,
         authenticator: Arc<dyn NodeAuthenticator>,
@@ -126,15 +191,45 @@ impl CaServer {
             .with_no_client_auth()
             .with_single_cert(certs, key)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let reserved = vec![ca_identity(authority.trust_domain())];
         Ok(Self {
             acceptor,
-            state: Arc::new(State {
+            state: State {
                 authority,
                 authn: authenticator,
                 authz: authorizer,
+                reserved,
                 mode,
-            }),
+            },
+            limits: Limits::default(),
+            refused: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Never issues `identities` either (e.g. the CA's service account in
+    /// the namespace it runs in).
+    #[must_use]
+    pub fn reserve(mut self, identities: impl IntoIterator<Item = SpiffeId>) -> Self {
+        for id in identities {
+            if !self.state.reserved.contains(&id) {
+                self.state.reserved.push(id);
+            }
+        }
+        self
+    }
+
+    /// Serves under `limits` instead of [`Limits::default`].
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Connections closed at once because `max_connections` were being
+    /// served (a counter shared with the running server).
+    #[must_use]
+    pub fn refused_connections(&self) -> Arc<AtomicU64> {
+        self.refused.clone()
     }
 
     /// The trust bundle agents need.
@@ -145,10 +240,18 @@ impl CaServer {
 
     /// Serves on `listener` until `stop` fires.
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
-        let Self { acceptor, state } = self;
+        let Self {
+            acceptor,
+            state,
+            limits,
+            refused,
+        } = self;
+        let state = Arc::new(state);
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(listen = %addr, mode = state.mode, trust_domain = state.authority.trust_domain(), ttl_s = state.authority.leaf_ttl().as_secs(), "mesh CA ready");
+            tracing::info!(listen = %addr, mode = state.mode, trust_domain = state.authority.trust_domain(), ttl_s = state.authority.leaf_ttl().as_secs(), max_connections = limits.max_connections, "mesh CA ready");
         }
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let refusals = RefusalLog::new(refused);
         loop {
             let (tcp, peer) = tokio::select! {
                 () = stop.cancelled() => return,
@@ -161,22 +264,75 @@ impl CaServer {
                     }
                 },
             };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // Closed before the handshake: a flood costs an accept each.
+                drop(tcp);
+                refusals.record(peer, limits.max_connections);
+                continue;
+            };
             let (acceptor, state) = (acceptor.clone(), state.clone());
             tokio::spawn(async move {
-                let Ok(Ok(tls)) =
-                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                else {
-                    tracing::debug!(%peer, "TLS handshake with CA client failed");
-                    return;
-                };
-                let svc = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(&state, req).await) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
+                let conn = serve_connection(acceptor, tcp, state, limits);
+                if tokio::time::timeout(limits.connection_deadline, conn)
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(%peer, deadline_s = limits.connection_deadline.as_secs(), "CA connection closed at its deadline");
+                }
+                drop(permit);
             });
+        }
+    }
+}
+
+/// One client connection: TLS, then HTTP/1 with a header timeout.
+async fn serve_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    state: Arc<State>,
+    limits: Limits,
+) {
+    let peer = tcp.peer_addr().ok();
+    let Ok(Ok(tls)) = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await
+    else {
+        tracing::debug!(?peer, "TLS handshake with CA client failed or timed out");
+        return;
+    };
+    let svc = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+    });
+    let _ = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(tls), svc)
+        .await;
+}
+
+/// Counts connections refused for want of a slot and logs them at most
+/// once a second (a flood must not become a flood of log lines).
+struct RefusalLog {
+    count: Arc<AtomicU64>,
+    last_logged: std::sync::Mutex<Option<Instant>>,
+}
+
+impl RefusalLog {
+    fn new(count: Arc<AtomicU64>) -> Self {
+        Self {
+            count,
+            last_logged: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn record(&self, peer: SocketAddr, max: usize) {
+        let total = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self
+            .last_logged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *last = Some(Instant::now());
+            tracing::warn!(%peer, max_connections = max, refused_total = total, "CA connection limit reached: closing new connections");
         }
     }
 }
@@ -233,6 +389,15 @@ async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (St
             format!("node {node} asked for {identity}, which is not in trust domain {trust_domain}"),
         ));
     }
+    if state.reserved.contains(&identity) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "node {node} asked for {identity}, which is reserved for the mesh CA \
+                 and never issued to a workload"
+            ),
+        ));
+    }
     state
         .authz
         .authorize(&node, &identity)
@@ -259,3 +424,6 @@ fn respond(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     *r.status_mut() = status;
     r
 }
+
+#[cfg(test)]
+mod tests;

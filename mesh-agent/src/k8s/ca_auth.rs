@@ -16,9 +16,17 @@
 //!
 //! The decisions are pure functions ([`node_of_review`], [`pod_grants`]) over
 //! the API's answers; API errors are [`CaAuthError::Unavailable`] (503, fail
-//! closed). Each request asks the API server afresh: a pod deleted a moment
+//! closed). Pods are asked afresh for each request: a pod deleted a moment
 //! ago gets nothing more, at the cost of one API call per certificate (a
-//! certificate per identity per node per half TTL).
+//! certificate per identity per node per half TTL). `TokenReview` outcomes
+//! are cached briefly by token hash ([`review_cache`]: accepted tokens up to
+//! 60 s and never past their `exp`, refused ones 10 s, API failures not at
+//! all), so a client repeating a bad token cannot turn each request into a
+//! `TokenReview`.
+
+pub mod review_cache;
+
+use std::{sync::Arc, time::Instant};
 
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus},
@@ -29,6 +37,7 @@ use kube::{
     Api, Client,
 };
 
+use self::review_cache::{token_hash, ReviewCache};
 use crate::identity::{
     ca_auth::{not_scheduled, CaAuthError, IdentityAuthorizer, NodeAuthenticator},
     ca_client::BoxFuture,
@@ -42,11 +51,13 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// The node agents' service account.
 pub const AGENT_SERVICE_ACCOUNT: &str = "heddle-agent";
 
-/// Authenticates node agents with `TokenReview`.
+/// Authenticates node agents with `TokenReview` (outcomes cached briefly,
+/// [`review_cache`]).
 #[derive(Clone)]
 pub struct TokenReviewAuthenticator {
     client: Client,
     expected_username: String,
+    cache: Arc<ReviewCache>,
 }
 
 impl TokenReviewAuthenticator {
@@ -56,7 +67,25 @@ impl TokenReviewAuthenticator {
         Self {
             client,
             expected_username: service_account_username(namespace, service_account),
+            cache: Arc::new(ReviewCache::default()),
         }
+    }
+
+    /// Asks the API server about `bearer`, uncached.
+    async fn review(&self, bearer: &str) -> Result<String, CaAuthError> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(bearer.to_owned()),
+                audiences: Some(vec![CA_AUDIENCE.to_owned()]),
+            },
+            ..TokenReview::default()
+        };
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let answer = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| CaAuthError::Unavailable(format!("TokenReview failed (API server): {e}")))?;
+        node_of_review(&answer.status.unwrap_or_default(), &self.expected_username)
     }
 }
 
@@ -110,24 +139,12 @@ pub fn node_of_review(
 impl NodeAuthenticator for TokenReviewAuthenticator {
     fn authenticate<'a>(&'a self, bearer: &'a str) -> BoxFuture<'a, Result<String, CaAuthError>> {
         Box::pin(async move {
-            let review = TokenReview {
-                spec: TokenReviewSpec {
-                    token: Some(bearer.to_owned()),
-                    audiences: Some(vec![CA_AUDIENCE.to_owned()]),
-                },
-                ..TokenReview::default()
-            };
-            let api: Api<TokenReview> = Api::all(self.client.clone());
-            let answer = api
-                .create(&PostParams::default(), &review)
-                .await
-                .map_err(|e| {
-                    CaAuthError::Unavailable(format!("TokenReview failed (API server): {e}"))
-                })?;
-            node_of_review(
-                &answer.status.unwrap_or_default(),
-                &self.expected_username,
-            )
+            if let Some(cached) = self.cache.get(&token_hash(bearer), Instant::now()) {
+                return cached;
+            }
+            let outcome = self.review(bearer).await;
+            self.cache.put(bearer, &outcome, Instant::now());
+            outcome
         })
     }
 }

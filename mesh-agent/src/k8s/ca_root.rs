@@ -5,8 +5,9 @@
 //!   root agents should trust, during a rotation). On start the CA reads it;
 //!   if it does not exist the CA creates a root and the Secret, and if
 //!   another replica created it first (409) uses that one. A Secret supplied
-//!   by the admin (e.g. cert-manager) is used as is; a malformed one stops the
-//!   CA with an error naming the Secret and key. The key is held in memory
+//!   by the admin (e.g. cert-manager) is used as is; a malformed one, or one
+//!   whose `tls.key` is not the key of `tls.crt`, stops the CA with an error
+//!   naming the Secret and key. The key is held in memory
 //!   only: nothing is written to disk.
 //! * Trust bundle: `ConfigMap` [`BUNDLE_CONFIG_MAP`], key [`BUNDLE_KEY`], in the
 //!   same namespace, created or updated (JSON merge patch) when it differs.
@@ -29,7 +30,7 @@ use kube::{
 use super::ca_auth::{PodAuthorizer, TokenReviewAuthenticator};
 use crate::identity::{
     authority::{create_root, Authority, AuthorityError, RootPem},
-    ca_server::CaServer,
+    ca_server::{reserved_identities, CaServer},
 };
 
 /// The Secret holding the root.
@@ -101,12 +102,14 @@ pub async fn kubernetes_ca(client: Client, settings: &KubeCaSettings) -> anyhow:
         &settings.agent_service_account,
     );
     let authorizer = PodAuthorizer::new(client);
-    CaServer::from_parts(
+    let reserved = reserved_identities(&settings.trust_domain, &settings.namespace);
+    Ok(CaServer::from_parts(
         authority,
         Arc::new(authenticator),
         Arc::new(authorizer),
         "kubernetes",
-    )
+    )?
+    .reserve(reserved))
 }
 
 fn api_err(
@@ -348,6 +351,22 @@ mod tests {
             err.to_string()
                 .contains("Secret heddle-system/heddle-ca-root key tls.crt"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_secret_whose_key_is_not_the_certificates_names_the_secret_and_keys() {
+        let (cert, _) = create_root("cluster.local").unwrap();
+        let (_, other_key) = create_root("cluster.local").unwrap();
+        let secret = root_secret("heddle-system", &cert, &other_key);
+        let err = authority_from_secret(&secret, "heddle-system", "cluster.local", TTL)
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "CA root key in Secret heddle-system/heddle-ca-root key tls.key does not match \
+             the certificate in Secret heddle-system/heddle-ca-root key tls.crt \
+             (their public keys differ): supply the key of that certificate"
         );
     }
 

@@ -28,8 +28,14 @@ pub const MANIFEST_PATH: &str = "daemonset/crds/authorizationpolicies.heddle.dev
 
 /// `spec` of a `heddle.dev/v1alpha1` `AuthorizationPolicy`: Istio's
 /// `security.istio.io/v1` `AuthorizationPolicy` spec, field for field,
-/// enforced at L4 by the destination node's agent (L7 fields are rejected by
-/// the engine with a message naming them).
+/// enforced at L4 by the destination node's agent. L7-only fields
+/// (`requestPrincipals`, `remoteIpBlocks`, `hosts`, `methods`, `paths` and
+/// their `not` forms; `when` keys such as `request.headers[...]`) are
+/// accepted with a warning naming them and handled as Istio ambient does: an
+/// ALLOW rule using any of them never matches; a DENY or AUDIT rule drops them
+/// and is enforced on its L4 fields alone, a `source`, `operation` or `when`
+/// left with no L4 field matching every connection (so it matches more, never
+/// less).
 #[derive(CustomResource, Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "heddle.dev",

@@ -67,7 +67,8 @@ fn ca_rbac_covers_token_reviews_pods_and_only_its_own_secret_and_configmap() {
         ""
     ));
     assert!(allowed(&cluster, "", "pods", "list", ""));
-    assert!(allowed(&cluster, "", "pods", "get", ""));
+    // The CA lists the node's pods (k8s::ca_auth::PodAuthorizer), nothing else.
+    assert!(!allowed(&cluster, "", "pods", "get", ""), "unused: get pods");
     for rule in &cluster {
         for verb in &rule.verbs {
             let ok = verb == "create"
@@ -81,15 +82,31 @@ fn ca_rbac_covers_token_reviews_pods_and_only_its_own_secret_and_configmap() {
             .flatten()
             .any(|r| r == "secrets" || r == "configmaps"));
     }
-    for verb in ["get", "create", "update"] {
+    // Exactly the calls of k8s::ca_root: get/create the root Secret,
+    // get/create/patch (JSON merge) the bundle ConfigMap; never update.
+    for verb in ["get", "create"] {
         assert!(
             allowed(&namespaced, "", "secrets", verb, "heddle-ca-root"),
             "secrets {verb}"
         );
+    }
+    for verb in ["get", "create", "patch"] {
         assert!(
             allowed(&namespaced, "", "configmaps", verb, "heddle-trust-bundle"),
             "configmaps {verb}"
         );
+    }
+    for rule in &namespaced {
+        assert!(
+            !rule.verbs.iter().any(|v| v == "update"),
+            "the CA never updates its Secret or ConfigMap: {rule:?}"
+        );
+        if rule.resources.iter().flatten().any(|r| r == "secrets") {
+            assert!(
+                !rule.verbs.iter().any(|v| v == "patch"),
+                "the CA never patches a Secret: {rule:?}"
+            );
+        }
     }
     // Reading or changing any other Secret is not allowed: only create is
     // granted without a name (Kubernetes cannot restrict create by name).
