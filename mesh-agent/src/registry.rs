@@ -65,7 +65,7 @@ pub struct Workload {
     #[serde(serialize_with = "ser_display")]
     pub identity: SpiffeId,
     /// The workload's stable name for metric labels: its controller (a
-    /// Deployment, StatefulSet, DaemonSet, Job), else the pod's name. Pod
+    /// Deployment, `StatefulSet`, `DaemonSet`, Job), else the pod's name. Pod
     /// names change on every rollout; this does not, which keeps label
     /// cardinality bounded.
     pub workload_name: String,

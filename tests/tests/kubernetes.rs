@@ -7,7 +7,7 @@
 //! it over the test bed's switch as they would reach a real API server. The
 //! test writes the Kubernetes objects that describe the test bed (Namespace
 //! `demo`, one Pod object per test-bed pod with its node and IP, Service
-//! `demo/server` and its EndpointSlice) and then changes them as a user
+//! `demo/server` and its `EndpointSlice`) and then changes them as a user
 //! would with kubectl; it asserts what a user observes: whether a pod's
 //! connections are captured (`/workloads`, `/flows`), whether the server
 //! application gets them, and what the agents decided.
@@ -166,19 +166,6 @@ impl KubeCluster {
         Ok(())
     }
 
-    /// Waits until `agent` reports `pod` captured (or not), and says how
-    /// long that took.
-    fn wait_captured(&self, agent: &Agent, pod: &str, captured: bool) -> Result<Duration> {
-        let start = Instant::now();
-        poll_until(&format!("{pod} captured={captured} on {}", agent.node().name()), WAIT, POLL, || {
-            Ok(match agent.workload(pod)? {
-                Some(w) if w.captured == captured => Check::Ready(()),
-                other => Check::Pending(format!("{other:?}")),
-            })
-        })?;
-        Ok(start.elapsed())
-    }
-
     /// One connection from client to the server's echo port; returns how
     /// many outbound records agent-a gained for it.
     fn connect_and_count(&self) -> Result<usize> {
@@ -191,6 +178,19 @@ impl KubeCluster {
             .filter(|f| f.direction == Direction::Outbound && f.is_terminal())
             .count())
     }
+}
+
+/// Waits until `agent` reports `pod` captured (or not), and says how
+/// long that took.
+fn wait_captured(agent: &Agent, pod: &str, captured: bool) -> Result<Duration> {
+    let start = Instant::now();
+    poll_until(&format!("{pod} captured={captured} on {}", agent.node().name()), WAIT, POLL, || {
+        Ok(match agent.workload(pod)? {
+            Some(w) if w.captured == captured => Check::Ready(()),
+            other => Check::Pending(format!("{other:?}")),
+        })
+    })?;
+    Ok(start.elapsed())
 }
 
 fn run(name: &str, enrolled: bool, body: impl FnOnce(&KubeCluster) -> Result<()>) {
@@ -221,9 +221,9 @@ fn namespace_label_flips_enroll_and_unenroll_running_pods() {
         ensure!(c.connect_and_count()? == 0, "a connection was captured before enrollment");
 
         c.label_demo(&json!({"heddle.dev/mesh": "enabled"}))?;
-        let took = c.wait_captured(&c.agent_a, "demo/client", true)?;
+        let took = wait_captured(&c.agent_a, "demo/client", true)?;
         eprintln!("enrolled {took:?} after the namespace was labelled");
-        c.wait_captured(&c.agent_b, "demo/server", true)?;
+        wait_captured(&c.agent_b, "demo/server", true)?;
         ensure!(c.connect_and_count()? == 1, "the enrolled client's connection was not captured");
         let flows = c.agent_b.flows()?;
         ensure!(
@@ -244,12 +244,12 @@ fn namespace_label_flips_enroll_and_unenroll_running_pods() {
 
         // A pod can opt out while its namespace stays enrolled.
         c.api.apply(pod_object(&c.client, &json!({"app": "client", "heddle.dev/mesh": "disabled"})))?;
-        c.wait_captured(&c.agent_a, "demo/client", false)?;
+        wait_captured(&c.agent_a, "demo/client", false)?;
         c.api.apply(pod_object(&c.client, &json!({"app": "client"})))?;
-        c.wait_captured(&c.agent_a, "demo/client", true)?;
+        wait_captured(&c.agent_a, "demo/client", true)?;
 
         c.label_demo(&json!({}))?;
-        let took = c.wait_captured(&c.agent_a, "demo/client", false)?;
+        let took = wait_captured(&c.agent_a, "demo/client", false)?;
         eprintln!("un-enrolled {took:?} after the label was removed");
         ensure!(c.connect_and_count()? == 0, "captured after un-enrollment");
         Ok(())
@@ -262,7 +262,7 @@ fn pods_appear_and_disappear_on_the_right_node() {
         let late = c.tb.add_pod(&c.node_b, PodSpec::new("late"))?;
         ensure!(c.agent_b.workload("demo/late")?.is_none(), "known before its Pod object exists");
         c.api.apply(pod_object(&late, &json!({"app": "late"})))?;
-        c.wait_captured(&c.agent_b, "demo/late", true)?;
+        wait_captured(&c.agent_b, "demo/late", true)?;
         let seen_by_a = poll_until("node-a learns demo/late", WAIT, POLL, || {
             Ok(match c.agent_a.workload("demo/late")? {
                 Some(w) => Check::Ready(w),
@@ -349,7 +349,7 @@ fn wait_policy(c: &KubeCluster, names: &[&str]) -> Result<()> {
 #[test]
 fn policy_objects_created_changed_and_deleted_change_decisions() {
     run("k8s-policy", true, |c| {
-        c.wait_captured(&c.agent_b, "demo/server", true)?;
+        wait_captured(&c.agent_b, "demo/server", true)?;
         expect_delivered(&c.client, &ClientSpec::to(c.server.addr(ECHO_PORT)))?;
 
         c.api.apply(deny_client("heddle.dev/v1alpha1", "deny-node-a"))?;
@@ -397,7 +397,7 @@ fn policy_objects_created_changed_and_deleted_change_decisions() {
 #[test]
 fn a_watch_that_drops_and_relists_loses_nothing() {
     run("k8s-relist", true, |c| {
-        c.wait_captured(&c.agent_a, "demo/client", true)?;
+        wait_captured(&c.agent_a, "demo/client", true)?;
         let lists_before = list_requests(c);
         // Changes the agents can only learn by re-listing: every watch is
         // cut and new ones are held unanswered while the changes are made
@@ -409,7 +409,7 @@ fn a_watch_that_drops_and_relists_loses_nothing() {
         c.api.apply(deny_client("heddle.dev/v1alpha1", "during-outage"))?;
         c.api.compact();
         c.api.release_watches();
-        c.wait_captured(&c.agent_a, "demo/client", false)?;
+        wait_captured(&c.agent_a, "demo/client", false)?;
         wait_policy(c, &["demo/during-outage"])?;
         ensure!(
             list_requests(c) > lists_before,
@@ -420,7 +420,7 @@ fn a_watch_that_drops_and_relists_loses_nothing() {
         c.api.delete("heddle.dev/v1alpha1", "AuthorizationPolicy", Some("demo"), "during-outage")?;
         wait_policy(c, &[])?;
         c.label_demo(&json!({"heddle.dev/mesh": "enabled"}))?;
-        c.wait_captured(&c.agent_a, "demo/client", true)?;
+        wait_captured(&c.agent_a, "demo/client", true)?;
         ensure!(c.connect_and_count()? == 1, "not captured after re-enrollment");
         Ok(())
     });
@@ -451,7 +451,7 @@ fn echo_from_node(node: &Node, to: SocketAddr) -> Result<bool> {
 #[test]
 fn kubelet_probes_from_the_node_pass_strict_mode_and_allow_policies() {
     run("k8s-probes", true, |c| {
-        c.wait_captured(&c.agent_b, "demo/server", true)?;
+        wait_captured(&c.agent_b, "demo/server", true)?;
         // STRICT namespace, and an ALLOW policy that admits nobody.
         c.api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": "demo", "labels": {"heddle.dev/mesh": "enabled"},

@@ -131,7 +131,7 @@ pub fn workload<S: std::hash::BuildHasher>(
 }
 
 /// The name metrics use for a pod's workload: its controller's name, with
-/// a ReplicaSet mapped to its Deployment by removing the
+/// a `ReplicaSet` mapped to its Deployment by removing the
 /// `-<pod-template-hash>` suffix (as Istio derives `source_workload`), else
 /// the pod's own name.
 fn workload_name(pod: &Pod, pod_name: &str) -> String {

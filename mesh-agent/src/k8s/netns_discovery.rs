@@ -205,12 +205,12 @@ fn process_of_pod(proc_root: &Path, pid: u32, uid: &str) -> bool {
 /// cgroup: `.../pod<uid>/...` (cgroupfs driver) or
 /// `...-pod<uid with '_' for '-'>.slice/...` (systemd driver).
 fn cgroup_names_pod(cgroups: &str, uid: &str) -> bool {
-    let cgroupfs = format!("/pod{uid}/");
-    let systemd = format!("-pod{}.slice/", uid.replace('-', "_"));
+    let by_cgroupfs = format!("/pod{uid}/");
+    let by_systemd = format!("-pod{}.slice/", uid.replace('-', "_"));
     cgroups.lines().any(|l| {
         let path = l.splitn(3, ':').nth(2).unwrap_or("");
         let path = format!("{path}/");
-        path.contains(&cgroupfs) || path.contains(&systemd)
+        path.contains(&by_cgroupfs) || path.contains(&by_systemd)
     })
 }
 

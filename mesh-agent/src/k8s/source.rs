@@ -453,7 +453,7 @@ async fn crd_installed(client: &Client, resource: &ApiResource) -> bool {
             Ok(list) => return list.resources.iter().any(|r| r.name == resource.plural),
             Err(kube::Error::Api(status)) if status.code == 404 => return false,
             Err(e) => {
-                if attempt % 10 == 0 {
+                if attempt.is_multiple_of(10) {
                     tracing::warn!(api = %resource.api_version, error = %e, "cannot tell whether the API group is served; retrying");
                 }
                 attempt += 1;
