@@ -35,6 +35,7 @@ use crate::{
     datapath::Datapath,
     flows::FlowLog,
     identity::{
+        bundle::{self, TrustBundle},
         ca_client::{RemoteCa, TokenSource},
         certs::CertManager,
         tls,
@@ -235,19 +236,23 @@ async fn read_trust_bundle(ca: &CaClientSettings) -> anyhow::Result<String> {
     }
 }
 
-async fn build_mesh(ca: &CaClientSettings, trust_domain: &str) -> anyhow::Result<Arc<Mesh>> {
-    let bundle = read_trust_bundle(ca).await?;
-    let roots = tls::roots_from_pem(&bundle)
+/// The mesh side of the agent, and the trust bundle text it started with
+/// (for [`bundle::watch_file`]).
+async fn build_mesh(
+    ca: &CaClientSettings,
+    trust_domain: &str,
+) -> anyhow::Result<(Arc<Mesh>, String)> {
+    let bundle_text = read_trust_bundle(ca).await?;
+    let roots = tls::roots_from_pem(&bundle_text)
         .with_context(|| format!("trust bundle {}", ca.trust_bundle.display()))?;
+    let trust = TrustBundle::new(roots)?;
     // Checked once at start so a wrong path fails fast; re-read per request.
     std::fs::metadata(&ca.token_file)
         .with_context(|| format!("reading the node token {}", ca.token_file.display()))?;
     let token = TokenSource::File(ca.token_file.clone());
-    let remote = RemoteCa::new(ca.addr.clone(), token, roots.clone(), trust_domain)?;
-    Ok(Arc::new(Mesh::new(
-        CertManager::new(Arc::new(remote)),
-        roots,
-    )))
+    let remote = RemoteCa::with_bundle(ca.addr.clone(), token, trust.clone(), trust_domain)?;
+    let mesh = Arc::new(Mesh::new(CertManager::new(Arc::new(remote)), trust));
+    Ok((mesh, bundle_text))
 }
 
 mod secs {
@@ -259,6 +264,29 @@ mod secs {
     }
 }
 
+/// The mesh side when a CA is configured, with the task that picks up a
+/// rotated trust bundle without a restart; `None` (plaintext, with a
+/// warning) without a CA.
+async fn start_mesh(
+    ca: Option<&CaClientSettings>,
+    trust_domain: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Arc<Mesh>>> {
+    let Some(ca) = ca else {
+        tracing::warn!("no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development");
+        return Ok(None);
+    };
+    let (mesh, bundle_text) = build_mesh(ca, trust_domain).await?;
+    tokio::spawn(bundle::watch_file(
+        ca.trust_bundle.clone(),
+        mesh.trust.clone(),
+        bundle_text,
+        bundle::BUNDLE_POLL,
+        stop.clone(),
+    ));
+    Ok(Some(mesh))
+}
+
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let home = Arc::new(Netns::current()?);
@@ -266,12 +294,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let inputs = open_source(&settings, &home, &stop).await?;
     let registry_rx = inputs.registry.clone();
     let authz = Arc::new(Authorizer::new(inputs.policies.clone(), registry_rx.clone()));
-    let mesh = if let Some(ca) = &settings.ca {
-        Some(build_mesh(ca, &inputs.trust_domain).await?)
-    } else {
-        tracing::warn!("no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development");
-        None
-    };
+    let mesh = start_mesh(settings.ca.as_ref(), &inputs.trust_domain, &stop).await?;
     // Everything that can fail on bad input is done before the programs are
     // attached, so a start that fails leaves no pod redirected to nothing.
     let admin_listener = admin::bind(settings.admin_addr)

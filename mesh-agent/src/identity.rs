@@ -8,6 +8,7 @@
 //! URI SAN is the identity expected for that connection.
 
 pub mod authority;
+pub mod bundle;
 pub mod ca_auth;
 pub mod ca_client;
 pub mod ca_server;

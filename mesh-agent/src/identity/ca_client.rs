@@ -177,10 +177,21 @@ impl RemoteCa {
         roots: Arc<RootCertStore>,
         trust_domain: &str,
     ) -> Result<Self, tls::TlsError> {
+        Self::with_bundle(addr, token, super::bundle::TrustBundle::new(roots)?, trust_domain)
+    }
+
+    /// A client of the CA at `addr` whose certificate is verified against
+    /// the roots in force in `bundle`.
+    pub fn with_bundle(
+        addr: impl Into<String>,
+        token: TokenSource,
+        bundle: Arc<super::bundle::TrustBundle>,
+        trust_domain: &str,
+    ) -> Result<Self, tls::TlsError> {
         Ok(Self {
             addr: addr.into(),
             token,
-            tls: tls::anonymous_client_config(roots)?,
+            tls: tls::anonymous_client_config_with(bundle)?,
             expected: ca_identity(trust_domain),
         })
     }

@@ -365,3 +365,88 @@ async fn the_client_resolves_a_host_name_and_rereads_its_token_file() {
     named.sign(&id("web"), csr2).await.unwrap();
     stop.cancel();
 }
+
+/// One handshake between configs built over trust bundles.
+async fn handshake_with(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+) -> (Result<SpiffeId, String>, Result<SpiffeId, String>) {
+    let (c, s) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let connector = tokio_rustls::TlsConnector::from(client);
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let (server, client) = tokio::join!(acceptor.accept(s), connector.connect(name, c));
+    let s = server.map_err(|e| e.to_string()).and_then(|t| {
+        tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string())
+    });
+    let c = client.map_err(|e| e.to_string()).and_then(|t| {
+        tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string())
+    });
+    (s, c)
+}
+
+#[tokio::test]
+async fn a_replaced_trust_bundle_applies_to_the_next_handshake_of_existing_configs() {
+    use super::bundle::TrustBundle;
+    let (old, old_roots) = authority("bundle-old");
+    let (new, new_roots) = authority("bundle-new");
+    // The server's certificate comes from the new root; both sides trust
+    // only the old one at first.
+    let server_bundle = TrustBundle::new(old_roots.clone()).unwrap();
+    let client_bundle = TrustBundle::new(old_roots).unwrap();
+    let server =
+        tls::server_config_with(issue(&new, &id("api"), None), server_bundle.clone()).unwrap();
+    let client =
+        tls::client_config_with(issue(&old, &id("web"), None), client_bundle.clone()).unwrap();
+    let (_, c) = handshake_with(server.clone(), client.clone()).await;
+    assert!(c.is_err(), "a server from an untrusted root was accepted");
+
+    // Rotation: both bundles now hold both roots; the same configs accept.
+    let both = tls::roots_from_pem(&format!("{}{}", old.bundle_pem(), new.bundle_pem())).unwrap();
+    server_bundle.replace(both.clone()).unwrap();
+    client_bundle.replace(both).unwrap();
+    let (s, c) = handshake_with(server.clone(), client.clone()).await;
+    assert_eq!(s.unwrap(), id("web"));
+    assert_eq!(c.unwrap(), id("api"));
+
+    // The old root removed from the server's bundle: the old-root client is refused.
+    server_bundle.replace(new_roots).unwrap();
+    let (s, _) = handshake_with(server, client).await;
+    assert!(s.is_err(), "a client from a removed root was accepted");
+}
+
+#[tokio::test]
+async fn the_bundle_watcher_swaps_in_a_changed_file_and_keeps_the_roots_on_a_bad_one() {
+    use super::bundle::{watch_file, TrustBundle};
+    let (old, old_roots) = authority("watch-old");
+    let (new, _) = authority("watch-new");
+    let dir = temp_dir("watch-file");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("root-cert.pem");
+    std::fs::write(&path, old.bundle_pem()).unwrap();
+    let bundle = TrustBundle::new(old_roots).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let every = Duration::from_millis(20);
+    let task = tokio::spawn(watch_file(
+        path.clone(),
+        bundle.clone(),
+        old.bundle_pem().to_owned(),
+        every,
+        stop.clone(),
+    ));
+    // Garbage: the roots in force stay.
+    std::fs::write(&path, "not a certificate").unwrap();
+    tokio::time::sleep(every * 5).await;
+    assert_eq!(bundle.roots().len(), 1);
+    // Both roots: swapped in.
+    std::fs::write(&path, format!("{}{}", old.bundle_pem(), new.bundle_pem())).unwrap();
+    for _ in 0..100 {
+        tokio::time::sleep(every).await;
+        if bundle.roots().len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(bundle.roots().len(), 2);
+    stop.cancel();
+    task.await.unwrap();
+}

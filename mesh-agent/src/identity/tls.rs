@@ -15,13 +15,14 @@ use rustls::{
         verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
     },
     pki_types::{CertificateDer, ServerName, UnixTime},
-    server::WebPkiClientVerifier,
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+    DistinguishedName,
     sign::CertifiedKey,
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
 };
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
-use super::SpiffeId;
+use super::{bundle::TrustBundle, SpiffeId};
 
 /// ALPN of the HBONE tunnel.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -174,10 +175,17 @@ pub fn server_config(
     cert: Arc<dyn CurrentCert>,
     roots: Arc<RootCertStore>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(cert, TrustBundle::new(roots)?)
+}
+
+/// Server side: requires a client certificate chaining to the roots in
+/// force in `bundle` at each handshake.
+pub fn server_config_with(
+    cert: Arc<dyn CurrentCert>,
+    bundle: Arc<TrustBundle>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(BundleClientVerifier(bundle));
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -193,9 +201,18 @@ pub fn client_config(
     cert: Arc<dyn CurrentCert>,
     roots: Arc<RootCertStore>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with(cert, TrustBundle::new(roots)?)
+}
+
+/// Client side: presents `cert`, verifies the server chain against the
+/// roots in force in `bundle` at each handshake.
+pub fn client_config_with(
+    cert: Arc<dyn CurrentCert>,
+    bundle: Arc<TrustBundle>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = Arc::new(ChainOnlyVerifier {
-        roots,
+        bundle,
         algs: provider.signature_verification_algorithms,
     });
     let mut config = ClientConfig::builder_with_provider(provider)
@@ -211,9 +228,16 @@ pub fn client_config(
 /// Client config with no client certificate (for the CA's own endpoint,
 /// where the agent authenticates with a token).
 pub fn anonymous_client_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, TlsError> {
+    anonymous_client_config_with(TrustBundle::new(roots)?)
+}
+
+/// [`anonymous_client_config`] over the roots in force in `bundle`.
+pub fn anonymous_client_config_with(
+    bundle: Arc<TrustBundle>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = Arc::new(ChainOnlyVerifier {
-        roots,
+        bundle,
         algs: provider.signature_verification_algorithms,
     });
     let config = ClientConfig::builder_with_provider(provider)
@@ -229,7 +253,7 @@ pub fn anonymous_client_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientCo
 /// done by the caller before any data flows.
 #[derive(Debug)]
 struct ChainOnlyVerifier {
-    roots: Arc<RootCertStore>,
+    bundle: Arc<TrustBundle>,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -244,9 +268,10 @@ impl ServerCertVerifier for ChainOnlyVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|e| rustls::Error::InvalidCertificate(pki_error(e)))?;
+        let roots = self.bundle.roots();
         cert.verify_for_usage(
             self.algs.all,
-            &self.roots.roots,
+            &roots.roots,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
@@ -277,6 +302,52 @@ impl ServerCertVerifier for ChainOnlyVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()
+    }
+}
+
+/// Verifies client certificates against the roots in force at each
+/// handshake (rustls's `WebPKI` verifier, rebuilt by the bundle when the
+/// roots change). No CA names are sent as hints: agents present their one
+/// certificate whatever the hint.
+#[derive(Debug)]
+struct BundleClientVerifier(Arc<TrustBundle>);
+
+impl ClientCertVerifier for BundleClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .client_verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.client_verifier().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.client_verifier().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.client_verifier().supported_verify_schemes()
     }
 }
 

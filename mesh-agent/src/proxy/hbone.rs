@@ -27,10 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use hyper::{Method, Request, StatusCode, Uri};
 use mesh_common::PORT_TUNNEL;
-use rustls::{pki_types::ServerName, ClientConfig, RootCertStore};
+use rustls::{pki_types::ServerName, ClientConfig};
 
 use super::{h2splice::H2Stream, sockets, tcp_health::TcpProbe, Pod};
-use crate::identity::{certs::CertManager, tls, SpiffeId};
+use crate::identity::{bundle::TrustBundle, certs::CertManager, tls, SpiffeId};
 
 /// Time to obtain a source certificate before failing the connection.
 const CERT_WAIT: Duration = Duration::from_secs(5);
@@ -144,8 +144,8 @@ struct Opened {
 pub struct Mesh {
     /// Certificates of local workloads.
     pub certs: Arc<CertManager>,
-    /// Trust bundle.
-    pub roots: Arc<RootCertStore>,
+    /// Trust bundle (replaceable at run time).
+    pub trust: Arc<TrustBundle>,
     pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     client_configs: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
@@ -153,10 +153,10 @@ pub struct Mesh {
 impl Mesh {
     /// A mesh with no tunnels open yet.
     #[must_use]
-    pub fn new(certs: Arc<CertManager>, roots: Arc<RootCertStore>) -> Self {
+    pub fn new(certs: Arc<CertManager>, trust: Arc<TrustBundle>) -> Self {
         Self {
             certs,
-            roots,
+            trust,
             pool: Mutex::new(HashMap::new()),
             client_configs: Mutex::new(HashMap::new()),
         }
@@ -281,7 +281,7 @@ impl Mesh {
         if let Some(c) = configs.get(src) {
             return Ok(c.clone());
         }
-        let c = tls::client_config(Arc::new(self.certs.ensure(src)), self.roots.clone())?;
+        let c = tls::client_config_with(Arc::new(self.certs.ensure(src)), self.trust.clone())?;
         configs.insert(src.clone(), c.clone());
         Ok(c)
     }

@@ -62,7 +62,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let handle = Arc::new(mesh.certs.ensure(&pod.identity));
-    let acceptor = match tls::server_config(handle, mesh.roots.clone()) {
+    let acceptor = match tls::server_config_with(handle, mesh.trust.clone()) {
         Ok(c) => TlsAcceptor::from(c),
         Err(e) => {
             tracing::error!(pod = %pod.id, error = %e, "cannot serve the tunnel port");
