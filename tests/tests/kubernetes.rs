@@ -23,21 +23,20 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use common::{environment_ready, expect_delivered, ECHO_PORT, SERVER_VIP, SERVER_VIP_PORT};
 use heddle_tests::agent::describe_flows;
-use heddle_tests::apiserver::{ApiServer, Resource};
+use common::kube::{namespace, pod_object, start_api};
+use heddle_tests::apiserver::ApiServer;
 use heddle_tests::{
     poll_until, Agent, Check, ClientSpec, Direction, KubernetesMode, Node, Pod, PodSpec, Process,
     Testbed, Verdict,
 };
 use serde_json::{json, Value};
 
-/// The stand-in's port on node-a's transit address.
-const API_PORT: u16 = 6443;
 /// How long to wait for an agent to act on an API change.
 const WAIT: Duration = Duration::from_secs(10);
 /// How often to look.
@@ -56,48 +55,6 @@ struct KubeCluster {
     tb: Testbed,
 }
 
-fn namespace(name: &str, labels: &Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
-}
-
-/// The Pod object of a test-bed pod: what the kubelet would report. Its
-/// `hostIP` is the address its node uses toward its pods (the test bed's
-/// gateway), where the kubelet's probes come from.
-fn pod_object(pod: &Pod, labels: &Value) -> Value {
-    let ip = pod.ip().to_string();
-    let host_ip = Ipv4Addr::new(10, 44, pod.ip().octets()[2], 1).to_string();
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod.name(), "namespace": pod.namespace(), "labels": labels,
-                     "uid": format!("uid-{}-{}", pod.namespace(), pod.name())},
-        "spec": {
-            "nodeName": pod.node_name(),
-            "serviceAccountName": pod.service_account(),
-            "containers": [{"name": "app", "image": "heddle/pod-app"}]
-        },
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                   "hostIP": host_ip, "hostIPs": [{"ip": host_ip}]}
-    })
-}
-
-fn heddle_policies() -> Resource {
-    Resource {
-        api_version: "heddle.dev/v1alpha1".into(),
-        kind: "AuthorizationPolicy".into(),
-        plural: "authorizationpolicies".into(),
-        namespaced: true,
-    }
-}
-
-fn istio_policies() -> Resource {
-    Resource {
-        api_version: "security.istio.io/v1".into(),
-        kind: "AuthorizationPolicy".into(),
-        plural: "authorizationpolicies".into(),
-        namespaced: true,
-    }
-}
-
 impl KubeCluster {
     /// Builds the cluster; `enrolled` labels namespace `demo` from the start.
     fn new(name: &str, enrolled: bool) -> Result<Self> {
@@ -107,12 +64,7 @@ impl KubeCluster {
         let client = tb.add_pod(&node_a, PodSpec::new("client"))?;
         let server = tb.add_pod(&node_b, PodSpec::new("server"))?;
         let echo = server.start_echo(ECHO_PORT)?;
-        let api = ApiServer::start_in_netns(
-            &node_a.netns_path(),
-            SocketAddr::new(IpAddr::V4(node_a.transit_ip()), API_PORT),
-        )?;
-        api.register_crd(heddle_policies());
-        api.register_crd(istio_policies());
+        let api = start_api(&node_a, true)?;
         let labels = if enrolled {
             json!({"heddle.dev/mesh": "enabled"})
         } else {

@@ -30,22 +30,21 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::{environment_ready, expect_delivered, ECHO_PORT, WAIT};
 use heddle_tests::agent::describe_flows;
-use heddle_tests::apiserver::{ApiServer, Resource};
+use common::kube::{namespace, pod_object, start_api};
+use heddle_tests::apiserver::ApiServer;
 use heddle_tests::kube_ca::{project_agent_token, KubeCa, KubeCaOptions, CA_NAMESPACE};
 use heddle_tests::{
     poll_until, Agent, Check, ClientSpec, Direction, Flow, KubernetesMode, Pod, PodSpec, Process,
     Security, Testbed, Verdict,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
-/// The stand-in's port on node-a's transit address.
-const API_PORT: u16 = 6443;
 /// The trust domain (the CA's and the agents').
 const TRUST_DOMAIN: &str = "cluster.local";
 /// How often to look.
@@ -64,25 +63,6 @@ struct MeshCluster {
     tb: Testbed,
 }
 
-fn namespace(name: &str, labels: &Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
-}
-
-/// The Pod object of a test-bed pod: what the kubelet would report.
-fn pod_object(pod: &Pod) -> Value {
-    let ip = pod.ip().to_string();
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod.name(), "namespace": pod.namespace(), "labels": {"app": pod.name()}},
-        "spec": {
-            "nodeName": pod.node_name(),
-            "serviceAccountName": pod.service_account(),
-            "containers": [{"name": "app", "image": "heddle/pod-app"}]
-        },
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
-    })
-}
-
 impl MeshCluster {
     /// Builds the cluster. Node-b's agent token is bound to node-b; node-a's
     /// to `node_a_token_node` (`node-a`, or another node to see the CA
@@ -94,20 +74,11 @@ impl MeshCluster {
         let client = tb.add_pod(&node_a, PodSpec::new("client"))?;
         let server = tb.add_pod(&node_b, PodSpec::new("server"))?;
         let echo = server.start_echo(ECHO_PORT)?;
-        let api = ApiServer::start_in_netns(
-            &node_a.netns_path(),
-            SocketAddr::new(IpAddr::V4(node_a.transit_ip()), API_PORT),
-        )?;
-        api.register_crd(Resource {
-            api_version: "heddle.dev/v1alpha1".into(),
-            kind: "AuthorizationPolicy".into(),
-            plural: "authorizationpolicies".into(),
-            namespaced: true,
-        });
+        let api = start_api(&node_a, false)?;
         api.apply(namespace(CA_NAMESPACE, &json!({})))?;
         api.apply(namespace("demo", &json!({"heddle.dev/mesh": "enabled"})))?;
         for pod in [&client, &server] {
-            api.apply(pod_object(pod))?;
+            api.apply(pod_object(pod, &json!({"app": pod.name()})))?;
         }
 
         let dir = tb.temp_dir().to_owned();

@@ -91,24 +91,12 @@ async fn handshake(
     client_cert: Option<Arc<dyn CurrentCert>>,
     client_roots: Arc<RootCertStore>,
 ) -> (Result<SpiffeId, String>, Result<SpiffeId, String>) {
-    let (c, s) = tokio::io::duplex(64 * 1024);
-    let acceptor =
-        tokio_rustls::TlsAcceptor::from(tls::server_config(server_cert, server_roots).unwrap());
-    let client_config = match client_cert {
+    let server = tls::server_config(server_cert, server_roots).unwrap();
+    let client = match client_cert {
         Some(cert) => tls::client_config(cert, client_roots).unwrap(),
         None => tls::anonymous_client_config(client_roots).unwrap(),
     };
-    let connector = tokio_rustls::TlsConnector::from(client_config);
-    // Both ends stay open until both handshakes are over.
-    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-    let (server, client) = tokio::join!(acceptor.accept(s), connector.connect(name, c));
-    let s = server.map_err(|e| e.to_string()).and_then(|t| {
-        tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string())
-    });
-    let c = client.map_err(|e| e.to_string()).and_then(|t| {
-        tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string())
-    });
-    (s, c)
+    handshake_with(server, client).await
 }
 
 #[tokio::test]
@@ -366,7 +354,9 @@ async fn the_client_resolves_a_host_name_and_rereads_its_token_file() {
     stop.cancel();
 }
 
-/// One handshake between configs built over trust bundles.
+/// One handshake between two configs; returns (server's view of the
+/// client, client's view of the server). Both ends stay open until both
+/// handshakes are over.
 async fn handshake_with(
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
