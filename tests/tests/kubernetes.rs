@@ -27,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::{environment_ready, expect_delivered, ECHO_PORT, SERVER_VIP, SERVER_VIP_PORT};
+use common::{expect_delivered, run_on, ECHO_PORT, SERVER_VIP, SERVER_VIP_PORT};
 use heddle_tests::agent::describe_flows;
 use common::kube::{namespace, pod_object, start_api};
 use heddle_tests::apiserver::ApiServer;
@@ -146,21 +146,7 @@ fn wait_captured(agent: &Agent, pod: &str, captured: bool) -> Result<Duration> {
 }
 
 fn run(name: &str, enrolled: bool, body: impl FnOnce(&KubeCluster) -> Result<()>) {
-    if !environment_ready() {
-        return;
-    }
-    let cluster = match KubeCluster::new(name, enrolled) {
-        Ok(c) => c,
-        Err(e) => panic!("{name}: set-up failed: {e:?}"),
-    };
-    let result = body(&cluster);
-    if result.is_err() {
-        cluster.tb.mark_failed();
-    }
-    drop(cluster);
-    if let Err(e) = result {
-        panic!("{name}: {e:?}");
-    }
+    run_on(name, || KubeCluster::new(name, enrolled), |c| c.tb.mark_failed(), body);
 }
 
 #[test]

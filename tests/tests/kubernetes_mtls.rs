@@ -34,7 +34,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::{environment_ready, expect_delivered, ECHO_PORT, WAIT};
+use common::{expect_delivered, run_on, ECHO_PORT, WAIT};
 use heddle_tests::agent::describe_flows;
 use common::kube::{namespace, pod_object, start_api};
 use heddle_tests::apiserver::ApiServer;
@@ -186,26 +186,19 @@ fn is_mtls_record(f: &Flow, c: &MeshCluster, direction: Direction) -> bool {
 }
 
 fn run(name: &str, node_a_token_node: &str, body: impl FnOnce(&MeshCluster) -> Result<()>) {
-    if !environment_ready() {
-        return;
-    }
-    let cluster = match MeshCluster::new(name, node_a_token_node) {
-        Ok(c) => c,
-        Err(e) => panic!("{name}: set-up failed: {e:?}"),
-    };
-    let result = body(&cluster);
-    if result.is_err() {
-        cluster.tb.mark_failed();
-        eprintln!(
-            "----- {name}: last 30 lines of {} -----\n{}\n-----",
-            cluster.ca.log_path().display(),
-            cluster.ca.log_tail(30)
-        );
-    }
-    drop(cluster);
-    if let Err(e) = result {
-        panic!("{name}: {e:?}");
-    }
+    run_on(
+        name,
+        || MeshCluster::new(name, node_a_token_node),
+        |c| {
+            c.tb.mark_failed();
+            eprintln!(
+                "----- {name}: last 30 lines of {} -----\n{}\n-----",
+                c.ca.log_path().display(),
+                c.ca.log_tail(30)
+            );
+        },
+        body,
+    );
 }
 
 #[test]

@@ -272,16 +272,28 @@ fn add_strict_pods(tb: &Testbed, node: &Node) -> Result<StrictPods> {
 /// the cluster, runs `body`, and on failure prints every agent's log tail
 /// (teardown does that for a failed test bed) before panicking.
 pub fn run_e2e(name: &str, options: Options, body: impl FnOnce(&Cluster) -> Result<()>) {
+    run_on(name, || Cluster::new(name, options), |c| c.tb.mark_failed(), body);
+}
+
+/// [`run_e2e`] for any cluster: `build` makes it, `failed` is called when
+/// `body` fails (mark the test bed failed, print extra logs), and the
+/// cluster is dropped (torn down) before the panic.
+pub fn run_on<C>(
+    name: &str,
+    build: impl FnOnce() -> Result<C>,
+    failed: impl FnOnce(&C),
+    body: impl FnOnce(&C) -> Result<()>,
+) {
     if !environment_ready() {
         return;
     }
-    let cluster = match Cluster::new(name, options) {
+    let cluster = match build() {
         Ok(c) => c,
         Err(e) => panic!("{name}: set-up failed: {e:?}"),
     };
     let result = body(&cluster);
     if result.is_err() {
-        cluster.tb.mark_failed();
+        failed(&cluster);
     }
     drop(cluster);
     if let Err(e) = result {
