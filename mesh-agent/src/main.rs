@@ -61,8 +61,8 @@ struct RunArgs {
     #[arg(long, env = "HEDDLE_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
     /// Kubernetes mode: find pod network namespaces only among the named
-    /// namespaces in this directory (repeatable), instead of /run/netns and
-    /// /proc/*/ns/net.
+    /// namespaces in this directory (repeatable; trusted, no pod-UID check),
+    /// instead of scanning /proc/*/ns/net.
     #[arg(long, env = "HEDDLE_NETNS_DIR", value_delimiter = ',')]
     netns_dir: Vec<PathBuf>,
     /// This node's name [default: `node` from the configuration file].
@@ -109,7 +109,8 @@ struct RunArgs {
     /// File holding this node's CA token.
     #[arg(long, env = "HEDDLE_CA_TOKEN_FILE")]
     ca_token_file: Option<PathBuf>,
-    /// PEM file of the trusted mesh roots.
+    /// PEM file of the trusted mesh roots (re-read every 10 s; a changed,
+    /// valid bundle applies to new handshakes).
     #[arg(long, env = "HEDDLE_TRUST_BUNDLE")]
     trust_bundle: Option<PathBuf>,
     /// Wait for the trust bundle file to appear instead of failing (it is
