@@ -72,6 +72,9 @@ pub struct Workload {
     /// IPs of the node the pod runs on (Kubernetes `status.hostIPs`): the
     /// source address of the kubelet's probes.
     pub host_ips: Vec<IpAddr>,
+    /// Ports the kubelet probes (liveness, readiness, startup; named ports
+    /// resolved), the only ones a connection from the node is exempted on.
+    pub probe_ports: Vec<u16>,
 }
 
 fn ser_display<S: serde::Serializer>(v: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
@@ -189,6 +192,7 @@ impl Registry {
                 identity: SpiffeId::new(&config.trust_domain, &w.namespace, &w.service_account),
                 workload_name: w.name.clone(),
                 host_ips: Vec::new(),
+                probe_ports: Vec::new(),
             })
             .collect();
         // The local file selects endpoints by labels, as a Service selector does.

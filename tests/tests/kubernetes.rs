@@ -375,7 +375,7 @@ fn list_requests(c: &KubeCluster) -> usize {
 
 /// A plaintext echo round trip from `node`'s own network namespace (where
 /// the kubelet runs) to `to`; whether the bytes came back.
-fn echo_from_node(node: &Node, to: SocketAddr) -> Result<bool> {
+fn echo_from_node(node: &Node, to: SocketAddr) -> heddle_tests::Result<bool> {
     let mut cmd = std::process::Command::new("bash");
     cmd.arg("-c").arg(format!(
         "exec 3<>/dev/tcp/{}/{} && printf probe >&3 && timeout 3 head -c 5 <&3",
@@ -387,7 +387,7 @@ fn echo_from_node(node: &Node, to: SocketAddr) -> Result<bool> {
 }
 
 #[test]
-fn kubelet_probes_from_the_node_pass_strict_mode_and_allow_policies() {
+fn kubelet_probes_from_the_node_pass_strict_mode_and_allow_policies_on_probed_ports_only() {
     run("k8s-probes", true, |c| {
         wait_captured(&c.agent_b, "demo/server", true)?;
         // STRICT namespace, and an ALLOW policy that admits nobody.
@@ -401,17 +401,42 @@ fn kubelet_probes_from_the_node_pass_strict_mode_and_allow_policies() {
                      "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/x/sa/none"]}}]}]}
         }))?;
         wait_policy(c, &["demo/nobody"])?;
+        // The server's readiness probe checks its echo port, by name.
+        let mut server = pod_object(&c.server, &json!({"app": "server"}));
+        server["spec"]["containers"][0]["ports"] = json!([{"name": "echo", "containerPort": ECHO_PORT}]);
+        server["spec"]["containers"][0]["readinessProbe"] = json!({"tcpSocket": {"port": "echo"}});
+        c.api.apply(server)?;
         let to = c.server.addr(ECHO_PORT);
         // A plaintext client elsewhere is refused (STRICT)...
         poll_until("plaintext refused by STRICT", WAIT, POLL, || {
             let s = c.client.run_client(&ClientSpec::to(to))?;
             Ok(if s.failed == 1 { Check::Ready(()) } else { Check::Pending(s.to_string()) })
         })?;
-        // ...while the node itself (the kubelet's address) gets through.
-        ensure!(
-            echo_from_node(&c.node_b, to)?,
-            "a probe from node-b's own address was refused"
-        );
+        // ...while the node itself (the kubelet's address) gets through to
+        // the probed port (once node-b has seen the probe in the Pod).
+        poll_until("a probe from node-b's own address gets through", WAIT, POLL, || {
+            Ok(if echo_from_node(&c.node_b, to)? {
+                Check::Ready(())
+            } else {
+                Check::Pending("refused".into())
+            })
+        })?;
+        // Only the probed port: anything else from the node is still STRICT.
+        let other = SocketAddr::new(to.ip(), 9099);
+        ensure!(!echo_from_node(&c.node_b, other)?, "port 9099 answered");
+        poll_until("a STRICT refusal of the node on an unprobed port", WAIT, POLL, || {
+            let flows = c.agent_b.flows()?;
+            Ok(
+                if flows.iter().any(|f| {
+                    f.orig_dst == Some(other)
+                        && f.error.as_deref().is_some_and(|e| e.contains("STRICT"))
+                }) {
+                    Check::Ready(())
+                } else {
+                    Check::Pending(describe_flows(&flows, 5))
+                },
+            )
+        })?;
         Ok(())
     });
 }

@@ -19,7 +19,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod, Service},
+        core::v1::{Namespace, Pod, PodSpec, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -117,6 +117,7 @@ pub fn workload<S: std::hash::BuildHasher>(
         identity: SpiffeId::new(trust_domain, &namespace, &service_account),
         workload_name: workload_name(pod, &name),
         host_ips: host_ips(pod),
+        probe_ports: probe_ports(spec),
         id: ObjectRef { namespace, name },
         service_account,
         node: spec.node_name.clone().unwrap_or_default(),
@@ -152,6 +153,44 @@ fn workload_name(pod: &Pod, pod_name: &str) -> String {
         }
     }
     owner.name.clone()
+}
+
+/// The ports the kubelet probes: `httpGet`, `tcpSocket` and `grpc` of every
+/// container's liveness, readiness and startup probes, named ports resolved
+/// against that container's ports. Exec probes open no connection.
+fn probe_ports(spec: &PodSpec) -> Vec<u16> {
+    let mut ports: Vec<u16> = spec
+        .containers
+        .iter()
+        .flat_map(|c| {
+            let named = |name: &str| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name))
+                    .and_then(|p| u16::try_from(p.container_port).ok())
+            };
+            let port = move |p: &IntOrString| match p {
+                IntOrString::Int(n) => u16::try_from(*n).ok(),
+                IntOrString::String(name) => named(name),
+            };
+            [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+                .into_iter()
+                .flatten()
+                .flat_map(move |probe| {
+                    [
+                        probe.http_get.as_ref().and_then(|h| port(&h.port)),
+                        probe.tcp_socket.as_ref().and_then(|t| port(&t.port)),
+                        probe.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()),
+                    ]
+                })
+                .flatten()
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// The IPs of the pod's node (`status.hostIPs`, else `status.hostIP`).
@@ -334,6 +373,7 @@ mod tests {
         }));
         let w = workload(&p, &nss, "td", None).unwrap();
         assert_eq!(w.workload_name, "web");
+        assert!(w.probe_ports.is_empty());
         assert_eq!(w.host_ips, vec!["192.168.0.4".parse::<IpAddr>().unwrap()]);
         let mut sts = p.clone();
         sts.metadata.owner_references.as_mut().unwrap()[0].kind = "StatefulSet".into();
@@ -342,6 +382,24 @@ mod tests {
         let mut bare = p;
         bare.metadata.owner_references = None;
         assert_eq!(workload(&bare, &nss, "td", None).unwrap().workload_name, "web-7c9f8d6b5-x2x7q");
+    }
+
+    #[test]
+    fn collects_the_probed_ports_resolving_named_ones() {
+        let nss = namespaces(&[ns("demo", &json!({}), &json!({}))]);
+        let p = pod(json!({
+            "metadata": {"name": "api", "namespace": "demo"},
+            "spec": {"nodeName": "n", "containers": [
+                {"name": "app", "ports": [{"name": "http", "containerPort": 8080}],
+                 "readinessProbe": {"httpGet": {"port": "http", "path": "/ready"}},
+                 "livenessProbe": {"tcpSocket": {"port": 8081}},
+                 "startupProbe": {"exec": {"command": ["true"]}}},
+                {"name": "side", "livenessProbe": {"grpc": {"port": 9000}}}
+            ]},
+            "status": {"podIP": "10.1.0.7"}
+        }));
+        let w = workload(&p, &nss, "td", None).unwrap();
+        assert_eq!(w.probe_ports, vec![8080, 8081, 9000]);
     }
 
     #[test]

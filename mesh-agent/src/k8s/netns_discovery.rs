@@ -44,6 +44,10 @@ use std::{
 
 use crate::netns::Netns;
 
+/// Where runtimes and CNI plugins name namespaces (bind mounts that live as
+/// long as the pod sandbox).
+const NAMED_NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
+
 /// `NSFS_MAGIC` from include/uapi/linux/magic.h.
 const NSFS_MAGIC: libc::__fsword_t = 0x6e73_6673;
 
@@ -76,7 +80,8 @@ pub struct NetnsFinder {
     dirs: Vec<PathBuf>,
     /// `/proc`, searched when no `dirs` are given.
     proc_root: Option<PathBuf>,
-    cache: HashMap<IpAddr, (PathBuf, NsKey)>,
+    /// IP to (path, namespace, pod UID) found for it.
+    cache: HashMap<IpAddr, (PathBuf, NsKey, Option<String>)>,
     /// IPs last reported ambiguous, to log each once.
     ambiguous: HashSet<IpAddr>,
 }
@@ -116,8 +121,9 @@ impl NetnsFinder {
         let mut found = HashMap::new();
         let mut missing: Vec<&Wanted> = Vec::new();
         for w in wanted {
+            // A hit must be the same pod (PIDs and nsfs inodes are reused).
             match self.cache.get(&w.ip) {
-                Some((path, key)) if ns_key(path) == Some(*key) => {
+                Some((path, key, uid)) if *uid == w.pod_uid && ns_key(path) == Some(*key) => {
                     found.insert(w.ip, path.clone());
                 }
                 _ => missing.push(w),
@@ -137,9 +143,11 @@ impl NetnsFinder {
             };
             for ip in local {
                 let uid = missing.iter().find(|w| w.ip == ip).and_then(|w| w.pod_uid.as_deref());
-                if let (Some(pid), Some(uid), Some(root)) = (c.pid, uid, self.proc_root.as_deref()) {
-                    if !process_of_pod(root, pid, uid) {
-                        continue; // another pod claims this IP; not its namespace
+                if let (Some(pid), Some(root)) = (c.pid, self.proc_root.as_deref()) {
+                    // Reached through a process: it must be the pod's own
+                    // (a pod without a UID cannot be tied to one).
+                    if !uid.is_some_and(|uid| process_of_pod(root, pid, uid)) {
+                        continue;
                     }
                 }
                 let seen = matches.entry(ip).or_default();
@@ -148,17 +156,36 @@ impl NetnsFinder {
                 }
             }
         }
+        let named = self.named_by_key();
         for (ip, candidates) in matches {
             if let [(path, key)] = candidates.as_slice() {
+                // The runtime's name for the namespace outlives any one
+                // process (CRI-O without a pause process, container
+                // restarts): prefer it to `/proc/<pid>/ns/net`.
+                let path = named.get(key).unwrap_or(path).clone();
+                let uid = missing.iter().find(|w| w.ip == ip).and_then(|w| w.pod_uid.clone());
                 self.ambiguous.remove(&ip);
-                self.cache.insert(ip, (path.clone(), *key));
-                found.insert(ip, path.clone());
+                self.cache.insert(ip, (path.clone(), *key, uid));
+                found.insert(ip, path);
             } else if self.ambiguous.insert(ip) {
                 let paths: Vec<String> = candidates.iter().map(|(p, _)| p.display().to_string()).collect();
                 tracing::error!(%ip, namespaces = ?paths, "pod IP assigned in more than one network namespace; not enrolling it");
             }
         }
         found
+    }
+
+    /// Namespaces the runtime named (`/run/netns`, `/var/run/netns`), by
+    /// inode: aliases for namespaces found through `/proc`.
+    fn named_by_key(&self) -> HashMap<NsKey, PathBuf> {
+        if self.proc_root.is_none() {
+            return HashMap::new();
+        }
+        NAMED_NETNS_DIRS
+            .iter()
+            .flat_map(|d| read_dir_sorted(Path::new(d)))
+            .filter_map(|p| Some((ns_key(&p)?, p)))
+            .collect()
     }
 
     /// Candidate namespaces, each once.
@@ -202,16 +229,30 @@ fn process_of_pod(proc_root: &Path, pid: u32, uid: &str) -> bool {
 }
 
 /// Whether a `/proc/<pid>/cgroup` text puts the process in the pod `uid`'s
-/// cgroup: `.../pod<uid>/...` (cgroupfs driver) or
-/// `...-pod<uid with '_' for '-'>.slice/...` (systemd driver).
+/// cgroup. The kubelet names one path segment after the pod —
+/// `pod<uid>` (cgroupfs driver) or `kubepods-<qos>-pod<uid_with_underscores>.slice`
+/// (systemd driver) — and containers live below it. Only the *first*
+/// segment naming a pod counts, and it must name exactly this pod: a
+/// container may create sub-cgroups below its own, never rename the ones
+/// above it, so a nested `.../pod<other>/` proves nothing.
 fn cgroup_names_pod(cgroups: &str, uid: &str) -> bool {
-    let by_cgroupfs = format!("/pod{uid}/");
-    let by_systemd = format!("-pod{}.slice/", uid.replace('-', "_"));
+    let systemd_uid = uid.replace('-', "_");
     cgroups.lines().any(|l| {
         let path = l.splitn(3, ':').nth(2).unwrap_or("");
-        let path = format!("{path}/");
-        path.contains(&by_cgroupfs) || path.contains(&by_systemd)
+        path.split('/')
+            .find_map(pod_of_segment)
+            .is_some_and(|named| named == uid || named == systemd_uid)
     })
+}
+
+/// The pod UID a cgroup path segment names, if it is a pod's segment.
+fn pod_of_segment(segment: &str) -> Option<&str> {
+    if let Some(slice) = segment.strip_suffix(".slice") {
+        // kubepods-besteffort-pod<uid_>.slice, kubepods-pod<uid_>.slice
+        let (_, uid) = slice.rsplit_once("-pod")?;
+        return slice.starts_with("kubepods").then_some(uid);
+    }
+    segment.strip_prefix("pod").filter(|uid| uid.len() == 36)
 }
 
 fn read_dir_sorted(dir: &Path) -> Vec<PathBuf> {
@@ -297,22 +338,24 @@ mod tests {
     #[test]
     fn ties_a_process_to_its_pod_by_cgroup_path_with_either_driver() {
         let uid = "3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc33";
-        let cgroupfs = "0::/kubepods/besteffort/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc33/0123abcd
-";
-        let systemd = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f1c2a9e_5b7d_4c1e_9f00_aa11bb22cc33.slice/cri-containerd-0123.scope
-";
-        let pause_only = "0::/kubepods/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc33
-";
+        let cgroupfs = "0::/kubepods/besteffort/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc33/0123abcd\n";
+        let systemd = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f1c2a9e_5b7d_4c1e_9f00_aa11bb22cc33.slice/cri-containerd-0123.scope\n";
+        let pause_only = "0::/kubepods/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc33\n";
+        let v1 = "12:memory:/kubepods/burstable/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc33/abc\n0::/\n";
         assert!(cgroup_names_pod(cgroupfs, uid));
         assert!(cgroup_names_pod(systemd, uid));
         assert!(cgroup_names_pod(pause_only, uid));
-        let other = "0::/kubepods/besteffort/pod99999999-5b7d-4c1e-9f00-aa11bb22cc33/0123abcd
-";
+        assert!(cgroup_names_pod(v1, uid));
+        let other = "0::/kubepods/besteffort/pod99999999-5b7d-4c1e-9f00-aa11bb22cc33/0123abcd\n";
         assert!(!cgroup_names_pod(other, uid));
-        // A prefix of another pod's UID is not a match.
-        assert!(!cgroup_names_pod("0::/kubepods/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc334/x
-", uid));
-        assert!(!cgroup_names_pod("0::/system.slice/kubelet.service
-", uid));
+        // A longer UID that starts with this one is not a match.
+        assert!(!cgroup_names_pod("0::/kubepods/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc334/x\n", uid));
+        assert!(!cgroup_names_pod("0::/system.slice/kubelet.service\n", uid));
+        // A pod that nests a cgroup named after another pod below its own
+        // proves nothing: only the first pod segment counts.
+        let nested = "0::/kubepods/besteffort/pod99999999-5b7d-4c1e-9f00-aa11bb22cc33/c1/pod3f1c2a9e-5b7d-4c1e-9f00-aa11bb22cc33/x\n";
+        assert!(!cgroup_names_pod(nested, uid));
+        let nested_systemd = "0::/kubepods.slice/kubepods-pod99999999_5b7d_4c1e_9f00_aa11bb22cc33.slice/c/kubepods-pod3f1c2a9e_5b7d_4c1e_9f00_aa11bb22cc33.slice/x\n";
+        assert!(!cgroup_names_pod(nested_systemd, uid));
     }
 }

@@ -62,16 +62,23 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         reset(client);
         return;
     };
-    let (strict, from_node) = ctx.registry.borrow().workload(&pod.id).map_or(
+    let (strict, kubelet_probe) = ctx.registry.borrow().workload(&pod.id).map_or(
         (false, false),
-        |w| (w.inbound_mode == InboundMode::Strict, w.host_ips.contains(&peer.ip())),
+        |w| {
+            let from_node = w.host_ips.contains(&peer.ip());
+            (
+                w.inbound_mode == InboundMode::Strict,
+                from_node && w.probe_ports.contains(&orig.port()),
+            )
+        },
     );
-    // The kubelet probes pods from the node's own IP, in plaintext: those
-    // connections skip STRICT and policy, as in Istio ambient, or every
-    // probed pod would fail its probes once STRICT or under an ALLOW policy.
-    // Host-network processes of the same node share the exemption.
-    let admitted = if from_node {
-        tracing::debug!(pod = %pod.id, %peer, "connection from the node (kubelet probe): exempt from STRICT and policy");
+    // The kubelet probes pods from the node's own IP, in plaintext: a
+    // connection from there to a port the pod's probes use skips STRICT and
+    // policy (as Istio ambient exempts probes), or every probed pod would
+    // fail its probes once STRICT or under an ALLOW policy. Nothing else
+    // from the node's address is exempt (NodePort traffic SNATed to it).
+    let admitted = if kubelet_probe {
+        tracing::debug!(pod = %pod.id, %peer, port = orig.port(), "kubelet probe from the node: exempt from STRICT and policy");
         None
     } else if strict {
         tracing::info!(pod = %pod.id, %peer, "plaintext connection refused: inbound mode STRICT");
