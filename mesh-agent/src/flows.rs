@@ -370,7 +370,7 @@ impl FlowLog {
             }
         }
         if let Some(m) = &self.metrics {
-            m.opened(info);
+            m.opened(conn, info);
         }
         self.push(conn, info, Event::Open, (0, 0), None, None);
     }
@@ -401,7 +401,7 @@ impl FlowLog {
             }
         }
         if let Some(m) = &self.metrics {
-            m.closed(info, bytes, duration, error.is_some());
+            m.closed(conn, info, bytes, duration, error.is_some());
         }
         self.push(conn, info, Event::Close, bytes, Some(duration), error);
     }

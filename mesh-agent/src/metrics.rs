@@ -24,12 +24,24 @@
 //! principals, policies). Peers that are not in the registry collapse into
 //! `unknown`; addresses, ports and error texts are never labels.
 //!
+//! A connection's labels are resolved once, when it opens (its pod is in the
+//! registry then), and kept by connection id until it closes: a connection
+//! that outlives its pod (every rollout) is still counted under its
+//! workload name, not the pod's. The map holds open connections only (an
+//! entry leaves at close, as [`crate::flows::FlowLog::active`] counts down).
+//!
 //! Invariant: recording is a few atomic increments after one registry
-//! lookup per side; nothing here blocks or does I/O on the data path.
+//! lookup per side (at open or failure; a short map lock at open and
+//! close); nothing here does I/O on the data path.
 
 pub mod scrape;
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry as PromRegistry};
 use tokio::sync::watch;
@@ -142,7 +154,7 @@ impl ResponseFlag {
     }
 }
 
-/// The label values of one connection, resolved once per event.
+/// The label values of one connection, resolved once when it opens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnLabels {
     reporter: &'static str,
@@ -171,7 +183,8 @@ impl Peer {
         }
     }
 
-    /// A workload the registry no longer knows (it left meanwhile).
+    /// A workload the registry does not know (only for a connection closed
+    /// without having been recorded open, or failed after its pod left).
     fn of_ref(id: &ObjectRef) -> Self {
         Self {
             name: id.name.clone(),
@@ -258,6 +271,9 @@ impl ConnLabels {
 /// The per-connection series; [`crate::flows::FlowLog`] calls it.
 pub struct ConnMetrics {
     workloads: watch::Receiver<SharedRegistry>,
+    /// Labels of open connections by connection id, resolved at open and
+    /// reused at close; removed at close.
+    open: Mutex<HashMap<u64, ConnLabels>>,
     opened: IntCounterVec,
     closed: IntCounterVec,
     failed: IntCounterVec,
@@ -321,6 +337,7 @@ impl ConnMetrics {
             connect,
             handshake,
             workloads,
+            open: Mutex::new(HashMap::new()),
             opened: counter(
                 "heddle_tcp_connections_opened_total",
                 "TCP connections opened (forwarded to their destination), counted by the reporting agent.",
@@ -349,8 +366,9 @@ impl ConnMetrics {
         ConnLabels::resolve(info, &self.workloads.borrow())
     }
 
-    /// A connection opened.
-    pub fn opened(&self, info: &ConnInfo) {
+    /// Connection `conn` opened; its labels are kept until
+    /// [`ConnMetrics::closed`] for the same `conn`.
+    pub fn opened(&self, conn: u64, info: &ConnInfo) {
         let l = self.labels(info);
         self.opened
             .with_label_values(&l.values(ResponseFlag::None))
@@ -360,6 +378,10 @@ impl ConnMetrics {
                 .with_label_values(&l.duration_values())
                 .observe(d.as_secs_f64());
         }
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(conn, l);
     }
 
     /// A node-to-node mTLS handshake finished successfully in `duration`.
@@ -369,9 +391,23 @@ impl ConnMetrics {
             .observe(duration.as_secs_f64());
     }
 
-    /// A connection closed after moving `(to_server, to_client)` bytes.
-    pub fn closed(&self, info: &ConnInfo, bytes: (u64, u64), duration: Duration, error: bool) {
-        let l = self.labels(info);
+    /// Connection `conn` closed after moving `(to_server, to_client)` bytes;
+    /// counted under the labels resolved when it opened (its pod may have
+    /// left the registry since).
+    pub fn closed(
+        &self,
+        conn: u64,
+        info: &ConnInfo,
+        bytes: (u64, u64),
+        duration: Duration,
+        error: bool,
+    ) {
+        let kept = self
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&conn);
+        let l = kept.unwrap_or_else(|| self.labels(info));
         let flag = if info.policy.denied || info.policy.closed_by_policy.is_some() {
             ResponseFlag::Denied
         } else if error {
@@ -496,9 +532,9 @@ workloads:
         let m = ConnMetrics::new(&prom, rx).unwrap();
         let mut i = outbound();
         i.connect = Some(Duration::from_millis(2));
-        m.opened(&i);
+        m.opened(1, &i);
         i.tcp.rtt_us = Some(40_000);
-        m.closed(&i, (100, 7), Duration::from_millis(20), false);
+        m.closed(1, &i, (100, 7), Duration::from_millis(20), false);
         m.failed(&i);
         m.tls_handshake(HandshakeSide::Client, Duration::from_millis(3));
         let t = text(&prom);
@@ -523,5 +559,61 @@ workloads:
         };
         assert_eq!(value("heddle_tcp_received_bytes_total{"), "100");
         assert_eq!(value("heddle_tcp_sent_bytes_total{"), "7");
+    }
+
+    #[test]
+    fn a_connection_that_outlives_its_pod_is_closed_under_its_workload_name() {
+        // The pod `client-7d9f` of Deployment `client`, as the Kubernetes
+        // source would register it.
+        let yaml = r#"
+workloads:
+  - {name: client-7d9f, namespace: demo, node: n1, ips: ["10.0.1.2"], enrolled: false}
+  - {name: server, namespace: demo, node: n2, ips: ["10.0.2.2"], enrolled: false}
+"#;
+        let config = config::parse(Path::new("t"), yaml).unwrap();
+        let from_file = Registry::from_config(&config);
+        let workloads: Vec<_> = from_file
+            .workloads()
+            .cloned()
+            .map(|mut w| {
+                if w.id.name == "client-7d9f" {
+                    w.workload_name = "client".into();
+                }
+                w
+            })
+            .collect();
+        let with_pod = Registry::from_parts("t", workloads, []);
+        let prom = PromRegistry::new();
+        let (tx, rx) = watch::channel(Arc::new(with_pod));
+        let m = ConnMetrics::new(&prom, rx).unwrap();
+        let mut i = outbound();
+        i.workload.name = "client-7d9f".into();
+        m.opened(7, &i);
+        // A rollout: the pod leaves the registry while its connection lives.
+        tx.send(Arc::new(registry())).unwrap();
+        let gone = ObjectRef {
+            namespace: "demo".into(),
+            name: "client-7d9f".into(),
+        };
+        assert!(m.workloads.borrow().workload(&gone).is_none());
+        m.closed(7, &i, (100, 7), Duration::from_millis(20), false);
+
+        let t = text(&prom);
+        assert!(!t.contains("client-7d9f"), "a series names the pod:\n{t}");
+        for metric in [
+            "heddle_tcp_connections_closed_total{",
+            "heddle_tcp_received_bytes_total{",
+            "heddle_tcp_connection_duration_seconds_count{",
+        ] {
+            assert!(
+                t.lines()
+                    .any(|l| l.starts_with(metric) && l.contains("source_workload=\"client\"")),
+                "{metric} not under the workload name in\n{t}"
+            );
+        }
+        assert!(
+            m.open.lock().unwrap().is_empty(),
+            "the labels of a closed connection are kept"
+        );
     }
 }

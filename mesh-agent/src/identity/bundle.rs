@@ -55,7 +55,11 @@ impl TrustBundle {
     /// The verifier of client certificates for the roots in force.
     #[must_use]
     pub fn client_verifier(&self) -> Arc<dyn ClientCertVerifier> {
-        self.current.read().expect("bundle lock").client_verifier.clone()
+        self.current
+            .read()
+            .expect("bundle lock")
+            .client_verifier
+            .clone()
     }
 
     /// Puts `roots` in force for every later handshake.
@@ -82,7 +86,8 @@ impl Current {
 /// Re-reads `path` every `every` ([`BUNDLE_POLL`] in the agent) until
 /// `stop` and puts a changed, valid bundle in force; a missing, empty or
 /// invalid file keeps the roots in force (each distinct problem logged
-/// once). `initial` is the content already in force.
+/// once, and again if it recurs after the file was fine). `initial` is the
+/// content already in force.
 pub async fn watch_file(
     path: PathBuf,
     bundle: Arc<TrustBundle>,
@@ -90,40 +95,131 @@ pub async fn watch_file(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut last = initial;
-    let mut last_problem: Option<String> = None;
+    let mut file = BundleFile::new(path, initial);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let text = match tokio::fs::read_to_string(&path).await {
+        let read = tokio::fs::read_to_string(&file.path).await;
+        file.check(read, &bundle);
+    }
+}
+
+/// What [`watch_file`] knows between two reads: the content in force and
+/// the problem last logged.
+struct BundleFile {
+    path: PathBuf,
+    in_force: String,
+    last_problem: Option<String>,
+}
+
+/// What one read of the bundle file did.
+#[derive(Debug, PartialEq, Eq)]
+enum Checked {
+    /// The content in force, as before.
+    Unchanged,
+    /// The content in force again after a problem (which is forgotten, so
+    /// that its recurrence is logged).
+    Recovered,
+    /// A new bundle of this many roots is in force.
+    Replaced(usize),
+    /// The roots in force are kept; `logged` unless the same problem was
+    /// the last one logged.
+    Problem { logged: bool },
+}
+
+impl BundleFile {
+    fn new(path: PathBuf, in_force: String) -> Self {
+        Self {
+            path,
+            in_force,
+            last_problem: None,
+        }
+    }
+
+    /// Acts on one read of the file: puts changed, valid content in force.
+    fn check(&mut self, read: std::io::Result<String>, bundle: &TrustBundle) -> Checked {
+        let text = match read {
             Ok(text) => text,
             Err(e) => {
-                report(&mut last_problem, format!("cannot read {}: {e}", path.display()));
-                continue;
+                let problem = format!("cannot read {}: {e}", self.path.display());
+                return self.report(problem);
             }
         };
-        if text == last {
-            continue;
+        if text == self.in_force {
+            return if self.last_problem.take().is_some() {
+                tracing::info!(file = %self.path.display(), "trust bundle file is back to the roots in force");
+                Checked::Recovered
+            } else {
+                Checked::Unchanged
+            };
         }
         match tls::roots_from_pem(&text).and_then(|roots| {
             let n = roots.len();
             bundle.replace(roots).map(|()| n)
         }) {
             Ok(n) => {
-                tracing::info!(file = %path.display(), roots = n, "trust bundle changed: new handshakes use it");
-                last = text;
-                last_problem = None;
+                tracing::info!(file = %self.path.display(), roots = n, "trust bundle changed: new handshakes use it");
+                self.in_force = text;
+                self.last_problem = None;
+                Checked::Replaced(n)
             }
-            Err(e) => report(&mut last_problem, format!("{}: {e}", path.display())),
+            Err(e) => {
+                let problem = format!("{}: {e}", self.path.display());
+                self.report(problem)
+            }
         }
+    }
+
+    fn report(&mut self, problem: String) -> Checked {
+        let logged = self.last_problem.as_deref() != Some(problem.as_str());
+        if logged {
+            tracing::error!(error = %problem, "trust bundle not reloaded; keeping the roots in force");
+            self.last_problem = Some(problem);
+        }
+        Checked::Problem { logged }
     }
 }
 
-fn report(last: &mut Option<String>, problem: String) {
-    if last.as_deref() != Some(problem.as_str()) {
-        tracing::error!(error = %problem, "trust bundle not reloaded; keeping the roots in force");
-        *last = Some(problem);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle() -> (Arc<TrustBundle>, String) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key).unwrap().pem();
+        (
+            TrustBundle::new(tls::roots_from_pem(&pem).unwrap()).unwrap(),
+            pem,
+        )
+    }
+
+    #[test]
+    fn a_problem_that_recurs_after_the_file_reverted_is_logged_again() {
+        let (bundle, pem) = bundle();
+        let roots = bundle.roots();
+        let mut file = BundleFile::new("/etc/heddle/bundle.pem".into(), pem.clone());
+        let broken = || Ok("not a certificate".to_owned());
+        assert_eq!(
+            file.check(broken(), &bundle),
+            Checked::Problem { logged: true }
+        );
+        assert_eq!(
+            file.check(broken(), &bundle),
+            Checked::Problem { logged: false }
+        );
+        assert_eq!(file.check(Ok(pem.clone()), &bundle), Checked::Recovered);
+        assert_eq!(file.check(Ok(pem), &bundle), Checked::Unchanged);
+        assert_eq!(
+            file.check(broken(), &bundle),
+            Checked::Problem { logged: true }
+        );
+        assert!(
+            Arc::ptr_eq(&roots, &bundle.roots()),
+            "the roots in force were kept"
+        );
     }
 }

@@ -13,9 +13,11 @@
 //! CSR, 503 when the source of truth cannot be consulted (fail closed).
 //!
 //! Every pod can reach the CA's port, so the server bounds what one client
-//! can hold ([`Limits`]): at most `max_connections` connections at once
-//! (excess ones are closed at once, counted in [`CaServer::refused_connections`]
-//! and logged at most once a second), a TLS handshake timeout, a
+//! can hold ([`Limits`]): at most `max_connections` connections at once, and
+//! at most `max_connections_per_ip` from one source IP, so that one pod
+//! cannot take every slot (excess ones are closed at once, counted in
+//! [`CaServer::refused_connections`] and logged at most once a second per
+//! kind of limit), a TLS handshake timeout, a
 //! request-header timeout (hyper's `header_read_timeout`, which needs a
 //! timer), and an overall deadline per connection. Identities the mesh
 //! itself relies on ([`reserved_identities`], the CA's own) are never issued.
@@ -51,6 +53,7 @@ use super::{
     SpiffeId,
 };
 use crate::config;
+use peer_slots::PeerSlots;
 
 /// Largest request body accepted (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
@@ -77,6 +80,13 @@ pub struct Limits {
     /// Default 512: agents open one connection per request and request a
     /// certificate per identity per half TTL.
     pub max_connections: usize,
+    /// Connections served at once from one source IP; further ones from it
+    /// are closed at once. Default 16: an agent has a handful of requests in
+    /// flight at most (one per identity due for renewal), while one pod
+    /// opening connections it never finishes must not hold the global
+    /// `max_connections`. Behind a SNAT or a proxy every client shares one
+    /// IP: raise it there.
+    pub max_connections_per_ip: usize,
     /// Time to complete the TLS handshake. Default 10 s.
     pub handshake_timeout: Duration,
     /// Time to send the request headers once TLS is up (hyper
@@ -91,6 +101,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 512,
+            max_connections_per_ip: 16,
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(5),
             connection_deadline: Duration::from_secs(30),
@@ -226,7 +237,8 @@ impl CaServer {
     }
 
     /// Connections closed at once because `max_connections` were being
-    /// served (a counter shared with the running server).
+    /// served, or `max_connections_per_ip` from their source IP (a counter
+    /// shared with the running server).
     #[must_use]
     pub fn refused_connections(&self) -> Arc<AtomicU64> {
         self.refused.clone()
@@ -248,9 +260,10 @@ impl CaServer {
         } = self;
         let state = Arc::new(state);
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(listen = %addr, mode = state.mode, trust_domain = state.authority.trust_domain(), ttl_s = state.authority.leaf_ttl().as_secs(), max_connections = limits.max_connections, "mesh CA ready");
+            tracing::info!(listen = %addr, mode = state.mode, trust_domain = state.authority.trust_domain(), ttl_s = state.authority.leaf_ttl().as_secs(), max_connections = limits.max_connections, max_connections_per_ip = limits.max_connections_per_ip, "mesh CA ready");
         }
         let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let peer_slots = PeerSlots::new(limits.max_connections_per_ip);
         let refusals = RefusalLog::new(refused);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -264,10 +277,17 @@ impl CaServer {
                     }
                 },
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                // Closed before the handshake: a flood costs an accept each.
+            // Closed before the handshake: a flood costs an accept each. The
+            // per-IP slot is taken first, so that an IP at its cap does not
+            // hold a global slot even for a moment.
+            let Some(peer_slot) = peer_slots.try_acquire(peer.ip()) else {
                 drop(tcp);
-                refusals.record(peer, limits.max_connections);
+                refusals.record(peer, Refused::PerIp(limits.max_connections_per_ip));
+                continue;
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                drop((tcp, peer_slot));
+                refusals.record(peer, Refused::Global(limits.max_connections));
                 continue;
             };
             let (acceptor, state) = (acceptor.clone(), state.clone());
@@ -279,7 +299,7 @@ impl CaServer {
                 {
                     tracing::debug!(%peer, deadline_s = limits.connection_deadline.as_secs(), "CA connection closed at its deadline");
                 }
-                drop(permit);
+                drop((permit, peer_slot));
             });
         }
     }
@@ -309,30 +329,50 @@ async fn serve_connection(
         .await;
 }
 
+/// Which limit refused a connection, with its value.
+#[derive(Clone, Copy, Debug)]
+enum Refused {
+    /// `max_connections` were being served.
+    Global(usize),
+    /// `max_connections_per_ip` were being served from the peer's IP.
+    PerIp(usize),
+}
+
 /// Counts connections refused for want of a slot and logs them at most
-/// once a second (a flood must not become a flood of log lines).
+/// once a second per kind of limit (a flood must not become a flood of log
+/// lines, and one IP at its cap must not hide the global limit's line).
 struct RefusalLog {
     count: Arc<AtomicU64>,
-    last_logged: std::sync::Mutex<Option<Instant>>,
+    /// When each kind was last logged: global, per IP.
+    last_logged: std::sync::Mutex<[Option<Instant>; 2]>,
 }
 
 impl RefusalLog {
     fn new(count: Arc<AtomicU64>) -> Self {
         Self {
             count,
-            last_logged: std::sync::Mutex::new(None),
+            last_logged: std::sync::Mutex::new([None, None]),
         }
     }
 
-    fn record(&self, peer: SocketAddr, max: usize) {
+    fn record(&self, peer: SocketAddr, refused: Refused) {
         let total = self.count.fetch_add(1, Ordering::Relaxed) + 1;
         let mut last = self
             .last_logged
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            *last = Some(Instant::now());
-            tracing::warn!(%peer, max_connections = max, refused_total = total, "CA connection limit reached: closing new connections");
+        let last = &mut last[usize::from(matches!(refused, Refused::PerIp(_)))];
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        match refused {
+            Refused::Global(max) => {
+                tracing::warn!(%peer, max_connections = max, refused_total = total, "CA connection limit reached: closing new connections");
+            }
+            Refused::PerIp(max) => {
+                tracing::warn!(%peer, max_connections_per_ip = max, refused_total = total, "CA per-IP connection limit reached: closing new connections from this IP");
+            }
         }
     }
 }
@@ -386,7 +426,9 @@ async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (St
     if identity.trust_domain() != trust_domain {
         return Err((
             StatusCode::FORBIDDEN,
-            format!("node {node} asked for {identity}, which is not in trust domain {trust_domain}"),
+            format!(
+                "node {node} asked for {identity}, which is not in trust domain {trust_domain}"
+            ),
         ));
     }
     if state.reserved.contains(&identity) {
@@ -425,5 +467,6 @@ fn respond(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     r
 }
 
+mod peer_slots;
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,5 @@
 //! The CA server's defences on loopback: reserved identities, the
-//! connection cap, the handshake and header timeouts, the connection
+//! connection caps (global and per source IP), the handshake and header timeouts, the connection
 //! deadline. What is asserted is what a client observes (a refusal, a
 //! closed connection, how soon).
 
@@ -53,12 +53,30 @@ impl Ca {
 
     /// A TLS connection that has sent nothing.
     async fn tls_connection(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        self.tls_over(tcp).await.unwrap()
+    }
+
+    /// A TCP connection from `source` (any 127/8 address: loopback accepts
+    /// them all as sources).
+    async fn tcp_from(&self, source: [u8; 4]) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from((source, 0)))
+            .expect("binding a 127/8 source address");
+        socket.connect(self.addr).await.unwrap()
+    }
+
+    /// The TLS handshake over `tcp`; fails if the CA closed it.
+    async fn tls_over(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let connector = tokio_rustls::TlsConnector::from(
             tls::anonymous_client_config(self.roots.clone()).unwrap(),
         );
-        let tcp = TcpStream::connect(self.addr).await.unwrap();
         let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-        connector.connect(name, tcp).await.unwrap()
+        connector.connect(name, tcp).await
     }
 }
 
@@ -128,6 +146,7 @@ async fn closed_after(mut conn: impl tokio::io::AsyncRead + Unpin) -> Duration {
 fn limits() -> Limits {
     Limits {
         max_connections: 64,
+        max_connections_per_ip: 64,
         handshake_timeout: Duration::from_secs(10),
         header_read_timeout: Duration::from_secs(10),
         connection_deadline: Duration::from_secs(30),
@@ -237,6 +256,56 @@ async fn connections_beyond_the_cap_are_closed_at_once_and_counted() {
             Ok(_) => break,
             Err(e) => assert!(Instant::now() < deadline, "no slot freed: {e}"),
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_ip_at_its_cap_does_not_stop_another_and_its_slot_frees_on_close() {
+    const GREEDY: [u8; 4] = [127, 0, 0, 2];
+    const OTHER: [u8; 4] = [127, 0, 0, 3];
+    let ca = start(
+        "per-ip",
+        Limits {
+            max_connections_per_ip: 2,
+            ..limits()
+        },
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let tcp = ca.tcp_from(GREEDY).await;
+        held.push(ca.tls_over(tcp).await.expect("within the per-IP cap"));
+    }
+    // A third from the same IP is closed before any handshake.
+    let after = closed_after(ca.tcp_from(GREEDY).await).await;
+    assert!(after < Duration::from_secs(2), "closed after {after:?}");
+    assert_eq!(ca.refused.load(Ordering::Relaxed), 1);
+
+    // Another IP is served as usual, well below the global cap.
+    let mut other = ca
+        .tls_over(ca.tcp_from(OTHER).await)
+        .await
+        .expect("another IP is not limited by the first one's cap");
+    other
+        .write_all(b"GET /v1/bundle HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // Bytes read before an unclean close are kept in `response`.
+    let mut response = Vec::new();
+    let _ = other.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(ca.refused.load(Ordering::Relaxed), 1);
+
+    // Once one of its connections closes, the greedy IP has a slot again.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if ca.tls_over(ca.tcp_from(GREEDY).await).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no per-IP slot freed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

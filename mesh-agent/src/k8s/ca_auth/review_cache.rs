@@ -171,7 +171,9 @@ pub fn jwt_remaining(token: &str, now: SystemTime) -> Option<Duration> {
     let bytes: k8s_openapi::ByteString =
         serde_json::from_value(serde_json::Value::String(std_b64)).ok()?;
     let exp = serde_json::from_slice::<Claims>(&bytes.0).ok()?.exp?;
-    let exp = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
+    // An `exp` past what `SystemTime` holds is no expiry we can use (the
+    // `+` would panic): as for a token without one, the TTL alone applies.
+    let exp = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp))?;
     Some(exp.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
@@ -252,6 +254,21 @@ mod tests {
         assert_eq!(jwt_remaining(&jwt(900), now), Some(Duration::ZERO));
         assert_eq!(jwt_remaining("agent-a", now), None);
         assert_eq!(jwt_remaining("a.!!!.c", now), None);
+    }
+
+    #[test]
+    fn an_expiry_beyond_the_clock_counts_as_none_and_the_ttl_caps_it() {
+        let far = jwt(u64::MAX);
+        assert_eq!(jwt_remaining(&far, SystemTime::now()), None);
+        let cache = ReviewCache::default();
+        let now = Instant::now();
+        let ok = Ok("node-a".to_owned());
+        cache.put(&far, &ok, now);
+        assert_eq!(
+            cache.get(&token_hash(&far), now + Duration::from_secs(59)),
+            Some(ok)
+        );
+        assert_eq!(cache.get(&token_hash(&far), now + POSITIVE_TTL), None);
     }
 
     #[test]
