@@ -198,6 +198,20 @@ pub fn agent_binary() -> Result<PathBuf> {
     }
 }
 
+/// The `heddle` CLI, built next to the agent binary.
+pub fn heddle_binary() -> Result<PathBuf> {
+    let path = agent_binary()?.with_file_name("heddle");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(TestbedError::MissingBinary {
+            what: "heddle",
+            path,
+            hint: "build it with `cargo xtask build`",
+        })
+    }
+}
+
 /// The pod test application: `$HEDDLE_POD_APP_BIN`, else a `pod-app` next to
 /// the running executable or its parent directory (integration tests run
 /// from `target/debug/deps/`).

@@ -9,22 +9,9 @@ mod common;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use common::{expect_delivered, run_e2e, wait_finished, Options, ECHO_PORT};
-use heddle_tests::{Agent, ClientSpec, Direction};
+use common::{expect_delivered, heddle, run_e2e, wait_finished, Options, ECHO_PORT};
+use heddle_tests::{ClientSpec, Direction};
 
-/// Runs `heddle <args>` on the agent's node; returns (exit code, stdout, stderr).
-fn heddle(agent: &Agent, args: &[&str]) -> Result<(i32, String, String)> {
-    let bin = heddle_tests::agent_binary()?.with_file_name("heddle");
-    ensure!(bin.exists(), "{} missing: build it with `cargo xtask build`", bin.display());
-    let mut cmd = Command::new(bin);
-    cmd.args(args);
-    let out = agent.node().run(cmd)?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
 
 #[test]
 fn heddle_flows_shows_the_captured_connections_in_every_format_with_filters() {
@@ -86,8 +73,7 @@ fn heddle_flows_shows_the_captured_connections_in_every_format_with_filters() {
 #[test]
 fn heddle_flows_follow_prints_new_connections_as_they_happen() {
     run_e2e("cli_follow", Options::default(), |c| {
-        let bin = heddle_tests::agent_binary()?.with_file_name("heddle");
-        let mut cmd = Command::new(bin);
+        let mut cmd = Command::new(heddle_tests::heddle_binary()?);
         cmd.args(["flows", "--follow", "--pod", "client", "--last", "0", "-o", "jsonl"]);
         let mut follower = c.agent_a.node().spawn(cmd)?;
         std::thread::sleep(std::time::Duration::from_millis(300));

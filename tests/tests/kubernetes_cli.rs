@@ -57,9 +57,7 @@ fn cluster(dir: &Path) -> Result<(ApiServer, PathBuf)> {
 
 /// Runs `heddle <args>` with `kubeconfig`; returns (exit code, stdout, stderr).
 fn heddle(kubeconfig: &Path, args: &[&str]) -> Result<(i32, String, String)> {
-    let bin = heddle_tests::agent_binary()?.with_file_name("heddle");
-    ensure!(bin.exists(), "{} missing: build it with `cargo build -p mesh-agent`", bin.display());
-    let out = Command::new(bin)
+    let out = Command::new(heddle_tests::heddle_binary()?)
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")

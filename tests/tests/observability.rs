@@ -17,11 +17,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::{expect_delivered, run_e2e, wait_finished, Cluster, Options, ECHO_PORT, WAIT};
+use common::{
+    expect_delivered, heddle, run_e2e, wait_finished, Cluster, Options, ECHO_PORT, WAIT,
+};
 use heddle_tests::{
     poll_until, Agent, Check, ClientSpec, DelaySpec, Direction, Flow, FlowEvent, FlowStreamClient,
 };
@@ -370,20 +371,3 @@ fn expect_cli_shows_tcp_health(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// Runs `heddle <args>` on the agent's node; returns (exit code, stdout, stderr).
-fn heddle(agent: &Agent, args: &[&str]) -> Result<(i32, String, String)> {
-    let bin = heddle_tests::agent_binary()?.with_file_name("heddle");
-    ensure!(
-        bin.exists(),
-        "{} missing: build it with `cargo xtask build`",
-        bin.display()
-    );
-    let mut cmd = Command::new(bin);
-    cmd.args(args);
-    let out = agent.node().run(cmd)?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}

@@ -358,8 +358,7 @@ fn run() -> Result<bool> {
 
 /// Runs the `heddle` CLI (next to the agent binary) on `agent`'s node.
 fn heddle_cli(agent: &Agent, args: &[&str]) -> Result<String> {
-    let bin = heddle_tests::agent_binary()?.with_file_name("heddle");
-    let mut cmd = std::process::Command::new(&bin);
+    let mut cmd = std::process::Command::new(heddle_tests::heddle_binary()?);
     cmd.args(args);
     let out = agent.node().run(cmd)?;
     if !out.status.success() {

@@ -301,6 +301,19 @@ pub fn run_on<C>(
     }
 }
 
+/// Runs `heddle <args>` on `agent`'s node (so it reaches that agent's admin
+/// API on localhost); returns (exit code, stdout, stderr).
+pub fn heddle(agent: &Agent, args: &[&str]) -> Result<(i32, String, String)> {
+    let mut cmd = std::process::Command::new(heddle_tests::heddle_binary()?);
+    cmd.args(args);
+    let out = agent.node().run(cmd)?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// Runs `pod-app client` in `pod` and requires every connection to succeed.
 pub fn expect_delivered(pod: &Pod, spec: &ClientSpec) -> Result<ClientSummary> {
     let summary = pod.run_client(spec)?;
