@@ -153,16 +153,20 @@ impl Permit {
     /// What the flow records say about it.
     #[must_use]
     pub fn mark(&self) -> PolicyMark {
-        let d = &self.0;
-        PolicyMark {
-            denied: false,
-            audited: d.audited.is_some(),
-            policy: d.policy.clone(),
-            rule: d.rule,
-            audit_policy: d.audited.as_ref().map(|a| a.policy.clone()),
-            dry_run: d.dry_run.as_ref().map(dry_run_text),
-            closed_by_policy: None,
-        }
+        decision_mark(&self.0, false)
+    }
+}
+
+/// The flow-record mark of a policy decision.
+fn decision_mark(d: &Decision, denied: bool) -> PolicyMark {
+    PolicyMark {
+        denied,
+        audited: d.audited.is_some(),
+        policy: d.policy.clone(),
+        rule: d.rule,
+        audit_policy: d.audited.as_ref().map(|a| a.policy.clone()),
+        dry_run: d.dry_run.as_ref().map(dry_run_text),
+        closed_by_policy: None,
     }
 }
 
@@ -189,15 +193,7 @@ impl Denial {
     #[must_use]
     pub fn mark(&self) -> PolicyMark {
         match self {
-            Denial::Policy(d) => PolicyMark {
-                denied: true,
-                audited: d.audited.is_some(),
-                policy: d.policy.clone(),
-                rule: d.rule,
-                audit_policy: d.audited.as_ref().map(|a| a.policy.clone()),
-                dry_run: d.dry_run.as_ref().map(dry_run_text),
-                closed_by_policy: None,
-            },
+            Denial::Policy(d) => decision_mark(d, true),
             Denial::UnknownWorkload(_) => PolicyMark {
                 denied: true,
                 ..PolicyMark::default()
