@@ -70,18 +70,7 @@ pub struct AdminState {
 /// Serves the admin API on `listener` until `stop` fires (which also ends
 /// open flow streams).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(endpoint = "admin", error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, _)) = crate::accept::next(&listener, &"admin", &stop).await {
         // Bounds what the kernel holds for a stalled flow stream (the
         // admin API is on loopback: a small buffer costs no speed).
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(STREAM_SOCKET_BUFFER);

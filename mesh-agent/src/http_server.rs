@@ -1,7 +1,8 @@
-//! The HTTP/1.1 server loop shared by the agent's own endpoints (the admin
-//! API on 15000 and the metrics on 15020): accept until stopped, one task per
-//! connection, a synchronous handler over shared state. Accept errors are
-//! logged and retried; nothing here touches proxied traffic.
+//! The HTTP/1.1 server loop of the metrics endpoint (15020): accept until
+//! stopped ([`crate::accept::next`]), one task per connection, a synchronous
+//! handler over shared state. (The admin API has its own loop for its
+//! streaming responses and bounded buffers.) Nothing here touches proxied
+//! traffic.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -28,18 +29,7 @@ pub async fn serve<S: Send + Sync + 'static>(
     handler: Handler<S>,
     stop: CancellationToken,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(endpoint = name, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, _)) = crate::accept::next(&listener, &name, &stop).await {
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {

@@ -8,6 +8,7 @@
 //! (enforcing it on inbound connections), [`flows`] (records and counters),
 //! [`admin`] (the admin API), [`agent`] (the composition root).
 
+pub mod accept;
 pub mod access_log;
 pub mod admin;
 pub mod agent;

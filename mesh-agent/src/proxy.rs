@@ -63,8 +63,8 @@ pub struct Pod {
     pub identity: crate::identity::SpiffeId,
 }
 
-/// Accepts until `stop` fires, handing each connection to `spawn`. Accept
-/// errors are logged and retried after a pause (EMFILE must not spin).
+/// Accepts until `stop` fires, handing each connection to `spawn`
+/// ([`crate::accept::next`] retries accept errors).
 async fn accept_loop<F, T>(
     listener: TcpListener,
     stop: CancellationToken,
@@ -74,20 +74,10 @@ async fn accept_loop<F, T>(
 ) where
     F: FnMut(TcpStream, SocketAddr) -> T,
 {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    drop(spawn(stream, peer));
-                }
-                Err(e) => {
-                    tracing::warn!(%pod, leg, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-        }
+    let name = format!("{leg} of {pod}");
+    while let Some((stream, peer)) = crate::accept::next(&listener, &name, &stop).await {
+        let _ = stream.set_nodelay(true);
+        drop(spawn(stream, peer));
     }
     tracing::debug!(%pod, leg, "listener closed");
 }

@@ -265,18 +265,7 @@ impl CaServer {
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let peer_slots = PeerSlots::new(limits.max_connections_per_ip);
         let refusals = RefusalLog::new(refused);
-        loop {
-            let (tcp, peer) = tokio::select! {
-                () = stop.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((tcp, peer)) = crate::accept::next(&listener, &"mesh CA", &stop).await {
             // Closed before the handshake: a flood costs an accept each. The
             // per-IP slot is taken first, so that an IP at its cap does not
             // hold a global slot even for a moment.
