@@ -12,10 +12,7 @@ use kube::{
     Api, Client, Config,
 };
 
-/// The enrollment label on Namespaces (and `disabled` on Pods to opt out).
-pub const MESH_LABEL: &str = "heddle.dev/mesh";
-/// Its enrolling value.
-pub const ENABLED: &str = "enabled";
+pub use super::convert::{ENABLED, MESH_LABEL};
 
 /// Why an API operation of the CLI failed, in words an operator acts on.
 #[derive(Debug, thiserror::Error)]

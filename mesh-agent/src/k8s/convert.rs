@@ -33,6 +33,10 @@ use crate::{
 
 /// The enrollment label, on Namespaces (`enabled`) and Pods (`disabled`).
 pub const MESH_LABEL: &str = "heddle.dev/mesh";
+/// The value of [`MESH_LABEL`] that enrolls a Namespace.
+pub const ENABLED: &str = "enabled";
+/// The value of [`MESH_LABEL`] that opts a Pod out.
+pub const DISABLED: &str = "disabled";
 /// The inbound mode annotation, on Pods and Namespaces.
 pub const INBOUND_MODE_ANNOTATION: &str = "heddle.dev/inbound-mode";
 /// The label `EndpointSlices` carry to name their Service.
@@ -54,7 +58,7 @@ pub fn namespaces<'a>(items: impl IntoIterator<Item = &'a Namespace>) -> HashMap
         .into_iter()
         .filter_map(|ns| {
             let name = ns.metadata.name.clone()?;
-            let enrolled = label(ns.metadata.labels.as_ref(), MESH_LABEL) == Some("enabled");
+            let enrolled = label(ns.metadata.labels.as_ref(), MESH_LABEL) == Some(ENABLED);
             let inbound_mode = inbound_mode(ns.metadata.annotations.as_ref());
             Some((
                 name,
@@ -107,7 +111,7 @@ pub fn workload<S: std::hash::BuildHasher>(
         return None;
     }
     let ns = namespaces.get(&namespace);
-    let opted_out = label(meta.labels.as_ref(), MESH_LABEL) == Some("disabled");
+    let opted_out = label(meta.labels.as_ref(), MESH_LABEL) == Some(DISABLED);
     let service_account = spec
         .service_account_name
         .clone()

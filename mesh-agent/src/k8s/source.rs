@@ -89,12 +89,9 @@ pub enum SourceError {
     WatchEnded(&'static str),
 }
 
-/// The API resource of Heddle's `AuthorizationPolicy`.
+/// The API resource of Heddle's `AuthorizationPolicy`, from the CRD type.
 fn heddle_policies() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("heddle.dev", "v1alpha1", "AuthorizationPolicy"),
-        "authorizationpolicies",
-    )
+    ApiResource::erase::<super::crd::HeddleAuthorizationPolicy>(&())
 }
 
 /// The API resource of Istio's `AuthorizationPolicy`.
@@ -272,7 +269,11 @@ impl KubeSource {
 
     async fn rebuild(&mut self) {
         let (workloads, services) = self.registry_parts().await;
-        if self.last.as_ref() != Some(&(workloads.clone(), services.clone())) {
+        let unchanged = self
+            .last
+            .as_ref()
+            .is_some_and(|(w, s)| *w == workloads && *s == services);
+        if !unchanged {
             let enrolled = workloads.iter().filter(|w| w.enrolled).count();
             tracing::info!(
                 workloads = workloads.len(),
@@ -290,8 +291,8 @@ impl KubeSource {
         self.publish_policies();
     }
 
-    async fn registry_parts(&mut self) -> (Vec<Workload>, Vec<ServiceEntry>) {
-        let td = &self.settings.trust_domain.clone();
+    async fn registry_parts(&self) -> (Vec<Workload>, Vec<ServiceEntry>) {
+        let td = &self.settings.trust_domain;
         let namespaces = convert::namespaces(self.stores.namespaces.state().iter().map(AsRef::as_ref));
         let local: Vec<(Workload, Option<String>)> = self
             .stores
@@ -348,7 +349,7 @@ impl KubeSource {
 
     /// Fills in the network namespace of enrolled local pods (a blocking
     /// scan, on a blocking thread).
-    async fn with_netns(&mut self, local: Vec<(Workload, Option<String>)>) -> Vec<Workload> {
+    async fn with_netns(&self, local: Vec<(Workload, Option<String>)>) -> Vec<Workload> {
         let wanted: Vec<Wanted> = local
             .iter()
             .filter(|(w, _)| w.enrolled)
