@@ -169,19 +169,9 @@ impl PodAuthorizer {
 /// containers may be starting while the agent enrolls them).
 #[must_use]
 pub fn pod_holds(pod: &Pod, identity: &SpiffeId) -> bool {
-    let terminated = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|p| p == "Succeeded" || p == "Failed");
     let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
-    let service_account = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.as_deref())
-        .filter(|sa| !sa.is_empty())
-        .unwrap_or("default");
-    !terminated
+    let service_account = pod.spec.as_ref().map_or("default", super::convert::service_account);
+    !super::convert::is_finished(pod)
         && namespace == identity.namespace()
         && service_account == identity.service_account()
 }

@@ -102,8 +102,7 @@ pub fn workload<S: std::hash::BuildHasher>(
     if spec.host_network == Some(true) {
         return None;
     }
-    let status = pod.status.as_ref()?;
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+    if is_finished(pod) {
         return None;
     }
     let ips = pod_ips(pod);
@@ -112,11 +111,7 @@ pub fn workload<S: std::hash::BuildHasher>(
     }
     let ns = namespaces.get(&namespace);
     let opted_out = label(meta.labels.as_ref(), MESH_LABEL) == Some(DISABLED);
-    let service_account = spec
-        .service_account_name
-        .clone()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_owned());
+    let service_account = service_account(spec).to_owned();
     Some(Workload {
         identity: SpiffeId::new(trust_domain, &namespace, &service_account),
         workload_name: workload_name(pod, &name),
@@ -133,6 +128,26 @@ pub fn workload<S: std::hash::BuildHasher>(
             .or_else(|| ns.and_then(|n| n.inbound_mode))
             .unwrap_or_default(),
     })
+}
+
+/// Whether the pod has finished (`Succeeded`/`Failed`): it runs nothing and
+/// holds no identity. The CA's authorizer applies the same rule.
+#[must_use]
+pub fn is_finished(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed")
+}
+
+/// The pod's service account, `default` when unset (as the API server
+/// defaults it).
+#[must_use]
+pub fn service_account(spec: &PodSpec) -> &str {
+    spec.service_account_name
+        .as_deref()
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or("default")
 }
 
 /// The name metrics use for a pod's workload: its controller's name, with
