@@ -212,13 +212,11 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
     };
     let settings = ca_server::CaSettings {
         state_dir: args.state_dir,
-        listen: args.listen,
         config,
         trust_domain,
         leaf_ttl,
     };
-    let listen = settings.listen;
-    runtime.block_on(async { ca_server::run(ca_server::CaServer::new(&settings)?, listen).await })
+    runtime.block_on(async { ca_server::run(ca_server::CaServer::new(&settings)?, args.listen).await })
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -63,8 +63,6 @@ const MAX_BODY: usize = 64 * 1024;
 pub struct CaSettings {
     /// Where the root key, root certificate, bundle and node tokens live.
     pub state_dir: PathBuf,
-    /// TLS listen address.
-    pub listen: SocketAddr,
     /// The local configuration (who runs where).
     pub config: PathBuf,
     /// Trust domain.

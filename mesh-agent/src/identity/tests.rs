@@ -224,7 +224,6 @@ async fn ca_and_client(name: &str, node: &str) -> (CancellationToken, RemoteCa, 
     let dir = temp_dir(name);
     let settings = CaSettings {
         state_dir: dir.join("state"),
-        listen: "127.0.0.1:0".parse().unwrap(),
         config: write_config(&dir),
         trust_domain: "cluster.local".into(),
         leaf_ttl: Duration::from_mins(10),
@@ -302,7 +301,6 @@ async fn the_agent_retries_a_ca_that_is_down_and_serves_once_it_is_up() {
     drop(probe);
     let settings = CaSettings {
         state_dir: dir.join("state"),
-        listen: addr,
         config: write_config(&dir),
         trust_domain: "cluster.local".into(),
         leaf_ttl: Duration::from_mins(10),

@@ -94,7 +94,6 @@ async fn start(name: &str, limits: Limits) -> Ca {
     .unwrap();
     let settings = CaSettings {
         state_dir: dir.join("state"),
-        listen: "127.0.0.1:0".parse().unwrap(),
         config,
         trust_domain: "cluster.local".into(),
         leaf_ttl: Duration::from_mins(10),
