@@ -100,21 +100,26 @@ const STREAM_WRITE_BUFFER: usize = 64 * 1024;
 /// `SO_SNDBUF` of admin API connections.
 const STREAM_SOCKET_BUFFER: usize = 128 * 1024;
 
-/// A flow stream for `GET /flows?follow=true`, else the JSON answer.
+/// `GET /flows` (the stored records, or with `follow=true` a stream),
+/// else the JSON answer of [`route`]. The query is parsed once.
 fn answer(
     state: &AdminState,
     req: &Request<Incoming>,
     stop: &CancellationToken,
 ) -> Response<AnyBody> {
-    if req.uri().path() == "/flows" {
-        let query = parse_query(req.uri().query());
-        if let Ok(filter) = crate::flow_filter::FlowFilter::from_query(&query) {
-            if filter.follow {
-                return stream::open(&state.flows, filter, stop);
-            }
+    if req.uri().path() != "/flows" {
+        return route(state, req).map(BodyExt::boxed);
+    }
+    let query = parse_query(req.uri().query());
+    match crate::flow_filter::FlowFilter::from_query(&query) {
+        Ok(filter) if filter.follow => stream::open(&state.flows, filter, stop),
+        Ok(filter) => json_response(&json!(state.flows.select(&filter))).map(BodyExt::boxed),
+        Err(e) => {
+            let mut r = json_response(&json!({ "error": e.to_string() }));
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            r.map(BodyExt::boxed)
         }
     }
-    route(state, req).map(BodyExt::boxed)
 }
 
 /// Binds the admin listener.
@@ -123,7 +128,6 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let query = parse_query(req.uri().query());
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/ready" => {
@@ -133,14 +137,6 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        "/flows" => match crate::flow_filter::FlowFilter::from_query(&query) {
-            Ok(filter) => json_response(&json!(state.flows.select(&filter))),
-            Err(e) => {
-                let mut r = json_response(&json!({ "error": e.to_string() }));
-                *r.status_mut() = StatusCode::BAD_REQUEST;
-                r
-            }
-        },
         "/workloads" => json_response(&workloads(state)),
         "/certs" => json_response(&match &state.mesh {
             Some(m) => {
