@@ -415,11 +415,7 @@ impl Authorizer {
             Ok(Permit(d)) | Err(Denial::Policy(d)) => d,
             Err(Denial::UnknownWorkload(_)) => return self.bump([(None, None, "deny")]),
         };
-        let verdict = match d.verdict {
-            Verdict::Allow => "allow",
-            Verdict::Deny => "deny",
-        };
-        let mut keys = vec![(deciding_action(d.reason), d.policy.clone(), verdict)];
+        let mut keys = vec![(deciding_action(d.reason), d.policy.clone(), d.verdict.name())];
         if let Some(a) = &d.audited {
             keys.push((Some(Action::Audit), Some(a.policy.clone()), "audit"));
         }

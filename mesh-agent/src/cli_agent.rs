@@ -9,7 +9,9 @@ use std::{
 
 use serde_json::Value;
 
-fn s(v: &Value) -> String {
+/// A JSON value as table text: `-` for null, strings without quotes.
+#[must_use]
+pub fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -36,7 +38,9 @@ pub fn human_secs(secs: i64) -> String {
     format!("{sign}{body}")
 }
 
-fn now_unix() -> i64 {
+/// Seconds since the Unix epoch, now.
+#[must_use]
+pub fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

@@ -19,7 +19,10 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use mesh_agent::{cli_agent, k8s};
+use mesh_agent::{
+    cli_agent::{self, s},
+    k8s,
+};
 use mesh_agent::policy::{
     self, load, Connection, Destination, OrigDst, PeerIdentity, PolicySet, SrcIp,
 };
@@ -294,10 +297,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Certs => {
             let certs = get(&cli.agent, "/certs")?;
             if cli.output == Output::Table {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-                print!("{}", cli_agent::certs_text(&certs, now));
+                print!("{}", cli_agent::certs_text(&certs, cli_agent::now_unix()));
             } else {
                 println!("{}", serde_json::to_string_pretty(&certs)?);
             }
@@ -333,13 +333,6 @@ fn get(agent: &str, path: &str) -> anyhow::Result<Value> {
     Ok(v)
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
 
 fn flows(
     agent: &str,
