@@ -115,13 +115,18 @@ impl ClusterConfig {
 
     /// Atomically replaces the file at `path` with this config.
     pub fn write_to(&self, path: &Path) -> Result<()> {
-        let text = self.to_yaml()?;
-        let tmp = path.with_extension("yaml.new");
-        std::fs::write(&tmp, text)
-            .map_err(|e| TestbedError::io(format!("write {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, path)
-            .map_err(|e| TestbedError::io(format!("rename {} into place", tmp.display()), e))
+        write_atomically(path, &self.to_yaml()?)
     }
+}
+
+/// Writes `text` to `path` through a temp file and a rename, so a reader
+/// (an agent re-reading its files) never sees a partial file.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text)
+        .map_err(|e| TestbedError::io(format!("write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| TestbedError::io(format!("rename {} into place", tmp.display()), e))
 }
 
 #[cfg(test)]

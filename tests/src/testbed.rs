@@ -34,7 +34,8 @@ use crate::agent::Agent;
 use crate::ca::{AgentCaFlags, Ca, CaOptions};
 use crate::cgroup::{self, CGROUP_ROOT};
 use crate::config::{
-    ClusterConfig, InboundMode, NamespaceConfig, WorkloadConfig, DEFAULT_TRUST_DOMAIN,
+    write_atomically, ClusterConfig, InboundMode, NamespaceConfig, WorkloadConfig,
+    DEFAULT_TRUST_DOMAIN,
 };
 use crate::env::{self, BPFFS};
 use crate::error::{Result, TestbedError};
@@ -465,14 +466,7 @@ impl Testbed {
     /// also report `captured` accordingly).
     pub fn apply_enrollment(&self, pod: &Pod, enrolled: bool) -> Result<()> {
         self.set_enrolled(pod, enrolled)?;
-        let agents: Vec<Agent> = self
-            .agents()
-            .into_iter()
-            .filter(Agent::is_running)
-            .collect();
-        for agent in &agents {
-            agent.reload()?;
-        }
+        let agents = self.reload_running_agents()?;
         let qualified = pod.qualified_name();
         for agent in &agents {
             let owner = agent.node().name() == pod.node_name();
@@ -583,14 +577,7 @@ impl Testbed {
         let mut hash = Fnv1a64::default();
         hash.update(yaml.as_bytes());
         let content_hash = format!("fnv1a64:{}", hash.hex());
-        let agents: Vec<Agent> = self
-            .agents()
-            .into_iter()
-            .filter(Agent::is_running)
-            .collect();
-        for agent in &agents {
-            agent.reload()?;
-        }
+        let agents = self.reload_running_agents()?;
         agents
             .iter()
             .map(|a| a.wait_policies(&content_hash, Duration::from_secs(10)))
@@ -620,6 +607,20 @@ impl Testbed {
     /// searches its node's [`Node::pod_netns_dir`].
     pub fn use_kubernetes(&self, mode: KubernetesMode) {
         self.shared.lock().kubernetes = Some(mode);
+    }
+
+    /// SIGHUPs every running agent (they re-read the config and policies
+    /// files) and returns them, in start order.
+    fn reload_running_agents(&self) -> Result<Vec<Agent>> {
+        let agents: Vec<Agent> = self
+            .agents()
+            .into_iter()
+            .filter(Agent::is_running)
+            .collect();
+        for agent in &agents {
+            agent.reload()?;
+        }
+        Ok(agents)
     }
 
     /// Writes the config, starts the agent for `node` and waits until ready.
@@ -692,15 +693,6 @@ impl Drop for Testbed {
     }
 }
 
-/// Writes `text` to `path` through a temp file and a rename, so a reader
-/// never sees a partial file.
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, text)
-        .map_err(|e| TestbedError::io(format!("write {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| TestbedError::io(format!("rename {} into place", tmp.display()), e))
-}
 
 /// Node and pod names become netns and cgroup names: lowercase letters,
 /// digits and inner dashes, short, unique within the test bed.
