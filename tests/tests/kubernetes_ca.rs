@@ -31,9 +31,12 @@ use mesh_agent::identity::{
 };
 use serde_json::{json, Value};
 
-const NS: &str = "heddle-system";
+use heddle_tests::kube_ca::{
+    CA_AUDIENCE, CA_NAMESPACE as NS, NODE_NAME_EXTRA, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY,
+};
+
+/// The agents' service-account user ([`heddle_tests::kube_ca::AGENT_SERVICE_ACCOUNT`] in [`NS`]).
 const AGENT_USER: &str = "system:serviceaccount:heddle-system:heddle-agent";
-const NODE_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
 /// A private temporary directory, removed on drop.
 struct TempDir(PathBuf);
@@ -180,7 +183,7 @@ fn agent_token(api: &ApiServer, token: &str, username: &str, audiences: &[&str],
             uid: format!("{token}-uid"),
             groups: vec!["system:serviceaccounts".into()],
             audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
-            extra: BTreeMap::from([(NODE_EXTRA.to_owned(), vec![node.to_owned()])]),
+            extra: BTreeMap::from([(NODE_NAME_EXTRA.to_owned(), vec![node.to_owned()])]),
         },
     );
 }
@@ -209,9 +212,9 @@ fn sign(ca: &RemoteCa, id: &SpiffeId) -> Result<Vec<String>, CaError> {
 
 fn published_bundle(api: &ApiServer) -> Result<String> {
     let cm = api
-        .get("v1", "ConfigMap", Some(NS), "heddle-trust-bundle")
+        .get("v1", "ConfigMap", Some(NS), TRUST_BUNDLE_CONFIGMAP)
         .context("the trust-bundle ConfigMap")?;
-    Ok(cm["data"]["root-cert.pem"].as_str().unwrap_or_default().to_owned())
+    Ok(cm["data"][TRUST_BUNDLE_KEY].as_str().unwrap_or_default().to_owned())
 }
 
 fn id(ns: &str, sa: &str) -> SpiffeId {
@@ -262,7 +265,7 @@ fn the_ca_uses_a_supplied_root_secret_as_is() -> Result<()> {
         "data": {"tls.crt": enc(&cert), "tls.key": enc(&key), "ca.crt": enc(&bundle)}
     }))?;
     api.apply(pod("demo", "web-1", "web", "node-a"))?;
-    agent_token(&api, "agent-a", AGENT_USER, &["heddle-ca"], "node-a");
+    agent_token(&api, "agent-a", AGENT_USER, &[CA_AUDIENCE], "node-a");
     let kc = kubeconfig(&api, &dir.0)?;
     let ca = start_ca(&kc, &dir.0)?;
 
@@ -337,7 +340,7 @@ fn a_root_secret_whose_key_is_not_the_certificates_stops_the_ca_naming_it() -> R
         "{log}"
     );
     ensure!(
-        api.get("v1", "ConfigMap", Some(NS), "heddle-trust-bundle").is_none(),
+        api.get("v1", "ConfigMap", Some(NS), TRUST_BUNDLE_CONFIGMAP).is_none(),
         "a bundle was published from an unusable root"
     );
     Ok(())
@@ -349,7 +352,7 @@ fn a_node_gets_certificates_only_for_identities_of_pods_on_its_node() -> Result<
     let dir = TempDir::new("authz");
     api.apply(pod("demo", "web-1", "web", "node-a"))?;
     api.apply(pod("demo", "api-1", "api", "node-b"))?;
-    agent_token(&api, "agent-a", AGENT_USER, &["heddle-ca"], "node-a");
+    agent_token(&api, "agent-a", AGENT_USER, &[CA_AUDIENCE], "node-a");
     let kc = kubeconfig(&api, &dir.0)?;
     let ca = start_ca(&kc, &dir.0)?;
     let bundle = published_bundle(&api)?;
@@ -391,7 +394,7 @@ fn tokens_that_are_unknown_for_another_audience_or_of_another_account_are_refuse
     let dir = TempDir::new("authn");
     api.apply(pod("demo", "web-1", "web", "node-a"))?;
     agent_token(&api, "wrong-aud", AGENT_USER, &["https://kubernetes.default.svc"], "node-a");
-    agent_token(&api, "other-sa", "system:serviceaccount:demo:web", &["heddle-ca"], "node-a");
+    agent_token(&api, "other-sa", "system:serviceaccount:demo:web", &[CA_AUDIENCE], "node-a");
     let kc = kubeconfig(&api, &dir.0)?;
     let ca = start_ca(&kc, &dir.0)?;
     let bundle = published_bundle(&api)?;
@@ -410,7 +413,7 @@ fn the_ca_answers_503_when_the_api_server_is_down() -> Result<()> {
     let api = ApiServer::start()?;
     let dir = TempDir::new("down");
     api.apply(pod("demo", "web-1", "web", "node-a"))?;
-    agent_token(&api, "agent-a", AGENT_USER, &["heddle-ca"], "node-a");
+    agent_token(&api, "agent-a", AGENT_USER, &[CA_AUDIENCE], "node-a");
     let kc = kubeconfig(&api, &dir.0)?;
     let ca = start_ca(&kc, &dir.0)?;
     let bundle = published_bundle(&api)?;
@@ -441,7 +444,7 @@ fn a_repeated_token_is_answered_from_the_cache_without_a_second_token_review() -
     let dir = TempDir::new("cache");
     api.apply(pod("demo", "web-1", "web", "node-a"))?;
     api.apply(pod("demo", "api-1", "api", "node-a"))?;
-    agent_token(&api, "agent-a", AGENT_USER, &["heddle-ca"], "node-a");
+    agent_token(&api, "agent-a", AGENT_USER, &[CA_AUDIENCE], "node-a");
     let kc = kubeconfig(&api, &dir.0)?;
     let ca = start_ca(&kc, &dir.0)?;
     let bundle = published_bundle(&api)?;
@@ -476,7 +479,7 @@ fn the_ca_never_issues_its_own_identity_even_to_the_node_that_hosts_its_pod() ->
     // A pod with the CA's service account on node-a: its agent may not get
     // the identity agents check the CA by.
     api.apply(pod(NS, "heddle-ca-0", "heddle-ca", "node-a"))?;
-    agent_token(&api, "agent-a", AGENT_USER, &["heddle-ca"], "node-a");
+    agent_token(&api, "agent-a", AGENT_USER, &[CA_AUDIENCE], "node-a");
     let kc = kubeconfig(&api, &dir.0)?;
     let ca = start_ca(&kc, &dir.0)?;
     let bundle = published_bundle(&api)?;
