@@ -63,6 +63,30 @@ pub struct Pod {
     pub identity: crate::identity::SpiffeId,
 }
 
+/// Authorizes a connection to an enrolled pod: the decision's mark goes
+/// into `info`; a denial is recorded in the flows and returned as its text
+/// (the caller resets the client, or refuses the tunnel stream).
+fn authorize(
+    ctx: &ProxyContext,
+    conn: u64,
+    facts: crate::authz::ConnFacts,
+    info: &mut crate::flows::ConnInfo,
+) -> Result<crate::authz::Admitted, String> {
+    match ctx.authz.admit(conn, facts) {
+        Ok(admitted) => {
+            info.policy = admitted.permit.mark();
+            Ok(admitted)
+        }
+        Err(denial) => {
+            tracing::debug!(pod = %info.workload, src = ?info.src, dst = ?info.orig_dst, reason = %denial, "connection denied");
+            info.policy = denial.mark();
+            let text = denial.to_string();
+            ctx.flows.failed(conn, info, text.clone());
+            Err(text)
+        }
+    }
+}
+
 /// Accepts until `stop` fires, handing each connection to `spawn`
 /// ([`crate::accept::next`] retries accept errors).
 async fn accept_loop<F, T>(

@@ -17,14 +17,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    accept_loop,
+    accept_loop, authorize,
     sockets::{connect_in, reset},
     splice::splice_until,
     tcp_health::{FlowHealth, TcpProbe},
     Pod, ProxyContext,
 };
 use crate::{
-    authz::{Admitted, ConnFacts},
+    authz::ConnFacts,
     config::InboundMode,
     flows::{ConnInfo, Direction},
 };
@@ -90,7 +90,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         reset(client);
         return;
     } else {
-        let Some(admitted) = admit(conn, &pod, &ctx, &mut info, orig, peer) else {
+        // Plaintext: no identity, only the client's IP.
+        let facts = ConnFacts::plaintext(pod.id.clone(), orig, peer.ip());
+        let Ok(admitted) = authorize(&ctx, conn, facts, &mut info) else {
             reset(client);
             return;
         };
@@ -139,29 +141,4 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     drop((health, probe));
     ctx.flows
         .closed(conn, &info, bytes, started.elapsed(), error);
-}
-
-/// Authorizes a plaintext connection (no identity) from `peer` to `orig`;
-/// a denial is recorded, and the caller resets the client.
-fn admit(
-    conn: u64,
-    pod: &Pod,
-    ctx: &ProxyContext,
-    info: &mut ConnInfo,
-    orig: SocketAddr,
-    peer: SocketAddr,
-) -> Option<Admitted> {
-    let facts = ConnFacts::plaintext(pod.id.clone(), orig, peer.ip());
-    match ctx.authz.admit(conn, facts) {
-        Ok(admitted) => {
-            info.policy = admitted.permit.mark();
-            Some(admitted)
-        }
-        Err(denial) => {
-            tracing::debug!(pod = %pod.id, %peer, reason = %denial, "plaintext connection denied");
-            info.policy = denial.mark();
-            ctx.flows.failed(conn, info, denial.to_string());
-            None
-        }
-    }
 }

@@ -33,7 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    accept_loop,
+    accept_loop, authorize,
     h2splice::{self, H2Stream},
     hbone::{Mesh, CONN_WINDOW, MAX_FRAME, REASON_HEADER, STREAM_WINDOW},
     sockets::connect_in,
@@ -328,19 +328,7 @@ fn check_stream(
     info.dst = Some(target);
     let src = info.src.map_or(target.ip(), |s| s.ip());
     let facts = ConnFacts::tunnelled(pod.id.clone(), target, src, peer_id);
-    match ctx.authz.admit(conn, facts) {
-        Ok(admitted) => {
-            info.policy = admitted.permit.mark();
-            Ok(admitted)
-        }
-        Err(denial) => {
-            tracing::debug!(pod = %pod.id, peer = %peer_id, %target, reason = %denial, "tunnel stream denied");
-            info.policy = denial.mark();
-            let text = denial.to_string();
-            ctx.flows.failed(conn, info, text.clone());
-            Err((StatusCode::FORBIDDEN, text))
-        }
-    }
+    authorize(ctx, conn, facts, info).map_err(|text| (StatusCode::FORBIDDEN, text))
 }
 
 /// [`h2splice::splice`], unless `live` is revoked first: then the
