@@ -265,7 +265,7 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
 }
 
-fn parse_query(q: Option<&str>) -> BTreeMap<String, String> {
+pub(crate) fn parse_query(q: Option<&str>) -> BTreeMap<String, String> {
     q.unwrap_or_default()
         .split('&')
         .filter_map(|kv| kv.split_once('='))

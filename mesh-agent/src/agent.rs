@@ -267,7 +267,7 @@ mod secs {
 /// The mesh side when a CA is configured, with the task that picks up a
 /// rotated trust bundle without a restart; `None` (plaintext, with a
 /// warning) without a CA.
-async fn start_mesh(
+pub(crate) async fn start_mesh(
     ca: Option<&CaClientSettings>,
     trust_domain: &str,
     stop: &CancellationToken,

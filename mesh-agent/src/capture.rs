@@ -111,7 +111,8 @@ impl Capture {
     pub fn reconcile(&mut self, registry: &Registry) {
         let desired: BTreeMap<ObjectRef, (Desired, &Workload)> = registry
             .on_node(&self.node)
-            .filter(|w| w.enrolled)
+            // A waypoint's pod terminates HBONE on its own port 15008.
+            .filter(|w| w.enrolled && w.runs_waypoint().is_none())
             .filter_map(|w| {
                 let netns = w.netns.clone()?;
                 let want = Desired {

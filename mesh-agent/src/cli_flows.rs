@@ -56,6 +56,15 @@ pub struct FlowsArgs {
     /// Only flows decided, audited or closed by this policy (`namespace/name`).
     #[arg(long)]
     pub policy: Option<String>,
+    /// Only waypoint requests with this HTTP status (`503`) or class (`5xx`).
+    #[arg(long)]
+    pub http_status: Option<String>,
+    /// Only waypoint requests whose path starts with this.
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Only waypoint requests with this method.
+    #[arg(long)]
+    pub method: Option<String>,
 }
 
 /// Parses `30s`, `5m`, `2h`, `1d` or plain seconds.
@@ -98,6 +107,9 @@ pub fn query(args: &FlowsArgs, now: SystemTime, after: Option<u64>) -> String {
     add("port", args.port.map(|p| p.to_string()));
     add("verdict", args.verdict.clone());
     add("policy", args.policy.clone());
+    add("http_status", args.http_status.clone());
+    add("path", args.path.clone());
+    add("method", args.method.clone());
     add("since", args.since.map(|d| crate::flows::rfc3339(now - d)));
     add("after", after.map(|a| a.to_string()));
     format!("/flows?{}", q.join("&"))
@@ -331,6 +343,27 @@ pub fn table_row(f: &Value) -> String {
         (Some(p), None) => p.to_owned(),
         _ => String::new(),
     };
+    if let Some(h) = f["http"].as_object() {
+        // A waypoint request: what was asked, what came back, which rule.
+        let mut l7 = format!(
+            "{} {} {}",
+            text(&h["method"]),
+            text(&h["path"]),
+            h["status"].as_u64().unwrap_or(0)
+        );
+        if let Some(g) = h["grpc_status"].as_u64() {
+            l7.push_str(&format!(" grpc={g}"));
+        }
+        if let (Some(r), Some(i)) = (h["route"].as_str(), h["rule"].as_u64()) {
+            l7.push_str(&format!(" {r}#{i}"));
+        }
+        if let Some(flags) = h["response_flags"].as_str().filter(|f| *f != "-") {
+            l7.push_str(&format!(" {flags}"));
+        }
+        note = l7;
+    } else if let Some(wp) = f["waypoint"].as_str() {
+        note = format!("via waypoint {wp}");
+    }
     if let Some(e) = f["error"].as_str() {
         note = if note.is_empty() {
             e.to_owned()

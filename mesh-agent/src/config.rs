@@ -15,6 +15,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+mod waypoints;
+pub use waypoints::{WaypointSpec, GATEWAY_NAME_LABEL, NO_WAYPOINT};
+
 /// The file as written by the user (`serde(deny_unknown_fields)`: a typo is an
 /// error, never silently ignored).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -35,6 +38,10 @@ pub struct LocalConfig {
     /// Services: virtual IPs load-balanced to the workloads their selector picks.
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    /// Waypoints (L7 proxies) that namespaces and services opt into with
+    /// `useWaypoint`.
+    #[serde(default)]
+    pub waypoints: Vec<WaypointSpec>,
 }
 
 /// How an enrolled pod treats inbound connections that are not mesh mTLS.
@@ -57,6 +64,10 @@ pub struct NamespaceSpec {
     /// Inbound mode of its workloads (a workload's own setting wins).
     #[serde(default)]
     pub inbound_mode: Option<InboundMode>,
+    /// The waypoint (in this namespace) that owns this namespace's services,
+    /// like the label `heddle.dev/use-waypoint` on a Namespace.
+    #[serde(default)]
+    pub use_waypoint: Option<String>,
 }
 
 /// One pod.
@@ -103,6 +114,10 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePortSpec>,
     /// Workloads in the same namespace whose labels include all of these.
     pub selector: BTreeMap<String, String>,
+    /// The waypoint (in this namespace) that owns this service; overrides
+    /// the namespace's, and `none` opts the service out of it.
+    #[serde(default)]
+    pub use_waypoint: Option<String>,
 }
 
 /// A service port and the workload port it maps to.
@@ -246,6 +261,7 @@ impl Default for LocalConfig {
             namespaces: Vec::new(),
             workloads: Vec::new(),
             services: Vec::new(),
+            waypoints: Vec::new(),
         }
     }
 }
@@ -313,6 +329,7 @@ impl LocalConfig {
                 problems.push(format!("{at}: vip {} is already used by {prev}", s.vip));
             }
         }
+        waypoints::validate(self, &mut problems);
         problems
     }
 }

@@ -8,6 +8,8 @@
 //! (`forwarded|denied|audited|error`), `policy` (`ns/name`), `since`
 //! (RFC 3339, compared with the record time), `after` (record id, for
 //! following), `last` (the newest N matches, applied after filtering).
+//! L7 (waypoint `request` records): `http_status` (a code like `503`, or a
+//! class like `5xx`), `path` (prefix of the request path), `method`.
 //! Streaming: `follow=true` keeps the response open and sends new matching
 //! records as JSON Lines after the stored ones (see `admin`), `queue` sets
 //! that subscriber's queue length (default
@@ -60,6 +62,39 @@ pub struct FlowFilter {
     pub follow: bool,
     /// Queue length of a streaming subscriber.
     pub queue: Option<usize>,
+    /// HTTP status: exact code, or the class digit of `Nxx`.
+    pub http_status: Option<StatusFilter>,
+    /// Prefix of the request path.
+    pub path: Option<String>,
+    /// Request method (case-insensitive).
+    pub method: Option<String>,
+}
+
+/// An HTTP status filter: `503` or `5xx`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// This status.
+    Code(u16),
+    /// Any status of this class (the hundreds digit).
+    Class(u16),
+}
+
+impl StatusFilter {
+    fn parse(v: &str) -> Option<Self> {
+        if let Some(d) = v.strip_suffix("xx").or_else(|| v.strip_suffix("XX")) {
+            let d: u16 = d.parse().ok()?;
+            return (1..=5).contains(&d).then_some(Self::Class(d));
+        }
+        let c: u16 = v.parse().ok()?;
+        (100..=599).contains(&c).then_some(Self::Code(c))
+    }
+
+    fn matches(self, status: u16) -> bool {
+        match self {
+            Self::Code(c) => status == c,
+            Self::Class(d) => status / 100 == d,
+        }
+    }
 }
 
 fn parse<T: std::str::FromStr>(
@@ -96,6 +131,15 @@ impl FlowFilter {
                 "after" => f.after = Some(parse(k, v, "a flow record id")?),
                 "last" => f.last = parse(k, v, "a count")?,
                 "follow" => f.follow = parse(k, v, "true or false")?,
+                "path" => f.path = s,
+                "method" => f.method = Some(v.to_ascii_uppercase()),
+                "http_status" => {
+                    f.http_status = Some(StatusFilter::parse(v).ok_or_else(|| FilterError {
+                        name: k.clone(),
+                        value: v.clone(),
+                        expected: "an HTTP status (100-599) or a class (1xx-5xx)",
+                    })?);
+                }
                 "queue" => {
                     let n: usize = parse(k, v, "a queue length 1-65536")?;
                     if !(1..=crate::flows::subscribers::MAX_QUEUE).contains(&n) {
@@ -126,7 +170,7 @@ impl FlowFilter {
                     return Err(FilterError {
                         name: k.clone(),
                         value: v.clone(),
-                        expected: "a known filter (namespace, pod, from_identity, to_identity, from_ip, to_ip, port, verdict, policy, since, after, last, follow, queue)",
+                        expected: "a known filter (namespace, pod, from_identity, to_identity, from_ip, to_ip, port, verdict, policy, since, after, last, follow, queue, http_status, path, method)",
                     })
                 }
             }
@@ -173,6 +217,17 @@ impl FlowFilter {
                 .as_ref()
                 .is_none_or(|t| r.time.as_str() >= t.as_str())
             && self.after.is_none_or(|id| r.id > id)
+            && self.matches_http(r)
+    }
+
+    fn matches_http(&self, r: &FlowRecord) -> bool {
+        if self.http_status.is_none() && self.path.is_none() && self.method.is_none() {
+            return true;
+        }
+        let Some(h) = &r.http else { return false };
+        self.http_status.is_none_or(|s| s.matches(h.status))
+            && self.path.as_ref().is_none_or(|p| h.path.starts_with(p.as_str()))
+            && self.method.as_ref().is_none_or(|m| *m == h.method)
     }
 }
 
@@ -267,5 +322,34 @@ mod tests {
         let f = q(&[("follow", "true"), ("queue", "16"), ("namespace", "demo")]);
         assert!(f.follow && f.queue == Some(16));
         assert!(!q(&[]).follow);
+    }
+
+    #[test]
+    fn filters_waypoint_requests_by_status_path_and_method() {
+        let log = log();
+        for (status, path, method) in [(200, "/api/v1/x", "GET"), (503, "/api/v2", "POST"), (404, "/other", "GET")] {
+            let mut r = ConnInfo::new(
+                Direction::Inbound,
+                ObjectRef { namespace: "demo".into(), name: "waypoint".into() },
+            );
+            r.http = Some(Box::new(crate::flows::HttpInfo {
+                status,
+                path: path.into(),
+                method: method.into(),
+                ..Default::default()
+            }));
+            log.request(9, &r, (0, 0), std::time::Duration::from_millis(1));
+        }
+        let paths = |f: &FlowFilter| -> Vec<String> {
+            log.select(f).iter().filter_map(|r| r.http.as_ref().map(|h| h.path.clone())).collect()
+        };
+        assert_eq!(paths(&q(&[("http_status", "5xx")])), ["/api/v2"]);
+        assert_eq!(paths(&q(&[("http_status", "404")])), ["/other"]);
+        assert_eq!(paths(&q(&[("path", "/api")])), ["/api/v1/x", "/api/v2"]);
+        assert_eq!(paths(&q(&[("method", "get"), ("path", "/api")])), ["/api/v1/x"]);
+        // L4 records never match an L7 filter.
+        assert_eq!(log.select(&q(&[("method", "GET")])).len(), 2);
+        let map = [("http_status".to_owned(), "6xx".to_owned())].into_iter().collect();
+        assert!(FlowFilter::from_query(&map).unwrap_err().to_string().contains("HTTP status"));
     }
 }

@@ -22,7 +22,10 @@
 //! Because the ring and the subscriber list share one lock, a subscriber's
 //! backlog and its live records neither overlap nor leave a gap.
 
+pub mod http;
 pub mod subscribers;
+
+pub use http::HttpInfo;
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -73,6 +76,8 @@ pub enum Event {
     Close,
     /// The connection could not be forwarded.
     Error,
+    /// One HTTP request through a waypoint ended (its `http` says how).
+    Request,
 }
 
 /// What happened to a connection as far as the mesh is concerned.
@@ -173,6 +178,16 @@ pub struct FlowRecord {
     /// Close records of live connections closed by a policy change: the
     /// policy, `ns/name` (`policy` and `policy_rule` give the decision).
     pub closed_by_policy: Option<String>,
+    /// The waypoint this connection was sent to (source side), or that
+    /// handled the request (waypoint records), `ns/name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
+    /// The request's L7 facts (waypoint `request` records only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpInfo>,
+    /// Why a waypoint passed this connection through as L4 (not HTTP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passthrough: Option<String>,
 }
 
 /// Per-workload totals.
@@ -230,6 +245,12 @@ pub struct ConnInfo {
     pub tcp: TcpStats,
     /// How long the upstream connect took.
     pub connect: Option<Duration>,
+    /// The waypoint involved, `ns/name`.
+    pub waypoint: Option<String>,
+    /// L7 facts of a waypoint request.
+    pub http: Option<Box<HttpInfo>>,
+    /// Why a waypoint passed the connection through as L4.
+    pub passthrough: Option<String>,
 }
 
 impl ConnInfo {
@@ -250,6 +271,9 @@ impl ConnInfo {
             policy: PolicyMark::default(),
             tcp: TcpStats::default(),
             connect: None,
+            waypoint: None,
+            http: None,
+            passthrough: None,
         }
     }
 }
@@ -406,6 +430,14 @@ impl FlowLog {
         self.push(conn, info, Event::Close, bytes, Some(duration), error);
     }
 
+    /// Records one HTTP request a waypoint handled (`info.http` set):
+    /// bytes are the request and response bodies. Counts nothing in the L4
+    /// metrics (the waypoint has its own, [`crate::waypoint`]).
+    pub fn request(&self, conn: u64, info: &ConnInfo, bytes: (u64, u64), duration: Duration) {
+        let error = info.http.as_ref().and_then(|h| h.error.clone());
+        self.push(conn, info, Event::Request, bytes, Some(duration), error);
+    }
+
     /// Records a connection that could not be forwarded.
     pub fn failed(&self, conn: u64, info: &ConnInfo, error: String) {
         self.counters
@@ -433,8 +465,8 @@ impl FlowLog {
         let verdict = match event {
             _ if mark.denied => Verdict::Denied,
             Event::Error => Verdict::Error,
-            Event::Open | Event::Close if mark.audited => Verdict::Audited,
-            Event::Open | Event::Close => Verdict::Forwarded,
+            Event::Open | Event::Close | Event::Request if mark.audited => Verdict::Audited,
+            Event::Open | Event::Close | Event::Request => Verdict::Forwarded,
         };
         let name = |p: &Option<PolicyRef>| p.as_ref().map(ToString::to_string);
         let record = FlowRecord {
@@ -465,6 +497,9 @@ impl FlowLog {
             audit_policy: name(&mark.audit_policy),
             dry_run: mark.dry_run.clone(),
             closed_by_policy: name(&mark.closed_by_policy),
+            waypoint: info.waypoint.clone(),
+            http: info.http.as_deref().cloned(),
+            passthrough: info.passthrough.clone(),
         };
         if event != Event::Open {
             if let Some(access) = &self.access {

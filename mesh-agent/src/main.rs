@@ -37,6 +37,9 @@ enum Command {
     Run(RunArgs),
     /// Run the mesh CA (signs workload certificates for node agents).
     Ca(CaArgs),
+    /// Run a waypoint: the L7 proxy (HTTP/1.1, HTTP/2, gRPC) for the
+    /// services that opt into it, in its own pod.
+    Waypoint(WaypointArgs),
     /// Validate a local configuration file and print what is wrong.
     CheckConfig {
         /// The file.
@@ -160,6 +163,80 @@ struct CaArgs {
     ttl_seconds: u64,
 }
 
+#[derive(clap::Args)]
+struct WaypointArgs {
+    /// The local configuration file (workloads, services, waypoints).
+    #[arg(long, env = "HEDDLE_CONFIG")]
+    config: PathBuf,
+    /// Routes: a multi-document YAML file or a directory of HTTPRoute and
+    /// GRPCRoute objects, re-read every second.
+    #[arg(long, env = "HEDDLE_ROUTES")]
+    routes: Option<PathBuf>,
+    /// The waypoint this process runs, `namespace/name`.
+    #[arg(long, env = "HEDDLE_WAYPOINT")]
+    waypoint: String,
+    /// The pod (workload name, in the waypoint's namespace) this process runs in.
+    #[arg(long, env = "POD_NAME")]
+    pod: String,
+    /// Address of the mesh CA, `host:port`.
+    #[arg(long, env = "HEDDLE_CA_ADDR")]
+    ca_addr: String,
+    /// File holding this node's CA token.
+    #[arg(long, env = "HEDDLE_CA_TOKEN_FILE")]
+    ca_token_file: PathBuf,
+    /// PEM file of the trusted mesh roots (re-read every 10 s).
+    #[arg(long, env = "HEDDLE_TRUST_BUNDLE")]
+    trust_bundle: PathBuf,
+    /// HBONE listen address (inside the waypoint's pod).
+    #[arg(long, env = "HEDDLE_WAYPOINT_LISTEN", default_value_t = SocketAddr::from(([0, 0, 0, 0], mesh_common::PORT_TUNNEL)))]
+    listen: SocketAddr,
+    /// Admin API address (keep it on localhost).
+    #[arg(long, env = "HEDDLE_ADMIN_ADDR", default_value_t = SocketAddr::from(([127, 0, 0, 1], PORT_ADMIN)))]
+    admin_addr: SocketAddr,
+    /// Prometheus metrics address.
+    #[arg(long, env = "HEDDLE_METRICS_ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], PORT_METRICS)))]
+    metrics_addr: SocketAddr,
+    /// Flow (request) records kept in memory.
+    #[arg(long, env = "HEDDLE_FLOW_CAPACITY", default_value_t = 16_384)]
+    flow_capacity: usize,
+    /// Tokio worker threads.
+    #[arg(long, env = "HEDDLE_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
+}
+
+fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
+    let (namespace, name) = args
+        .waypoint
+        .split_once('/')
+        .context("--waypoint must be namespace/name")?;
+    let settings = mesh_agent::waypoint::Settings {
+        config: args.config,
+        routes: args.routes,
+        waypoint: mesh_agent::registry::ObjectRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        },
+        pod: args.pod,
+        ca: agent::CaClientSettings {
+            addr: args.ca_addr,
+            token_file: args.ca_token_file,
+            trust_bundle: args.trust_bundle,
+            wait_for_trust_bundle: false,
+        },
+        listen: args.listen,
+        admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
+        flow_capacity: args.flow_capacity,
+    };
+    agent::raise_fd_limit();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
+        .thread_name("heddle-waypoint")
+        .enable_all()
+        .build()?
+        .block_on(mesh_agent::waypoint::run(settings))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -180,6 +257,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => run(args),
         Command::Ca(args) => ca(args),
+        Command::Waypoint(args) => waypoint(args),
     }
 }
 

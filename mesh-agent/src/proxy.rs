@@ -16,6 +16,7 @@ pub mod outbound;
 pub mod sockets;
 pub mod splice;
 pub mod tcp_health;
+pub mod to_waypoint;
 pub mod tunnel;
 
 use std::{net::SocketAddr, sync::Arc};

@@ -21,9 +21,12 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    config::{InboundMode, LocalConfig},
+    config::{InboundMode, LocalConfig, NO_WAYPOINT},
     identity::SpiffeId,
 };
+
+mod waypoints;
+pub use waypoints::{Waypoint, WaypointError};
 
 /// `namespace/name` of a workload or service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -104,6 +107,8 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Endpoint workloads (selected by labels), stable order.
     pub endpoints: Vec<ObjectRef>,
+    /// The waypoint (same namespace) that owns this service's traffic.
+    pub waypoint: Option<String>,
     /// Round-robin cursor.
     #[serde(skip)]
     next: AtomicUsize,
@@ -120,6 +125,9 @@ pub struct ServiceEntry {
     pub ports: Vec<ServicePort>,
     /// Endpoint workloads, in a stable order.
     pub endpoints: Vec<ObjectRef>,
+    /// The waypoint (same namespace) that owns this service's traffic, if
+    /// any (already resolved against the namespace's default).
+    pub waypoint: Option<String>,
 }
 
 /// Where a captured connection should go.
@@ -160,6 +168,10 @@ pub struct Registry {
     services: BTreeMap<ObjectRef, Service>,
     by_vip: HashMap<IpAddr, ObjectRef>,
     trust_domain: String,
+    /// Waypoints by namespace/name, with the pods that run them.
+    waypoints: BTreeMap<ObjectRef, Waypoint>,
+    /// Service VIPs and pod IPs whose traffic a waypoint owns.
+    waypoint_by_ip: HashMap<IpAddr, ObjectRef>,
 }
 
 impl Registry {
@@ -170,6 +182,11 @@ impl Registry {
             .namespaces
             .iter()
             .filter_map(|n| Some((n.name.as_str(), n.inbound_mode?)))
+            .collect();
+        let ns_waypoints: HashMap<&str, &str> = config
+            .namespaces
+            .iter()
+            .filter_map(|n| Some((n.name.as_str(), n.use_waypoint.as_deref()?)))
             .collect();
         let workloads: Vec<Workload> = config
             .workloads
@@ -221,9 +238,19 @@ impl Registry {
                     })
                     .map(|w| w.id.clone())
                     .collect(),
+                waypoint: s
+                    .use_waypoint
+                    .as_deref()
+                    .or_else(|| ns_waypoints.get(s.namespace.as_str()).copied())
+                    .filter(|w| *w != NO_WAYPOINT)
+                    .map(str::to_owned),
             })
             .collect();
-        Self::from_parts(&config.trust_domain, workloads, services)
+        let waypoints = config.waypoints.iter().map(|w| ObjectRef {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+        });
+        Self::from_parts(&config.trust_domain, workloads, services).with_waypoints(waypoints)
     }
 
     /// Builds a snapshot from workloads and services whatever their source
@@ -254,6 +281,7 @@ impl Registry {
                     vip: s.vip,
                     ports: s.ports,
                     endpoints: s.endpoints,
+                    waypoint: s.waypoint,
                     next: AtomicUsize::new(0),
                 },
             );
@@ -281,6 +309,18 @@ impl Registry {
     /// All services.
     pub fn services(&self) -> impl Iterator<Item = &Service> {
         self.services.values()
+    }
+
+    /// A service by namespace/name.
+    #[must_use]
+    pub fn service(&self, id: &ObjectRef) -> Option<&Service> {
+        self.services.get(id)
+    }
+
+    /// The service whose VIP is `ip`.
+    #[must_use]
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        self.by_vip.get(&ip).and_then(|id| self.services.get(id))
     }
 
     /// Workloads scheduled on `node`.

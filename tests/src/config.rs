@@ -34,6 +34,18 @@ pub struct ClusterConfig {
     pub workloads: Vec<WorkloadConfig>,
     /// Every service.
     pub services: Vec<ServiceConfig>,
+    /// Waypoints.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waypoints: Vec<WaypointConfig>,
+}
+
+/// A waypoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct WaypointConfig {
+    /// Its name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
 }
 
 /// One pod.
@@ -80,6 +92,9 @@ pub struct NamespaceConfig {
     /// Inbound mode of its workloads.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inbound_mode: Option<InboundMode>,
+    /// The waypoint of its services.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_waypoint: Option<String>,
 }
 
 /// One service.
@@ -95,6 +110,9 @@ pub struct ServiceConfig {
     pub ports: Vec<ServicePort>,
     /// Label selector for endpoints.
     pub selector: BTreeMap<String, String>,
+    /// The service's own waypoint (`none` opts out).
+    #[serde(rename = "useWaypoint", skip_serializing_if = "Option::is_none")]
+    pub use_waypoint: Option<String>,
 }
 
 /// A service port and the pod port it maps to.
@@ -158,7 +176,9 @@ mod tests {
                     target_port: 8080,
                 }],
                 selector: BTreeMap::from([("app".into(), "server".into())]),
+                use_waypoint: None,
             }],
+            waypoints: Vec::new(),
         };
         let yaml = cfg.to_yaml().unwrap();
         for key in [
@@ -187,6 +207,7 @@ mod tests {
             namespaces: vec![NamespaceConfig {
                 name: "vault".into(),
                 inbound_mode: Some(InboundMode::Strict),
+                use_waypoint: None,
             }],
             workloads: vec![WorkloadConfig {
                 name: "open".into(),
@@ -200,6 +221,7 @@ mod tests {
                 inbound_mode: Some(InboundMode::Permissive),
             }],
             services: Vec::new(),
+            waypoints: Vec::new(),
         };
         let yaml = cfg.to_yaml().unwrap();
         for key in [

@@ -44,6 +44,11 @@ pub const NGHTTPD: Tool = Tool {
     binary: "nghttpd",
     package: "nghttp2-server",
 };
+/// An HTTP/2 client (h2c with prior knowledge) and load generator.
+pub const NGHTTP: Tool = Tool {
+    binary: "nghttp",
+    package: "nghttp2-client",
+};
 /// A TLS toolkit: certificates and a TLS client.
 pub const OPENSSL: Tool = Tool {
     binary: "openssl",
@@ -175,6 +180,12 @@ pub(crate) fn ensure_bpffs() -> Result<()> {
 }
 
 /// The workspace root: the parent of this crate's manifest directory.
+/// A file of `tests/assets/` (the test bed's scripts: HTTP and gRPC clients).
+#[must_use]
+pub fn asset(name: &str) -> PathBuf {
+    workspace_root().join("tests/assets").join(name)
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

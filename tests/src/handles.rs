@@ -264,6 +264,16 @@ impl Pod {
         Ok(process)
     }
 
+    /// Starts `pod-app http` (HTTP/1.1 and h2c, answering as this pod's
+    /// name) on `port` and waits until it listens.
+    pub fn start_http(&self, port: u16) -> Result<Process> {
+        let mut cmd = self.pod_app()?;
+        cmd.args(["http", "--listen", &format!("0.0.0.0:{port}"), "--name", &self.name]);
+        let process = self.spawn(cmd)?;
+        self.wait_listening(port, Duration::from_secs(10))?;
+        Ok(process)
+    }
+
     /// Waits until some socket in the pod listens on TCP `port`.
     pub fn wait_listening(&self, port: u16, timeout: Duration) -> Result<()> {
         let what = format!("a listener on port {port} in pod {}", self.name);
@@ -372,11 +382,15 @@ fn run_captured(mut cmd: Command, netns: &Path, cgroup: &Path) -> Result<Output>
 }
 
 /// TCP ports in LISTEN state in the network namespace `netns`, read from
-/// `/proc/thread-self/net/tcp` on a thread that joined it.
+/// `/proc/thread-self/net/tcp` and `tcp6` (dual-stack listeners, as gRPC
+/// servers open) on a thread that joined it.
 pub(crate) fn listening_ports(netns: &Path) -> Result<Vec<u16>> {
     const TCP_LISTEN: &str = "0A";
     let text = in_netns(netns, || {
-        std::fs::read_to_string("/proc/thread-self/net/tcp")
+        let v4 = std::fs::read_to_string("/proc/thread-self/net/tcp")?;
+        // tcp6 is absent when IPv6 is disabled.
+        let v6 = std::fs::read_to_string("/proc/thread-self/net/tcp6").unwrap_or_default();
+        Ok::<_, std::io::Error>(format!("{v4}{}", v6.lines().skip(1).map(|l| format!("{l}\n")).collect::<String>()))
     })?
     .map_err(|e| TestbedError::io("read /proc/thread-self/net/tcp", e))?;
     Ok(text

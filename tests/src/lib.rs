@@ -45,6 +45,7 @@ pub mod error;
 mod exec;
 pub mod flow_stream;
 pub mod handles;
+pub mod httpapp;
 pub mod kube_ca;
 pub mod network;
 pub mod podapp;
@@ -53,6 +54,7 @@ pub mod spec;
 pub mod teardown;
 pub mod testbed;
 pub mod wait;
+pub mod waypoint;
 pub mod wire;
 
 pub use admin::{

@@ -89,6 +89,7 @@ pub struct ServiceSpec {
     vip: Ipv4Addr,
     ports: Vec<ServicePort>,
     selector: BTreeMap<String, String>,
+    use_waypoint: Option<String>,
 }
 
 impl ServiceSpec {
@@ -102,6 +103,7 @@ impl ServiceSpec {
             vip,
             ports: Vec::new(),
             selector: BTreeMap::new(),
+            use_waypoint: None,
         }
     }
 
@@ -126,6 +128,14 @@ impl ServiceSpec {
         self
     }
 
+    /// Sets the service's `useWaypoint` (`none` opts it out of its
+    /// namespace's waypoint).
+    #[must_use]
+    pub fn use_waypoint(mut self, waypoint: &str) -> Self {
+        self.use_waypoint = Some(waypoint.to_owned());
+        self
+    }
+
     pub(crate) fn to_config(&self) -> ServiceConfig {
         let selector = if self.selector.is_empty() {
             BTreeMap::from([("app".to_owned(), self.name.clone())])
@@ -138,6 +148,7 @@ impl ServiceSpec {
             vip: self.vip,
             ports: self.ports.clone(),
             selector,
+            use_waypoint: self.use_waypoint.clone(),
         }
     }
 }

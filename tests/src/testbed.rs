@@ -90,6 +90,10 @@ pub(crate) struct State {
     /// CA flags per node name, for agents started from now on; they win
     /// over the test bed's CA (see [`Testbed::set_agent_ca_flags`]).
     pub(crate) agent_ca: BTreeMap<String, AgentCaFlags>,
+    /// Waypoints, (namespace, name) ([`Testbed::add_waypoint`]).
+    pub(crate) waypoints: Vec<(String, String)>,
+    /// Namespaces' `useWaypoint`.
+    pub(crate) namespace_waypoints: BTreeMap<String, String>,
     pub(crate) torn_down: bool,
 }
 
@@ -174,7 +178,7 @@ impl State {
     }
 
     /// Fails once the test bed has been torn down.
-    fn check_live(&self) -> Result<()> {
+    pub(crate) fn check_live(&self) -> Result<()> {
         if self.torn_down {
             Err(TestbedError::Environment(
                 "the test bed was torn down".into(),
@@ -188,7 +192,7 @@ impl State {
 /// One isolated cluster; see the module docs.
 #[derive(Debug)]
 pub struct Testbed {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 /// Tears a test bed down from another thread (e.g. a Ctrl-C handler).
@@ -411,10 +415,22 @@ impl Testbed {
             trust_domain: state.trust_domain.clone(),
             namespaces: state
                 .namespaces
-                .iter()
-                .map(|(name, mode)| NamespaceConfig {
+                .keys()
+                .chain(state.namespace_waypoints.keys())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .map(|name| NamespaceConfig {
                     name: name.clone(),
-                    inbound_mode: Some(*mode),
+                    inbound_mode: state.namespaces.get(name).copied(),
+                    use_waypoint: state.namespace_waypoints.get(name).cloned(),
+                })
+                .collect(),
+            waypoints: state
+                .waypoints
+                .iter()
+                .map(|(namespace, name)| crate::config::WaypointConfig {
+                    name: name.clone(),
+                    namespace: namespace.clone(),
                 })
                 .collect(),
             workloads: state

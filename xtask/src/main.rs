@@ -45,8 +45,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3",
     "tcpdump",
     "nghttp2-server",
+    // Waypoint tests: an HTTP/2 client (nghttp) and load generator (h2load).
+    "nghttp2-client",
     "openssl",
 ];
+/// Python packages the waypoint tests use: a real gRPC client and server.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("grpc", "grpcio")];
 /// Real clients the benchmark drives (only `cargo xtask bench` installs them).
 const BENCH_PACKAGES: &[&str] = &["iperf3", "sockperf"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -232,8 +236,26 @@ fn setup() -> anyhow::Result<Toolchain> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
         .context("installing bpf-linker failed")?;
     }
+    install_python()?;
     let tc = forced.unwrap_or_else(|| if use_debian { LINKED_TOOLCHAIN } else { "nightly" }.into());
     Ok(Toolchain(tc))
+}
+
+/// Installs the [`PYTHON_PACKAGES`] whose module does not import (PyPI).
+fn install_python() -> anyhow::Result<()> {
+    for (module, package) in PYTHON_PACKAGES {
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if present {
+            continue;
+        }
+        eprintln!("xtask: installing Python package {package} (PyPI)");
+        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", package]))
+            .with_context(|| format!("pip install {package} failed"))?;
+    }
+    Ok(())
 }
 
 fn dpkg_installed(pkg: &str) -> bool {

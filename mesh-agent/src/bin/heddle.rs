@@ -78,6 +78,10 @@ enum Command {
     ///   heddle flows --from-identity ns/demo/sa/web --since 5m -o jsonl
     ///   heddle flows --pod api --follow
     Flows(mesh_agent::cli_flows::FlowsArgs),
+    /// Show a waypoint's routes: the HTTPRoutes and GRPCRoutes in force per
+    /// Service, how often each rule matched, and the routes not accepted and
+    /// why (point --agent at the waypoint's admin API).
+    Routes,
     /// Show the workloads the agent knows and whether their traffic is captured.
     Workloads,
     /// Show agent health: workloads captured, mTLS and certificate expiry,
@@ -270,6 +274,14 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Enroll { .. } | Command::Unenroll { .. } => unreachable!("handled above"),
         Command::Policy(cmd) => return policy_command(cmd, &cli.agent, cli.output),
         Command::Flows(args) => flows(&cli.agent, cli.output, &args)?,
+        Command::Routes => {
+            let r = get(&cli.agent, "/routes")?;
+            if cli.output == Output::Table {
+                print!("{}", mesh_agent::cli_routes::routes_text(&r));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+        }
         Command::Workloads => {
             let w = get(&cli.agent, "/workloads")?;
             if cli.output == Output::Json {

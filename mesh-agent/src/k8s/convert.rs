@@ -295,6 +295,7 @@ pub fn service(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceEntry>
         vip,
         ports,
         endpoints,
+        waypoint: None,
     })
 }
 

@@ -81,6 +81,10 @@ pub async fn splice_until(
                     send.reserve_capacity(data.len());
                     let cap = match poll_fn(|cx| send.poll_capacity(cx)).await {
                         Some(Ok(cap)) => cap,
+                        // RFC 9113 §8.1: a server that sent its complete
+                        // response may stop the request with NO_ERROR; the
+                        // upload is over, not failed.
+                        Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Ok(()),
                         Some(Err(e)) => return Err(h2_io(e)),
                         None => {
                             return Err(std::io::Error::new(

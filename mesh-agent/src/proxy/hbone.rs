@@ -171,10 +171,26 @@ impl Mesh {
         dst: SocketAddr,
         dst_id: &SpiffeId,
     ) -> Result<Tunnelled, TunnelError> {
+        self.connect_via(pod, src, dst.ip(), dst_id, dst).await
+    }
+
+    /// Opens a tunnelled stream from `pod` (identity `src`) to the tunnel
+    /// port of `via`, which must be served by `via_id`, asking for
+    /// `CONNECT target`: a waypoint (`via`) receives the client's original
+    /// destination (`target`), not one of its endpoints.
+    pub async fn connect_via(
+        &self,
+        pod: &Pod,
+        src: &SpiffeId,
+        via: IpAddr,
+        via_id: &SpiffeId,
+        target: SocketAddr,
+    ) -> Result<Tunnelled, TunnelError> {
+        let (dst, dst_id) = (target, via_id);
         let cert = self.certs.get(src, CERT_WAIT).await?;
         let key = PoolKey {
             src: src.clone(),
-            dst_ip: dst.ip(),
+            dst_ip: via,
             dst_id: dst_id.clone(),
         };
         let uri = Uri::builder()

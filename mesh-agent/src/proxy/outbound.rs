@@ -65,6 +65,16 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     };
     let orig = SocketAddr::V4(SocketAddrV4::new(*orig.ip(), orig.port()));
     info.orig_dst = Some(orig);
+    info.src_identity = Some(pod.identity.to_string());
+    // One hash lookup (on an empty map without waypoints) keeps the L4 path
+    // free of L7 cost.
+    if let Some(mesh) = &ctx.mesh {
+        let waypoint = ctx.registry.borrow().waypoint_for(orig.ip()).cloned();
+        if let Some(waypoint) = waypoint {
+            return super::to_waypoint::forward(client, peer, &pod, &ctx, mesh, conn, info, waypoint)
+                .await;
+        }
+    }
     let resolved = ctx.registry.borrow().resolve(orig);
     let resolved = match resolved {
         Ok(r) => r,
@@ -72,7 +82,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     };
     info.dst = Some(resolved.addr);
     info.service = resolved.service;
-    info.src_identity = Some(pod.identity.to_string());
     let started = Instant::now();
     let dst_identity = resolved.workload.as_ref().and_then(|id| {
         let reg = ctx.registry.borrow();
@@ -88,20 +97,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             .await
         {
             Ok(tunnelled) => {
-                info.connect = Some(started.elapsed());
-                if let (Some(m), Some(d)) = (ctx.flows.metrics(), tunnelled.handshake) {
-                    m.tls_handshake(HandshakeSide::Client, d);
-                }
-                // Streams share tunnel connections, so the source is the
-                // pod's IP and the application's own source port.
-                info.src = pod.ips.first().map(|ip| SocketAddr::new(*ip, peer.port()));
-                let health = tunnelled.probe.as_ref().map(TcpProbe::flow);
-                info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
-                ctx.flows.opened(conn, &info);
-                (
-                    super::h2splice::splice(client, tunnelled.stream).await,
-                    health,
-                )
+                splice_tunnelled(client, peer, &pod, &ctx, conn, &mut info, started, tunnelled)
+                    .await
             }
             Err(e) => {
                 // The destination's policy refused it: the source records
@@ -125,13 +122,53 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             Err(e) => return fail(&ctx, conn, &info, client, &e),
         }
     };
+    record_close(&ctx, conn, &mut info, done, health, started);
+}
+
+/// Records a tunnelled connection's open, then splices it until it ends.
+#[allow(clippy::too_many_arguments)] // the connection's facts, passed once
+pub(super) async fn splice_tunnelled(
+    client: TcpStream,
+    peer: SocketAddr,
+    pod: &Pod,
+    ctx: &ProxyContext,
+    conn: u64,
+    info: &mut ConnInfo,
+    started: Instant,
+    tunnelled: super::hbone::Tunnelled,
+) -> (super::splice::Spliced, Option<FlowHealth>) {
+    info.connect = Some(started.elapsed());
+    if let (Some(m), Some(d)) = (ctx.flows.metrics(), tunnelled.handshake) {
+        m.tls_handshake(HandshakeSide::Client, d);
+    }
+    // Streams share tunnel connections, so the source is the pod's IP and
+    // the application's own source port.
+    info.src = pod.ips.first().map(|ip| SocketAddr::new(*ip, peer.port()));
+    let health = tunnelled.probe.as_ref().map(TcpProbe::flow);
+    info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
+    ctx.flows.opened(conn, info);
+    (
+        super::h2splice::splice(client, tunnelled.stream).await,
+        health,
+    )
+}
+
+/// Records the end of a forwarded connection.
+pub(super) fn record_close(
+    ctx: &ProxyContext,
+    conn: u64,
+    info: &mut ConnInfo,
+    done: super::splice::Spliced,
+    health: Option<FlowHealth>,
+    started: Instant,
+) {
     info.tcp = health.as_ref().map(FlowHealth::now).unwrap_or_default();
     // The probe of a plaintext upstream is this flow's own: close its
     // duplicate now (a tunnel's probe is released by the tunnel).
     drop(health);
     ctx.flows.closed(
         conn,
-        &info,
+        info,
         (done.from_tcp, done.to_tcp),
         started.elapsed(),
         done.error.map(|e| e.to_string()),
@@ -139,7 +176,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
 }
 
 /// Records a connection that could not be forwarded and resets its client.
-fn fail(
+pub(super) fn fail(
     ctx: &ProxyContext,
     conn: u64,
     info: &ConnInfo,

@@ -225,7 +225,7 @@ pub fn connect_target(
     }
 }
 
-fn refuse(status: StatusCode, reason: &str) -> Response<()> {
+pub(crate) fn refuse(status: StatusCode, reason: &str) -> Response<()> {
     let mut r = Response::new(());
     *r.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(reason) {

@@ -5,6 +5,9 @@
 //!   [`EchoRecord`] line (peer, bytes, FNV-1a checksum of what it received).
 //!   A thread per connection; the listen backlog is large so bursts of
 //!   connects are not dropped by the application itself.
+//! - `pod-app http --listen ADDR --name NAME`: an HTTP/1.1 + h2c server
+//!   that answers with what it received and who it is
+//!   ([`heddle_tests::httpapp`]).
 //! - `pod-app client --to ADDR [--bytes N] [--conns C] [--parallel P] [--hold]
 //!   [--pattern TEXT] [--chunks K --interval-ms MS] [--checksum]`:
 //!   C connections, at most P at once, each sending N bytes of its
@@ -60,6 +63,16 @@ enum Cmd {
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
     },
+    /// HTTP/1.1 and h2c server that says which pod served a request
+    /// (see `heddle_tests::httpapp`).
+    Http {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// The name it answers with (`x-served-by`).
+        #[arg(long)]
+        name: String,
+    },
     /// Echo client that verifies every byte.
     Client {
         /// Server address.
@@ -95,6 +108,11 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Echo { listen } => echo(listen),
+        Cmd::Http { listen, name } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(heddle_tests::httpapp::serve(listen, name))
+            .context("http server"),
         Cmd::Client {
             to,
             bytes,

@@ -1,0 +1,270 @@
+//! The waypoint: Heddle's optional L7 proxy (`mesh-agent waypoint`), the
+//! same binary and image as the node agent.
+//!
+//! A namespace or a Service opts in (`useWaypoint` in the local file); the
+//! node agents then send connections to that traffic (a service VIP, or a
+//! pod of the service) to the waypoint's pods through HBONE, as the
+//! client's own identity ([`crate::proxy::to_waypoint`]). The waypoint
+//! terminates the tunnel ([`listener`]), detects HTTP/1.1, HTTP/2 or
+//! neither ([`detect`]), matches Gateway API routes ([`routes`]), applies
+//! their filters ([`filters`]), picks a backend by weight and an endpoint by
+//! peak EWMA ([`balance`]), and sends each request over HBONE again as its
+//! own identity ([`pool`]), so the destination agent's L4 policy and STRICT
+//! mode still apply. Every request is a flow record and Istio-style L7
+//! metrics ([`telemetry`]); the admin API serves flows and the routes in
+//! force ([`admin`]).
+//!
+//! Nothing here is imported by the node agent's data path: the agent knows
+//! only which IPs a waypoint owns ([`crate::registry::Registry::waypoint_for`]).
+//!
+//! Tasks: the HBONE accept loop (one task per client tunnel, one per
+//! stream, hyper's per-connection tasks), one driver task per upstream
+//! connection, the configuration/route watcher, the admin and metrics
+//! servers, the trust-bundle watcher and certificate maintenance.
+
+pub mod admin;
+pub mod balance;
+pub mod detect;
+pub mod filters;
+pub mod forward;
+pub mod h2io;
+pub mod listener;
+pub mod passthrough;
+pub mod pool;
+pub mod routes;
+pub mod telemetry;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    agent::CaClientSettings,
+    config,
+    flows::FlowLog,
+    identity::SpiffeId,
+    netns::Netns,
+    proxy::{hbone::Mesh, Pod},
+    registry::{ObjectRef, Registry, SharedRegistry},
+};
+
+/// How often the configuration and the routes are re-read.
+const RELOAD_POLL: Duration = Duration::from_secs(1);
+
+/// Process settings of `mesh-agent waypoint`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The local configuration file.
+    pub config: PathBuf,
+    /// Routes: a YAML file or directory of HTTPRoute/GRPCRoute objects.
+    pub routes: Option<PathBuf>,
+    /// The waypoint, `namespace/name`.
+    pub waypoint: ObjectRef,
+    /// The pod running this process (a workload of the configuration).
+    pub pod: String,
+    /// The CA client settings (mTLS is required).
+    pub ca: CaClientSettings,
+    /// HBONE listener.
+    pub listen: SocketAddr,
+    /// Admin API.
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics.
+    pub metrics_addr: SocketAddr,
+    /// Flow records kept.
+    pub flow_capacity: usize,
+}
+
+/// Everything a request handler reads.
+pub struct State {
+    /// This waypoint.
+    pub waypoint: ObjectRef,
+    /// This process's pod, as the tunnel client sees it.
+    pub me: Arc<Pod>,
+    /// Its identity (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+    pub me_identity: SpiffeId,
+    /// The latest registry.
+    pub registry: watch::Receiver<SharedRegistry>,
+    /// The routes in force.
+    pub routes: watch::Receiver<Arc<routes::RouteSet>>,
+    /// Certificates, trust and the tunnel pool.
+    pub mesh: Arc<Mesh>,
+    /// Upstream HTTP connections.
+    pub upstreams: Arc<pool::Upstreams>,
+    /// Endpoint latency and load.
+    pub balancer: balance::Balancer,
+    /// Flows and metrics.
+    pub telemetry: Arc<telemetry::Telemetry>,
+    /// Connection tasks.
+    pub tracker: TaskTracker,
+}
+
+/// One client connection (an HBONE stream), as its requests see it.
+pub struct Downstream {
+    /// Connection id for the records.
+    pub conn: u64,
+    /// The client's address (its pod IP).
+    pub peer: SocketAddr,
+    /// Its verified identity.
+    pub client: SpiffeId,
+    /// What it dialled (a VIP or a pod address).
+    pub target: SocketAddr,
+    /// The Service whose VIP it dialled.
+    pub service: Option<ObjectRef>,
+    /// Its HTTP version (the upstream speaks the same).
+    pub version: pool::Version,
+}
+
+/// This process's pod in `registry`.
+fn own_pod(registry: &Registry, settings: &Settings, home: &Arc<std::fs::File>) -> anyhow::Result<(Pod, SpiffeId)> {
+    let id = ObjectRef {
+        namespace: settings.waypoint.namespace.clone(),
+        name: settings.pod.clone(),
+    };
+    let w = registry
+        .workload(&id)
+        .with_context(|| format!("pod {id} is not a workload of {}", settings.config.display()))?;
+    anyhow::ensure!(
+        w.runs_waypoint() == Some(settings.waypoint.name.as_str()),
+        "pod {id} does not run waypoint {}: label it {}: {}",
+        settings.waypoint,
+        config::GATEWAY_NAME_LABEL,
+        settings.waypoint.name
+    );
+    anyhow::ensure!(
+        registry.waypoint(&settings.waypoint).is_some(),
+        "waypoint {} is not in the configuration's waypoints",
+        settings.waypoint
+    );
+    let netns = Netns::open(std::path::Path::new("/proc/self/ns/net"), home.clone())?;
+    let ips: Vec<IpAddr> = w.ips.clone();
+    Ok((
+        Pod {
+            id,
+            netns,
+            cookie: 0,
+            ips,
+            identity: w.identity.clone(),
+        },
+        w.identity.clone(),
+    ))
+}
+
+/// Runs the waypoint until SIGTERM/SIGINT.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let home = Arc::new(Netns::current()?);
+    let stop = CancellationToken::new();
+    let file = config::load(&settings.config)?;
+    let registry = Registry::from_config(&file);
+    let (me, me_identity) = own_pod(&registry, &settings, &home)?;
+    let route_text = routes::read(settings.routes.as_deref())?;
+    let route_set = routes::RouteSet::build(&route_text, &registry, &settings.waypoint);
+    let (registry_tx, registry_rx) = watch::channel(Arc::new(registry));
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(route_set));
+    let mesh = crate::agent::start_mesh(Some(&settings.ca), &file.trust_domain, &stop)
+        .await?
+        .context("the waypoint needs a CA")?;
+    let me = Arc::new(me);
+    let flows = Arc::new(FlowLog::new(settings.flow_capacity));
+    let telemetry = Arc::new(telemetry::Telemetry::new(flows));
+    let state = Arc::new(State {
+        waypoint: settings.waypoint.clone(),
+        me: me.clone(),
+        me_identity,
+        registry: registry_rx,
+        routes: routes_rx,
+        upstreams: Arc::new(pool::Upstreams::new(mesh.clone(), me)),
+        mesh,
+        balancer: balance::Balancer::default(),
+        telemetry,
+        tracker: TaskTracker::new(),
+    });
+    let hbone = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding the waypoint's HBONE port {}", settings.listen))?;
+    let admin = crate::http_server::bind(settings.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin API {}", settings.admin_addr))?;
+    let metrics = crate::http_server::bind(settings.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics port {}", settings.metrics_addr))?;
+    tokio::spawn(admin::serve(admin, state.clone(), stop.clone()));
+    tokio::spawn(admin::serve_metrics(metrics, state.clone(), stop.clone()));
+    tokio::spawn(watch_sources(settings.clone(), file, route_text, registry_tx, routes_tx, state.clone(), stop.clone()));
+    let served = tokio::spawn(listener::run(hbone, state.clone(), stop.clone()));
+    tracing::info!(waypoint = %settings.waypoint, listen = %settings.listen, "waypoint serving");
+    wait_for_signal().await?;
+    tracing::info!("stopping: draining requests");
+    stop.cancel();
+    let _ = served.await;
+    state.tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), state.tracker.wait()).await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Re-reads the configuration and the routes every [`RELOAD_POLL`]; a bad
+/// file keeps the last good state (logged once per change).
+async fn watch_sources(
+    settings: Settings,
+    mut file: config::LocalConfig,
+    mut route_text: Vec<routes::Source>,
+    registry_tx: watch::Sender<SharedRegistry>,
+    routes_tx: watch::Sender<Arc<routes::RouteSet>>,
+    state: Arc<State>,
+    stop: CancellationToken,
+) {
+    let mut last_error = String::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(RELOAD_POLL) => {}
+        }
+        let loaded = config::load(&settings.config)
+            .map_err(|e| e.to_string())
+            .and_then(|f| Ok((f, routes::read(settings.routes.as_deref()).map_err(|e| e.to_string())?)));
+        let (new_file, new_routes) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                if e != last_error {
+                    tracing::error!(error = %e, "keeping the last good configuration and routes");
+                    last_error = e;
+                }
+                continue;
+            }
+        };
+        last_error.clear();
+        if new_file == file && new_routes == route_text {
+            continue;
+        }
+        let registry = Registry::from_config(&new_file);
+        let set = routes::RouteSet::build(&new_routes, &registry, &settings.waypoint);
+        for r in set.rejected() {
+            tracing::warn!(route = %r.0, problem = %r.1, "route not (fully) accepted");
+        }
+        // Endpoints that left the registry lose their pooled connections.
+        let live: std::collections::HashSet<IpAddr> = registry.workloads().flat_map(|w| w.ips.iter().copied()).collect();
+        state.upstreams.retain(&|a| live.contains(&a.ip()));
+        registry_tx.send_replace(Arc::new(registry));
+        routes_tx.send_replace(Arc::new(set));
+        tracing::info!("configuration or routes changed: applied");
+        file = new_file;
+        route_text = new_routes;
+    }
+}

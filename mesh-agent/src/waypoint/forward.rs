@@ -1,0 +1,479 @@
+//! One request through the waypoint: match a route, apply its filters,
+//! pick a backend by weight and an endpoint by peak EWMA, send it over
+//! HBONE, and answer the client, recording the request when its response
+//! ends ([`super::telemetry`]).
+//!
+//! The waypoint answers itself, with Envoy's response flags: a redirect
+//! (`RequestRedirect`), `500` for a backend the route names but Heddle
+//! cannot resolve (Gateway API's rule), `503 UH` when the backend has no
+//! endpoint, `503 UF` when the endpoint cannot be reached, `504 UT` on a
+//! timeout (`timeouts.request`, `timeouts.backendRequest`). gRPC requests
+//! get their failures as `grpc-status` trailers-only responses.
+
+use std::{
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, Arc},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{
+    body::Incoming,
+    header::{self, HeaderValue},
+    Request, Response, StatusCode, Uri,
+};
+
+use hyper_util::rt::TokioIo;
+
+use super::{
+    balance::pick_weighted,
+    filters,
+    pool::{HttpBody, Version},
+    routes::{
+        matching::RequestFacts,
+        model::{BackendTarget, Filters, PathMatch},
+    },
+    telemetry::{record_local, Counted, Observed, Pending},
+    Downstream, State,
+};
+use crate::{
+    flows::{ConnInfo, Direction, HttpInfo, Security},
+    registry::ObjectRef,
+};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+];
+/// Header naming the client the waypoint forwards for (Envoy's XFCC form).
+pub const FORWARDED_CLIENT: &str = "x-forwarded-client-cert";
+
+/// Where a request goes once a backend is chosen.
+struct Target {
+    service: ObjectRef,
+    port: u16,
+}
+
+/// Handles one request of a downstream connection.
+pub async fn handle(
+    req: Request<Incoming>,
+    down: Arc<Downstream>,
+    state: Arc<State>,
+) -> Response<HttpBody> {
+    let started = Instant::now();
+    let grpc = is_grpc(&req);
+    let mut pending = new_pending(&req, &down, &state, started, grpc);
+    let response = route_and_send(req, &down, &state, &mut pending, grpc).await;
+    let (parts, body) = response.into_parts();
+    if let Some(http) = pending.info.http.as_mut() {
+        http.status = parts.status.as_u16();
+        if let Some(g) = parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+            http.grpc_status = g.parse().ok();
+        }
+    }
+    pending.resolve_labels(&state.registry.borrow());
+    if hyper::body::Body::is_end_stream(&body) {
+        record_local(&state.telemetry, &pending);
+        return Response::from_parts(parts, body);
+    }
+    Response::from_parts(parts, HttpBody::new(Observed::new(body, pending, state.telemetry.clone())))
+}
+
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn new_pending<B>(req: &Request<B>, down: &Downstream, state: &State, started: Instant, grpc: bool) -> Pending {
+    let mut info = ConnInfo::new(Direction::Inbound, state.me.id.clone());
+    info.src = Some(down.peer);
+    info.orig_dst = Some(down.target);
+    info.security = Security::MutualTls;
+    info.src_identity = Some(down.client.to_string());
+    info.waypoint = Some(state.waypoint.to_string());
+    info.service = down.service.clone();
+    info.http = Some(Box::new(HttpInfo {
+        protocol: match down.version {
+            Version::Http1 => "HTTP/1.1",
+            Version::Http2 => "HTTP/2",
+        }
+        .to_owned(),
+        method: req.method().to_string(),
+        authority: authority(req).unwrap_or_default(),
+        path: req.uri().path_and_query().map_or_else(|| "/".to_owned(), ToString::to_string),
+        response_flags: "-".to_owned(),
+        ..HttpInfo::default()
+    }));
+    Pending {
+        conn: down.conn,
+        info,
+        started,
+        request_bytes: Arc::new(AtomicU64::new(0)),
+        grpc,
+        labels: Default::default(),
+    }
+}
+
+fn authority<B>(req: &Request<B>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(ToString::to_string)
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+}
+
+fn http_of(p: &mut Pending) -> &mut HttpInfo {
+    p.info.http.get_or_insert_with(Box::default)
+}
+
+async fn route_and_send(
+    req: Request<Incoming>,
+    down: &Downstream,
+    state: &Arc<State>,
+    pending: &mut Pending,
+    grpc: bool,
+) -> Response<HttpBody> {
+    // A pod-addressed request goes to that pod; a service's through its routes.
+    let Some(service) = down.service.clone() else {
+        let target = down.target;
+        return send_to_endpoint(req, down, state, pending, target, None, None, grpc).await;
+    };
+    let matched = {
+        let routes = state.routes.borrow();
+        let client_ns = down.client.namespace();
+        let facts = RequestFacts {
+            service: &service,
+            port: down.target.port(),
+            client_namespace: Some(client_ns),
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+            grpc,
+        };
+        routes.table.find(&facts)
+    };
+    let has_routes = state.routes.borrow().table.has_routes(&service);
+    let Some(matched) = matched else {
+        if has_routes {
+            // Routes attach to this Service but none matches: 404, as a
+            // Gateway does (Gateway API, HTTPRoute rules).
+            http_of(pending).response_flags = "NR".into();
+            return local_reply(StatusCode::NOT_FOUND, grpc, "no route matched");
+        }
+        // No route at all: the Service itself, as without a waypoint.
+        let target = Target { service, port: down.target.port() };
+        let plan = Plan { path_match: None, filters: &[], backend_timeout: None };
+        return send_to_service(req, down, state, pending, &target, &plan, grpc).await;
+    };
+    let rule = matched.rule.clone();
+    http_of(pending).route = Some(rule.route.to_string());
+    http_of(pending).rule = Some(rule.index);
+    let path_match = matched.match_index.map(|i| rule.matches[i].path.clone());
+    if let Some(r) = &rule.filters.redirect {
+        let location = filters::redirect_location(
+            r,
+            "http",
+            &authority(&req).unwrap_or_default(),
+            req.uri().path(),
+            req.uri().query(),
+            path_match.as_ref(),
+        );
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+        if let Ok(v) = HeaderValue::try_from(location) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        return resp;
+    }
+    let backend = if rule.backends.is_empty() {
+        None
+    } else {
+        let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
+        match pick_weighted(&weights, rand::random()) {
+            Some(i) => Some(&rule.backends[i]),
+            None => {
+                // Every weight is 0: Gateway API says 500.
+                return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, "every backend has weight 0");
+            }
+        }
+    };
+    let (target, backend_filters) = match backend.map(|b| (&b.target, &b.filters)) {
+        None => (Target { service, port: down.target.port() }, None),
+        Some((BackendTarget::Service { id, port }, f)) => (Target { service: id.clone(), port: *port }, Some(f)),
+        Some((BackendTarget::Invalid(why), _)) => {
+            http_of(pending).error = Some(why.clone());
+            return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, why);
+        }
+    };
+    let mut filter_list = vec![&rule.filters];
+    filter_list.extend(backend_filters);
+    let plan = Plan {
+        path_match: path_match.as_ref(),
+        filters: &filter_list,
+        backend_timeout: rule.timeouts.backend_request,
+    };
+    let send = send_to_service(req, down, state, pending, &target, &plan, grpc);
+    let mut resp = match rule.timeouts.request {
+        Some(limit) => match tokio::time::timeout(limit, send).await {
+            Ok(r) => r,
+            Err(_) => timed_out(pending, grpc),
+        },
+        None => send.await,
+    };
+    if let Some(f) = backend_filters.and_then(|f| f.response_headers.as_ref()) {
+        filters::modify_headers(resp.headers_mut(), f);
+    }
+    if let Some(f) = &rule.filters.response_headers {
+        filters::modify_headers(resp.headers_mut(), f);
+    }
+    resp
+}
+
+/// What the matched rule asks of the forwarding step.
+struct Plan<'a> {
+    /// The path match that matched (for `ReplacePrefixMatch`).
+    path_match: Option<&'a PathMatch>,
+    /// The rule's filters, then the backendRef's.
+    filters: &'a [&'a Filters],
+    /// `timeouts.backendRequest`.
+    backend_timeout: Option<std::time::Duration>,
+}
+
+fn timed_out(pending: &mut Pending, grpc: bool) -> Response<HttpBody> {
+    http_of(pending).response_flags = "UT".into();
+    local_reply(StatusCode::GATEWAY_TIMEOUT, grpc, "upstream request timeout")
+}
+
+async fn send_to_service(
+    mut req: Request<Incoming>,
+    down: &Downstream,
+    state: &Arc<State>,
+    pending: &mut Pending,
+    target: &Target,
+    plan: &Plan<'_>,
+    grpc: bool,
+) -> Response<HttpBody> {
+    http_of(pending).backend = Some(target.service.to_string());
+    for f in plan.filters {
+        apply_request_filters(&mut req, f, plan.path_match);
+    }
+    let endpoints: Vec<(SocketAddr, crate::identity::SpiffeId)> = {
+        let reg = state.registry.borrow();
+        let Some(svc) = reg.service(&target.service) else {
+            drop(reg);
+            let why = format!("backend service {} does not exist", target.service);
+            http_of(pending).error = Some(why.clone());
+            return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, &why);
+        };
+        let Some(port) = svc.ports.iter().find(|p| p.port == target.port) else {
+            drop(reg);
+            let why = format!("backend service {} has no port {}", target.service, target.port);
+            http_of(pending).error = Some(why.clone());
+            return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, &why);
+        };
+        svc.endpoints
+            .iter()
+            .filter_map(|e| reg.workload(e))
+            .filter_map(|w| {
+                let ip = w.ips.iter().find(|ip| ip.is_ipv4())?;
+                Some((SocketAddr::new(*ip, port.target_port), w.identity.clone()))
+            })
+            .collect()
+    };
+    if endpoints.is_empty() {
+        http_of(pending).response_flags = "UH".into();
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no healthy upstream");
+    }
+    let addrs: Vec<SocketAddr> = endpoints.iter().map(|(a, _)| *a).collect();
+    let chosen = state
+        .balancer
+        .choose(&addrs, rand::random(), rand::random(), Instant::now());
+    let identity = endpoints
+        .iter()
+        .find(|(a, _)| *a == chosen)
+        .map(|(_, id)| id.clone());
+    send_to_endpoint(req, down, state, pending, chosen, identity, plan.backend_timeout, grpc).await
+}
+
+fn apply_request_filters(req: &mut Request<Incoming>, f: &Filters, path_match: Option<&PathMatch>) {
+    if let Some(m) = &f.request_headers {
+        filters::modify_headers(req.headers_mut(), m);
+    }
+    let Some(rw) = &f.rewrite else { return };
+    if let Some(host) = &rw.hostname {
+        if let Ok(v) = HeaderValue::try_from(host.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    if let Some(pm) = &rw.path {
+        let new_path = filters::rewrite_path(req.uri().path(), path_match, pm);
+        let pq = match req.uri().query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        let mut b = Uri::builder();
+        if let (Some(s), Some(a)) = (req.uri().scheme(), req.uri().authority()) {
+            b = b.scheme(s.clone()).authority(a.clone());
+        }
+        if let Ok(uri) = b.path_and_query(pq).build() {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one request's facts, passed once
+async fn send_to_endpoint(
+    req: Request<Incoming>,
+    down: &Downstream,
+    state: &Arc<State>,
+    pending: &mut Pending,
+    addr: SocketAddr,
+    identity: Option<crate::identity::SpiffeId>,
+    timeout: Option<std::time::Duration>,
+    grpc: bool,
+) -> Response<HttpBody> {
+    let identity = identity.or_else(|| {
+        state.registry.borrow().workload_by_ip(addr.ip()).map(|w| w.identity.clone())
+    });
+    let Some(identity) = identity else {
+        http_of(pending).response_flags = "UH".into();
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "endpoint is not a mesh workload");
+    };
+    http_of(pending).upstream = Some(addr.to_string());
+    pending.info.dst = Some(addr);
+    pending.info.dst_identity = Some(identity.to_string());
+    let mut req = req;
+    // HTTP/1.1 upgrades (WebSocket): the connection is handed over once
+    // both sides agreed (101), and bytes are copied both ways.
+    let upgrade = (down.version == Version::Http1 && req.headers().contains_key(header::UPGRADE))
+        .then(|| hyper::upgrade::on(&mut req));
+    let upstream_req = upstream_request(req, down, state, pending, upgrade.is_some());
+    let in_flight = state.balancer.start(addr);
+    let sent = state.upstreams.send(addr, &identity, down.version, upstream_req);
+    let result = match timeout {
+        Some(limit) => match tokio::time::timeout(limit, sent).await {
+            Ok(r) => r,
+            Err(_) => return timed_out(pending, grpc),
+        },
+        None => sent.await,
+    };
+    match result {
+        Ok((mut resp, latency)) => {
+            in_flight.finish(latency);
+            if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, resp.status()) {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(c), Ok(u)) = (client_side.await, upstream_side.await) {
+                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                });
+            }
+            resp
+        }
+        Err(e) => {
+            let flag = e.flag();
+            http_of(pending).response_flags = flag.into();
+            http_of(pending).error = Some(e.to_string());
+            tracing::debug!(upstream = %addr, error = %e, "upstream request failed");
+            local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "upstream connect error or disconnect/reset before headers")
+        }
+    }
+}
+
+/// The request as the endpoint gets it: hop-by-hop headers dropped, the
+/// client's identity in `x-forwarded-client-cert` (any value the client
+/// sent is replaced), the body counted.
+fn upstream_request(
+    req: Request<Incoming>,
+    down: &Downstream,
+    state: &State,
+    pending: &Pending,
+    upgrade: bool,
+) -> Request<HttpBody> {
+    let (mut parts, body) = req.into_parts();
+    for h in HOP_BY_HOP {
+        if upgrade && (h == "connection" || h == "upgrade") {
+            continue;
+        }
+        parts.headers.remove(h);
+    }
+    // `te: trailers` is end-to-end for gRPC over HTTP/2 (RFC 9113 §8.2.2).
+    if down.version == Version::Http2 && pending.grpc {
+        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    let xfcc = format!("By={};URI={}", state.me_identity, down.client);
+    if let Ok(v) = HeaderValue::try_from(xfcc) {
+        parts.headers.insert(FORWARDED_CLIENT, v);
+    }
+    if down.version == Version::Http1 {
+        // Origin form on HTTP/1.1; Host carries the authority.
+        if let Some(a) = parts.uri.authority().cloned() {
+            if !parts.headers.contains_key(header::HOST) {
+                if let Ok(v) = HeaderValue::try_from(a.as_str()) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+        }
+        if let Some(pq) = parts.uri.path_and_query().cloned() {
+            if let Ok(uri) = Uri::builder().path_and_query(pq).build() {
+                parts.uri = uri;
+            }
+        }
+    } else if parts.uri.authority().is_none() {
+        // HTTP/2 needs :scheme and :authority.
+        let auth = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map_or_else(|| down.target.to_string(), str::to_owned);
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        if let Ok(uri) = Uri::builder().scheme("http").authority(auth).path_and_query(pq).build() {
+            parts.uri = uri;
+        }
+    }
+    let body = HttpBody::new(Counted::new(
+        body.map_err(Into::into).boxed(),
+        pending.request_bytes.clone(),
+    ));
+    Request::from_parts(parts, body)
+}
+
+fn empty() -> HttpBody {
+    HttpBody::new(Empty::<Bytes>::new().map_err(|never| match never {}))
+}
+
+/// A response the waypoint makes itself; for gRPC a trailers-only response
+/// with the matching `grpc-status` (gRPC's HTTP mapping).
+pub fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<HttpBody> {
+    if grpc {
+        let code = match status {
+            StatusCode::GATEWAY_TIMEOUT => 4, // DEADLINE_EXCEEDED
+            StatusCode::NOT_FOUND => 12,      // UNIMPLEMENTED
+            StatusCode::SERVICE_UNAVAILABLE => 14, // UNAVAILABLE
+            _ => 13,                          // INTERNAL
+        };
+        let mut r = Response::new(empty());
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        r.headers_mut().insert("grpc-status", HeaderValue::from(code));
+        if let Ok(v) = HeaderValue::try_from(message) {
+            r.headers_mut().insert("grpc-message", v);
+        }
+        return r;
+    }
+    let mut r = Response::new(HttpBody::new(
+        Full::new(Bytes::from(format!("{message}\n"))).map_err(|never| match never {}),
+    ));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}

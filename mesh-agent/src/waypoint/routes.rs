@@ -1,0 +1,189 @@
+//! Routes in force at a waypoint: Gateway API `HTTPRoute` and `GRPCRoute`
+//! objects whose `parentRefs` name a Service this waypoint owns (GAMMA),
+//! read from `--routes FILE|DIR` (multi-document YAML, `*.yaml`/`*.yml`, as
+//! policies are) and compiled ([`load`]) into the matching table
+//! ([`matching`]).
+//!
+//! Every object gets a status, per parent, with Gateway API's conditions
+//! (`Accepted`, `ResolvedRefs`) and reasons, shown by `GET /routes` and
+//! `heddle routes`: a route that uses something Heddle does not implement
+//! (a filter type, an unknown field) is not accepted and says why; a
+//! backend that does not resolve keeps the route accepted but its share of
+//! requests gets 500 (Gateway API's rule) and `ResolvedRefs=False` says so.
+//! A file that cannot be read keeps the last good routes (the caller's job);
+//! a document that does not parse is rejected alone.
+
+pub mod gateway_api;
+pub mod load;
+pub mod matching;
+pub mod model;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+use crate::registry::{ObjectRef, Registry};
+
+/// A routes file as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    /// The file.
+    pub file: PathBuf,
+    /// Its text.
+    pub text: String,
+}
+
+/// Why the routes could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    /// A file or directory could not be read.
+    #[error("cannot read routes {path}: {source}")]
+    Read {
+        /// What.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads `path` (a file, or the `*.yaml`/`*.yml` files of a directory in
+/// name order); `None` reads nothing.
+pub fn read(path: Option<&Path>) -> Result<Vec<Source>, RoutesError> {
+    let Some(path) = path else { return Ok(Vec::new()) };
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| RoutesError::Read { path, source }
+    };
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(err(path))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_owned()]
+    };
+    files
+        .into_iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(&file).map_err(err(&file))?;
+            Ok(Source { file, text })
+        })
+        .collect()
+}
+
+/// A Gateway API condition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    /// `Accepted` or `ResolvedRefs`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// `True` or `False`.
+    pub status: &'static str,
+    /// Gateway API's reason.
+    pub reason: &'static str,
+    /// What it means here.
+    pub message: String,
+}
+
+/// One parentRef's status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ParentStatus {
+    /// The Service, `ns/name`.
+    pub parent: String,
+    /// Only this port, if the parentRef names one.
+    pub port: Option<u16>,
+    /// Whether this waypoint owns the parent (else another component does,
+    /// and these conditions are not this waypoint's to set).
+    pub attached: bool,
+    /// Conditions.
+    pub conditions: Vec<Condition>,
+}
+
+/// One route object's status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RouteStatus {
+    /// `httproute/ns/name` (or `file#doc` when it did not parse).
+    pub route: String,
+    /// Where it was read.
+    pub source: String,
+    /// Applied (accepted on at least one parent this waypoint owns).
+    pub accepted: bool,
+    /// Per parentRef.
+    pub parents: Vec<ParentStatus>,
+    /// Why it is not (fully) in force, each naming the field.
+    pub problems: Vec<String>,
+    /// What Heddle does differently from what the object might suggest
+    /// (accepted anyway), each naming the field.
+    pub notes: Vec<String>,
+    /// Rules compiled (for `heddle routes`).
+    pub rules: usize,
+}
+
+/// The routes in force and every object's status.
+#[derive(Debug, Default)]
+pub struct RouteSet {
+    /// The matching table.
+    pub table: matching::Table,
+    statuses: Vec<RouteStatus>,
+}
+
+impl RouteSet {
+    /// Compiles `sources` for `waypoint` against `registry`.
+    #[must_use]
+    pub fn build(sources: &[Source], registry: &Registry, waypoint: &ObjectRef) -> Self {
+        let mut set = RouteSet::default();
+        for s in sources {
+            for (i, doc) in split_documents(&s.text).into_iter().enumerate() {
+                let origin = format!("{}#{}", s.file.display(), i + 1);
+                let compiled = load::compile_document(doc, &origin, registry, waypoint);
+                for (at, rule) in compiled.rules {
+                    set.table.insert(&at, Arc::new(rule));
+                }
+                set.statuses.push(compiled.status);
+            }
+        }
+        set
+    }
+
+    /// Every object's status.
+    #[must_use]
+    pub fn statuses(&self) -> &[RouteStatus] {
+        &self.statuses
+    }
+
+    /// (route, problem) of objects not (fully) accepted.
+    #[must_use]
+    pub fn rejected(&self) -> Vec<(String, String)> {
+        self.statuses
+            .iter()
+            .filter(|s| !s.problems.is_empty())
+            .map(|s| (s.route.clone(), s.problems.join("; ")))
+            .collect()
+    }
+}
+
+/// Splits a multi-document YAML text at `---` lines, dropping empty ones.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_end() == "---" {
+            docs.push(&text[start..offset]);
+            start = offset + line.len();
+        }
+        offset += line.len();
+    }
+    docs.push(&text[start..]);
+    docs.into_iter()
+        .filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
+        .collect()
+}

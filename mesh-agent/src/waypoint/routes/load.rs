@@ -1,0 +1,199 @@
+//! Compiles one Gateway API document (`HTTPRoute` or `GRPCRoute`, the
+//! upstream types of [`super::gateway_api`]) into rules and a status.
+//!
+//! GRPCRoute is compiled as the HTTP/2 requests it describes: a method match
+//! `{service, method}` becomes a path match on `/service/method` (Exact, or a
+//! prefix `/service/` for a service alone, or a regular expression), and its
+//! parentRefs, backendRefs and filters, which have HTTPRoute's shape, are
+//! read as HTTPRoute's.
+
+
+use serde::de::DeserializeOwned;
+
+use super::{
+    gateway_api::{grpcroutes as g, httproutes as h},
+    matching::Attachment,
+    model::{RequestMatch, RouteKind, Rule, Timeouts},
+    RouteStatus,
+};
+use crate::registry::{ObjectRef, Registry};
+use ctx::Ctx;
+
+/// A compiled document.
+pub struct Compiled {
+    /// Rules and where they attach.
+    pub rules: Vec<(Attachment, Rule)>,
+    /// Its status.
+    pub status: RouteStatus,
+}
+
+/// Compiles one YAML document read from `origin`.
+#[must_use]
+pub fn compile_document(doc: &str, origin: &str, registry: &Registry, waypoint: &ObjectRef) -> Compiled {
+    let rejected = |route: String, problem: String| Compiled {
+        rules: Vec::new(),
+        status: RouteStatus {
+            route,
+            source: origin.to_owned(),
+            accepted: false,
+            parents: Vec::new(),
+            problems: vec![problem],
+            notes: Vec::new(),
+            rules: 0,
+        },
+    };
+    let value: serde_yaml_ng::Value = match serde_yaml_ng::from_str(doc) {
+        Ok(v) => v,
+        Err(e) => return rejected(origin.to_owned(), format!("invalid YAML: {e}")),
+    };
+    let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+    let (api, kind) = (field("apiVersion"), field("kind"));
+    let gateway_api = matches!(
+        api.as_str(),
+        "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1alpha2"
+    );
+    match kind.as_str() {
+        "HTTPRoute" if gateway_api => match parse::<h::HttpRoute>(value) {
+            Ok((r, unknown)) => compile_http(&r, unknown, origin, registry, waypoint),
+            Err(e) => rejected(origin.to_owned(), format!("HTTPRoute: {e}")),
+        },
+        "GRPCRoute" if gateway_api => match parse::<g::GrpcRoute>(value) {
+            Ok((r, unknown)) => compile_grpc(&r, unknown, origin, registry, waypoint),
+            Err(e) => rejected(origin.to_owned(), format!("GRPCRoute: {e}")),
+        },
+        _ => rejected(
+            origin.to_owned(),
+            format!("kind {kind:?} (apiVersion {api:?}) is not a gateway.networking.k8s.io HTTPRoute or GRPCRoute"),
+        ),
+    }
+}
+
+/// Deserializes `value`, collecting the paths of fields the type does not
+/// have (they are problems, not silently dropped).
+fn parse<T: DeserializeOwned>(value: serde_yaml_ng::Value) -> Result<(T, Vec<String>), String> {
+    let mut unknown = Vec::new();
+    let t = serde_ignored::deserialize(value, |path| {
+        let p = field_path(&path);
+        // The kube-derived root type reads apiVersion and kind itself.
+        if p != "apiVersion" && p != "kind" {
+            unknown.push(p);
+        }
+    })
+    .map_err(|e: serde_yaml_ng::Error| e.to_string())?;
+    Ok((t, unknown))
+}
+
+/// `spec.rules[0].filters[1].x`, as the rest of the status names fields.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => {
+            let p = field_path(parent);
+            if p.is_empty() { key.clone() } else { format!("{p}.{key}") }
+        }
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+fn meta_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (ObjectRef, String) {
+    let id = ObjectRef {
+        namespace: m.namespace.clone().unwrap_or_else(|| "default".to_owned()),
+        name: m.name.clone().unwrap_or_default(),
+    };
+    let created = m
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    (id, created)
+}
+
+/// Converts between the HTTPRoute and GRPCRoute shapes of the same JSON.
+fn reshape<A: serde::Serialize, B: DeserializeOwned>(a: &A) -> Result<B, String> {
+    serde_json::to_value(a)
+        .and_then(serde_json::from_value)
+        .map_err(|e| e.to_string())
+}
+
+fn compile_http(
+    r: &h::HttpRoute,
+    unknown: Vec<String>,
+    origin: &str,
+    registry: &Registry,
+    waypoint: &ObjectRef,
+) -> Compiled {
+    let (id, created) = meta_of(&r.metadata);
+    let mut ctx = Ctx::new(registry, waypoint, RouteKind::Http, id, unknown);
+    if r.spec.hostnames.as_ref().is_some_and(|h| !h.is_empty()) {
+        ctx.notes.push("spec.hostnames: ignored for Service parents (GAMMA: the Service is the host)".into());
+    }
+    let mut rules = Vec::new();
+    for (i, rule) in r.spec.rules.iter().flatten().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        let matches: Vec<RequestMatch> = rule
+            .matches
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(j, m)| ctx.http_match(m, &format!("{at}.matches[{j}]")))
+            .collect();
+        let filters = ctx.filters(rule.filters.as_deref().unwrap_or(&[]), &matches, &at);
+        let backends = ctx.backends(rule.backend_refs.as_deref().unwrap_or(&[]), &matches, &at);
+        let timeouts = ctx.timeouts(rule.timeouts.as_ref(), &at);
+        rules.push(ctx.rule(i, matches, filters, backends, timeouts));
+    }
+    let parents = r.spec.parent_refs.clone().unwrap_or_default();
+    ctx.finish(&parents, rules, created, origin)
+}
+
+fn compile_grpc(
+    r: &g::GrpcRoute,
+    unknown: Vec<String>,
+    origin: &str,
+    registry: &Registry,
+    waypoint: &ObjectRef,
+) -> Compiled {
+    let (id, created) = meta_of(&r.metadata);
+    let mut ctx = Ctx::new(registry, waypoint, RouteKind::Grpc, id, unknown);
+    if r.spec.hostnames.as_ref().is_some_and(|h| !h.is_empty()) {
+        ctx.notes.push("spec.hostnames: ignored for Service parents (GAMMA: the Service is the host)".into());
+    }
+    let mut rules = Vec::new();
+    for (i, rule) in r.spec.rules.iter().flatten().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        let matches: Vec<RequestMatch> = rule
+            .matches
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(j, m)| ctx.grpc_match(m, &format!("{at}.matches[{j}]")))
+            .collect();
+        let filters: Vec<h::HttpRouteRulesFilters> = rule
+            .filters
+            .iter()
+            .flatten()
+            .filter_map(|f| reshape(f).map_err(|e| ctx.problems.push(format!("{at}.filters: {e}"))).ok())
+            .collect();
+        let filters = ctx.filters(&filters, &matches, &at);
+        let backends: Vec<h::HttpRouteRulesBackendRefs> = rule
+            .backend_refs
+            .iter()
+            .flatten()
+            .filter_map(|b| reshape(b).map_err(|e| ctx.problems.push(format!("{at}.backendRefs: {e}"))).ok())
+            .collect();
+        let backends = ctx.backends(&backends, &matches, &at);
+        rules.push(ctx.rule(i, matches, filters, backends, Timeouts::default()));
+    }
+    let parents: Vec<h::HttpRouteParentRefs> = r
+        .spec
+        .parent_refs
+        .iter()
+        .flatten()
+        .filter_map(|p| reshape(p).ok())
+        .collect();
+    ctx.finish(&parents, rules, created, origin)
+}
+
+mod ctx;

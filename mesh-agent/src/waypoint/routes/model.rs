@@ -1,0 +1,191 @@
+//! The compiled route model: what HTTPRoute and GRPCRoute rules mean once
+//! checked, in the waypoint's own types. [`super::load`] builds it from the
+//! Gateway API objects; [`super::matching`] evaluates it per request.
+
+use std::{fmt, time::Duration};
+
+use regex::Regex;
+
+use crate::registry::ObjectRef;
+
+/// Which kind of route a rule came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteKind {
+    /// `HTTPRoute`.
+    Http,
+    /// `GRPCRoute`.
+    Grpc,
+}
+
+/// A route object, `kind/ns/name` when shown.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteRef {
+    /// HTTPRoute or GRPCRoute.
+    pub kind: RouteKind,
+    /// Namespace and name.
+    pub id: ObjectRef,
+}
+
+impl fmt::Display for RouteRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            RouteKind::Http => "httproute",
+            RouteKind::Grpc => "grpcroute",
+        };
+        write!(f, "{kind}/{}", self.id)
+    }
+}
+
+/// How a path is matched (Gateway API `HTTPPathMatch.type`).
+#[derive(Clone, Debug)]
+pub enum PathMatch {
+    /// The whole path, exactly.
+    Exact(String),
+    /// Element-wise prefix: `/foo` matches `/foo` and `/foo/bar`, not
+    /// `/foobar`. Stored without a trailing `/` (except `/` itself).
+    Prefix(String),
+    /// A regular expression that must match the whole path.
+    Regex(Regex),
+}
+
+/// How a header or query value is matched.
+#[derive(Clone, Debug)]
+pub enum ValueMatch {
+    /// Exactly this value.
+    Exact(String),
+    /// A regular expression matching the whole value.
+    Regex(Regex),
+}
+
+impl ValueMatch {
+    /// Whether `v` matches.
+    #[must_use]
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            ValueMatch::Exact(want) => want == v,
+            ValueMatch::Regex(re) => re.is_match(v),
+        }
+    }
+}
+
+/// One `matches[]` entry: every condition must hold.
+#[derive(Clone, Debug)]
+pub struct RequestMatch {
+    /// Path condition (default: prefix `/`).
+    pub path: PathMatch,
+    /// Header conditions (names lower-cased).
+    pub headers: Vec<(String, ValueMatch)>,
+    /// Query parameter conditions (names exact).
+    pub query: Vec<(String, ValueMatch)>,
+    /// Method, upper case.
+    pub method: Option<String>,
+}
+
+/// A header change (`RequestHeaderModifier`, `ResponseHeaderModifier`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderModifier {
+    /// Replace (or add) these.
+    pub set: Vec<(String, String)>,
+    /// Append these.
+    pub add: Vec<(String, String)>,
+    /// Remove these names.
+    pub remove: Vec<String>,
+}
+
+/// How a path is replaced (`HTTPPathModifier`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathModifier {
+    /// Replace the whole path.
+    Full(String),
+    /// Replace the part the rule's prefix match matched.
+    Prefix(String),
+}
+
+/// `RequestRedirect`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Redirect {
+    /// New scheme.
+    pub scheme: Option<String>,
+    /// New host name.
+    pub hostname: Option<String>,
+    /// New path.
+    pub path: Option<PathModifier>,
+    /// New port.
+    pub port: Option<u16>,
+    /// 301 or 302 (default 302).
+    pub status: u16,
+}
+
+/// `URLRewrite`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// New `Host`/`:authority`.
+    pub hostname: Option<String>,
+    /// New path.
+    pub path: Option<PathModifier>,
+}
+
+/// The filters of a rule that Heddle applies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filters {
+    /// Request header changes.
+    pub request_headers: Option<HeaderModifier>,
+    /// Response header changes.
+    pub response_headers: Option<HeaderModifier>,
+    /// Answer with a redirect instead of forwarding.
+    pub redirect: Option<Redirect>,
+    /// Rewrite before forwarding.
+    pub rewrite: Option<Rewrite>,
+}
+
+/// Where a backendRef points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendTarget {
+    /// A Service that exists, and its port.
+    Service {
+        /// The Service.
+        id: ObjectRef,
+        /// Its port (the service port, not the target port).
+        port: u16,
+    },
+    /// A reference Heddle cannot resolve (missing Service, other kind):
+    /// requests sent here get 500, as Gateway API specifies.
+    Invalid(String),
+}
+
+/// One weighted backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Where.
+    pub target: BackendTarget,
+    /// Relative weight (0: never).
+    pub weight: u32,
+    /// Filters of this backendRef (applied after the rule's).
+    pub filters: Filters,
+}
+
+/// `timeouts`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The whole request, from the client's point of view.
+    pub request: Option<Duration>,
+    /// One attempt to the backend.
+    pub backend_request: Option<Duration>,
+}
+
+/// One rule of one route, compiled.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// The route it belongs to.
+    pub route: RouteRef,
+    /// Its index in the route's `rules`.
+    pub index: usize,
+    /// Its matches (any may match; empty: everything).
+    pub matches: Vec<RequestMatch>,
+    /// Its filters.
+    pub filters: Filters,
+    /// Its backends; empty means the parent Service itself.
+    pub backends: Vec<Backend>,
+    /// Its timeouts.
+    pub timeouts: Timeouts,
+}

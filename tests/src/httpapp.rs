@@ -1,0 +1,123 @@
+//! `pod-app http`: the test bed's HTTP application, HTTP/1.1 and h2c on one
+//! port (hyper's auto-detection), so tests see which pod (version) served a
+//! request and what it received.
+//!
+//! Every response carries `x-served-by: <name>` and, unless a path below
+//! says otherwise, a JSON [`Echoed`] body: the method, path and query,
+//! `Host`/`:authority`, the HTTP version and every request header, as
+//! received. Paths: `/status/NNN` answers NNN; `/delay/MS` answers after MS
+//! milliseconds; `/ws` with `Upgrade` answers 101 and then echoes raw bytes
+//! (a stand-in for WebSocket frames: the proxy must pass bytes, not parse
+//! them).
+
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, header, Request, Response, StatusCode};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use serde::{Deserialize, Serialize};
+
+/// What the app saw of a request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Echoed {
+    /// The pod (`--name`) that served it.
+    pub pod: String,
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// `Host` header or `:authority`.
+    pub host: String,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    /// Headers, lower-case names, repeated values joined with `,`.
+    pub headers: BTreeMap<String, String>,
+    /// Bytes of request body received.
+    pub body_bytes: usize,
+}
+
+/// Serves until the process is killed.
+pub async fn serve(listen: SocketAddr, name: String) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    eprintln!("http: {name} listening on {listen}");
+    let name = Arc::new(name);
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| answer(req, name.clone()));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+async fn answer(mut req: Request<Incoming>, name: Arc<String>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let reply = |status: StatusCode, body: Bytes| {
+        Response::builder()
+            .status(status)
+            .header("x-served-by", name.as_str())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .expect("static response parts")
+    };
+    if path == "/ws" && req.headers().contains_key(header::UPGRADE) {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = upgrade.await {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut resp = reply(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+        resp.headers_mut().insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
+        resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
+        resp.headers_mut().remove(header::CONTENT_TYPE);
+        return Ok(resp);
+    }
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let status = path
+        .strip_prefix("/status/")
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        headers
+            .entry(k.as_str().to_owned())
+            .and_modify(|e| {
+                e.push(',');
+                e.push_str(&v);
+            })
+            .or_insert(v);
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(ToString::to_string)
+        .or_else(|| headers.get("host").cloned())
+        .unwrap_or_default();
+    let echoed = Echoed {
+        pod: name.to_string(),
+        method: req.method().to_string(),
+        path: req.uri().path_and_query().map_or_else(|| "/".into(), ToString::to_string),
+        host,
+        version: format!("{:?}", req.version()),
+        headers,
+        body_bytes: 0,
+    };
+    let body_bytes = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let echoed = Echoed { body_bytes, ..echoed };
+    let body = serde_json::to_vec(&echoed).unwrap_or_default();
+    Ok(reply(status, Bytes::from(body)))
+}

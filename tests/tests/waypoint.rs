@@ -1,0 +1,562 @@
+//! End-to-end tests of the waypoint (the L7 proxy): real agents, a real
+//! mesh CA, a `mesh-agent waypoint` in its own pod, real HTTP/1.1, HTTP/2
+//! and gRPC clients and servers (Python's http.client, curl, nghttp,
+//! grpcio; `pod-app http`), across two nodes.
+//!
+//! ```text
+//! node-a: client (enrolled)
+//! node-b: waypoint (runs demo/waypoint, sa waypoint)
+//!         api-v1, api-v2 (enrolled; app=api, version=v1|v2; HTTP :8080, echo :9090)
+//! services demo/api 10.96.0.20 (80->8080, 9000->9090), demo/api-v1 10.96.0.21, demo/api-v2 10.96.0.22
+//! namespace demo: useWaypoint waypoint
+//! ```
+//!
+//! What is asserted is what users observe: which version answered, status
+//! codes and headers, bytes delivered, the records in `heddle flows` and
+//! the waypoint's `/routes` and `/metrics`. Needs root; fails under
+//! `CI=true` when it cannot run.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use common::{environment_ready, expect_delivered, run_on, TRUST_DOMAIN};
+use heddle_tests::env::{asset, NGHTTP};
+use heddle_tests::waypoint::{Waypoint, GATEWAY_NAME_LABEL};
+use heddle_tests::{
+    poll_until, require_tool, Agent, CaOptions, Check, ClientSpec, Direction, Pod, PodSpec,
+    Process, ServiceSpec, Testbed,
+};
+use serde_json::{json, Value};
+
+const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const V1_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
+const V2_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 22);
+const HTTP_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 9090;
+const GRPC_PORT: u16 = 50051;
+
+/// The waypoint cluster. Fields drop in order: processes, then the bed.
+struct Mesh {
+    servers: Vec<Process>,
+    waypoint: Waypoint,
+    agent_a: Agent,
+    agent_b: Agent,
+    client: Pod,
+    v1: Pod,
+    v2: Pod,
+    tb: Testbed,
+}
+
+impl Mesh {
+    fn new(name: &str, grpc: bool) -> Result<Self> {
+        let tb = Testbed::new(name)?;
+        let node_a = tb.add_node("node-a")?;
+        let node_b = tb.add_node("node-b")?;
+        let client = tb.add_pod(&node_a, PodSpec::new("client").enrolled(true))?;
+        let wp_pod = tb.add_pod(
+            &node_b,
+            PodSpec::new("waypoint").label(GATEWAY_NAME_LABEL, "waypoint"),
+        )?;
+        let version = |v: &str| PodSpec::new(&format!("api-{v}")).enrolled(true).label("app", "api").label("version", v);
+        let v1 = tb.add_pod(&node_b, version("v1"))?;
+        let v2 = tb.add_pod(&node_b, version("v2"))?;
+        tb.add_service(ServiceSpec::new("api", API_VIP).port(80, HTTP_PORT).port(9000, ECHO_PORT).port(GRPC_PORT, GRPC_PORT))?;
+        tb.add_service(ServiceSpec::new("api-v1", V1_VIP).port(80, HTTP_PORT).port(GRPC_PORT, GRPC_PORT).selector("version", "v1"))?;
+        tb.add_service(ServiceSpec::new("api-v2", V2_VIP).port(80, HTTP_PORT).port(GRPC_PORT, GRPC_PORT).selector("version", "v2"))?;
+        tb.add_waypoint("demo", "waypoint")?;
+        tb.set_namespace_waypoint("demo", Some("waypoint"))?;
+        let mut servers = Vec::new();
+        for pod in [&v1, &v2] {
+            servers.push(pod.start_http(HTTP_PORT)?);
+            servers.push(pod.start_echo(ECHO_PORT)?);
+            if grpc {
+                let mut cmd = Command::new("python3");
+                cmd.arg(asset("grpc_app.py")).args(["serve", &GRPC_PORT.to_string(), pod.name()]);
+                servers.push(pod.spawn(cmd)?);
+                pod.wait_listening(GRPC_PORT, Duration::from_secs(15))?;
+            }
+        }
+        tb.set_trust_domain(TRUST_DOMAIN)?;
+        tb.start_ca(&node_a, CaOptions::default())?;
+        let mut agents = tb.start_agents(&[&node_a, &node_b])?.into_iter();
+        let (agent_a, agent_b) = (agents.next().context("agent a")?, agents.next().context("agent b")?);
+        let waypoint = tb.start_waypoint(&wp_pod, "waypoint")?;
+        let ids: Vec<String> = [&v1, &v2].iter().map(|p| p.spiffe_id()).collect();
+        agent_b.wait_certificates(&ids, Duration::from_secs(10))?;
+        agent_a.wait_certificates(&[client.spiffe_id()], Duration::from_secs(10))?;
+        Ok(Self { servers, waypoint, agent_a, agent_b, client, v1, v2, tb })
+    }
+
+    fn waypoint_identity(&self) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/waypoint")
+    }
+
+    /// Runs `httpc.py ARGS` in the client pod and parses its JSON output.
+    fn httpc(&self, args: &[&str]) -> Result<Value> {
+        let mut cmd = Command::new("python3");
+        cmd.arg(asset("httpc.py")).args(args);
+        let out = self.client.run(cmd)?;
+        ensure!(out.status.success(), "httpc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).with_context(|| format!("httpc output: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// `n` keep-alive requests to `url`: (served_by counts, statuses, errors).
+    fn load(&self, url: &str, n: usize, headers: &[&str]) -> Result<Value> {
+        let n = n.to_string();
+        let mut args = vec!["load", url, n.as_str()];
+        for h in headers {
+            args.extend(["--header", h]);
+        }
+        self.httpc(&args)
+    }
+
+    /// Writes the routes and waits until the waypoint shows `route` accepted.
+    fn routes(&self, yaml: &str, route: &str) -> Result<Value> {
+        self.tb.set_routes("routes", yaml)?;
+        Ok(self.waypoint.wait_route(route, true)?)
+    }
+}
+
+fn run_waypoint(name: &str, grpc: bool, body: impl FnOnce(&Mesh) -> Result<()>) {
+    if !environment_ready() {
+        return;
+    }
+    run_on(
+        name,
+        || Mesh::new(name, grpc),
+        |m| {
+            m.tb.mark_failed();
+            eprintln!("--- waypoint log ---\n{}", m.waypoint.log_text());
+        },
+        body,
+    );
+}
+
+fn count(v: &Value, pod: &str) -> u64 {
+    v["served_by"][pod].as_u64().unwrap_or(0)
+}
+
+fn url(path: &str) -> String {
+    format!("http://{API_VIP}:80{path}")
+}
+
+/// Waypoint request records matching `pred`, waiting until there are `n`.
+fn requests(wp: &Waypoint, n: usize, pred: impl Fn(&Value) -> bool) -> Result<Vec<Value>> {
+    Ok(poll_until("waypoint request records", Duration::from_secs(10), Duration::from_millis(100), || {
+        let flows = wp.flows("last=100000")?;
+        let got: Vec<Value> = flows.into_iter().filter(|f| f["event"] == "request" && pred(f)).collect();
+        Ok(if got.len() >= n { Check::Ready(got) } else { Check::Pending(format!("{} of {n}", got.len())) })
+    })?)
+}
+
+#[test]
+fn http1_and_http2_through_the_waypoint_are_balanced_per_request_and_recorded_with_both_identities() {
+    run_waypoint("waypoint_basic", false, |m| {
+        // 40 requests on ONE keep-alive connection reach both versions: the
+        // waypoint balances requests, not connections.
+        let r = m.load(&url("/hello"), 40, &[])?;
+        ensure!(r["errors"] == 0 && r["status"]["200"] == 40, "HTTP/1.1 load: {r}");
+        ensure!(count(&r, "api-v1") > 0 && count(&r, "api-v2") > 0, "one connection, both endpoints: {r}");
+        eprintln!("40 requests on one connection: {r}");
+        // curl, HTTP/1.1.
+        let out = m.client.run({
+            let mut c = Command::new("curl");
+            c.args(["-sS", "--max-time", "10", "-D", "-", &url("/curl?x=1")]);
+            c
+        })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success() && text.contains("200") && text.contains("x-served-by: api-v"), "curl: {text}");
+        // The backend sees the client's identity in x-forwarded-client-cert.
+        ensure!(text.contains(&format!("URI={}", m.client.spiffe_id())), "XFCC at the backend: {text}");
+        // nghttp, HTTP/2 with prior knowledge (h2c).
+        require_tool(NGHTTP)?;
+        let out = m.client.run({
+            let mut c = Command::new("nghttp");
+            c.args(["-v", "-t", "10", &url("/h2"), &url("/h2b")]);
+            c
+        })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success() && text.contains(":status: 200") && text.contains("\"version\":\"HTTP/2.0\""), "nghttp: {text}");
+        // Records: the waypoint's per request, with method, path, status,
+        // upstream, both identities.
+        let h2 = requests(&m.waypoint, 2, |f| f["http"]["protocol"] == "HTTP/2")?;
+        let rec = &h2[0];
+        eprintln!("waypoint record: {rec}");
+        ensure!(
+            rec["http"]["method"] == "GET" && rec["http"]["status"] == 200
+                && rec["src_identity"] == json!(m.client.spiffe_id())
+                && rec["dst_identity"].as_str().is_some_and(|d| d.contains("/ns/demo/sa/api-v"))
+                && rec["http"]["upstream"].as_str().is_some_and(|u| u.ends_with(":8080")),
+            "waypoint record: {rec}"
+        );
+        // The source agent sent the connection to the waypoint, as the client.
+        let out = m.agent_a.wait_for_flows("outbound to the waypoint", Duration::from_secs(10), |fs| {
+            fs.iter().any(|f| f.direction == Direction::Outbound && f.dst_identity.as_deref() == Some(m.waypoint_identity().as_str()))
+        })?;
+        ensure!(!out.is_empty(), "agent a flows");
+        // The destination agent saw the waypoint's identity, over mTLS.
+        m.agent_b.wait_for_flows("inbound from the waypoint", Duration::from_secs(10), |fs| {
+            fs.iter().any(|f| f.direction == Direction::Inbound && f.src_identity.as_deref() == Some(m.waypoint_identity().as_str()) && f.is_mutual_tls())
+        })?;
+        // Istio's L7 metric names, reporter=waypoint.
+        let metrics = m.waypoint.metrics()?;
+        ensure!(
+            metrics.lines().any(|l| l.starts_with("heddle_requests_total{") && l.contains("reporter=\"waypoint\"") && l.contains("response_code=\"200\"") && l.contains("destination_workload=\"api-v")),
+            "metrics: {metrics}"
+        );
+        ensure!(metrics.contains("heddle_request_duration_seconds_bucket"), "duration histogram missing");
+        // `heddle flows` L7 filters against the waypoint's admin API.
+        let status = m.waypoint.flows("http_status=2xx&method=get&path=/h2")?;
+        ensure!(status.len() >= 2 && status.iter().all(|f| f["http"]["path"].as_str().is_some_and(|p| p.starts_with("/h2"))), "filtered: {status:?}");
+        Ok(())
+    });
+}
+
+const CANARY: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-canary, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api, port: 80}]
+  rules:
+  - backendRefs:
+    - {name: api-v1, port: 80, weight: W1}
+    - {name: api-v2, port: 80, weight: W2}
+";
+
+fn canary(w1: u32, w2: u32) -> String {
+    CANARY.replace("W1", &w1.to_string()).replace("W2", &w2.to_string())
+}
+
+#[test]
+fn canary_weights_hold_within_binomial_tolerance_and_changing_them_under_load_loses_no_request() {
+    run_waypoint("waypoint_canary", false, |m| {
+        m.routes(&canary(90, 10), "httproute/demo/api-canary")?;
+        let r = m.load(&url("/canary"), 2000, &[])?;
+        let v2 = count(&r, "api-v2");
+        // 2,000 draws at p = 0.1: mean 200, sd 13.4; ±4.5 sd.
+        ensure!(r["errors"] == 0 && r["status"]["200"] == 2000, "canary load: {r}");
+        ensure!((140..=260).contains(&v2), "90/10 split gave {v2} of 2000 to v2: {r}");
+        eprintln!("90/10 over 2000 requests: v1 {} v2 {v2}", count(&r, "api-v1"));
+        // Shift 50/50 then 0/100 while 3,000 requests run.
+        let client = m.client.clone();
+        let load = std::thread::spawn(move || {
+            let mut cmd = Command::new("python3");
+            cmd.arg(asset("httpc.py")).args(["load", &url("/shift"), "3000"]);
+            client.run(cmd)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        m.routes(&canary(50, 50), "httproute/demo/api-canary")?;
+        std::thread::sleep(Duration::from_millis(500));
+        m.tb.set_routes("routes", &canary(0, 100))?;
+        std::thread::sleep(Duration::from_millis(1500));
+        let out = load.join().expect("load thread")?;
+        let r: Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(r["errors"] == 0 && r["status"]["200"] == 3000, "requests lost while weights changed: {r}");
+        // 0/100 is in force: everything goes to v2.
+        let r = m.load(&url("/after"), 200, &[])?;
+        ensure!(count(&r, "api-v2") == 200, "after 0/100: {r}");
+        // `heddle routes` counts the rule's requests.
+        let routes = m.waypoint.routes()?;
+        let hits: u64 = routes["routes"][0]["hits"].as_array().into_iter().flatten().filter_map(|h| h["requests"].as_u64()).sum();
+        ensure!(hits >= 5200, "rule hits after 5,200 requests: {routes}");
+        Ok(())
+    });
+}
+
+/// Routes modelled on the Gateway API mesh conformance tests
+/// (conformance/tests/mesh-*.yaml): matching, redirects, rewrites, header
+/// modifiers, ports.
+const CONFORMANCE: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mesh-matching, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v2}}, {headers: [{name: version, value: two}]}]
+    backendRefs: [{name: api-v2, port: 80}]
+  - matches: [{path: {type: Exact, value: /exact}}, {queryParams: [{name: animal, value: whale}]}]
+    backendRefs: [{name: api-v2, port: 80}]
+  - matches: [{method: POST, path: {type: PathPrefix, value: /method}}]
+    backendRefs: [{name: api-v2, port: 80}]
+  - matches: [{path: {type: RegularExpression, value: '/re/[0-9]+'}}]
+    backendRefs: [{name: api-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /redirect}}]
+    filters:
+    - {type: RequestRedirect, requestRedirect: {hostname: example.org, statusCode: 301}}
+  - matches: [{path: {type: PathPrefix, value: /redirect-path}}]
+    filters:
+    - {type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /moved}}}
+  - matches: [{path: {type: PathPrefix, value: /rewrite}}]
+    filters:
+    - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}
+    backendRefs: [{name: api-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /headers}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-set, value: set}], add: [{name: x-add, value: added}], remove: [x-remove]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-resp, value: from-route}]}
+    backendRefs: [{name: api-v1, port: 80}]
+  - backendRefs: [{name: api-v1, port: 80}]
+";
+
+#[test]
+fn route_matching_and_filters_behave_as_the_gateway_api_mesh_conformance_cases_expect() {
+    run_waypoint("waypoint_matching", false, |m| {
+        m.routes(CONFORMANCE, "httproute/demo/mesh-matching")?;
+        // (method, path, headers) -> (status, served by, path the backend saw, extra check)
+        type Case = (&'static str, &'static str, Vec<(&'static str, &'static str)>, u16, Option<&'static str>, Option<&'static str>);
+        let cases: Vec<Case> = vec![
+            ("GET", "/", vec![], 200, Some("api-v1"), Some("/")),
+            ("GET", "/v2", vec![], 200, Some("api-v2"), Some("/v2")),
+            ("GET", "/v2/deeper", vec![], 200, Some("api-v2"), Some("/v2/deeper")),
+            ("GET", "/v2x", vec![], 200, Some("api-v1"), Some("/v2x")),
+            ("GET", "/", vec![("version", "two")], 200, Some("api-v2"), Some("/")),
+            ("GET", "/exact", vec![], 200, Some("api-v2"), Some("/exact")),
+            ("GET", "/exact/no", vec![], 200, Some("api-v1"), Some("/exact/no")),
+            ("GET", "/q?animal=whale", vec![], 200, Some("api-v2"), Some("/q?animal=whale")),
+            ("GET", "/q?animal=dolphin", vec![], 200, Some("api-v1"), Some("/q?animal=dolphin")),
+            ("POST", "/method", vec![], 200, Some("api-v2"), Some("/method")),
+            ("GET", "/method", vec![], 200, Some("api-v1"), Some("/method")),
+            ("GET", "/re/42", vec![], 200, Some("api-v2"), Some("/re/42")),
+            ("GET", "/re/x", vec![], 200, Some("api-v1"), Some("/re/x")),
+            ("GET", "/redirect", vec![], 301, None, None),
+            ("GET", "/redirect-path/a", vec![], 302, None, None),
+            ("GET", "/rewrite/one?k=v", vec![], 200, Some("api-v1"), Some("/new/one?k=v")),
+            ("GET", "/headers", vec![("x-remove", "gone"), ("x-set", "client")], 200, Some("api-v1"), Some("/headers")),
+        ];
+        let list: Vec<Value> = cases
+            .iter()
+            .map(|(method, path, headers, ..)| {
+                let h: BTreeMap<&str, &str> = headers.iter().copied().collect();
+                json!({"method": method, "url": url(path), "headers": h, "body": if *method == "POST" { Some("x") } else { None }})
+            })
+            .collect();
+        let file = m.tb.temp_dir().join("cases.json");
+        std::fs::write(&file, serde_json::to_vec(&list)?)?;
+        let results = m.httpc(&["cases", &file.display().to_string()])?;
+        let results = results.as_array().context("results")?;
+        for ((method, path, _, status, served, seen), got) in cases.iter().zip(results) {
+            let what = format!("{method} {path}: {got}");
+            ensure!(got["status"] == *status, "status: {what}");
+            if let Some(pod) = served {
+                ensure!(got["headers"]["x-served-by"] == *pod, "backend: {what}");
+            }
+            if let Some(seen) = seen {
+                ensure!(got["body"]["path"] == *seen, "path at the backend: {what}");
+            }
+        }
+        let loc = |i: usize| results[i]["headers"]["location"].as_str().unwrap_or("").to_owned();
+        ensure!(loc(13) == "http://example.org/redirect", "redirect hostname: {}", loc(13));
+        ensure!(loc(14) == format!("http://{API_VIP}/moved/a"), "redirect path: {}", loc(14));
+        let hdrs = &results[16]["body"]["headers"];
+        ensure!(hdrs["x-set"] == "set" && hdrs["x-add"] == "added" && hdrs.get("x-remove").is_none(), "request headers: {hdrs}");
+        ensure!(results[16]["headers"]["x-resp"] == "from-route", "response header: {}", results[16]);
+        // Every request is recorded with the route and rule that matched.
+        let recs = requests(&m.waypoint, cases.len(), |_| true)?;
+        ensure!(
+            recs.iter().any(|r| r["http"]["route"] == "httproute/demo/mesh-matching" && r["http"]["rule"] == 3 && r["http"]["path"] == "/re/42"),
+            "records name route and rule: {recs:?}"
+        );
+        Ok(())
+    });
+}
+
+const BROKEN: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirror, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api-v1}]
+  rules:
+  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-v2, port: 80}}}]
+    backendRefs: [{name: api-v1, port: 80}]
+    retryy: {attempts: 3}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: missing-backend, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api}]
+  rules:
+  - backendRefs: [{name: does-not-exist, port: 80}]
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: bad-enum, namespace: demo}
+spec:
+  rules: [{matches: [{path: {type: Glob, value: /x}}]}]
+";
+
+#[test]
+fn routes_heddle_cannot_honour_are_reported_with_conditions_and_never_half_applied() {
+    run_waypoint("waypoint_status", false, |m| {
+        m.tb.set_routes("routes", BROKEN)?;
+        let mirror = m.waypoint.wait_route("httproute/demo/mirror", false)?;
+        let problems = mirror["problems"].to_string();
+        ensure!(problems.contains("RequestMirror is not supported") && problems.contains("retryy: unknown field"), "mirror: {mirror}");
+        ensure!(mirror["parents"][0]["conditions"][0]["reason"] == "UnsupportedValue", "condition: {mirror}");
+        // Not applied: api-v1 traffic is untouched (no mirror, no route).
+        let r = m.load(&format!("http://{V1_VIP}/"), 5, &[])?;
+        ensure!(count(&r, "api-v1") == 5, "{r}");
+        // A missing backend: accepted, ResolvedRefs=False, and 500 for its share.
+        let missing = m.waypoint.wait_route("httproute/demo/missing-backend", true)?;
+        ensure!(missing.to_string().contains("BackendNotFound"), "missing backend: {missing}");
+        let r = m.load(&url("/"), 5, &[])?;
+        ensure!(r["status"]["500"] == 5, "requests to a missing backend: {r}");
+        // A document that does not parse is named with its file and position.
+        let routes = m.waypoint.routes()?;
+        let bad = routes["routes"].as_array().and_then(|rs| rs.iter().find(|r| r["problems"].to_string().contains("Glob"))).cloned();
+        ensure!(bad.is_some_and(|b| b["source"].as_str().is_some_and(|s| s.ends_with("routes.yaml#3"))), "bad document: {routes}");
+        // `heddle routes` shows the same, as a person reads it.
+        let mut cmd = Command::new(heddle_tests::heddle_binary()?);
+        cmd.args(["--agent", "http://127.0.0.1:15000", "routes"]);
+        let out = m.waypoint.pod.run(cmd)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success() && text.contains("httproute/demo/mirror") && text.contains("NO") && text.contains("BackendNotFound"), "heddle routes:\n{text}");
+        Ok(())
+    });
+}
+
+const GRPC_ROUTE: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api, port: 50051}]
+  rules:
+  - matches: [{method: {service: heddle.test.Echo, method: Chat}}]
+    backendRefs: [{name: api-v2, port: 50051}]
+  - backendRefs: [{name: api-v1, port: 50051}]
+";
+
+#[test]
+fn grpc_unary_and_bidirectional_streaming_cross_the_waypoint_routed_by_grpcroute() {
+    if environment_ready() {
+        let probe = Command::new("python3").args(["-c", "import grpc"]).status();
+        assert!(probe.is_ok_and(|s| s.success()), "grpcio is not installed (cargo xtask setup installs it)");
+    }
+    run_waypoint("waypoint_grpc", true, |m| {
+        m.routes(GRPC_ROUTE, "grpcroute/demo/echo")?;
+        let mut cmd = Command::new("python3");
+        cmd.arg(asset("grpc_app.py")).args(["call", &format!("{API_VIP}:{GRPC_PORT}"), "20", "50"]);
+        let out = m.client.run(cmd)?;
+        ensure!(out.status.success(), "grpc client: {}", String::from_utf8_lossy(&out.stderr));
+        let r: Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(r["unary"]["api-v1"] == 20, "unary calls go to v1 (rule 1): {r}");
+        ensure!(r["chat_ok"] == true && r["chat"][0].as_str().is_some_and(|c| c.starts_with("api-v2:")), "Chat streams to v2 (rule 0): {r}");
+        ensure!(r["failed_status"] == "UNAVAILABLE", "a server's gRPC status reaches the client: {r}");
+        let recs = requests(&m.waypoint, 22, |f| f["http"]["protocol"] == "HTTP/2")?;
+        ensure!(
+            recs.iter().any(|f| f["http"]["path"] == "/heddle.test.Echo/Chat" && f["http"]["grpc_status"] == 0 && f["http"]["rule"] == 0)
+                && recs.iter().any(|f| f["http"]["path"] == "/heddle.test.Echo/Fail" && f["http"]["grpc_status"] == 14),
+            "gRPC records: {recs:?}"
+        );
+        let metrics = m.waypoint.metrics()?;
+        ensure!(metrics.lines().any(|l| l.starts_with("heddle_requests_total{") && l.contains("request_protocol=\"grpc\"") && l.contains("grpc_response_status=\"14\"")), "grpc metrics: {metrics}");
+        Ok(())
+    });
+}
+
+#[test]
+fn non_http_bytes_and_websocket_upgrades_pass_through_and_removing_the_label_restores_the_l4_path() {
+    run_waypoint("waypoint_passthrough", false, |m| {
+        // Not HTTP on a waypoint service's port: passed through as L4.
+        let to = SocketAddr::from((API_VIP, 9000));
+        if let Err(e) = expect_delivered(&m.client, &ClientSpec::to(to).bytes(100_000).conns(3)) {
+            std::thread::sleep(Duration::from_millis(300));
+            for f in m.agent_a.flows()? { eprintln!("A: {f}"); }
+            for f in m.agent_b.flows()? { eprintln!("B: {f}"); }
+            for f in m.waypoint.flows("last=100")? { eprintln!("W: {f}"); }
+            return Err(e);
+        }
+        let pass = poll_until("passthrough records", Duration::from_secs(10), Duration::from_millis(100), || {
+            let fs = m.waypoint.flows("last=1000")?;
+            let got: Vec<Value> = fs.into_iter().filter(|f| f["passthrough"].is_string() && f["event"] == "close").collect();
+            Ok(if got.len() >= 3 { Check::Ready(got) } else { Check::Pending(format!("{}", got.len())) })
+        })?;
+        ensure!(pass[0]["bytes_sent"] == 100_000 && pass[0]["passthrough"].as_str().is_some_and(|p| p.contains("not HTTP")), "{}", pass[0]);
+        // A WebSocket-style upgrade: 101, then raw bytes both ways.
+        let r = m.httpc(&["upgrade", &API_VIP.to_string(), "80", "hello-upgraded-bytes"])?;
+        ensure!(r["status_line"].as_str().is_some_and(|s| s.contains("101")) && r["echo"] == "hello-upgraded-bytes", "upgrade: {r}");
+        // Remove the namespace's waypoint: new connections take the L4 path.
+        m.tb.set_namespace_waypoint("demo", None)?;
+        m.agent_a.reload()?;
+        let before = m.waypoint.flows("last=100000")?.len();
+        let mut r = Value::Null;
+        for _ in 0..50 {
+            r = m.load(&url("/l4"), 1, &[])?;
+            let fs = m.agent_a.flows()?;
+            let direct = fs.iter().rev().take(3).any(|f| f.direction == Direction::Outbound && f.dst_identity.as_deref().is_some_and(|d| d.contains("/sa/api-v")));
+            if direct {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ensure!(r["errors"] == 0, "{r}");
+        let r = m.load(&url("/l4"), 10, &[])?;
+        ensure!(r["status"]["200"] == 10, "{r}");
+        let after = m.waypoint.flows("last=100000")?.len();
+        ensure!(after == before, "the waypoint saw traffic after the label was removed ({before} -> {after} records)");
+        let _ = (&m.v1, &m.v2, &m.servers, &m.agent_b);
+        Ok(())
+    });
+}
+
+#[test]
+fn hostile_http_gets_a_4xx_or_a_closed_connection_and_the_waypoint_keeps_serving_others() {
+    run_waypoint("waypoint_hostile", false, |m| {
+        let script = format!(
+            r#"
+import socket, json, time
+def send(data, wait=3):
+    s = socket.create_connection(("{API_VIP}", 80), timeout=15)
+    s.sendall(data)
+    s.settimeout(wait + 12)
+    try:
+        got = s.recv(200)
+    except Exception as e:
+        got = repr(e).encode()
+    s.close()
+    return got.decode("latin-1")
+out = {{}}
+out["garbage_request_line"] = send(b"GET /\x00\x01 HTTP/1.1\r\n\r\n")
+out["oversized_headers"] = send(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 200000 + b"\r\n\r\n")
+s = socket.create_connection(("{API_VIP}", 80), timeout=30)
+s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")
+t = time.time()
+try:
+    got = s.recv(100)
+except Exception as e:
+    got = b""
+out["slowloris_closed_after_s"] = round(time.time() - t, 1)
+print(json.dumps(out))
+"#
+        );
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", &script]);
+        let slow = {
+            let client = m.client.clone();
+            std::thread::spawn(move || client.run(cmd))
+        };
+        // Meanwhile, well-behaved requests are served.
+        let r = m.load(&url("/ok"), 200, &[])?;
+        ensure!(r["status"]["200"] == 200, "others during the attack: {r}");
+        let out = slow.join().expect("attack thread")?;
+        let r: Value = serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+        ensure!(r["garbage_request_line"].as_str().is_some_and(|s| s.starts_with("HTTP/1.1 400")), "garbage: {r}");
+        ensure!(r["oversized_headers"].as_str().is_some_and(|s| s.starts_with("HTTP/1.1 431") || s.is_empty() || s.contains("Reset")), "oversized: {r}");
+        let closed = r["slowloris_closed_after_s"].as_f64().unwrap_or(0.0);
+        ensure!((8.0..20.0).contains(&closed), "slowloris connection closed after {closed} s (header timeout 10 s): {r}");
+        let r = m.load(&url("/after"), 20, &[])?;
+        ensure!(r["status"]["200"] == 20, "after the attack: {r}");
+        Ok(())
+    });
+}
