@@ -12,6 +12,9 @@
 //! policy (ALLOW to `api` only from `web-client`'s identity, only to port
 //! 8080) and shows one connection allowed (to 8080) and one denied (to
 //! 9090), each with the policy that decided.
+//! Then a waypoint (L7) for namespace `shop`: a 90/10 canary of `shop/cart`
+//! measured over 400 requests, a header match sending `end-user: jason` to
+//! v2, `heddle routes` and the waypoint's L7 flows (see `waypoint`).
 //! Then each agent's flows (with the deciding policy), certificates,
 //! workload counters and datapath counters, and finally `heddle flows` and
 //! `heddle status` as an operator on node-b would run them. Without tcpdump
@@ -22,6 +25,9 @@
 //! and exits). `cargo xtask demo` runs it with `HEDDLE_AGENT_BIN` set.
 //! Exits 1 if the environment cannot run it or if a step did not behave as
 //! expected.
+
+#[path = "demo/waypoint.rs"]
+mod waypoint;
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -343,6 +349,11 @@ fn run() -> Result<bool> {
     for step in &demo.policy_steps {
         all_as_expected &= run_step(&demo, step)?;
     }
+    // L7: a waypoint for namespace shop, a canary, a header match.
+    let node_b = demo.tb.nodes().into_iter().nth(1).context("node-b")?;
+    let web = demo.steps.first().map(|s| s.from.clone()).context("web-client")?;
+    let shop = waypoint::build(&demo.tb, &node_b)?;
+    all_as_expected &= waypoint::run(&demo.tb, &shop, &web)?;
     for agent in &demo.agents {
         print_agent(agent)?;
     }
