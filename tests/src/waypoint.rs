@@ -162,6 +162,12 @@ impl Waypoint {
         matches!(self.process.try_wait(), Ok(None))
     }
 
+    /// Its process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// The waypoint's log so far.
     #[must_use]
     pub fn log_text(&self) -> String {

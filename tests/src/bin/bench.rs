@@ -9,6 +9,12 @@
 //! ping-pong; its figure is one-way, RTT/2), `loadgen` (1 KiB HTTP/1.1
 //! requests at a fixed rate, open loop), `pod-app` (new connections: connect,
 //! 1-byte echo, close). Agent CPU time and peak RSS are read from /proc.
+//!
+//! Then the waypoint (L7): the HTTP measurement again to the service VIP,
+//! first on the L4 mesh, then with the namespace using a waypoint (a pod on
+//! node-b): latency at the fixed rate, requests/s at saturation (h2load,
+//! HTTP/1.1, 10 connections), and the waypoint's CPU per 1,000 requests and
+//! peak RSS.
 
 use std::{
     process::Command,
@@ -17,9 +23,10 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use clap::Parser;
-use heddle_tests::{check_environment, Agent, CaOptions, ClientSpec, Pod, PodSpec, Testbed};
+use heddle_tests::waypoint::{Waypoint, GATEWAY_NAME_LABEL};
+use heddle_tests::{check_environment, Agent, CaOptions, ClientSpec, Pod, PodSpec, ServiceSpec, Testbed};
 
-#[derive(Parser)]
+#[derive(Parser, Clone, Copy)]
 #[command(about = "Benchmark Heddle's data path against direct connections")]
 struct Args {
     /// Seconds per throughput, ping-pong and HTTP measurement.
@@ -41,6 +48,8 @@ const IPERF_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
 const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 9000;
+/// The `demo/server` service (HTTP), for the waypoint phase.
+const SERVER_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 40);
 
 #[derive(Default, Clone, Copy)]
 struct Figures {
@@ -70,6 +79,13 @@ fn main() -> Result<()> {
     let b = tb.add_node("node-b")?;
     let client = tb.add_pod(&a, PodSpec::new("client").enrolled(true))?;
     let server = tb.add_pod(&b, PodSpec::new("server").enrolled(true))?;
+    let wp_pod = if args.no_mtls {
+        None
+    } else {
+        Some(tb.add_pod(&b, PodSpec::new("waypoint").label(GATEWAY_NAME_LABEL, "waypoint"))?)
+    };
+    tb.add_service(ServiceSpec::new("server", SERVER_VIP).port(80, HTTP_PORT))?;
+    tb.add_waypoint("demo", "waypoint")?;
     let loadgen = heddle_tests::pod_app_binary()?.with_file_name("loadgen");
 
     let mut servers = Vec::new();
@@ -109,8 +125,113 @@ fn main() -> Result<()> {
     #[allow(clippy::cast_precision_loss)]
     let cpu_per_k = mesh.http_cpu_s / (mesh.http_requests.max(1) as f64) * 1000.0;
     report(&args, &direct, &mesh, cpu_per_k, &rss);
+    if let Some(wp_pod) = wp_pod {
+        let l7 = waypoint_phase(&args, &tb, &client, &wp_pod, &loadgen, &agents)?;
+        report_waypoint(&args, &l7);
+    }
     drop(servers);
     Ok(())
+}
+
+/// HTTP to the service VIP: L4 mesh, then through the waypoint.
+struct L7Figures {
+    l4: [f64; 4],
+    wp: [f64; 4],
+    errors: (u64, u64),
+    l4_saturation: f64,
+    wp_saturation: f64,
+    /// Waypoint CPU seconds per 1,000 requests at the fixed rate.
+    wp_cpu_per_k: f64,
+    /// Waypoint cores used at saturation.
+    wp_cores_at_saturation: f64,
+    wp_rss_mib: f64,
+}
+
+fn waypoint_phase(args: &Args, tb: &Testbed, client: &Pod, wp_pod: &Pod, loadgen: &std::path::Path, agents: &[Agent]) -> Result<L7Figures> {
+    let vip = std::net::SocketAddr::from((SERVER_VIP, 80));
+    eprintln!("bench: HTTP to the service VIP on the L4 mesh…");
+    let (l4, l4_errors, _) = http_at_rate(args, client, loadgen, vip, None)?;
+    let l4_saturation = saturation(args, client, None)?.0;
+    eprintln!("bench: starting a waypoint for namespace demo…");
+    tb.set_namespace_waypoint("demo", Some("waypoint"))?;
+    for a in agents {
+        a.reload()?;
+    }
+    let wp = tb.start_waypoint(wp_pod, "waypoint")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    // Warm-up through the waypoint (its tunnels and upstream pool).
+    let (_, _, _) = http_at_rate(&Args { seconds: 1, ..*args }, client, loadgen, vip, Some(&wp))?;
+    let before = wp.flows("last=1")?.first().and_then(|f| f["id"].as_u64()).unwrap_or(0);
+    eprintln!("bench: HTTP to the service VIP through the waypoint…");
+    let (wp_lat, wp_errors, cpu) = http_at_rate(args, client, loadgen, vip, Some(&wp))?;
+    let after = wp.flows("last=1")?.first().and_then(|f| f["id"].as_u64()).unwrap_or(0);
+    ensure!(after > before, "no request went through the waypoint: the benchmark did not measure it");
+    let (wp_saturation, wp_cpu_s, secs) = saturation(args, client, Some(&wp))?;
+    #[allow(clippy::cast_precision_loss)]
+    let requests = f64::from(args.rate) * args.seconds as f64;
+    Ok(L7Figures {
+        l4,
+        wp: wp_lat,
+        errors: (l4_errors, wp_errors),
+        l4_saturation,
+        wp_saturation,
+        wp_cpu_per_k: cpu / requests * 1000.0,
+        wp_cores_at_saturation: wp_cpu_s / secs,
+        wp_rss_mib: pid_peak_rss_mib(wp.pid())?,
+    })
+}
+
+/// loadgen at the fixed rate: (p50, p90, p99, p99.9 µs), errors, waypoint CPU s.
+fn http_at_rate(args: &Args, client: &Pod, loadgen: &std::path::Path, to: std::net::SocketAddr, wp: Option<&Waypoint>) -> Result<([f64; 4], u64, f64)> {
+    let secs = args.seconds.to_string();
+    let mut load = Command::new(loadgen);
+    load.args(["http", "--to", &to.to_string(), "--rate", &args.rate.to_string(), "--duration", &secs, "--conns", "10", "--size", "1024"]);
+    let cpu_before = wp.map_or(Ok(0.0), |w| pid_cpu_seconds(w.pid()))?;
+    let out = run_ok(client, load, "loadgen")?;
+    let cpu = wp.map_or(Ok(0.0), |w| pid_cpu_seconds(w.pid()))? - cpu_before;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).context("loadgen JSON")?;
+    let mut lat = [0.0; 4];
+    for (i, k) in ["p50_us", "p90_us", "p99_us", "p999_us"].iter().enumerate() {
+        #[allow(clippy::cast_precision_loss)]
+        {
+            lat[i] = v[k].as_u64().unwrap_or(0) as f64;
+        }
+    }
+    Ok((lat, v["errors"].as_u64().unwrap_or(0), cpu))
+}
+
+/// h2load (HTTP/1.1, 10 connections, closed loop) for the measurement
+/// time: (requests/s, waypoint CPU s, seconds).
+fn saturation(args: &Args, client: &Pod, wp: Option<&Waypoint>) -> Result<(f64, f64, f64)> {
+    let url = format!("http://{SERVER_VIP}/");
+    let secs = args.seconds.to_string();
+    let cpu_before = wp.map_or(Ok(0.0), |w| pid_cpu_seconds(w.pid()))?;
+    let started = Instant::now();
+    let out = run_ok(client, cmd("h2load", &["--h1", "-c", "10", "-D", &secs, &url]), "h2load")?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = wp.map_or(Ok(0.0), |w| pid_cpu_seconds(w.pid()))? - cpu_before;
+    // "finished in 5.00s, 12345.67 req/s, ..."
+    let rps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in ")?.split(", ").nth(1)?.strip_suffix(" req/s")?.parse::<f64>().ok())
+        .with_context(|| format!("h2load output has no req/s:\n{out}"))?;
+    Ok((rps, cpu, elapsed))
+}
+
+fn report_waypoint(args: &Args, f: &L7Figures) {
+    println!();
+    println!("Waypoint (L7), HTTP/1.1 1 KiB to the service VIP, {} s per measurement", args.seconds);
+    println!("{:<44} {:>12} {:>12} {:>14}", "", "L4 mesh", "waypoint", "added");
+    for (i, p) in ["p50", "p90", "p99", "p99.9"].iter().enumerate() {
+        let label = format!("HTTP at {}/s, latency {p}, µs", args.rate);
+        println!("{:<44} {:>12.0} {:>12.0} {:>14}", label, f.l4[i], f.wp[i], format!("+{:.0} µs", f.wp[i] - f.l4[i]));
+    }
+    println!("{:<44} {:>12} {:>12} {:>14}", "HTTP errors", f.errors.0, f.errors.1, "");
+    println!("{:<44} {:>12.0} {:>12.0} {:>14}", "requests/s at saturation (h2load --h1 -c 10)", f.l4_saturation, f.wp_saturation, "");
+    println!("{:<44} {:>12} {:>12.0} {:>14}", "waypoint requests/s per core at saturation", "-", f.wp_saturation / f.wp_cores_at_saturation.max(0.01), "");
+    println!("{:<44} {:>12} {:>12.3} {:>14}", "waypoint CPU s per 1,000 requests", "-", f.wp_cpu_per_k, "");
+    println!("{:<44} {:>12} {:>12.3} {:>14}", "waypoint vCPU per 1,000 requests/s", "-", f.wp_cpu_per_k, "(same figure)");
+    println!("{:<44} {:>12} {:>12.1} {:>14}", "waypoint peak RSS, MiB", "-", f.wp_rss_mib, "");
 }
 
 fn cmd(program: &str, args: &[&str]) -> Command {
@@ -203,7 +324,10 @@ fn sockperf_value(out: &str, key: &str) -> Result<f64> {
 }
 
 fn cpu_seconds(agent: &Agent) -> Result<f64> {
-    let pid = agent.pid().context("agent not running")?;
+    pid_cpu_seconds(agent.pid().context("agent not running")?)
+}
+
+fn pid_cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces): utime is
     // field 14 and stime field 15 of the whole line.
@@ -217,7 +341,10 @@ fn cpu_seconds(agent: &Agent) -> Result<f64> {
 }
 
 fn peak_rss_mib(agent: &Agent) -> Result<f64> {
-    let pid = agent.pid().context("agent not running")?;
+    pid_peak_rss_mib(agent.pid().context("agent not running")?)
+}
+
+fn pid_peak_rss_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
