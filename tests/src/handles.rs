@@ -267,8 +267,14 @@ impl Pod {
     /// Starts `pod-app http` (HTTP/1.1 and h2c, answering as this pod's
     /// name) on `port` and waits until it listens.
     pub fn start_http(&self, port: u16) -> Result<Process> {
+        self.start_http_delayed(port, Duration::ZERO)
+    }
+
+    /// [`Pod::start_http`] answering every request `delay` late.
+    pub fn start_http_delayed(&self, port: u16, delay: Duration) -> Result<Process> {
         let mut cmd = self.pod_app()?;
         cmd.args(["http", "--listen", &format!("0.0.0.0:{port}"), "--name", &self.name]);
+        cmd.args(["--delay-ms", &delay.as_millis().to_string()]);
         let process = self.spawn(cmd)?;
         self.wait_listening(port, Duration::from_secs(10))?;
         Ok(process)

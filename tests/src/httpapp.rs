@@ -40,8 +40,9 @@ pub struct Echoed {
     pub body_bytes: usize,
 }
 
-/// Serves until the process is killed.
-pub async fn serve(listen: SocketAddr, name: String) -> std::io::Result<()> {
+/// Serves until the process is killed; every answer waits `delay` first (a
+/// slow endpoint, for load-balancing tests).
+pub async fn serve(listen: SocketAddr, name: String, delay: Duration) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!("http: {name} listening on {listen}");
     let name = Arc::new(name);
@@ -49,7 +50,13 @@ pub async fn serve(listen: SocketAddr, name: String) -> std::io::Result<()> {
         let (tcp, _) = listener.accept().await?;
         let name = name.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| answer(req, name.clone()));
+            let svc = hyper::service::service_fn(move |req| {
+                let name = name.clone();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    answer(req, name).await
+                }
+            });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                 .await;

@@ -42,7 +42,7 @@ const GRPC_PORT: u16 = 50051;
 
 /// The waypoint cluster. Fields drop in order: processes, then the bed.
 struct Mesh {
-    servers: Vec<Process>,
+    _servers: Vec<Process>,
     waypoint: Waypoint,
     agent_a: Agent,
     agent_b: Agent,
@@ -52,8 +52,17 @@ struct Mesh {
     tb: Testbed,
 }
 
+/// What a test needs beyond HTTP and echo servers.
+#[derive(Clone, Copy, Default)]
+struct Extras {
+    /// gRPC servers on both versions.
+    grpc: bool,
+    /// api-v2 answers 20 ms late.
+    slow_v2: bool,
+}
+
 impl Mesh {
-    fn new(name: &str, grpc: bool) -> Result<Self> {
+    fn new(name: &str, extras: Extras) -> Result<Self> {
         let tb = Testbed::new(name)?;
         let node_a = tb.add_node("node-a")?;
         let node_b = tb.add_node("node-b")?;
@@ -72,9 +81,10 @@ impl Mesh {
         tb.set_namespace_waypoint("demo", Some("waypoint"))?;
         let mut servers = Vec::new();
         for pod in [&v1, &v2] {
-            servers.push(pod.start_http(HTTP_PORT)?);
+            let delay = if extras.slow_v2 && pod.name() == "api-v2" { Duration::from_millis(20) } else { Duration::ZERO };
+            servers.push(pod.start_http_delayed(HTTP_PORT, delay)?);
             servers.push(pod.start_echo(ECHO_PORT)?);
-            if grpc {
+            if extras.grpc {
                 let mut cmd = Command::new("python3");
                 cmd.arg(asset("grpc_app.py")).args(["serve", &GRPC_PORT.to_string(), pod.name()]);
                 servers.push(pod.spawn(cmd)?);
@@ -89,7 +99,7 @@ impl Mesh {
         let ids: Vec<String> = [&v1, &v2].iter().map(|p| p.spiffe_id()).collect();
         agent_b.wait_certificates(&ids, Duration::from_secs(10))?;
         agent_a.wait_certificates(&[client.spiffe_id()], Duration::from_secs(10))?;
-        Ok(Self { servers, waypoint, agent_a, agent_b, client, v1, v2, tb })
+        Ok(Self { _servers: servers, waypoint, agent_a, agent_b, client, v1, v2, tb })
     }
 
     fn waypoint_identity(&self) -> String {
@@ -122,13 +132,13 @@ impl Mesh {
     }
 }
 
-fn run_waypoint(name: &str, grpc: bool, body: impl FnOnce(&Mesh) -> Result<()>) {
+fn run_waypoint(name: &str, extras: Extras, body: impl FnOnce(&Mesh) -> Result<()>) {
     if !environment_ready() {
         return;
     }
     run_on(
         name,
-        || Mesh::new(name, grpc),
+        || Mesh::new(name, extras),
         |m| {
             m.tb.mark_failed();
             eprintln!("--- waypoint log ---\n{}", m.waypoint.log_text());
@@ -156,13 +166,12 @@ fn requests(wp: &Waypoint, n: usize, pred: impl Fn(&Value) -> bool) -> Result<Ve
 
 #[test]
 fn http1_and_http2_through_the_waypoint_are_balanced_per_request_and_recorded_with_both_identities() {
-    run_waypoint("waypoint_basic", false, |m| {
+    run_waypoint("waypoint_basic", Extras::default(), |m| {
         // 40 requests on ONE keep-alive connection reach both versions: the
         // waypoint balances requests, not connections.
         let r = m.load(&url("/hello"), 40, &[])?;
         ensure!(r["errors"] == 0 && r["status"]["200"] == 40, "HTTP/1.1 load: {r}");
         ensure!(count(&r, "api-v1") > 0 && count(&r, "api-v2") > 0, "one connection, both endpoints: {r}");
-        eprintln!("40 requests on one connection: {r}");
         // curl, HTTP/1.1.
         let out = m.client.run({
             let mut c = Command::new("curl");
@@ -186,7 +195,6 @@ fn http1_and_http2_through_the_waypoint_are_balanced_per_request_and_recorded_wi
         // upstream, both identities.
         let h2 = requests(&m.waypoint, 2, |f| f["http"]["protocol"] == "HTTP/2")?;
         let rec = &h2[0];
-        eprintln!("waypoint record: {rec}");
         ensure!(
             rec["http"]["method"] == "GET" && rec["http"]["status"] == 200
                 && rec["src_identity"] == json!(m.client.spiffe_id())
@@ -235,7 +243,7 @@ fn canary(w1: u32, w2: u32) -> String {
 
 #[test]
 fn canary_weights_hold_within_binomial_tolerance_and_changing_them_under_load_loses_no_request() {
-    run_waypoint("waypoint_canary", false, |m| {
+    run_waypoint("waypoint_canary", Extras::default(), |m| {
         m.routes(&canary(90, 10), "httproute/demo/api-canary")?;
         let r = m.load(&url("/canary"), 2000, &[])?;
         let v2 = count(&r, "api-v2");
@@ -309,7 +317,7 @@ spec:
 
 #[test]
 fn route_matching_and_filters_behave_as_the_gateway_api_mesh_conformance_cases_expect() {
-    run_waypoint("waypoint_matching", false, |m| {
+    run_waypoint("waypoint_matching", Extras::default(), |m| {
         m.routes(CONFORMANCE, "httproute/demo/mesh-matching")?;
         // (method, path, headers) -> (status, served by, path the backend saw, extra check)
         type Case = (&'static str, &'static str, Vec<(&'static str, &'static str)>, u16, Option<&'static str>, Option<&'static str>);
@@ -397,7 +405,7 @@ spec:
 
 #[test]
 fn routes_heddle_cannot_honour_are_reported_with_conditions_and_never_half_applied() {
-    run_waypoint("waypoint_status", false, |m| {
+    run_waypoint("waypoint_status", Extras::default(), |m| {
         m.tb.set_routes("routes", BROKEN)?;
         let mirror = m.waypoint.wait_route("httproute/demo/mirror", false)?;
         let problems = mirror["problems"].to_string();
@@ -443,7 +451,7 @@ fn grpc_unary_and_bidirectional_streaming_cross_the_waypoint_routed_by_grpcroute
         let probe = Command::new("python3").args(["-c", "import grpc"]).status();
         assert!(probe.is_ok_and(|s| s.success()), "grpcio is not installed (cargo xtask setup installs it)");
     }
-    run_waypoint("waypoint_grpc", true, |m| {
+    run_waypoint("waypoint_grpc", Extras { grpc: true, ..Extras::default() }, |m| {
         m.routes(GRPC_ROUTE, "grpcroute/demo/echo")?;
         let mut cmd = Command::new("python3");
         cmd.arg(asset("grpc_app.py")).args(["call", &format!("{API_VIP}:{GRPC_PORT}"), "20", "50"]);
@@ -467,16 +475,10 @@ fn grpc_unary_and_bidirectional_streaming_cross_the_waypoint_routed_by_grpcroute
 
 #[test]
 fn non_http_bytes_and_websocket_upgrades_pass_through_and_removing_the_label_restores_the_l4_path() {
-    run_waypoint("waypoint_passthrough", false, |m| {
+    run_waypoint("waypoint_passthrough", Extras::default(), |m| {
         // Not HTTP on a waypoint service's port: passed through as L4.
         let to = SocketAddr::from((API_VIP, 9000));
-        if let Err(e) = expect_delivered(&m.client, &ClientSpec::to(to).bytes(100_000).conns(3)) {
-            std::thread::sleep(Duration::from_millis(300));
-            for f in m.agent_a.flows()? { eprintln!("A: {f}"); }
-            for f in m.agent_b.flows()? { eprintln!("B: {f}"); }
-            for f in m.waypoint.flows("last=100")? { eprintln!("W: {f}"); }
-            return Err(e);
-        }
+        expect_delivered(&m.client, &ClientSpec::to(to).bytes(100_000).conns(3))?;
         let pass = poll_until("passthrough records", Duration::from_secs(10), Duration::from_millis(100), || {
             let fs = m.waypoint.flows("last=1000")?;
             let got: Vec<Value> = fs.into_iter().filter(|f| f["passthrough"].is_string() && f["event"] == "close").collect();
@@ -490,29 +492,31 @@ fn non_http_bytes_and_websocket_upgrades_pass_through_and_removing_the_label_res
         m.tb.set_namespace_waypoint("demo", None)?;
         m.agent_a.reload()?;
         let before = m.waypoint.flows("last=100000")?.len();
-        let mut r = Value::Null;
+        // The agents re-read the configuration: poll until a new connection
+        // goes straight to an endpoint (its tunnel names the endpoint).
+        let mut direct = false;
         for _ in 0..50 {
-            r = m.load(&url("/l4"), 1, &[])?;
+            let r = m.load(&url("/l4"), 1, &[])?;
+            ensure!(r["errors"] == 0, "{r}");
             let fs = m.agent_a.flows()?;
-            let direct = fs.iter().rev().take(3).any(|f| f.direction == Direction::Outbound && f.dst_identity.as_deref().is_some_and(|d| d.contains("/sa/api-v")));
+            direct = fs.iter().rev().take(3).any(|f| f.direction == Direction::Outbound && f.dst_identity.as_deref().is_some_and(|d| d.contains("/sa/api-v")));
             if direct {
                 break;
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        ensure!(r["errors"] == 0, "{r}");
+        ensure!(direct, "traffic did not return to the L4 path after the label was removed");
         let r = m.load(&url("/l4"), 10, &[])?;
         ensure!(r["status"]["200"] == 10, "{r}");
         let after = m.waypoint.flows("last=100000")?.len();
         ensure!(after == before, "the waypoint saw traffic after the label was removed ({before} -> {after} records)");
-        let _ = (&m.v1, &m.v2, &m.servers, &m.agent_b);
         Ok(())
     });
 }
 
 #[test]
 fn hostile_http_gets_a_4xx_or_a_closed_connection_and_the_waypoint_keeps_serving_others() {
-    run_waypoint("waypoint_hostile", false, |m| {
+    run_waypoint("waypoint_hostile", Extras::default(), |m| {
         let script = format!(
             r#"
 import socket, json, time
@@ -557,6 +561,20 @@ print(json.dumps(out))
         ensure!((8.0..20.0).contains(&closed), "slowloris connection closed after {closed} s (header timeout 10 s): {r}");
         let r = m.load(&url("/after"), 20, &[])?;
         ensure!(r["status"]["200"] == 20, "after the attack: {r}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_slow_endpoint_gets_few_requests_under_peak_ewma_balancing() {
+    run_waypoint("waypoint_p2c", Extras { slow_v2: true, ..Extras::default() }, |m| {
+        let r = m.load(&url("/p2c"), 200, &[])?;
+        let (fast, slow) = (count(&r, m.v1.name()), count(&r, m.v2.name()));
+        ensure!(r["status"]["200"] == 200, "{r}");
+        // The slow endpoint is tried (a new endpoint costs nothing), then
+        // avoided while its latency estimate stays high.
+        ensure!(slow >= 1 && fast >= 180, "200 requests, v2 20 ms slower: v1 {fast}, v2 {slow}");
+        eprintln!("peak EWMA: fast endpoint {fast}, slow endpoint {slow} of 200");
         Ok(())
     });
 }

@@ -62,7 +62,9 @@ impl Stats {
     }
 
     fn cost(&self) -> f64 {
-        self.ewma_ns * f64::from(self.pending + 1)
+        // One nanosecond added so that in-flight requests still order
+        // endpoints not measured yet (estimate zero).
+        (self.ewma_ns + 1.0) * f64::from(self.pending + 1)
     }
 
     fn observe(&mut self, rtt: Duration, now: Instant) {
@@ -209,9 +211,18 @@ mod tests {
         let b = Balancer::default();
         let now = Instant::now();
         let eps = addrs(2);
+        // Never measured: the one with requests in flight is the dearer.
+        let busy: Vec<_> = (0..3).map(|_| b.start(eps[0])).collect();
+        assert_eq!(b.choose(&eps, 0, 0, now), eps[1]);
+        assert_eq!(b.choose(&eps, 1, 0, now), eps[1]);
+        drop(busy);
+        // Measured alike: three in flight cost more than a 2x latency.
+        b.observe_at(eps[0], Duration::from_millis(5), now);
+        b.observe_at(eps[1], Duration::from_millis(10), now);
         let busy: Vec<_> = (0..3).map(|_| b.start(eps[0])).collect();
         assert_eq!(b.choose(&eps, 0, 0, now), eps[1]);
         drop(busy);
+        assert_eq!(b.choose(&eps, 0, 0, now), eps[0]);
     }
 
     #[test]

@@ -72,6 +72,9 @@ enum Cmd {
         /// The name it answers with (`x-served-by`).
         #[arg(long)]
         name: String,
+        /// Wait this long before every answer (a slow endpoint).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// Echo client that verifies every byte.
     Client {
@@ -108,10 +111,10 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Echo { listen } => echo(listen),
-        Cmd::Http { listen, name } => tokio::runtime::Builder::new_current_thread()
+        Cmd::Http { listen, name, delay_ms } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(heddle_tests::httpapp::serve(listen, name))
+            .block_on(heddle_tests::httpapp::serve(listen, name, Duration::from_millis(delay_ms)))
             .context("http server"),
         Cmd::Client {
             to,

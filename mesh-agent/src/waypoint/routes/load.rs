@@ -197,3 +197,6 @@ fn compile_grpc(
 }
 
 mod ctx;
+
+#[cfg(test)]
+mod tests;

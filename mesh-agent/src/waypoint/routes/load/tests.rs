@@ -1,0 +1,148 @@
+//! Compiling Gateway API documents: what is accepted, what is reported, and
+//! the conditions each parent gets.
+
+use std::path::Path;
+
+use crate::{
+    config,
+    registry::{ObjectRef, Registry},
+    waypoint::routes::{model::BackendTarget, RouteSet, Source},
+};
+
+const CLUSTER: &str = r#"
+namespaces: [{name: demo, useWaypoint: wp}]
+waypoints: [{name: wp, namespace: demo}]
+workloads:
+  - {name: wp-1, namespace: demo, node: n1, ips: ["10.0.0.9"], enrolled: false, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+  - {name: v1, namespace: demo, node: n1, ips: ["10.0.0.1"], enrolled: false, labels: {app: api, version: v1}}
+services:
+  - {name: api, namespace: demo, vip: 10.96.0.1, ports: [{port: 80, targetPort: 8080}], selector: {app: api}}
+  - {name: api-v1, namespace: demo, vip: 10.96.0.2, ports: [{port: 80, targetPort: 8080}], selector: {version: v1}}
+  - {name: l4-only, namespace: demo, vip: 10.96.0.3, ports: [{port: 80}], selector: {app: api}, useWaypoint: none}
+"#;
+
+fn build(text: &str) -> RouteSet {
+    let reg = Registry::from_config(&config::parse(Path::new("c.yaml"), CLUSTER).unwrap());
+    let wp = ObjectRef { namespace: "demo".into(), name: "wp".into() };
+    RouteSet::build(&[Source { file: "r.yaml".into(), text: text.into() }], &reg, &wp)
+}
+
+const GOOD: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v1/}}]
+    timeouts: {request: 2s, backendRequest: 500ms}
+    backendRefs: [{name: api-v1, port: 80, weight: 9}, {name: api, port: 80}]
+";
+
+#[test]
+fn a_valid_route_is_accepted_on_its_service_with_resolved_backends() {
+    let set = build(GOOD);
+    let s = &set.statuses()[0];
+    assert!(s.accepted, "{s:?}");
+    assert_eq!(s.route, "httproute/demo/split");
+    assert_eq!(s.parents[0].conditions[0].reason, "Accepted");
+    assert_eq!(s.parents[0].conditions[1].reason, "ResolvedRefs");
+    assert!(s.problems.is_empty() && s.rules == 1, "{s:?}");
+    assert!(set.table.has_routes(&ObjectRef { namespace: "demo".into(), name: "api".into() }));
+}
+
+#[test]
+fn the_parsed_rule_keeps_weights_timeouts_and_a_normalised_prefix() {
+    let set = build(GOOD);
+    let hdr = hyper::HeaderMap::new();
+    let svc = ObjectRef { namespace: "demo".into(), name: "api".into() };
+    let facts = crate::waypoint::routes::matching::RequestFacts {
+        service: &svc, port: 80, client_namespace: Some("demo"), method: "GET",
+        path: "/v1/x", query: None, headers: &hdr, grpc: false,
+    };
+    let m = set.table.find(&facts).expect("matches /v1/x");
+    let weights: Vec<u32> = m.rule.backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [9, 1], "weight defaults to 1");
+    assert!(matches!(&m.rule.backends[0].target, BackendTarget::Service { port: 80, .. }));
+    assert_eq!(m.rule.timeouts.request, Some(std::time::Duration::from_secs(2)));
+    assert_eq!(m.rule.timeouts.backend_request, Some(std::time::Duration::from_millis(500)));
+}
+
+#[test]
+fn unsupported_filters_and_unknown_fields_reject_the_route_naming_the_field() {
+    let set = build(&GOOD.replace(
+        "    timeouts:",
+        "    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api, port: 80}}}]\n    colour: blue\n    timeouts:",
+    ));
+    let s = &set.statuses()[0];
+    assert!(!s.accepted);
+    let all = s.problems.join("\n");
+    assert!(all.contains("spec.rules[0].filters[0]: filter type RequestMirror is not supported"), "{all}");
+    assert!(all.contains("spec.rules[0].colour: unknown field"), "{all}");
+    assert_eq!(s.parents[0].conditions[0].reason, "UnsupportedValue");
+    assert!(!set.table.has_routes(&ObjectRef { namespace: "demo".into(), name: "api".into() }), "nothing applied");
+}
+
+#[test]
+fn a_missing_backend_keeps_the_route_with_resolved_refs_false() {
+    let set = build(&GOOD.replace("name: api-v1, port: 80", "name: gone, port: 80"));
+    let s = &set.statuses()[0];
+    assert!(s.accepted);
+    let resolved = &s.parents[0].conditions[1];
+    assert_eq!((resolved.status, resolved.reason), ("False", "BackendNotFound"), "{s:?}");
+}
+
+#[test]
+fn parents_this_waypoint_does_not_own_are_not_attached() {
+    for (parent, why) in [
+        ("{group: '', kind: Service, name: l4-only}", "does not use waypoint demo/wp"),
+        ("{group: '', kind: Service, name: nope}", "does not exist"),
+        ("{name: some-gateway}", "is not a mesh parent"),
+        ("{group: '', kind: Service, name: api, port: 81}", "has no port 81"),
+    ] {
+        let text = GOOD.replace("{group: '', kind: Service, name: api, port: 80}", parent);
+        let set = build(&text);
+        let s = &set.statuses()[0];
+        assert!(!s.accepted, "{parent}: {s:?}");
+        assert!(s.parents[0].conditions[0].message.contains(why), "{parent}: {s:?}");
+    }
+}
+
+#[test]
+fn bad_documents_are_rejected_alone_with_their_position() {
+    let text = format!("{GOOD}---\nkind: ConfigMap\napiVersion: v1\n---\n{}\n---\n: [\n", GOOD.replace("name: split", "name: second"));
+    let set = build(&text);
+    let st = set.statuses();
+    assert_eq!(st.len(), 4);
+    assert!(st[0].accepted && st[2].accepted);
+    assert!(st[1].problems[0].contains("is not a gateway.networking.k8s.io HTTPRoute or GRPCRoute"), "{:?}", st[1]);
+    assert_eq!(st[3].source, "r.yaml#4");
+    assert!(st[3].problems[0].contains("invalid YAML"), "{:?}", st[3]);
+}
+
+#[test]
+fn grpc_method_matches_become_paths() {
+    let text = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api}]
+  rules:
+  - matches: [{method: {service: pkg.Svc, method: Call}}, {method: {service: pkg.Other}}]
+    backendRefs: [{name: api-v1, port: 80}]
+";
+    let set = build(text);
+    assert!(set.statuses()[0].accepted, "{:?}", set.statuses()[0]);
+    let hdr = hyper::HeaderMap::new();
+    let svc = ObjectRef { namespace: "demo".into(), name: "api".into() };
+    let find = |path: &str| {
+        let facts = crate::waypoint::routes::matching::RequestFacts {
+            service: &svc, port: 80, client_namespace: Some("demo"), method: "POST",
+            path, query: None, headers: &hdr, grpc: true,
+        };
+        set.table.find(&facts).is_some()
+    };
+    assert!(find("/pkg.Svc/Call") && find("/pkg.Other/Any"));
+    assert!(!find("/pkg.Svc/Other"));
+}
