@@ -22,11 +22,7 @@ fn main() -> anyhow::Result<()> {
         let linked = Command::new("rustup")
             .args(["toolchain", "list"])
             .output()
-            .is_ok_and(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .any(|l| l.starts_with("heddle-bpf"))
-            });
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("heddle-bpf")));
         if linked { "heddle-bpf" } else { "nightly" }.to_owned()
     });
     if toolchain == "heddle-bpf" && std::env::var_os("RUSTC_BOOTSTRAP").is_none() {
@@ -34,24 +30,15 @@ fn main() -> anyhow::Result<()> {
         // SAFETY: build scripts are single-threaded.
         unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     }
-    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("MetadataCommand::exec")?;
+    let cargo_metadata::Metadata { packages, .. } =
+        cargo_metadata::MetadataCommand::new().no_deps().exec().context("MetadataCommand::exec")?;
     let ebpf = packages
         .into_iter()
         .find(|p| p.name.as_str() == "mesh-ebpf")
         .ok_or_else(|| anyhow!("mesh-ebpf package not found"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    let root_dir = ebpf.manifest_path.parent().ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: ebpf.name.as_str(),
-            root_dir: root_dir.as_str(),
-            ..Default::default()
-        }],
+        [aya_build::Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() }],
         Toolchain::Custom(&toolchain),
     )
     .with_context(|| {

@@ -16,18 +16,13 @@ use std::{
 };
 
 use mesh_agent::policy::{
-    authorize, AuthorizationPolicy, Connection, Destination, OrigDst, PeerIdentity, PolicySet,
-    SrcIp, Verdict, DEFAULT_ROOT_NAMESPACE,
+    authorize, AuthorizationPolicy, Connection, Destination, OrigDst, PeerIdentity, PolicySet, SrcIp, Verdict,
+    DEFAULT_ROOT_NAMESPACE,
 };
 
 const POLICIES: usize = 10_000;
 
-fn deny(
-    namespace: &str,
-    name: &str,
-    selector: Option<(&str, &str)>,
-    rule: &serde_json::Value,
-) -> AuthorizationPolicy {
+fn deny(namespace: &str, name: &str, selector: Option<(&str, &str)>, rule: &serde_json::Value) -> AuthorizationPolicy {
     let mut spec = serde_json::json!({ "action": "DENY", "rules": [rule] });
     if let Some((k, v)) = selector {
         spec["selector"] = serde_json::json!({ "matchLabels": { k: v } });
@@ -69,16 +64,8 @@ fn selecting() -> Vec<AuthorizationPolicy> {
 
 /// 10,000 DENY policies in 1,000 other namespaces, plus the selecting few.
 fn other_namespaces() -> Vec<AuthorizationPolicy> {
-    let mut objects: Vec<_> = (0..POLICIES)
-        .map(|i| {
-            deny(
-                &format!("ns-{}", i % 1000),
-                &format!("deny-{i}"),
-                None,
-                &rule(i),
-            )
-        })
-        .collect();
+    let mut objects: Vec<_> =
+        (0..POLICIES).map(|i| deny(&format!("ns-{}", i % 1000), &format!("deny-{i}"), None, &rule(i))).collect();
     objects.extend(selecting());
     objects
 }
@@ -87,14 +74,7 @@ fn other_namespaces() -> Vec<AuthorizationPolicy> {
 /// another app, plus the selecting few.
 fn same_namespace() -> Vec<AuthorizationPolicy> {
     let mut objects: Vec<_> = (0..POLICIES)
-        .map(|i| {
-            deny(
-                "demo",
-                &format!("deny-app-{i}"),
-                Some(("app", &format!("app-{i}"))),
-                &rule(i),
-            )
-        })
+        .map(|i| deny("demo", &format!("deny-app-{i}"), Some(("app", &format!("app-{i}"))), &rule(i)))
         .collect();
     objects.extend(selecting());
     objects
@@ -113,11 +93,7 @@ fn measure(shape: &str, objects: Vec<AuthorizationPolicy>, iterations: u32) {
     let allowed_peer = PeerIdentity::new("cluster.local", "client", "wget");
     let denied_peer = PeerIdentity::new("cluster.local", "client", "curl");
     let conn = |peer| Connection {
-        dst: Destination {
-            namespace: "demo",
-            labels: &labels,
-            addr: OrigDst(SocketAddr::from(([10, 0, 0, 2], 8080))),
-        },
+        dst: Destination { namespace: "demo", labels: &labels, addr: OrigDst(SocketAddr::from(([10, 0, 0, 2], 8080))) },
         src: SrcIp("10.1.0.5".parse().unwrap()),
         peer: Some(peer),
     };
@@ -146,14 +122,6 @@ fn fmt_duration(d: Duration) -> String {
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let iterations = if full { 1_000_000 } else { 1_000 };
-    measure(
-        "10,000 DENY policies in 1,000 other namespaces",
-        other_namespaces(),
-        iterations,
-    );
-    measure(
-        "10,000 DENY policies selecting other apps of the same namespace",
-        same_namespace(),
-        iterations,
-    );
+    measure("10,000 DENY policies in 1,000 other namespaces", other_namespaces(), iterations);
+    measure("10,000 DENY policies selecting other apps of the same namespace", same_namespace(), iterations);
 }

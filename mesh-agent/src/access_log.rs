@@ -131,10 +131,7 @@ impl AccessLog {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|source| AccessLogError::Open {
-                        path: path.clone(),
-                        source,
-                    })?,
+                    .map_err(|source| AccessLogError::Open { path: path.clone(), source })?,
             ),
         };
         Self::to_writer(out, QUEUE_LINES)
@@ -145,12 +142,7 @@ impl AccessLog {
         let (tx, rx) = mpsc::sync_channel(queue.max(1));
         let (done_tx, done) = mpsc::channel();
         let dropped = Arc::new(AtomicU64::new(0));
-        let writer = Writer {
-            out,
-            lines: rx,
-            dropped: dropped.clone(),
-            failing: false,
-        };
+        let writer = Writer { out, lines: rx, dropped: dropped.clone(), failing: false };
         std::thread::Builder::new()
             .name(THREAD_NAME.into())
             .spawn(move || {
@@ -158,11 +150,7 @@ impl AccessLog {
                 drop(done_tx);
             })
             .map_err(AccessLogError::Spawn)?;
-        Ok(Self {
-            tx: Some(tx),
-            dropped,
-            done: Mutex::new(done),
-        })
+        Ok(Self { tx: Some(tx), dropped, done: Mutex::new(done) })
     }
 
     /// Queues one line for `record`; never blocks. If the queue is full the
@@ -198,9 +186,7 @@ impl Drop for AccessLog {
             match done.recv_timeout(SHUTDOWN_FLUSH) {
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
                 Err(RecvTimeoutError::Timeout) => {
-                    tracing::warn!(
-                        "access log writer still blocked at shutdown; queued lines are lost"
-                    );
+                    tracing::warn!("access log writer still blocked at shutdown; queued lines are lost");
                 }
             }
         }
@@ -274,13 +260,7 @@ mod tests {
     }
 
     fn info() -> ConnInfo {
-        let mut i = ConnInfo::new(
-            Direction::Outbound,
-            ObjectRef {
-                namespace: "demo".into(),
-                name: "client".into(),
-            },
-        );
+        let mut i = ConnInfo::new(Direction::Outbound, ObjectRef { namespace: "demo".into(), name: "client".into() });
         i.src_identity = Some("spiffe://t/ns/demo/sa/client".into());
         i
     }
@@ -297,10 +277,7 @@ mod tests {
         // Dropping the log waits for the writer to drain.
         drop(log);
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 2, "{text}");
         assert_eq!(lines[0]["event"], "close");
         assert_eq!(lines[0]["bytes_sent"], 10);
@@ -325,10 +302,7 @@ mod tests {
             log.failed(conn, &i, "refused".into());
             slowest = slowest.max(t.elapsed());
         }
-        assert!(
-            slowest < Duration::from_millis(100),
-            "a record waited {slowest:?} for the stalled writer"
-        );
+        assert!(slowest < Duration::from_millis(100), "a record waited {slowest:?} for the stalled writer");
         let dropped = access.dropped();
         assert!(dropped >= 1000, "only {dropped} lines dropped");
         // Unblock the writer (EPIPE) so dropping the log does not wait.
@@ -342,10 +316,7 @@ mod tests {
     #[test]
     fn parses_stdout_or_a_path_as_the_target() {
         assert_eq!("stdout".parse(), Ok(AccessLogTarget::Stdout));
-        assert_eq!(
-            "/var/log/heddle.jsonl".parse(),
-            Ok(AccessLogTarget::File("/var/log/heddle.jsonl".into()))
-        );
+        assert_eq!("/var/log/heddle.jsonl".parse(), Ok(AccessLogTarget::File("/var/log/heddle.jsonl".into())));
         assert!("".parse::<AccessLogTarget>().is_err());
     }
 }

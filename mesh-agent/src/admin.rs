@@ -25,9 +25,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::{
-    body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
-};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::watch};
@@ -102,11 +100,7 @@ const STREAM_SOCKET_BUFFER: usize = 128 * 1024;
 
 /// `GET /flows` (the stored records, or with `follow=true` a stream),
 /// else the JSON answer of [`route`]. The query is parsed once.
-fn answer(
-    state: &AdminState,
-    req: &Request<Incoming>,
-    stop: &CancellationToken,
-) -> Response<AnyBody> {
+fn answer(state: &AdminState, req: &Request<Incoming>, stop: &CancellationToken) -> Response<AnyBody> {
     if req.uri().path() != "/flows" {
         return route(state, req).map(BodyExt::boxed);
     }
@@ -181,18 +175,10 @@ fn workloads(state: &AdminState) -> Value {
             if let Value::Object(m) = &mut v {
                 m.insert("local".into(), json!(local));
                 let status = local.then(|| capture.status(&w.id));
-                m.insert(
-                    "captured".into(),
-                    json!(status.as_ref().is_some_and(|s| s.captured)),
-                );
-                m.insert(
-                    "netnsCookie".into(),
-                    json!(status.as_ref().and_then(|s| s.netns_cookie)),
-                );
+                m.insert("captured".into(), json!(status.as_ref().is_some_and(|s| s.captured)));
+                m.insert("netnsCookie".into(), json!(status.as_ref().and_then(|s| s.netns_cookie)));
                 m.insert("captureError".into(), json!(status.and_then(|s| s.error)));
-                if let Value::Object(c) =
-                    serde_json::to_value(state.flows.counters(&w.id)).unwrap_or(Value::Null)
-                {
+                if let Value::Object(c) = serde_json::to_value(state.flows.counters(&w.id)).unwrap_or(Value::Null) {
                     m.extend(c);
                 }
             }
@@ -203,27 +189,10 @@ fn workloads(state: &AdminState) -> Value {
 }
 
 fn datapath(state: &AdminState) -> Value {
-    let mut programs: Vec<Value> = state
-        .datapath
-        .attachments()
-        .into_iter()
-        .map(|a| json!(a))
-        .collect();
-    programs.extend(
-        state
-            .capture
-            .lock()
-            .expect("capture lock")
-            .attachments()
-            .into_iter()
-            .map(|a| json!(a)),
-    );
-    let maps: BTreeMap<&str, Value> = state
-        .datapath
-        .map_usage()
-        .into_iter()
-        .map(|(name, u)| (name, json!(u)))
-        .collect();
+    let mut programs: Vec<Value> = state.datapath.attachments().into_iter().map(|a| json!(a)).collect();
+    programs.extend(state.capture.lock().expect("capture lock").attachments().into_iter().map(|a| json!(a)));
+    let maps: BTreeMap<&str, Value> =
+        state.datapath.map_usage().into_iter().map(|(name, u)| (name, json!(u))).collect();
     let reasons: BTreeMap<&str, u64> = state.datapath.reasons().into_iter().collect();
     json!({ "programs": programs, "maps": maps, "reasons": reasons })
 }
@@ -283,9 +252,6 @@ fn json_response(v: &Value) -> Response<Full<Bytes>> {
     let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
     body.push(b'\n');
     let mut r = Response::new(Full::new(Bytes::from(body)));
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     r
 }

@@ -40,11 +40,11 @@ use crate::{
         certs::CertManager,
         tls,
     },
+    k8s::source::{KubeSettings, KubeSource},
     metrics::{
         scrape::{self, Exporter, Sources},
         ConnMetrics,
     },
-    k8s::source::{KubeSettings, KubeSource},
     netns::Netns,
     policy::PolicySet,
     proxy::{hbone::Mesh, ProxyContext},
@@ -143,14 +143,12 @@ async fn open_source(
 ) -> anyhow::Result<Inputs> {
     match &settings.source {
         SourceSettings::Local { config, policies } => {
-            let initial_text = std::fs::read_to_string(config)
-                .with_context(|| format!("reading {}", config.display()))?;
+            let initial_text =
+                std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
             let initial = config::parse(config, &initial_text)?;
-            let (registry_tx, registry) =
-                watch::channel::<SharedRegistry>(Arc::new(Registry::from_config(&initial)));
-            let (policy_source, policies) =
-                PolicySource::open(policies.as_deref(), &settings.root_namespace)
-                    .context("loading the authorization policies (--policies)")?;
+            let (registry_tx, registry) = watch::channel::<SharedRegistry>(Arc::new(Registry::from_config(&initial)));
+            let (policy_source, policies) = PolicySource::open(policies.as_deref(), &settings.root_namespace)
+                .context("loading the authorization policies (--policies)")?;
             Ok(Inputs {
                 registry,
                 policies,
@@ -166,10 +164,7 @@ async fn open_source(
                 }),
             })
         }
-        SourceSettings::Kubernetes {
-            trust_domain,
-            netns_dirs,
-        } => {
+        SourceSettings::Kubernetes { trust_domain, netns_dirs } => {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
@@ -222,9 +217,7 @@ async fn read_trust_bundle(ca: &CaClientSettings) -> anyhow::Result<String> {
         match std::fs::read_to_string(&ca.trust_bundle) {
             Ok(pem) if !pem.trim().is_empty() || !ca.wait_for_trust_bundle => return Ok(pem),
             Err(e) if !ca.wait_for_trust_bundle || e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| {
-                    format!("reading the trust bundle {}", ca.trust_bundle.display())
-                })
+                return Err(e).with_context(|| format!("reading the trust bundle {}", ca.trust_bundle.display()))
             }
             _ => {}
         }
@@ -238,17 +231,13 @@ async fn read_trust_bundle(ca: &CaClientSettings) -> anyhow::Result<String> {
 
 /// The mesh side of the agent, and the trust bundle text it started with
 /// (for [`bundle::watch_file`]).
-async fn build_mesh(
-    ca: &CaClientSettings,
-    trust_domain: &str,
-) -> anyhow::Result<(Arc<Mesh>, String)> {
+async fn build_mesh(ca: &CaClientSettings, trust_domain: &str) -> anyhow::Result<(Arc<Mesh>, String)> {
     let bundle_text = read_trust_bundle(ca).await?;
-    let roots = tls::roots_from_pem(&bundle_text)
-        .with_context(|| format!("trust bundle {}", ca.trust_bundle.display()))?;
+    let roots =
+        tls::roots_from_pem(&bundle_text).with_context(|| format!("trust bundle {}", ca.trust_bundle.display()))?;
     let trust = TrustBundle::new(roots)?;
     // Checked once at start so a wrong path fails fast; re-read per request.
-    std::fs::metadata(&ca.token_file)
-        .with_context(|| format!("reading the node token {}", ca.token_file.display()))?;
+    std::fs::metadata(&ca.token_file).with_context(|| format!("reading the node token {}", ca.token_file.display()))?;
     let token = TokenSource::File(ca.token_file.clone());
     let remote = RemoteCa::with_bundle(ca.addr.clone(), token, trust.clone(), trust_domain)?;
     let mesh = Arc::new(Mesh::new(CertManager::new(Arc::new(remote)), trust));
@@ -256,10 +245,7 @@ async fn build_mesh(
 }
 
 mod secs {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 }
@@ -273,7 +259,9 @@ pub(crate) async fn start_mesh(
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<Arc<Mesh>>> {
     let Some(ca) = ca else {
-        tracing::warn!("no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development");
+        tracing::warn!(
+            "no CA configured (--ca-addr): mesh traffic is forwarded in PLAINTEXT; use only for development"
+        );
         return Ok(None);
     };
     let (mesh, bundle_text) = build_mesh(ca, trust_domain).await?;
@@ -300,10 +288,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let admin_listener = admin::bind(settings.admin_addr)
         .await
         .with_context(|| format!("binding the admin API on {}", settings.admin_addr))?;
-    let datapath = Arc::new(
-        Datapath::start(&settings.cgroup, &settings.pin_dir)
-            .context("starting the eBPF datapath")?,
-    );
+    let datapath =
+        Arc::new(Datapath::start(&settings.cgroup, &settings.pin_dir).context("starting the eBPF datapath")?);
     tracing::info!(cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), "eBPF programs attached");
 
     let prom = prometheus::Registry::new();
@@ -312,11 +298,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Some(target) => Some(Arc::new(crate::access_log::AccessLog::open(target)?)),
         None => None,
     };
-    let flows = Arc::new(
-        FlowLog::new(settings.flow_capacity)
-            .with_metrics(conn_metrics)
-            .with_access_log(access_log),
-    );
+    let flows = Arc::new(FlowLog::new(settings.flow_capacity).with_metrics(conn_metrics).with_access_log(access_log));
     let tracker = TaskTracker::new();
     let ctx = Arc::new(ProxyContext {
         datapath: datapath.clone(),
@@ -358,16 +340,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         authz: authz.clone(),
         policy_status: inputs.policy_status.clone(),
     });
-    tokio::spawn(admin::serve(
-        admin_listener,
-        admin_state.clone(),
-        stop.clone(),
-    ));
+    tokio::spawn(admin::serve(admin_listener, admin_state.clone(), stop.clone()));
 
-    capture
-        .lock()
-        .expect("capture lock")
-        .reconcile(&registry_rx.borrow());
+    capture.lock().expect("capture lock").reconcile(&registry_rx.borrow());
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(node = %settings.node, admin = %settings.admin_addr, metrics = %settings.metrics_addr, "agent ready");
 
@@ -432,12 +407,12 @@ fn stop_capture(capture: &Mutex<Capture>, keep_attached: bool) -> Exit {
             pods = enrolled,
             "keeping enrolled pods in the datapath (--keep-attached-on-exit): their new connections fail closed until the next agent"
         );
-        Exit::KeepAttached {
-            pods: capture.release(),
-        }
+        Exit::KeepAttached { pods: capture.release() }
     } else {
         if keep_attached {
-            tracing::info!("no pod enrolled: detaching and unpinning everything despite --keep-attached-on-exit (uninstall)");
+            tracing::info!(
+                "no pod enrolled: detaching and unpinning everything despite --keep-attached-on-exit (uninstall)"
+            );
         }
         capture.shutdown();
         Exit::Detach
@@ -448,14 +423,8 @@ fn stop_capture(capture: &Mutex<Capture>, keep_attached: bool) -> Exit {
 /// longer accepted (see [`stop_capture`]).
 async fn drain(tracker: &TaskTracker, deadline: Duration) {
     tracker.close();
-    if tokio::time::timeout(deadline, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = tracker.len(),
-            "drain deadline passed; closing remaining connections"
-        );
+    if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "drain deadline passed; closing remaining connections");
     }
 }
 
@@ -525,8 +494,7 @@ impl LocalWatcher {
                 match config::parse(path, &text) {
                     Ok(cfg) => {
                         tracing::info!(file = %path.display(), "configuration reloaded");
-                        self.registry_tx
-                            .send_replace(Arc::new(Registry::from_config(&cfg)));
+                        self.registry_tx.send_replace(Arc::new(Registry::from_config(&cfg)));
                         *self.config_error.lock().expect("lock") = None;
                         self.last_good = text;
                         self.last_bad = None;
@@ -554,14 +522,9 @@ impl LocalWatcher {
 /// Raises the soft open-file limit to the hard limit: every proxied
 /// connection holds two sockets.
 pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid pointer to an rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } == 0
-        && lim.rlim_cur < lim.rlim_max
-    {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } == 0 && lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: as above.
         let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };

@@ -44,8 +44,8 @@ use crate::{
     flows::PolicyMark,
     identity::SpiffeId,
     policy::{
-        self, Action, Connection, Decision, Destination, DryRunDecision, OrigDst, PeerIdentity,
-        PolicyRef, PolicySet, Reason, SrcIp, Verdict,
+        self, Action, Connection, Decision, Destination, DryRunDecision, OrigDst, PeerIdentity, PolicyRef, PolicySet,
+        Reason, SrcIp, Verdict,
     },
     registry::{ObjectRef, Registry, SharedRegistry},
 };
@@ -69,33 +69,19 @@ pub struct ConnFacts {
 impl ConnFacts {
     /// A stream of an mTLS tunnel from `peer` (verified) at `src`.
     #[must_use]
-    pub fn tunnelled(
-        workload: ObjectRef,
-        orig_dst: SocketAddr,
-        src: IpAddr,
-        peer: &SpiffeId,
-    ) -> Self {
+    pub fn tunnelled(workload: ObjectRef, orig_dst: SocketAddr, src: IpAddr, peer: &SpiffeId) -> Self {
         Self {
             workload,
             orig_dst: OrigDst(orig_dst),
             src: SrcIp(src),
-            peer: Some(PeerIdentity::new(
-                peer.trust_domain(),
-                peer.namespace(),
-                peer.service_account(),
-            )),
+            peer: Some(PeerIdentity::new(peer.trust_domain(), peer.namespace(), peer.service_account())),
         }
     }
 
     /// A plaintext connection from `src` (PERMISSIVE inbound): no identity.
     #[must_use]
     pub fn plaintext(workload: ObjectRef, orig_dst: SocketAddr, src: IpAddr) -> Self {
-        Self {
-            workload,
-            orig_dst: OrigDst(orig_dst),
-            src: SrcIp(src),
-            peer: None,
-        }
+        Self { workload, orig_dst: OrigDst(orig_dst), src: SrcIp(src), peer: None }
     }
 }
 
@@ -118,20 +104,12 @@ pub enum Denial {
 
 /// Decides one connection against `policies`, reading the destination's
 /// namespace and labels from `registry`. Pure.
-pub fn decide(
-    policies: &PolicySet,
-    registry: &Registry,
-    facts: &ConnFacts,
-) -> Result<Permit, Denial> {
+pub fn decide(policies: &PolicySet, registry: &Registry, facts: &ConnFacts) -> Result<Permit, Denial> {
     let Some(workload) = registry.workload(&facts.workload) else {
         return Err(Denial::UnknownWorkload(facts.workload.clone()));
     };
     let conn = Connection {
-        dst: Destination {
-            namespace: &workload.id.namespace,
-            labels: &workload.labels,
-            addr: facts.orig_dst,
-        },
+        dst: Destination { namespace: &workload.id.namespace, labels: &workload.labels, addr: facts.orig_dst },
         src: facts.src,
         peer: facts.peer.as_ref(),
     };
@@ -194,20 +172,14 @@ impl Denial {
     pub fn mark(&self) -> PolicyMark {
         match self {
             Denial::Policy(d) => decision_mark(d, true),
-            Denial::UnknownWorkload(_) => PolicyMark {
-                denied: true,
-                ..PolicyMark::default()
-            },
+            Denial::UnknownWorkload(_) => PolicyMark { denied: true, ..PolicyMark::default() },
         }
     }
 
     /// What the close record of a live connection closed by this denial says.
     #[must_use]
     pub fn closing_mark(&self) -> PolicyMark {
-        PolicyMark {
-            closed_by_policy: self.policy().cloned(),
-            ..self.mark()
-        }
+        PolicyMark { closed_by_policy: self.policy().cloned(), ..self.mark() }
     }
 }
 
@@ -283,16 +255,8 @@ pub struct Admitted {
 impl Authorizer {
     /// An authorizer deciding with the latest `policies` and `registry`.
     #[must_use]
-    pub fn new(
-        policies: watch::Receiver<Arc<PolicySet>>,
-        registry: watch::Receiver<SharedRegistry>,
-    ) -> Self {
-        Self {
-            policies,
-            registry,
-            live: Arc::new(live::LiveTable::default()),
-            counters: Mutex::new(HashMap::new()),
-        }
+    pub fn new(policies: watch::Receiver<Arc<PolicySet>>, registry: watch::Receiver<SharedRegistry>) -> Self {
+        Self { policies, registry, live: Arc::new(live::LiveTable::default()), counters: Mutex::new(HashMap::new()) }
     }
 
     /// The policy set in force.
@@ -315,10 +279,7 @@ impl Authorizer {
         let permit = decided?;
         let entry = table.insert(conn, facts);
         drop(table);
-        Ok(Admitted {
-            permit,
-            live: LiveConn::new(conn, entry, self.live.clone()),
-        })
+        Ok(Admitted { permit, live: LiveConn::new(conn, entry, self.live.clone()) })
     }
 
     /// Re-decides every live connection with the current inputs and revokes
@@ -367,11 +328,7 @@ impl Authorizer {
                 return;
             }
             let revoked = self.reevaluate();
-            tracing::debug!(
-                revoked,
-                live = self.live_count(),
-                "live connections re-evaluated"
-            );
+            tracing::debug!(revoked, live = self.live_count(), "live connections re-evaluated");
         }
     }
 
@@ -385,21 +342,13 @@ impl Authorizer {
     #[must_use]
     pub fn decisions(&self) -> Vec<DecisionCount> {
         let counters = self.counters.lock().expect("counters lock");
-        let sorted: BTreeMap<(Option<PolicyRef>, Option<&'static str>, &'static str), u64> =
-            counters
-                .iter()
-                .map(|((action, policy, verdict), n)| {
-                    ((policy.clone(), action.map(Action::as_str), *verdict), *n)
-                })
-                .collect();
+        let sorted: BTreeMap<(Option<PolicyRef>, Option<&'static str>, &'static str), u64> = counters
+            .iter()
+            .map(|((action, policy, verdict), n)| ((policy.clone(), action.map(Action::as_str), *verdict), *n))
+            .collect();
         sorted
             .into_iter()
-            .map(|((policy, action, verdict), count)| DecisionCount {
-                action,
-                policy,
-                verdict,
-                count,
-            })
+            .map(|((policy, action, verdict), count)| DecisionCount { action, policy, verdict, count })
             .collect()
     }
 

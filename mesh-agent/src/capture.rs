@@ -94,13 +94,7 @@ impl Capture {
     /// An empty capture for `node`; `home` is the agent's own netns.
     #[must_use]
     pub fn new(node: String, home: Arc<File>, ctx: Arc<ProxyContext>) -> Self {
-        Self {
-            node,
-            home,
-            ctx,
-            enrolled: BTreeMap::new(),
-            errors: BTreeMap::new(),
-        }
+        Self { node, home, ctx, enrolled: BTreeMap::new(), errors: BTreeMap::new() }
     }
 
     fn datapath(&self) -> &Datapath {
@@ -115,11 +109,7 @@ impl Capture {
             .filter(|w| w.enrolled && w.runs_waypoint().is_none())
             .filter_map(|w| {
                 let netns = w.netns.clone()?;
-                let want = Desired {
-                    netns,
-                    ips: w.ips.clone(),
-                    identity: w.identity.clone(),
-                };
+                let want = Desired { netns, ips: w.ips.clone(), identity: w.identity.clone() };
                 Some((w.id.clone(), (want, w)))
             })
             .collect();
@@ -137,8 +127,7 @@ impl Capture {
         self.errors.retain(|id, _| desired.contains_key(id));
         if let Some(mesh) = &self.ctx.mesh {
             // Certificates: exactly the identities of this node's enrolled pods.
-            let ids: HashSet<SpiffeId> =
-                desired.values().map(|(d, _)| d.identity.clone()).collect();
+            let ids: HashSet<SpiffeId> = desired.values().map(|(d, _)| d.identity.clone()).collect();
             mesh.certs.retain(&ids);
             for id in &ids {
                 mesh.certs.ensure(id);
@@ -169,8 +158,7 @@ impl Capture {
         let netns = Netns::open(&want.netns, self.home.clone())?;
         let cookie = netns.cookie()?;
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let outbound =
-            proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_OUTBOUND))?;
+        let outbound = proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_OUTBOUND))?;
         let inbound = proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_INBOUND))?;
         let tunnel = match &self.ctx.mesh {
             Some(_) => Some(proxy::sockets::listen_in(
@@ -179,20 +167,11 @@ impl Capture {
             )?),
             None => None,
         };
-        let ns_file = File::open(&want.netns).map_err(|source| NetnsError::Open {
-            path: want.netns.clone(),
-            source,
-        })?;
-        let link = self
-            .datapath()
-            .attach_netns(ns_file.as_fd(), &want.netns, cookie)?;
-        let pod = Arc::new(Pod {
-            id: id.clone(),
-            netns,
-            cookie,
-            ips: want.ips.clone(),
-            identity: want.identity.clone(),
-        });
+        let ns_file =
+            File::open(&want.netns).map_err(|source| NetnsError::Open { path: want.netns.clone(), source })?;
+        let link = self.datapath().attach_netns(ns_file.as_fd(), &want.netns, cookie)?;
+        let pod =
+            Arc::new(Pod { id: id.clone(), netns, cookie, ips: want.ips.clone(), identity: want.identity.clone() });
         let mut enrolled = Enrolled {
             desired: want.clone(),
             pod: pod.clone(),
@@ -214,26 +193,10 @@ impl Capture {
             return Err(e.into());
         }
         let ctx = &self.ctx;
-        tokio::spawn(proxy::outbound::run(
-            outbound,
-            pod.clone(),
-            ctx.clone(),
-            enrolled.stop.clone(),
-        ));
-        tokio::spawn(proxy::inbound::run(
-            inbound,
-            pod.clone(),
-            ctx.clone(),
-            enrolled.stop.clone(),
-        ));
+        tokio::spawn(proxy::outbound::run(outbound, pod.clone(), ctx.clone(), enrolled.stop.clone()));
+        tokio::spawn(proxy::inbound::run(inbound, pod.clone(), ctx.clone(), enrolled.stop.clone()));
         if let (Some(listener), Some(mesh)) = (tunnel, ctx.mesh.clone()) {
-            tokio::spawn(proxy::tunnel::run(
-                listener,
-                pod,
-                ctx.clone(),
-                mesh,
-                enrolled.stop.clone(),
-            ));
+            tokio::spawn(proxy::tunnel::run(listener, pod, ctx.clone(), mesh, enrolled.stop.clone()));
         }
         Ok(enrolled)
     }
@@ -297,9 +260,6 @@ impl Capture {
     /// The `sk_lookup` attachments of enrolled pods.
     #[must_use]
     pub fn attachments(&self) -> Vec<crate::datapath::Attachment> {
-        self.enrolled
-            .values()
-            .filter_map(|e| e.link.as_ref().map(|l| l.attachment().clone()))
-            .collect()
+        self.enrolled.values().filter_map(|e| e.link.as_ref().map(|l| l.attachment().clone())).collect()
     }
 }

@@ -23,12 +23,7 @@ pub fn s(v: &Value) -> String {
 #[must_use]
 pub fn human_secs(secs: i64) -> String {
     let (sign, secs) = if secs < 0 { ("-", -secs) } else { ("", secs) };
-    let (d, h, m, s) = (
-        secs / 86_400,
-        secs % 86_400 / 3600,
-        secs % 3600 / 60,
-        secs % 60,
-    );
+    let (d, h, m, s) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
     let body = match (d, h, m) {
         (0, 0, 0) => format!("{s}s"),
         (0, 0, _) => format!("{m}m{s}s"),
@@ -41,9 +36,7 @@ pub fn human_secs(secs: i64) -> String {
 /// Seconds since the Unix epoch, now.
 #[must_use]
 pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// `heddle certs`: one line per certificate the agent holds or wants.
@@ -53,15 +46,9 @@ pub fn certs_text(certs: &Value, now: i64) -> String {
     if certs["mtls"] == false {
         return "mTLS is off on this agent (no CA configured): it holds no certificates\n".into();
     }
-    let _ = writeln!(
-        out,
-        "{:<52} {:<6} {:>11} {:>4}  LAST ERROR",
-        "IDENTITY", "READY", "EXPIRES IN", "GEN"
-    );
+    let _ = writeln!(out, "{:<52} {:<6} {:>11} {:>4}  LAST ERROR", "IDENTITY", "READY", "EXPIRES IN", "GEN");
     for c in certs["certificates"].as_array().into_iter().flatten() {
-        let expires = c["notAfter"]
-            .as_i64()
-            .map_or("-".into(), |t| human_secs(t - now));
+        let expires = c["notAfter"].as_i64().map_or("-".into(), |t| human_secs(t - now));
         let _ = writeln!(
             out,
             "{:<52} {:<6} {:>11} {:>4}  {}",
@@ -79,33 +66,13 @@ pub fn certs_text(certs: &Value, now: i64) -> String {
 #[must_use]
 pub fn policies_text(p: &Value) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "root namespace: {}   source: {}",
-        s(&p["rootNamespace"]),
-        s(&p["source"])
-    );
-    let _ = writeln!(
-        out,
-        "{:<40} {:<7} {:>5}  DRY-RUN",
-        "POLICY", "ACTION", "RULES"
-    );
+    let _ = writeln!(out, "root namespace: {}   source: {}", s(&p["rootNamespace"]), s(&p["source"]));
+    let _ = writeln!(out, "{:<40} {:<7} {:>5}  DRY-RUN", "POLICY", "ACTION", "RULES");
     for l in p["loaded"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "{:<40} {:<7} {:>5}  {}",
-            s(&l["policy"]),
-            s(&l["action"]),
-            s(&l["rules"]),
-            s(&l["dryRun"])
-        );
+        let _ =
+            writeln!(out, "{:<40} {:<7} {:>5}  {}", s(&l["policy"]), s(&l["action"]), s(&l["rules"]), s(&l["dryRun"]));
     }
-    let errors: Vec<String> = p["errors"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(s)
-        .collect();
+    let errors: Vec<String> = p["errors"].as_array().into_iter().flatten().map(s).collect();
     if !errors.is_empty() {
         let _ = writeln!(out, "rejected ({}):", errors.len());
         for e in errors {
@@ -120,36 +87,15 @@ pub fn policies_text(p: &Value) -> String {
 
 /// `heddle status`: is the agent up and is the mesh healthy, at a glance.
 #[must_use]
-pub fn status_text(
-    stats: &Value,
-    dp: &Value,
-    certs: &Value,
-    policies: &Value,
-    workloads: &Value,
-) -> String {
+pub fn status_text(stats: &Value, dp: &Value, certs: &Value, policies: &Value, workloads: &Value) -> String {
     let mut out = String::new();
-    let local: Vec<&Value> = workloads
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|w| w["local"] == true)
-        .collect();
+    let local: Vec<&Value> = workloads.as_array().into_iter().flatten().filter(|w| w["local"] == true).collect();
     let captured = local.iter().filter(|w| w["captured"] == true).count();
     let enrolled = local.iter().filter(|w| w["enrolled"] == true).count();
     let _ = writeln!(out, "agent:         up on node {}", s(&stats["node"]));
-    let _ = writeln!(
-        out,
-        "workloads:     {} on this node, {enrolled} enrolled, {captured} captured",
-        local.len()
-    );
+    let _ = writeln!(out, "workloads:     {} on this node, {enrolled} enrolled, {captured} captured", local.len());
     for w in local.iter().filter(|w| w["captureError"].is_string()) {
-        let _ = writeln!(
-            out,
-            "  ! {}/{}: {}",
-            s(&w["namespace"]),
-            s(&w["name"]),
-            s(&w["captureError"])
-        );
+        let _ = writeln!(out, "  ! {}/{}: {}", s(&w["namespace"]), s(&w["name"]), s(&w["captureError"]));
     }
     let _ = writeln!(
         out,
@@ -166,11 +112,7 @@ pub fn status_text(
     );
     let now = now_unix();
     if certs["mtls"] == true {
-        let list: Vec<&Value> = certs["certificates"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .collect();
+        let list: Vec<&Value> = certs["certificates"].as_array().into_iter().flatten().collect();
         let soonest = list.iter().filter_map(|c| c["notAfter"].as_i64()).min();
         let not_ready = list.iter().filter(|c| c["ready"] != true).count();
         let _ = writeln!(
@@ -180,41 +122,22 @@ pub fn status_text(
             soonest.map_or("-".into(), |t| human_secs(t - now))
         );
     } else {
-        let _ = writeln!(
-            out,
-            "mTLS:          OFF (no CA configured: plaintext forwarding)"
-        );
+        let _ = writeln!(out, "mTLS:          OFF (no CA configured: plaintext forwarding)");
     }
     let errors = policies["errors"].as_array().map_or(0, Vec::len);
     let _ = writeln!(
         out,
         "policies:      {} in force, {errors} rejected{}",
         policies["loaded"].as_array().map_or(0, Vec::len),
-        if errors > 0 {
-            " (see `heddle policy list`)"
-        } else {
-            ""
-        }
+        if errors > 0 { " (see `heddle policy list`)" } else { "" }
     );
     let _ = writeln!(out, "programs:");
     for p in dp["programs"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "  {:<18} {:<16} {}",
-            s(&p["program"]),
-            s(&p["attach"]),
-            s(&p["target"])
-        );
+        let _ = writeln!(out, "  {:<18} {:<16} {}", s(&p["program"]), s(&p["attach"]), s(&p["target"]));
     }
     let _ = writeln!(out, "maps:");
     for (name, m) in dp["maps"].as_object().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "  {:<20} {:>6} / {}",
-            name,
-            s(&m["entries"]),
-            s(&m["capacity"])
-        );
+        let _ = writeln!(out, "  {:<20} {:>6} / {}", name, s(&m["entries"]), s(&m["capacity"]));
     }
     let _ = writeln!(out, "datapath decisions:");
     for (name, n) in dp["reasons"].as_object().into_iter().flatten() {
@@ -244,10 +167,7 @@ mod tests {
             {"identity": "spiffe://cluster.local/ns/demo/sa/db", "ready": false, "notAfter": null, "generation": null, "lastError": "CA unreachable"}
         ]});
         let text = certs_text(&certs, 1_000);
-        assert!(
-            text.contains("spiffe://cluster.local/ns/demo/sa/web") && text.contains("2h0m"),
-            "{text}"
-        );
+        assert!(text.contains("spiffe://cluster.local/ns/demo/sa/web") && text.contains("2h0m"), "{text}");
         assert!(text.contains("CA unreachable"), "{text}");
         assert!(certs_text(&json!({"mtls": false}), 0).contains("mTLS is off"));
     }
@@ -262,22 +182,10 @@ mod tests {
             {"namespace": "demo", "name": "api", "local": false, "enrolled": true, "captured": false}
         ]);
         let policies = json!({"loaded": [{"policy": "demo/a"}], "errors": ["policy demo/b: spec.action: unknown"]});
-        let text = status_text(
-            &stats,
-            &json!({}),
-            &json!({"mtls": false}),
-            &policies,
-            &workloads,
-        );
-        assert!(
-            text.contains("2 on this node, 2 enrolled, 1 captured"),
-            "{text}"
-        );
+        let text = status_text(&stats, &json!({}), &json!({"mtls": false}), &policies, &workloads);
+        assert!(text.contains("2 on this node, 2 enrolled, 1 captured"), "{text}");
         assert!(text.contains("demo/job: netns missing"), "{text}");
-        assert!(
-            text.contains("1 subscribers, 12 records lost by slow subscribers"),
-            "{text}"
-        );
+        assert!(text.contains("1 subscribers, 12 records lost by slow subscribers"), "{text}");
         assert!(text.contains("mTLS:          OFF"), "{text}");
         assert!(text.contains("1 in force, 1 rejected"), "{text}");
     }
@@ -288,13 +196,7 @@ mod tests {
             "loaded": [{"policy": "demo/allow-web", "action": "ALLOW", "rules": 1, "dryRun": false}],
             "errors": ["policy demo/bad: spec.rules[0].from[0].source.ipBlocks[0]: not a CIDR"], "sourceError": null});
         let text = policies_text(&p);
-        assert!(
-            text.contains("demo/allow-web") && text.contains("ALLOW"),
-            "{text}"
-        );
-        assert!(
-            text.contains("rejected (1)") && text.contains("not a CIDR"),
-            "{text}"
-        );
+        assert!(text.contains("demo/allow-web") && text.contains("ALLOW"), "{text}");
+        assert!(text.contains("rejected (1)") && text.contains("not a CIDR"), "{text}");
     }
 }

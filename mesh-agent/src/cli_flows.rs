@@ -11,6 +11,7 @@
 //! read too slowly, the stream carries `{"lost": N}` and the CLI says so on
 //! stderr ([`lost_notice`]).
 
+use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
@@ -70,9 +71,7 @@ pub struct FlowsArgs {
 /// Parses `30s`, `5m`, `2h`, `1d` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 2h"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 2h"))?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,
@@ -87,11 +86,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[must_use]
 pub fn query(args: &FlowsArgs, now: SystemTime, after: Option<u64>) -> String {
     // While following, each page takes everything new, not the newest N.
-    let last = if after.is_some() {
-        crate::flow_filter::DEFAULT_LAST
-    } else {
-        args.last
-    };
+    let last = if after.is_some() { crate::flow_filter::DEFAULT_LAST } else { args.last };
     let mut q = vec![format!("last={last}")];
     let mut add = |k: &str, v: Option<String>| {
         if let Some(v) = v {
@@ -126,7 +121,9 @@ pub fn follow_query(args: &FlowsArgs, now: SystemTime) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
     /// The agent could not be reached or refused the request.
-    #[error("cannot reach the Heddle agent at {agent} (is mesh-agent running on this node? use --agent URL): {source}")]
+    #[error(
+        "cannot reach the Heddle agent at {agent} (is mesh-agent running on this node? use --agent URL): {source}"
+    )]
     Connect {
         /// The agent's URL.
         agent: String,
@@ -172,31 +169,17 @@ pub fn lost_notice(n: u64) -> String {
 
 /// Follows the agent's flow stream until it ends, handing each line to
 /// `on_line`.
-pub fn follow(
-    agent: &str,
-    args: &FlowsArgs,
-    mut on_line: impl FnMut(StreamLine),
-) -> Result<(), FollowError> {
+pub fn follow(agent: &str, args: &FlowsArgs, mut on_line: impl FnMut(StreamLine)) -> Result<(), FollowError> {
     use std::io::BufRead as _;
-    let url = format!(
-        "{}{}",
-        agent.trim_end_matches('/'),
-        follow_query(args, SystemTime::now())
-    );
+    let url = format!("{}{}", agent.trim_end_matches('/'), follow_query(args, SystemTime::now()));
     let resp = ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(5))
         .build()
         .get(&url)
         .call()
-        .map_err(|e| FollowError::Connect {
-            agent: agent.to_owned(),
-            source: Box::new(e),
-        })?;
+        .map_err(|e| FollowError::Connect { agent: agent.to_owned(), source: Box::new(e) })?;
     for line in std::io::BufReader::new(resp.into_reader()).lines() {
-        let line = line.map_err(|source| FollowError::Read {
-            agent: agent.to_owned(),
-            source,
-        })?;
+        let line = line.map_err(|source| FollowError::Read { agent: agent.to_owned(), source })?;
         if let Some(l) = parse_stream_line(&line) {
             on_line(l);
         }
@@ -283,17 +266,7 @@ fn fit(s: &str, width: usize) -> String {
 pub fn table_header() -> String {
     format!(
         "{:<12} {:<3} {:<9} {:<17} {:<20} {:<4} {:>10} {:>8} {:>7} {:>3} {}",
-        "TIME",
-        "DIR",
-        "VERDICT",
-        "SOURCE",
-        "DESTINATION",
-        "SEC",
-        "OUT/IN",
-        "DURATION",
-        "RTT",
-        "RTX",
-        "POLICY / ERROR"
+        "TIME", "DIR", "VERDICT", "SOURCE", "DESTINATION", "SEC", "OUT/IN", "DURATION", "RTT", "RTX", "POLICY / ERROR"
     )
 }
 
@@ -302,11 +275,7 @@ pub fn table_header() -> String {
 pub fn table_row(f: &Value) -> String {
     let time = text(&f["time"]);
     let time = time.get(11..23).unwrap_or(time);
-    let dir = if f["direction"] == "outbound" {
-        "out"
-    } else {
-        "in"
-    };
+    let dir = if f["direction"] == "outbound" { "out" } else { "in" };
     let side = |identity: &Value, addr: &Value| match identity.as_str() {
         Some(id) => short_identity(id),
         None => text(addr).to_owned(),
@@ -319,11 +288,7 @@ pub fn table_row(f: &Value) -> String {
     if let Some(svc) = f["service"].as_str() {
         dst = format!("{svc} → {dst}");
     }
-    let sec = if f["security"] == "mutual_tls" {
-        "mTLS"
-    } else {
-        "-"
-    };
+    let sec = if f["security"] == "mutual_tls" { "mTLS" } else { "-" };
     let bytes = format!(
         "{}/{}",
         human_bytes(f["bytes_sent"].as_u64().unwrap_or(0)),
@@ -331,13 +296,7 @@ pub fn table_row(f: &Value) -> String {
     );
     let dur = f["duration_ms"].as_f64().map_or("-".to_owned(), human_ms);
     let rtt = f["rtt_us"].as_u64().map_or("-".to_owned(), human_us);
-    let rtx = f["retransmits"].as_u64().map_or("-".to_owned(), |n| {
-        if n > 999 {
-            "999".into()
-        } else {
-            n.to_string()
-        }
-    });
+    let rtx = f["retransmits"].as_u64().map_or("-".to_owned(), |n| if n > 999 { "999".into() } else { n.to_string() });
     let mut note = match (f["policy"].as_str(), f["policy_rule"].as_u64()) {
         (Some(p), Some(r)) => format!("{p}#{r}"),
         (Some(p), None) => p.to_owned(),
@@ -345,31 +304,22 @@ pub fn table_row(f: &Value) -> String {
     };
     if let Some(h) = f["http"].as_object() {
         // A waypoint request: what was asked, what came back, which rule.
-        let mut l7 = format!(
-            "{} {} {}",
-            text(&h["method"]),
-            text(&h["path"]),
-            h["status"].as_u64().unwrap_or(0)
-        );
+        let mut l7 = format!("{} {} {}", text(&h["method"]), text(&h["path"]), h["status"].as_u64().unwrap_or(0));
         if let Some(g) = h["grpc_status"].as_u64() {
-            l7.push_str(&format!(" grpc={g}"));
+            let _ = write!(l7, " grpc={g}");
         }
         if let (Some(r), Some(i)) = (h["route"].as_str(), h["rule"].as_u64()) {
-            l7.push_str(&format!(" {r}#{i}"));
+            let _ = write!(l7, " {r}#{i}");
         }
         if let Some(flags) = h["response_flags"].as_str().filter(|f| *f != "-") {
-            l7.push_str(&format!(" {flags}"));
+            let _ = write!(l7, " {flags}");
         }
         note = l7;
     } else if let Some(wp) = f["waypoint"].as_str() {
         note = format!("via waypoint {wp}");
     }
     if let Some(e) = f["error"].as_str() {
-        note = if note.is_empty() {
-            e.to_owned()
-        } else {
-            format!("{note} {e}")
-        };
+        note = if note.is_empty() { e.to_owned() } else { format!("{note} {e}") };
     }
     let line = format!(
         "{:<12} {:<3} {:<9} {:<17} {:<20} {:<4} {:>10} {:>8} {:>7} {:>3} {}",
@@ -389,9 +339,7 @@ pub fn table_row(f: &Value) -> String {
 }
 
 fn port_of(addr: &Value) -> String {
-    addr.as_str()
-        .and_then(|a| a.rsplit_once(':'))
-        .map_or("-".to_owned(), |(_, p)| p.to_owned())
+    addr.as_str().and_then(|a| a.rsplit_once(':')).map_or("-".to_owned(), |(_, p)| p.to_owned())
 }
 
 #[cfg(test)]
@@ -454,20 +402,11 @@ mod tests {
     #[test]
     fn stream_lines_are_records_or_loss_notices() {
         assert_eq!(parse_stream_line("{\"lost\":7}"), Some(StreamLine::Lost(7)));
-        assert!(matches!(
-            parse_stream_line(&record().to_string()),
-            Some(StreamLine::Record(_))
-        ));
+        assert!(matches!(parse_stream_line(&record().to_string()), Some(StreamLine::Record(_))));
         assert_eq!(parse_stream_line(""), None);
         assert!(lost_notice(7).contains("7 flow records lost"));
-        let args = FlowsArgs {
-            last: 3,
-            ..FlowsArgs::default()
-        };
-        assert_eq!(
-            follow_query(&args, SystemTime::UNIX_EPOCH),
-            "/flows?last=3&follow=true"
-        );
+        let args = FlowsArgs { last: 3, ..FlowsArgs::default() };
+        assert_eq!(follow_query(&args, SystemTime::UNIX_EPOCH), "/flows?last=3&follow=true");
     }
 
     #[test]

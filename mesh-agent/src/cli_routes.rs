@@ -16,7 +16,12 @@ fn s(v: &Value) -> &str {
 pub fn routes_text(r: &Value) -> String {
     let mut out = String::new();
     let services: Vec<&str> = r["services"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-    let _ = writeln!(out, "waypoint {}  services: {}", s(&r["waypoint"]), if services.is_empty() { "(none)".to_owned() } else { services.join(", ") });
+    let _ = writeln!(
+        out,
+        "waypoint {}  services: {}",
+        s(&r["waypoint"]),
+        if services.is_empty() { "(none)".to_owned() } else { services.join(", ") }
+    );
     let routes = r["routes"].as_array().cloned().unwrap_or_default();
     if routes.is_empty() {
         let _ = writeln!(out, "no routes: requests go to the Service they were sent to");
@@ -46,12 +51,25 @@ pub fn routes_text(r: &Value) -> String {
             total
         );
         for h in &hits {
-            let _ = writeln!(out, "    rule {:<3} matched {} requests", h["rule"].as_u64().unwrap_or(0), h["requests"].as_u64().unwrap_or(0));
+            let _ = writeln!(
+                out,
+                "    rule {:<3} matched {} requests",
+                h["rule"].as_u64().unwrap_or(0),
+                h["requests"].as_u64().unwrap_or(0)
+            );
         }
         for p in route["parents"].as_array().into_iter().flatten() {
             for c in p["conditions"].as_array().into_iter().flatten() {
                 if c["status"] == "False" {
-                    let _ = writeln!(out, "    {} {}={} ({}): {}", s(&p["parent"]), s(&c["type"]), s(&c["status"]), s(&c["reason"]), s(&c["message"]));
+                    let _ = writeln!(
+                        out,
+                        "    {} {}={} ({}): {}",
+                        s(&p["parent"]),
+                        s(&c["type"]),
+                        s(&c["status"]),
+                        s(&c["reason"]),
+                        s(&c["message"])
+                    );
                 }
             }
         }

@@ -201,10 +201,7 @@ impl fmt::Display for Problems<'_> {
 
 /// Reads, parses and validates `path`.
 pub fn load(path: &Path) -> Result<LocalConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     parse(path, &text)
 }
 
@@ -231,10 +228,7 @@ pub fn parse(path: &Path, text: &str) -> Result<LocalConfig, ConfigError> {
     if problems.is_empty() {
         Ok(config)
     } else {
-        Err(ConfigError::Invalid {
-            path: path.to_owned(),
-            problems,
-        })
+        Err(ConfigError::Invalid { path: path.to_owned(), problems })
     }
 }
 
@@ -242,8 +236,7 @@ pub fn parse(path: &Path, text: &str) -> Result<LocalConfig, ConfigError> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -272,18 +265,12 @@ impl LocalConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if !is_dns_subdomain(&self.trust_domain) {
-            problems.push(format!(
-                "trustDomain: {:?} is not a valid trust domain",
-                self.trust_domain
-            ));
+            problems.push(format!("trustDomain: {:?} is not a valid trust domain", self.trust_domain));
         }
         let mut ns_seen = HashSet::new();
         for (i, ns) in self.namespaces.iter().enumerate() {
             if !is_dns_label(&ns.name) {
-                problems.push(format!(
-                    "namespaces[{i}].name: {:?} is not a valid namespace",
-                    ns.name
-                ));
+                problems.push(format!("namespaces[{i}].name: {:?} is not a valid namespace", ns.name));
             }
             if !ns_seen.insert(ns.name.as_str()) {
                 problems.push(format!("namespaces[{i}].name: {} is listed twice", ns.name));
@@ -300,10 +287,7 @@ impl LocalConfig {
             let at = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
             validate_workload(w, &at, &mut problems);
             if !names.insert((w.namespace.as_str(), w.name.as_str())) {
-                problems.push(format!(
-                    "{at}: duplicate workload {}/{}",
-                    w.namespace, w.name
-                ));
+                problems.push(format!("{at}: duplicate workload {}/{}", w.namespace, w.name));
             }
             for ip in &w.ips {
                 if let Some(prev) = ip_owner.insert(*ip, at.clone()) {
@@ -317,10 +301,7 @@ impl LocalConfig {
             let at = format!("services[{i}] ({}/{})", s.namespace, s.name);
             validate_service(s, &at, &mut problems);
             if !svc_names.insert((s.namespace.as_str(), s.name.as_str())) {
-                problems.push(format!(
-                    "{at}: duplicate service {}/{}",
-                    s.namespace, s.name
-                ));
+                problems.push(format!("{at}: duplicate service {}/{}", s.namespace, s.name));
             }
             if let Some(owner) = ip_owner.get(&s.vip) {
                 problems.push(format!("{at}: vip {} is a workload ip of {owner}", s.vip));
@@ -339,16 +320,10 @@ fn validate_workload(w: &WorkloadSpec, at: &str, problems: &mut Vec<String>) {
         problems.push(format!("{at}: name: {:?} is not a valid pod name", w.name));
     }
     if !is_dns_label(&w.namespace) {
-        problems.push(format!(
-            "{at}: namespace: {:?} is not a valid namespace",
-            w.namespace
-        ));
+        problems.push(format!("{at}: namespace: {:?} is not a valid namespace", w.namespace));
     }
     if !is_dns_subdomain(&w.service_account) {
-        problems.push(format!(
-            "{at}: serviceAccount: {:?} is not a valid service account name",
-            w.service_account
-        ));
+        problems.push(format!("{at}: serviceAccount: {:?} is not a valid service account name", w.service_account));
     }
     if !is_dns_subdomain(&w.node) {
         problems.push(format!("{at}: node: {:?} is not a valid node name", w.node));
@@ -363,30 +338,21 @@ fn validate_workload(w: &WorkloadSpec, at: &str, problems: &mut Vec<String>) {
     }
     match &w.netns {
         Some(p) if !p.is_absolute() => {
-            problems.push(format!(
-                "{at}: netns: {} must be an absolute path",
-                p.display()
-            ));
+            problems.push(format!("{at}: netns: {} must be an absolute path", p.display()));
         }
-        None if w.enrolled => problems.push(format!(
-            "{at}: netns: an enrolled workload needs the path of its network namespace"
-        )),
+        None if w.enrolled => {
+            problems.push(format!("{at}: netns: an enrolled workload needs the path of its network namespace"));
+        }
         _ => {}
     }
 }
 
 fn validate_service(s: &ServiceSpec, at: &str, problems: &mut Vec<String>) {
     if !is_dns_label(&s.name) {
-        problems.push(format!(
-            "{at}: name: {:?} is not a valid service name",
-            s.name
-        ));
+        problems.push(format!("{at}: name: {:?} is not a valid service name", s.name));
     }
     if !is_dns_label(&s.namespace) {
-        problems.push(format!(
-            "{at}: namespace: {:?} is not a valid namespace",
-            s.namespace
-        ));
+        problems.push(format!("{at}: namespace: {:?} is not a valid namespace", s.namespace));
     }
     if s.vip.is_loopback() || s.vip.is_unspecified() || s.vip.is_multicast() {
         problems.push(format!("{at}: vip: {} cannot be a service IP", s.vip));
@@ -457,10 +423,7 @@ services:
     fn rejects_unknown_fields_with_the_line() {
         let err = p("workloads:\n  - name: a\n    namespace: demo\n    nod: x\n").unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("test.yaml line 4 column 5: workloads[0]: unknown field `nod`"),
-            "{msg}"
-        );
+        assert!(msg.contains("test.yaml line 4 column 5: workloads[0]: unknown field `nod`"), "{msg}");
         assert!(msg.contains("nod"), "{msg}");
     }
 
@@ -475,21 +438,12 @@ services:
     #[test]
     fn reports_every_semantic_problem_at_once() {
         let text = GOOD
-            .replace(
-                "namespace: demo\n    serviceAccount",
-                "namespace: Demo\n    serviceAccount",
-            )
+            .replace("namespace: demo\n    serviceAccount", "namespace: Demo\n    serviceAccount")
             .replace("10.44.2.2", "10.44.1.2")
             .replace("port: 80,", "port: 0,");
-        let Err(ConfigError::Invalid { problems, .. }) = p(&text) else {
-            panic!("expected semantic errors")
-        };
-        assert!(problems
-            .iter()
-            .any(|m| m.contains("workloads[0]") && m.contains("namespace")));
-        assert!(problems
-            .iter()
-            .any(|m| m.contains("10.44.1.2 is already used")));
+        let Err(ConfigError::Invalid { problems, .. }) = p(&text) else { panic!("expected semantic errors") };
+        assert!(problems.iter().any(|m| m.contains("workloads[0]") && m.contains("namespace")));
+        assert!(problems.iter().any(|m| m.contains("10.44.1.2 is already used")));
         assert!(problems.iter().any(|m| m.contains("ports[0].port")));
     }
 
@@ -508,11 +462,7 @@ services:
         c.services.push(c.services[0].clone());
         c.services[1].name = "other".into();
         let problems = c.validate();
-        assert!(problems
-            .iter()
-            .any(|m| m.contains("duplicate workload demo/client")));
-        assert!(problems
-            .iter()
-            .any(|m| m.contains("vip 10.96.0.10 is already used")));
+        assert!(problems.iter().any(|m| m.contains("duplicate workload demo/client")));
+        assert!(problems.iter().any(|m| m.contains("vip 10.96.0.10 is already used")));
     }
 }

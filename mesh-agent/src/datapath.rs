@@ -50,9 +50,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     /// The agent binary carries no eBPF object.
-    #[error(
-        "this mesh-agent was built without eBPF (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
-    )]
+    #[error("this mesh-agent was built without eBPF (AYA_BUILD_SKIP); rebuild with `cargo xtask build`")]
     NoObject,
     /// The object could not be loaded.
     #[error("cannot load the eBPF object: {0}")]
@@ -110,17 +108,11 @@ pub enum DatapathError {
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
-    move |source| DatapathError::Program {
-        name,
-        source: Box::new(source),
-    }
+    move |source| DatapathError::Program { name, source: Box::new(source) }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
-    move |source| DatapathError::Map {
-        name,
-        source: Box::new(source),
-    }
+    move |source| DatapathError::Map { name, source: Box::new(source) }
 }
 
 /// An attached program, as reported by the admin API.
@@ -186,33 +178,24 @@ impl Datapath {
     pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<Self, DatapathError> {
         ensure_bpffs(pin_dir)?;
         remove_stale_pins(pin_dir)?;
-        std::fs::create_dir_all(pin_dir).map_err(|e| DatapathError::Pin {
-            path: pin_dir.to_owned(),
-            message: e.to_string(),
-        })?;
+        std::fs::create_dir_all(pin_dir)
+            .map_err(|e| DatapathError::Pin { path: pin_dir.to_owned(), message: e.to_string() })?;
         let mut ebpf = load_object()?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_ebpf_logger(logger),
             Err(e) => tracing::debug!(error = %e, "no eBPF log buffer"),
         }
-        let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
-            path: cgroup.to_owned(),
-            source,
-        })?;
+        let cgroup_file =
+            File::open(cgroup).map_err(|source| DatapathError::Cgroup { path: cgroup.to_owned(), source })?;
         let mut links = Vec::new();
-        for (name, attach) in [
-            (PROG_CONNECT4, "cgroup/connect4"),
-            (PROG_CONNECT6, "cgroup/connect6"),
-        ] {
+        for (name, attach) in [(PROG_CONNECT4, "cgroup/connect4"), (PROG_CONNECT6, "cgroup/connect6")] {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
                 .map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
-            let id = prog
-                .attach(&cgroup_file, CGROUP_ATTACH_MODE)
-                .map_err(prog_err(name))?;
+            let id = prog.attach(&cgroup_file, CGROUP_ATTACH_MODE).map_err(prog_err(name))?;
             let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?)
                 .map_err(|source| DatapathError::Link { name, source })?;
             links.push(pin_link(link, pin_dir, name, name, attach, cgroup)?);
@@ -224,22 +207,10 @@ impl Datapath {
                 .try_into()
                 .map_err(prog_err(PROG_SOCKOPS))?;
             prog.load().map_err(prog_err(PROG_SOCKOPS))?;
-            let id = prog
-                .attach(&cgroup_file, CGROUP_ATTACH_MODE)
-                .map_err(prog_err(PROG_SOCKOPS))?;
+            let id = prog.attach(&cgroup_file, CGROUP_ATTACH_MODE).map_err(prog_err(PROG_SOCKOPS))?;
             let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(PROG_SOCKOPS))?)
-                .map_err(|source| DatapathError::Link {
-                    name: PROG_SOCKOPS,
-                    source,
-                })?;
-            links.push(pin_link(
-                link,
-                pin_dir,
-                PROG_SOCKOPS,
-                PROG_SOCKOPS,
-                "cgroup/sock_ops",
-                cgroup,
-            )?);
+                .map_err(|source| DatapathError::Link { name: PROG_SOCKOPS, source })?;
+            links.push(pin_link(link, pin_dir, PROG_SOCKOPS, PROG_SOCKOPS, "cgroup/sock_ops", cgroup)?);
         }
         {
             let prog: &mut SkLookup = ebpf
@@ -278,14 +249,7 @@ impl Datapath {
         let id = prog.attach(netns).map_err(prog_err(PROG_SK_LOOKUP))?;
         let link = FdLink::from(prog.take_link(id).map_err(prog_err(PROG_SK_LOOKUP))?);
         let name = format!("sk_lookup-{cookie}");
-        let (attachment, link) = pin_link(
-            link,
-            &self.pin_dir,
-            &name,
-            PROG_SK_LOOKUP,
-            "sk_lookup",
-            netns_path,
-        )?;
+        let (attachment, link) = pin_link(link, &self.pin_dir, &name, PROG_SK_LOOKUP, "sk_lookup", netns_path)?;
         Ok(NetnsLink { link, attachment })
     }
 
@@ -316,11 +280,7 @@ impl Datapath {
             .expect("map lock")
             .insert(key, listener.as_raw_fd(), 0)
             .map_err(map_err(maps::INBOUND_LISTENERS))?;
-        self.inbound_ips
-            .lock()
-            .expect("map lock")
-            .insert(key, 1, 0)
-            .map_err(map_err(maps::INBOUND_ENROLLED))
+        self.inbound_ips.lock().expect("map lock").insert(key, 1, 0).map_err(map_err(maps::INBOUND_ENROLLED))
     }
 
     /// Stops steering inbound connections to `ip`.
@@ -333,19 +293,12 @@ impl Datapath {
     /// Takes the original destination of a redirected connection accepted
     /// from `peer` in the namespace `netns_cookie`.
     pub fn take_orig_dst(&self, netns_cookie: u64, peer: SocketAddrV4) -> Option<SocketAddrV4> {
-        let key = ConnKey {
-            netns_cookie,
-            src_ip4: u32::from_ne_bytes(peer.ip().octets()),
-            src_port: peer.port(),
-            pad: 0,
-        };
+        let key =
+            ConnKey { netns_cookie, src_ip4: u32::from_ne_bytes(peer.ip().octets()), src_port: peer.port(), pad: 0 };
         let mut map = self.orig_dst.lock().expect("map lock");
         let dst = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
-        Some(SocketAddrV4::new(
-            Ipv4Addr::from(dst.ip4.to_ne_bytes()),
-            u16::from_be(dst.port),
-        ))
+        Some(SocketAddrV4::new(Ipv4Addr::from(dst.ip4.to_ne_bytes()), u16::from_be(dst.port)))
     }
 
     /// Per-reason counters, summed over CPUs.
@@ -354,10 +307,7 @@ impl Datapath {
         Reason::ALL
             .iter()
             .map(|r| {
-                let total = self
-                    .stats
-                    .get(&(*r as u32), 0)
-                    .map_or(0, |v| v.iter().sum());
+                let total = self.stats.get(&(*r as u32), 0).map_or(0, |v| v.iter().sum());
                 (r.name(), total)
             })
             .collect()
@@ -370,38 +320,14 @@ impl Datapath {
         vec![
             (
                 maps::ENROLLED_NETNS,
-                usage(
-                    self.enrolled.lock().expect("map lock").keys().count(),
-                    capacity::ENROLLED_NETNS,
-                ),
+                usage(self.enrolled.lock().expect("map lock").keys().count(), capacity::ENROLLED_NETNS),
             ),
-            (
-                maps::PENDING,
-                usage(
-                    self.pending.lock().expect("map lock").keys().count(),
-                    capacity::PENDING,
-                ),
-            ),
-            (
-                maps::ORIG_DST,
-                usage(
-                    self.orig_dst.lock().expect("map lock").keys().count(),
-                    capacity::ORIG_DST,
-                ),
-            ),
-            (
-                maps::INBOUND_LISTENERS,
-                usage(
-                    self.inbound.lock().expect("map lock").keys().count(),
-                    capacity::INBOUND,
-                ),
-            ),
+            (maps::PENDING, usage(self.pending.lock().expect("map lock").keys().count(), capacity::PENDING)),
+            (maps::ORIG_DST, usage(self.orig_dst.lock().expect("map lock").keys().count(), capacity::ORIG_DST)),
+            (maps::INBOUND_LISTENERS, usage(self.inbound.lock().expect("map lock").keys().count(), capacity::INBOUND)),
             (
                 maps::INBOUND_ENROLLED,
-                usage(
-                    self.inbound_ips.lock().expect("map lock").keys().count(),
-                    capacity::INBOUND,
-                ),
+                usage(self.inbound_ips.lock().expect("map lock").keys().count(), capacity::INBOUND),
             ),
         ]
     }
@@ -409,12 +335,7 @@ impl Datapath {
     /// The node-wide attachments (cgroup programs).
     #[must_use]
     pub fn attachments(&self) -> Vec<Attachment> {
-        self.cgroup_links
-            .lock()
-            .expect("links lock")
-            .iter()
-            .map(|(a, _)| a.clone())
-            .collect()
+        self.cgroup_links.lock().expect("links lock").iter().map(|(a, _)| a.clone()).collect()
     }
 
     /// Detaches the cgroup programs and removes the pin directory. Pod
@@ -460,19 +381,8 @@ fn pin_link(
     target: &Path,
 ) -> Result<(Attachment, PinnedLink), DatapathError> {
     let path = pin_dir.join(name);
-    let pinned = link.pin(&path).map_err(|e| DatapathError::Pin {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    Ok((
-        Attachment {
-            program,
-            attach,
-            target: target.display().to_string(),
-            pin: path,
-        },
-        pinned,
-    ))
+    let pinned = link.pin(&path).map_err(|e| DatapathError::Pin { path: path.clone(), message: e.to_string() })?;
+    Ok((Attachment { program, attach, target: target.display().to_string(), pin: path }, pinned))
 }
 
 fn unpin_and_detach(link: PinnedLink, path: &Path) {
@@ -495,10 +405,8 @@ fn remove_stale_pins(dir: &Path) -> Result<(), DatapathError> {
             unpin_and_detach(link, &path);
         } else {
             tracing::info!(pin = %path.display(), "removing stale pin");
-            std::fs::remove_file(&path).map_err(|e| DatapathError::Pin {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            std::fs::remove_file(&path)
+                .map_err(|e| DatapathError::Pin { path: path.clone(), message: e.to_string() })?;
         }
     }
     Ok(())
@@ -513,15 +421,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
             let src = c"bpf";
             let target = c"/sys/fs/bpf";
             // SAFETY: valid NUL-terminated strings; no data argument.
-            unsafe {
-                libc::mount(
-                    src.as_ptr(),
-                    target.as_ptr(),
-                    src.as_ptr(),
-                    0,
-                    std::ptr::null(),
-                )
-            }
+            unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) }
         };
         if rc != 0 {
             return Err(DatapathError::Pin {
@@ -532,15 +432,10 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
     let parent = pin_dir.parent().unwrap_or(pin_dir);
-    std::fs::create_dir_all(parent).map_err(|e| DatapathError::Pin {
-        path: parent.to_owned(),
-        message: e.to_string(),
-    })?;
+    std::fs::create_dir_all(parent)
+        .map_err(|e| DatapathError::Pin { path: parent.to_owned(), message: e.to_string() })?;
     if !is_bpffs(parent) {
-        return Err(DatapathError::Pin {
-            path: parent.to_owned(),
-            message: "not on a bpffs".into(),
-        });
+        return Err(DatapathError::Pin { path: parent.to_owned(), message: "not on a bpffs".into() });
     }
     Ok(())
 }
@@ -560,9 +455,9 @@ fn spawn_ebpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     tokio::spawn(async move {
         // SAFETY: the AsyncFd owns the logger, so its ring buffer fd stays
         // open for as long as it is registered.
-        let Ok(mut fd) = (unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-        }) else {
+        let Ok(mut fd) =
+            (unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
+        else {
             return;
         };
         loop {

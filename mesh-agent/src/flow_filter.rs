@@ -97,25 +97,14 @@ impl StatusFilter {
     }
 }
 
-fn parse<T: std::str::FromStr>(
-    name: &str,
-    value: &str,
-    expected: &'static str,
-) -> Result<T, FilterError> {
-    value.parse().map_err(|_| FilterError {
-        name: name.to_owned(),
-        value: value.to_owned(),
-        expected,
-    })
+fn parse<T: std::str::FromStr>(name: &str, value: &str, expected: &'static str) -> Result<T, FilterError> {
+    value.parse().map_err(|_| FilterError { name: name.to_owned(), value: value.to_owned(), expected })
 }
 
 impl FlowFilter {
     /// Builds a filter from query parameters; unknown parameters are errors.
     pub fn from_query(query: &BTreeMap<String, String>) -> Result<Self, FilterError> {
-        let mut f = FlowFilter {
-            last: DEFAULT_LAST,
-            ..FlowFilter::default()
-        };
+        let mut f = FlowFilter { last: DEFAULT_LAST, ..FlowFilter::default() };
         for (k, v) in query {
             let s = Some(v.clone());
             match k.as_str() {
@@ -181,41 +170,23 @@ impl FlowFilter {
     /// Whether `r` passes every filter given.
     #[must_use]
     pub fn matches(&self, r: &FlowRecord) -> bool {
-        let (ns, name) = r
-            .workload
-            .split_once('/')
-            .unwrap_or(("", r.workload.as_str()));
+        let (ns, name) = r.workload.split_once('/').unwrap_or(("", r.workload.as_str()));
         let contains = |have: &Option<String>, want: &Option<String>| {
-            want.as_ref()
-                .is_none_or(|w| have.as_ref().is_some_and(|h| h.contains(w.as_str())))
+            want.as_ref().is_none_or(|w| have.as_ref().is_some_and(|h| h.contains(w.as_str())))
         };
         let dst_ips = [r.orig_dst, r.dst];
         self.namespace.as_ref().is_none_or(|n| n == ns)
-            && self
-                .pod
-                .as_ref()
-                .is_none_or(|p| p == name || *p == r.workload)
+            && self.pod.as_ref().is_none_or(|p| p == name || *p == r.workload)
             && contains(&r.src_identity, &self.from_identity)
             && contains(&r.dst_identity, &self.to_identity)
-            && self
-                .from_ip
-                .is_none_or(|ip| r.src.is_some_and(|s| s.ip() == ip))
-            && self
-                .to_ip
-                .is_none_or(|ip| dst_ips.iter().flatten().any(|d| d.ip() == ip))
-            && self
-                .port
-                .is_none_or(|p| dst_ips.iter().flatten().any(|d| d.port() == p))
+            && self.from_ip.is_none_or(|ip| r.src.is_some_and(|s| s.ip() == ip))
+            && self.to_ip.is_none_or(|ip| dst_ips.iter().flatten().any(|d| d.ip() == ip))
+            && self.port.is_none_or(|p| dst_ips.iter().flatten().any(|d| d.port() == p))
             && self.verdict.is_none_or(|v| r.verdict == v)
             && self.policy.as_ref().is_none_or(|p| {
-                [&r.policy, &r.audit_policy, &r.closed_by_policy]
-                    .iter()
-                    .any(|x| x.as_deref() == Some(p.as_str()))
+                [&r.policy, &r.audit_policy, &r.closed_by_policy].iter().any(|x| x.as_deref() == Some(p.as_str()))
             })
-            && self
-                .since
-                .as_ref()
-                .is_none_or(|t| r.time.as_str() >= t.as_str())
+            && self.since.as_ref().is_none_or(|t| r.time.as_str() >= t.as_str())
             && self.after.is_none_or(|id| r.id > id)
             && self.matches_http(r)
     }
@@ -239,35 +210,20 @@ mod tests {
 
     fn log() -> FlowLog {
         let log = FlowLog::new(100);
-        let mut a = ConnInfo::new(
-            Direction::Inbound,
-            ObjectRef {
-                namespace: "demo".into(),
-                name: "api".into(),
-            },
-        );
+        let mut a = ConnInfo::new(Direction::Inbound, ObjectRef { namespace: "demo".into(), name: "api".into() });
         a.src = Some("10.44.1.2:40000".parse().unwrap());
         a.orig_dst = Some("10.44.2.2:8080".parse().unwrap());
         a.security = Security::MutualTls;
         a.src_identity = Some("spiffe://cluster.local/ns/demo/sa/web".into());
         log.opened(1, &a);
-        let mut b = ConnInfo::new(
-            Direction::Outbound,
-            ObjectRef {
-                namespace: "shop".into(),
-                name: "cart".into(),
-            },
-        );
+        let mut b = ConnInfo::new(Direction::Outbound, ObjectRef { namespace: "shop".into(), name: "cart".into() });
         b.orig_dst = Some("10.44.2.3:5432".parse().unwrap());
         log.failed(2, &b, "refused".into());
         log
     }
 
     fn q(pairs: &[(&str, &str)]) -> FlowFilter {
-        let map = pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let map = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         FlowFilter::from_query(&map).unwrap()
     }
 
@@ -281,18 +237,12 @@ mod tests {
         assert_eq!(ids(&log, &q(&[("namespace", "demo")])), ["demo/api"]);
         assert_eq!(ids(&log, &q(&[("pod", "cart")])), ["shop/cart"]);
         assert_eq!(ids(&log, &q(&[("pod", "shop/cart")])), ["shop/cart"]);
-        assert_eq!(
-            ids(&log, &q(&[("from_identity", "ns/demo/sa/web")])),
-            ["demo/api"]
-        );
+        assert_eq!(ids(&log, &q(&[("from_identity", "ns/demo/sa/web")])), ["demo/api"]);
         assert_eq!(ids(&log, &q(&[("from_ip", "10.44.1.2")])), ["demo/api"]);
         assert_eq!(ids(&log, &q(&[("to_ip", "10.44.2.3")])), ["shop/cart"]);
         assert_eq!(ids(&log, &q(&[("port", "8080")])), ["demo/api"]);
         assert_eq!(ids(&log, &q(&[("verdict", "error")])), ["shop/cart"]);
-        assert_eq!(
-            ids(&log, &q(&[("verdict", "forwarded"), ("pod", "cart")])),
-            Vec::<String>::new()
-        );
+        assert_eq!(ids(&log, &q(&[("verdict", "forwarded"), ("pod", "cart")])), Vec::<String>::new());
     }
 
     #[test]
@@ -328,10 +278,8 @@ mod tests {
     fn filters_waypoint_requests_by_status_path_and_method() {
         let log = log();
         for (status, path, method) in [(200, "/api/v1/x", "GET"), (503, "/api/v2", "POST"), (404, "/other", "GET")] {
-            let mut r = ConnInfo::new(
-                Direction::Inbound,
-                ObjectRef { namespace: "demo".into(), name: "waypoint".into() },
-            );
+            let mut r =
+                ConnInfo::new(Direction::Inbound, ObjectRef { namespace: "demo".into(), name: "waypoint".into() });
             r.http = Some(Box::new(crate::flows::HttpInfo {
                 status,
                 path: path.into(),

@@ -40,8 +40,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    access_log::AccessLog, flow_filter::FlowFilter, metrics::ConnMetrics, policy::PolicyRef,
-    registry::ObjectRef,
+    access_log::AccessLog, flow_filter::FlowFilter, metrics::ConnMetrics, policy::PolicyRef, registry::ObjectRef,
 };
 use subscribers::{SubscribeError, Subscribers, Subscription};
 
@@ -335,16 +334,9 @@ impl FlowLog {
     /// `queue` records, and the backlog (the newest `filter.last` stored
     /// records passing it) taken under the same lock; refused beyond the
     /// subscriber caps.
-    pub fn subscribe(
-        &self,
-        filter: FlowFilter,
-        queue: usize,
-    ) -> Result<Subscription, SubscribeError> {
+    pub fn subscribe(&self, filter: FlowFilter, queue: usize) -> Result<Subscription, SubscribeError> {
         let mut inner = self.ring.lock().expect("ring lock");
-        let Inner {
-            records,
-            subscribers,
-        } = &mut *inner;
+        let Inner { records, subscribers } = &mut *inner;
         subscribers.add(filter, queue, |f| select_from(records, f))
     }
 
@@ -400,14 +392,7 @@ impl FlowLog {
     }
 
     /// Records the end of a connection opened with [`FlowLog::opened`].
-    pub fn closed(
-        &self,
-        conn: u64,
-        info: &ConnInfo,
-        bytes: (u64, u64),
-        duration: Duration,
-        error: Option<String>,
-    ) {
+    pub fn closed(&self, conn: u64, info: &ConnInfo, bytes: (u64, u64), duration: Duration, error: Option<String>) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         {
             let mut counters = self.counters.lock().expect("counters lock");
@@ -440,12 +425,7 @@ impl FlowLog {
 
     /// Records a connection that could not be forwarded.
     pub fn failed(&self, conn: u64, info: &ConnInfo, error: String) {
-        self.counters
-            .lock()
-            .expect("counters lock")
-            .entry(info.workload.clone())
-            .or_default()
-            .failed_connections += 1;
+        self.counters.lock().expect("counters lock").entry(info.workload.clone()).or_default().failed_connections += 1;
         if let Some(m) = &self.metrics {
             m.failed(info);
         }
@@ -529,25 +509,15 @@ impl FlowLog {
 
     /// Counters of one workload.
     pub fn counters(&self, workload: &ObjectRef) -> WorkloadCounters {
-        self.counters
-            .lock()
-            .expect("counters lock")
-            .get(workload)
-            .copied()
-            .unwrap_or_default()
+        self.counters.lock().expect("counters lock").get(workload).copied().unwrap_or_default()
     }
 }
 
 /// The newest `filter.last` records of `records` that pass `filter`, oldest
 /// first.
 fn select_from(records: &VecDeque<FlowRecord>, filter: &FlowFilter) -> Vec<FlowRecord> {
-    let mut out: Vec<FlowRecord> = records
-        .iter()
-        .rev()
-        .filter(|r| filter.matches(r))
-        .take(filter.last)
-        .cloned()
-        .collect();
+    let mut out: Vec<FlowRecord> =
+        records.iter().rev().filter(|r| filter.matches(r)).take(filter.last).cloned().collect();
     out.reverse();
     out
 }
@@ -559,13 +529,7 @@ pub fn rfc3339(t: SystemTime) -> String {
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = civil_from_days(days.cast_signed());
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_micros()
-    )
+    format!("{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z", rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_micros())
 }
 
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
@@ -591,13 +555,7 @@ mod tests {
     }
 
     fn info() -> ConnInfo {
-        let mut i = ConnInfo::new(
-            Direction::Outbound,
-            ObjectRef {
-                namespace: "demo".into(),
-                name: "client".into(),
-            },
-        );
+        let mut i = ConnInfo::new(Direction::Outbound, ObjectRef { namespace: "demo".into(), name: "client".into() });
         i.orig_dst = Some("10.0.0.1:80".parse().unwrap());
         i
     }
@@ -623,10 +581,7 @@ mod tests {
         log.closed(1, &i, (100, 7), Duration::from_millis(3), None);
         assert_eq!(log.active(), 0);
         let c = log.counters(&i.workload);
-        assert_eq!(
-            (c.outbound_connections, c.bytes_sent, c.bytes_received),
-            (1, 100, 7)
-        );
+        assert_eq!((c.outbound_connections, c.bytes_sent, c.bytes_received), (1, 100, 7));
     }
 
     #[test]
@@ -650,30 +605,12 @@ mod tests {
             closed_by_policy: Some(PolicyRef::new("demo", "deny")),
             ..PolicyMark::default()
         };
-        log.closed(
-            3,
-            &i,
-            (1, 1),
-            Duration::from_millis(1),
-            Some("closed".into()),
-        );
+        log.closed(3, &i, (1, 1), Duration::from_millis(1), Some("closed".into()));
         let r = log.recent(10);
         let verdicts: Vec<Verdict> = r.iter().map(|r| r.verdict).collect();
+        assert_eq!(verdicts, [Verdict::Forwarded, Verdict::Error, Verdict::Audited, Verdict::Denied]);
         assert_eq!(
-            verdicts,
-            [
-                Verdict::Forwarded,
-                Verdict::Error,
-                Verdict::Audited,
-                Verdict::Denied
-            ]
-        );
-        assert_eq!(
-            (
-                r[2].policy.as_deref(),
-                r[2].policy_rule,
-                r[2].audit_policy.as_deref()
-            ),
+            (r[2].policy.as_deref(), r[2].policy_rule, r[2].audit_policy.as_deref()),
             (Some("demo/allow"), Some(1), Some("demo/watch"))
         );
         let json = serde_json::to_value(&r[3]).unwrap();

@@ -36,10 +36,7 @@ pub async fn serve<S: Send + Sync + 'static>(
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handler(&state, &req)) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(endpoint = name, error = %e, "connection error");
             }
         });

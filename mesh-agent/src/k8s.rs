@@ -4,11 +4,11 @@
 //! namespace discovery, the CRD types, and the API clients used by the CA
 //! (`TokenReview`, the root Secret) and by `heddle enroll`.
 
-pub mod crd;
-pub mod convert;
-pub mod netns_discovery;
-pub mod source;
 pub mod ca_auth;
 pub mod ca_root;
 pub mod cli_enroll;
 pub mod cli_forward;
+pub mod convert;
+pub mod crd;
+pub mod netns_discovery;
+pub mod source;

@@ -149,11 +149,7 @@ struct CaArgs {
     #[arg(long, env = "HEDDLE_CONFIG", required_unless_present = "kubernetes")]
     config: Option<PathBuf>,
     /// Directory for the root key and certificate, trust bundle and node tokens.
-    #[arg(
-        long,
-        env = "HEDDLE_CA_STATE_DIR",
-        default_value = "/var/lib/heddle/ca"
-    )]
+    #[arg(long, env = "HEDDLE_CA_STATE_DIR", default_value = "/var/lib/heddle/ca")]
     state_dir: PathBuf,
     /// TLS listen address.
     #[arg(long, env = "HEDDLE_CA_LISTEN", default_value = "0.0.0.0:15012")]
@@ -168,8 +164,8 @@ struct WaypointArgs {
     /// The local configuration file (workloads, services, waypoints).
     #[arg(long, env = "HEDDLE_CONFIG")]
     config: PathBuf,
-    /// Routes: a multi-document YAML file or a directory of HTTPRoute and
-    /// GRPCRoute objects, re-read every second.
+    /// Routes: a multi-document YAML file or a directory of `HTTPRoute` and
+    /// `GRPCRoute` objects, re-read every second.
     #[arg(long, env = "HEDDLE_ROUTES")]
     routes: Option<PathBuf>,
     /// The waypoint this process runs, `namespace/name`.
@@ -205,17 +201,11 @@ struct WaypointArgs {
 }
 
 fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
-    let (namespace, name) = args
-        .waypoint
-        .split_once('/')
-        .context("--waypoint must be namespace/name")?;
+    let (namespace, name) = args.waypoint.split_once('/').context("--waypoint must be namespace/name")?;
     let settings = mesh_agent::waypoint::Settings {
         config: args.config,
         routes: args.routes,
-        waypoint: mesh_agent::registry::ObjectRef {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        },
+        waypoint: mesh_agent::registry::ObjectRef { namespace: namespace.to_owned(), name: name.to_owned() },
         pod: args.pod,
         ca: agent::CaClientSettings {
             addr: args.ca_addr,
@@ -247,12 +237,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig { file } => {
             let cfg = config::load(&file)?;
-            println!(
-                "{}: ok ({} workloads, {} services)",
-                file.display(),
-                cfg.workloads.len(),
-                cfg.services.len()
-            );
+            println!("{}: ok ({} workloads, {} services)", file.display(), cfg.workloads.len(), cfg.services.len());
             Ok(())
         }
         Command::Run(args) => run(args),
@@ -264,10 +249,7 @@ fn main() -> anyhow::Result<()> {
 fn ca(args: CaArgs) -> anyhow::Result<()> {
     use mesh_agent::{identity::ca_server, k8s::ca_root};
     let leaf_ttl = Duration::from_secs(args.ttl_seconds.max(2));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     if args.kubernetes {
         let settings = ca_root::KubeCaSettings {
             namespace: args.namespace,
@@ -288,43 +270,30 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
         Some(td) => td,
         None => config::load(&config)?.trust_domain,
     };
-    let settings = ca_server::CaSettings {
-        state_dir: args.state_dir,
-        config,
-        trust_domain,
-        leaf_ttl,
-    };
+    let settings = ca_server::CaSettings { state_dir: args.state_dir, config, trust_domain, leaf_ttl };
     runtime.block_on(async { ca_server::run(ca_server::CaServer::new(&settings)?, args.listen).await })
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let (source, file_node) = if let Some(path) = args.config {
-        let text =
-            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let file_node = config::parse(&path, &text)?.node;
-        let source = agent::SourceSettings::Local {
-            config: path,
-            policies: args.policies,
-        };
+        let source = agent::SourceSettings::Local { config: path, policies: args.policies };
         (source, file_node)
     } else {
         anyhow::ensure!(
             args.policies.is_none(),
             "--policies is for the local configuration; in Kubernetes mode policies are AuthorizationPolicy objects"
         );
-        let source = agent::SourceSettings::Kubernetes {
-            trust_domain: args.trust_domain,
-            netns_dirs: args.netns_dir,
-        };
+        let source = agent::SourceSettings::Kubernetes { trust_domain: args.trust_domain, netns_dirs: args.netns_dir };
         (source, None)
     };
-    let node = args.node.or(file_node).context(
-        "no node name: pass --node (or NODE_NAME), or set `node:` in the configuration file",
-    )?;
+    let node = args
+        .node
+        .or(file_node)
+        .context("no node name: pass --node (or NODE_NAME), or set `node:` in the configuration file")?;
     let settings = agent::Settings {
-        pin_dir: args
-            .pin_dir
-            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/heddle").join(&node)),
+        pin_dir: args.pin_dir.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/heddle").join(&node)),
         node,
         source,
         cgroup: args.cgroup.unwrap_or_else(agent::default_cgroup_root),
@@ -359,10 +328,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only on a terminal: log files and `kubectl logs` get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

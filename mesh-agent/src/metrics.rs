@@ -90,16 +90,13 @@ const DURATION_LABELS: [&str; 6] = [
 
 /// Buckets of the RTT histogram, in seconds: 50 µs (same node) to 1.3 s
 /// (a congested intercontinental path), about doubling.
-const RTT_BUCKETS: [f64; 15] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16,
-    0.32, 0.64, 1.28,
-];
+const RTT_BUCKETS: [f64; 15] =
+    [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28];
 
 /// Buckets of the connect and handshake histograms, in seconds: 100 µs to
 /// 10 s (the connect timeout).
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
-];
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0];
 
 /// Which end of a node-to-node mTLS handshake the agent was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,9 +119,8 @@ impl HandshakeSide {
 }
 
 /// Buckets of the duration histogram, in seconds: 1 ms to ~17 min.
-const DURATION_BUCKETS: [f64; 14] = [
-    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1000.0,
-];
+const DURATION_BUCKETS: [f64; 14] =
+    [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1000.0];
 
 /// What went wrong with a connection, as the `response_flags` label: a fixed
 /// set, never the error text.
@@ -177,26 +173,17 @@ impl Peer {
     /// A workload's labels: its stable workload name (its controller, not
     /// the pod), so that rollouts do not add series.
     fn of(w: &crate::registry::Workload) -> Self {
-        Self {
-            name: w.workload_name.clone(),
-            namespace: w.id.namespace.clone(),
-        }
+        Self { name: w.workload_name.clone(), namespace: w.id.namespace.clone() }
     }
 
     /// A workload the registry does not know (only for a connection closed
     /// without having been recorded open, or failed after its pod left).
     fn of_ref(id: &ObjectRef) -> Self {
-        Self {
-            name: id.name.clone(),
-            namespace: id.namespace.clone(),
-        }
+        Self { name: id.name.clone(), namespace: id.namespace.clone() }
     }
 
     fn unknown() -> Self {
-        Self {
-            name: UNKNOWN.into(),
-            namespace: UNKNOWN.into(),
-        }
+        Self { name: UNKNOWN.into(), namespace: UNKNOWN.into() }
     }
 }
 
@@ -206,19 +193,11 @@ impl ConnLabels {
     /// destination outbound), else `unknown`.
     #[must_use]
     pub fn resolve(info: &ConnInfo, registry: &crate::registry::Registry) -> Self {
-        let by_ip = |ip: Option<IpAddr>| {
-            ip.and_then(|ip| registry.workload_by_ip(ip))
-                .map_or_else(Peer::unknown, Peer::of)
-        };
-        let local = registry
-            .workload(&info.workload)
-            .map_or_else(|| Peer::of_ref(&info.workload), Peer::of);
+        let by_ip =
+            |ip: Option<IpAddr>| ip.and_then(|ip| registry.workload_by_ip(ip)).map_or_else(Peer::unknown, Peer::of);
+        let local = registry.workload(&info.workload).map_or_else(|| Peer::of_ref(&info.workload), Peer::of);
         let (reporter, src, dst) = match info.direction {
-            Direction::Outbound => (
-                "source",
-                local,
-                by_ip(info.dst.or(info.orig_dst).map(|a| a.ip())),
-            ),
+            Direction::Outbound => ("source", local, by_ip(info.dst.or(info.orig_dst).map(|a| a.ip()))),
             Direction::Inbound => ("destination", by_ip(info.src.map(|a| a.ip())), local),
         };
         let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| UNKNOWN.into());
@@ -228,10 +207,7 @@ impl ConnLabels {
             src_principal: principal(&info.src_identity),
             dst,
             dst_principal: principal(&info.dst_identity),
-            service: info
-                .service
-                .as_ref()
-                .map_or_else(|| UNKNOWN.into(), ToString::to_string),
+            service: info.service.as_ref().map_or_else(|| UNKNOWN.into(), ToString::to_string),
             security: match info.security {
                 Security::MutualTls => "mutual_tls",
                 Security::Plaintext => "none",
@@ -257,14 +233,7 @@ impl ConnLabels {
 
     /// Values in [`DURATION_LABELS`] order.
     fn duration_values(&self) -> [&str; 6] {
-        [
-            self.reporter,
-            &self.src.name,
-            &self.src.namespace,
-            &self.dst.name,
-            &self.dst.namespace,
-            self.security,
-        ]
+        [self.reporter, &self.src.name, &self.src.namespace, &self.dst.name, &self.dst.namespace, self.security]
     }
 }
 
@@ -288,10 +257,7 @@ pub struct ConnMetrics {
 impl ConnMetrics {
     /// Creates the series and registers them in `prom`; peers are named from
     /// the latest `workloads` registry.
-    pub fn new(
-        prom: &PromRegistry,
-        workloads: watch::Receiver<SharedRegistry>,
-    ) -> Result<Self, MetricsError> {
+    pub fn new(prom: &PromRegistry, workloads: watch::Receiver<SharedRegistry>) -> Result<Self, MetricsError> {
         let counter = |name: &str, help: &str| -> Result<IntCounterVec, MetricsError> {
             let c = IntCounterVec::new(Opts::new(name, help), &CONN_LABELS)?;
             prom.register(Box::new(c.clone()))?;
@@ -307,10 +273,7 @@ impl ConnMetrics {
         )?;
         prom.register(Box::new(duration.clone()))?;
         let histogram = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )?;
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?;
             prom.register(Box::new(h.clone()))?;
             Ok::<_, MetricsError>(h)
         };
@@ -370,43 +333,23 @@ impl ConnMetrics {
     /// [`ConnMetrics::closed`] for the same `conn`.
     pub fn opened(&self, conn: u64, info: &ConnInfo) {
         let l = self.labels(info);
-        self.opened
-            .with_label_values(&l.values(ResponseFlag::None))
-            .inc();
+        self.opened.with_label_values(&l.values(ResponseFlag::None)).inc();
         if let Some(d) = info.connect {
-            self.connect
-                .with_label_values(&l.duration_values())
-                .observe(d.as_secs_f64());
+            self.connect.with_label_values(&l.duration_values()).observe(d.as_secs_f64());
         }
-        self.open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(conn, l);
+        self.open.lock().unwrap_or_else(PoisonError::into_inner).insert(conn, l);
     }
 
     /// A node-to-node mTLS handshake finished successfully in `duration`.
     pub fn tls_handshake(&self, side: HandshakeSide, duration: Duration) {
-        self.handshake
-            .with_label_values(&[side.reason()])
-            .observe(duration.as_secs_f64());
+        self.handshake.with_label_values(&[side.reason()]).observe(duration.as_secs_f64());
     }
 
     /// Connection `conn` closed after moving `(to_server, to_client)` bytes;
     /// counted under the labels resolved when it opened (its pod may have
     /// left the registry since).
-    pub fn closed(
-        &self,
-        conn: u64,
-        info: &ConnInfo,
-        bytes: (u64, u64),
-        duration: Duration,
-        error: bool,
-    ) {
-        let kept = self
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&conn);
+    pub fn closed(&self, conn: u64, info: &ConnInfo, bytes: (u64, u64), duration: Duration, error: bool) {
+        let kept = self.open.lock().unwrap_or_else(PoisonError::into_inner).remove(&conn);
         let l = kept.unwrap_or_else(|| self.labels(info));
         let flag = if info.policy.denied || info.policy.closed_by_policy.is_some() {
             ResponseFlag::Denied
@@ -417,27 +360,17 @@ impl ConnMetrics {
         };
         let values = l.values(flag);
         self.closed.with_label_values(&values).inc();
-        self.received_bytes
-            .with_label_values(&values)
-            .inc_by(bytes.0);
+        self.received_bytes.with_label_values(&values).inc_by(bytes.0);
         self.sent_bytes.with_label_values(&values).inc_by(bytes.1);
-        self.duration
-            .with_label_values(&l.duration_values())
-            .observe(duration.as_secs_f64());
+        self.duration.with_label_values(&l.duration_values()).observe(duration.as_secs_f64());
         if let Some(rtt) = info.tcp.rtt_us {
-            self.rtt
-                .with_label_values(&l.duration_values())
-                .observe(f64::from(rtt) / 1e6);
+            self.rtt.with_label_values(&l.duration_values()).observe(f64::from(rtt) / 1e6);
         }
     }
 
     /// A connection could not be forwarded.
     pub fn failed(&self, info: &ConnInfo) {
-        let flag = if info.policy.denied {
-            ResponseFlag::Denied
-        } else {
-            ResponseFlag::ConnectFailed
-        };
+        let flag = if info.policy.denied { ResponseFlag::Denied } else { ResponseFlag::ConnectFailed };
         let l = self.labels(info);
         self.failed.with_label_values(&l.values(flag)).inc();
     }
@@ -459,13 +392,7 @@ workloads:
     }
 
     fn outbound() -> ConnInfo {
-        let mut i = ConnInfo::new(
-            Direction::Outbound,
-            ObjectRef {
-                namespace: "demo".into(),
-                name: "client".into(),
-            },
-        );
+        let mut i = ConnInfo::new(Direction::Outbound, ObjectRef { namespace: "demo".into(), name: "client".into() });
         i.src = Some("10.0.1.2:40000".parse().unwrap());
         i.dst = Some("10.0.2.2:8080".parse().unwrap());
         i.security = Security::MutualTls;
@@ -475,8 +402,7 @@ workloads:
 
     fn text(prom: &PromRegistry) -> String {
         let mut out = Vec::new();
-        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &prom.gather(), &mut out)
-            .unwrap();
+        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &prom.gather(), &mut out).unwrap();
         String::from_utf8(out).unwrap()
     }
 
@@ -504,23 +430,13 @@ workloads:
     fn inbound_sources_outside_the_registry_are_unknown() {
         let mut i = outbound();
         i.direction = Direction::Inbound;
-        i.workload = ObjectRef {
-            namespace: "demo".into(),
-            name: "server".into(),
-        };
+        i.workload = ObjectRef { namespace: "demo".into(), name: "server".into() };
         i.src = Some("192.0.2.9:1234".parse().unwrap());
         i.security = Security::Plaintext;
         let l = ConnLabels::resolve(&i, &registry());
         assert_eq!(
             &l.values(ResponseFlag::Denied)[..6],
-            [
-                "destination",
-                "unknown",
-                "unknown",
-                "unknown",
-                "server",
-                "demo"
-            ]
+            ["destination", "unknown", "unknown", "unknown", "server", "demo"]
         );
         assert_eq!(l.values(ResponseFlag::Denied)[8..], ["none", "DENIED"]);
     }
@@ -551,11 +467,7 @@ workloads:
             assert!(t.contains(line), "missing {line} in\n{t}");
         }
         let value = |metric: &str| {
-            t.lines()
-                .find(|l| l.starts_with(metric))
-                .and_then(|l| l.rsplit(' ').next())
-                .unwrap_or_default()
-                .to_owned()
+            t.lines().find(|l| l.starts_with(metric)).and_then(|l| l.rsplit(' ').next()).unwrap_or_default().to_owned()
         };
         assert_eq!(value("heddle_tcp_received_bytes_total{"), "100");
         assert_eq!(value("heddle_tcp_sent_bytes_total{"), "7");
@@ -591,10 +503,7 @@ workloads:
         m.opened(7, &i);
         // A rollout: the pod leaves the registry while its connection lives.
         tx.send(Arc::new(registry())).unwrap();
-        let gone = ObjectRef {
-            namespace: "demo".into(),
-            name: "client-7d9f".into(),
-        };
+        let gone = ObjectRef { namespace: "demo".into(), name: "client-7d9f".into() };
         assert!(m.workloads.borrow().workload(&gone).is_none());
         m.closed(7, &i, (100, 7), Duration::from_millis(20), false);
 
@@ -606,14 +515,10 @@ workloads:
             "heddle_tcp_connection_duration_seconds_count{",
         ] {
             assert!(
-                t.lines()
-                    .any(|l| l.starts_with(metric) && l.contains("source_workload=\"client\"")),
+                t.lines().any(|l| l.starts_with(metric) && l.contains("source_workload=\"client\"")),
                 "{metric} not under the workload name in\n{t}"
             );
         }
-        assert!(
-            m.open.lock().unwrap().is_empty(),
-            "the labels of a closed connection are kept"
-        );
+        assert!(m.open.lock().unwrap().is_empty(), "the labels of a closed connection are kept");
     }
 }

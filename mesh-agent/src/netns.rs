@@ -68,26 +68,14 @@ impl Netns {
     /// Opens the namespace at `path`; `home` is the agent's own namespace,
     /// where threads return after [`Netns::run`].
     pub fn open(path: &Path, home: Arc<File>) -> Result<Self, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                file,
-                path: path.to_owned(),
-                home,
-            }),
-        })
+        let file = File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
+        Ok(Self { inner: Arc::new(Inner { file, path: path.to_owned(), home }) })
     }
 
     /// The calling thread's current network namespace.
     pub fn current() -> Result<File, NetnsError> {
         let path = Path::new("/proc/thread-self/ns/net");
-        File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })
+        File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })
     }
 
     /// Path the namespace was opened from.
@@ -98,10 +86,7 @@ impl Netns {
 
     /// Runs `f` with the calling thread inside this namespace.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        setns(self.inner.file.as_fd()).map_err(|source| NetnsError::Enter {
-            path: self.inner.path.clone(),
-            source,
-        })?;
+        setns(self.inner.file.as_fd()).map_err(|source| NetnsError::Enter { path: self.inner.path.clone(), source })?;
         let out = f();
         if let Err(e) = setns(self.inner.home.as_fd()) {
             tracing::error!(error = %e, "cannot return to the agent's network namespace; aborting");
@@ -112,10 +97,7 @@ impl Netns {
 
     /// The namespace's cookie, as `bpf_get_netns_cookie` returns it.
     pub fn cookie(&self) -> Result<u64, NetnsError> {
-        let cookie_err = |source| NetnsError::Cookie {
-            path: self.inner.path.clone(),
-            source,
-        };
+        let cookie_err = |source| NetnsError::Cookie { path: self.inner.path.clone(), source };
         let sock = self
             .run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))?
             .map_err(cookie_err)?;

@@ -37,8 +37,8 @@ mod tests;
 use std::{fmt, sync::Arc};
 
 pub use eval::{
-    authorize, Connection, Decision, Destination, DryRunDecision, OrigDst, PeerIdentity, Reason,
-    RuleRef, SrcIp, Verdict,
+    authorize, Connection, Decision, Destination, DryRunDecision, OrigDst, PeerIdentity, Reason, RuleRef, SrcIp,
+    Verdict,
 };
 pub use index::{AppliedPolicy, PolicySet, PolicySummary};
 pub use model::{Action, AuthorizationPolicy, ObjectMeta};
@@ -143,7 +143,9 @@ pub enum Problem {
     #[error("{0:?} is not a service account (\"name\" or \"namespace/name\", no wildcards)")]
     ServiceAccount(String),
     /// The action is one Heddle does not implement (`CUSTOM`).
-    #[error("action {0} is not supported by Heddle (it needs an external authorizer); ztunnel does not support it either")]
+    #[error(
+        "action {0} is not supported by Heddle (it needs an external authorizer); ztunnel does not support it either"
+    )]
     UnsupportedAction(&'static str),
     /// A `from` entry without `source`, or a `to` entry without `operation`.
     #[error("missing `{0}` (Istio rejects an empty entry; delete the entry to match anything)")]
@@ -193,16 +195,16 @@ pub enum Caveat {
     L7PartsDropped(String),
     /// The policy attaches to a gateway or waypoint (`targetRef(s)`), which an
     /// L4 agent does not run; it is not applied (ztunnel ignores it too).
-    #[error(
-        "targets a gateway/waypoint, not workloads: the policy is not applied by the node agent"
-    )]
+    #[error("targets a gateway/waypoint, not workloads: the policy is not applied by the node agent")]
     TargetRef,
     /// A DENY or AUDIT policy with no rules never matches anything.
     #[error("a {0} policy without rules never matches (only ALLOW policies without rules have an effect: they deny everything)")]
     NoRules(&'static str),
     /// A principal written with the `spiffe://` prefix never matches: Istio
     /// compares principals without it.
-    #[error("{0:?} starts with spiffe://, which principals never carry (write trust-domain/ns/NS/sa/SA): it never matches")]
+    #[error(
+        "{0:?} starts with spiffe://, which principals never carry (write trust-domain/ns/NS/sa/SA): it never matches"
+    )]
     SpiffePrefix(String),
     /// A `*` that is not the first or last character is compared literally.
     #[error("{0:?}: only a leading or trailing `*` is a wildcard; this one is compared literally")]

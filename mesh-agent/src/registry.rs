@@ -178,24 +178,15 @@ impl Registry {
     /// Builds a snapshot from a validated local configuration.
     #[must_use]
     pub fn from_config(config: &LocalConfig) -> Self {
-        let ns_modes: HashMap<&str, InboundMode> = config
-            .namespaces
-            .iter()
-            .filter_map(|n| Some((n.name.as_str(), n.inbound_mode?)))
-            .collect();
-        let ns_waypoints: HashMap<&str, &str> = config
-            .namespaces
-            .iter()
-            .filter_map(|n| Some((n.name.as_str(), n.use_waypoint.as_deref()?)))
-            .collect();
+        let ns_modes: HashMap<&str, InboundMode> =
+            config.namespaces.iter().filter_map(|n| Some((n.name.as_str(), n.inbound_mode?))).collect();
+        let ns_waypoints: HashMap<&str, &str> =
+            config.namespaces.iter().filter_map(|n| Some((n.name.as_str(), n.use_waypoint.as_deref()?))).collect();
         let workloads: Vec<Workload> = config
             .workloads
             .iter()
             .map(|w| Workload {
-                id: ObjectRef {
-                    namespace: w.namespace.clone(),
-                    name: w.name.clone(),
-                },
+                id: ObjectRef { namespace: w.namespace.clone(), name: w.name.clone() },
                 service_account: w.service_account.clone(),
                 node: w.node.clone(),
                 ips: w.ips.clone(),
@@ -217,24 +208,17 @@ impl Registry {
             .services
             .iter()
             .map(|s| ServiceEntry {
-                id: ObjectRef {
-                    namespace: s.namespace.clone(),
-                    name: s.name.clone(),
-                },
+                id: ObjectRef { namespace: s.namespace.clone(), name: s.name.clone() },
                 vip: s.vip,
                 ports: s
                     .ports
                     .iter()
-                    .map(|p| ServicePort {
-                        port: p.port,
-                        target_port: p.target_port.unwrap_or(p.port),
-                    })
+                    .map(|p| ServicePort { port: p.port, target_port: p.target_port.unwrap_or(p.port) })
                     .collect(),
                 endpoints: workloads
                     .iter()
                     .filter(|w| {
-                        w.id.namespace == s.namespace
-                            && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                        w.id.namespace == s.namespace && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
                     })
                     .map(|w| w.id.clone())
                     .collect(),
@@ -246,10 +230,8 @@ impl Registry {
                     .map(str::to_owned),
             })
             .collect();
-        let waypoints = config.waypoints.iter().map(|w| ObjectRef {
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
-        });
+        let waypoints =
+            config.waypoints.iter().map(|w| ObjectRef { namespace: w.namespace.clone(), name: w.name.clone() });
         Self::from_parts(&config.trust_domain, workloads, services).with_waypoints(waypoints)
     }
 
@@ -262,10 +244,7 @@ impl Registry {
         workloads: impl IntoIterator<Item = Workload>,
         services: impl IntoIterator<Item = ServiceEntry>,
     ) -> Self {
-        let mut reg = Registry {
-            trust_domain: trust_domain.to_owned(),
-            ..Registry::default()
-        };
+        let mut reg = Registry { trust_domain: trust_domain.to_owned(), ..Registry::default() };
         for w in workloads {
             for ip in &w.ips {
                 reg.by_ip.insert(*ip, w.id.clone());
@@ -337,22 +316,11 @@ impl Registry {
     /// Resolves an original destination: a service VIP becomes one of its
     /// endpoints (round robin); anything else is dialled as it is.
     pub fn resolve(&self, dst: SocketAddr) -> Result<Resolved, ResolveError> {
-        let Some(svc) = self
-            .by_vip
-            .get(&dst.ip())
-            .and_then(|id| self.services.get(id))
-        else {
-            return Ok(Resolved {
-                addr: dst,
-                service: None,
-                workload: self.by_ip.get(&dst.ip()).cloned(),
-            });
+        let Some(svc) = self.by_vip.get(&dst.ip()).and_then(|id| self.services.get(id)) else {
+            return Ok(Resolved { addr: dst, service: None, workload: self.by_ip.get(&dst.ip()).cloned() });
         };
         let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
-            return Err(ResolveError::NoSuchPort {
-                service: svc.id.clone(),
-                port: dst.port(),
-            });
+            return Err(ResolveError::NoSuchPort { service: svc.id.clone(), port: dst.port() });
         };
         // Endpoints of the same address family as the VIP.
         let candidates: Vec<(&ObjectRef, IpAddr)> = svc
@@ -365,9 +333,7 @@ impl Registry {
             })
             .collect();
         if candidates.is_empty() {
-            return Err(ResolveError::NoEndpoints {
-                service: svc.id.clone(),
-            });
+            return Err(ResolveError::NoEndpoints { service: svc.id.clone() });
         }
         let i = svc.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
         let (id, ip) = candidates[i];
@@ -405,22 +371,9 @@ services:
     fn resolves_a_vip_round_robin_to_endpoints_in_its_namespace() {
         let reg = registry();
         let dst: SocketAddr = "10.96.0.1:80".parse().unwrap();
-        let got: Vec<_> = (0..4)
-            .map(|_| reg.resolve(dst).unwrap().addr.to_string())
-            .collect();
-        assert_eq!(
-            got,
-            [
-                "10.0.0.1:8080",
-                "10.0.0.2:8080",
-                "10.0.0.1:8080",
-                "10.0.0.2:8080"
-            ]
-        );
-        assert_eq!(
-            reg.resolve(dst).unwrap().service.unwrap().to_string(),
-            "demo/a"
-        );
+        let got: Vec<_> = (0..4).map(|_| reg.resolve(dst).unwrap().addr.to_string()).collect();
+        assert_eq!(got, ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert_eq!(reg.resolve(dst).unwrap().service.unwrap().to_string(), "demo/a");
     }
 
     #[test]
@@ -435,13 +388,7 @@ services:
     #[test]
     fn refuses_unknown_service_ports_and_empty_services() {
         let reg = registry();
-        assert!(matches!(
-            reg.resolve("10.96.0.1:81".parse().unwrap()),
-            Err(ResolveError::NoSuchPort { .. })
-        ));
-        assert!(matches!(
-            reg.resolve("10.96.0.2:80".parse().unwrap()),
-            Err(ResolveError::NoEndpoints { .. })
-        ));
+        assert!(matches!(reg.resolve("10.96.0.1:81".parse().unwrap()), Err(ResolveError::NoSuchPort { .. })));
+        assert!(matches!(reg.resolve("10.96.0.2:80".parse().unwrap()), Err(ResolveError::NoEndpoints { .. })));
     }
 }

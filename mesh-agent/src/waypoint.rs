@@ -123,10 +123,7 @@ pub struct Downstream {
 
 /// This process's pod in `registry`.
 fn own_pod(registry: &Registry, settings: &Settings, home: &Arc<std::fs::File>) -> anyhow::Result<(Pod, SpiffeId)> {
-    let id = ObjectRef {
-        namespace: settings.waypoint.namespace.clone(),
-        name: settings.pod.clone(),
-    };
+    let id = ObjectRef { namespace: settings.waypoint.namespace.clone(), name: settings.pod.clone() };
     let w = registry
         .workload(&id)
         .with_context(|| format!("pod {id} is not a workload of {}", settings.config.display()))?;
@@ -144,16 +141,7 @@ fn own_pod(registry: &Registry, settings: &Settings, home: &Arc<std::fs::File>) 
     );
     let netns = Netns::open(std::path::Path::new("/proc/self/ns/net"), home.clone())?;
     let ips: Vec<IpAddr> = w.ips.clone();
-    Ok((
-        Pod {
-            id,
-            netns,
-            cookie: 0,
-            ips,
-            identity: w.identity.clone(),
-        },
-        w.identity.clone(),
-    ))
+    Ok((Pod { id, netns, cookie: 0, ips, identity: w.identity.clone() }, w.identity.clone()))
 }
 
 /// Runs the waypoint until SIGTERM/SIGINT.
@@ -196,7 +184,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("binding the metrics port {}", settings.metrics_addr))?;
     tokio::spawn(admin::serve(admin, state.clone(), stop.clone()));
     tokio::spawn(admin::serve_metrics(metrics, state.clone(), stop.clone()));
-    tokio::spawn(watch_sources(settings.clone(), file, route_text, registry_tx, routes_tx, state.clone(), stop.clone()));
+    tokio::spawn(watch_sources(
+        settings.clone(),
+        file,
+        route_text,
+        registry_tx,
+        routes_tx,
+        state.clone(),
+        stop.clone(),
+    ));
     let served = tokio::spawn(listener::run(hbone, state.clone(), stop.clone()));
     tracing::info!(waypoint = %settings.waypoint, listen = %settings.listen, "waypoint serving");
     wait_for_signal().await?;
@@ -259,7 +255,8 @@ async fn watch_sources(
             tracing::warn!(route = %r.0, problem = %r.1, "route not (fully) accepted");
         }
         // Endpoints that left the registry lose their pooled connections.
-        let live: std::collections::HashSet<IpAddr> = registry.workloads().flat_map(|w| w.ips.iter().copied()).collect();
+        let live: std::collections::HashSet<IpAddr> =
+            registry.workloads().flat_map(|w| w.ips.iter().copied()).collect();
         state.upstreams.retain(&|a| live.contains(&a.ip()));
         registry_tx.send_replace(Arc::new(registry));
         routes_tx.send_replace(Arc::new(set));

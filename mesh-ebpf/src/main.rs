@@ -21,9 +21,9 @@
 
 use aya_ebpf::{
     bindings::{
+        sk_action::{SK_DROP, SK_PASS},
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB,
-        sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
@@ -33,8 +33,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use mesh_common::{
-    capacity, ConnKey, EnrolledNetns, OrigDst, PendingConnect, Reason, AGENT_MARK, PORT_OUTBOUND,
-    PORT_TUNNEL,
+    capacity, ConnKey, EnrolledNetns, OrigDst, PendingConnect, Reason, AGENT_MARK, PORT_OUTBOUND, PORT_TUNNEL,
 };
 
 const AF_INET: u32 = 2;
@@ -48,12 +47,10 @@ const TCP_CLOSE: u32 = 7;
 const CONNECT_ALLOW: i32 = 1;
 
 #[map(name = "HEDDLE_ENROLLED")]
-static ENROLLED: HashMap<u64, EnrolledNetns> =
-    HashMap::with_max_entries(capacity::ENROLLED_NETNS, 0);
+static ENROLLED: HashMap<u64, EnrolledNetns> = HashMap::with_max_entries(capacity::ENROLLED_NETNS, 0);
 
 #[map(name = "HEDDLE_PENDING")]
-static PENDING: LruHashMap<u64, PendingConnect> =
-    LruHashMap::with_max_entries(capacity::PENDING, 0);
+static PENDING: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(capacity::PENDING, 0);
 
 #[map(name = "HEDDLE_ORIG_DST")]
 static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
@@ -130,17 +127,8 @@ fn redirect(
     }
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let pending = PendingConnect {
-        netns_cookie,
-        orig_dst: OrigDst {
-            ip4: dst_ip,
-            port: port as u16,
-            pad: 0,
-        },
-    };
-    PENDING
-        .insert(&cookie, &pending, 0)
-        .map_err(|_| Reason::ConnectMapFull)
+    let pending = PendingConnect { netns_cookie, orig_dst: OrigDst { ip4: dst_ip, port: port as u16, pad: 0 } };
+    PENDING.insert(&cookie, &pending, 0).map_err(|_| Reason::ConnectMapFull)
 }
 
 /// `::ffff:0:0/96` prefix word, network byte order.

@@ -383,8 +383,7 @@ impl fmt::Display for Certs {
             f,
             "mtls={} pooledTunnels={}",
             self.mtls,
-            self.pooled_tunnels
-                .map_or_else(|| "-".to_owned(), |n| n.to_string())
+            self.pooled_tunnels.map_or_else(|| "-".to_owned(), |n| n.to_string())
         )?;
         for c in &self.certificates {
             write!(
@@ -392,8 +391,7 @@ impl fmt::Display for Certs {
                 "; {} ready={} generation={}",
                 c.identity,
                 c.ready,
-                c.generation
-                    .map_or_else(|| "-".to_owned(), |g| g.to_string())
+                c.generation.map_or_else(|| "-".to_owned(), |g| g.to_string())
             )?;
             if let Some(e) = &c.last_error {
                 write!(f, " lastError={e}")?;
@@ -466,11 +464,7 @@ impl Policies {
 
 impl fmt::Display for Policies {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "hash={} loaded=[",
-            self.content_hash.as_deref().unwrap_or("-")
-        )?;
+        write!(f, "hash={} loaded=[", self.content_hash.as_deref().unwrap_or("-"))?;
         for (i, p) in self.loaded.iter().enumerate() {
             let sep = if i == 0 { "" } else { ", " };
             write!(f, "{sep}{} {} rules={}", p.policy, p.action, p.rules)?;
@@ -527,41 +521,22 @@ impl AdminClient {
     pub(crate) fn get(&self, path: &str) -> Result<(u16, String)> {
         let url = format!("http://{}{}", self.addr, path);
         let mut cmd = Command::new("curl");
-        cmd.args([
-            "-sS",
-            "--max-time",
-            "5",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            &url,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.args(["-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}", &url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let out = spawn_in(cmd, &self.netns, &self.cgroup)?
             .wait_with_output()
             .map_err(|e| TestbedError::io(format!("curl {url}"), e))?;
-        let admin_err = |problem: String| TestbedError::Admin {
-            node: self.node.clone(),
-            path: path.to_owned(),
-            problem,
-        };
+        let admin_err =
+            |problem: String| TestbedError::Admin { node: self.node.clone(), path: path.to_owned(), problem };
         if !out.status.success() {
-            return Err(admin_err(format!(
-                "failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            return Err(admin_err(format!("failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
         }
         let text = String::from_utf8_lossy(&out.stdout);
-        let (body, code) = text
-            .rsplit_once('\n')
-            .ok_or_else(|| admin_err(format!("curl printed no status: {text}")))?;
-        let code = code
-            .trim()
-            .parse()
-            .map_err(|_| admin_err(format!("curl printed a bad status: {code}")))?;
+        let (body, code) =
+            text.rsplit_once('\n').ok_or_else(|| admin_err(format!("curl printed no status: {text}")))?;
+        let code = code.trim().parse().map_err(|_| admin_err(format!("curl printed a bad status: {code}")))?;
         Ok((code, body.to_owned()))
     }
 
@@ -627,13 +602,8 @@ mod tests {
             "ready":true,"issuedAt":10,"notAfter":16,"generation":3,"lastError":null}]}"#,
         )
         .unwrap();
-        let c = certs
-            .certificate("spiffe://cluster.local/ns/demo/sa/client")
-            .unwrap();
-        assert_eq!(
-            (c.ready, c.generation, c.not_after),
-            (true, Some(3), Some(16))
-        );
+        let c = certs.certificate("spiffe://cluster.local/ns/demo/sa/client").unwrap();
+        assert_eq!((c.ready, c.generation, c.not_after), (true, Some(3), Some(16)));
         let off: Certs = serde_json::from_str(r#"{"mtls":false,"certificates":[]}"#).unwrap();
         assert!(!off.mtls && off.pooled_tunnels.is_none());
     }
@@ -650,11 +620,7 @@ mod tests {
         .unwrap();
         assert_eq!(flow.verdict, Some(Verdict::Denied));
         assert_eq!(flow.closed_by_policy.as_deref(), Some("demo/cut"));
-        assert!(
-            flow.to_string()
-                .contains("verdict=denied policy=demo/cut rule=0"),
-            "{flow}"
-        );
+        assert!(flow.to_string().contains("verdict=denied policy=demo/cut rule=0"), "{flow}");
         let p: Policies = serde_json::from_str(
             r#"{"rootNamespace":"heddle-system","source":"/tmp/p.yaml","contentHash":"fnv1a64:00",
             "loaded":[{"policy":"demo/a","action":"ALLOW","rules":1,"dryRun":false}],

@@ -62,26 +62,9 @@ impl Agent {
             cgroup: node.tools_cgroup(),
             addr: ADMIN_ADDR.to_owned(),
         };
-        let metrics = AdminClient {
-            addr: METRICS_ADDR.to_owned(),
-            ..admin.clone()
-        };
-        let daemon = Daemon::new(
-            format!("agent on {}", node.name()),
-            node.netns_path(),
-            node.agent_cgroup(),
-            log,
-        );
-        Self {
-            inner: Arc::new(Inner {
-                node,
-                bin,
-                ca,
-                admin,
-                metrics,
-                daemon,
-            }),
-        }
+        let metrics = AdminClient { addr: METRICS_ADDR.to_owned(), ..admin.clone() };
+        let daemon = Daemon::new(format!("agent on {}", node.name()), node.netns_path(), node.agent_cgroup(), log);
+        Self { inner: Arc::new(Inner { node, bin, ca, admin, metrics, daemon }) }
     }
 
     /// The node this agent serves.
@@ -117,10 +100,7 @@ impl Agent {
                 .arg(node.pod_netns_dir())
                 .env("KUBECONFIG", &k.kubeconfig);
         } else {
-            cmd.arg("--config")
-                .arg(&shared.config_path)
-                .arg("--policies")
-                .arg(shared.policies_path());
+            cmd.arg("--config").arg(&shared.config_path).arg("--policies").arg(shared.policies_path());
         }
         cmd.args(["--node", node.name()])
             .arg("--cgroup")
@@ -172,10 +152,7 @@ impl Agent {
 
     /// Sends SIGHUP: reload the config file now.
     pub fn reload(&self) -> Result<()> {
-        self.inner
-            .daemon
-            .send(libc::SIGHUP, "SIGHUP")
-            .unwrap_or_else(|| Err(self.not_running("not started or exited")))
+        self.inner.daemon.send(libc::SIGHUP, "SIGHUP").unwrap_or_else(|| Err(self.not_running("not started or exited")))
     }
 
     /// SIGKILLs the agent (simulating a crash) and reaps it. Its pinned
@@ -209,18 +186,12 @@ impl Agent {
             self.check_alive()?;
             Ok(match self.inner.admin.get("/ready") {
                 Ok((200, _)) => Check::Ready(()),
-                Ok((code, body)) => {
-                    Check::Pending(format!("/ready returned {code}: {}", body.trim()))
-                }
+                Ok((code, body)) => Check::Pending(format!("/ready returned {code}: {}", body.trim())),
                 Err(e) => Check::Pending(e.to_string()),
             })
         })
         .map_err(|e| match e {
-            TestbedError::Timeout {
-                what,
-                waited_ms,
-                last,
-            } => TestbedError::Timeout {
+            TestbedError::Timeout { what, waited_ms, last } => TestbedError::Timeout {
                 what,
                 waited_ms,
                 last: format!("{last}\nagent log tail:\n{}", self.log_tail(50)),
@@ -231,10 +202,7 @@ impl Agent {
 
     /// Fails with the exit status and log tail if the process is not running.
     fn check_alive(&self) -> Result<()> {
-        self.inner
-            .daemon
-            .running()
-            .map_err(|status| self.not_running(&status))
+        self.inner.daemon.running().map_err(|status| self.not_running(&status))
     }
 
     fn not_running(&self, status: &str) -> TestbedError {
@@ -255,9 +223,7 @@ impl Agent {
     pub fn open_fds(&self) -> Result<usize> {
         let pid = self.pid().ok_or_else(|| self.not_running("not running"))?;
         let dir = format!("/proc/{pid}/fd");
-        Ok(std::fs::read_dir(&dir)
-            .map_err(|e| TestbedError::io(format!("list {dir}"), e))?
-            .count())
+        Ok(std::fs::read_dir(&dir).map_err(|e| TestbedError::io(format!("list {dir}"), e))?.count())
     }
 
     /// `GET /flows`: every flow record, oldest first.
@@ -277,10 +243,7 @@ impl Agent {
 
     /// The `/workloads` entry for `namespace/name`, if listed.
     pub fn workload(&self, qualified_name: &str) -> Result<Option<Workload>> {
-        Ok(self
-            .workloads()?
-            .into_iter()
-            .find(|w| w.qualified_name() == qualified_name))
+        Ok(self.workloads()?.into_iter().find(|w| w.qualified_name() == qualified_name))
     }
 
     /// `GET /datapath`.
@@ -302,10 +265,7 @@ impl Agent {
     /// Waits until the agent has read the policy content whose hash is
     /// `content_hash` (`fnv1a64:<hex>`), and returns what it shows.
     pub fn wait_policies(&self, content_hash: &str, timeout: Duration) -> Result<Policies> {
-        let what = format!(
-            "agent on {} to read policies {content_hash}",
-            self.inner.node.name()
-        );
+        let what = format!("agent on {} to read policies {content_hash}", self.inner.node.name());
         poll_until(&what, timeout, Duration::from_millis(50), || {
             self.check_alive()?;
             let policies = self.policies()?;
@@ -324,22 +284,13 @@ impl Agent {
 
     /// Waits until the agent holds a certificate for every identity in
     /// `identities` (SPIFFE IDs) and returns them in that order.
-    pub fn wait_certificates(
-        &self,
-        identities: &[String],
-        timeout: Duration,
-    ) -> Result<Vec<Certificate>> {
-        let what = format!(
-            "agent on {} to hold certificates for {identities:?}",
-            self.inner.node.name()
-        );
+    pub fn wait_certificates(&self, identities: &[String], timeout: Duration) -> Result<Vec<Certificate>> {
+        let what = format!("agent on {} to hold certificates for {identities:?}", self.inner.node.name());
         poll_until(&what, timeout, Duration::from_millis(100), || {
             self.check_alive()?;
             let certs = self.certs()?;
-            let found: Vec<Option<&Certificate>> = identities
-                .iter()
-                .map(|id| certs.certificate(id).filter(|c| c.ready))
-                .collect();
+            let found: Vec<Option<&Certificate>> =
+                identities.iter().map(|id| certs.certificate(id).filter(|c| c.ready)).collect();
             Ok(if found.iter().all(Option::is_some) {
                 Check::Ready(found.into_iter().flatten().cloned().collect())
             } else {
@@ -375,21 +326,12 @@ impl Agent {
 
     /// Polls `/flows` until `done` holds for the records, returning them. The
     /// timeout error lists the newest records.
-    pub fn wait_for_flows(
-        &self,
-        what: &str,
-        timeout: Duration,
-        done: impl Fn(&[Flow]) -> bool,
-    ) -> Result<Vec<Flow>> {
+    pub fn wait_for_flows(&self, what: &str, timeout: Duration, done: impl Fn(&[Flow]) -> bool) -> Result<Vec<Flow>> {
         let what = format!("{what} (agent on {})", self.inner.node.name());
         poll_until(&what, timeout, Duration::from_millis(100), || {
             self.check_alive()?;
             let flows = self.flows()?;
-            Ok(if done(&flows) {
-                Check::Ready(flows)
-            } else {
-                Check::Pending(describe_flows(&flows, 20))
-            })
+            Ok(if done(&flows) { Check::Ready(flows) } else { Check::Pending(describe_flows(&flows, 20)) })
         })
     }
 }

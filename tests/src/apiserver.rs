@@ -76,9 +76,7 @@ pub enum ApiServerError {
         source: std::io::Error,
     },
     /// The object's `apiVersion`/`kind` is not served (register the CRD).
-    #[error(
-        "api-server stand-in does not serve {api_version} {kind}; register it with register_crd"
-    )]
+    #[error("api-server stand-in does not serve {api_version} {kind}; register it with register_crd")]
     UnknownKind {
         /// The object's apiVersion.
         api_version: String,
@@ -100,24 +98,17 @@ pub enum ApiServerError {
 
 impl From<status::ApiError> for ApiServerError {
     fn from(e: status::ApiError) -> Self {
-        Self::Rejected {
-            code: e.code,
-            message: e.body["message"].as_str().unwrap_or_default().to_owned(),
-        }
+        Self::Rejected { code: e.code, message: e.body["message"].as_str().unwrap_or_default().to_owned() }
     }
 }
 
 impl From<ApiServerError> for crate::TestbedError {
     fn from(e: ApiServerError) -> Self {
         match e {
-            ApiServerError::Io { context, source } => Self::Io {
-                context: format!("api-server stand-in: {context}"),
-                source,
-            },
-            other => Self::Io {
-                context: "api-server stand-in".into(),
-                source: std::io::Error::other(other),
-            },
+            ApiServerError::Io { context, source } => {
+                Self::Io { context: format!("api-server stand-in: {context}"), source }
+            }
+            other => Self::Io { context: "api-server stand-in".into(), source: std::io::Error::other(other) },
         }
     }
 }
@@ -177,15 +168,11 @@ impl Shared {
         if !self.require_auth.load(Ordering::Relaxed) {
             return true;
         }
-        authorization
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .is_some_and(|t| self.tokens().contains_key(t.trim()))
+        authorization.and_then(|h| h.strip_prefix("Bearer ")).is_some_and(|t| self.tokens().contains_key(t.trim()))
     }
 
     fn forward_target(&self, namespace: &str, pod: &str) -> Option<SocketAddr> {
-        lock(&self.forwards)
-            .get(&(namespace.to_owned(), pod.to_owned()))
-            .copied()
+        lock(&self.forwards).get(&(namespace.to_owned(), pod.to_owned())).copied()
     }
 }
 
@@ -205,11 +192,8 @@ const INITIAL_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "
 impl ApiServer {
     /// Starts on `127.0.0.1`, a free port, in the caller's network namespace.
     pub fn start() -> Result<ApiServer> {
-        let listener =
-            StdTcpListener::bind("127.0.0.1:0").map_err(|source| ApiServerError::Io {
-                context: "bind 127.0.0.1:0".into(),
-                source,
-            })?;
+        let listener = StdTcpListener::bind("127.0.0.1:0")
+            .map_err(|source| ApiServerError::Io { context: "bind 127.0.0.1:0".into(), source })?;
         Self::serve(listener)
     }
 
@@ -222,10 +206,7 @@ impl ApiServer {
                 context: format!("enter {}", netns.display()),
                 source: std::io::Error::other(e),
             })?
-            .map_err(|source| ApiServerError::Io {
-                context: format!("bind {addr} in {}", netns.display()),
-                source,
-            })?;
+            .map_err(|source| ApiServerError::Io { context: format!("bind {addr} in {}", netns.display()), source })?;
         Self::serve(listener)
     }
 
@@ -235,9 +216,7 @@ impl ApiServer {
             move |source| ApiServerError::Io { context, source }
         };
         let addr = listener.local_addr().map_err(io("local_addr"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io("set_nonblocking"))?;
+        listener.set_nonblocking(true).map_err(io("set_nonblocking"))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("apiserver-standin")
@@ -264,11 +243,7 @@ impl ApiServer {
             tokio::net::TcpListener::from_std(listener).map_err(io("register the listener"))?
         };
         runtime.spawn(accept_loop(listener, shared.clone()));
-        Ok(ApiServer {
-            shared,
-            runtime: Some(runtime),
-            listener: dup,
-        })
+        Ok(ApiServer { shared, runtime: Some(runtime), listener: dup })
     }
 
     /// `http://ip:port`.
@@ -295,10 +270,8 @@ impl ApiServer {
             "preferences": {},
         });
         let yaml = serde_yaml_ng::to_string(&config)?;
-        std::fs::write(path, yaml).map_err(|source| ApiServerError::Io {
-            context: format!("write {}", path.display()),
-            source,
-        })
+        std::fs::write(path, yaml)
+            .map_err(|source| ApiServerError::Io { context: format!("write {}", path.display()), source })
     }
 
     /// Creates or replaces the object named by its apiVersion, kind,
@@ -317,48 +290,27 @@ impl ApiServer {
     }
 
     fn type_of(store: &Store, obj: &Value) -> Result<store::TypeId> {
-        let api_version = obj
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
         let kind = obj.get("kind").and_then(Value::as_str).unwrap_or_default();
         store
             .lookup_kind(api_version, kind)
-            .ok_or_else(|| ApiServerError::UnknownKind {
-                api_version: api_version.to_owned(),
-                kind: kind.to_owned(),
-            })
+            .ok_or_else(|| ApiServerError::UnknownKind { api_version: api_version.to_owned(), kind: kind.to_owned() })
     }
 
     /// Deletes an object; watches get DELETED with its final state at a new
     /// resource version.
-    pub fn delete(
-        &self,
-        api_version: &str,
-        kind: &str,
-        namespace: Option<&str>,
-        name: &str,
-    ) -> Result<()> {
+    pub fn delete(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> Result<()> {
         let mut store = self.shared.store();
-        let id =
-            store
-                .lookup_kind(api_version, kind)
-                .ok_or_else(|| ApiServerError::UnknownKind {
-                    api_version: api_version.to_owned(),
-                    kind: kind.to_owned(),
-                })?;
+        let id = store.lookup_kind(api_version, kind).ok_or_else(|| ApiServerError::UnknownKind {
+            api_version: api_version.to_owned(),
+            kind: kind.to_owned(),
+        })?;
         store.delete(id, namespace.unwrap_or("default"), name, None)?;
         Ok(())
     }
 
     /// A stored object (with `apiVersion` and `kind`).
-    pub fn get(
-        &self,
-        api_version: &str,
-        kind: &str,
-        namespace: Option<&str>,
-        name: &str,
-    ) -> Option<Value> {
+    pub fn get(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
         let store = self.shared.store();
         let id = store.lookup_kind(api_version, kind)?;
         store.get(id, namespace.unwrap_or("default"), name).cloned()
@@ -377,11 +329,7 @@ impl ApiServer {
     pub fn apply_status(&self, obj: Value) -> Result<Value> {
         let mut store = self.shared.store();
         let id = Self::type_of(&store, &obj)?;
-        let ns = obj
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("default")
-            .to_owned();
+        let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default").to_owned();
         let name = store::name_of(&obj).to_owned();
         Ok(store.update(id, &ns, &name, obj, WriteScope::StatusOnly)?)
     }
@@ -449,13 +397,9 @@ impl ApiServer {
     /// has (re-)established its watch).
     pub fn open_watches(&self, api_version: &str, kind: &str) -> usize {
         let store = self.shared.store();
-        store.lookup_kind(api_version, kind).map_or(0, |id| {
-            store.types[id]
-                .watchers
-                .iter()
-                .filter(|w| !w.tx.is_closed())
-                .count()
-        })
+        store
+            .lookup_kind(api_version, kind)
+            .map_or(0, |id| store.types[id].watchers.iter().filter(|w| !w.tx.is_closed()).count())
     }
 
     /// The current resource version.

@@ -59,10 +59,7 @@ impl AgentCaFlags {
     /// Fails unless the token and bundle exist: the CA writes them when it
     /// first starts, and only for nodes that had workloads then.
     pub(crate) fn check_present(&self) -> Result<()> {
-        for (what, path) in [
-            ("CA token", &self.token_file),
-            ("trust bundle", &self.trust_bundle),
-        ] {
+        for (what, path) in [("CA token", &self.token_file), ("trust bundle", &self.trust_bundle)] {
             if !path.is_file() {
                 return Err(TestbedError::Environment(format!(
                     "{what} {} does not exist: start the CA before the agents, after \
@@ -97,22 +94,8 @@ impl Ca {
         let state_dir = shared.tmp.join("ca");
         let log = shared.tmp.join("ca.log");
         let addr = SocketAddr::V4(SocketAddrV4::new(node.transit_ip(), CA_PORT));
-        let daemon = Daemon::new(
-            format!("mesh CA on {}", node.name()),
-            node.netns_path(),
-            cgroup,
-            log,
-        );
-        Self {
-            inner: Arc::new(Inner {
-                node,
-                bin,
-                options,
-                state_dir,
-                addr,
-                daemon,
-            }),
-        }
+        let daemon = Daemon::new(format!("mesh CA on {}", node.name()), node.netns_path(), cgroup, log);
+        Self { inner: Arc::new(Inner { node, bin, options, state_dir, addr, daemon }) }
     }
 
     /// Where it listens: its node's transit address, port [`CA_PORT`].
@@ -142,10 +125,7 @@ impl Ca {
     /// The token file of `node`.
     #[must_use]
     pub fn token_path(&self, node: &str) -> PathBuf {
-        self.inner
-            .state_dir
-            .join("nodes")
-            .join(format!("{node}.token"))
+        self.inner.state_dir.join("nodes").join(format!("{node}.token"))
     }
 
     /// Its log file.

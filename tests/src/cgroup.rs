@@ -25,8 +25,7 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 
 /// Creates `dir` (and missing parents).
 pub(crate) fn create(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir)
-        .map_err(|e| TestbedError::io(format!("create cgroup {}", dir.display()), e))
+    fs::create_dir_all(dir).map_err(|e| TestbedError::io(format!("create cgroup {}", dir.display()), e))
 }
 
 /// Kills every process in the subtree at `dir` and waits (up to `timeout`)
@@ -53,8 +52,7 @@ pub(crate) fn kill_all(dir: &Path, timeout: Duration) -> Result<()> {
 /// Whether any process lives in the subtree at `dir`.
 fn is_populated(dir: &Path) -> Result<bool> {
     let events = dir.join("cgroup.events");
-    let text = fs::read_to_string(&events)
-        .map_err(|e| TestbedError::io(format!("read {}", events.display()), e))?;
+    let text = fs::read_to_string(&events).map_err(|e| TestbedError::io(format!("read {}", events.display()), e))?;
     Ok(text.lines().any(|l| l.trim() == "populated 1"))
 }
 
@@ -84,12 +82,7 @@ pub(crate) fn remove_tree(dir: &Path) -> Result<()> {
                 attempts += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => {
-                return Err(TestbedError::io(
-                    format!("remove cgroup {}", dir.display()),
-                    e,
-                ))
-            }
+            Err(e) => return Err(TestbedError::io(format!("remove cgroup {}", dir.display()), e)),
         }
     }
 }

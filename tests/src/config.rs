@@ -141,10 +141,8 @@ impl ClusterConfig {
 /// (an agent re-reading its files) never sees a partial file.
 pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("new");
-    std::fs::write(&tmp, text)
-        .map_err(|e| TestbedError::io(format!("write {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| TestbedError::io(format!("rename {} into place", tmp.display()), e))
+    std::fs::write(&tmp, text).map_err(|e| TestbedError::io(format!("write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TestbedError::io(format!("rename {} into place", tmp.display()), e))
 }
 
 #[cfg(test)]
@@ -171,10 +169,7 @@ mod tests {
                 name: "server".into(),
                 namespace: "demo".into(),
                 vip: Ipv4Addr::new(10, 96, 0, 10),
-                ports: vec![ServicePort {
-                    port: 80,
-                    target_port: 8080,
-                }],
+                ports: vec![ServicePort { port: 80, target_port: 8080 }],
                 selector: BTreeMap::from([("app".into(), "server".into())]),
                 use_waypoint: None,
             }],
@@ -193,10 +188,7 @@ mod tests {
             assert!(yaml.contains(key), "{key:?} missing from:\n{yaml}");
         }
         for absent in ["trustDomain", "namespaces", "inboundMode"] {
-            assert!(
-                !yaml.contains(absent),
-                "{absent:?} written by default:\n{yaml}"
-            );
+            assert!(!yaml.contains(absent), "{absent:?} written by default:\n{yaml}");
         }
     }
 
@@ -224,11 +216,7 @@ mod tests {
             waypoints: Vec::new(),
         };
         let yaml = cfg.to_yaml().unwrap();
-        for key in [
-            "trustDomain: heddle.test",
-            "- name: vault\n  inboundMode: STRICT",
-            "inboundMode: PERMISSIVE",
-        ] {
+        for key in ["trustDomain: heddle.test", "- name: vault\n  inboundMode: STRICT", "inboundMode: PERMISSIVE"] {
             assert!(yaml.contains(key), "{key:?} missing from:\n{yaml}");
         }
     }

@@ -32,13 +32,7 @@ pub(crate) struct Daemon {
 
 impl Daemon {
     pub(crate) fn new(label: String, netns: PathBuf, cgroup: PathBuf, log: PathBuf) -> Self {
-        Self {
-            label,
-            netns,
-            cgroup,
-            log,
-            child: Mutex::new(None),
-        }
+        Self { label, netns, cgroup, log, child: Mutex::new(None) }
     }
 
     fn child(&self) -> MutexGuard<'_, Option<Child>> {
@@ -60,28 +54,14 @@ impl Daemon {
         let mut child = self.child();
         if let Some(c) = child.as_mut() {
             if matches!(c.try_wait(), Ok(None)) {
-                return Err(TestbedError::Environment(format!(
-                    "{} is already running",
-                    self.label
-                )));
+                return Err(TestbedError::Environment(format!("{} is already running", self.label)));
             }
         }
         let log_err = |e| TestbedError::io(format!("open {}", self.log.display()), e);
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(log_err)?;
-        let _ = writeln!(
-            log,
-            "===== heddle-tests: starting `{}` =====",
-            command_line(&cmd)
-        );
+        let mut log = OpenOptions::new().create(true).append(true).open(&self.log).map_err(log_err)?;
+        let _ = writeln!(log, "===== heddle-tests: starting `{}` =====", command_line(&cmd));
         let log2: File = log.try_clone().map_err(log_err)?;
-        cmd.stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .env("RUST_BACKTRACE", "1");
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2).env("RUST_BACKTRACE", "1");
         *child = Some(spawn_in(cmd, &self.netns, &self.cgroup)?);
         Ok(())
     }
@@ -107,10 +87,7 @@ impl Daemon {
     /// Sends `sig` to the running process; `None` if it does not run.
     pub(crate) fn send(&self, sig: libc::c_int, name: &str) -> Option<Result<()>> {
         let pid = self.pid()?;
-        Some(
-            signal(pid, sig)
-                .map_err(|e| TestbedError::io(format!("{name} {} ({pid})", self.label), e)),
-        )
+        Some(signal(pid, sig).map_err(|e| TestbedError::io(format!("{name} {} ({pid})", self.label), e)))
     }
 
     /// SIGKILLs and reaps the process (a crash, as far as it can tell).
@@ -137,10 +114,7 @@ impl Daemon {
         if let Some(c) = child.as_mut() {
             let left = deadline.saturating_duration_since(Instant::now());
             if !matches!(wait_timeout(c, left), Ok(Some(_))) {
-                eprintln!(
-                    "{} did not exit within {left:?} of SIGTERM; sending SIGKILL",
-                    self.label
-                );
+                eprintln!("{} did not exit within {left:?} of SIGTERM; sending SIGKILL", self.label);
                 let _ = c.kill();
                 let _ = c.wait();
             }

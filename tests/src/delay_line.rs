@@ -78,28 +78,8 @@ impl DelayLine {
     pub(crate) fn start(switch_ns: &str, port: &str, spec: DelaySpec) -> Result<Self> {
         let (bridge_side, line_side) = (format!("dl-{port}"), format!("dlp-{port}"));
         ip(["-n", switch_ns, "link", "set", port, "nomaster"])?;
-        ip([
-            "-n",
-            switch_ns,
-            "link",
-            "add",
-            &bridge_side,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &line_side,
-        ])?;
-        ip([
-            "-n",
-            switch_ns,
-            "link",
-            "set",
-            &bridge_side,
-            "master",
-            "br0",
-            "up",
-        ])?;
+        ip(["-n", switch_ns, "link", "add", &bridge_side, "type", "veth", "peer", "name", &line_side])?;
+        ip(["-n", switch_ns, "link", "set", &bridge_side, "master", "br0", "up"])?;
         for dev in [port, line_side.as_str()] {
             ip(["-n", switch_ns, "link", "set", dev, "promisc", "on", "up"])?;
         }
@@ -124,22 +104,13 @@ impl DelayLine {
                 write_frames(&to, &rx, &stop_w, &c);
             }));
         }
-        Ok(Self {
-            switch_ns: switch_ns.to_owned(),
-            port: port.to_owned(),
-            stop,
-            threads,
-            counters,
-        })
+        Ok(Self { switch_ns: switch_ns.to_owned(), port: port.to_owned(), stop, threads, counters })
     }
 
     /// Frames forwarded and dropped so far.
     #[must_use]
     pub fn counters(&self) -> (u64, u64) {
-        (
-            self.counters.forwarded.load(Ordering::Relaxed),
-            self.counters.dropped.load(Ordering::Relaxed),
-        )
+        (self.counters.forwarded.load(Ordering::Relaxed), self.counters.dropped.load(Ordering::Relaxed))
     }
 }
 
@@ -151,10 +122,9 @@ impl Drop for DelayLine {
         }
         let (ns, port) = (self.switch_ns.as_str(), self.port.as_str());
         let bridge_side = format!("dl-{port}");
-        for args in [
-            ["-n", ns, "link", "del", bridge_side.as_str(), "", ""],
-            ["-n", ns, "link", "set", port, "master", "br0"],
-        ] {
+        for args in
+            [["-n", ns, "link", "del", bridge_side.as_str(), "", ""], ["-n", ns, "link", "set", port, "master", "br0"]]
+        {
             let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
             if let Err(e) = ip(args) {
                 eprintln!("delay line: restoring {port}: {e}");
@@ -163,16 +133,10 @@ impl Drop for DelayLine {
     }
 }
 
-fn setsockopt_int(
-    fd: &OwnedFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
+fn setsockopt_int(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("small");
     // SAFETY: `fd` is a live socket; the option value is a c_int of `len` bytes.
-    let rc =
-        unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (&raw const value).cast(), len) };
+    let rc = unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (&raw const value).cast(), len) };
     if rc == 0 {
         Ok(())
     } else {
@@ -195,20 +159,11 @@ fn packet_socket(dev: &str) -> io::Result<OwnedFd> {
     setsockopt_int(&fd, libc::SOL_PACKET, PACKET_VNET_HDR, 1)?;
     setsockopt_int(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)?;
     setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20)?;
-    let timeout = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
+    let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
     let len = libc::socklen_t::try_from(std::mem::size_of::<libc::timeval>()).expect("small");
     // SAFETY: `fd` is live; the value is a timeval of `len` bytes.
     if unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            len,
-        )
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const timeout).cast(), len)
     } != 0
     {
         return Err(io::Error::last_os_error());
@@ -252,29 +207,18 @@ fn read_frames(
         }
         if n - VNET_HDR_LEN >= LARGE_FRAME {
             large = large.wrapping_add(1);
-            if spec
-                .drop_every
-                .is_some_and(|every| every > 0 && large.is_multiple_of(every))
-            {
+            if spec.drop_every.is_some_and(|every| every > 0 && large.is_multiple_of(every)) {
                 counters.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
         }
-        if tx
-            .send((Instant::now() + spec.one_way, buf[..n].to_vec()))
-            .is_err()
-        {
+        if tx.send((Instant::now() + spec.one_way, buf[..n].to_vec())).is_err() {
             return;
         }
     }
 }
 
-fn write_frames(
-    to: &OwnedFd,
-    rx: &mpsc::Receiver<(Instant, Vec<u8>)>,
-    stop: &AtomicBool,
-    counters: &DelayCounters,
-) {
+fn write_frames(to: &OwnedFd, rx: &mpsc::Receiver<(Instant, Vec<u8>)>, stop: &AtomicBool, counters: &DelayCounters) {
     while !stop.load(Ordering::Relaxed) {
         let Ok((due, frame)) = rx.recv_timeout(Duration::from_millis(100)) else {
             continue;

@@ -35,25 +35,13 @@ pub struct Tool {
 }
 
 /// Packet capture on the link between nodes.
-pub const TCPDUMP: Tool = Tool {
-    binary: "tcpdump",
-    package: "tcpdump",
-};
+pub const TCPDUMP: Tool = Tool { binary: "tcpdump", package: "tcpdump" };
 /// A real HTTP/2 server (`nghttpd --no-tls` serves h2c).
-pub const NGHTTPD: Tool = Tool {
-    binary: "nghttpd",
-    package: "nghttp2-server",
-};
+pub const NGHTTPD: Tool = Tool { binary: "nghttpd", package: "nghttp2-server" };
 /// An HTTP/2 client (h2c with prior knowledge) and load generator.
-pub const NGHTTP: Tool = Tool {
-    binary: "nghttp",
-    package: "nghttp2-client",
-};
+pub const NGHTTP: Tool = Tool { binary: "nghttp", package: "nghttp2-client" };
 /// A TLS toolkit: certificates and a TLS client.
-pub const OPENSSL: Tool = Tool {
-    binary: "openssl",
-    package: "openssl",
-};
+pub const OPENSSL: Tool = Tool { binary: "openssl", package: "openssl" };
 
 /// The path of `tool`'s executable, searched in `PATH` and the usual
 /// system directories; `None` if it is not installed.
@@ -75,22 +63,15 @@ pub fn require_tool(tool: Tool) -> Result<PathBuf> {
         return Ok(path);
     }
     let lock_path = "/run/heddle-test-apt.lock";
-    let lock =
-        File::create(lock_path).map_err(|e| TestbedError::io(format!("create {lock_path}"), e))?;
+    let lock = File::create(lock_path).map_err(|e| TestbedError::io(format!("create {lock_path}"), e))?;
     // SAFETY: flock(2) on a valid fd; released when `lock` is closed.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(TestbedError::io(
-            format!("lock {lock_path}"),
-            std::io::Error::last_os_error(),
-        ));
+        return Err(TestbedError::io(format!("lock {lock_path}"), std::io::Error::last_os_error()));
     }
     if let Some(path) = find_tool(tool) {
         return Ok(path);
     }
-    eprintln!(
-        "testbed: {} is missing; installing the Debian package `{}`",
-        tool.binary, tool.package
-    );
+    eprintln!("testbed: {} is missing; installing the Debian package `{}`", tool.binary, tool.package);
     let install = || {
         run_checked(
             "env",
@@ -116,11 +97,7 @@ pub fn require_tool(tool: Tool) -> Result<PathBuf> {
         }
     };
     drop(lock);
-    find_tool(tool).ok_or(TestbedError::MissingTool {
-        binary: tool.binary,
-        package: tool.package,
-        detail,
-    })
+    find_tool(tool).ok_or(TestbedError::MissingTool { binary: tool.binary, package: tool.package, detail })
 }
 
 /// Checks that this process can build a test bed: running as root, `ip netns`
@@ -141,14 +118,10 @@ pub fn check_environment() -> Result<()> {
         .status()
         .is_ok_and(|s| s.success());
     if !ip_ok {
-        return Err(TestbedError::Environment(
-            "`ip netns list` does not work (is iproute2 installed?)".into(),
-        ));
+        return Err(TestbedError::Environment("`ip netns list` does not work (is iproute2 installed?)".into()));
     }
     if !Path::new(CGROUP_ROOT).join("cgroup.procs").exists() {
-        return Err(TestbedError::Environment(format!(
-            "cgroup v2 is not mounted at {CGROUP_ROOT}"
-        )));
+        return Err(TestbedError::Environment(format!("cgroup v2 is not mounted at {CGROUP_ROOT}")));
     }
     Ok(())
 }
@@ -156,17 +129,12 @@ pub fn check_environment() -> Result<()> {
 /// Mounts bpffs at [`BPFFS`] unless one is already mounted there.
 pub(crate) fn ensure_bpffs() -> Result<()> {
     let lock_path = "/run/heddle-test-bpffs.lock";
-    let lock =
-        File::create(lock_path).map_err(|e| TestbedError::io(format!("create {lock_path}"), e))?;
+    let lock = File::create(lock_path).map_err(|e| TestbedError::io(format!("create {lock_path}"), e))?;
     // SAFETY: flock(2) on a valid fd; released when `lock` is closed.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(TestbedError::io(
-            format!("lock {lock_path}"),
-            std::io::Error::last_os_error(),
-        ));
+        return Err(TestbedError::io(format!("lock {lock_path}"), std::io::Error::last_os_error()));
     }
-    let mounts = fs::read_to_string("/proc/self/mounts")
-        .map_err(|e| TestbedError::io("read /proc/self/mounts", e))?;
+    let mounts = fs::read_to_string("/proc/self/mounts").map_err(|e| TestbedError::io("read /proc/self/mounts", e))?;
     let mounted = mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
         let (_, dir, kind) = (f.next(), f.next(), f.next());
@@ -187,17 +155,13 @@ pub fn asset(name: &str) -> PathBuf {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// The agent binary: `$HEDDLE_AGENT_BIN`, else `<workspace>/target/debug/mesh-agent`.
 pub fn agent_binary() -> Result<PathBuf> {
-    let path = std::env::var_os(AGENT_BIN_ENV).map_or_else(
-        || workspace_root().join("target/debug/mesh-agent"),
-        PathBuf::from,
-    );
+    let path =
+        std::env::var_os(AGENT_BIN_ENV).map_or_else(|| workspace_root().join("target/debug/mesh-agent"), PathBuf::from);
     if path.is_file() {
         Ok(path)
     } else {
@@ -215,11 +179,7 @@ pub fn heddle_binary() -> Result<PathBuf> {
     if path.is_file() {
         Ok(path)
     } else {
-        Err(TestbedError::MissingBinary {
-            what: "heddle",
-            path,
-            hint: "build it with `cargo xtask build`",
-        })
+        Err(TestbedError::MissingBinary { what: "heddle", path, hint: "build it with `cargo xtask build`" })
     }
 }
 
@@ -230,21 +190,11 @@ pub fn pod_app_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os(POD_APP_BIN_ENV) {
         return Ok(PathBuf::from(path));
     }
-    let exe =
-        std::env::current_exe().map_err(|e| TestbedError::io("locate current executable", e))?;
-    let candidates = exe
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("pod-app"))
-        .collect::<Vec<_>>();
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| TestbedError::MissingBinary {
-            what: "pod-app",
-            path: candidates.first().cloned().unwrap_or_default(),
-            hint: "build it with `cargo build -p heddle-tests` (or set HEDDLE_POD_APP_BIN)",
-        })
+    let exe = std::env::current_exe().map_err(|e| TestbedError::io("locate current executable", e))?;
+    let candidates = exe.ancestors().skip(1).take(2).map(|dir| dir.join("pod-app")).collect::<Vec<_>>();
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| TestbedError::MissingBinary {
+        what: "pod-app",
+        path: candidates.first().cloned().unwrap_or_default(),
+        hint: "build it with `cargo build -p heddle-tests` (or set HEDDLE_POD_APP_BIN)",
+    })
 }

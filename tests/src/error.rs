@@ -91,7 +91,9 @@ pub enum TestbedError {
     },
 
     /// The admin API answered 200 with a body that does not match the contract.
-    #[error("agent admin API on {node}: GET {path} returned JSON that does not match the contract ({source}); body: {body}")]
+    #[error(
+        "agent admin API on {node}: GET {path} returned JSON that does not match the contract ({source}); body: {body}"
+    )]
     AdminBody {
         /// The node whose agent was asked.
         node: String,
@@ -116,9 +118,7 @@ pub enum TestbedError {
     },
 
     /// `pod-app client` printed something that is not its JSON summary.
-    #[error(
-        "pod-app client in {pod} printed no summary ({status}); stdout: {stdout}; stderr: {stderr}"
-    )]
+    #[error("pod-app client in {pod} printed no summary ({status}); stdout: {stdout}; stderr: {stderr}")]
     ClientOutput {
         /// The pod it ran in.
         pod: String,
@@ -138,10 +138,7 @@ pub enum TestbedError {
 impl TestbedError {
     /// Wraps an [`std::io::Error`] with what was being done.
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io {
-            context: context.into(),
-            source,
-        }
+        Self::Io { context: context.into(), source }
     }
 }
 

@@ -33,9 +33,7 @@ where
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null());
     let line = command_line(&cmd);
-    let out = cmd
-        .output()
-        .map_err(|e| TestbedError::io(format!("run `{line}`"), e))?;
+    let out = cmd.output().map_err(|e| TestbedError::io(format!("run `{line}`"), e))?;
     if !out.status.success() {
         return Err(TestbedError::Command {
             command: line,
@@ -68,8 +66,7 @@ pub(crate) fn command_line(cmd: &Command) -> String {
 /// (e.g. `/run/netns/ht-1-2-client`) and its cgroup set to `cgroup` (a
 /// cgroup v2 directory).
 pub(crate) fn spawn_in(mut cmd: Command, netns: &Path, cgroup: &Path) -> Result<Child> {
-    let ns = File::open(netns)
-        .map_err(|e| TestbedError::io(format!("open netns {}", netns.display()), e))?;
+    let ns = File::open(netns).map_err(|e| TestbedError::io(format!("open netns {}", netns.display()), e))?;
     let procs_path = cgroup.join("cgroup.procs");
     let procs = OpenOptions::new()
         .write(true)
@@ -94,12 +91,7 @@ pub(crate) fn spawn_in(mut cmd: Command, netns: &Path, cgroup: &Path) -> Result<
     // async-signal-safe. `last_os_error` only reads errno.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::sigprocmask(
-                libc::SIG_SETMASK,
-                &raw const empty_mask,
-                std::ptr::null_mut(),
-            ) != 0
-            {
+            if libc::sigprocmask(libc::SIG_SETMASK, &raw const empty_mask, std::ptr::null_mut()) != 0 {
                 return Err(io::Error::last_os_error());
             }
             // "0" means "the writing process" (cgroup v2, cgroup.procs).
@@ -112,16 +104,9 @@ pub(crate) fn spawn_in(mut cmd: Command, netns: &Path, cgroup: &Path) -> Result<
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| {
-        TestbedError::io(
-            format!(
-                "spawn `{line}` in {} / {}",
-                netns.display(),
-                cgroup.display()
-            ),
-            e,
-        )
-    });
+    let child = cmd
+        .spawn()
+        .map_err(|e| TestbedError::io(format!("spawn `{line}` in {} / {}", netns.display(), cgroup.display()), e));
     drop(ns);
     drop(procs);
     child
@@ -129,8 +114,7 @@ pub(crate) fn spawn_in(mut cmd: Command, netns: &Path, cgroup: &Path) -> Result<
 
 /// Sends `signal` to `pid`; an already-gone process is not an error.
 pub(crate) fn signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
-    let pid =
-        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: kill(2) has no memory-safety preconditions.
     if unsafe { libc::kill(pid, signal) } == 0 {
         return Ok(());
@@ -164,8 +148,7 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    let ns = File::open(netns)
-        .map_err(|e| TestbedError::io(format!("open netns {}", netns.display()), e))?;
+    let ns = File::open(netns).map_err(|e| TestbedError::io(format!("open netns {}", netns.display()), e))?;
     let handle = std::thread::spawn(move || {
         // SAFETY: setns(2) on a valid fd; it affects only the calling thread,
         // which is this short-lived one.
@@ -192,11 +175,7 @@ pub struct Process {
 
 impl Process {
     pub(crate) fn new(child: Child, what: String) -> Self {
-        Self {
-            child,
-            what,
-            log: None,
-        }
+        Self { child, what, log: None }
     }
 
     /// Records the file its stdout and stderr go to.
@@ -214,10 +193,7 @@ impl Process {
     /// Everything it has logged so far (empty if it logs nowhere).
     #[must_use]
     pub fn log_text(&self) -> String {
-        self.log
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
+        self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
     }
 
     /// The process id.
@@ -234,9 +210,7 @@ impl Process {
 
     /// Its exit status if it has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        self.child
-            .try_wait()
-            .map_err(|e| TestbedError::io(format!("wait for {}", self.what), e))
+        self.child.try_wait().map_err(|e| TestbedError::io(format!("wait for {}", self.what), e))
     }
 
     /// Sends SIGTERM, waits up to `grace`, then SIGKILLs; returns the status.

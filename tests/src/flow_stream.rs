@@ -35,16 +35,9 @@ impl FlowStreamClient {
             Ok(s.into())
         })?
         .map_err(|e| TestbedError::io(format!("connect to the admin API on {}", node.name()), e))?;
-        let mut c = Self {
-            stream,
-            read: Vec::new(),
-        };
-        let request = format!(
-            "GET /flows?{query} HTTP/1.1\r\nHost: {ADMIN_ADDR}\r\nAccept: application/jsonl\r\n\r\n"
-        );
-        c.stream
-            .write_all(request.as_bytes())
-            .map_err(|e| TestbedError::io("send the flow stream request", e))?;
+        let mut c = Self { stream, read: Vec::new() };
+        let request = format!("GET /flows?{query} HTTP/1.1\r\nHost: {ADMIN_ADDR}\r\nAccept: application/jsonl\r\n\r\n");
+        c.stream.write_all(request.as_bytes()).map_err(|e| TestbedError::io("send the flow stream request", e))?;
         Ok(c)
     }
 
@@ -60,11 +53,7 @@ impl FlowStreamClient {
             match self.stream.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => self.read.extend_from_slice(&buf[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                 Err(e) => return Err(TestbedError::io("read the flow stream", e)),
             }
         }

@@ -111,13 +111,7 @@ impl Node {
     /// Spawns `cmd` on the node (its netns, cgroup `<node>/host`), logging
     /// stdout and stderr to a file.
     pub fn spawn(&self, cmd: Command) -> Result<Process> {
-        spawn_logged(
-            &self.shared,
-            cmd,
-            &self.netns_path(),
-            &self.cgroup.join("host"),
-            &self.name,
-        )
+        spawn_logged(&self.shared, cmd, &self.netns_path(), &self.cgroup.join("host"), &self.name)
     }
 
     /// Runs `cmd` on the node to completion, capturing its output.
@@ -192,10 +186,7 @@ impl Pod {
     #[must_use]
     pub fn spiffe_id(&self) -> String {
         let trust_domain = self.shared.lock().trust_domain();
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
+        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
     }
 
     /// The node it runs on.
@@ -236,13 +227,7 @@ impl Pod {
 
     /// Spawns `cmd` in the pod, logging stdout and stderr to a file.
     pub fn spawn(&self, cmd: Command) -> Result<Process> {
-        spawn_logged(
-            &self.shared,
-            cmd,
-            &self.netns_path(),
-            &self.cgroup,
-            &self.name,
-        )
+        spawn_logged(&self.shared, cmd, &self.netns_path(), &self.cgroup, &self.name)
     }
 
     /// Runs `cmd` in the pod to completion, capturing its output.
@@ -285,11 +270,7 @@ impl Pod {
         let what = format!("a listener on port {port} in pod {}", self.name);
         poll_until(&what, timeout, Duration::from_millis(50), || {
             let ports = listening_ports(&self.netns_path())?;
-            Ok(if ports.contains(&port) {
-                Check::Ready(())
-            } else {
-                Check::Pending(format!("listening: {ports:?}"))
-            })
+            Ok(if ports.contains(&port) { Check::Ready(()) } else { Check::Pending(format!("listening: {ports:?}")) })
         })
     }
 
@@ -313,10 +294,7 @@ impl Pod {
     pub fn spawn_client(&self, spec: &ClientSpec) -> Result<BackgroundClient> {
         let mut cmd = self.pod_app()?;
         cmd.args(spec.args());
-        Ok(BackgroundClient {
-            process: self.spawn(cmd)?,
-            pod: self.qualified_name(),
-        })
+        Ok(BackgroundClient { process: self.spawn(cmd)?, pod: self.qualified_name() })
     }
 }
 
@@ -361,30 +339,19 @@ pub(crate) fn spawn_logged(
     label: &str,
 ) -> Result<Process> {
     let log = shared.log_file(label);
-    let file =
-        File::create(&log).map_err(|e| TestbedError::io(format!("create {}", log.display()), e))?;
-    let err_file = file
-        .try_clone()
-        .map_err(|e| TestbedError::io(format!("dup {}", log.display()), e))?;
+    let file = File::create(&log).map_err(|e| TestbedError::io(format!("create {}", log.display()), e))?;
+    let err_file = file.try_clone().map_err(|e| TestbedError::io(format!("dup {}", log.display()), e))?;
     cmd.stdin(Stdio::null()).stdout(file).stderr(err_file);
-    let what = format!(
-        "`{}` in {label} (log {})",
-        command_line(&cmd),
-        log.display()
-    );
+    let what = format!("`{}` in {label} (log {})", command_line(&cmd), log.display());
     let child = spawn_in(cmd, netns, cgroup)?;
     Ok(Process::new(child, what).with_log(log))
 }
 
 /// Runs to completion with piped output.
 fn run_captured(mut cmd: Command, netns: &Path, cgroup: &Path) -> Result<Output> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let line = command_line(&cmd);
-    spawn_in(cmd, netns, cgroup)?
-        .wait_with_output()
-        .map_err(|e| TestbedError::io(format!("wait for `{line}`"), e))
+    spawn_in(cmd, netns, cgroup)?.wait_with_output().map_err(|e| TestbedError::io(format!("wait for `{line}`"), e))
 }
 
 /// TCP ports in LISTEN state in the network namespace `netns`, read from
@@ -396,7 +363,11 @@ pub(crate) fn listening_ports(netns: &Path) -> Result<Vec<u16>> {
         let v4 = std::fs::read_to_string("/proc/thread-self/net/tcp")?;
         // tcp6 is absent when IPv6 is disabled.
         let v6 = std::fs::read_to_string("/proc/thread-self/net/tcp6").unwrap_or_default();
-        Ok::<_, std::io::Error>(format!("{v4}{}", v6.lines().skip(1).map(|l| format!("{l}\n")).collect::<String>()))
+        Ok::<_, std::io::Error>(v6.lines().skip(1).fold(v4, |mut all, l| {
+            all.push_str(l);
+            all.push('\n');
+            all
+        }))
     })?
     .map_err(|e| TestbedError::io("read /proc/thread-self/net/tcp", e))?;
     Ok(text

@@ -57,9 +57,8 @@ pub async fn serve(listen: SocketAddr, name: String, delay: Duration) -> std::io
                     answer(req, name).await
                 }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                .await;
+            let _ =
+                auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(tcp), svc).await;
         });
     }
 }
@@ -108,12 +107,8 @@ async fn answer(mut req: Request<Incoming>, name: Arc<String>) -> Result<Respons
             })
             .or_insert(v);
     }
-    let host = req
-        .uri()
-        .authority()
-        .map(ToString::to_string)
-        .or_else(|| headers.get("host").cloned())
-        .unwrap_or_default();
+    let host =
+        req.uri().authority().map(ToString::to_string).or_else(|| headers.get("host").cloned()).unwrap_or_default();
     let echoed = Echoed {
         pod: name.to_string(),
         method: req.method().to_string(),
@@ -123,7 +118,7 @@ async fn answer(mut req: Request<Incoming>, name: Arc<String>) -> Result<Respons
         headers,
         body_bytes: 0,
     };
-    let body_bytes = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let body_bytes = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
     let echoed = Echoed { body_bytes, ..echoed };
     let body = serde_json::to_vec(&echoed).unwrap_or_default();
     Ok(reply(status, Bytes::from(body)))

@@ -95,11 +95,7 @@ impl KubeCa {
             cmd.args(["--ttl-seconds", &ttl.to_string()]);
         }
         daemon.start(cmd)?;
-        let ca = Self {
-            node: node.clone(),
-            addr,
-            daemon,
-        };
+        let ca = Self { node: node.clone(), addr, daemon };
         ca.wait_listening(CA_READY_TIMEOUT)?;
         Ok(ca)
     }
@@ -133,33 +129,16 @@ impl KubeCa {
     /// `root-cert.pem` to `path`, as the kubelet does for the agents'
     /// `ConfigMap` volume; returns the PEM.
     pub fn write_trust_bundle(&self, api: &ApiServer, path: &Path) -> Result<String> {
-        let pem = poll_until(
-            "the CA to publish its trust bundle",
-            CA_READY_TIMEOUT,
-            Duration::from_millis(50),
-            || {
+        let pem =
+            poll_until("the CA to publish its trust bundle", CA_READY_TIMEOUT, Duration::from_millis(50), || {
                 self.check_alive()?;
-                let cm = api.get(
-                    "v1",
-                    "ConfigMap",
-                    Some(CA_NAMESPACE),
-                    TRUST_BUNDLE_CONFIGMAP,
-                );
-                Ok(
-                    match cm
-                        .as_ref()
-                        .and_then(|cm| cm["data"][TRUST_BUNDLE_KEY].as_str())
-                    {
-                        Some(pem) if pem.contains("BEGIN CERTIFICATE") => {
-                            Check::Ready(pem.to_owned())
-                        }
-                        _ => Check::Pending(format!("ConfigMap: {cm:?}")),
-                    },
-                )
-            },
-        )?;
-        std::fs::write(path, &pem)
-            .map_err(|e| TestbedError::io(format!("write {}", path.display()), e))?;
+                let cm = api.get("v1", "ConfigMap", Some(CA_NAMESPACE), TRUST_BUNDLE_CONFIGMAP);
+                Ok(match cm.as_ref().and_then(|cm| cm["data"][TRUST_BUNDLE_KEY].as_str()) {
+                    Some(pem) if pem.contains("BEGIN CERTIFICATE") => Check::Ready(pem.to_owned()),
+                    _ => Check::Pending(format!("ConfigMap: {cm:?}")),
+                })
+            })?;
+        std::fs::write(path, &pem).map_err(|e| TestbedError::io(format!("write {}", path.display()), e))?;
         Ok(pem)
     }
 
@@ -167,11 +146,7 @@ impl KubeCa {
     /// `trust_bundle`.
     #[must_use]
     pub fn agent_flags(&self, token_file: &Path, trust_bundle: &Path) -> AgentCaFlags {
-        AgentCaFlags {
-            ca_addr: self.addr,
-            token_file: token_file.to_owned(),
-            trust_bundle: trust_bundle.to_owned(),
-        }
+        AgentCaFlags { ca_addr: self.addr, token_file: token_file.to_owned(), trust_bundle: trust_bundle.to_owned() }
     }
 
     fn check_alive(&self) -> Result<()> {
@@ -188,13 +163,11 @@ impl KubeCa {
         let what = format!("{} to listen on {}", self.daemon.label(), self.addr);
         poll_until(&what, timeout, Duration::from_millis(50), || {
             self.check_alive()?;
-            Ok(
-                if listening_ports(&self.node.netns_path())?.contains(&CA_PORT) {
-                    Check::Ready(())
-                } else {
-                    Check::Pending(format!("no listener on port {CA_PORT}"))
-                },
-            )
+            Ok(if listening_ports(&self.node.netns_path())?.contains(&CA_PORT) {
+                Check::Ready(())
+            } else {
+                Check::Pending(format!("no listener on port {CA_PORT}"))
+            })
         })
     }
 }
@@ -204,11 +177,7 @@ impl Drop for KubeCa {
         self.daemon.terminate();
         self.daemon.reap_by(Instant::now() + CA_STOP_GRACE);
         if std::thread::panicking() {
-            eprintln!(
-                "----- last 30 lines of {} -----\n{}\n-----",
-                self.log_path().display(),
-                self.log_tail(30)
-            );
+            eprintln!("----- last 30 lines of {} -----\n{}\n-----", self.log_path().display(), self.log_tail(30));
         }
     }
 }
@@ -232,8 +201,7 @@ pub fn project_agent_token(api: &ApiServer, token: &str, node: &str, path: &Path
             extra: BTreeMap::from([(NODE_NAME_EXTRA.to_owned(), vec![node.to_owned()])]),
         },
     );
-    std::fs::write(path, token)
-        .map_err(|e| TestbedError::io(format!("write {}", path.display()), e))
+    std::fs::write(path, token).map_err(|e| TestbedError::io(format!("write {}", path.display()), e))
 }
 
 /// `text` without ANSI CSI sequences (`ESC [ ... final byte`).
@@ -263,7 +231,8 @@ mod tests {
 
     #[test]
     fn strip_ansi_keeps_text_and_drops_colour_codes() {
-        let line = "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m issued \u{1b}[3mnode\u{1b}[0m\u{1b}[2m=\u{1b}[0mnode-a";
+        let line =
+            "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m issued \u{1b}[3mnode\u{1b}[0m\u{1b}[2m=\u{1b}[0mnode-a";
         assert_eq!(strip_ansi(line), "2026  INFO issued node=node-a");
     }
 }

@@ -58,16 +58,14 @@ pub mod waypoint;
 pub mod wire;
 
 pub use admin::{
-    Certificate, Certs, Datapath, Direction, Flow, FlowEvent, MapOccupancy, Policies, Security,
-    Stats, Verdict, Workload,
+    Certificate, Certs, Datapath, Direction, Flow, FlowEvent, MapOccupancy, Policies, Security, Stats, Verdict,
+    Workload,
 };
 pub use agent::Agent;
 pub use ca::{Ca, CaOptions, CA_PORT};
 pub use config::InboundMode;
 pub use delay_line::{DelayLine, DelaySpec};
-pub use env::{
-    agent_binary, check_environment, find_tool, heddle_binary, pod_app_binary, require_tool, Tool,
-};
+pub use env::{agent_binary, check_environment, find_tool, heddle_binary, pod_app_binary, require_tool, Tool};
 pub use error::{Result, TestbedError};
 pub use exec::Process;
 pub use flow_stream::FlowStreamClient;

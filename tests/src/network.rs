@@ -75,30 +75,8 @@ pub(crate) fn create_switch(netns: &str) -> Result<()> {
 /// Creates a veth pair with one end in each namespace, enslaves the `bridged`
 /// end to the bridge of its namespace and brings both ends up.
 fn bridged_veth(inner_ns: &str, inner_if: &str, bridge_ns: &str, bridge_port: &str) -> Result<()> {
-    ip([
-        "link",
-        "add",
-        inner_if,
-        "netns",
-        inner_ns,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        bridge_port,
-        "netns",
-        bridge_ns,
-    ])?;
-    ip([
-        "-n",
-        bridge_ns,
-        "link",
-        "set",
-        bridge_port,
-        "master",
-        BRIDGE,
-        "up",
-    ])?;
+    ip(["link", "add", inner_if, "netns", inner_ns, "type", "veth", "peer", "name", bridge_port, "netns", bridge_ns])?;
+    ip(["-n", bridge_ns, "link", "set", bridge_port, "master", BRIDGE, "up"])?;
     ip(["-n", inner_ns, "link", "set", inner_if, "up"])
 }
 
@@ -106,15 +84,7 @@ fn bridged_veth(inner_ns: &str, inner_if: &str, bridge_ns: &str, bridge_port: &s
 /// gives it its pod bridge and forwarding.
 pub(crate) fn setup_node(switch_ns: &str, node_ns: &str, index: u8) -> Result<()> {
     bridged_veth(node_ns, "eth0", switch_ns, &switch_port(index))?;
-    ip([
-        "-n",
-        node_ns,
-        "addr",
-        "add",
-        &format!("{}/24", transit_ip(index)),
-        "dev",
-        "eth0",
-    ])?;
+    ip(["-n", node_ns, "addr", "add", &format!("{}/24", transit_ip(index)), "dev", "eth0"])?;
     create_bridge(node_ns, Some(&format!("{}/24", gateway_ip(index))))?;
     run_checked(
         "ip",
@@ -134,39 +104,15 @@ pub(crate) fn setup_node(switch_ns: &str, node_ns: &str, index: u8) -> Result<()
 
 /// Adds the route on node `from_ns` to node `to_index`'s pods.
 pub(crate) fn route_to_node(from_ns: &str, to_index: u8) -> Result<()> {
-    ip([
-        "-n",
-        from_ns,
-        "route",
-        "add",
-        &pod_cidr(to_index),
-        "via",
-        &transit_ip(to_index).to_string(),
-    ])
+    ip(["-n", from_ns, "route", "add", &pod_cidr(to_index), "via", &transit_ip(to_index).to_string()])
 }
 
 /// Plumbs a pod (netns `pod_ns`, already created) into its node's bridge.
 pub(crate) fn setup_pod(node_ns: &str, node_index: u8, pod_ns: &str, host: u8) -> Result<()> {
     bridged_veth(pod_ns, "eth0", node_ns, &format!("p{host}"))?;
     let addr = Ipv4Addr::new(10, 44, node_index, host);
-    ip([
-        "-n",
-        pod_ns,
-        "addr",
-        "add",
-        &format!("{addr}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    ip([
-        "-n",
-        pod_ns,
-        "route",
-        "add",
-        "default",
-        "via",
-        &gateway_ip(node_index).to_string(),
-    ])
+    ip(["-n", pod_ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    ip(["-n", pod_ns, "route", "add", "default", "via", &gateway_ip(node_index).to_string()])
 }
 
 #[cfg(test)]

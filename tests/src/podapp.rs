@@ -36,16 +36,7 @@ impl ClientSpec {
     /// One connection to `to` carrying 1024 bytes each way.
     #[must_use]
     pub fn to(to: SocketAddr) -> Self {
-        Self {
-            to,
-            bytes: 1024,
-            conns: 1,
-            parallel: 1,
-            hold: false,
-            pattern: None,
-            trickle: None,
-            checksum: false,
-        }
+        Self { to, bytes: 1024, conns: 1, parallel: 1, hold: false, pattern: None, trickle: None, checksum: false }
     }
 
     /// Fill the payload with `text` repeated instead of [`pattern`].
@@ -167,11 +158,7 @@ pub struct ConnChecksum {
 /// The summary in `pod-app client` output: the last line that parses.
 #[must_use]
 pub fn parse_summary(output: &str) -> Option<ClientSummary> {
-    output
-        .lines()
-        .rev()
-        .filter(|l| !l.trim().is_empty())
-        .find_map(|l| serde_json::from_str(l).ok())
+    output.lines().rev().filter(|l| !l.trim().is_empty()).find_map(|l| serde_json::from_str(l).ok())
 }
 
 impl ClientSummary {
@@ -234,10 +221,7 @@ impl Payload {
     #[must_use]
     pub fn random(index: u64) -> Self {
         Self::Random {
-            state: index
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .wrapping_add(0x2545_F491_4F6C_DD1D)
-                | 1,
+            state: index.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x2545_F491_4F6C_DD1D) | 1,
             word: [0; 8],
             used: 8,
         }
@@ -247,10 +231,7 @@ impl Payload {
     #[must_use]
     pub fn text(text: &str) -> Self {
         let text = if text.is_empty() { " " } else { text };
-        Self::Text {
-            text: text.as_bytes().to_vec(),
-            pos: 0,
-        }
+        Self::Text { text: text.as_bytes().to_vec(), pos: 0 }
     }
 
     /// Overwrites `buf` with the next `buf.len()` bytes of the stream.
@@ -323,13 +304,7 @@ impl EchoRecord {
     /// The log line `pod-app echo` prints.
     #[must_use]
     pub fn line(&self) -> String {
-        format!(
-            "{}peer={} bytes={} fnv1a64={}",
-            Self::PREFIX,
-            self.peer,
-            self.bytes,
-            self.fnv1a64
-        )
+        format!("{}peer={} bytes={} fnv1a64={}", Self::PREFIX, self.peer, self.bytes, self.fnv1a64)
     }
 
     /// Every record in an echo server's log.
@@ -349,11 +324,7 @@ impl EchoRecord {
                         _ => {}
                     }
                 }
-                Some(Self {
-                    peer: peer?,
-                    bytes: bytes?,
-                    fnv1a64: fnv?,
-                })
+                Some(Self { peer: peer?, bytes: bytes?, fnv1a64: fnv? })
             })
             .collect()
     }
@@ -404,15 +375,9 @@ mod tests {
 
     #[test]
     fn echo_records_round_trip_through_the_log() {
-        let rec = EchoRecord {
-            peer: "10.44.2.2:41000".parse().unwrap(),
-            bytes: 100,
-            fnv1a64: "00000000000000ff".into(),
-        };
-        let log = format!(
-            "echo: listening on 0.0.0.0:8080\n{}\necho: oops\n",
-            rec.line()
-        );
+        let rec =
+            EchoRecord { peer: "10.44.2.2:41000".parse().unwrap(), bytes: 100, fnv1a64: "00000000000000ff".into() };
+        let log = format!("echo: listening on 0.0.0.0:8080\n{}\necho: oops\n", rec.line());
         assert_eq!(EchoRecord::parse_log(&log), vec![rec]);
     }
 
@@ -432,30 +397,19 @@ mod tests {
         assert_eq!(s.failed, 25);
         assert_eq!(s.errors.len(), MAX_ERRORS);
         let line = serde_json::to_string(&s).unwrap();
-        assert!(
-            line.starts_with(r#"{"ok":0,"failed":25,"errors":["#),
-            "{line}"
-        );
+        assert!(line.starts_with(r#"{"ok":0,"failed":25,"errors":["#), "{line}");
     }
 
     #[test]
     fn renders_the_client_command_line() {
-        let spec = ClientSpec::to("10.44.2.2:8080".parse().unwrap())
-            .conns(500)
-            .parallel(500)
-            .hold();
-        assert_eq!(
-            spec.args().join(" "),
-            "client --to 10.44.2.2:8080 --bytes 1024 --conns 500 --parallel 500 --hold"
-        );
+        let spec = ClientSpec::to("10.44.2.2:8080".parse().unwrap()).conns(500).parallel(500).hold();
+        assert_eq!(spec.args().join(" "), "client --to 10.44.2.2:8080 --bytes 1024 --conns 500 --parallel 500 --hold");
         let spec = ClientSpec::to("10.44.2.2:8080".parse().unwrap())
             .pattern("MARK")
             .trickle(20, Duration::from_millis(500))
             .checksum();
         assert!(
-            spec.args()
-                .join(" ")
-                .ends_with("--pattern MARK --chunks 20 --interval-ms 500 --checksum"),
+            spec.args().join(" ").ends_with("--pattern MARK --chunks 20 --interval-ms 500 --checksum"),
             "{:?}",
             spec.args()
         );

@@ -4,9 +4,7 @@
 
 use std::fmt::{self, Write as _};
 
-use crate::admin::{
-    show_addr, Certs, Datapath, Direction, Flow, FlowEvent, Security, Verdict, Workload,
-};
+use crate::admin::{show_addr, Certs, Datapath, Direction, Flow, FlowEvent, Security, Verdict, Workload};
 
 /// A left-aligned text table.
 #[derive(Debug, Clone, Default)]
@@ -19,10 +17,7 @@ impl Table {
     /// A table with these column headers.
     #[must_use]
     pub fn new(headers: &[&str]) -> Self {
-        Self {
-            headers: headers.iter().map(|h| (*h).to_owned()).collect(),
-            rows: Vec::new(),
-        }
+        Self { headers: headers.iter().map(|h| (*h).to_owned()).collect(), rows: Vec::new() }
     }
 
     /// Appends a row (missing cells render empty).
@@ -110,8 +105,7 @@ pub fn flow_table(flows: &[Flow]) -> Table {
             security(f.security).to_owned(),
             f.bytes_sent.to_string(),
             f.bytes_received.to_string(),
-            f.duration_ms
-                .map_or_else(|| "-".to_owned(), |d| format!("{d:.1} ms")),
+            f.duration_ms.map_or_else(|| "-".to_owned(), |d| format!("{d:.1} ms")),
             policy(f),
             f.error.clone().unwrap_or_default(),
         ]);
@@ -155,17 +149,8 @@ fn security(s: Security) -> &'static str {
 /// talked to whom, by SPIFFE ID, and the client certificate's serial.
 #[must_use]
 pub fn identity_table(flows: &[Flow]) -> Table {
-    let mut t = Table::new(&[
-        "id",
-        "dir",
-        "client identity",
-        "server identity",
-        "client cert serial",
-    ]);
-    for f in flows
-        .iter()
-        .filter(|f| f.is_terminal() && f.is_mutual_tls())
-    {
+    let mut t = Table::new(&["id", "dir", "client identity", "server identity", "client cert serial"]);
+    for f in flows.iter().filter(|f| f.is_terminal() && f.is_mutual_tls()) {
         t.row(vec![
             f.id.to_string(),
             match f.direction {
@@ -193,8 +178,7 @@ pub fn cert_table(certs: &Certs) -> Table {
         t.row(vec![
             c.identity.clone(),
             c.ready.to_string(),
-            c.generation
-                .map_or_else(|| "-".to_owned(), |g| g.to_string()),
+            c.generation.map_or_else(|| "-".to_owned(), |g| g.to_string()),
             valid,
             c.last_error.clone().unwrap_or_else(|| "-".to_owned()),
         ]);
@@ -205,17 +189,8 @@ pub fn cert_table(certs: &Certs) -> Table {
 /// One row per workload with its counters.
 #[must_use]
 pub fn workload_table(workloads: &[Workload]) -> Table {
-    let mut t = Table::new(&[
-        "workload",
-        "node",
-        "ips",
-        "enrolled",
-        "captured",
-        "out conns",
-        "in conns",
-        "sent",
-        "recv",
-    ]);
+    let mut t =
+        Table::new(&["workload", "node", "ips", "enrolled", "captured", "out conns", "in conns", "sent", "recv"]);
     for w in workloads {
         let ips: Vec<String> = w.ips.iter().map(ToString::to_string).collect();
         t.row(vec![
@@ -242,11 +217,7 @@ pub fn datapath_tables(datapath: &Datapath) -> (Table, Table) {
     }
     let mut maps = Table::new(&["map", "entries", "capacity"]);
     for (name, m) in &datapath.maps {
-        maps.row(vec![
-            name.clone(),
-            m.entries.to_string(),
-            m.capacity.to_string(),
-        ]);
+        maps.row(vec![name.clone(), m.entries.to_string(), m.capacity.to_string()]);
     }
     (reasons, maps)
 }

@@ -34,11 +34,7 @@ pub(crate) fn teardown(shared: &Shared) {
             return;
         }
         state.torn_down = true;
-        (
-            std::mem::take(&mut state.agents),
-            state.ca.take(),
-            std::mem::take(&mut state.netns),
-        )
+        (std::mem::take(&mut state.agents), state.ca.take(), std::mem::take(&mut state.netns))
     };
     for agent in &agents {
         agent.terminate();
@@ -139,11 +135,7 @@ pub fn reap_stale() {
             continue;
         }
         eprintln!("testbed: removing leftovers of dead test bed {id}");
-        let netns: Vec<String> = netns_by_id
-            .iter()
-            .filter(|(i, _)| *i == id)
-            .map(|(_, n)| n.clone())
-            .collect();
+        let netns: Vec<String> = netns_by_id.iter().filter(|(i, _)| *i == id).map(|(_, n)| n.clone()).collect();
         remove_resources(&id, &netns);
         let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("heddle-test-{id}")));
     }
@@ -152,11 +144,7 @@ pub fn reap_stale() {
 /// Names in `dir` (empty if unreadable).
 fn dir_names(dir: &str) -> Vec<String> {
     std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
+        .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect())
         .unwrap_or_default()
 }
 

@@ -34,8 +34,7 @@ use crate::agent::Agent;
 use crate::ca::{AgentCaFlags, Ca, CaOptions};
 use crate::cgroup::{self, CGROUP_ROOT};
 use crate::config::{
-    write_atomically, ClusterConfig, InboundMode, NamespaceConfig, WorkloadConfig,
-    DEFAULT_TRUST_DOMAIN,
+    write_atomically, ClusterConfig, InboundMode, NamespaceConfig, WorkloadConfig, DEFAULT_TRUST_DOMAIN,
 };
 use crate::env::{self, BPFFS};
 use crate::error::{Result, TestbedError};
@@ -160,18 +159,12 @@ impl Shared {
 impl State {
     /// The trust domain the agents use.
     pub(crate) fn trust_domain(&self) -> String {
-        self.trust_domain
-            .clone()
-            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned())
+        self.trust_domain.clone().unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned())
     }
 
     /// The nodes that have pods, sorted, each once.
     pub(crate) fn pod_nodes(&self) -> Vec<String> {
-        let mut nodes: Vec<String> = self
-            .pods
-            .iter()
-            .map(|p| p.handle.node_name().to_owned())
-            .collect();
+        let mut nodes: Vec<String> = self.pods.iter().map(|p| p.handle.node_name().to_owned()).collect();
         nodes.sort();
         nodes.dedup();
         nodes
@@ -180,9 +173,7 @@ impl State {
     /// Fails once the test bed has been torn down.
     pub(crate) fn check_live(&self) -> Result<()> {
         if self.torn_down {
-            Err(TestbedError::Environment(
-                "the test bed was torn down".into(),
-            ))
+            Err(TestbedError::Environment("the test bed was torn down".into()))
         } else {
             Ok(())
         }
@@ -223,12 +214,7 @@ impl Testbed {
             match std::fs::create_dir(&dir) {
                 Ok(()) => break (id, dir),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(TestbedError::io(
-                        format!("create cgroup {}", dir.display()),
-                        e,
-                    ))
-                }
+                Err(e) => return Err(TestbedError::io(format!("create cgroup {}", dir.display()), e)),
             }
         };
         let tmp = std::env::temp_dir().join(format!("heddle-test-{id}"));
@@ -249,8 +235,7 @@ impl Testbed {
         let s = &tb.shared;
         let _ = std::fs::remove_dir_all(&s.tmp);
         for dir in [&s.tmp, &s.pin_root] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| TestbedError::io(format!("create {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir).map_err(|e| TestbedError::io(format!("create {}", dir.display()), e))?;
         }
         cgroup::create(&s.tools_cgroup())?;
         eprintln!("testbed {name}: id {}, files in {}", s.id, s.tmp.display());
@@ -284,9 +269,7 @@ impl Testbed {
     /// A handle that can tear this test bed down from another thread.
     #[must_use]
     pub fn teardown_handle(&self) -> TeardownHandle {
-        TeardownHandle {
-            shared: Arc::clone(&self.shared),
-        }
+        TeardownHandle { shared: Arc::clone(&self.shared) }
     }
 
     /// Marks the test as failed: teardown then prints every agent's log tail.
@@ -309,10 +292,7 @@ impl Testbed {
         let index = u8::try_from(state.nodes.len() + 1)
             .ok()
             .filter(|i| *i < 250)
-            .ok_or(TestbedError::InvalidName {
-                name: name.to_owned(),
-                why: "too many nodes",
-            })?;
+            .ok_or(TestbedError::InvalidName { name: name.to_owned(), why: "too many nodes" })?;
         if state.nodes.is_empty() {
             let sw = s.switch_netns();
             state.netns.push(sw.clone());
@@ -331,12 +311,8 @@ impl Testbed {
             cgroup::create(&node.cgroup().join(dir))?;
         }
         let pins = node.pin_dir();
-        std::fs::create_dir_all(&pins)
-            .map_err(|e| TestbedError::io(format!("create {}", pins.display()), e))?;
-        state.nodes.push(NodeRecord {
-            handle: node.clone(),
-            next_host: 2,
-        });
+        std::fs::create_dir_all(&pins).map_err(|e| TestbedError::io(format!("create {}", pins.display()), e))?;
+        state.nodes.push(NodeRecord { handle: node.clone(), next_host: 2 });
         Ok(node)
     }
 
@@ -347,20 +323,12 @@ impl Testbed {
         let mut state = s.lock();
         state.check_live()?;
         validate_name(&state, &spec.name)?;
-        let record = state
-            .nodes
-            .iter_mut()
-            .find(|n| n.handle.name() == node.name())
-            .ok_or_else(|| TestbedError::InvalidName {
-                name: node.name().to_owned(),
-                why: "not a node of this test bed",
-            })?;
+        let record = state.nodes.iter_mut().find(|n| n.handle.name() == node.name()).ok_or_else(|| {
+            TestbedError::InvalidName { name: node.name().to_owned(), why: "not a node of this test bed" }
+        })?;
         let host = record.next_host;
         if host == 255 {
-            return Err(TestbedError::InvalidName {
-                name: spec.name,
-                why: "node has no pod address left",
-            });
+            return Err(TestbedError::InvalidName { name: spec.name, why: "node has no pod address left" });
         }
         record.next_host += 1;
         let ip = Ipv4Addr::new(10, 44, node.index(), host);
@@ -373,10 +341,7 @@ impl Testbed {
             .map_err(|e| TestbedError::io(format!("linking {} into {}", pod.netns_name(), dir.display()), e))?;
         network::setup_pod(node.netns_name(), node.index(), pod.netns_name(), host)?;
         cgroup::create(pod.cgroup())?;
-        state.pods.push(PodRecord {
-            handle: pod.clone(),
-            spec,
-        });
+        state.pods.push(PodRecord { handle: pod.clone(), spec });
         Ok(pod)
     }
 
@@ -464,14 +429,9 @@ impl Testbed {
     pub fn set_enrolled(&self, pod: &Pod, enrolled: bool) -> Result<()> {
         {
             let mut state = self.shared.lock();
-            let record = state
-                .pods
-                .iter_mut()
-                .find(|p| p.handle.name() == pod.name())
-                .ok_or_else(|| TestbedError::InvalidName {
-                    name: pod.name().to_owned(),
-                    why: "not a pod of this test bed",
-                })?;
+            let record = state.pods.iter_mut().find(|p| p.handle.name() == pod.name()).ok_or_else(|| {
+                TestbedError::InvalidName { name: pod.name().to_owned(), why: "not a pod of this test bed" }
+            })?;
             record.spec.enrolled = enrolled;
         }
         self.write_config().map(|_| ())
@@ -486,36 +446,19 @@ impl Testbed {
         let qualified = pod.qualified_name();
         for agent in &agents {
             let owner = agent.node().name() == pod.node_name();
-            let what = format!(
-                "agent on {} to show {qualified} enrolled={enrolled}",
-                agent.node().name()
-            );
-            poll_until(
-                &what,
-                Duration::from_secs(10),
-                Duration::from_millis(100),
-                || {
-                    let workloads = match agent.workloads() {
-                        Ok(w) => w,
-                        Err(e) => return Ok(Check::Pending(e.to_string())),
-                    };
-                    Ok(
-                        match workloads.iter().find(|w| w.qualified_name() == qualified) {
-                            None if !owner => Check::Ready(()),
-                            None => Check::Pending(format!("{qualified} not listed")),
-                            Some(w)
-                                if w.enrolled == enrolled && (!owner || w.captured == enrolled) =>
-                            {
-                                Check::Ready(())
-                            }
-                            Some(w) => Check::Pending(format!(
-                                "enrolled={} captured={}",
-                                w.enrolled, w.captured
-                            )),
-                        },
-                    )
-                },
-            )?;
+            let what = format!("agent on {} to show {qualified} enrolled={enrolled}", agent.node().name());
+            poll_until(&what, Duration::from_secs(10), Duration::from_millis(100), || {
+                let workloads = match agent.workloads() {
+                    Ok(w) => w,
+                    Err(e) => return Ok(Check::Pending(e.to_string())),
+                };
+                Ok(match workloads.iter().find(|w| w.qualified_name() == qualified) {
+                    None if !owner => Check::Ready(()),
+                    None => Check::Pending(format!("{qualified} not listed")),
+                    Some(w) if w.enrolled == enrolled && (!owner || w.captured == enrolled) => Check::Ready(()),
+                    Some(w) => Check::Pending(format!("enrolled={} captured={}", w.enrolled, w.captured)),
+                })
+            })?;
         }
         Ok(())
     }
@@ -532,9 +475,7 @@ impl Testbed {
             let mut state = s.lock();
             state.check_live()?;
             if state.ca.is_some() {
-                return Err(TestbedError::Environment(
-                    "this test bed already has a CA".into(),
-                ));
+                return Err(TestbedError::Environment("this test bed already has a CA".into()));
             }
             cgroup::create(&s.ca_cgroup())?;
             let ca = Ca::new(node.clone(), bin, options, s.ca_cgroup());
@@ -565,11 +506,7 @@ impl Testbed {
     /// Delays (and optionally thins) every frame on the link between
     /// `node` and the switch, both ways, until the returned line is dropped
     /// ([`crate::delay_line`]: a userspace stand-in for `netem`).
-    pub fn delay_link(
-        &self,
-        node: &Node,
-        spec: crate::delay_line::DelaySpec,
-    ) -> Result<crate::delay_line::DelayLine> {
+    pub fn delay_link(&self, node: &Node, spec: crate::delay_line::DelaySpec) -> Result<crate::delay_line::DelayLine> {
         let s = &self.shared;
         s.lock().check_live()?;
         let port = network::switch_port(node.index());
@@ -594,10 +531,7 @@ impl Testbed {
         hash.update(yaml.as_bytes());
         let content_hash = format!("fnv1a64:{}", hash.hex());
         let agents = self.reload_running_agents()?;
-        agents
-            .iter()
-            .map(|a| a.wait_policies(&content_hash, Duration::from_secs(10)))
-            .collect()
+        agents.iter().map(|a| a.wait_policies(&content_hash, Duration::from_secs(10))).collect()
     }
 
     /// Extra `mesh-agent run` flags (e.g. `--access-log PATH`) for the
@@ -611,10 +545,7 @@ impl Testbed {
     /// test bed's CA: e.g. the Kubernetes-mode CA ([`crate::kube_ca`]) with
     /// the node's projected token.
     pub fn set_agent_ca_flags(&self, node: &Node, flags: AgentCaFlags) {
-        self.shared
-            .lock()
-            .agent_ca
-            .insert(node.name().to_owned(), flags);
+        self.shared.lock().agent_ca.insert(node.name().to_owned(), flags);
     }
 
     /// Agents started after this call run `mesh-agent run --kubernetes`
@@ -628,11 +559,7 @@ impl Testbed {
     /// SIGHUPs every running agent (they re-read the config and policies
     /// files) and returns them, in start order.
     fn reload_running_agents(&self) -> Result<Vec<Agent>> {
-        let agents: Vec<Agent> = self
-            .agents()
-            .into_iter()
-            .filter(Agent::is_running)
-            .collect();
+        let agents: Vec<Agent> = self.agents().into_iter().filter(Agent::is_running).collect();
         for agent in &agents {
             agent.reload()?;
         }
@@ -683,23 +610,13 @@ impl Testbed {
     /// The nodes, in creation order.
     #[must_use]
     pub fn nodes(&self) -> Vec<Node> {
-        self.shared
-            .lock()
-            .nodes
-            .iter()
-            .map(|n| n.handle.clone())
-            .collect()
+        self.shared.lock().nodes.iter().map(|n| n.handle.clone()).collect()
     }
 
     /// The pods, in creation order.
     #[must_use]
     pub fn pods(&self) -> Vec<Pod> {
-        self.shared
-            .lock()
-            .pods
-            .iter()
-            .map(|p| p.handle.clone())
-            .collect()
+        self.shared.lock().pods.iter().map(|p| p.handle.clone()).collect()
     }
 }
 
@@ -709,22 +626,14 @@ impl Drop for Testbed {
     }
 }
 
-
 /// Node and pod names become netns and cgroup names: lowercase letters,
 /// digits and inner dashes, short, unique within the test bed.
 fn validate_name(state: &State, name: &str) -> Result<()> {
-    let invalid = |why| {
-        Err(TestbedError::InvalidName {
-            name: name.to_owned(),
-            why,
-        })
-    };
+    let invalid = |why| Err(TestbedError::InvalidName { name: name.to_owned(), why });
     if name.is_empty() || name.len() > 20 {
         return invalid("must be 1 to 20 characters");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         || name.starts_with('-')
         || name.ends_with('-')
     {
@@ -733,8 +642,8 @@ fn validate_name(state: &State, name: &str) -> Result<()> {
     if ["tools", "ca", "agent", "host", "pods"].contains(&name) {
         return invalid("reserved");
     }
-    let taken = state.nodes.iter().any(|n| n.handle.name() == name)
-        || state.pods.iter().any(|p| p.handle.name() == name);
+    let taken =
+        state.nodes.iter().any(|n| n.handle.name() == name) || state.pods.iter().any(|p| p.handle.name() == name);
     if taken {
         return invalid("already used by a node or pod");
     }

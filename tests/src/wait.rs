@@ -33,11 +33,7 @@ pub fn poll_until<T>(
             Check::Pending(last) => last,
         };
         if start.elapsed() >= timeout {
-            return Err(TestbedError::Timeout {
-                what: what.to_owned(),
-                waited_ms: start.elapsed().as_millis(),
-                last,
-            });
+            return Err(TestbedError::Timeout { what: what.to_owned(), waited_ms: start.elapsed().as_millis(), last });
         }
         std::thread::sleep(interval);
     }
@@ -50,31 +46,19 @@ mod tests {
     #[test]
     fn returns_the_value_once_the_probe_is_ready() {
         let mut n = 0;
-        let v = poll_until(
-            "n to reach 3",
-            Duration::from_secs(5),
-            Duration::ZERO,
-            || {
-                n += 1;
-                Ok(if n == 3 {
-                    Check::Ready(n)
-                } else {
-                    Check::Pending(format!("n={n}"))
-                })
-            },
-        )
+        let v = poll_until("n to reach 3", Duration::from_secs(5), Duration::ZERO, || {
+            n += 1;
+            Ok(if n == 3 { Check::Ready(n) } else { Check::Pending(format!("n={n}")) })
+        })
         .unwrap();
         assert_eq!(v, 3);
     }
 
     #[test]
     fn times_out_quoting_the_last_observation() {
-        let err = poll_until::<()>(
-            "never",
-            Duration::from_millis(30),
-            Duration::from_millis(5),
-            || Ok(Check::Pending("still no".into())),
-        )
+        let err = poll_until::<()>("never", Duration::from_millis(30), Duration::from_millis(5), || {
+            Ok(Check::Pending("still no".into()))
+        })
         .unwrap_err();
         assert!(err.to_string().contains("still no"), "{err}");
     }

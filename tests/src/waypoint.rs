@@ -144,17 +144,19 @@ impl Waypoint {
     /// Waits until `GET /routes` says `route` (e.g. `httproute/demo/api`)
     /// is in force with `rules` rules (or rejected, with `accepted: false`).
     pub fn wait_route(&self, route: &str, accepted: bool) -> Result<Value> {
-        poll_until(&format!("route {route} (accepted={accepted})"), Duration::from_secs(10), Duration::from_millis(100), || {
-            let routes = self.routes()?;
-            let found = routes["routes"]
-                .as_array()
-                .and_then(|rs| rs.iter().find(|r| r["route"] == route))
-                .cloned();
-            Ok(match found {
-                Some(r) if r["accepted"] == accepted => Check::Ready(r),
-                _ => Check::Pending(routes.to_string()),
-            })
-        })
+        poll_until(
+            &format!("route {route} (accepted={accepted})"),
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || {
+                let routes = self.routes()?;
+                let found = routes["routes"].as_array().and_then(|rs| rs.iter().find(|r| r["route"] == route)).cloned();
+                Ok(match found {
+                    Some(r) if r["accepted"] == accepted => Check::Ready(r),
+                    _ => Check::Pending(routes.to_string()),
+                })
+            },
+        )
     }
 
     /// Whether the process still runs.

@@ -45,20 +45,13 @@ pub struct WireCapture {
 impl WireCapture {
     /// Starts tcpdump on `interface` of the netns `netns` (a path), with the
     /// capture filter `filter` (e.g. `tcp`), and waits until it listens.
-    pub(crate) fn start(
-        shared: &Shared,
-        netns: &Path,
-        interface: &str,
-        filter: &str,
-    ) -> Result<Self> {
+    pub(crate) fn start(shared: &Shared, netns: &Path, interface: &str, filter: &str) -> Result<Self> {
         let bin = find_tool(TCPDUMP).ok_or(TestbedError::MissingTool {
             binary: TCPDUMP.binary,
             package: TCPDUMP.package,
             detail: String::new(),
         })?;
-        let file = shared
-            .log_file(&format!("capture-{interface}"))
-            .with_extension("pcap");
+        let file = shared.log_file(&format!("capture-{interface}")).with_extension("pcap");
         let mut cmd = Command::new(bin);
         // --immediate-mode: hand each packet over at once (otherwise the
         // kernel ring passes them in blocks, and the last partial block of a
@@ -78,18 +71,11 @@ impl WireCapture {
                 return Ok(Check::Ready(()));
             }
             if let Some(status) = process.try_wait()? {
-                return Err(TestbedError::Environment(format!(
-                    "tcpdump exited ({status}): {}",
-                    log.trim()
-                )));
+                return Err(TestbedError::Environment(format!("tcpdump exited ({status}): {}", log.trim())));
             }
             Ok(Check::Pending(log.trim().to_owned()))
         })?;
-        Ok(Self {
-            process,
-            file,
-            interface: interface.to_owned(),
-        })
+        Ok(Self { process, file, interface: interface.to_owned() })
     }
 
     /// The pcap file being written.
@@ -104,11 +90,10 @@ impl WireCapture {
         std::thread::sleep(Duration::from_millis(200));
         self.process.stop(STOP_GRACE)?;
         let log = self.process.log_text();
-        let raw = std::fs::read(&self.file)
-            .map_err(|e| TestbedError::io(format!("read {}", self.file.display()), e))?;
-        let packets = pcap::parse(&raw).map_err(|e| {
-            TestbedError::Environment(format!("capture {}: {e}", self.file.display()))
-        })?;
+        let raw =
+            std::fs::read(&self.file).map_err(|e| TestbedError::io(format!("read {}", self.file.display()), e))?;
+        let packets = pcap::parse(&raw)
+            .map_err(|e| TestbedError::Environment(format!("capture {}: {e}", self.file.display())))?;
         Ok(WireReport {
             interface: self.interface.clone(),
             file: self.file.clone(),
@@ -147,9 +132,7 @@ pub struct WireReport {
 impl WireReport {
     /// Segments to or from TCP `port`.
     pub fn segments_on_port(&self, port: u16) -> impl Iterator<Item = &TcpSegment> {
-        self.segments
-            .iter()
-            .filter(move |s| s.src.port() == port || s.dst.port() == port)
+        self.segments.iter().filter(move |s| s.src.port() == port || s.dst.port() == port)
     }
 
     /// Packets to or from TCP `port`.
@@ -161,9 +144,7 @@ impl WireReport {
     /// TCP payload bytes to or from `port`.
     #[must_use]
     pub fn payload_bytes_on_port(&self, port: u16) -> u64 {
-        self.segments_on_port(port)
-            .map(|s| s.payload.len() as u64)
-            .sum()
+        self.segments_on_port(port).map(|s| s.payload.len() as u64).sum()
     }
 
     /// The streams of connections to or from `port`.
@@ -182,8 +163,7 @@ impl WireReport {
     /// headers included) or in any reassembled stream (across segments).
     #[must_use]
     pub fn contains(&self, needle: &[u8]) -> bool {
-        let found =
-            |hay: &[u8]| !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle);
+        let found = |hay: &[u8]| !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle);
         found(&self.raw) || reassemble(&self.segments).iter().any(|s| found(&s.bytes))
     }
 
@@ -222,11 +202,7 @@ mod tests {
     #[test]
     fn finds_a_marker_split_across_segments_and_reports_tls_per_port() {
         let (a, b) = ("10.44.1.2:40000", "10.44.2.2:8080");
-        let raw = file(&[
-            frame(a, b, 0, 0x02, b""),
-            frame(a, b, 1, 0x18, b"..SEC"),
-            frame(a, b, 6, 0x18, b"RET.."),
-        ]);
+        let raw = file(&[frame(a, b, 0, 0x02, b""), frame(a, b, 1, 0x18, b"..SEC"), frame(a, b, 6, 0x18, b"RET..")]);
         let packets = pcap::parse(&raw).unwrap();
         let report = WireReport {
             interface: "n1".into(),

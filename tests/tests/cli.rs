@@ -12,7 +12,6 @@ use anyhow::{ensure, Context, Result};
 use common::{expect_delivered, heddle, run_e2e, wait_finished, Options, ECHO_PORT};
 use heddle_tests::{ClientSpec, Direction};
 
-
 #[test]
 fn heddle_flows_shows_the_captured_connections_in_every_format_with_filters() {
     run_e2e("cli", Options::default(), |c| {
@@ -23,11 +22,8 @@ fn heddle_flows_shows_the_captured_connections_in_every_format_with_filters() {
         // JSON Lines: one record per line, filtered by the agent.
         let (code, out, err) = heddle(&c.agent_a, &["flows", "--pod", "client", "--port", "8080", "-o", "jsonl"])?;
         ensure!(code == 0, "heddle flows failed: {err}");
-        let records: Vec<serde_json::Value> = out
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()
-            .context("jsonl output")?;
+        let records: Vec<serde_json::Value> =
+            out.lines().map(serde_json::from_str).collect::<Result<_, _>>().context("jsonl output")?;
         ensure!(records.len() == 6, "3 connections, open and close each: {out}");
         ensure!(
             records.iter().all(|r| r["workload"] == "demo/client" && r["orig_dst"] == to.to_string()),
@@ -90,17 +86,10 @@ fn heddle_flows_follow_prints_new_connections_as_they_happen() {
                     .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                     .filter(|r| r["event"] == "close" && r["orig_dst"] == to.to_string())
                     .count();
-                Ok(if closes == 2 {
-                    heddle_tests::Check::Ready(text)
-                } else {
-                    heddle_tests::Check::Pending(text)
-                })
+                Ok(if closes == 2 { heddle_tests::Check::Ready(text) } else { heddle_tests::Check::Pending(text) })
             },
         )?;
-        ensure!(
-            follower.try_wait()?.is_none(),
-            "heddle flows --follow exited: {lines}"
-        );
+        ensure!(follower.try_wait()?.is_none(), "heddle flows --follow exited: {lines}");
         follower.stop(std::time::Duration::from_secs(2))?;
         Ok(())
     });

@@ -27,13 +27,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use common::kube::{namespace, pod_object, start_api};
 use common::{expect_delivered, run_on, ECHO_PORT, SERVER_VIP, SERVER_VIP_PORT};
 use heddle_tests::agent::describe_flows;
-use common::kube::{namespace, pod_object, start_api};
 use heddle_tests::apiserver::ApiServer;
 use heddle_tests::{
-    poll_until, Agent, Check, ClientSpec, Direction, KubernetesMode, Node, Pod, PodSpec, Process,
-    Testbed, Verdict,
+    poll_until, Agent, Check, ClientSpec, Direction, KubernetesMode, Node, Pod, PodSpec, Process, Testbed, Verdict,
 };
 use serde_json::{json, Value};
 
@@ -65,11 +64,7 @@ impl KubeCluster {
         let server = tb.add_pod(&node_b, PodSpec::new("server"))?;
         let echo = server.start_echo(ECHO_PORT)?;
         let api = start_api(&node_a, true)?;
-        let labels = if enrolled {
-            json!({"heddle.dev/mesh": "enabled"})
-        } else {
-            json!({})
-        };
+        let labels = if enrolled { json!({"heddle.dev/mesh": "enabled"}) } else { json!({}) };
         api.apply(namespace("demo", &labels))?;
         api.apply(namespace("kube-system", &json!({})))?;
         for pod in [&client, &server] {
@@ -94,22 +89,10 @@ impl KubeCluster {
         }))?;
         let kubeconfig = tb.temp_dir().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig, "node-agent-token")?;
-        tb.use_kubernetes(KubernetesMode {
-            kubeconfig,
-            trust_domain: "cluster.local".into(),
-        });
+        tb.use_kubernetes(KubernetesMode { kubeconfig, trust_domain: "cluster.local".into() });
         let mut agents = tb.start_agents(&[&node_a, &node_b])?.into_iter();
         let (agent_a, agent_b) = (agents.next().context("a")?, agents.next().context("b")?);
-        Ok(Self {
-            _echo: echo,
-            agent_a,
-            agent_b,
-            client,
-            server,
-            node_b,
-            api,
-            tb,
-        })
+        Ok(Self { _echo: echo, agent_a, agent_b, client, server, node_b, api, tb })
     }
 
     /// Sets namespace `demo`'s labels, as `kubectl label` would.
@@ -165,8 +148,9 @@ fn namespace_label_flips_enroll_and_unenroll_running_pods() {
         ensure!(c.connect_and_count()? == 1, "the enrolled client's connection was not captured");
         let flows = c.agent_b.flows()?;
         ensure!(
-            flows.iter().any(|f| f.direction == Direction::Inbound
-                && f.src.map(|s| s.ip()) == Some(IpAddr::V4(c.client.ip()))),
+            flows
+                .iter()
+                .any(|f| f.direction == Direction::Inbound && f.src.map(|s| s.ip()) == Some(IpAddr::V4(c.client.ip()))),
             "node-b did not record the inbound connection: {}",
             describe_flows(&flows, 10)
         );
@@ -174,8 +158,9 @@ fn namespace_label_flips_enroll_and_unenroll_running_pods() {
         expect_delivered(&c.client, &ClientSpec::to(SocketAddr::from((SERVER_VIP, SERVER_VIP_PORT))))?;
         let flows = c.agent_a.flows()?;
         ensure!(
-            flows.iter().any(|f| f.service.as_deref() == Some("demo/server")
-                && f.dst == Some(c.server.addr(ECHO_PORT))),
+            flows
+                .iter()
+                .any(|f| f.service.as_deref() == Some("demo/server") && f.dst == Some(c.server.addr(ECHO_PORT))),
             "the VIP was not resolved to the endpoint: {}",
             describe_flows(&flows, 10)
         );
@@ -207,14 +192,8 @@ fn pods_appear_and_disappear_on_the_right_node() {
                 None => Check::Pending("absent".into()),
             })
         })?;
-        ensure!(
-            seen_by_a.node == "node-b" && !seen_by_a.captured,
-            "node-a's view of a node-b pod: {seen_by_a:?}"
-        );
-        ensure!(
-            seen_by_a.ips == vec![IpAddr::V4(late.ip())],
-            "node-a has the wrong IP for demo/late: {seen_by_a:?}"
-        );
+        ensure!(seen_by_a.node == "node-b" && !seen_by_a.captured, "node-a's view of a node-b pod: {seen_by_a:?}");
+        ensure!(seen_by_a.ips == vec![IpAddr::V4(late.ip())], "node-a has the wrong IP for demo/late: {seen_by_a:?}");
 
         c.api.delete("v1", "Pod", Some("demo"), "late")?;
         for agent in [&c.agent_a, &c.agent_b] {
@@ -231,8 +210,7 @@ fn pods_appear_and_disappear_on_the_right_node() {
         for node in ["node-a", "node-b"] {
             ensure!(
                 requests.iter().any(|r| r.path == "/api/v1/pods"
-                    && r.query.get("fieldSelector").map(String::as_str)
-                        == Some(&format!("spec.nodeName={node}"))
+                    && r.query.get("fieldSelector").map(String::as_str) == Some(&format!("spec.nodeName={node}"))
                     && r.query.get("watch").is_some_and(|w| w == "true" || w == "1")),
                 "no watch of {node}'s pods by field selector among {} requests",
                 requests.len()
@@ -259,13 +237,11 @@ fn expect_denied_by(c: &KubeCluster, policy: &str) -> Result<()> {
     ensure!(summary.failed == 1, "not denied by {policy}: {summary}");
     Ok(poll_until(&format!("denied by {policy}"), WAIT, POLL, || {
         let flows = c.agent_b.flows()?;
-        Ok(
-            if flows.iter().any(|f| f.verdict == Some(Verdict::Denied) && f.policy.as_deref() == Some(policy)) {
-                Check::Ready(())
-            } else {
-                Check::Pending(describe_flows(&flows, 5))
-            },
-        )
+        Ok(if flows.iter().any(|f| f.verdict == Some(Verdict::Denied) && f.policy.as_deref() == Some(policy)) {
+            Check::Ready(())
+        } else {
+            Check::Pending(describe_flows(&flows, 5))
+        })
     })?)
 }
 
@@ -366,11 +342,7 @@ fn a_watch_that_drops_and_relists_loses_nothing() {
 
 /// List (not watch) requests the stand-in has served.
 fn list_requests(c: &KubeCluster) -> usize {
-    c.api
-        .requests()
-        .iter()
-        .filter(|r| r.method == "GET" && !r.query.contains_key("watch"))
-        .count()
+    c.api.requests().iter().filter(|r| r.method == "GET" && !r.query.contains_key("watch")).count()
 }
 
 /// A plaintext echo round trip from `node`'s own network namespace (where
@@ -415,11 +387,7 @@ fn kubelet_probes_from_the_node_pass_strict_mode_and_allow_policies_on_probed_po
         // ...while the node itself (the kubelet's address) gets through to
         // the probed port (once node-b has seen the probe in the Pod).
         poll_until("a probe from node-b's own address gets through", WAIT, POLL, || {
-            Ok(if echo_from_node(&c.node_b, to)? {
-                Check::Ready(())
-            } else {
-                Check::Pending("refused".into())
-            })
+            Ok(if echo_from_node(&c.node_b, to)? { Check::Ready(()) } else { Check::Pending("refused".into()) })
         })?;
         // Only the probed port: anything else from the node is still STRICT.
         let other = SocketAddr::new(to.ip(), 9099);
@@ -427,10 +395,10 @@ fn kubelet_probes_from_the_node_pass_strict_mode_and_allow_policies_on_probed_po
         poll_until("a STRICT refusal of the node on an unprobed port", WAIT, POLL, || {
             let flows = c.agent_b.flows()?;
             Ok(
-                if flows.iter().any(|f| {
-                    f.orig_dst == Some(other)
-                        && f.error.as_deref().is_some_and(|e| e.contains("STRICT"))
-                }) {
+                if flows
+                    .iter()
+                    .any(|f| f.orig_dst == Some(other) && f.error.as_deref().is_some_and(|e| e.contains("STRICT")))
+                {
                     Check::Ready(())
                 } else {
                     Check::Pending(describe_flows(&flows, 5))

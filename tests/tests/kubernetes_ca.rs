@@ -43,11 +43,7 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!(
-            "heddle-kca-{name}-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
+        let d = std::env::temp_dir().join(format!("heddle-kca-{name}-{}-{}", std::process::id(), rand_suffix()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         Self(d)
@@ -61,9 +57,7 @@ impl Drop for TempDir {
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::from(d.subsec_nanos()))
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::from(d.subsec_nanos()))
 }
 
 /// `mesh-agent ca --kubernetes` as a child process, killed on drop.
@@ -87,11 +81,7 @@ impl CaProcess {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The CA's kubeconfig (its own token registered with the stand-in), in a
@@ -120,11 +110,7 @@ fn start_ca(kubeconfig: &Path, dir: &Path) -> Result<CaProcess> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if TcpStream::connect(addr).is_ok() {
-            return Ok(CaProcess {
-                child: child.0,
-                addr,
-                log: dir.join("ca.log"),
-            });
+            return Ok(CaProcess { child: child.0, addr, log: dir.join("ca.log") });
         }
         if let Some(status) = child.0.try_wait()? {
             bail!(
@@ -160,9 +146,7 @@ fn spawn_ca(kubeconfig: &Path, dir: &Path) -> Result<(Child, SocketAddr)> {
 }
 
 fn b64(v: &Value) -> String {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(v.as_str().unwrap_or_default())
-        .unwrap_or_default();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default()).unwrap_or_default();
     String::from_utf8(bytes).unwrap_or_default()
 }
 
@@ -193,27 +177,17 @@ fn client(ca: &CaProcess, bundle: &str, dir: &Path, token: &str) -> Result<Remot
     let token_file = dir.join(format!("{token}.token"));
     std::fs::write(&token_file, token)?;
     let roots = tls::roots_from_pem(bundle)?;
-    Ok(RemoteCa::new(
-        ca.addr.to_string(),
-        TokenSource::File(token_file),
-        roots,
-        "cluster.local",
-    )?)
+    Ok(RemoteCa::new(ca.addr.to_string(), TokenSource::File(token_file), roots, "cluster.local")?)
 }
 
 fn sign(ca: &RemoteCa, id: &SpiffeId) -> Result<Vec<String>, CaError> {
     let (csr, _key) = new_key_and_csr(id).expect("csr");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(ca.sign(id, csr)).map(|s| s.chain_pem)
 }
 
 fn published_bundle(api: &ApiServer) -> Result<String> {
-    let cm = api
-        .get("v1", "ConfigMap", Some(NS), TRUST_BUNDLE_CONFIGMAP)
-        .context("the trust-bundle ConfigMap")?;
+    let cm = api.get("v1", "ConfigMap", Some(NS), TRUST_BUNDLE_CONFIGMAP).context("the trust-bundle ConfigMap")?;
     Ok(cm["data"][TRUST_BUNDLE_KEY].as_str().unwrap_or_default().to_owned())
 }
 
@@ -228,18 +202,14 @@ fn the_ca_creates_its_root_secret_and_trust_bundle_on_first_start_and_reuses_the
     let kc = kubeconfig(&api, &dir.0)?;
     let ca = start_ca(&kc, &dir.0)?;
 
-    let secret = api
-        .get("v1", "Secret", Some(NS), "heddle-ca-root")
-        .context("the CA did not create its root Secret")?;
+    let secret =
+        api.get("v1", "Secret", Some(NS), "heddle-ca-root").context("the CA did not create its root Secret")?;
     ensure!(secret["type"] == "kubernetes.io/tls", "secret type: {secret}");
     let cert = b64(&secret["data"]["tls.crt"]);
     let key = b64(&secret["data"]["tls.key"]);
     ensure!(cert.contains("BEGIN CERTIFICATE") && key.contains("PRIVATE KEY"), "{secret}");
     ensure!(published_bundle(&api)? == cert, "the bundle is the new root");
-    ensure!(
-        !dir.0.join("state").exists(),
-        "Kubernetes mode keeps the key in memory: nothing in the state directory"
-    );
+    ensure!(!dir.0.join("state").exists(), "Kubernetes mode keeps the key in memory: nothing in the state directory");
     drop(ca);
 
     // A restart (another replica, a new pod) uses the same root.
@@ -290,10 +260,7 @@ fn a_malformed_root_secret_stops_the_ca_with_a_message_naming_it() -> Result<()>
     }))?;
     let kc = kubeconfig(&api, &dir.0)?;
     let log = ca_exit_log(&kc, &dir.0)?;
-    ensure!(
-        log.contains("Secret heddle-system/heddle-ca-root is malformed: key tls.key: missing"),
-        "{log}"
-    );
+    ensure!(log.contains("Secret heddle-system/heddle-ca-root is malformed: key tls.key: missing"), "{log}");
     Ok(())
 }
 
@@ -370,16 +337,10 @@ fn a_node_gets_certificates_only_for_identities_of_pods_on_its_node() -> Result<
         other => bail!("expected 403, got {other:?}"),
     }
     // Nor an identity no pod has anywhere.
-    ensure!(matches!(
-        sign(&agent_a, &id("demo", "ghost")),
-        Err(CaError::Refused { status: 403, .. })
-    ));
+    ensure!(matches!(sign(&agent_a, &id("demo", "ghost")), Err(CaError::Refused { status: 403, .. })));
     // The CA asked the API server with the heddle-ca audience.
-    let reviews: Vec<_> = api
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "POST" && r.path.ends_with("/tokenreviews"))
-        .collect();
+    let reviews: Vec<_> =
+        api.requests().into_iter().filter(|r| r.method == "POST" && r.path.ends_with("/tokenreviews")).collect();
     ensure!(!reviews.is_empty(), "no TokenReview was made");
     // A pod moving to node-a (deleted on b, created on a) is granted at once.
     api.delete("v1", "Pod", Some("demo"), "api-1")?;
@@ -430,12 +391,8 @@ fn the_ca_answers_503_when_the_api_server_is_down() -> Result<()> {
     Ok(())
 }
 
-
 fn token_reviews(api: &ApiServer) -> usize {
-    api.requests()
-        .iter()
-        .filter(|r| r.method == "POST" && r.path.ends_with("/tokenreviews"))
-        .count()
+    api.requests().iter().filter(|r| r.method == "POST" && r.path.ends_with("/tokenreviews")).count()
 }
 
 #[test]

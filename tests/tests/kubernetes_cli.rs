@@ -124,10 +124,7 @@ fn enrolling_an_unknown_namespace_fails_with_a_clear_message() -> Result<()> {
     drop(api);
     let (code, _, err) = heddle(&kc, &["enroll", "demo"])?;
     ensure!(code != 0, "exit 0 without an API server");
-    ensure!(
-        err.contains(&format!("cannot reach the API server at {}", url.trim_end_matches('/'))),
-        "{err}"
-    );
+    ensure!(err.contains(&format!("cannot reach the API server at {}", url.trim_end_matches('/'))), "{err}");
     Ok(())
 }
 
@@ -204,7 +201,9 @@ fn status_on_a_node_reaches_its_agent_through_the_api_server_port_forward() -> R
     ensure!(out.contains("up on node node-a"), "{out}");
     ensure!(out.contains("1 on this node, 1 enrolled, 1 captured"), "{out}");
     ensure!(
-        api.requests().iter().any(|r| r.path.ends_with("/namespaces/heddle-system/pods/heddle-agent-aaaaa/portforward")),
+        api.requests()
+            .iter()
+            .any(|r| r.path.ends_with("/namespaces/heddle-system/pods/heddle-agent-aaaaa/portforward")),
         "no port-forward to node-a's agent pod"
     );
     let (code, out, err) = heddle(&kc, &["workloads", "--node", "node-b", "-o", "json"])?;

@@ -34,14 +34,14 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use common::kube::{namespace, pod_object, start_api};
 use common::{expect_delivered, run_on, ECHO_PORT, WAIT};
 use heddle_tests::agent::describe_flows;
-use common::kube::{namespace, pod_object, start_api};
 use heddle_tests::apiserver::ApiServer;
 use heddle_tests::kube_ca::{project_agent_token, KubeCa, KubeCaOptions, CA_NAMESPACE};
 use heddle_tests::{
-    poll_until, Agent, Check, ClientSpec, Direction, Flow, KubernetesMode, Pod, PodSpec, Process,
-    Security, Testbed, Verdict,
+    poll_until, Agent, Check, ClientSpec, Direction, Flow, KubernetesMode, Pod, PodSpec, Process, Security, Testbed,
+    Verdict,
 };
 use serde_json::json;
 
@@ -86,11 +86,7 @@ impl MeshCluster {
         api.write_kubeconfig(&ca_kubeconfig, "heddle-ca-token")?;
         let ca = KubeCa::start(
             &node_a,
-            &KubeCaOptions {
-                kubeconfig: ca_kubeconfig,
-                trust_domain: TRUST_DOMAIN.into(),
-                ttl_seconds: None,
-            },
+            &KubeCaOptions { kubeconfig: ca_kubeconfig, trust_domain: TRUST_DOMAIN.into(), ttl_seconds: None },
         )?;
         let bundle = dir.join("root-cert.pem");
         ca.write_trust_bundle(&api, &bundle)?;
@@ -103,44 +99,21 @@ impl MeshCluster {
 
         let kubeconfig = dir.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig, "node-agent-token")?;
-        tb.use_kubernetes(KubernetesMode {
-            kubeconfig,
-            trust_domain: TRUST_DOMAIN.into(),
-        });
+        tb.use_kubernetes(KubernetesMode { kubeconfig, trust_domain: TRUST_DOMAIN.into() });
         let mut agents = tb.start_agents(&[&node_a, &node_b])?.into_iter();
         let (agent_a, agent_b) = (agents.next().context("a")?, agents.next().context("b")?);
-        ensure!(
-            agent_a.mtls() && agent_b.mtls(),
-            "the agents were started without CA flags"
-        );
-        Ok(Self {
-            _echo: echo,
-            agent_a,
-            agent_b,
-            client,
-            server,
-            ca,
-            api,
-            tb,
-        })
+        ensure!(agent_a.mtls() && agent_b.mtls(), "the agents were started without CA flags");
+        Ok(Self { _echo: echo, agent_a, agent_b, client, server, ca, api, tb })
     }
 
     /// A client → server connection that must be reset, recorded on node-b
     /// as denied by `policy`; returns that record.
     fn expect_denied_by(&self, policy: &str) -> Result<Flow> {
-        let summary = self
-            .client
-            .run_client(&ClientSpec::to(self.server.addr(ECHO_PORT)))?;
+        let summary = self.client.run_client(&ClientSpec::to(self.server.addr(ECHO_PORT)))?;
         ensure!(summary.failed == 1, "not denied by {policy}: {summary}");
-        let flows = self.agent_b.wait_for_flows(
-            &format!("a record denied by {policy}"),
-            WAIT,
-            |flows| {
-                flows.iter().any(|f| {
-                    f.verdict == Some(Verdict::Denied) && f.policy.as_deref() == Some(policy)
-                })
-            },
-        )?;
+        let flows = self.agent_b.wait_for_flows(&format!("a record denied by {policy}"), WAIT, |flows| {
+            flows.iter().any(|f| f.verdict == Some(Verdict::Denied) && f.policy.as_deref() == Some(policy))
+        })?;
         flows
             .into_iter()
             .rev()
@@ -155,21 +128,9 @@ fn expect_certificates_for_only(agent: &Agent, pod: &Pod) -> Result<()> {
     let id = pod.spiffe_id();
     agent.wait_certificates(std::slice::from_ref(&id), WAIT)?;
     let certs = agent.certs()?;
-    ensure!(
-        certs.mtls,
-        "{} reports mTLS off: {certs}",
-        agent.node().name()
-    );
-    let held: Vec<&str> = certs
-        .certificates
-        .iter()
-        .map(|c| c.identity.as_str())
-        .collect();
-    ensure!(
-        held == [id.as_str()],
-        "{} should hold a certificate for {id} only: {certs}",
-        agent.node().name()
-    );
+    ensure!(certs.mtls, "{} reports mTLS off: {certs}", agent.node().name());
+    let held: Vec<&str> = certs.certificates.iter().map(|c| c.identity.as_str()).collect();
+    ensure!(held == [id.as_str()], "{} should hold a certificate for {id} only: {certs}", agent.node().name());
     Ok(())
 }
 
@@ -205,14 +166,8 @@ fn run(name: &str, node_a_token_node: &str, body: impl FnOnce(&MeshCluster) -> R
 fn agents_get_certificates_from_the_kubernetes_ca_and_tunnel_over_mtls() {
     run("k8s-mtls", "node-a", |c| {
         let (client_id, server_id) = (c.client.spiffe_id(), c.server.spiffe_id());
-        ensure!(
-            client_id == "spiffe://cluster.local/ns/demo/sa/client",
-            "{client_id}"
-        );
-        ensure!(
-            server_id == "spiffe://cluster.local/ns/demo/sa/server",
-            "{server_id}"
-        );
+        ensure!(client_id == "spiffe://cluster.local/ns/demo/sa/client", "{client_id}");
+        ensure!(server_id == "spiffe://cluster.local/ns/demo/sa/server", "{server_id}");
         // Each node gets the identities of its own pods, and nothing else.
         expect_certificates_for_only(&c.agent_a, &c.client)?;
         expect_certificates_for_only(&c.agent_b, &c.server)?;
@@ -228,26 +183,16 @@ fn agents_get_certificates_from_the_kubernetes_ca_and_tunnel_over_mtls() {
 
         // Across nodes, through the tunnel, with both identities on both sides.
         expect_delivered(&c.client, &ClientSpec::to(c.server.addr(ECHO_PORT)))?;
-        c.agent_a
-            .wait_for_flows("the outbound mTLS record", WAIT, |flows| {
-                flows
-                    .iter()
-                    .any(|f| is_mtls_record(f, c, Direction::Outbound))
-            })?;
-        let flows = c
-            .agent_b
-            .wait_for_flows("the inbound mTLS record", WAIT, |flows| {
-                flows
-                    .iter()
-                    .any(|f| is_mtls_record(f, c, Direction::Inbound))
-            })?;
-        let inbound = flows
-            .iter()
-            .find(|f| is_mtls_record(f, c, Direction::Inbound))
-            .context("the inbound record vanished")?;
+        c.agent_a.wait_for_flows("the outbound mTLS record", WAIT, |flows| {
+            flows.iter().any(|f| is_mtls_record(f, c, Direction::Outbound))
+        })?;
+        let flows = c.agent_b.wait_for_flows("the inbound mTLS record", WAIT, |flows| {
+            flows.iter().any(|f| is_mtls_record(f, c, Direction::Inbound))
+        })?;
+        let inbound =
+            flows.iter().find(|f| is_mtls_record(f, c, Direction::Inbound)).context("the inbound record vanished")?;
         ensure!(
-            inbound.peer_cert_serial.is_some()
-                && inbound.src_ip() == Some(IpAddr::V4(c.client.ip())),
+            inbound.peer_cert_serial.is_some() && inbound.src_ip() == Some(IpAddr::V4(c.client.ip())),
             "node-b's record lacks the client's certificate serial or address: {inbound}"
         );
 
@@ -268,8 +213,7 @@ fn agents_get_certificates_from_the_kubernetes_ca_and_tunnel_over_mtls() {
         })?;
         let denied = c.expect_denied_by("demo/deny-client")?;
         ensure!(
-            denied.src_identity.as_deref() == Some(client_id.as_str())
-                && denied.security == Security::MutualTls,
+            denied.src_identity.as_deref() == Some(client_id.as_str()) && denied.security == Security::MutualTls,
             "the denial was not decided on the authenticated client identity: {denied}"
         );
         Ok(())
@@ -294,43 +238,29 @@ fn the_kubernetes_ca_refuses_identities_of_pods_on_another_node() {
             })
         })?;
         let error = entry.last_error.clone().unwrap_or_default();
-        ensure!(
-            !entry.ready,
-            "node-a holds a certificate for {client_id}: {entry:?}"
-        );
+        ensure!(!entry.ready, "node-a holds a certificate for {client_id}: {entry:?}");
         ensure!(
             error.contains("403") && error.contains("node-b") && error.contains(client_id.as_str()),
             "node-a's /certs should name the refusal (403), the node and the identity: {error}"
         );
         ensure!(
-            c.ca.log()
-                .lines()
-                .any(|l| l.contains("certificate request refused")
-                    && l.contains("status=403")
-                    && l.contains(client_id.as_str())),
+            c.ca.log().lines().any(|l| l.contains("certificate request refused")
+                && l.contains("status=403")
+                && l.contains(client_id.as_str())),
             "the CA did not log the refusal:\n{}",
             c.ca.log_tail(20)
         );
 
         // Without a certificate the client's connection fails closed.
-        let summary = c
-            .client
-            .run_client(&ClientSpec::to(c.server.addr(ECHO_PORT)))?;
-        ensure!(
-            summary.failed == 1 && summary.ok == 0,
-            "not failed closed: {summary}"
-        );
-        let flows = c
-            .agent_a
-            .wait_for_flows("node-a records the failure", WAIT, |flows| {
-                flows.iter().any(|f| {
-                    f.direction == Direction::Outbound
-                        && f.verdict == Some(Verdict::Error)
-                        && f.error
-                            .as_deref()
-                            .is_some_and(|e| e.contains(client_id.as_str()))
-                })
-            })?;
+        let summary = c.client.run_client(&ClientSpec::to(c.server.addr(ECHO_PORT)))?;
+        ensure!(summary.failed == 1 && summary.ok == 0, "not failed closed: {summary}");
+        let flows = c.agent_a.wait_for_flows("node-a records the failure", WAIT, |flows| {
+            flows.iter().any(|f| {
+                f.direction == Direction::Outbound
+                    && f.verdict == Some(Verdict::Error)
+                    && f.error.as_deref().is_some_and(|e| e.contains(client_id.as_str()))
+            })
+        })?;
         let inbound = c.agent_b.flows()?;
         ensure!(
             !inbound.iter().any(|f| f.direction == Direction::Inbound && f.verdict == Some(Verdict::Forwarded)),

@@ -35,10 +35,7 @@ use serde_json::{json, Value as Json};
 #[test]
 fn every_manifest_parses_strictly_with_the_kubernetes_types() {
     let m = manifests();
-    assert_eq!(
-        m.kustomization.api_version,
-        "kustomize.config.k8s.io/v1beta1"
-    );
+    assert_eq!(m.kustomization.api_version, "kustomize.config.k8s.io/v1beta1");
     assert_eq!(m.kustomization.kind, "Kustomization");
     let kinds: BTreeSet<&str> = m
         .objects
@@ -78,22 +75,14 @@ fn strict_parsing_names_the_path_of_an_unknown_field() {
                 spec:\n  selector: {matchLabels: {a: b}}\n  template:\n    spec:\n      \
                 hostPid: true\n      containers: [{name: c, image: i}]\n";
     let err = parse_object(serde_yaml_ng::from_str(text).unwrap(), "typo.yaml").unwrap_err();
-    assert!(
-        err.to_string().contains("spec.template.spec.hostPid"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("spec.template.spec.hostPid"), "{err}");
 }
 
 #[test]
 fn kustomization_lists_every_manifest_and_the_dashboard() {
     let m = manifests();
     let dir = daemonset_dir();
-    let listed: BTreeSet<PathBuf> = m
-        .kustomization
-        .resources
-        .iter()
-        .map(PathBuf::from)
-        .collect();
+    let listed: BTreeSet<PathBuf> = m.kustomization.resources.iter().map(PathBuf::from).collect();
     // Every YAML file of daemonset/ is installed: none is forgotten.
     let mut stack = vec![dir.clone()];
     while let Some(d) = stack.pop() {
@@ -115,23 +104,12 @@ fn kustomization_lists_every_manifest_and_the_dashboard() {
         panic!("one configMapGenerator: the Grafana dashboard");
     };
     assert_eq!(dashboard.namespace, NAMESPACE);
-    assert_eq!(
-        dashboard
-            .options
-            .labels
-            .get("grafana_dashboard")
-            .map(String::as_str),
-        Some("1")
-    );
-    assert!(
-        dashboard.options.disable_name_suffix_hash,
-        "{}: a stable name",
-        dashboard.name
-    );
+    assert_eq!(dashboard.options.labels.get("grafana_dashboard").map(String::as_str), Some("1"));
+    assert!(dashboard.options.disable_name_suffix_hash, "{}: a stable name", dashboard.name);
     for file in &dashboard.files {
         let source = file.split_once('=').map_or(file.as_str(), |(_, s)| s);
-        let text = fs::read_to_string(dir.join(source))
-            .unwrap_or_else(|e| panic!("configMapGenerator file {source}: {e}"));
+        let text =
+            fs::read_to_string(dir.join(source)).unwrap_or_else(|e| panic!("configMapGenerator file {source}: {e}"));
         serde_json::from_str::<Json>(&text).unwrap_or_else(|e| panic!("{source} is not JSON: {e}"));
     }
 }
@@ -152,12 +130,7 @@ fn namespaced_objects_live_in_heddle_system_which_admits_the_agent() {
                 // hostPID, hostNetwork and hostPath are only admitted at the
                 // privileged Pod Security level.
                 let labels = n.metadata.labels.clone().unwrap_or_default();
-                assert_eq!(
-                    labels
-                        .get("pod-security.kubernetes.io/enforce")
-                        .map(String::as_str),
-                    Some("privileged")
-                );
+                assert_eq!(labels.get("pod-security.kubernetes.io/enforce").map(String::as_str), Some("privileged"));
                 continue;
             }
             _ => continue,
@@ -169,15 +142,8 @@ fn namespaced_objects_live_in_heddle_system_which_admits_the_agent() {
 #[test]
 fn the_committed_crd_is_what_the_agent_generates() {
     let bin = heddle_tests::agent_binary().unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(&bin)
-        .arg("crd")
-        .output()
-        .expect("run mesh-agent crd");
-    assert!(
-        out.status.success(),
-        "mesh-agent crd: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(&bin).arg("crd").output().expect("run mesh-agent crd");
+    assert!(out.status.success(), "mesh-agent crd: {}", String::from_utf8_lossy(&out.stderr));
     let committed = fs::read_to_string(daemonset_dir().join(CRD_FILE)).unwrap();
     assert!(
         String::from_utf8_lossy(&out.stdout) == committed,
@@ -191,32 +157,17 @@ fn the_committed_crd_is_what_the_agent_generates() {
 fn crd_is_namespaced_with_a_short_name_and_an_action_column() {
     let m = manifests();
     let crd = m.crd();
-    assert_eq!(
-        crd.metadata.name.as_deref(),
-        Some("authorizationpolicies.heddle.dev")
-    );
+    assert_eq!(crd.metadata.name.as_deref(), Some("authorizationpolicies.heddle.dev"));
     assert_eq!(crd.spec.group, "heddle.dev");
     assert_eq!(crd.spec.scope, "Namespaced");
     assert_eq!(crd.spec.names.kind, "AuthorizationPolicy");
     assert_eq!(crd.spec.names.plural, "authorizationpolicies");
-    assert!(crd
-        .spec
-        .names
-        .short_names
-        .as_ref()
-        .is_some_and(|s| !s.is_empty()));
-    let [version] = crd.spec.versions.as_slice() else {
-        panic!("one version")
-    };
+    assert!(crd.spec.names.short_names.as_ref().is_some_and(|s| !s.is_empty()));
+    let [version] = crd.spec.versions.as_slice() else { panic!("one version") };
     assert_eq!(version.name, "v1alpha1");
     assert!(version.served && version.storage);
-    let columns = version
-        .additional_printer_columns
-        .clone()
-        .unwrap_or_default();
-    assert!(columns
-        .iter()
-        .any(|c| c.name == "Action" && c.json_path == ".spec.action"));
+    let columns = version.additional_printer_columns.clone().unwrap_or_default();
+    assert!(columns.iter().any(|c| c.name == "Action" && c.json_path == ".spec.action"));
 }
 
 #[test]
@@ -225,19 +176,13 @@ fn crd_schema_accepts_every_example_policy_of_the_readme() {
     let validator = jsonschema::draft4::new(&crd_json_schema(m.crd())).unwrap();
     let policies = readme_policies();
     assert!(
-        policies
-            .iter()
-            .any(|(h, p)| h == "Deploy on Kubernetes" && p["apiVersion"] == "heddle.dev/v1alpha1"),
+        policies.iter().any(|(h, p)| h == "Deploy on Kubernetes" && p["apiVersion"] == "heddle.dev/v1alpha1"),
         "the README's Deploy on Kubernetes section has a heddle.dev/v1alpha1 policy"
     );
     assert!(policies.len() >= 2, "{} README policies", policies.len());
     for (heading, policy) in &policies {
         let errors = schema_errors(&validator, policy);
-        assert!(
-            errors.is_empty(),
-            "README ({heading}) policy {}: {errors:?}",
-            policy["metadata"]["name"]
-        );
+        assert!(errors.is_empty(), "README ({heading}) policy {}: {errors:?}", policy["metadata"]["name"]);
     }
 }
 
@@ -246,16 +191,9 @@ fn readme_example_policies_are_valid_for_the_policy_engine() {
     let bin = heddle_tests::heddle_binary().unwrap_or_else(|e| panic!("{e}"));
     // One at a time: examples of different sections may share a name.
     for (i, (heading, policy)) in readme_policies().iter().enumerate() {
-        let file = std::env::temp_dir().join(format!(
-            "heddle-readme-policy-{}-{i}.yaml",
-            std::process::id()
-        ));
+        let file = std::env::temp_dir().join(format!("heddle-readme-policy-{}-{i}.yaml", std::process::id()));
         fs::write(&file, serde_yaml_ng::to_string(policy).unwrap()).unwrap();
-        let out = Command::new(&bin)
-            .args(["policy", "validate"])
-            .arg(&file)
-            .output()
-            .unwrap();
+        let out = Command::new(&bin).args(["policy", "validate"]).arg(&file).output().unwrap();
         fs::remove_file(&file).unwrap();
         assert!(
             out.status.success(),
@@ -293,37 +231,18 @@ fn crd_schema_rejects_unknown_fields_and_bad_actions() {
             *slot = value;
         } else {
             let (parent, key) = pointer.rsplit_once('/').unwrap();
-            p.pointer_mut(parent)
-                .unwrap()
-                .as_object_mut()
-                .unwrap()
-                .insert(key.to_owned(), value);
+            p.pointer_mut(parent).unwrap().as_object_mut().unwrap().insert(key.to_owned(), value);
         }
         p
     };
     for (what, bad) in [
         ("bad action", mutate("/spec/action", json!("PERMIT"))),
         ("unknown spec field", mutate("/spec/rule", json!([]))),
-        (
-            "misspelt source field",
-            mutate("/spec/rules/0/from/0/source/principal", json!(["x"])),
-        ),
-        (
-            "unknown operation field",
-            mutate("/spec/rules/0/to/0/operation/port", json!(["80"])),
-        ),
-        (
-            "when without key",
-            mutate("/spec/rules/0/when/0", json!({"values": ["1"]})),
-        ),
-        (
-            "ports not a list",
-            mutate("/spec/rules/0/to/0/operation/ports", json!("8080")),
-        ),
-        (
-            "label value not a string",
-            mutate("/spec/selector/matchLabels", json!({"app": ["api"]})),
-        ),
+        ("misspelt source field", mutate("/spec/rules/0/from/0/source/principal", json!(["x"]))),
+        ("unknown operation field", mutate("/spec/rules/0/to/0/operation/port", json!(["80"]))),
+        ("when without key", mutate("/spec/rules/0/when/0", json!({"values": ["1"]}))),
+        ("ports not a list", mutate("/spec/rules/0/to/0/operation/ports", json!("8080"))),
+        ("label value not a string", mutate("/spec/selector/matchLabels", json!({"app": ["api"]}))),
         ("no spec", {
             let mut p = base.clone();
             p.as_object_mut().unwrap().remove("spec");

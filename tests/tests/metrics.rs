@@ -29,29 +29,12 @@ const CLOSED_PORT: u16 = 9999;
 fn metrics_count_known_mutual_tls_traffic_on_both_reporters_with_istio_labels() {
     run_e2e("metrics", Options::mtls(), |c| {
         let to = c.server.addr(ECHO_PORT);
-        expect_delivered(
-            &c.client,
-            &ClientSpec::to(to)
-                .bytes(BYTES as usize)
-                .conns(CONNS as usize),
-        )?;
+        expect_delivered(&c.client, &ClientSpec::to(to).bytes(BYTES as usize).conns(CONNS as usize))?;
         let refused = c.server.addr(CLOSED_PORT);
         let summary = c.client.run_client(&ClientSpec::to(refused))?;
         ensure!(summary.failed == 1, "closed port: {summary}");
-        wait_finished(
-            &c.agent_a,
-            Direction::Outbound,
-            "demo/client",
-            to,
-            CONNS as usize,
-        )?;
-        wait_finished(
-            &c.agent_b,
-            Direction::Inbound,
-            "demo/server",
-            to,
-            CONNS as usize,
-        )?;
+        wait_finished(&c.agent_a, Direction::Outbound, "demo/client", to, CONNS as usize)?;
+        wait_finished(&c.agent_b, Direction::Inbound, "demo/server", to, CONNS as usize)?;
         wait_finished(&c.agent_a, Direction::Outbound, "demo/client", refused, 1)?;
         wait_finished(&c.agent_b, Direction::Inbound, "demo/server", refused, 1)?;
 
@@ -61,11 +44,7 @@ fn metrics_count_known_mutual_tls_traffic_on_both_reporters_with_istio_labels() 
             expect_internals(agent, &scrape)?;
         }
         let decisions = c.agent_b.metrics()?;
-        let allowed = value(
-            &decisions,
-            "heddle_policy_decisions_total",
-            &[("policy", "none"), ("verdict", "allow")],
-        )?;
+        let allowed = value(&decisions, "heddle_policy_decisions_total", &[("policy", "none"), ("verdict", "allow")])?;
         ensure!(
             allowed >= f64::from(CONNS),
             "destination agent counted {allowed} allow decisions for {CONNS} connections"
@@ -91,50 +70,27 @@ fn expect_connection_series(c: &Cluster, scrape: &Scrape, reporter: &str) -> Res
         ("connection_security_policy", "mutual_tls"),
         ("response_flags", "-"),
     ];
-    for metric in [
-        "heddle_tcp_connections_opened_total",
-        "heddle_tcp_connections_closed_total",
-    ] {
+    for metric in ["heddle_tcp_connections_opened_total", "heddle_tcp_connections_closed_total"] {
         let v = value(scrape, metric, &conn)?;
-        ensure!(
-            is(v, CONNS),
-            "{reporter}: {metric} is {v}, expected {CONNS}"
-        );
+        ensure!(is(v, CONNS), "{reporter}: {metric} is {v}, expected {CONNS}");
     }
-    for metric in [
-        "heddle_tcp_received_bytes_total",
-        "heddle_tcp_sent_bytes_total",
-    ] {
+    for metric in ["heddle_tcp_received_bytes_total", "heddle_tcp_sent_bytes_total"] {
         // The echo server returns every byte: each direction carries them all.
         let v = value(scrape, metric, &conn)?;
-        ensure!(
-            is(v, CONNS * BYTES),
-            "{reporter}: {metric} is {v}, expected {}",
-            CONNS * BYTES
-        );
+        ensure!(is(v, CONNS * BYTES), "{reporter}: {metric} is {v}, expected {}", CONNS * BYTES);
     }
     let duration = sample(scrape, "heddle_tcp_connection_duration_seconds", &conn[..3])?;
     let observed = match &duration.value {
         Value::Histogram(buckets) => buckets.iter().map(|b| b.count).fold(0.0, f64::max),
         other => anyhow::bail!("{reporter}: duration is not a histogram: {other:?}"),
     };
-    ensure!(
-        is(observed, CONNS),
-        "{reporter}: duration histogram observed {observed} connections, expected {CONNS}"
-    );
+    ensure!(is(observed, CONNS), "{reporter}: duration histogram observed {observed} connections, expected {CONNS}");
     let failed = value(
         scrape,
         "heddle_tcp_connections_failed_total",
-        &[
-            ("reporter", reporter),
-            ("destination_workload", "server"),
-            ("response_flags", "CONNECT_FAILED"),
-        ],
+        &[("reporter", reporter), ("destination_workload", "server"), ("response_flags", "CONNECT_FAILED")],
     )?;
-    ensure!(
-        is(failed, 1),
-        "{reporter}: {failed} CONNECT_FAILED connections, expected 1 (the closed port)"
-    );
+    ensure!(is(failed, 1), "{reporter}: {failed} CONNECT_FAILED connections, expected 1 (the closed port)");
     Ok(())
 }
 
@@ -151,34 +107,20 @@ fn expect_internals(agent: &Agent, scrape: &Scrape) -> Result<()> {
             "{node}: {map} capacity {got}, /datapath says {want}"
         );
     }
-    let enrolled = value(
-        scrape,
-        "heddle_ebpf_map_entries",
-        &[("map", maps::ENROLLED)],
-    )?;
+    let enrolled = value(scrape, "heddle_ebpf_map_entries", &[("map", maps::ENROLLED)])?;
     ensure!(enrolled >= 1.0, "{node}: {enrolled} enrolled netns entries");
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
-    let expiries: Vec<&Sample> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == "heddle_certificate_expiry_timestamp_seconds")
-        .collect();
+    let expiries: Vec<&Sample> =
+        scrape.samples.iter().filter(|s| s.metric == "heddle_certificate_expiry_timestamp_seconds").collect();
     ensure!(!expiries.is_empty(), "{node}: no certificate expiry series");
     for s in expiries {
         let v = number(&s.value);
-        ensure!(
-            v > now + 60.0,
-            "{node}: certificate {:?} expires at {v}, now is {now}",
-            s.labels.get("identity")
-        );
+        ensure!(v > now + 60.0, "{node}: certificate {:?} expires at {v}, now is {now}", s.labels.get("identity"));
     }
     let active = value(scrape, "heddle_active_connections", &[])?;
     ensure!(is(active, 0), "{node}: {active} connections still active");
     ensure!(
-        scrape
-            .samples
-            .iter()
-            .any(|s| s.metric == "heddle_datapath_decisions_total"),
+        scrape.samples.iter().any(|s| s.metric == "heddle_datapath_decisions_total"),
         "{node}: no heddle_datapath_decisions_total series"
     );
     Ok(())
@@ -200,10 +142,7 @@ fn sample<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Resu
             .filter(|s| s.metric == metric)
             .map(|s| format!("{:?} {:?}", s.labels, s.value))
             .collect();
-        anyhow::bail!(
-            "{} samples of {metric} match {labels:?}; all of them: {all:#?}",
-            hits.len()
-        )
+        anyhow::bail!("{} samples of {metric} match {labels:?}; all of them: {all:#?}", hits.len())
     }
 }
 

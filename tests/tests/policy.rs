@@ -26,16 +26,11 @@ use anyhow::{ensure, Context, Result};
 use common::mesh::{expect_no_leaks, mentions, warm_up};
 use common::{expect_delivered, run_e2e, wait_finished, Cluster, Options, ECHO_PORT, TRUST_DOMAIN};
 use heddle_tests::agent::describe_flows;
-use heddle_tests::{
-    poll_until, Check, ClientSpec, Direction, Flow, FlowEvent, Pod, Policies, Security, Verdict,
-};
+use heddle_tests::{poll_until, Check, ClientSpec, Direction, Flow, FlowEvent, Pod, Policies, Security, Verdict};
 
 /// The standard cluster with `peer`, mTLS on.
 fn options() -> Options {
-    Options {
-        peer: true,
-        ..Options::mtls()
-    }
+    Options { peer: true, ..Options::mtls() }
 }
 
 /// `<trust domain>/ns/demo/sa/<sa>`: what `principals` match.
@@ -63,21 +58,12 @@ fn expect_denied(c: &Cluster, from: &Pod, security: Security) -> Result<Flow> {
         "{} was not reset by policy: {summary}",
         from.qualified_name()
     );
-    ensure!(
-        start.elapsed() < Duration::from_secs(3),
-        "the denial took {:?}",
-        start.elapsed()
-    );
+    ensure!(start.elapsed() < Duration::from_secs(3), "the denial took {:?}", start.elapsed());
     let flows = c
         .agent_b
-        .wait_for_flows("a denied inbound record", common::WAIT, |flows| {
-            denied_from(flows, from, before).is_some()
-        })?;
+        .wait_for_flows("a denied inbound record", common::WAIT, |flows| denied_from(flows, from, before).is_some())?;
     let f = denied_from(&flows, from, before).context("denied record")?;
-    ensure!(
-        f.event == FlowEvent::Error && f.security == security && f.orig_dst == Some(to),
-        "denied record: {f}"
-    );
+    ensure!(f.event == FlowEvent::Error && f.security == security && f.orig_dst == Some(to), "denied record: {f}");
     Ok(f.clone())
 }
 
@@ -105,9 +91,7 @@ fn expect_allowed(c: &Cluster, from: &Pod) -> Result<Flow> {
     let before = last_id(c)?;
     expect_delivered(from, &ClientSpec::to(to))?;
     let what = format!("the close record of {}", from.qualified_name());
-    let flows = c.agent_b.wait_for_flows(&what, common::WAIT, |flows| {
-        closed_from(flows, from, before).is_some()
-    })?;
+    let flows = c.agent_b.wait_for_flows(&what, common::WAIT, |flows| closed_from(flows, from, before).is_some())?;
     closed_from(&flows, from, before).context("close record")
 }
 
@@ -136,9 +120,7 @@ fn an_allow_policy_on_a_principal_admits_that_client_and_resets_everyone_else_na
         );
         let shown = c.tb.set_policies(&allow_client)?;
         ensure!(
-            shown[1]
-                .policy("demo/allow-client")
-                .is_some_and(|p| p.action == "ALLOW"),
+            shown[1].policy("demo/allow-client").is_some_and(|p| p.action == "ALLOW"),
             "node-b /policies: {}",
             shown[1]
         );
@@ -163,20 +145,11 @@ fn an_allow_policy_on_a_principal_admits_that_client_and_resets_everyone_else_na
                     == Some("denied: no ALLOW policy matched (first applicable ALLOW policy: demo/allow-client)"),
             "denied record: {denied}"
         );
-        let out = wait_finished(
-            &c.agent_a,
-            Direction::Outbound,
-            "demo/peer",
-            c.server.addr(ECHO_PORT),
-            1,
-        )?;
+        let out = wait_finished(&c.agent_a, Direction::Outbound, "demo/peer", c.server.addr(ECHO_PORT), 1)?;
         ensure!(
             out[0].event == FlowEvent::Error
                 && out[0].verdict == Some(Verdict::Denied)
-                && out[0]
-                    .error
-                    .as_deref()
-                    .is_some_and(|e| e.contains("403") && e.contains("no ALLOW policy matched")),
+                && out[0].error.as_deref().is_some_and(|e| e.contains("403") && e.contains("no ALLOW policy matched")),
             "the source agent's record does not carry the denial: {}",
             out[0]
         );
@@ -215,8 +188,7 @@ fn an_allow_policy_on_a_principal_admits_that_client_and_resets_everyone_else_na
 
         let p = c.agent_b.policies()?;
         ensure!(
-            p.decisions_of("demo/allow-client", "allow") == 2
-                && p.decisions_of("demo/allow-client", "deny") == 3,
+            p.decisions_of("demo/allow-client", "allow") == 2 && p.decisions_of("demo/allow-client", "deny") == 3,
             "decision counters: {:?}",
             p.decisions
         );
@@ -225,8 +197,7 @@ fn an_allow_policy_on_a_principal_admits_that_client_and_resets_everyone_else_na
 }
 
 #[test]
-fn deny_wins_over_allow_audit_and_dry_run_only_mark_and_a_bad_policy_is_reported_while_the_rest_enforce(
-) {
+fn deny_wins_over_allow_audit_and_dry_run_only_mark_and_a_bad_policy_is_reported_while_the_rest_enforce() {
     run_e2e("policy_deny_audit", options(), |c| {
         let shown = c.tb.set_policies(&deny_audit_policies())?;
         expect_loaded_with_one_rejected(&shown[1])?;
@@ -240,14 +211,9 @@ fn deny_wins_over_allow_audit_and_dry_run_only_mark_and_a_bad_policy_is_reported
                 && audited.dry_run.as_deref() == Some("deny by policy demo/maybe-deny rule 0"),
             "audited record: {audited}"
         );
-        let open = c
-            .agent_b
-            .flows()?
-            .into_iter()
-            .find(|f| f.conn == audited.conn && f.event == FlowEvent::Open);
+        let open = c.agent_b.flows()?.into_iter().find(|f| f.conn == audited.conn && f.event == FlowEvent::Open);
         ensure!(
-            open.as_ref()
-                .is_some_and(|f| f.verdict == Some(Verdict::Audited)),
+            open.as_ref().is_some_and(|f| f.verdict == Some(Verdict::Audited)),
             "open record of the audited connection: {open:?}"
         );
 
@@ -258,18 +224,9 @@ fn deny_wins_over_allow_audit_and_dry_run_only_mark_and_a_bad_policy_is_reported
                 && denied.error.as_deref() == Some("denied by policy demo/deny-peer rule 1"),
             "DENY over ALLOW: {denied}"
         );
-        let out = wait_finished(
-            &c.agent_a,
-            Direction::Outbound,
-            "demo/peer",
-            c.server.addr(ECHO_PORT),
-            1,
-        )?;
+        let out = wait_finished(&c.agent_a, Direction::Outbound, "demo/peer", c.server.addr(ECHO_PORT), 1)?;
         ensure!(
-            out[0]
-                .error
-                .as_deref()
-                .is_some_and(|e| e.contains("denied by policy demo/deny-peer rule 1")),
+            out[0].error.as_deref().is_some_and(|e| e.contains("denied by policy demo/deny-peer rule 1")),
             "source agent's record: {}",
             out[0]
         );
@@ -335,23 +292,15 @@ fn expect_loaded_with_one_rejected(p: &Policies) -> Result<()> {
     eprintln!("node-b /policies: {p}");
     let names: Vec<&str> = p.loaded.iter().map(|l| l.policy.as_str()).collect();
     ensure!(
-        names
-            == [
-                "demo/allow-all",
-                "demo/audit-client",
-                "demo/deny-peer",
-                "demo/maybe-deny"
-            ]
+        names == ["demo/allow-all", "demo/audit-client", "demo/deny-peer", "demo/maybe-deny"]
             && p.policy("demo/maybe-deny").is_some_and(|l| l.dry_run)
-            && p.policy("demo/deny-peer")
-                .is_some_and(|l| l.action == "DENY" && l.rules == 2),
+            && p.policy("demo/deny-peer").is_some_and(|l| l.action == "DENY" && l.rules == 2),
         "loaded: {p}"
     );
     ensure!(
         p.errors.len() == 1
-            && p.errors[0].starts_with(
-                "policy demo/broken: spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.300/8\""
-            ),
+            && p.errors[0]
+                .starts_with("policy demo/broken: spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.300/8\""),
         "the bad policy is not reported with its name and field: {:?}",
         p.errors
     );
@@ -364,9 +313,7 @@ fn a_policy_applied_while_connections_are_open_closes_them_within_a_second_and_n
         const CHUNK: usize = 100;
         let baseline = warm_up(c)?;
         let to = c.server.addr(ECHO_PORT);
-        let long = ClientSpec::to(to)
-            .bytes(CHUNK)
-            .trickle(200, Duration::from_millis(100));
+        let long = ClientSpec::to(to).bytes(CHUNK).trickle(200, Duration::from_millis(100));
         let mut tunnelled = c.client.spawn_client(&long)?;
         let mut plaintext = c.other.spawn_client(&long)?;
         wait_live(c, 2)?;
@@ -400,9 +347,7 @@ fn a_policy_applied_while_connections_are_open_closes_them_within_a_second_and_n
                 })
             },
         )?;
-        eprintln!(
-            "policy read by both agents after {applied:.0?}; both connections closed after {ended:.0?}"
-        );
+        eprintln!("policy read by both agents after {applied:.0?}; both connections closed after {ended:.0?}");
         ensure!(
             ended <= applied + Duration::from_secs(1),
             "the connections were closed {:?} after the agents read the policy",
@@ -415,11 +360,7 @@ fn a_policy_applied_while_connections_are_open_closes_them_within_a_second_and_n
                 "{who}: the application did not see its connection reset: {summary}"
             );
         }
-        let resets = c
-            .echo_log(&c.server)
-            .lines()
-            .filter(|l| l.contains("reset"))
-            .count();
+        let resets = c.echo_log(&c.server).lines().filter(|l| l.contains("reset")).count();
         ensure!(
             resets == 2,
             "the server application did not see both connections reset ({resets}):\n{}",
@@ -444,19 +385,14 @@ fn a_policy_applied_while_connections_are_open_closes_them_within_a_second_and_n
 
 /// Waits until node-b has `n` live inbound connections registered.
 fn wait_live(c: &Cluster, n: u64) -> Result<()> {
-    poll_until(
-        &format!("{n} live connections on node-b"),
-        common::WAIT,
-        Duration::from_millis(50),
-        || {
-            let p = c.agent_b.policies()?;
-            Ok(if p.live_connections >= n {
-                Check::Ready(())
-            } else {
-                Check::Pending(format!("liveConnections {}", p.live_connections))
-            })
-        },
-    )?;
+    poll_until(&format!("{n} live connections on node-b"), common::WAIT, Duration::from_millis(50), || {
+        let p = c.agent_b.policies()?;
+        Ok(if p.live_connections >= n {
+            Check::Ready(())
+        } else {
+            Check::Pending(format!("liveConnections {}", p.live_connections))
+        })
+    })?;
     Ok(())
 }
 
@@ -466,23 +402,14 @@ fn wait_live(c: &Cluster, n: u64) -> Result<()> {
 /// one `chunk` each way).
 fn expect_closed_by_cut(c: &Cluster, chunk: u64) -> Result<()> {
     let flows = c.agent_b.flows()?;
-    for (from, rule, security) in [
-        (&c.client, 0, Security::MutualTls),
-        (&c.other, 1, Security::Plaintext),
-    ] {
+    for (from, rule, security) in [(&c.client, 0, Security::MutualTls), (&c.other, 1, Security::Plaintext)] {
         let closed = flows
             .iter()
             .find(|f| {
-                f.event == FlowEvent::Close
-                    && f.closed_by_policy.is_some()
-                    && f.src_ip() == Some(from.ip().into())
+                f.event == FlowEvent::Close && f.closed_by_policy.is_some() && f.src_ip() == Some(from.ip().into())
             })
             .with_context(|| {
-                format!(
-                    "no close-by-policy record of {}: {}",
-                    from.qualified_name(),
-                    describe_flows(&flows, 20)
-                )
+                format!("no close-by-policy record of {}: {}", from.qualified_name(), describe_flows(&flows, 20))
             })?;
         eprintln!("node-b recorded: {closed}");
         let error = format!("closed by policy change: denied by policy demo/cut rule {rule}");

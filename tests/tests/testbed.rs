@@ -24,11 +24,7 @@ struct Footprint {
 impl Footprint {
     fn of(tb: &Testbed, pid: u32) -> Self {
         let id = tb.id();
-        let mut netns: Vec<PathBuf> = tb
-            .pods()
-            .iter()
-            .map(heddle_tests::Pod::netns_path)
-            .collect();
+        let mut netns: Vec<PathBuf> = tb.pods().iter().map(heddle_tests::Pod::netns_path).collect();
         netns.extend(tb.nodes().iter().map(heddle_tests::Node::netns_path));
         Self {
             netns,
@@ -40,31 +36,16 @@ impl Footprint {
     }
 
     fn assert_gone(&self) {
-        for path in self
-            .netns
-            .iter()
-            .chain([&self.cgroup, &self.pins, &self.tmp])
-        {
+        for path in self.netns.iter().chain([&self.cgroup, &self.pins, &self.tmp]) {
             assert!(!path.exists(), "{} survived teardown", path.display());
         }
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
         // A killed child may linger as a zombie until its handle reaps it.
-        assert!(
-            stat.is_empty() || stat.contains(") Z "),
-            "process {} survived teardown: {stat}",
-            self.pid
-        );
+        assert!(stat.is_empty() || stat.contains(") Z "), "process {} survived teardown: {stat}", self.pid);
     }
 }
 
-fn two_nodes(
-    name: &str,
-) -> Result<(
-    Testbed,
-    heddle_tests::Pod,
-    heddle_tests::Pod,
-    heddle_tests::Pod,
-)> {
+fn two_nodes(name: &str) -> Result<(Testbed, heddle_tests::Pod, heddle_tests::Pod, heddle_tests::Pod)> {
     let tb = Testbed::new(name)?;
     let a = tb.add_node("node-a")?;
     let b = tb.add_node("node-b")?;
@@ -83,18 +64,9 @@ fn pods_reach_each_other_on_the_same_and_across_nodes_without_an_agent() {
         let (_tb, client, near, far) = two_nodes("plumbing")?;
         let _near_echo = near.start_echo(ECHO_PORT)?;
         let _far_echo = far.start_echo(ECHO_PORT)?;
-        expect_delivered(
-            &client,
-            &ClientSpec::to(near.addr(ECHO_PORT)).bytes(1 << 20),
-        )?;
+        expect_delivered(&client, &ClientSpec::to(near.addr(ECHO_PORT)).bytes(1 << 20))?;
         expect_delivered(&client, &ClientSpec::to(far.addr(ECHO_PORT)).bytes(1 << 20))?;
-        expect_delivered(
-            &client,
-            &ClientSpec::to(far.addr(ECHO_PORT))
-                .conns(50)
-                .parallel(50)
-                .hold(),
-        )?;
+        expect_delivered(&client, &ClientSpec::to(far.addr(ECHO_PORT)).conns(50).parallel(50).hold())?;
         Ok(())
     };
     run().unwrap();
@@ -110,15 +82,8 @@ fn pods_get_an_immediate_unreachable_error_for_addresses_off_the_machine() {
         let start = Instant::now();
         let summary = client.run_client(&ClientSpec::to(addr(Ipv4Addr::new(192, 0, 2, 1), 80)))?;
         ensure!(summary.failed == 1, "{summary}");
-        ensure!(
-            start.elapsed() < Duration::from_secs(4),
-            "took {:?}",
-            start.elapsed()
-        );
-        ensure!(
-            summary.errors[0].to_lowercase().contains("unreachable"),
-            "{summary}"
-        );
+        ensure!(start.elapsed() < Duration::from_secs(4), "took {:?}", start.elapsed());
+        ensure!(summary.errors[0].to_lowercase().contains("unreachable"), "{summary}");
         Ok(())
     };
     run().unwrap();

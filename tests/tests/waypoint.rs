@@ -28,8 +28,8 @@ use common::{environment_ready, expect_delivered, run_on, TRUST_DOMAIN};
 use heddle_tests::env::{asset, NGHTTP};
 use heddle_tests::waypoint::{Waypoint, GATEWAY_NAME_LABEL};
 use heddle_tests::{
-    poll_until, require_tool, Agent, CaOptions, Check, ClientSpec, Direction, Pod, PodSpec,
-    Process, ServiceSpec, Testbed,
+    poll_until, require_tool, Agent, CaOptions, Check, ClientSpec, Direction, Pod, PodSpec, Process, ServiceSpec,
+    Testbed,
 };
 use serde_json::{json, Value};
 
@@ -67,21 +67,26 @@ impl Mesh {
         let node_a = tb.add_node("node-a")?;
         let node_b = tb.add_node("node-b")?;
         let client = tb.add_pod(&node_a, PodSpec::new("client").enrolled(true))?;
-        let wp_pod = tb.add_pod(
-            &node_b,
-            PodSpec::new("waypoint").label(GATEWAY_NAME_LABEL, "waypoint"),
-        )?;
-        let version = |v: &str| PodSpec::new(&format!("api-{v}")).enrolled(true).label("app", "api").label("version", v);
+        let wp_pod = tb.add_pod(&node_b, PodSpec::new("waypoint").label(GATEWAY_NAME_LABEL, "waypoint"))?;
+        let version =
+            |v: &str| PodSpec::new(&format!("api-{v}")).enrolled(true).label("app", "api").label("version", v);
         let v1 = tb.add_pod(&node_b, version("v1"))?;
         let v2 = tb.add_pod(&node_b, version("v2"))?;
-        tb.add_service(ServiceSpec::new("api", API_VIP).port(80, HTTP_PORT).port(9000, ECHO_PORT).port(GRPC_PORT, GRPC_PORT))?;
-        tb.add_service(ServiceSpec::new("api-v1", V1_VIP).port(80, HTTP_PORT).port(GRPC_PORT, GRPC_PORT).selector("version", "v1"))?;
-        tb.add_service(ServiceSpec::new("api-v2", V2_VIP).port(80, HTTP_PORT).port(GRPC_PORT, GRPC_PORT).selector("version", "v2"))?;
+        tb.add_service(
+            ServiceSpec::new("api", API_VIP).port(80, HTTP_PORT).port(9000, ECHO_PORT).port(GRPC_PORT, GRPC_PORT),
+        )?;
+        tb.add_service(
+            ServiceSpec::new("api-v1", V1_VIP).port(80, HTTP_PORT).port(GRPC_PORT, GRPC_PORT).selector("version", "v1"),
+        )?;
+        tb.add_service(
+            ServiceSpec::new("api-v2", V2_VIP).port(80, HTTP_PORT).port(GRPC_PORT, GRPC_PORT).selector("version", "v2"),
+        )?;
         tb.add_waypoint("demo", "waypoint")?;
         tb.set_namespace_waypoint("demo", Some("waypoint"))?;
         let mut servers = Vec::new();
         for pod in [&v1, &v2] {
-            let delay = if extras.slow_v2 && pod.name() == "api-v2" { Duration::from_millis(20) } else { Duration::ZERO };
+            let delay =
+                if extras.slow_v2 && pod.name() == "api-v2" { Duration::from_millis(20) } else { Duration::ZERO };
             servers.push(pod.start_http_delayed(HTTP_PORT, delay)?);
             servers.push(pod.start_echo(ECHO_PORT)?);
             if extras.grpc {
@@ -102,20 +107,17 @@ impl Mesh {
         Ok(Self { _servers: servers, waypoint, agent_a, agent_b, client, v1, v2, tb })
     }
 
-    fn waypoint_identity(&self) -> String {
-        format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/waypoint")
-    }
-
     /// Runs `httpc.py ARGS` in the client pod and parses its JSON output.
     fn httpc(&self, args: &[&str]) -> Result<Value> {
         let mut cmd = Command::new("python3");
         cmd.arg(asset("httpc.py")).args(args);
         let out = self.client.run(cmd)?;
         ensure!(out.status.success(), "httpc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).with_context(|| format!("httpc output: {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("httpc output: {}", String::from_utf8_lossy(&out.stdout)))
     }
 
-    /// `n` keep-alive requests to `url`: (served_by counts, statuses, errors).
+    /// `n` keep-alive requests to `url`: (`served_by` counts, statuses, errors).
     fn load(&self, url: &str, n: usize, headers: &[&str]) -> Result<Value> {
         let n = n.to_string();
         let mut args = vec!["load", url, n.as_str()];
@@ -190,13 +192,17 @@ fn http1_and_http2_through_the_waypoint_are_balanced_per_request_and_recorded_wi
             c
         })?;
         let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(out.status.success() && text.contains(":status: 200") && text.contains("\"version\":\"HTTP/2.0\""), "nghttp: {text}");
+        ensure!(
+            out.status.success() && text.contains(":status: 200") && text.contains("\"version\":\"HTTP/2.0\""),
+            "nghttp: {text}"
+        );
         // Records: the waypoint's per request, with method, path, status,
         // upstream, both identities.
         let h2 = requests(&m.waypoint, 2, |f| f["http"]["protocol"] == "HTTP/2")?;
         let rec = &h2[0];
         ensure!(
-            rec["http"]["method"] == "GET" && rec["http"]["status"] == 200
+            rec["http"]["method"] == "GET"
+                && rec["http"]["status"] == 200
                 && rec["src_identity"] == json!(m.client.spiffe_id())
                 && rec["dst_identity"].as_str().is_some_and(|d| d.contains("/ns/demo/sa/api-v"))
                 && rec["http"]["upstream"].as_str().is_some_and(|u| u.ends_with(":8080")),
@@ -204,23 +210,36 @@ fn http1_and_http2_through_the_waypoint_are_balanced_per_request_and_recorded_wi
         );
         // The source agent sent the connection to the waypoint, as the client.
         let out = m.agent_a.wait_for_flows("outbound to the waypoint", Duration::from_secs(10), |fs| {
-            fs.iter().any(|f| f.direction == Direction::Outbound && f.dst_identity.as_deref() == Some(m.waypoint_identity().as_str()))
+            fs.iter().any(|f| {
+                f.direction == Direction::Outbound && f.dst_identity.as_deref() == Some(waypoint_identity().as_str())
+            })
         })?;
         ensure!(!out.is_empty(), "agent a flows");
         // The destination agent saw the waypoint's identity, over mTLS.
         m.agent_b.wait_for_flows("inbound from the waypoint", Duration::from_secs(10), |fs| {
-            fs.iter().any(|f| f.direction == Direction::Inbound && f.src_identity.as_deref() == Some(m.waypoint_identity().as_str()) && f.is_mutual_tls())
+            fs.iter().any(|f| {
+                f.direction == Direction::Inbound
+                    && f.src_identity.as_deref() == Some(waypoint_identity().as_str())
+                    && f.is_mutual_tls()
+            })
         })?;
         // Istio's L7 metric names, reporter=waypoint.
         let metrics = m.waypoint.metrics()?;
         ensure!(
-            metrics.lines().any(|l| l.starts_with("heddle_requests_total{") && l.contains("reporter=\"waypoint\"") && l.contains("response_code=\"200\"") && l.contains("destination_workload=\"api-v")),
+            metrics.lines().any(|l| l.starts_with("heddle_requests_total{")
+                && l.contains("reporter=\"waypoint\"")
+                && l.contains("response_code=\"200\"")
+                && l.contains("destination_workload=\"api-v")),
             "metrics: {metrics}"
         );
         ensure!(metrics.contains("heddle_request_duration_seconds_bucket"), "duration histogram missing");
         // `heddle flows` L7 filters against the waypoint's admin API.
         let status = m.waypoint.flows("http_status=2xx&method=get&path=/h2")?;
-        ensure!(status.len() >= 2 && status.iter().all(|f| f["http"]["path"].as_str().is_some_and(|p| p.starts_with("/h2"))), "filtered: {status:?}");
+        ensure!(
+            status.len() >= 2
+                && status.iter().all(|f| f["http"]["path"].as_str().is_some_and(|p| p.starts_with("/h2"))),
+            "filtered: {status:?}"
+        );
         Ok(())
     });
 }
@@ -271,7 +290,8 @@ fn canary_weights_hold_within_binomial_tolerance_and_changing_them_under_load_lo
         ensure!(count(&r, "api-v2") == 200, "after 0/100: {r}");
         // `heddle routes` counts the rule's requests.
         let routes = m.waypoint.routes()?;
-        let hits: u64 = routes["routes"][0]["hits"].as_array().into_iter().flatten().filter_map(|h| h["requests"].as_u64()).sum();
+        let hits: u64 =
+            routes["routes"][0]["hits"].as_array().into_iter().flatten().filter_map(|h| h["requests"].as_u64()).sum();
         ensure!(hits >= 5200, "rule hits after 5,200 requests: {routes}");
         Ok(())
     });
@@ -315,12 +335,23 @@ spec:
   - backendRefs: [{name: api-v1, port: 80}]
 ";
 
+fn waypoint_identity() -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/waypoint")
+}
+
 #[test]
 fn route_matching_and_filters_behave_as_the_gateway_api_mesh_conformance_cases_expect() {
     run_waypoint("waypoint_matching", Extras::default(), |m| {
-        m.routes(CONFORMANCE, "httproute/demo/mesh-matching")?;
         // (method, path, headers) -> (status, served by, path the backend saw, extra check)
-        type Case = (&'static str, &'static str, Vec<(&'static str, &'static str)>, u16, Option<&'static str>, Option<&'static str>);
+        type Case = (
+            &'static str,
+            &'static str,
+            Vec<(&'static str, &'static str)>,
+            u16,
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        m.routes(CONFORMANCE, "httproute/demo/mesh-matching")?;
         let cases: Vec<Case> = vec![
             ("GET", "/", vec![], 200, Some("api-v1"), Some("/")),
             ("GET", "/v2", vec![], 200, Some("api-v2"), Some("/v2")),
@@ -365,12 +396,17 @@ fn route_matching_and_filters_behave_as_the_gateway_api_mesh_conformance_cases_e
         ensure!(loc(13) == "http://example.org/redirect", "redirect hostname: {}", loc(13));
         ensure!(loc(14) == format!("http://{API_VIP}/moved/a"), "redirect path: {}", loc(14));
         let hdrs = &results[16]["body"]["headers"];
-        ensure!(hdrs["x-set"] == "set" && hdrs["x-add"] == "added" && hdrs.get("x-remove").is_none(), "request headers: {hdrs}");
+        ensure!(
+            hdrs["x-set"] == "set" && hdrs["x-add"] == "added" && hdrs.get("x-remove").is_none(),
+            "request headers: {hdrs}"
+        );
         ensure!(results[16]["headers"]["x-resp"] == "from-route", "response header: {}", results[16]);
         // Every request is recorded with the route and rule that matched.
         let recs = requests(&m.waypoint, cases.len(), |_| true)?;
         ensure!(
-            recs.iter().any(|r| r["http"]["route"] == "httproute/demo/mesh-matching" && r["http"]["rule"] == 3 && r["http"]["path"] == "/re/42"),
+            recs.iter().any(|r| r["http"]["route"] == "httproute/demo/mesh-matching"
+                && r["http"]["rule"] == 3
+                && r["http"]["path"] == "/re/42"),
             "records name route and rule: {recs:?}"
         );
         Ok(())
@@ -409,7 +445,10 @@ fn routes_heddle_cannot_honour_are_reported_with_conditions_and_never_half_appli
         m.tb.set_routes("routes", BROKEN)?;
         let mirror = m.waypoint.wait_route("httproute/demo/mirror", false)?;
         let problems = mirror["problems"].to_string();
-        ensure!(problems.contains("RequestMirror is not supported") && problems.contains("retryy: unknown field"), "mirror: {mirror}");
+        ensure!(
+            problems.contains("RequestMirror is not supported") && problems.contains("retryy: unknown field"),
+            "mirror: {mirror}"
+        );
         ensure!(mirror["parents"][0]["conditions"][0]["reason"] == "UnsupportedValue", "condition: {mirror}");
         // Not applied: api-v1 traffic is untouched (no mirror, no route).
         let r = m.load(&format!("http://{V1_VIP}/"), 5, &[])?;
@@ -421,14 +460,26 @@ fn routes_heddle_cannot_honour_are_reported_with_conditions_and_never_half_appli
         ensure!(r["status"]["500"] == 5, "requests to a missing backend: {r}");
         // A document that does not parse is named with its file and position.
         let routes = m.waypoint.routes()?;
-        let bad = routes["routes"].as_array().and_then(|rs| rs.iter().find(|r| r["problems"].to_string().contains("Glob"))).cloned();
-        ensure!(bad.is_some_and(|b| b["source"].as_str().is_some_and(|s| s.ends_with("routes.yaml#3"))), "bad document: {routes}");
+        let bad = routes["routes"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["problems"].to_string().contains("Glob")))
+            .cloned();
+        ensure!(
+            bad.is_some_and(|b| b["source"].as_str().is_some_and(|s| s.ends_with("routes.yaml#3"))),
+            "bad document: {routes}"
+        );
         // `heddle routes` shows the same, as a person reads it.
         let mut cmd = Command::new(heddle_tests::heddle_binary()?);
         cmd.args(["--agent", "http://127.0.0.1:15000", "routes"]);
         let out = m.waypoint.pod.run(cmd)?;
         let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(out.status.success() && text.contains("httproute/demo/mirror") && text.contains("NO") && text.contains("BackendNotFound"), "heddle routes:\n{text}");
+        ensure!(
+            out.status.success()
+                && text.contains("httproute/demo/mirror")
+                && text.contains("NO")
+                && text.contains("BackendNotFound"),
+            "heddle routes:\n{text}"
+        );
         Ok(())
     });
 }
@@ -459,16 +510,26 @@ fn grpc_unary_and_bidirectional_streaming_cross_the_waypoint_routed_by_grpcroute
         ensure!(out.status.success(), "grpc client: {}", String::from_utf8_lossy(&out.stderr));
         let r: Value = serde_json::from_slice(&out.stdout)?;
         ensure!(r["unary"]["api-v1"] == 20, "unary calls go to v1 (rule 1): {r}");
-        ensure!(r["chat_ok"] == true && r["chat"][0].as_str().is_some_and(|c| c.starts_with("api-v2:")), "Chat streams to v2 (rule 0): {r}");
+        ensure!(
+            r["chat_ok"] == true && r["chat"][0].as_str().is_some_and(|c| c.starts_with("api-v2:")),
+            "Chat streams to v2 (rule 0): {r}"
+        );
         ensure!(r["failed_status"] == "UNAVAILABLE", "a server's gRPC status reaches the client: {r}");
         let recs = requests(&m.waypoint, 22, |f| f["http"]["protocol"] == "HTTP/2")?;
         ensure!(
-            recs.iter().any(|f| f["http"]["path"] == "/heddle.test.Echo/Chat" && f["http"]["grpc_status"] == 0 && f["http"]["rule"] == 0)
+            recs.iter().any(|f| f["http"]["path"] == "/heddle.test.Echo/Chat"
+                && f["http"]["grpc_status"] == 0
+                && f["http"]["rule"] == 0)
                 && recs.iter().any(|f| f["http"]["path"] == "/heddle.test.Echo/Fail" && f["http"]["grpc_status"] == 14),
             "gRPC records: {recs:?}"
         );
         let metrics = m.waypoint.metrics()?;
-        ensure!(metrics.lines().any(|l| l.starts_with("heddle_requests_total{") && l.contains("request_protocol=\"grpc\"") && l.contains("grpc_response_status=\"14\"")), "grpc metrics: {metrics}");
+        ensure!(
+            metrics.lines().any(|l| l.starts_with("heddle_requests_total{")
+                && l.contains("request_protocol=\"grpc\"")
+                && l.contains("grpc_response_status=\"14\"")),
+            "grpc metrics: {metrics}"
+        );
         Ok(())
     });
 }
@@ -481,13 +542,21 @@ fn non_http_bytes_and_websocket_upgrades_pass_through_and_removing_the_label_res
         expect_delivered(&m.client, &ClientSpec::to(to).bytes(100_000).conns(3))?;
         let pass = poll_until("passthrough records", Duration::from_secs(10), Duration::from_millis(100), || {
             let fs = m.waypoint.flows("last=1000")?;
-            let got: Vec<Value> = fs.into_iter().filter(|f| f["passthrough"].is_string() && f["event"] == "close").collect();
+            let got: Vec<Value> =
+                fs.into_iter().filter(|f| f["passthrough"].is_string() && f["event"] == "close").collect();
             Ok(if got.len() >= 3 { Check::Ready(got) } else { Check::Pending(format!("{}", got.len())) })
         })?;
-        ensure!(pass[0]["bytes_sent"] == 100_000 && pass[0]["passthrough"].as_str().is_some_and(|p| p.contains("not HTTP")), "{}", pass[0]);
+        ensure!(
+            pass[0]["bytes_sent"] == 100_000 && pass[0]["passthrough"].as_str().is_some_and(|p| p.contains("not HTTP")),
+            "{}",
+            pass[0]
+        );
         // A WebSocket-style upgrade: 101, then raw bytes both ways.
         let r = m.httpc(&["upgrade", &API_VIP.to_string(), "80", "hello-upgraded-bytes"])?;
-        ensure!(r["status_line"].as_str().is_some_and(|s| s.contains("101")) && r["echo"] == "hello-upgraded-bytes", "upgrade: {r}");
+        ensure!(
+            r["status_line"].as_str().is_some_and(|s| s.contains("101")) && r["echo"] == "hello-upgraded-bytes",
+            "upgrade: {r}"
+        );
         // Remove the namespace's waypoint: new connections take the L4 path.
         m.tb.set_namespace_waypoint("demo", None)?;
         m.agent_a.reload()?;
@@ -499,7 +568,9 @@ fn non_http_bytes_and_websocket_upgrades_pass_through_and_removing_the_label_res
             let r = m.load(&url("/l4"), 1, &[])?;
             ensure!(r["errors"] == 0, "{r}");
             let fs = m.agent_a.flows()?;
-            direct = fs.iter().rev().take(3).any(|f| f.direction == Direction::Outbound && f.dst_identity.as_deref().is_some_and(|d| d.contains("/sa/api-v")));
+            direct = fs.iter().rev().take(3).any(|f| {
+                f.direction == Direction::Outbound && f.dst_identity.as_deref().is_some_and(|d| d.contains("/sa/api-v"))
+            });
             if direct {
                 break;
             }
@@ -554,11 +625,20 @@ print(json.dumps(out))
         let r = m.load(&url("/ok"), 200, &[])?;
         ensure!(r["status"]["200"] == 200, "others during the attack: {r}");
         let out = slow.join().expect("attack thread")?;
-        let r: Value = serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+        let r: Value =
+            serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
         ensure!(r["garbage_request_line"].as_str().is_some_and(|s| s.starts_with("HTTP/1.1 400")), "garbage: {r}");
-        ensure!(r["oversized_headers"].as_str().is_some_and(|s| s.starts_with("HTTP/1.1 431") || s.is_empty() || s.contains("Reset")), "oversized: {r}");
+        ensure!(
+            r["oversized_headers"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("HTTP/1.1 431") || s.is_empty() || s.contains("Reset")),
+            "oversized: {r}"
+        );
         let closed = r["slowloris_closed_after_s"].as_f64().unwrap_or(0.0);
-        ensure!((8.0..20.0).contains(&closed), "slowloris connection closed after {closed} s (header timeout 10 s): {r}");
+        ensure!(
+            (8.0..20.0).contains(&closed),
+            "slowloris connection closed after {closed} s (header timeout 10 s): {r}"
+        );
         let r = m.load(&url("/after"), 20, &[])?;
         ensure!(r["status"]["200"] == 20, "after the attack: {r}");
         Ok(())

@@ -143,10 +143,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
 /// The eBPF toolchain chosen by [`setup`].
@@ -160,8 +157,7 @@ fn cargo(tc: &Toolchain) -> Command {
 
 fn build(root: &Path, tc: &Toolchain, release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo(tc);
-    cmd.current_dir(root)
-        .args(["build", "--package", "mesh-agent", "--package", "heddle-tests", "--bins"]);
+    cmd.current_dir(root).args(["build", "--package", "mesh-agent", "--package", "heddle-tests", "--bins"]);
     if release {
         cmd.arg("--release");
     }
@@ -169,9 +165,7 @@ fn build(root: &Path, tc: &Toolchain, release: bool) -> anyhow::Result<()> {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {}", cmd.get_program().display()))?;
+    let status = cmd.status().with_context(|| format!("cannot start {}", cmd.get_program().display()))?;
     if !status.success() {
         bail!("{} failed ({status})", cmd.get_program().display());
     }
@@ -180,21 +174,14 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Makes sure everything is installed; returns the eBPF toolchain to use.
 fn setup() -> anyhow::Result<Toolchain> {
-    let nightly_has_src = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]))
-    .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")));
+    let nightly_has_src =
+        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+            .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")));
     let forced = std::env::var("HEDDLE_EBPF_TOOLCHAIN").ok();
     let use_debian = forced.as_deref().map_or(!nightly_has_src, |t| t == LINKED_TOOLCHAIN);
 
@@ -202,8 +189,7 @@ fn setup() -> anyhow::Result<Toolchain> {
     if !use_debian {
         wanted.retain(|p| !p.contains("-web"));
     }
-    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
-        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    let linker_ok = output(Command::new("bpf-linker").arg("--version")).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
     if linker_ok {
         // Only bpf-linker's build needs the -dev packages.
         wanted.retain(|p| !p.ends_with("-dev"));
@@ -241,7 +227,7 @@ fn setup() -> anyhow::Result<Toolchain> {
     Ok(Toolchain(tc))
 }
 
-/// Installs the [`PYTHON_PACKAGES`] whose module does not import (PyPI).
+/// Installs the [`PYTHON_PACKAGES`] whose module does not import (`PyPI`).
 fn install_python() -> anyhow::Result<()> {
     for (module, package) in PYTHON_PACKAGES {
         let present = Command::new("python3")
@@ -275,11 +261,7 @@ fn install_debian(pkgs: &[&str]) -> anyhow::Result<()> {
     }
     eprintln!("xtask: installing Debian packages: {}", pkgs.join(" "));
     let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
+        Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status().is_ok_and(|s| s.success())
     };
     // rustc-web 1.96 and LLVM 22 come from bookworm-security: refresh the
     // package lists first so a stale cache does not pick older versions.

@@ -16,10 +16,8 @@ struct Generated {
     args: &'static [&'static str],
 }
 
-const GENERATED: &[Generated] = &[Generated {
-    path: "daemonset/crds/authorizationpolicies.heddle.dev.yaml",
-    args: &["crd"],
-}];
+const GENERATED: &[Generated] =
+    &[Generated { path: "daemonset/crds/authorizationpolicies.heddle.dev.yaml", args: &["crd"] }];
 
 /// Regenerates (or, with `check`, compares) every generated manifest.
 /// `cargo` is a `cargo` command with the eBPF toolchain set.
@@ -28,15 +26,7 @@ pub fn run(root: &Path, mut cargo: impl FnMut() -> Command, check: bool) -> anyh
     for file in GENERATED {
         let out = cargo()
             .current_dir(root)
-            .args([
-                "run",
-                "--quiet",
-                "--package",
-                "mesh-agent",
-                "--bin",
-                "mesh-agent",
-                "--",
-            ])
+            .args(["run", "--quiet", "--package", "mesh-agent", "--bin", "mesh-agent", "--"])
             .args(file.args)
             .output()
             .context("cannot run cargo")?;

@@ -50,8 +50,7 @@ pub fn open(flows: &FlowLog, filter: FlowFilter, stop: &CancellationToken) -> Re
         Ok(sub) => {
             tracing::debug!(subscriber = sub.id, "flow stream opened");
             let mut r = Response::new(FlowStream::new(sub, stop.child_token()).boxed());
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/jsonl"));
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/jsonl"));
             r
         }
         Err(e) => {
@@ -69,8 +68,7 @@ fn refused(e: &SubscribeError) -> Response<http_body_util::Full<Bytes>> {
         "maxQueuedTotal": subscribers::MAX_QUEUED_TOTAL,
     }));
     *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    r.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
     r
 }
 
@@ -90,13 +88,7 @@ impl FlowStream {
     #[must_use]
     pub fn new(mut sub: Subscription, stop: CancellationToken) -> Self {
         let backlog = std::mem::take(&mut sub.backlog).into_iter();
-        Self {
-            sub,
-            backlog,
-            reported: 0,
-            pending: None,
-            stop: Box::pin(stop.cancelled_owned()),
-        }
+        Self { sub, backlog, reported: 0, pending: None, stop: Box::pin(stop.cancelled_owned()) }
     }
 
     fn notice(&mut self, lost: u64) -> Option<Bytes> {
@@ -118,10 +110,7 @@ impl Body for FlowStream {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = &mut *self;
         if let Some(r) = this.backlog.next() {
             return Poll::Ready(Some(Ok(Frame::data(line(&r)))));
@@ -164,13 +153,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     fn fail(log: &FlowLog, conn: u64) {
-        let i = ConnInfo::new(
-            Direction::Outbound,
-            ObjectRef {
-                namespace: "demo".into(),
-                name: "client".into(),
-            },
-        );
+        let i = ConnInfo::new(Direction::Outbound, ObjectRef { namespace: "demo".into(), name: "client".into() });
         log.failed(conn, &i, "x".into());
     }
 
@@ -183,10 +166,7 @@ mod tests {
     async fn streams_the_backlog_then_new_records_and_says_how_many_were_lost() {
         let log = FlowLog::new(100);
         fail(&log, 1);
-        let filter = FlowFilter {
-            last: 10,
-            ..FlowFilter::default()
-        };
+        let filter = FlowFilter { last: 10, ..FlowFilter::default() };
         let stop = CancellationToken::new();
         let mut body = FlowStream::new(log.subscribe(filter, 2).unwrap(), stop.clone());
         for conn in 2..=6 {
@@ -203,11 +183,7 @@ mod tests {
     }
 
     fn following(queue: Option<usize>) -> FlowFilter {
-        FlowFilter {
-            follow: true,
-            queue,
-            ..FlowFilter::default()
-        }
+        FlowFilter { follow: true, queue, ..FlowFilter::default() }
     }
 
     async fn json_body(r: Response<AnyBody>) -> serde_json::Value {
@@ -219,9 +195,8 @@ mod tests {
     async fn streams_beyond_the_subscriber_cap_get_503_with_a_json_error() {
         let log = FlowLog::new(10);
         let stop = CancellationToken::new();
-        let open_streams: Vec<_> = (0..subscribers::MAX_SUBSCRIBERS)
-            .map(|_| open(&log, following(None), &stop))
-            .collect();
+        let open_streams: Vec<_> =
+            (0..subscribers::MAX_SUBSCRIBERS).map(|_| open(&log, following(None), &stop)).collect();
         assert!(open_streams.iter().all(|r| r.status() == StatusCode::OK));
         let r = open(&log, following(None), &stop);
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -245,9 +220,6 @@ mod tests {
         let r = open(&log, following(None), &stop);
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         let v = json_body(r).await;
-        assert!(
-            v["error"].as_str().unwrap().contains("queues are full"),
-            "{v}"
-        );
+        assert!(v["error"].as_str().unwrap().contains("queues are full"), "{v}");
     }
 }

@@ -43,11 +43,7 @@ impl LiveTable {
 impl Locked<'_> {
     /// Registers connection `conn`.
     pub(crate) fn insert(&mut self, conn: u64, facts: ConnFacts) -> Arc<Entry> {
-        let entry = Arc::new(Entry {
-            facts,
-            revoked: CancellationToken::new(),
-            denial: OnceLock::new(),
-        });
+        let entry = Arc::new(Entry { facts, revoked: CancellationToken::new(), denial: OnceLock::new() });
         self.0.insert(conn, entry.clone());
         entry
     }
@@ -95,10 +91,7 @@ impl LiveConn {
     pub async fn revoked(&self) -> &Denial {
         self.entry.revoked.cancelled().await;
         // `Entry::revoke` sets the denial before it cancels.
-        self.entry
-            .denial
-            .get()
-            .expect("a revoked connection has a denial")
+        self.entry.denial.get().expect("a revoked connection has a denial")
     }
 
     /// Why the connection was revoked, once it has been.
@@ -110,10 +103,6 @@ impl LiveConn {
 
 impl Drop for LiveConn {
     fn drop(&mut self) {
-        self.table
-            .conns
-            .lock()
-            .expect("live table lock")
-            .remove(&self.conn);
+        self.table.conns.lock().expect("live table lock").remove(&self.conn);
     }
 }

@@ -186,27 +186,13 @@ impl PolicySource {
 
 /// Reads the file, or the directory's policy files in name order.
 fn snapshot(path: &Path) -> Result<Snapshot, LoadError> {
-    let read = |p: &Path| {
-        std::fs::read_to_string(p).map_err(|source| LoadError::Read {
-            path: p.to_owned(),
-            source,
-        })
-    };
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|source| LoadError::Read { path: p.to_owned(), source });
     if path.is_dir() {
-        let files = load::policy_files(path).map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let files = files
-            .into_iter()
-            .map(|f| Ok((f.clone(), read(&f)?)))
-            .collect::<Result<_, LoadError>>()?;
+        let files = load::policy_files(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        let files = files.into_iter().map(|f| Ok((f.clone(), read(&f)?))).collect::<Result<_, LoadError>>()?;
         Ok(Snapshot { dir: true, files })
     } else {
-        Ok(Snapshot {
-            dir: false,
-            files: vec![(path.to_owned(), read(path)?)],
-        })
+        Ok(Snapshot { dir: false, files: vec![(path.to_owned(), read(path)?)] })
     }
 }
 
@@ -216,46 +202,21 @@ fn build(files: &Snapshot, root_namespace: &str) -> Result<Built, SourceError> {
     for (path, text) in &files.files {
         load::parse_documents(text, path, &mut loaded);
     }
-    let Loaded {
-        objects,
-        errors: load_errors,
-        skipped,
-    } = loaded;
+    let Loaded { objects, errors: load_errors, skipped } = loaded;
     let mut errors = Vec::new();
     for e in load_errors {
         match e {
-            LoadError::Object {
-                origin,
-                name,
-                source,
-            } => errors.push(format!("policy {name}: {source} (in {origin})")),
+            LoadError::Object { origin, name, source } => errors.push(format!("policy {name}: {source} (in {origin})")),
             other => return Err(SourceError::Syntax(other)),
         }
     }
     let origins: Vec<load::Origin> = objects.iter().map(|(o, _)| o.clone()).collect();
-    let (set, rejected) =
-        PolicySet::from_objects(objects.into_iter().map(|(_, o)| o), root_namespace);
-    errors.extend(
-        rejected
-            .iter()
-            .map(|e| format!("{e} (in {})", origins[e.index])),
-    );
-    let mut warnings: Vec<String> = set
-        .warnings()
-        .iter()
-        .map(|w| format!("{w} (in {})", origins[w.index]))
-        .collect();
-    warnings.extend(skipped.iter().map(|s| {
-        format!(
-            "{}: skipped, kind {:?} is not AuthorizationPolicy",
-            s.origin, s.kind
-        )
-    }));
-    Ok(Built {
-        set,
-        errors,
-        warnings,
-    })
+    let (set, rejected) = PolicySet::from_objects(objects.into_iter().map(|(_, o)| o), root_namespace);
+    errors.extend(rejected.iter().map(|e| format!("{e} (in {})", origins[e.index])));
+    let mut warnings: Vec<String> = set.warnings().iter().map(|w| format!("{w} (in {})", origins[w.index])).collect();
+    warnings
+        .extend(skipped.iter().map(|s| format!("{}: skipped, kind {:?} is not AuthorizationPolicy", s.origin, s.kind)));
+    Ok(Built { set, errors, warnings })
 }
 
 /// See [`PolicyStatus::content_hash`].

@@ -19,12 +19,10 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mesh_agent::policy::{self, load, Connection, Destination, OrigDst, PeerIdentity, PolicySet, SrcIp};
 use mesh_agent::{
     cli_agent::{self, s},
     k8s,
-};
-use mesh_agent::policy::{
-    self, load, Connection, Destination, OrigDst, PeerIdentity, PolicySet, SrcIp,
 };
 use serde_json::{json, Value};
 
@@ -36,12 +34,7 @@ use serde_json::{json, Value};
 )]
 struct Cli {
     /// Admin API of the agent to query.
-    #[arg(
-        long,
-        env = "HEDDLE_AGENT",
-        default_value = "http://127.0.0.1:15000",
-        global = true
-    )]
+    #[arg(long, env = "HEDDLE_AGENT", default_value = "http://127.0.0.1:15000", global = true)]
     agent: String,
     /// Reach the agent on this Kubernetes node through the API server's
     /// port-forward (kubeconfig as kubectl finds it); wins over --agent.
@@ -78,7 +71,7 @@ enum Command {
     ///   heddle flows --from-identity ns/demo/sa/web --since 5m -o jsonl
     ///   heddle flows --pod api --follow
     Flows(mesh_agent::cli_flows::FlowsArgs),
-    /// Show a waypoint's routes: the HTTPRoutes and GRPCRoutes in force per
+    /// Show a waypoint's routes: the `HTTPRoutes` and `GRPCRoutes` in force per
     /// Service, how often each rule matched, and the routes not accepted and
     /// why (point --agent at the waypoint's admin API).
     Routes,
@@ -170,9 +163,7 @@ fn parse_labels(s: &str) -> Result<Labels, String> {
     let mut labels = BTreeMap::new();
     for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => {
-                labels.insert(k.trim().to_owned(), v.trim().to_owned())
-            }
+            Some((k, v)) if !k.trim().is_empty() => labels.insert(k.trim().to_owned(), v.trim().to_owned()),
             _ => return Err(format!("{pair:?} is not key=value")),
         };
     }
@@ -204,14 +195,8 @@ fn forward_to_node(cli: &Cli, node: &str) -> anyhow::Result<(String, Forwarding)
     let forward = rt.block_on(async {
         let (client, url) = k8s::cli_enroll::kube_client(cli.context.as_deref()).await?;
         anyhow::Ok(
-            k8s::cli_forward::forward_to_agent(
-                client,
-                &url,
-                &cli.agent_namespace,
-                node,
-                mesh_common::PORT_ADMIN,
-            )
-            .await?,
+            k8s::cli_forward::forward_to_agent(client, &url, &cli.agent_namespace, node, mesh_common::PORT_ADMIN)
+                .await?,
         )
     })?;
     let _ = VIA.set(format!(
@@ -219,13 +204,7 @@ fn forward_to_node(cli: &Cli, node: &str) -> anyhow::Result<(String, Forwarding)
         cli.agent_namespace,
         forward.pod()
     ));
-    Ok((
-        forward.local_url(),
-        Forwarding {
-            _forward: forward,
-            _runtime: rt,
-        },
-    ))
+    Ok((forward.local_url(), Forwarding { _forward: forward, _runtime: rt }))
 }
 
 fn enroll(context: Option<&str>, namespace: &str, enroll: bool) -> anyhow::Result<ExitCode> {
@@ -236,13 +215,13 @@ fn enroll(context: Option<&str>, namespace: &str, enroll: bool) -> anyhow::Resul
     })?;
     let label = format!("{}={}", k8s::cli_enroll::MESH_LABEL, k8s::cli_enroll::ENABLED);
     match (outcome, enroll) {
-        (Outcome::Changed, true) => println!(
-            "namespace {namespace} enrolled ({label}): new connections of its pods go through the mesh"
-        ),
+        (Outcome::Changed, true) => {
+            println!("namespace {namespace} enrolled ({label}): new connections of its pods go through the mesh");
+        }
         (Outcome::Unchanged, true) => println!("namespace {namespace} is already enrolled ({label})"),
-        (Outcome::Changed, false) => println!(
-            "namespace {namespace} unenrolled: new connections of its pods no longer go through the mesh"
-        ),
+        (Outcome::Changed, false) => {
+            println!("namespace {namespace} unenrolled: new connections of its pods no longer go through the mesh");
+        }
         (Outcome::Unchanged, false) => println!("namespace {namespace} is not enrolled"),
     }
     Ok(ExitCode::SUCCESS)
@@ -252,15 +231,12 @@ fn main() -> anyhow::Result<ExitCode> {
     let mut cli = Cli::parse();
     match &cli.command {
         Command::Enroll { namespace } => return enroll(cli.context.as_deref(), namespace, true),
-        Command::Unenroll { namespace } => {
-            return enroll(cli.context.as_deref(), namespace, false)
-        }
+        Command::Unenroll { namespace } => return enroll(cli.context.as_deref(), namespace, false),
         _ => {}
     }
     let needs_agent = !matches!(
         cli.command,
-        Command::Completion { .. }
-            | Command::Policy(PolicyCommand::Eval(_) | PolicyCommand::Validate { .. })
+        Command::Completion { .. } | Command::Policy(PolicyCommand::Eval(_) | PolicyCommand::Validate { .. })
     );
     let _forwarding = match cli.node.clone() {
         Some(node) if needs_agent => {
@@ -297,10 +273,7 @@ fn main() -> anyhow::Result<ExitCode> {
             let policies = get(&cli.agent, "/policies")?;
             let workloads = get(&cli.agent, "/workloads")?;
             if cli.output == Output::Table {
-                print!(
-                    "{}",
-                    cli_agent::status_text(&stats, &dp, &certs, &policies, &workloads)
-                );
+                print!("{}", cli_agent::status_text(&stats, &dp, &certs, &policies, &workloads));
             } else {
                 let all = serde_json::json!({"stats": stats, "datapath": dp, "certs": certs, "policies": policies});
                 println!("{}", serde_json::to_string_pretty(&all)?);
@@ -328,29 +301,21 @@ fn main() -> anyhow::Result<ExitCode> {
 
 fn get(agent: &str, path: &str) -> anyhow::Result<Value> {
     let url = format!("{}{path}", agent.trim_end_matches('/'));
-    let agent_err = || match VIA.get() {
+    let agent_err = || {
+        match VIA.get() {
         Some(via) => format!("cannot reach {via}"),
         None => format!("cannot reach the Heddle agent at {agent} (is mesh-agent running on this node? use --agent URL or --node NODE)"),
+    }
     };
-    let resp = ureq::get(&url)
-        .timeout(Duration::from_secs(5))
-        .call()
-        .with_context(agent_err)?;
-    let v: Value = resp
-        .into_json()
-        .with_context(|| format!("invalid JSON from {url}"))?;
+    let resp = ureq::get(&url).timeout(Duration::from_secs(5)).call().with_context(agent_err)?;
+    let v: Value = resp.into_json().with_context(|| format!("invalid JSON from {url}"))?;
     if v.is_null() {
         bail!("empty answer from {url}");
     }
     Ok(v)
 }
 
-
-fn flows(
-    agent: &str,
-    output: Output,
-    args: &mesh_agent::cli_flows::FlowsArgs,
-) -> anyhow::Result<()> {
+fn flows(agent: &str, output: Output, args: &mesh_agent::cli_flows::FlowsArgs) -> anyhow::Result<()> {
     use mesh_agent::cli_flows::{query, table_header, table_row};
     if output == Output::Table {
         println!("{}", table_header());
@@ -439,36 +404,16 @@ fn check(paths: &[PathBuf], root_namespace: &str) -> Checked {
     let loaded = load::load_paths(paths);
     let origins: Vec<load::Origin> = loaded.objects.iter().map(|(o, _)| o.clone()).collect();
     let objects = origins.len();
-    let (set, policy_errors) =
-        PolicySet::from_objects(loaded.objects.into_iter().map(|(_, o)| o), root_namespace);
+    let (set, policy_errors) = PolicySet::from_objects(loaded.objects.into_iter().map(|(_, o)| o), root_namespace);
     let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
-    errors.extend(
-        policy_errors
-            .iter()
-            .map(|e| format!("{}: {e}", origins[e.index])),
-    );
-    let warnings = set
-        .warnings()
-        .iter()
-        .map(|w| (w.policy.clone(), format!("{}: {w}", origins[w.index])))
-        .collect();
+    errors.extend(policy_errors.iter().map(|e| format!("{}: {e}", origins[e.index])));
+    let warnings = set.warnings().iter().map(|w| (w.policy.clone(), format!("{}: {w}", origins[w.index]))).collect();
     let notes = loaded
         .skipped
         .iter()
-        .map(|s| {
-            format!(
-                "{}: skipped, kind {:?} is not AuthorizationPolicy",
-                s.origin, s.kind
-            )
-        })
+        .map(|s| format!("{}: skipped, kind {:?} is not AuthorizationPolicy", s.origin, s.kind))
         .collect();
-    Checked {
-        set,
-        errors,
-        warnings,
-        notes,
-        objects,
-    }
+    Checked { set, errors, warnings, notes, objects }
 }
 
 fn policy_eval(args: &EvalArgs, output: Output) -> u8 {
@@ -484,26 +429,12 @@ fn policy_eval(args: &EvalArgs, output: Output) -> u8 {
     }
     // An address that some applicable rule looks at must be given: a default
     // would silently decide those rules.
-    let missing =
-        |needed: fn(&policy::AppliedPolicy) -> bool, what: &str, flag: &str, given: bool| {
-            let p = applied.iter().find(|p| needed(p) && !given)?;
-            Some(format!(
-                "policy {} looks at the {what}: pass {flag}",
-                p.policy
-            ))
-        };
-    errors.extend(missing(
-        |p| p.needs_source_ip,
-        "source IP",
-        "--src-ip",
-        args.src_ip.is_some(),
-    ));
-    errors.extend(missing(
-        |p| p.needs_destination_ip,
-        "destination IP",
-        "--dst-ip",
-        args.dst_ip.is_some(),
-    ));
+    let missing = |needed: fn(&policy::AppliedPolicy) -> bool, what: &str, flag: &str, given: bool| {
+        let p = applied.iter().find(|p| needed(p) && !given)?;
+        Some(format!("policy {} looks at the {what}: pass {flag}", p.policy))
+    };
+    errors.extend(missing(|p| p.needs_source_ip, "source IP", "--src-ip", args.src_ip.is_some()));
+    errors.extend(missing(|p| p.needs_destination_ip, "destination IP", "--dst-ip", args.dst_ip.is_some()));
     if !errors.is_empty() {
         report_invalid(&errors, output);
         return EXIT_INVALID;
@@ -513,21 +444,14 @@ fn policy_eval(args: &EvalArgs, output: Output) -> u8 {
         dst: Destination {
             namespace: &args.dst_namespace,
             labels,
-            addr: OrigDst(SocketAddr::new(
-                args.dst_ip.unwrap_or(unspecified),
-                args.dst_port,
-            )),
+            addr: OrigDst(SocketAddr::new(args.dst_ip.unwrap_or(unspecified), args.dst_port)),
         },
         src: SrcIp(args.src_ip.unwrap_or(unspecified)),
         peer: args.src_principal.as_ref(),
     };
     let decision = policy::authorize(&checked.set, &conn);
-    let warnings: Vec<&String> = checked
-        .warnings
-        .iter()
-        .filter(|(p, _)| applied.iter().any(|a| &a.policy == p))
-        .map(|(_, w)| w)
-        .collect();
+    let warnings: Vec<&String> =
+        checked.warnings.iter().filter(|(p, _)| applied.iter().any(|a| &a.policy == p)).map(|(_, w)| w).collect();
     if output == Output::Json {
         let mut out = decision.to_json();
         out["warnings"] = json!(warnings);

@@ -111,6 +111,11 @@ services:
         let msg = parse(Path::new("t.yaml"), &text).unwrap_err().to_string();
         assert!(msg.contains("namespaces[0] (demo): useWaypoint: no waypoint demo/missing"), "{msg}");
         assert!(msg.contains("services[1] (demo/raw): useWaypoint: no waypoint demo/other"), "{msg}");
-        assert!(msg.contains("workloads[0] (demo/wp): labels: gateway.networking.k8s.io/gateway-name: no waypoint demo/gone"), "{msg}");
+        assert!(
+            msg.contains(
+                "workloads[0] (demo/wp): labels: gateway.networking.k8s.io/gateway-name: no waypoint demo/gone"
+            ),
+            "{msg}"
+        );
     }
 }

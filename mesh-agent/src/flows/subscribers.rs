@@ -139,18 +139,8 @@ impl Subscribers {
         self.next_id += 1;
         let (tx, rx) = mpsc::channel(queue);
         let lost = Arc::new(AtomicU64::new(0));
-        self.list.push(Subscriber {
-            id: self.next_id,
-            filter,
-            tx,
-            lost: lost.clone(),
-        });
-        Ok(Subscription {
-            id: self.next_id,
-            backlog,
-            rx,
-            lost,
-        })
+        self.list.push(Subscriber { id: self.next_id, filter, tx, lost: lost.clone() });
+        Ok(Subscription { id: self.next_id, backlog, rx, lost })
     }
 
     /// Offers `record` to every subscriber whose filter it passes; never
@@ -168,14 +158,9 @@ impl Subscribers {
             if !s.filter.matches(record) {
                 return true;
             }
-            let record = shared
-                .get_or_insert_with(|| Arc::new(record.clone()))
-                .clone();
+            let record = shared.get_or_insert_with(|| Arc::new(record.clone())).clone();
             let lost_before = s.lost.load(Ordering::Relaxed);
-            match s.tx.try_send(Delivery {
-                lost_before,
-                record,
-            }) {
+            match s.tx.try_send(Delivery { lost_before, record }) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_)) => {
                     s.lost.fetch_add(1, Ordering::Relaxed);
@@ -216,35 +201,18 @@ mod tests {
     use crate::registry::ObjectRef;
 
     fn info(ns: &str) -> ConnInfo {
-        ConnInfo::new(
-            Direction::Outbound,
-            ObjectRef {
-                namespace: ns.into(),
-                name: "client".into(),
-            },
-        )
+        ConnInfo::new(Direction::Outbound, ObjectRef { namespace: ns.into(), name: "client".into() })
     }
 
     fn all() -> FlowFilter {
-        FlowFilter {
-            last: 100,
-            ..FlowFilter::default()
-        }
+        FlowFilter { last: 100, ..FlowFilter::default() }
     }
 
     #[test]
     fn a_subscriber_gets_its_backlog_then_new_matching_records_without_gap_or_overlap() {
         let log = FlowLog::new(10);
         log.failed(1, &info("demo"), "x".into());
-        let mut sub = log
-            .subscribe(
-                FlowFilter {
-                    namespace: Some("demo".into()),
-                    ..all()
-                },
-                8,
-            )
-            .unwrap();
+        let mut sub = log.subscribe(FlowFilter { namespace: Some("demo".into()), ..all() }, 8).unwrap();
         log.failed(2, &info("other"), "x".into());
         log.failed(3, &info("demo"), "x".into());
         assert_eq!(sub.backlog.iter().map(|r| r.conn).collect::<Vec<_>>(), [1]);
@@ -262,10 +230,7 @@ mod tests {
         }
         let stats = log.subscriber_stats();
         assert_eq!(stats.lost_total, 3);
-        assert_eq!(
-            (stats.subscribers[0].lost, stats.subscribers[0].queued),
-            (3, 2)
-        );
+        assert_eq!((stats.subscribers[0].lost, stats.subscribers[0].queued), (3, 2));
         sub.rx.try_recv().unwrap();
         sub.rx.try_recv().unwrap();
         log.failed(9, &info("demo"), "x".into());
@@ -289,13 +254,8 @@ mod tests {
     #[test]
     fn subscribers_beyond_the_cap_are_refused_until_one_leaves() {
         let log = FlowLog::new(10);
-        let mut subs: Vec<_> = (0..MAX_SUBSCRIBERS)
-            .map(|_| log.subscribe(all(), DEFAULT_QUEUE).unwrap())
-            .collect();
-        assert_eq!(
-            log.subscribe(all(), DEFAULT_QUEUE).unwrap_err(),
-            SubscribeError::TooMany
-        );
+        let mut subs: Vec<_> = (0..MAX_SUBSCRIBERS).map(|_| log.subscribe(all(), DEFAULT_QUEUE).unwrap()).collect();
+        assert_eq!(log.subscribe(all(), DEFAULT_QUEUE).unwrap_err(), SubscribeError::TooMany);
         subs.pop();
         assert!(log.subscribe(all(), DEFAULT_QUEUE).is_ok());
     }
@@ -305,13 +265,7 @@ mod tests {
         let log = FlowLog::new(10);
         let _a = log.subscribe(all(), MAX_QUEUE).unwrap();
         let _b = log.subscribe(all(), MAX_QUEUE).unwrap();
-        assert_eq!(
-            log.subscribe(all(), 1).unwrap_err(),
-            SubscribeError::QueueBudget {
-                held: 2 * MAX_QUEUE,
-                asked: 1
-            }
-        );
+        assert_eq!(log.subscribe(all(), 1).unwrap_err(), SubscribeError::QueueBudget { held: 2 * MAX_QUEUE, asked: 1 });
         assert_eq!(log.subscriber_stats().subscribers.len(), 2);
     }
 }

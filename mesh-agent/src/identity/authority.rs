@@ -22,8 +22,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -118,10 +118,7 @@ pub struct Authority {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthorityError + '_ {
-    move |source| AuthorityError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| AuthorityError::Io { path: path.to_owned(), source }
 }
 
 fn odt(t: SystemTime) -> OffsetDateTime {
@@ -131,16 +128,8 @@ fn odt(t: SystemTime) -> OffsetDateTime {
 impl Authority {
     /// Loads the root from `state_dir`, creating it (and the directory) on
     /// first run. The trust bundle is `bundle.pem` if present, else the root.
-    pub fn load_or_create(
-        state_dir: &Path,
-        trust_domain: &str,
-        leaf_ttl: Duration,
-    ) -> Result<Self, AuthorityError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .map_err(io_err(state_dir))?;
+    pub fn load_or_create(state_dir: &Path, trust_domain: &str, leaf_ttl: Duration) -> Result<Self, AuthorityError> {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir).map_err(io_err(state_dir))?;
         let key_path = state_dir.join("root.key");
         let cert_path = state_dir.join("root.pem");
         if !key_path.exists() {
@@ -175,43 +164,25 @@ impl Authority {
     /// `root.bundle` if given (several roots, during a rotation), else the
     /// root certificate; the signing certificate is always in it (appended
     /// if the given bundle lacks it), or agents would refuse every leaf.
-    pub fn from_pem(
-        root: &RootPem<'_>,
-        trust_domain: &str,
-        leaf_ttl: Duration,
-    ) -> Result<Self, AuthorityError> {
-        let bad = |origin: &str, message: String| AuthorityError::BadRoot {
-            origin: origin.to_owned(),
-            message,
-        };
+    pub fn from_pem(root: &RootPem<'_>, trust_domain: &str, leaf_ttl: Duration) -> Result<Self, AuthorityError> {
+        let bad = |origin: &str, message: String| AuthorityError::BadRoot { origin: origin.to_owned(), message };
         let key = KeyPair::from_pem(root.key).map_err(|e| bad(root.key_origin, e.to_string()))?;
         check_key_matches(root, &key)?;
-        let issuer = Issuer::from_ca_cert_pem(root.cert, key)
-            .map_err(|e| bad(root.cert_origin, e.to_string()))?;
-        let first = first_pem_block(root.cert)
-            .ok_or_else(|| bad(root.cert_origin, "no PEM certificate".into()))?;
+        let issuer = Issuer::from_ca_cert_pem(root.cert, key).map_err(|e| bad(root.cert_origin, e.to_string()))?;
+        let first = first_pem_block(root.cert).ok_or_else(|| bad(root.cert_origin, "no PEM certificate".into()))?;
         let mut bundle_pem = match root.bundle {
             Some(b) if !b.trim().is_empty() => b.to_owned(),
             _ => root.cert.to_owned(),
         };
         if !normalise(&bundle_pem).contains(&normalise(first)) {
-            tracing::warn!(
-                root = root.cert_origin,
-                "the trust bundle lacks the signing root: adding it"
-            );
+            tracing::warn!(root = root.cert_origin, "the trust bundle lacks the signing root: adding it");
             if !bundle_pem.ends_with('\n') {
                 bundle_pem.push('\n');
             }
             bundle_pem.push_str(first);
             bundle_pem.push('\n');
         }
-        Ok(Self {
-            trust_domain: trust_domain.to_owned(),
-            root_pem: root.cert.to_owned(),
-            issuer,
-            bundle_pem,
-            leaf_ttl,
-        })
+        Ok(Self { trust_domain: trust_domain.to_owned(), root_pem: root.cert.to_owned(), issuer, bundle_pem, leaf_ttl })
     }
 
     /// Every root agents must trust, PEM.
@@ -246,8 +217,8 @@ impl Authority {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Issued, AuthorityError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| AuthorityError::BadCsr(e.to_string()))?;
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| AuthorityError::BadCsr(e.to_string()))?;
         let uris: Vec<String> = csr
             .params
             .subject_alt_names
@@ -258,29 +229,18 @@ impl Authority {
             })
             .collect();
         if uris.len() != 1 || uris[0] != expected.to_string() {
-            return Err(AuthorityError::WrongIdentity {
-                got: uris.join(", "),
-                expected: expected.clone(),
-            });
+            return Err(AuthorityError::WrongIdentity { got: uris.join(", "), expected: expected.clone() });
         }
         let params = leaf_params(expected, not_before, not_after)?;
-        let leaf = CertificateSigningRequestParams {
-            params,
-            public_key: csr.public_key,
-        }
-        .signed_by(&self.issuer)?;
-        Ok(Issued {
-            chain_pem: vec![leaf.pem(), self.root_pem.clone()],
-            not_after,
-        })
+        let leaf = CertificateSigningRequestParams { params, public_key: csr.public_key }.signed_by(&self.issuer)?;
+        Ok(Issued { chain_pem: vec![leaf.pem(), self.root_pem.clone()], not_after })
     }
 
     /// Issues a certificate and key for the CA's own TLS server.
     pub fn serving_cert(&self, id: &SpiffeId) -> Result<(Vec<String>, String), AuthorityError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let now = SystemTime::now();
-        let cert = leaf_params(id, now - BACKDATE, now + ROOT_VALIDITY / 10)?
-            .signed_by(&key, &self.issuer)?;
+        let cert = leaf_params(id, now - BACKDATE, now + ROOT_VALIDITY / 10)?.signed_by(&key, &self.issuer)?;
         Ok((vec![cert.pem(), self.root_pem.clone()], key.serialize_pem()))
     }
 }
@@ -296,14 +256,8 @@ fn leaf_params(
     params.not_before = odt(not_before);
     params.not_after = odt(not_after);
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyAgreement,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
     params.use_authority_key_identifier_extension = true;
     Ok(params)
@@ -315,15 +269,10 @@ fn leaf_params(
 /// signs fails verification.
 fn check_key_matches(root: &RootPem<'_>, key: &KeyPair) -> Result<(), AuthorityError> {
     use rcgen::PublicKeyData as _;
-    let bad = |message: String| AuthorityError::BadRoot {
-        origin: root.cert_origin.to_owned(),
-        message,
-    };
-    let (_, pem) = x509_parser::pem::parse_x509_pem(root.cert.as_bytes())
-        .map_err(|e| bad(format!("no PEM certificate: {e}")))?;
-    let cert = pem
-        .parse_x509()
-        .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+    let bad = |message: String| AuthorityError::BadRoot { origin: root.cert_origin.to_owned(), message };
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(root.cert.as_bytes()).map_err(|e| bad(format!("no PEM certificate: {e}")))?;
+    let cert = pem.parse_x509().map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
     let spki = cert.public_key();
     if spki.subject_public_key.data.as_ref() == key.der_bytes() {
         Ok(())
@@ -361,11 +310,7 @@ pub fn create_root(trust_domain: &str) -> Result<(String, String), AuthorityErro
     params.not_before = odt(now - BACKDATE);
     params.not_after = odt(now + ROOT_VALIDITY);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
     let cert = params.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
@@ -373,12 +318,7 @@ pub fn create_root(trust_domain: &str) -> Result<(String, String), AuthorityErro
 
 /// Writes a private key readable by its owner only.
 fn write_private(path: &Path, pem: &str) -> Result<(), AuthorityError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_err(path))?;
     f.write_all(pem.as_bytes()).map_err(io_err(path))
 }
 
@@ -405,17 +345,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = temp_dir("create");
         let a = Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
-        let mode = fs::metadata(dir.join("root.key"))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = fs::metadata(dir.join("root.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let b = Authority::load_or_create(&dir, "cluster.local", Duration::from_hours(1)).unwrap();
-        assert_eq!(
-            a.bundle_pem(),
-            b.bundle_pem(),
-            "the root is kept across restarts"
-        );
+        assert_eq!(a.bundle_pem(), b.bundle_pem(), "the root is kept across restarts");
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -428,32 +361,19 @@ mod tests {
         let issued = a.sign_csr(&csr, &id).unwrap();
         assert_eq!(issued.chain_pem.len(), 2);
         let other = SpiffeId::new("cluster.local", "demo", "db");
-        assert!(matches!(
-            a.sign_csr(&csr, &other),
-            Err(AuthorityError::WrongIdentity { .. })
-        ));
-        assert!(matches!(
-            a.sign_csr("garbage", &id),
-            Err(AuthorityError::BadCsr(_))
-        ));
+        assert!(matches!(a.sign_csr(&csr, &other), Err(AuthorityError::WrongIdentity { .. })));
+        assert!(matches!(a.sign_csr("garbage", &id), Err(AuthorityError::BadCsr(_))));
         fs::remove_dir_all(&dir).unwrap();
     }
 
     fn root_pem<'a>(cert: &'a str, key: &'a str, bundle: Option<&'a str>) -> RootPem<'a> {
-        RootPem {
-            cert,
-            key,
-            bundle,
-            cert_origin: "test tls.crt",
-            key_origin: "test tls.key",
-        }
+        RootPem { cert, key, bundle, cert_origin: "test tls.crt", key_origin: "test tls.key" }
     }
 
     #[test]
     fn an_authority_built_from_pem_signs_and_trusts_its_root() {
         let (cert, key) = create_root("cluster.local").unwrap();
-        let a = Authority::from_pem(&root_pem(&cert, &key, None), "cluster.local", Duration::from_hours(1))
-            .unwrap();
+        let a = Authority::from_pem(&root_pem(&cert, &key, None), "cluster.local", Duration::from_hours(1)).unwrap();
         assert_eq!(a.bundle_pem(), cert);
         let id = SpiffeId::new("cluster.local", "demo", "web");
         let (csr, _key) = csr_for(&id.to_string());
@@ -464,12 +384,8 @@ mod tests {
     fn a_bundle_without_the_signing_root_gets_it_added() {
         let (cert, key) = create_root("cluster.local").unwrap();
         let (old, _) = create_root("cluster.local").unwrap();
-        let a = Authority::from_pem(
-            &root_pem(&cert, &key, Some(&old)),
-            "cluster.local",
-            Duration::from_hours(1),
-        )
-        .unwrap();
+        let a =
+            Authority::from_pem(&root_pem(&cert, &key, Some(&old)), "cluster.local", Duration::from_hours(1)).unwrap();
         assert!(a.bundle_pem().starts_with(&old));
         assert!(normalise(a.bundle_pem()).contains(&normalise(&cert)));
         assert_eq!(crate::identity::tls::roots_from_pem(a.bundle_pem()).unwrap().len(), 2);
@@ -479,13 +395,9 @@ mod tests {
     fn a_key_that_is_not_the_certificates_is_refused_naming_both() {
         let (cert, _) = create_root("cluster.local").unwrap();
         let (_, other_key) = create_root("cluster.local").unwrap();
-        let err = Authority::from_pem(
-            &root_pem(&cert, &other_key, None),
-            "cluster.local",
-            Duration::from_hours(1),
-        )
-        .err()
-        .unwrap();
+        let err = Authority::from_pem(&root_pem(&cert, &other_key, None), "cluster.local", Duration::from_hours(1))
+            .err()
+            .unwrap();
         assert!(matches!(err, AuthorityError::KeyMismatch { .. }), "{err}");
         assert_eq!(
             err.to_string(),
@@ -497,13 +409,9 @@ mod tests {
     #[test]
     fn a_malformed_key_is_reported_with_its_origin() {
         let (cert, _) = create_root("cluster.local").unwrap();
-        let err = Authority::from_pem(
-            &root_pem(&cert, "not a key", None),
-            "cluster.local",
-            Duration::from_hours(1),
-        )
-        .err()
-        .unwrap();
+        let err = Authority::from_pem(&root_pem(&cert, "not a key", None), "cluster.local", Duration::from_hours(1))
+            .err()
+            .unwrap();
         assert!(err.to_string().starts_with("CA root in test tls.key is unusable"), "{err}");
     }
 }

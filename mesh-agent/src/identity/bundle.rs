@@ -41,9 +41,7 @@ struct Current {
 impl TrustBundle {
     /// A bundle holding `roots`.
     pub fn new(roots: Arc<RootCertStore>) -> Result<Arc<Self>, TlsError> {
-        Ok(Arc::new(Self {
-            current: RwLock::new(Current::of(roots)?),
-        }))
+        Ok(Arc::new(Self { current: RwLock::new(Current::of(roots)?) }))
     }
 
     /// The roots in force.
@@ -55,11 +53,7 @@ impl TrustBundle {
     /// The verifier of client certificates for the roots in force.
     #[must_use]
     pub fn client_verifier(&self) -> Arc<dyn ClientCertVerifier> {
-        self.current
-            .read()
-            .expect("bundle lock")
-            .client_verifier
-            .clone()
+        self.current.read().expect("bundle lock").client_verifier.clone()
     }
 
     /// Puts `roots` in force for every later handshake.
@@ -72,14 +66,10 @@ impl TrustBundle {
 
 impl Current {
     fn of(roots: Arc<RootCertStore>) -> Result<Self, TlsError> {
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), tls::provider())
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        Ok(Self {
-            roots,
-            client_verifier,
-        })
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), tls::provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        Ok(Self { roots, client_verifier })
     }
 }
 
@@ -131,11 +121,7 @@ enum Checked {
 
 impl BundleFile {
     fn new(path: PathBuf, in_force: String) -> Self {
-        Self {
-            path,
-            in_force,
-            last_problem: None,
-        }
+        Self { path, in_force, last_problem: None }
     }
 
     /// Acts on one read of the file: puts changed, valid content in force.
@@ -191,10 +177,7 @@ mod tests {
         let mut params = rcgen::CertificateParams::default();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let pem = params.self_signed(&key).unwrap().pem();
-        (
-            TrustBundle::new(tls::roots_from_pem(&pem).unwrap()).unwrap(),
-            pem,
-        )
+        (TrustBundle::new(tls::roots_from_pem(&pem).unwrap()).unwrap(), pem)
     }
 
     #[test]
@@ -203,23 +186,11 @@ mod tests {
         let roots = bundle.roots();
         let mut file = BundleFile::new("/etc/heddle/bundle.pem".into(), pem.clone());
         let broken = || Ok("not a certificate".to_owned());
-        assert_eq!(
-            file.check(broken(), &bundle),
-            Checked::Problem { logged: true }
-        );
-        assert_eq!(
-            file.check(broken(), &bundle),
-            Checked::Problem { logged: false }
-        );
+        assert_eq!(file.check(broken(), &bundle), Checked::Problem { logged: true });
+        assert_eq!(file.check(broken(), &bundle), Checked::Problem { logged: false });
         assert_eq!(file.check(Ok(pem.clone()), &bundle), Checked::Recovered);
         assert_eq!(file.check(Ok(pem), &bundle), Checked::Unchanged);
-        assert_eq!(
-            file.check(broken(), &bundle),
-            Checked::Problem { logged: true }
-        );
-        assert!(
-            Arc::ptr_eq(&roots, &bundle.roots()),
-            "the roots in force were kept"
-        );
+        assert_eq!(file.check(broken(), &bundle), Checked::Problem { logged: true });
+        assert!(Arc::ptr_eq(&roots, &bundle.roots()), "the roots in force were kept");
     }
 }

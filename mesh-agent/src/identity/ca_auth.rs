@@ -59,19 +59,13 @@ pub trait NodeAuthenticator: Send + Sync {
 /// Decides whether `node` may obtain a certificate for `identity`.
 pub trait IdentityAuthorizer: Send + Sync {
     /// `Ok(())` if a workload with that identity runs on `node`.
-    fn authorize<'a>(
-        &'a self,
-        node: &'a str,
-        identity: &'a SpiffeId,
-    ) -> BoxFuture<'a, Result<(), CaAuthError>>;
+    fn authorize<'a>(&'a self, node: &'a str, identity: &'a SpiffeId) -> BoxFuture<'a, Result<(), CaAuthError>>;
 }
 
 /// The refusal every authorizer gives when no workload matches.
 #[must_use]
 pub fn not_scheduled(node: &str, identity: &SpiffeId) -> CaAuthError {
-    CaAuthError::Forbidden(format!(
-        "no workload with identity {identity} is scheduled on node {node}"
-    ))
+    CaAuthError::Forbidden(format!("no workload with identity {identity} is scheduled on node {node}"))
 }
 
 /// Local mode: a token per node in `<state-dir>/nodes/<node>.token`.
@@ -84,28 +78,19 @@ impl NodeTokens {
     /// Tokens kept under `state_dir`.
     #[must_use]
     pub fn new(state_dir: &Path) -> Self {
-        Self {
-            state_dir: state_dir.to_owned(),
-        }
+        Self { state_dir: state_dir.to_owned() }
     }
 
     /// Creates the token of `node` (mode 0600) unless it exists.
     pub fn ensure(&self, node: &str) -> std::io::Result<()> {
         let dir = self.state_dir.join("nodes");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         let path = token_path(&self.state_dir, node);
         if path.exists() {
             return Ok(());
         }
         let token = super::tls::hex(&rand::random::<[u8; 32]>());
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
         std::io::Write::write_all(&mut f, token.as_bytes())
     }
 
@@ -113,11 +98,7 @@ impl NodeTokens {
     fn lookup(&self, bearer: &str) -> Option<String> {
         let entries = std::fs::read_dir(self.state_dir.join("nodes")).ok()?;
         entries.flatten().find_map(|e| {
-            let name = e
-                .file_name()
-                .to_string_lossy()
-                .strip_suffix(".token")?
-                .to_owned();
+            let name = e.file_name().to_string_lossy().strip_suffix(".token")?.to_owned();
             let token = std::fs::read_to_string(e.path()).ok()?;
             constant_time_eq(token.trim().as_bytes(), bearer.as_bytes()).then_some(name)
         })
@@ -137,8 +118,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl NodeAuthenticator for NodeTokens {
     fn authenticate<'a>(&'a self, bearer: &'a str) -> BoxFuture<'a, Result<String, CaAuthError>> {
         Box::pin(async move {
-            self.lookup(bearer)
-                .ok_or_else(|| CaAuthError::Unauthenticated("unknown node token".to_owned()))
+            self.lookup(bearer).ok_or_else(|| CaAuthError::Unauthenticated("unknown node token".to_owned()))
         })
     }
 }
@@ -154,27 +134,17 @@ impl ConfigFile {
     /// Authorizes from the configuration at `path`.
     #[must_use]
     pub fn new(path: &Path, trust_domain: &str) -> Self {
-        Self {
-            path: path.to_owned(),
-            trust_domain: trust_domain.to_owned(),
-        }
+        Self { path: path.to_owned(), trust_domain: trust_domain.to_owned() }
     }
 }
 
 impl IdentityAuthorizer for ConfigFile {
-    fn authorize<'a>(
-        &'a self,
-        node: &'a str,
-        identity: &'a SpiffeId,
-    ) -> BoxFuture<'a, Result<(), CaAuthError>> {
+    fn authorize<'a>(&'a self, node: &'a str, identity: &'a SpiffeId) -> BoxFuture<'a, Result<(), CaAuthError>> {
         Box::pin(async move {
-            let cfg = config::load(&self.path).map_err(|e| {
-                CaAuthError::Unavailable(format!("configuration unavailable: {e}"))
-            })?;
+            let cfg = config::load(&self.path)
+                .map_err(|e| CaAuthError::Unavailable(format!("configuration unavailable: {e}")))?;
             let scheduled = cfg.workloads.iter().any(|w| {
-                w.node == node
-                    && SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account)
-                        == *identity
+                w.node == node && SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account) == *identity
             });
             if scheduled {
                 Ok(())

@@ -96,11 +96,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Something that signs CSRs for this node.
 pub trait CertificateAuthority: Send + Sync {
     /// Asks for a certificate for `identity`.
-    fn sign<'a>(
-        &'a self,
-        identity: &'a SpiffeId,
-        csr_pem: String,
-    ) -> BoxFuture<'a, Result<SignedChain, CaError>>;
+    fn sign<'a>(&'a self, identity: &'a SpiffeId, csr_pem: String) -> BoxFuture<'a, Result<SignedChain, CaError>>;
 }
 
 /// JSON request body.
@@ -152,10 +148,7 @@ impl TokenSource {
             Self::File(path) => tokio::fs::read_to_string(path)
                 .await
                 .map(|t| t.trim().to_owned())
-                .map_err(|source| CaError::Token {
-                    path: path.clone(),
-                    source,
-                }),
+                .map_err(|source| CaError::Token { path: path.clone(), source }),
         }
     }
 }
@@ -205,23 +198,17 @@ impl RemoteCa {
     /// Resolves the address now and connects to the first address that
     /// answers.
     async fn connect(&self) -> Result<TcpStream, CaError> {
-        let unreachable = |source| CaError::Unreachable {
-            addr: self.addr.clone(),
-            source,
-        };
+        let unreachable = |source| CaError::Unreachable { addr: self.addr.clone(), source };
         let mut last = None;
-        for candidate in tokio::net::lookup_host(self.addr.as_str())
-            .await
-            .map_err(unreachable)?
-        {
+        for candidate in tokio::net::lookup_host(self.addr.as_str()).await.map_err(unreachable)? {
             match TcpStream::connect(candidate).await {
                 Ok(tcp) => return Ok(tcp),
                 Err(e) => last = Some(e),
             }
         }
-        Err(unreachable(last.unwrap_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address")
-        })))
+        Err(unreachable(
+            last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address")),
+        ))
     }
 
     async fn request(&self, identity: &SpiffeId, csr_pem: String) -> Result<SignedChain, CaError> {
@@ -233,70 +220,36 @@ impl RemoteCa {
         let stream = connector
             .connect(name, tcp)
             .await
-            .map_err(|e| CaError::NotTrusted {
-                addr: addr.clone(),
-                message: e.to_string(),
-            })?;
-        tls::peer_identity(stream.get_ref().1.peer_certificates(), Some(&self.expected)).map_err(
-            |e| CaError::NotTrusted {
-                addr: addr.clone(),
-                message: e.to_string(),
-            },
-        )?;
+            .map_err(|e| CaError::NotTrusted { addr: addr.clone(), message: e.to_string() })?;
+        tls::peer_identity(stream.get_ref().1.peer_certificates(), Some(&self.expected))
+            .map_err(|e| CaError::NotTrusted { addr: addr.clone(), message: e.to_string() })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| CaError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
-        let body = serde_json::to_vec(&SignRequest {
-            identity: identity.to_string(),
-            csr: csr_pem,
-        })
-        .map_err(|e| CaError::Protocol(e.to_string()))?;
+        let body = serde_json::to_vec(&SignRequest { identity: identity.to_string(), csr: csr_pem })
+            .map_err(|e| CaError::Protocol(e.to_string()))?;
         let req = hyper::Request::post("/v1/certificates")
             .header(hyper::header::HOST, "heddle-ca")
-            .header(
-                hyper::header::AUTHORIZATION,
-                format!("Bearer {token}"),
-            )
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| CaError::Protocol(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| CaError::Protocol(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| CaError::Protocol(e.to_string()))?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| CaError::Protocol(e.to_string()))?
-            .to_bytes();
+        let bytes = resp.into_body().collect().await.map_err(|e| CaError::Protocol(e.to_string()))?.to_bytes();
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorResponse>(&bytes).map_or_else(
-                |_| String::from_utf8_lossy(&bytes).into_owned(),
-                |e| e.error,
-            );
-            return Err(CaError::Refused {
-                status: status.as_u16(),
-                message,
-            });
+            let message = serde_json::from_slice::<ErrorResponse>(&bytes)
+                .map_or_else(|_| String::from_utf8_lossy(&bytes).into_owned(), |e| e.error);
+            return Err(CaError::Refused { status: status.as_u16(), message });
         }
-        let ok: SignResponse =
-            serde_json::from_slice(&bytes).map_err(|e| CaError::Protocol(e.to_string()))?;
-        Ok(SignedChain {
-            chain_pem: ok.chain,
-            not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(ok.not_after),
-        })
+        let ok: SignResponse = serde_json::from_slice(&bytes).map_err(|e| CaError::Protocol(e.to_string()))?;
+        Ok(SignedChain { chain_pem: ok.chain, not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(ok.not_after) })
     }
 }
 
 impl CertificateAuthority for RemoteCa {
-    fn sign<'a>(
-        &'a self,
-        identity: &'a SpiffeId,
-        csr_pem: String,
-    ) -> BoxFuture<'a, Result<SignedChain, CaError>> {
+    fn sign<'a>(&'a self, identity: &'a SpiffeId, csr_pem: String) -> BoxFuture<'a, Result<SignedChain, CaError>> {
         Box::pin(async move {
             tokio::time::timeout(REQUEST_TIMEOUT, self.request(identity, csr_pem))
                 .await

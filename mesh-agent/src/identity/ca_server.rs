@@ -37,9 +37,7 @@ use std::{
 use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::{
-    body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
-};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -136,9 +134,7 @@ struct State {
 
 /// Serves `server` on `listen` until SIGTERM/SIGINT.
 pub async fn run(server: CaServer, listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding the CA on {listen}"))?;
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding the CA on {listen}"))?;
     let stop = CancellationToken::new();
     let serving = tokio::spawn(server.serve(listener, stop.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -163,18 +159,12 @@ impl CaServer {
     /// Local mode: loads (or creates) the root in the state directory and
     /// the node tokens; authorizes from the configuration file.
     pub fn new(settings: &CaSettings) -> anyhow::Result<Self> {
-        let authority = Authority::load_or_create(
-            &settings.state_dir,
-            &settings.trust_domain,
-            settings.leaf_ttl,
-        )?;
+        let authority = Authority::load_or_create(&settings.state_dir, &settings.trust_domain, settings.leaf_ttl)?;
         let cfg = config::load(&settings.config)?;
         let tokens = NodeTokens::new(&settings.state_dir);
         let nodes: BTreeSet<&str> = cfg.workloads.iter().map(|w| w.node.as_str()).collect();
         for node in nodes {
-            tokens
-                .ensure(node)
-                .with_context(|| format!("creating the token of node {node}"))?;
+            tokens.ensure(node).with_context(|| format!("creating the token of node {node}"))?;
         }
         let authorizer = ConfigFile::new(&settings.config, &settings.trust_domain);
         Self::from_parts(authority, Arc::new(tokens), Arc::new(authorizer), "local")
@@ -203,13 +193,7 @@ impl CaServer {
         let reserved = vec![ca_identity(authority.trust_domain())];
         Ok(Self {
             acceptor,
-            state: State {
-                authority,
-                authn: authenticator,
-                authz: authorizer,
-                reserved,
-                mode,
-            },
+            state: State { authority, authn: authenticator, authz: authorizer, reserved, mode },
             limits: Limits::default(),
             refused: Arc::new(AtomicU64::new(0)),
         })
@@ -250,12 +234,7 @@ impl CaServer {
 
     /// Serves on `listener` until `stop` fires.
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
-        let Self {
-            acceptor,
-            state,
-            limits,
-            refused,
-        } = self;
+        let Self { acceptor, state, limits, refused } = self;
         let state = Arc::new(state);
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(listen = %addr, mode = state.mode, trust_domain = state.authority.trust_domain(), ttl_s = state.authority.leaf_ttl().as_secs(), max_connections = limits.max_connections, max_connections_per_ip = limits.max_connections_per_ip, "mesh CA ready");
@@ -280,10 +259,7 @@ impl CaServer {
             let (acceptor, state) = (acceptor.clone(), state.clone());
             tokio::spawn(async move {
                 let conn = serve_connection(acceptor, tcp, state, limits);
-                if tokio::time::timeout(limits.connection_deadline, conn)
-                    .await
-                    .is_err()
-                {
+                if tokio::time::timeout(limits.connection_deadline, conn).await.is_err() {
                     tracing::debug!(%peer, deadline_s = limits.connection_deadline.as_secs(), "CA connection closed at its deadline");
                 }
                 drop((permit, peer_slot));
@@ -300,8 +276,7 @@ async fn serve_connection(
     limits: Limits,
 ) {
     let peer = tcp.peer_addr().ok();
-    let Ok(Ok(tls)) = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await
-    else {
+    let Ok(Ok(tls)) = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await else {
         tracing::debug!(?peer, "TLS handshake with CA client failed or timed out");
         return;
     };
@@ -336,18 +311,12 @@ struct RefusalLog {
 
 impl RefusalLog {
     fn new(count: Arc<AtomicU64>) -> Self {
-        Self {
-            count,
-            last_logged: std::sync::Mutex::new([None, None]),
-        }
+        Self { count, last_logged: std::sync::Mutex::new([None, None]) }
     }
 
     fn record(&self, peer: SocketAddr, refused: Refused) {
         let total = self.count.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut last = self
-            .last_logged
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.last_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let last = &mut last[usize::from(matches!(refused, Refused::PerIp(_)))];
         if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
             return;
@@ -366,10 +335,7 @@ impl RefusalLog {
 
 async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method().as_str(), req.uri().path()) {
-        ("GET", "/v1/bundle") => respond(
-            StatusCode::OK,
-            state.authority.bundle_pem().as_bytes().to_vec(),
-        ),
+        ("GET", "/v1/bundle") => respond(StatusCode::OK, state.authority.bundle_pem().as_bytes().to_vec()),
         ("POST", "/v1/certificates") => match sign(state, req).await {
             Ok(r) => respond(StatusCode::OK, serde_json::to_vec(&r).unwrap_or_default()),
             Err((status, error)) => {
@@ -378,10 +344,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 } else {
                     tracing::warn!(status = status.as_u16(), %error, "certificate request refused");
                 }
-                respond(
-                    status,
-                    serde_json::to_vec(&ErrorResponse { error }).unwrap_or_default(),
-                )
+                respond(status, serde_json::to_vec(&ErrorResponse { error }).unwrap_or_default())
             }
         },
         _ => respond(StatusCode::NOT_FOUND, b"{\"error\":\"not found\"}".to_vec()),
@@ -403,8 +366,8 @@ async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (St
         .await
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("body: {e}")))?
         .to_bytes();
-    let request: SignRequest = serde_json::from_slice(&body)
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("request: {e}")))?;
+    let request: SignRequest =
+        serde_json::from_slice(&body).map_err(|e| (StatusCode::BAD_REQUEST, format!("request: {e}")))?;
     let identity: SpiffeId = request
         .identity
         .parse()
@@ -413,9 +376,7 @@ async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (St
     if identity.trust_domain() != trust_domain {
         return Err((
             StatusCode::FORBIDDEN,
-            format!(
-                "node {node} asked for {identity}, which is not in trust domain {trust_domain}"
-            ),
+            format!("node {node} asked for {identity}, which is not in trust domain {trust_domain}"),
         ));
     }
     if state.reserved.contains(&identity) {
@@ -427,25 +388,12 @@ async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (St
             ),
         ));
     }
-    state
-        .authz
-        .authorize(&node, &identity)
-        .await
-        .map_err(refused)?;
-    let issued = state
-        .authority
-        .sign_csr(&request.csr, &identity)
-        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-    let not_after = issued
-        .not_after
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    state.authz.authorize(&node, &identity).await.map_err(refused)?;
+    let issued =
+        state.authority.sign_csr(&request.csr, &identity).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    let not_after = issued.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
     tracing::info!(%node, %identity, not_after, "certificate issued");
-    Ok(SignResponse {
-        chain: issued.chain_pem,
-        not_after,
-    })
+    Ok(SignResponse { chain: issued.chain_pem, not_after })
 }
 
 fn respond(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {

@@ -138,20 +138,14 @@ impl CertHandle {
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 impl CertManager {
     /// A manager asking `ca`.
     #[must_use]
     pub fn new(ca: Arc<dyn CertificateAuthority>) -> Arc<Self> {
-        Arc::new(Self {
-            ca,
-            entries: Mutex::new(HashMap::new()),
-            generation: AtomicU64::new(0),
-        })
+        Arc::new(Self { ca, entries: Mutex::new(HashMap::new()), generation: AtomicU64::new(0) })
     }
 
     /// Starts maintaining a certificate for `id` (idempotent).
@@ -162,16 +156,8 @@ impl CertManager {
         }
         let (tx, rx) = watch::channel(None);
         let last_error = Arc::new(Mutex::new(None));
-        let task =
-            tokio::spawn(maintain(self.clone(), id.clone(), tx, last_error.clone())).abort_handle();
-        entries.insert(
-            id.clone(),
-            Entry {
-                rx: rx.clone(),
-                task,
-                last_error,
-            },
-        );
+        let task = tokio::spawn(maintain(self.clone(), id.clone(), tx, last_error.clone())).abort_handle();
+        entries.insert(id.clone(), Entry { rx: rx.clone(), task, last_error });
         CertHandle { rx }
     }
 
@@ -188,11 +174,7 @@ impl CertManager {
     }
 
     /// The certificate of `id`, waiting up to `wait` for the first one.
-    pub async fn get(
-        self: &Arc<Self>,
-        id: &SpiffeId,
-        wait: Duration,
-    ) -> Result<Arc<WorkloadCert>, CertError> {
+    pub async fn get(self: &Arc<Self>, id: &SpiffeId, wait: Duration) -> Result<Arc<WorkloadCert>, CertError> {
         let mut handle = self.ensure(id);
         if let Some(c) = handle.get() {
             return Ok(c);
@@ -203,18 +185,11 @@ impl CertManager {
                 return Ok(c.clone());
             }
         }
-        Err(CertError::NotReady {
-            id: id.clone(),
-            last_error: self.last_error(id),
-        })
+        Err(CertError::NotReady { id: id.clone(), last_error: self.last_error(id) })
     }
 
     fn last_error(&self, id: &SpiffeId) -> Option<String> {
-        self.entries
-            .lock()
-            .expect("certs lock")
-            .get(id)
-            .and_then(|e| e.last_error.lock().expect("lock").clone())
+        self.entries.lock().expect("certs lock").get(id).and_then(|e| e.last_error.lock().expect("lock").clone())
     }
 
     /// Every certificate held or wanted.
@@ -248,14 +223,11 @@ impl CertManager {
             .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CertError::BadChain(e.to_string()))?;
-        let got = tls::peer_identity(Some(&chain), Some(id))
-            .map_err(|e| CertError::BadChain(e.to_string()))?;
+        let got = tls::peer_identity(Some(&chain), Some(id)).map_err(|e| CertError::BadChain(e.to_string()))?;
         debug_assert_eq!(&got, id);
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing = tls::provider()
-            .key_provider
-            .load_private_key(der)
-            .map_err(|e| CertError::BadChain(e.to_string()))?;
+        let signing =
+            tls::provider().key_provider.load_private_key(der).map_err(|e| CertError::BadChain(e.to_string()))?;
         Ok(Arc::new(WorkloadCert {
             id: id.clone(),
             key: Arc::new(CertifiedKey::new(chain, signing)),
@@ -287,10 +259,7 @@ async fn maintain(
     loop {
         match mgr.fetch(&id).await {
             Ok(cert) => {
-                let life = cert
-                    .not_after
-                    .duration_since(cert.issued_at)
-                    .unwrap_or_default();
+                let life = cert.not_after.duration_since(cert.issued_at).unwrap_or_default();
                 let refresh_in = life / 2;
                 tracing::info!(%id, generation = cert.generation, valid_s = life.as_secs(), refresh_s = refresh_in.as_secs(), "certificate obtained");
                 tx.send_replace(Some(cert));

@@ -49,10 +49,7 @@ impl SpiffeId {
     /// The form Istio policies match principals against: without `spiffe://`.
     #[must_use]
     pub fn principal(&self) -> String {
-        format!(
-            "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -66,15 +63,11 @@ impl FromStr for SpiffeId {
     type Err = ParseSpiffeIdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseSpiffeIdError {
-            input: s.to_owned(),
-        };
+        let err = || ParseSpiffeIdError { input: s.to_owned() };
         let rest = s.strip_prefix("spiffe://").ok_or_else(err)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
-                Ok(Self::new(td, ns, sa))
-            }
+            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Ok(Self::new(td, ns, sa)),
             _ => Err(err()),
         }
     }
@@ -95,12 +88,7 @@ mod tests {
 
     #[test]
     fn rejects_ids_that_are_not_workload_ids() {
-        for bad in [
-            "cluster.local/ns/a/sa/b",
-            "spiffe://td/ns/a",
-            "spiffe://td/ns//sa/b",
-            "spiffe://td/ns/a/sa/b/c",
-        ] {
+        for bad in ["cluster.local/ns/a/sa/b", "spiffe://td/ns/a", "spiffe://td/ns//sa/b", "spiffe://td/ns/a/sa/b/c"] {
             assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
         }
     }

@@ -9,9 +9,7 @@ use std::{
 
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::{
-    pki_types::{
-        pem::PemObject as _, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName,
-    },
+    pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
     sign::CertifiedKey,
     RootCertStore,
 };
@@ -42,8 +40,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn authority(name: &str) -> (Authority, Arc<RootCertStore>) {
-    let a = Authority::load_or_create(&temp_dir(name), "cluster.local", Duration::from_hours(1))
-        .unwrap();
+    let a = Authority::load_or_create(&temp_dir(name), "cluster.local", Duration::from_hours(1)).unwrap();
     let roots = tls::roots_from_pem(a.bundle_pem()).unwrap();
     (a, roots)
 }
@@ -59,27 +56,18 @@ fn csr(identity: &SpiffeId) -> (String, KeyPair) {
     (params.serialize_request(&key).unwrap().pem().unwrap(), key)
 }
 
-fn issue(
-    a: &Authority,
-    identity: &SpiffeId,
-    validity: Option<(SystemTime, SystemTime)>,
-) -> Arc<dyn CurrentCert> {
+fn issue(a: &Authority, identity: &SpiffeId, validity: Option<(SystemTime, SystemTime)>) -> Arc<dyn CurrentCert> {
     let (csr, key) = csr(identity);
     let issued = match validity {
         Some((nb, na)) => a.sign_csr_valid(&csr, identity, nb, na),
         None => a.sign_csr(&csr, identity),
     }
     .unwrap();
-    let chain: Vec<CertificateDer<'static>> = issued
-        .chain_pem
-        .iter()
-        .map(|p| CertificateDer::from_pem_slice(p.as_bytes()).unwrap())
-        .collect();
+    let chain: Vec<CertificateDer<'static>> =
+        issued.chain_pem.iter().map(|p| CertificateDer::from_pem_slice(p.as_bytes()).unwrap()).collect();
     let signing = tls::provider()
         .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            key.serialize_der(),
-        )))
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
         .unwrap();
     Arc::new(Fixed(Arc::new(CertifiedKey::new(chain, signing))))
 }
@@ -102,13 +90,7 @@ async fn handshake(
 #[tokio::test]
 async fn mutual_tls_authenticates_both_workload_identities() {
     let (a, roots) = authority("mutual");
-    let (s, c) = handshake(
-        issue(&a, &id("api"), None),
-        roots.clone(),
-        Some(issue(&a, &id("web"), None)),
-        roots,
-    )
-    .await;
+    let (s, c) = handshake(issue(&a, &id("api"), None), roots.clone(), Some(issue(&a, &id("web"), None)), roots).await;
     assert_eq!(s.unwrap(), id("web"));
     assert_eq!(c.unwrap(), id("api"));
 }
@@ -118,15 +100,13 @@ async fn a_peer_presenting_another_identity_is_rejected() {
     let (a, roots) = authority("wrongid");
     let cert = issue(&a, &id("intruder"), None);
     let (c, s) = tokio::io::duplex(64 * 1024);
-    let acceptor = tokio_rustls::TlsAcceptor::from(
-        tls::server_config(issue(&a, &id("api"), None), roots.clone()).unwrap(),
-    );
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(tls::server_config(issue(&a, &id("api"), None), roots.clone()).unwrap());
     let connector = tokio_rustls::TlsConnector::from(tls::client_config(cert, roots).unwrap());
     let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let (server, _client) = tokio::join!(acceptor.accept(s), connector.connect(name, c));
     let server = server.unwrap();
-    let err =
-        tls::peer_identity(server.get_ref().1.peer_certificates(), Some(&id("web"))).unwrap_err();
+    let err = tls::peer_identity(server.get_ref().1.peer_certificates(), Some(&id("web"))).unwrap_err();
     assert!(matches!(err, TlsError::WrongPeer { .. }), "{err}");
     assert_eq!(
         err.to_string(),
@@ -138,38 +118,22 @@ async fn a_peer_presenting_another_identity_is_rejected() {
 async fn a_client_certificate_from_an_untrusted_ca_is_rejected() {
     let (a, roots) = authority("untrusted-client-a");
     let (other, _) = authority("untrusted-client-b");
-    let (s, _) = handshake(
-        issue(&a, &id("api"), None),
-        roots.clone(),
-        Some(issue(&other, &id("web"), None)),
-        roots,
-    )
-    .await;
+    let (s, _) =
+        handshake(issue(&a, &id("api"), None), roots.clone(), Some(issue(&other, &id("web"), None)), roots).await;
     let err = s.unwrap_err();
     // Both roots have the same subject, so webpki finds a candidate issuer
     // whose signature does not verify; with different subjects: UnknownIssuer.
-    assert!(
-        err.contains("UnknownIssuer") || err.contains("BadSignature"),
-        "{err}"
-    );
+    assert!(err.contains("UnknownIssuer") || err.contains("BadSignature"), "{err}");
 }
 
 #[tokio::test]
 async fn a_server_certificate_from_an_untrusted_ca_is_rejected() {
     let (a, roots) = authority("untrusted-server-a");
     let (other, other_roots) = authority("untrusted-server-b");
-    let (_, c) = handshake(
-        issue(&other, &id("api"), None),
-        other_roots,
-        Some(issue(&a, &id("web"), None)),
-        roots,
-    )
-    .await;
+    let (_, c) =
+        handshake(issue(&other, &id("api"), None), other_roots, Some(issue(&a, &id("web"), None)), roots).await;
     let err = c.unwrap_err();
-    assert!(
-        err.contains("UnknownIssuer") || err.contains("BadSignature"),
-        "{err}"
-    );
+    assert!(err.contains("UnknownIssuer") || err.contains("BadSignature"), "{err}");
 }
 
 #[tokio::test]
@@ -177,22 +141,11 @@ async fn an_expired_certificate_is_rejected_on_both_sides() {
     let (a, roots) = authority("expired");
     let now = SystemTime::now();
     let past = Some((now - Duration::from_hours(2), now - Duration::from_hours(1)));
-    let (s, _) = handshake(
-        issue(&a, &id("api"), None),
-        roots.clone(),
-        Some(issue(&a, &id("web"), past)),
-        roots.clone(),
-    )
-    .await;
+    let (s, _) =
+        handshake(issue(&a, &id("api"), None), roots.clone(), Some(issue(&a, &id("web"), past)), roots.clone()).await;
     let err = s.unwrap_err();
     assert!(err.to_lowercase().contains("expired"), "{err}");
-    let (_, c) = handshake(
-        issue(&a, &id("api"), past),
-        roots.clone(),
-        Some(issue(&a, &id("web"), None)),
-        roots,
-    )
-    .await;
+    let (_, c) = handshake(issue(&a, &id("api"), past), roots.clone(), Some(issue(&a, &id("web"), None)), roots).await;
     let err = c.unwrap_err();
     assert!(err.to_lowercase().contains("expired"), "{err}");
 }
@@ -202,10 +155,7 @@ async fn a_client_without_a_certificate_is_rejected() {
     let (a, roots) = authority("nocert");
     let (s, _) = handshake(issue(&a, &id("api"), None), roots.clone(), None, roots).await;
     let err = s.unwrap_err();
-    assert!(
-        err.contains("NoCertificatesPresented") || err.contains("certificate"),
-        "{err}"
-    );
+    assert!(err.contains("NoCertificatesPresented") || err.contains("certificate"), "{err}");
 }
 
 fn write_config(dir: &std::path::Path) -> PathBuf {
@@ -235,11 +185,7 @@ async fn ca_and_client(name: &str, node: &str) -> (CancellationToken, RemoteCa, 
     let stop = CancellationToken::new();
     tokio::spawn(server.serve(listener, stop.clone()));
     let token = std::fs::read_to_string(token_path(&dir.join("state"), node)).unwrap();
-    (
-        stop,
-        RemoteCa::new(addr.to_string(), TokenSource::Static(token), roots, "cluster.local").unwrap(),
-        dir,
-    )
+    (stop, RemoteCa::new(addr.to_string(), TokenSource::Static(token), roots, "cluster.local").unwrap(), dir)
 }
 
 #[tokio::test]
@@ -277,9 +223,7 @@ async fn the_ca_refuses_a_csr_for_another_identity_than_requested() {
 #[tokio::test]
 async fn the_ca_refuses_an_unknown_node_token() {
     let (stop, ca, dir) = ca_and_client("ca-token", "node-a").await;
-    let roots =
-        tls::roots_from_pem(&std::fs::read_to_string(dir.join("state/bundle.pem")).unwrap())
-            .unwrap();
+    let roots = tls::roots_from_pem(&std::fs::read_to_string(dir.join("state/bundle.pem")).unwrap()).unwrap();
     let addr = ca_addr(&ca);
     let forged = RemoteCa::new(addr, TokenSource::Static("f".repeat(64)), roots, "cluster.local").unwrap();
     let (csr, _key) = csr(&id("web"));
@@ -308,13 +252,8 @@ async fn the_agent_retries_a_ca_that_is_down_and_serves_once_it_is_up() {
     let server = CaServer::new(&settings).unwrap();
     let roots = tls::roots_from_pem(&server.bundle_pem()).unwrap();
     let token = TokenSource::File(token_path(&dir.join("state"), "node-a"));
-    let mgr = CertManager::new(Arc::new(
-        RemoteCa::new(addr.to_string(), token, roots, "cluster.local").unwrap(),
-    ));
-    let err = mgr
-        .get(&id("web"), Duration::from_millis(500))
-        .await
-        .unwrap_err();
+    let mgr = CertManager::new(Arc::new(RemoteCa::new(addr.to_string(), token, roots, "cluster.local").unwrap()));
+    let err = mgr.get(&id("web"), Duration::from_millis(500)).await.unwrap_err();
     assert!(err.to_string().contains("unreachable"), "{err}");
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let stop = CancellationToken::new();
@@ -329,18 +268,12 @@ async fn the_agent_retries_a_ca_that_is_down_and_serves_once_it_is_up() {
 async fn the_client_resolves_a_host_name_and_rereads_its_token_file() {
     let (stop, ca, dir) = ca_and_client("ca-name", "node-a").await;
     let port = ca.addr().rsplit_once(':').unwrap().1.to_owned();
-    let roots =
-        tls::roots_from_pem(&std::fs::read_to_string(dir.join("state/bundle.pem")).unwrap())
-            .unwrap();
+    let roots = tls::roots_from_pem(&std::fs::read_to_string(dir.join("state/bundle.pem")).unwrap()).unwrap();
     let token_file = dir.join("rotating.token");
     std::fs::write(&token_file, "stale").unwrap();
-    let named = RemoteCa::new(
-        format!("localhost:{port}"),
-        TokenSource::File(token_file.clone()),
-        roots,
-        "cluster.local",
-    )
-    .unwrap();
+    let named =
+        RemoteCa::new(format!("localhost:{port}"), TokenSource::File(token_file.clone()), roots, "cluster.local")
+            .unwrap();
     let (csr1, _key) = csr(&id("web"));
     let err = named.sign(&id("web"), csr1).await.unwrap_err();
     assert!(matches!(err, CaError::Refused { status: 401, .. }), "{err}");
@@ -364,12 +297,12 @@ async fn handshake_with(
     let connector = tokio_rustls::TlsConnector::from(client);
     let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
     let (server, client) = tokio::join!(acceptor.accept(s), connector.connect(name, c));
-    let s = server.map_err(|e| e.to_string()).and_then(|t| {
-        tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string())
-    });
-    let c = client.map_err(|e| e.to_string()).and_then(|t| {
-        tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string())
-    });
+    let s = server
+        .map_err(|e| e.to_string())
+        .and_then(|t| tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string()));
+    let c = client
+        .map_err(|e| e.to_string())
+        .and_then(|t| tls::peer_identity(t.get_ref().1.peer_certificates(), None).map_err(|e| e.to_string()));
     (s, c)
 }
 
@@ -382,10 +315,8 @@ async fn a_replaced_trust_bundle_applies_to_the_next_handshake_of_existing_confi
     // only the old one at first.
     let server_bundle = TrustBundle::new(old_roots.clone()).unwrap();
     let client_bundle = TrustBundle::new(old_roots).unwrap();
-    let server =
-        tls::server_config_with(issue(&new, &id("api"), None), server_bundle.clone()).unwrap();
-    let client =
-        tls::client_config_with(issue(&old, &id("web"), None), client_bundle.clone()).unwrap();
+    let server = tls::server_config_with(issue(&new, &id("api"), None), server_bundle.clone()).unwrap();
+    let client = tls::client_config_with(issue(&old, &id("web"), None), client_bundle.clone()).unwrap();
     let (_, c) = handshake_with(server.clone(), client.clone()).await;
     assert!(c.is_err(), "a server from an untrusted root was accepted");
 
@@ -415,13 +346,7 @@ async fn the_bundle_watcher_swaps_in_a_changed_file_and_keeps_the_roots_on_a_bad
     let bundle = TrustBundle::new(old_roots).unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let every = Duration::from_millis(20);
-    let task = tokio::spawn(watch_file(
-        path.clone(),
-        bundle.clone(),
-        old.bundle_pem().to_owned(),
-        every,
-        stop.clone(),
-    ));
+    let task = tokio::spawn(watch_file(path.clone(), bundle.clone(), old.bundle_pem().to_owned(), every, stop.clone()));
     // Garbage: the roots in force stay.
     std::fs::write(&path, "not a certificate").unwrap();
     tokio::time::sleep(every * 5).await;

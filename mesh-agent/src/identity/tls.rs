@@ -11,14 +11,11 @@ use std::{fmt, sync::Arc};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::{
-        verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
-    },
+    crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{CertificateDer, ServerName, UnixTime},
     server::danger::{ClientCertVerified, ClientCertVerifier},
-    DistinguishedName,
     sign::CertifiedKey,
-    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
@@ -67,14 +64,10 @@ pub fn roots_from_pem(pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         let cert = cert.map_err(|e| TlsError::Bundle(e.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::Bundle(e.to_string()))?;
+        roots.add(cert).map_err(|e| TlsError::Bundle(e.to_string()))?;
     }
     if roots.is_empty() {
-        return Err(TlsError::Bundle(
-            "no certificate in the trust bundle".into(),
-        ));
+        return Err(TlsError::Bundle("no certificate in the trust bundle".into()));
     }
     Ok(Arc::new(roots))
 }
@@ -82,11 +75,7 @@ pub fn roots_from_pem(pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
 /// The SPIFFE ID in a certificate's URI SAN.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref()).map_err(|_| TlsError::NoSpiffeId)?;
-    let san = parsed
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .ok_or(TlsError::NoSpiffeId)?;
+    let san = parsed.subject_alternative_name().ok().flatten().ok_or(TlsError::NoSpiffeId)?;
     san.value
         .general_names
         .iter()
@@ -115,28 +104,18 @@ pub fn serial_of(cert: &CertificateDer<'_>) -> Option<String> {
 #[must_use]
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// Checks the peer of a finished handshake against `expected`.
-pub fn peer_identity(
-    certs: Option<&[CertificateDer<'_>]>,
-    expected: Option<&SpiffeId>,
-) -> Result<SpiffeId, TlsError> {
-    let leaf = certs
-        .and_then(<[_]>::first)
-        .ok_or(TlsError::NoPeerCertificate)?;
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>, expected: Option<&SpiffeId>) -> Result<SpiffeId, TlsError> {
+    let leaf = certs.and_then(<[_]>::first).ok_or(TlsError::NoPeerCertificate)?;
     let got = spiffe_id_of(leaf)?;
     match expected {
-        Some(want) if *want != got => Err(TlsError::WrongPeer {
-            got: Box::new(got),
-            expected: Box::new(want.clone()),
-        }),
+        Some(want) if *want != got => Err(TlsError::WrongPeer { got: Box::new(got), expected: Box::new(want.clone()) }),
         _ => Ok(got),
     }
 }
@@ -171,19 +150,13 @@ impl rustls::client::ResolvesClientCert for ClientResolver {
 }
 
 /// Server side: requires a client certificate chaining to `roots`.
-pub fn server_config(
-    cert: Arc<dyn CurrentCert>,
-    roots: Arc<RootCertStore>,
-) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(cert: Arc<dyn CurrentCert>, roots: Arc<RootCertStore>) -> Result<Arc<ServerConfig>, TlsError> {
     server_config_with(cert, TrustBundle::new(roots)?)
 }
 
 /// Server side: requires a client certificate chaining to the roots in
 /// force in `bundle` at each handshake.
-pub fn server_config_with(
-    cert: Arc<dyn CurrentCert>,
-    bundle: Arc<TrustBundle>,
-) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config_with(cert: Arc<dyn CurrentCert>, bundle: Arc<TrustBundle>) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let verifier = Arc::new(BundleClientVerifier(bundle));
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -197,24 +170,15 @@ pub fn server_config_with(
 }
 
 /// Client side: presents `cert`, verifies the server chain against `roots`.
-pub fn client_config(
-    cert: Arc<dyn CurrentCert>,
-    roots: Arc<RootCertStore>,
-) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(cert: Arc<dyn CurrentCert>, roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, TlsError> {
     client_config_with(cert, TrustBundle::new(roots)?)
 }
 
 /// Client side: presents `cert`, verifies the server chain against the
 /// roots in force in `bundle` at each handshake.
-pub fn client_config_with(
-    cert: Arc<dyn CurrentCert>,
-    bundle: Arc<TrustBundle>,
-) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config_with(cert: Arc<dyn CurrentCert>, bundle: Arc<TrustBundle>) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(ChainOnlyVerifier {
-        bundle,
-        algs: provider.signature_verification_algorithms,
-    });
+    let verifier = Arc::new(ChainOnlyVerifier { bundle, algs: provider.signature_verification_algorithms });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -232,14 +196,9 @@ pub fn anonymous_client_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientCo
 }
 
 /// [`anonymous_client_config`] over the roots in force in `bundle`.
-pub fn anonymous_client_config_with(
-    bundle: Arc<TrustBundle>,
-) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn anonymous_client_config_with(bundle: Arc<TrustBundle>) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(ChainOnlyVerifier {
-        bundle,
-        algs: provider.signature_verification_algorithms,
-    });
+    let verifier = Arc::new(ChainOnlyVerifier { bundle, algs: provider.signature_verification_algorithms });
     let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -266,8 +225,8 @@ impl ServerCertVerifier for ChainOnlyVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| rustls::Error::InvalidCertificate(pki_error(e)))?;
+        let cert =
+            webpki::EndEntityCert::try_from(end_entity).map_err(|e| rustls::Error::InvalidCertificate(pki_error(e)))?;
         let roots = self.bundle.roots();
         cert.verify_for_usage(
             self.algs.all,
@@ -323,9 +282,7 @@ impl ClientCertVerifier for BundleClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
-            .client_verifier()
-            .verify_client_cert(end_entity, intermediates, now)
+        self.0.client_verifier().verify_client_cert(end_entity, intermediates, now)
     }
 
     fn verify_tls12_signature(

@@ -74,10 +74,7 @@ impl TokenReviewAuthenticator {
     /// Asks the API server about `bearer`, uncached.
     async fn review(&self, bearer: &str) -> Result<String, CaAuthError> {
         let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(bearer.to_owned()),
-                audiences: Some(vec![CA_AUDIENCE.to_owned()]),
-            },
+            spec: TokenReviewSpec { token: Some(bearer.to_owned()), audiences: Some(vec![CA_AUDIENCE.to_owned()]) },
             ..TokenReview::default()
         };
         let api: Api<TokenReview> = Api::all(self.client.clone());
@@ -97,10 +94,7 @@ pub fn service_account_username(namespace: &str, name: &str) -> String {
 }
 
 /// The node a reviewed token authenticates, or why it is refused.
-pub fn node_of_review(
-    status: &TokenReviewStatus,
-    expected_username: &str,
-) -> Result<String, CaAuthError> {
+pub fn node_of_review(status: &TokenReviewStatus, expected_username: &str) -> Result<String, CaAuthError> {
     let refuse = |why: String| Err(CaAuthError::Unauthenticated(why));
     if status.authenticated != Some(true) {
         let why = status.error.as_deref().unwrap_or("not authenticated");
@@ -108,18 +102,14 @@ pub fn node_of_review(
     }
     let audiences = status.audiences.as_deref().unwrap_or_default();
     if !audiences.iter().any(|a| a == CA_AUDIENCE) {
-        return refuse(format!(
-            "token is not for audience {CA_AUDIENCE} (audiences: {audiences:?})"
-        ));
+        return refuse(format!("token is not for audience {CA_AUDIENCE} (audiences: {audiences:?})"));
     }
     let Some(user) = &status.user else {
         return refuse("token review names no user".to_owned());
     };
     let username = user.username.as_deref().unwrap_or_default();
     if username != expected_username {
-        return refuse(format!(
-            "token of {username:?}, only {expected_username} may request certificates"
-        ));
+        return refuse(format!("token of {username:?}, only {expected_username} may request certificates"));
     }
     let node = user
         .extra
@@ -180,12 +170,7 @@ pub fn pod_holds(pod: &Pod, identity: &SpiffeId) -> bool {
 pub fn pod_grants(pods: &[Pod], node: &str, identity: &SpiffeId) -> Result<(), CaAuthError> {
     // The field selector already restricts to `node`; this re-check keeps a
     // stand-in or a proxy that ignores it from widening the grant.
-    let on_node = |p: &&Pod| {
-        p.spec
-            .as_ref()
-            .and_then(|s| s.node_name.as_deref())
-            .is_some_and(|n| n == node)
-    };
+    let on_node = |p: &&Pod| p.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_some_and(|n| n == node);
     if pods.iter().filter(on_node).any(|p| pod_holds(p, identity)) {
         Ok(())
     } else {
@@ -194,18 +179,12 @@ pub fn pod_grants(pods: &[Pod], node: &str, identity: &SpiffeId) -> Result<(), C
 }
 
 impl IdentityAuthorizer for PodAuthorizer {
-    fn authorize<'a>(
-        &'a self,
-        node: &'a str,
-        identity: &'a SpiffeId,
-    ) -> BoxFuture<'a, Result<(), CaAuthError>> {
+    fn authorize<'a>(&'a self, node: &'a str, identity: &'a SpiffeId) -> BoxFuture<'a, Result<(), CaAuthError>> {
         Box::pin(async move {
             let api: Api<Pod> = Api::namespaced(self.client.clone(), identity.namespace());
             let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
             let pods = api.list(&lp).await.map_err(|e| {
-                CaAuthError::Unavailable(format!(
-                    "listing the pods of node {node} failed (API server): {e}"
-                ))
+                CaAuthError::Unavailable(format!("listing the pods of node {node} failed (API server): {e}"))
             })?;
             pod_grants(&pods.items, node, identity)
         })
@@ -236,10 +215,7 @@ mod tests {
                 node_name: Some(node.to_owned()),
                 ..PodSpec::default()
             }),
-            status: Some(PodStatus {
-                phase: Some(phase.to_owned()),
-                ..PodStatus::default()
-            }),
+            status: Some(PodStatus { phase: Some(phase.to_owned()), ..PodStatus::default() }),
         }
     }
 
@@ -266,10 +242,7 @@ mod tests {
 
     #[test]
     fn refuses_when_only_terminated_pods_have_the_identity() {
-        let pods = [
-            pod("demo", Some("web"), "node-a", "Succeeded"),
-            pod("demo", Some("web"), "node-a", "Failed"),
-        ];
+        let pods = [pod("demo", Some("web"), "node-a", "Succeeded"), pod("demo", Some("web"), "node-a", "Failed")];
         assert!(pod_grants(&pods, "node-a", &web()).is_err());
         let pending = [pod("demo", Some("web"), "node-a", "Pending")];
         assert!(pod_grants(&pending, "node-a", &web()).is_ok());
@@ -277,10 +250,7 @@ mod tests {
 
     #[test]
     fn refuses_another_namespace_or_service_account() {
-        let pods = [
-            pod("other", Some("web"), "node-a", "Running"),
-            pod("demo", Some("api"), "node-a", "Running"),
-        ];
+        let pods = [pod("other", Some("web"), "node-a", "Running"), pod("demo", Some("api"), "node-a", "Running")];
         assert!(pod_grants(&pods, "node-a", &web()).is_err());
     }
 
@@ -292,22 +262,13 @@ mod tests {
         assert!(pod_grants(&pods, "node-a", &web()).is_err());
     }
 
-    fn review(
-        authenticated: bool,
-        audiences: &[&str],
-        username: &str,
-        node: Option<&str>,
-    ) -> TokenReviewStatus {
+    fn review(authenticated: bool, audiences: &[&str], username: &str, node: Option<&str>) -> TokenReviewStatus {
         let extra = node.map(|n| BTreeMap::from([(NODE_NAME_EXTRA.to_owned(), vec![n.to_owned()])]));
         TokenReviewStatus {
             authenticated: Some(authenticated),
             audiences: Some(audiences.iter().map(|a| (*a).to_owned()).collect()),
             error: None,
-            user: Some(UserInfo {
-                username: Some(username.to_owned()),
-                extra,
-                ..UserInfo::default()
-            }),
+            user: Some(UserInfo { username: Some(username.to_owned()), extra, ..UserInfo::default() }),
         }
     }
 
@@ -329,28 +290,19 @@ mod tests {
     #[test]
     fn refuses_a_token_for_another_audience() {
         let status = review(true, &["https://kubernetes.default.svc"], AGENT, Some("node-a"));
-        assert!(node_of_review(&status, AGENT)
-            .unwrap_err()
-            .to_string()
-            .contains("audience heddle-ca"));
+        assert!(node_of_review(&status, AGENT).unwrap_err().to_string().contains("audience heddle-ca"));
     }
 
     #[test]
     fn refuses_a_token_of_another_service_account() {
         let other = "system:serviceaccount:demo:web";
         let status = review(true, &[CA_AUDIENCE], other, Some("node-a"));
-        assert!(node_of_review(&status, AGENT)
-            .unwrap_err()
-            .to_string()
-            .contains("system:serviceaccount:demo:web"));
+        assert!(node_of_review(&status, AGENT).unwrap_err().to_string().contains("system:serviceaccount:demo:web"));
     }
 
     #[test]
     fn refuses_a_token_not_bound_to_a_node() {
         let status = review(true, &[CA_AUDIENCE], AGENT, None);
-        assert!(node_of_review(&status, AGENT)
-            .unwrap_err()
-            .to_string()
-            .contains(NODE_NAME_EXTRA));
+        assert!(node_of_review(&status, AGENT).unwrap_err().to_string().contains(NODE_NAME_EXTRA));
     }
 }

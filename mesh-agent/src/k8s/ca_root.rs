@@ -96,34 +96,16 @@ pub struct KubeCaSettings {
 pub async fn kubernetes_ca(client: Client, settings: &KubeCaSettings) -> anyhow::Result<CaServer> {
     let authority = load_or_create_root(&client, settings).await?;
     publish_bundle(&client, &settings.namespace, authority.bundle_pem()).await?;
-    let authenticator = TokenReviewAuthenticator::new(
-        client.clone(),
-        &settings.namespace,
-        &settings.agent_service_account,
-    );
+    let authenticator =
+        TokenReviewAuthenticator::new(client.clone(), &settings.namespace, &settings.agent_service_account);
     let authorizer = PodAuthorizer::new(client);
     let reserved = reserved_identities(&settings.trust_domain, &settings.namespace);
-    Ok(CaServer::from_parts(
-        authority,
-        Arc::new(authenticator),
-        Arc::new(authorizer),
-        "kubernetes",
-    )?
-    .reserve(reserved))
+    Ok(CaServer::from_parts(authority, Arc::new(authenticator), Arc::new(authorizer), "kubernetes")?.reserve(reserved))
 }
 
-fn api_err(
-    what: &'static str,
-    namespace: &str,
-    name: &'static str,
-) -> impl FnOnce(kube::Error) -> CaRootError {
+fn api_err(what: &'static str, namespace: &str, name: &'static str) -> impl FnOnce(kube::Error) -> CaRootError {
     let namespace = namespace.to_owned();
-    move |source| CaRootError::Api {
-        what,
-        namespace,
-        name,
-        source: Box::new(source),
-    }
+    move |source| CaRootError::Api { what, namespace, name, source: Box::new(source) }
 }
 
 fn is_status(e: &kube::Error, code: u16) -> bool {
@@ -131,10 +113,7 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 }
 
 /// Reads the root Secret, creating it (and a new root) if absent.
-pub async fn load_or_create_root(
-    client: &Client,
-    settings: &KubeCaSettings,
-) -> Result<Authority, CaRootError> {
+pub async fn load_or_create_root(client: &Client, settings: &KubeCaSettings) -> Result<Authority, CaRootError> {
     let ns = settings.namespace.as_str();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let secret = match secrets.get_opt(ROOT_SECRET).await {
@@ -144,20 +123,14 @@ pub async fn load_or_create_root(
         }
         Ok(None) => {
             let (cert, key) = create_root(&settings.trust_domain)?;
-            match secrets
-                .create(&PostParams::default(), &root_secret(ns, &cert, &key))
-                .await
-            {
+            match secrets.create(&PostParams::default(), &root_secret(ns, &cert, &key)).await {
                 Ok(s) => {
                     tracing::info!(secret = %format!("{ns}/{ROOT_SECRET}"), "created a new mesh root CA and its Secret");
                     s
                 }
                 Err(e) if is_status(&e, 409) => {
                     tracing::info!(secret = %format!("{ns}/{ROOT_SECRET}"), "another CA replica created the root first: using it");
-                    secrets
-                        .get(ROOT_SECRET)
-                        .await
-                        .map_err(api_err("reading Secret", ns, ROOT_SECRET))?
+                    secrets.get(ROOT_SECRET).await.map_err(api_err("reading Secret", ns, ROOT_SECRET))?
                 }
                 Err(e) => return Err(api_err("creating Secret", ns, ROOT_SECRET)(e)),
             }
@@ -173,10 +146,7 @@ fn root_secret(namespace: &str, cert: &str, key: &str) -> Secret {
         metadata: ObjectMeta {
             name: Some(ROOT_SECRET.to_owned()),
             namespace: Some(namespace.to_owned()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/part-of".to_owned(),
-                "heddle".to_owned(),
-            )])),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/part-of".to_owned(), "heddle".to_owned())])),
             ..ObjectMeta::default()
         },
         type_: Some("kubernetes.io/tls".to_owned()),
@@ -198,17 +168,12 @@ pub fn authority_from_secret(
 ) -> Result<Authority, CaRootError> {
     let data = secret.data.clone().unwrap_or_default();
     let text = |key: &'static str, required: bool| -> Result<Option<String>, CaRootError> {
-        let malformed = |message: String| CaRootError::Malformed {
-            namespace: namespace.to_owned(),
-            key,
-            message,
-        };
+        let malformed = |message: String| CaRootError::Malformed { namespace: namespace.to_owned(), key, message };
         match data.get(key) {
             None if required => Err(malformed("missing".to_owned())),
             None => Ok(None),
             Some(ByteString(bytes)) => {
-                let s = String::from_utf8(bytes.clone())
-                    .map_err(|_| malformed("not PEM text".to_owned()))?;
+                let s = String::from_utf8(bytes.clone()).map_err(|_| malformed("not PEM text".to_owned()))?;
                 if s.trim().is_empty() {
                     if required {
                         return Err(malformed("empty".to_owned()));
@@ -233,47 +198,31 @@ pub fn authority_from_secret(
     };
     let authority = Authority::from_pem(&root, trust_domain, leaf_ttl)?;
     // A bundle that does not parse would be published and break every agent.
-    crate::identity::tls::roots_from_pem(authority.bundle_pem()).map_err(|e| {
-        CaRootError::Malformed {
-            namespace: namespace.to_owned(),
-            key: if bundle.is_some() { CA_CRT } else { TLS_CRT },
-            message: e.to_string(),
-        }
+    crate::identity::tls::roots_from_pem(authority.bundle_pem()).map_err(|e| CaRootError::Malformed {
+        namespace: namespace.to_owned(),
+        key: if bundle.is_some() { CA_CRT } else { TLS_CRT },
+        message: e.to_string(),
     })?;
     Ok(authority)
 }
 
 /// Publishes `bundle_pem` in the trust-bundle `ConfigMap`, creating it or
 /// updating it when it differs.
-pub async fn publish_bundle(
-    client: &Client,
-    namespace: &str,
-    bundle_pem: &str,
-) -> Result<(), CaRootError> {
+pub async fn publish_bundle(client: &Client, namespace: &str, bundle_pem: &str) -> Result<(), CaRootError> {
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let current = maps
-        .get_opt(BUNDLE_CONFIG_MAP)
-        .await
-        .map_err(api_err("reading ConfigMap", namespace, BUNDLE_CONFIG_MAP))?;
+    let current =
+        maps.get_opt(BUNDLE_CONFIG_MAP).await.map_err(api_err("reading ConfigMap", namespace, BUNDLE_CONFIG_MAP))?;
     match current {
-        Some(cm)
-            if cm
-                .data
-                .as_ref()
-                .and_then(|d| d.get(BUNDLE_KEY))
-                .is_some_and(|b| b == bundle_pem) =>
-        {
+        Some(cm) if cm.data.as_ref().and_then(|d| d.get(BUNDLE_KEY)).is_some_and(|b| b == bundle_pem) => {
             tracing::info!(configmap = %format!("{namespace}/{BUNDLE_CONFIG_MAP}"), "trust bundle already published");
         }
         Some(_) => {
             let patch = serde_json::json!({ "data": { BUNDLE_KEY: bundle_pem } });
-            maps.patch(
+            maps.patch(BUNDLE_CONFIG_MAP, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(api_err(
+                "updating ConfigMap",
+                namespace,
                 BUNDLE_CONFIG_MAP,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map_err(api_err("updating ConfigMap", namespace, BUNDLE_CONFIG_MAP))?;
+            ))?;
             tracing::info!(configmap = %format!("{namespace}/{BUNDLE_CONFIG_MAP}"), "trust bundle updated");
         }
         None => {
@@ -281,16 +230,10 @@ pub async fn publish_bundle(
                 metadata: ObjectMeta {
                     name: Some(BUNDLE_CONFIG_MAP.to_owned()),
                     namespace: Some(namespace.to_owned()),
-                    labels: Some(BTreeMap::from([(
-                        "app.kubernetes.io/part-of".to_owned(),
-                        "heddle".to_owned(),
-                    )])),
+                    labels: Some(BTreeMap::from([("app.kubernetes.io/part-of".to_owned(), "heddle".to_owned())])),
                     ..ObjectMeta::default()
                 },
-                data: Some(BTreeMap::from([(
-                    BUNDLE_KEY.to_owned(),
-                    bundle_pem.to_owned(),
-                )])),
+                data: Some(BTreeMap::from([(BUNDLE_KEY.to_owned(), bundle_pem.to_owned())])),
                 ..ConfigMap::default()
             };
             match maps.create(&PostParams::default(), &cm).await {
@@ -299,9 +242,7 @@ pub async fn publish_bundle(
                 Err(e) if is_status(&e, 409) => {
                     Box::pin(publish_bundle(client, namespace, bundle_pem)).await?;
                 }
-                Err(e) => {
-                    return Err(api_err("creating ConfigMap", namespace, BUNDLE_CONFIG_MAP)(e))
-                }
+                Err(e) => return Err(api_err("creating ConfigMap", namespace, BUNDLE_CONFIG_MAP)(e)),
                 Ok(_) => {
                     tracing::info!(configmap = %format!("{namespace}/{BUNDLE_CONFIG_MAP}"), "trust bundle published");
                 }
@@ -331,27 +272,17 @@ mod tests {
         let (cert, _) = create_root("cluster.local").unwrap();
         let mut secret = root_secret("heddle-system", &cert, "x");
         secret.data.as_mut().unwrap().remove(TLS_KEY);
-        let err = authority_from_secret(&secret, "heddle-system", "cluster.local", TTL)
-            .err()
-            .unwrap();
-        assert_eq!(
-            err.to_string(),
-            "Secret heddle-system/heddle-ca-root is malformed: key tls.key: missing"
-        );
+        let err = authority_from_secret(&secret, "heddle-system", "cluster.local", TTL).err().unwrap();
+        assert_eq!(err.to_string(), "Secret heddle-system/heddle-ca-root is malformed: key tls.key: missing");
     }
 
     #[test]
     fn a_secret_with_a_bad_certificate_names_the_key() {
         let (_, key) = create_root("cluster.local").unwrap();
-        let secret = root_secret("heddle-system", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", &key);
-        let err = authority_from_secret(&secret, "heddle-system", "cluster.local", TTL)
-            .err()
-            .unwrap();
-        assert!(
-            err.to_string()
-                .contains("Secret heddle-system/heddle-ca-root key tls.crt"),
-            "{err}"
-        );
+        let secret =
+            root_secret("heddle-system", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", &key);
+        let err = authority_from_secret(&secret, "heddle-system", "cluster.local", TTL).err().unwrap();
+        assert!(err.to_string().contains("Secret heddle-system/heddle-ca-root key tls.crt"), "{err}");
     }
 
     #[test]
@@ -359,9 +290,7 @@ mod tests {
         let (cert, _) = create_root("cluster.local").unwrap();
         let (_, other_key) = create_root("cluster.local").unwrap();
         let secret = root_secret("heddle-system", &cert, &other_key);
-        let err = authority_from_secret(&secret, "heddle-system", "cluster.local", TTL)
-            .err()
-            .unwrap();
+        let err = authority_from_secret(&secret, "heddle-system", "cluster.local", TTL).err().unwrap();
         assert_eq!(
             err.to_string(),
             "CA root key in Secret heddle-system/heddle-ca-root key tls.key does not match \
@@ -376,11 +305,7 @@ mod tests {
         let (new, key) = create_root("cluster.local").unwrap();
         let mut secret = root_secret("heddle-system", &new, &key);
         let both = format!("{old}{new}");
-        secret
-            .data
-            .as_mut()
-            .unwrap()
-            .insert(CA_CRT.to_owned(), ByteString(both.clone().into_bytes()));
+        secret.data.as_mut().unwrap().insert(CA_CRT.to_owned(), ByteString(both.clone().into_bytes()));
         let a = authority_from_secret(&secret, "heddle-system", "cluster.local", TTL).unwrap();
         assert_eq!(a.bundle_pem(), both);
     }

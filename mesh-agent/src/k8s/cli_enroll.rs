@@ -57,9 +57,7 @@ pub async fn kube_client(context: Option<&str>) -> Result<(Client, String), CliK
         })
         .await
         .map_err(|e| CliKubeError::Config(format!("context {ctx}: {e}")))?,
-        None => Config::infer()
-            .await
-            .map_err(|e| CliKubeError::Config(e.to_string()))?,
+        None => Config::infer().await.map_err(|e| CliKubeError::Config(e.to_string()))?,
     };
     let url = config.cluster_url.to_string();
     let client = Client::try_from(config).map_err(|e| CliKubeError::Config(e.to_string()))?;
@@ -68,23 +66,11 @@ pub async fn kube_client(context: Option<&str>) -> Result<(Client, String), CliK
 
 /// Maps a kube error to what the operator should read.
 #[must_use]
-pub fn explain(
-    e: kube::Error,
-    url: &str,
-    verb: &'static str,
-    resource: &'static str,
-) -> CliKubeError {
+pub fn explain(e: kube::Error, url: &str, verb: &'static str, resource: &'static str) -> CliKubeError {
     match e {
-        kube::Error::Api(s) if s.code == 403 => CliKubeError::Forbidden {
-            message: s.message,
-            verb,
-            resource,
-        },
+        kube::Error::Api(s) if s.code == 403 => CliKubeError::Forbidden { message: s.message, verb, resource },
         kube::Error::Api(s) => CliKubeError::Api(format!("{} ({})", s.message, s.code)),
-        other => CliKubeError::Unreachable {
-            url: url.to_owned(),
-            message: other.to_string(),
-        },
+        other => CliKubeError::Unreachable { url: url.to_owned(), message: other.to_string() },
     }
 }
 
@@ -110,26 +96,16 @@ pub async fn set_enrollment(
         .await
         .map_err(|e| explain(e, url, "get", "namespaces"))?
         .ok_or_else(|| CliKubeError::NamespaceNotFound(namespace.to_owned()))?;
-    let label = current
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(MESH_LABEL))
-        .cloned();
+    let label = current.metadata.labels.as_ref().and_then(|l| l.get(MESH_LABEL)).cloned();
     let wanted = enroll.then(|| ENABLED.to_owned());
     if label == wanted {
         return Ok(Outcome::Unchanged);
     }
     // JSON merge patch (RFC 7386): a null removes the key.
     let patch = serde_json::json!({ "metadata": { "labels": { MESH_LABEL: wanted } } });
-    match api
-        .patch(namespace, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
+    match api.patch(namespace, &PatchParams::default(), &Patch::Merge(&patch)).await {
         Ok(_) => Ok(Outcome::Changed),
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            Err(CliKubeError::NamespaceNotFound(namespace.to_owned()))
-        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(CliKubeError::NamespaceNotFound(namespace.to_owned())),
         Err(e) => Err(explain(e, url, "patch", "namespaces")),
     }
 }

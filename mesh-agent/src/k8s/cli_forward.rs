@@ -90,24 +90,12 @@ pub fn pick_agent_pod(pods: &[Pod], node: &str) -> Option<String> {
     let on_node: Vec<&Pod> = pods
         .iter()
         .filter(|p| {
-            p.spec
-                .as_ref()
-                .and_then(|s| s.node_name.as_deref())
-                .is_some_and(|n| n == node)
+            p.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_some_and(|n| n == node)
                 && p.metadata.deletion_timestamp.is_none()
         })
         .collect();
-    let running = |p: &&&Pod| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .is_some_and(|ph| ph == "Running")
-    };
-    on_node
-        .iter()
-        .find(running)
-        .or_else(|| on_node.first())
-        .and_then(|p| p.metadata.name.clone())
+    let running = |p: &&&Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|ph| ph == "Running");
+    on_node.iter().find(running).or_else(|| on_node.first()).and_then(|p| p.metadata.name.clone())
 }
 
 /// Finds the agent on `node` and starts forwarding `port` of its pod to a
@@ -120,17 +108,10 @@ pub async fn forward_to_agent(
     port: u16,
 ) -> Result<AgentForward, ForwardError> {
     let pods: Api<Pod> = Api::namespaced(client, namespace);
-    let lp = ListParams::default()
-        .labels(AGENT_SELECTOR)
-        .fields(&format!("spec.nodeName={node}"));
-    let listed = pods
-        .list(&lp)
-        .await
-        .map_err(|e| explain(e, url, "list", "pods"))?;
-    let pod = pick_agent_pod(&listed.items, node).ok_or_else(|| ForwardError::NoAgentPod {
-        node: node.to_owned(),
-        namespace: namespace.to_owned(),
-    })?;
+    let lp = ListParams::default().labels(AGENT_SELECTOR).fields(&format!("spec.nodeName={node}"));
+    let listed = pods.list(&lp).await.map_err(|e| explain(e, url, "list", "pods"))?;
+    let pod = pick_agent_pod(&listed.items, node)
+        .ok_or_else(|| ForwardError::NoAgentPod { node: node.to_owned(), namespace: namespace.to_owned() })?;
     let failed = |message: String| ForwardError::PortForward {
         namespace: namespace.to_owned(),
         pod: pod.clone(),
@@ -139,14 +120,9 @@ pub async fn forward_to_agent(
         message,
     };
     // Probe once so a refusal is reported now, by name.
-    let probe = pods
-        .portforward(&pod, &[port])
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+    let probe = pods.portforward(&pod, &[port]).await.map_err(|e| failed(e.to_string()))?;
     probe.abort();
-    let listener = TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .map_err(ForwardError::Listen)?;
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.map_err(ForwardError::Listen)?;
     let local = listener.local_addr().map_err(ForwardError::Listen)?;
     let target = Arc::new((pods, pod.clone()));
     let task = tokio::spawn(async move {
@@ -163,19 +139,9 @@ pub async fn forward_to_agent(
 }
 
 /// Copies one local connection to and from a new port-forward stream.
-async fn bridge(
-    mut conn: tokio::net::TcpStream,
-    pods: &Api<Pod>,
-    pod: &str,
-    port: u16,
-) -> Result<(), String> {
-    let mut forwarder = pods
-        .portforward(pod, &[port])
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut upstream = forwarder
-        .take_stream(port)
-        .ok_or_else(|| "no stream for the port".to_owned())?;
+async fn bridge(mut conn: tokio::net::TcpStream, pods: &Api<Pod>, pod: &str, port: u16) -> Result<(), String> {
+    let mut forwarder = pods.portforward(pod, &[port]).await.map_err(|e| e.to_string())?;
+    let mut upstream = forwarder.take_stream(port).ok_or_else(|| "no stream for the port".to_owned())?;
     let copied = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
     drop(upstream);
     let joined = forwarder.join().await;
@@ -192,18 +158,9 @@ mod tests {
 
     fn agent(name: &str, node: &str, phase: &str) -> Pod {
         Pod {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(node.to_owned()),
-                ..PodSpec::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some(phase.to_owned()),
-                ..PodStatus::default()
-            }),
+            metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+            spec: Some(PodSpec { node_name: Some(node.to_owned()), ..PodSpec::default() }),
+            status: Some(PodStatus { phase: Some(phase.to_owned()), ..PodStatus::default() }),
         }
     }
 

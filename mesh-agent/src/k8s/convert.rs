@@ -60,13 +60,7 @@ pub fn namespaces<'a>(items: impl IntoIterator<Item = &'a Namespace>) -> HashMap
             let name = ns.metadata.name.clone()?;
             let enrolled = label(ns.metadata.labels.as_ref(), MESH_LABEL) == Some(ENABLED);
             let inbound_mode = inbound_mode(ns.metadata.annotations.as_ref());
-            Some((
-                name,
-                NamespaceInfo {
-                    enrolled,
-                    inbound_mode,
-                },
-            ))
+            Some((name, NamespaceInfo { enrolled, inbound_mode }))
         })
         .collect()
 }
@@ -134,20 +128,14 @@ pub fn workload<S: std::hash::BuildHasher>(
 /// holds no identity. The CA's authorizer applies the same rule.
 #[must_use]
 pub fn is_finished(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|p| p == "Succeeded" || p == "Failed")
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed")
 }
 
 /// The pod's service account, `default` when unset (as the API server
 /// defaults it).
 #[must_use]
 pub fn service_account(spec: &PodSpec) -> &str {
-    spec.service_account_name
-        .as_deref()
-        .filter(|sa| !sa.is_empty())
-        .unwrap_or("default")
+    spec.service_account_name.as_deref().filter(|sa| !sa.is_empty()).unwrap_or("default")
 }
 
 /// The name metrics use for a pod's workload: its controller's name, with
@@ -156,12 +144,7 @@ pub fn service_account(spec: &PodSpec) -> &str {
 /// the pod's own name.
 fn workload_name(pod: &Pod, pod_name: &str) -> String {
     let meta = &pod.metadata;
-    let Some(owner) = meta
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.controller == Some(true))
-    else {
+    let Some(owner) = meta.owner_references.iter().flatten().find(|o| o.controller == Some(true)) else {
         return pod_name.to_owned();
     };
     if owner.kind == "ReplicaSet" {
@@ -247,14 +230,8 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 pub fn service(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceEntry> {
     let (name, namespace) = (svc.metadata.name.clone()?, svc.metadata.namespace.clone()?);
     let spec = svc.spec.as_ref()?;
-    let ips = spec
-        .cluster_ips
-        .clone()
-        .unwrap_or_else(|| spec.cluster_ip.clone().into_iter().collect());
-    let vip = ips
-        .iter()
-        .filter_map(|ip| ip.parse::<IpAddr>().ok())
-        .find(IpAddr::is_ipv4)?;
+    let ips = spec.cluster_ips.clone().unwrap_or_else(|| spec.cluster_ip.clone().into_iter().collect());
+    let vip = ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).find(IpAddr::is_ipv4)?;
     let mine: Vec<&EndpointSlice> = slices
         .iter()
         .copied()
@@ -270,8 +247,7 @@ pub fn service(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceEntry>
         .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
         .filter_map(|p| {
             let port = u16::try_from(p.port).ok()?;
-            let target_port = target_port(p.name.as_deref(), p.target_port.as_ref(), &mine)
-                .unwrap_or(port);
+            let target_port = target_port(p.name.as_deref(), p.target_port.as_ref(), &mine).unwrap_or(port);
             Some(ServicePort { port, target_port })
         })
         .collect();
@@ -290,23 +266,13 @@ pub fn service(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceEntry>
         .collect();
     endpoints.sort();
     endpoints.dedup();
-    Some(ServiceEntry {
-        id: ObjectRef { namespace, name },
-        vip,
-        ports,
-        endpoints,
-        waypoint: None,
-    })
+    Some(ServiceEntry { id: ObjectRef { namespace, name }, vip, ports, endpoints, waypoint: None })
 }
 
 /// The endpoints' port for a service port: the `EndpointSlice` port of the
 /// same name (this is how Kubernetes resolves named target ports), else a
 /// numeric `targetPort`.
-fn target_port(
-    name: Option<&str>,
-    target: Option<&IntOrString>,
-    slices: &[&EndpointSlice],
-) -> Option<u16> {
+fn target_port(name: Option<&str>, target: Option<&IntOrString>, slices: &[&EndpointSlice]) -> Option<u16> {
     let from_slice = slices
         .iter()
         .flat_map(|s| s.ports.iter().flatten())
@@ -424,7 +390,9 @@ mod tests {
 
     #[test]
     fn uses_the_default_service_account_and_the_inbound_mode_annotations() {
-        let nss = namespaces(&[ns("demo", &json!({"heddle.dev/mesh": "enabled"}),
+        let nss = namespaces(&[ns(
+            "demo",
+            &json!({"heddle.dev/mesh": "enabled"}),
             &json!({"heddle.dev/inbound-mode": "strict"}),
         )]);
         let p = pod(json!({
@@ -436,8 +404,7 @@ mod tests {
         assert_eq!(w.service_account, "default");
         assert_eq!(w.inbound_mode, InboundMode::Strict);
         let mut p2 = p.clone();
-        p2.metadata.annotations =
-            Some([(INBOUND_MODE_ANNOTATION.to_owned(), "permissive".to_owned())].into());
+        p2.metadata.annotations = Some([(INBOUND_MODE_ANNOTATION.to_owned(), "permissive".to_owned())].into());
         assert_eq!(workload(&p2, &nss, "td", None).unwrap().inbound_mode, InboundMode::Permissive);
     }
 

@@ -54,19 +54,14 @@ pub const MANIFEST_PATH: &str = "daemonset/crds/authorizationpolicies.heddle.dev
         json_path = ".spec.action",
         description = "ALLOW (the default when empty), DENY, AUDIT or CUSTOM (rejected)"
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(transparent)]
 pub struct AuthorizationPolicySpec(pub Spec);
 
 /// The CRD object.
 #[must_use]
-pub fn crd(
-) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+pub fn crd() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
     HeddleAuthorizationPolicy::crd()
 }
 
@@ -127,9 +122,7 @@ mod tests {
     /// `$ref`/`anyOf`/`oneOf`/`additionalProperties: false` that the API
     /// server would refuse in a structural schema.
     fn assert_structural(path: &str, node: &Value) {
-        let obj = node
-            .as_object()
-            .unwrap_or_else(|| panic!("{path}: not an object"));
+        let obj = node.as_object().unwrap_or_else(|| panic!("{path}: not an object"));
         for banned in ["$ref", "anyOf", "oneOf", "allOf", "definitions", "$defs"] {
             assert!(!obj.contains_key(banned), "{path}: {banned} in {node}");
         }
@@ -140,17 +133,9 @@ mod tests {
             "{path}: no type in {node}"
         );
         if obj.contains_key("properties") {
-            assert!(
-                !obj.contains_key("additionalProperties"),
-                "{path}: additionalProperties with properties"
-            );
+            assert!(!obj.contains_key("additionalProperties"), "{path}: additionalProperties with properties");
         }
-        for (name, child) in obj
-            .get("properties")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-        {
+        for (name, child) in obj.get("properties").and_then(Value::as_object).into_iter().flatten() {
             assert_structural(&format!("{path}.{name}"), child);
         }
         if let Some(items) = obj.get("items") {
@@ -176,33 +161,18 @@ mod tests {
 
     #[test]
     fn descriptions_come_from_the_model_doc_comments() {
-        let principals = &spec_schema()["properties"]["rules"]["items"]["properties"]["from"]
-            ["items"]["properties"]["source"]["properties"]["principals"];
-        assert!(
-            principals["description"]
-                .as_str()
-                .unwrap()
-                .contains("SPIFFE"),
-            "{principals}"
-        );
+        let principals = &spec_schema()["properties"]["rules"]["items"]["properties"]["from"]["items"]["properties"]
+            ["source"]["properties"]["principals"];
+        assert!(principals["description"].as_str().unwrap().contains("SPIFFE"), "{principals}");
     }
 
     #[test]
     fn names_scope_and_printer_columns_are_as_documented() {
         let crd = crd();
-        assert_eq!(
-            crd.metadata.name.as_deref(),
-            Some("authorizationpolicies.heddle.dev")
-        );
+        assert_eq!(crd.metadata.name.as_deref(), Some("authorizationpolicies.heddle.dev"));
         assert_eq!(crd.spec.scope, "Namespaced");
-        assert_eq!(
-            crd.spec.names.short_names,
-            Some(vec![SHORT_NAME.to_owned()])
-        );
-        let columns = crd.spec.versions[0]
-            .additional_printer_columns
-            .clone()
-            .unwrap();
+        assert_eq!(crd.spec.names.short_names, Some(vec![SHORT_NAME.to_owned()]));
+        let columns = crd.spec.versions[0].additional_printer_columns.clone().unwrap();
         assert_eq!(columns[0].json_path, ".spec.action");
     }
 
@@ -214,23 +184,10 @@ mod tests {
                      "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/web"]}}],
                                 "to": [{"operation": {"ports": ["8080", 9000]}}]}]}}"#;
         let policy: HeddleAuthorizationPolicy = serde_json::from_str(text).unwrap();
-        assert_eq!(
-            policy.spec.0.rules[0].to[0]
-                .operation
-                .as_ref()
-                .unwrap()
-                .ports,
-            ["8080", "9000"]
-        );
+        assert_eq!(policy.spec.0.rules[0].to[0].operation.as_ref().unwrap().ports, ["8080", "9000"]);
         let back = serde_json::to_value(&policy).unwrap();
-        assert_eq!(
-            back["spec"]["rules"][0]["to"][0]["operation"]["ports"],
-            json!(["8080", "9000"])
-        );
-        assert!(
-            back["spec"].get("targetRefs").is_none(),
-            "empty lists are left out: {back}"
-        );
+        assert_eq!(back["spec"]["rules"][0]["to"][0]["operation"]["ports"], json!(["8080", "9000"]));
+        assert!(back["spec"].get("targetRefs").is_none(), "empty lists are left out: {back}");
     }
 
     #[test]

@@ -105,14 +105,7 @@ impl NetnsFinder {
 
     fn with_search(home: Arc<File>, dirs: Vec<PathBuf>, proc_root: Option<PathBuf>) -> Self {
         let home_key = home.metadata().ok().map(|m| (m.dev(), m.ino()));
-        Self {
-            home,
-            home_key,
-            dirs,
-            proc_root,
-            cache: HashMap::new(),
-            ambiguous: HashSet::new(),
-        }
+        Self { home, home_key, dirs, proc_root, cache: HashMap::new(), ambiguous: HashSet::new() }
     }
 
     /// The namespace path holding each wanted IP that can be found without
@@ -239,9 +232,7 @@ fn cgroup_names_pod(cgroups: &str, uid: &str) -> bool {
     let systemd_uid = uid.replace('-', "_");
     cgroups.lines().any(|l| {
         let path = l.splitn(3, ':').nth(2).unwrap_or("");
-        path.split('/')
-            .find_map(pod_of_segment)
-            .is_some_and(|named| named == uid || named == systemd_uid)
+        path.split('/').find_map(pod_of_segment).is_some_and(|named| named == uid || named == systemd_uid)
     })
 }
 
@@ -256,12 +247,7 @@ fn pod_of_segment(segment: &str) -> Option<&str> {
 }
 
 fn read_dir_sorted(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
     v.sort();
     v
 }
@@ -314,10 +300,7 @@ mod tests {
         let mut finder = NetnsFinder::new(home);
         // 127.0.0.1 is local in every namespace with lo up, including ours;
         // the finder must not answer with the agent's own namespace.
-        let found = finder.find(&[Wanted {
-            ip: "127.0.0.1".parse().unwrap(),
-            pod_uid: None,
-        }]);
+        let found = finder.find(&[Wanted { ip: "127.0.0.1".parse().unwrap(), pod_uid: None }]);
         if let Some(path) = found.get(&"127.0.0.1".parse().unwrap()) {
             assert_ne!(ns_key(path), finder.home_key, "{}", path.display());
         }
@@ -328,10 +311,7 @@ mod tests {
         let home = Arc::new(Netns::current().unwrap());
         let mut finder = NetnsFinder::new(home);
         // TEST-NET-3, never assigned on a test machine.
-        let wanted = Wanted {
-            ip: "203.0.113.254".parse().unwrap(),
-            pod_uid: None,
-        };
+        let wanted = Wanted { ip: "203.0.113.254".parse().unwrap(), pod_uid: None };
         assert!(finder.find(&[wanted]).is_empty());
     }
 

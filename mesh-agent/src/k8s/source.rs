@@ -145,16 +145,9 @@ impl KubeSource {
         stop: &CancellationToken,
     ) -> Result<(Self, Published), SourceError> {
         let changed = Arc::new(Notify::new());
-        let spawn = |name: &'static str| Watch {
-            name,
-            changed: changed.clone(),
-            stop: stop.clone(),
-        };
+        let spawn = |name: &'static str| Watch { name, changed: changed.clone(), stop: stop.clone() };
         let node = &settings.node;
-        let namespaces = spawn("namespaces").start(
-            Api::<Namespace>::all(client.clone()),
-            watcher::Config::default(),
-        );
+        let namespaces = spawn("namespaces").start(Api::<Namespace>::all(client.clone()), watcher::Config::default());
         let local_pods = spawn("pods on this node").start(
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().fields(&format!("spec.nodeName={node}")),
@@ -163,19 +156,12 @@ impl KubeSource {
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().fields(&format!("spec.nodeName!={node}")),
         );
-        let services = spawn("services").start(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-        );
-        let slices = spawn("endpointslices").start(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
-        );
+        let services = spawn("services").start(Api::<Service>::all(client.clone()), watcher::Config::default());
+        let slices =
+            spawn("endpointslices").start(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default());
         let heddle = heddle_policies();
-        let heddle_store = spawn("heddle.dev authorizationpolicies").start_dynamic(
-            Api::all_with(client.clone(), &heddle),
-            &heddle,
-        );
+        let heddle_store =
+            spawn("heddle.dev authorizationpolicies").start_dynamic(Api::all_with(client.clone(), &heddle), &heddle);
         let istio = istio_policies();
         let istio_installed = crd_installed(&client, &istio).await;
         let istio_store = spawn("security.istio.io authorizationpolicies")
@@ -199,17 +185,11 @@ impl KubeSource {
         }
         wait_synced(required).await?;
 
-        let (registry_tx, registry) = watch::channel(Arc::new(Registry::from_parts(
-            &settings.trust_domain,
-            Vec::new(),
-            Vec::new(),
-        )));
-        let (policies_tx, policies) =
-            watch::channel(Arc::new(PolicySet::empty(&settings.root_namespace)));
-        let policy_status = Arc::new(Mutex::new(PolicyStatus {
-            source: Some("kubernetes".to_owned()),
-            ..PolicyStatus::default()
-        }));
+        let (registry_tx, registry) =
+            watch::channel(Arc::new(Registry::from_parts(&settings.trust_domain, Vec::new(), Vec::new())));
+        let (policies_tx, policies) = watch::channel(Arc::new(PolicySet::empty(&settings.root_namespace)));
+        let policy_status =
+            Arc::new(Mutex::new(PolicyStatus { source: Some("kubernetes".to_owned()), ..PolicyStatus::default() }));
         let finder = if settings.netns_dirs.is_empty() {
             NetnsFinder::new(home)
         } else {
@@ -234,14 +214,7 @@ impl KubeSource {
             last_policies: None,
         };
         source.rebuild().await;
-        Ok((
-            source,
-            Published {
-                registry,
-                policies,
-                policy_status,
-            },
-        ))
+        Ok((source, Published { registry, policies, policy_status }))
     }
 
     /// Rebuilds on every change until `stop`.
@@ -261,18 +234,14 @@ impl KubeSource {
 
     /// Whether an enrolled pod of this node is waiting for its namespace.
     fn pending_netns(&self) -> bool {
-        self.last.as_ref().is_some_and(|(w, _)| {
-            w.iter()
-                .any(|w| w.node == self.settings.node && w.enrolled && w.netns.is_none())
-        })
+        self.last
+            .as_ref()
+            .is_some_and(|(w, _)| w.iter().any(|w| w.node == self.settings.node && w.enrolled && w.netns.is_none()))
     }
 
     async fn rebuild(&mut self) {
         let (workloads, services) = self.registry_parts().await;
-        let unchanged = self
-            .last
-            .as_ref()
-            .is_some_and(|(w, s)| *w == workloads && *s == services);
+        let unchanged = self.last.as_ref().is_some_and(|(w, s)| *w == workloads && *s == services);
         if !unchanged {
             let enrolled = workloads.iter().filter(|w| w.enrolled).count();
             tracing::info!(
@@ -320,12 +289,7 @@ impl KubeSource {
         let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in &slices {
             let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
-            if let Some(svc) = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(convert::SERVICE_NAME_LABEL))
-            {
+            if let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get(convert::SERVICE_NAME_LABEL)) {
                 by_service.entry((ns, svc.as_str())).or_default().push(slice);
             }
         }
@@ -353,23 +317,16 @@ impl KubeSource {
         let wanted: Vec<Wanted> = local
             .iter()
             .filter(|(w, _)| w.enrolled)
-            .flat_map(|(w, uid)| {
-                w.ips.iter().map(|ip| Wanted {
-                    ip: *ip,
-                    pod_uid: uid.clone(),
-                })
-            })
+            .flat_map(|(w, uid)| w.ips.iter().map(|ip| Wanted { ip: *ip, pod_uid: uid.clone() }))
             .collect();
         let mut local: Vec<Workload> = local.into_iter().map(|(w, _)| w).collect();
         if wanted.is_empty() {
             return local;
         }
         let finder = self.finder.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            finder.lock().expect("netns finder lock").find(&wanted)
-        })
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let found = tokio::task::spawn_blocking(move || finder.lock().expect("netns finder lock").find(&wanted))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         for w in local.iter_mut().filter(|w| w.enrolled) {
             w.netns = w.ips.iter().find_map(|ip| found.get(ip).cloned());
             if w.netns.is_none() {
@@ -391,8 +348,11 @@ impl KubeSource {
             }
         }
         objects.sort_by(|a, b| {
-            (&a.metadata.namespace, &a.metadata.name, &a.api_version)
-                .cmp(&(&b.metadata.namespace, &b.metadata.name, &b.api_version))
+            (&a.metadata.namespace, &a.metadata.name, &a.api_version).cmp(&(
+                &b.metadata.namespace,
+                &b.metadata.name,
+                &b.api_version,
+            ))
         });
         if self.last_policies.as_ref() == Some(&objects) {
             return;
@@ -493,10 +453,7 @@ impl Watch {
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     {
         let (reader, writer) = reflector::store();
-        let stream = watcher(api, config)
-            .default_backoff()
-            .modify(strip::<K>)
-            .reflect(writer);
+        let stream = watcher(api, config).default_backoff().modify(strip::<K>).reflect(writer);
         self.drive(stream);
         reader
     }
@@ -504,9 +461,7 @@ impl Watch {
     fn start_dynamic(self, api: Api<DynamicObject>, resource: &ApiResource) -> Store<DynamicObject> {
         let writer = reflector::store::Writer::new(resource.clone());
         let reader = writer.as_reader();
-        let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .reflect(writer);
+        let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
         self.drive(stream);
         reader
     }

@@ -19,8 +19,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, header, Request, Response, StatusCode};
 use prometheus::{
-    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
-    TextEncoder,
+    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -63,10 +62,7 @@ struct Internals {
 
 impl Internals {
     fn new(prom: &PromRegistry) -> Result<Self, MetricsError> {
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(
-            prom: &PromRegistry,
-            c: C,
-        ) -> Result<C, MetricsError> {
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(prom: &PromRegistry, c: C) -> Result<C, MetricsError> {
             prom.register(Box::new(c.clone()))?;
             Ok(c)
         }
@@ -132,12 +128,7 @@ impl Exporter {
     /// series) reading `sources` at scrape time.
     pub fn new(prom: PromRegistry, sources: Sources) -> Result<Self, MetricsError> {
         let internals = Internals::new(&prom)?;
-        Ok(Self {
-            prom,
-            sources,
-            internals,
-            scrape: Mutex::new(()),
-        })
+        Ok(Self { prom, sources, internals, scrape: Mutex::new(()) })
     }
 
     /// Every series in the Prometheus text format (version 0.0.4).
@@ -164,15 +155,9 @@ impl Exporter {
         m.subscribers.set(gauge(subs.subscribers.len()));
         advance(&m.access_log_dropped, s.flows.access_log_dropped());
         for d in s.authz.decisions() {
-            let policy = d
-                .policy
-                .map_or_else(|| "none".to_owned(), |p| p.to_string());
+            let policy = d.policy.map_or_else(|| "none".to_owned(), |p| p.to_string());
             let action = d.action.unwrap_or("none");
-            advance(
-                &m.decisions
-                    .with_label_values(&[action, policy.as_str(), d.verdict]),
-                d.count,
-            );
+            advance(&m.decisions.with_label_values(&[action, policy.as_str(), d.verdict]), d.count);
         }
         for (reason, total) in s.datapath.reasons() {
             advance(&m.datapath.with_label_values(&[reason]), total);
@@ -180,24 +165,14 @@ impl Exporter {
         m.map_entries.reset();
         m.map_capacity.reset();
         for (map, usage) in s.datapath.map_usage() {
-            m.map_entries
-                .with_label_values(&[map])
-                .set(gauge(usage.entries));
-            m.map_capacity
-                .with_label_values(&[map])
-                .set(i64::from(usage.capacity));
+            m.map_entries.with_label_values(&[map]).set(gauge(usage.entries));
+            m.map_capacity.with_label_values(&[map]).set(i64::from(usage.capacity));
         }
         m.cert_expiry.reset();
         for cert in s.certs.iter().flat_map(|c| c.list()) {
             if let Some(not_after) = cert.not_after {
-                let identity = if cert.identity.is_empty() {
-                    UNKNOWN
-                } else {
-                    cert.identity.as_str()
-                };
-                m.cert_expiry
-                    .with_label_values(&[identity])
-                    .set(gauge(not_after));
+                let identity = if cert.identity.is_empty() { UNKNOWN } else { cert.identity.as_str() };
+                m.cert_expiry.with_label_values(&[identity]).set(gauge(not_after));
             }
         }
     }
@@ -215,17 +190,9 @@ pub async fn serve(listener: TcpListener, exporter: Arc<Exporter>, stop: Cancell
 
 fn route(exporter: &Exporter, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            TextEncoder::new().format_type().to_owned(),
-            exporter.render(),
-        ),
+        "/metrics" => (StatusCode::OK, TextEncoder::new().format_type().to_owned(), exporter.render()),
         "/healthz" => (StatusCode::OK, "text/plain".to_owned(), "ok\n".to_owned()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain".to_owned(),
-            "not found: try /metrics or /healthz\n".to_owned(),
-        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain".to_owned(), "not found: try /metrics or /healthz\n".to_owned()),
     };
     Response::builder()
         .status(status)

@@ -29,27 +29,13 @@ use super::{
 };
 
 /// `when` keys an L4 agent can evaluate (istiod's `l4WhenAttributes`).
-pub const L4_WHEN_KEYS: [&str; 5] = [
-    "source.ip",
-    "source.namespace",
-    "source.principal",
-    "destination.ip",
-    "destination.port",
-];
+pub const L4_WHEN_KEYS: [&str; 5] =
+    ["source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"];
 
 /// `when` keys Istio knows but only a proxy that parses HTTP can evaluate.
-const L7_WHEN_KEYS: [&str; 5] = [
-    "remote.ip",
-    "request.auth.principal",
-    "request.auth.audiences",
-    "request.auth.presenter",
-    "connection.sni",
-];
-const L7_WHEN_KEY_PREFIXES: [&str; 3] = [
-    "request.headers[",
-    "request.auth.claims[",
-    "experimental.envoy.filters.",
-];
+const L7_WHEN_KEYS: [&str; 5] =
+    ["remote.ip", "request.auth.principal", "request.auth.audiences", "request.auth.presenter", "connection.sni"];
+const L7_WHEN_KEY_PREFIXES: [&str; 3] = ["request.headers[", "request.auth.claims[", "experimental.envoy.filters."];
 
 /// A validated policy, ready for [`super::PolicySet`].
 #[derive(Debug, Clone)]
@@ -129,33 +115,16 @@ pub struct Compiled {
 /// The name a policy is reported under: `namespace/name`.
 #[must_use]
 pub fn policy_ref(obj: &AuthorizationPolicy) -> PolicyRef {
-    let ns = obj
-        .metadata
-        .namespace
-        .as_deref()
-        .filter(|ns| !ns.is_empty())
-        .unwrap_or(DEFAULT_NAMESPACE);
-    let name = if obj.metadata.name.is_empty() {
-        "<unnamed>"
-    } else {
-        &obj.metadata.name
-    };
+    let ns = obj.metadata.namespace.as_deref().filter(|ns| !ns.is_empty()).unwrap_or(DEFAULT_NAMESPACE);
+    let name = if obj.metadata.name.is_empty() { "<unnamed>" } else { &obj.metadata.name };
     PolicyRef::new(ns, name)
 }
 
 /// Validates and compiles the object at position `index` of the input.
 pub fn compile(index: usize, mut obj: AuthorizationPolicy) -> Result<Compiled, Vec<PolicyError>> {
     let id = policy_ref(&obj);
-    let mut cx = Cx {
-        index,
-        id,
-        action: Action::Allow,
-        errors: Vec::new(),
-        warnings: Vec::new(),
-    };
-    if obj.api_version != model::HEDDLE_API_VERSION
-        && !model::ISTIO_API_VERSIONS.contains(&obj.api_version.as_str())
-    {
+    let mut cx = Cx { index, id, action: Action::Allow, errors: Vec::new(), warnings: Vec::new() };
+    if obj.api_version != model::HEDDLE_API_VERSION && !model::ISTIO_API_VERSIONS.contains(&obj.api_version.as_str()) {
         cx.error("apiVersion", Problem::ApiVersion(obj.api_version.clone()));
     }
     if obj.kind != model::KIND {
@@ -170,11 +139,7 @@ pub fn compile(index: usize, mut obj: AuthorizationPolicy) -> Result<Compiled, V
             Ok(spec) => spec,
             Err(e) => {
                 let path = e.path().to_string();
-                let field = if path == "." {
-                    "spec".to_owned()
-                } else {
-                    format!("spec.{path}")
-                };
+                let field = if path == "." { "spec".to_owned() } else { format!("spec.{path}") };
                 cx.error(&field, Problem::Schema(e.into_inner()));
                 return Err(cx.errors);
             }
@@ -182,10 +147,7 @@ pub fn compile(index: usize, mut obj: AuthorizationPolicy) -> Result<Compiled, V
     };
     let policy = cx.policy(&obj.metadata, spec);
     if cx.errors.is_empty() {
-        Ok(Compiled {
-            policy,
-            warnings: cx.warnings,
-        })
+        Ok(Compiled { policy, warnings: cx.warnings })
     } else {
         Err(cx.errors)
     }
@@ -206,22 +168,12 @@ struct Cx {
 impl Cx {
     fn error(&mut self, field: &str, problem: Problem) {
         let (index, policy, field) = (self.index, self.id.clone(), field.to_owned());
-        self.errors.push(PolicyError {
-            index,
-            policy,
-            field,
-            problem,
-        });
+        self.errors.push(PolicyError { index, policy, field, problem });
     }
 
     fn warn(&mut self, field: &str, caveat: Caveat) {
         let (index, policy, field) = (self.index, self.id.clone(), field.to_owned());
-        self.warnings.push(PolicyWarning {
-            index,
-            policy,
-            field,
-            caveat,
-        });
+        self.warnings.push(PolicyWarning { index, policy, field, caveat });
     }
 
     fn policy(&mut self, meta: &model::ObjectMeta, spec: Spec) -> Option<CompiledPolicy> {
@@ -232,40 +184,24 @@ impl Cx {
         let dry_run = self.dry_run(&meta.annotations);
         let selector = spec.selector.unwrap_or_default().match_labels;
         for key in selector.keys().filter(|k| k.is_empty()) {
-            self.error(
-                &format!("spec.selector.matchLabels[{key:?}]"),
-                Problem::EmptyString,
-            );
+            self.error(&format!("spec.selector.matchLabels[{key:?}]"), Problem::EmptyString);
         }
-        let rules: Box<[CompiledRule]> = spec
-            .rules
-            .iter()
-            .enumerate()
-            .map(|(i, rule)| self.rule(&format!("spec.rules[{i}]"), rule))
-            .collect();
+        let rules: Box<[CompiledRule]> =
+            spec.rules.iter().enumerate().map(|(i, rule)| self.rule(&format!("spec.rules[{i}]"), rule)).collect();
         if rules.is_empty() && matches!(self.action, Action::Deny | Action::Audit) {
             self.warn("spec.rules", Caveat::NoRules(self.action.as_str()));
         }
         let targeted = spec.target_ref.is_some() || !spec.target_refs.is_empty();
         if targeted {
-            let field = if spec.target_ref.is_some() {
-                "spec.targetRef"
-            } else {
-                "spec.targetRefs"
-            };
+            let field = if spec.target_ref.is_some() { "spec.targetRef" } else { "spec.targetRefs" };
             self.warn(field, Caveat::TargetRef);
         }
         let needs_source_ip = rules.iter().any(|r| {
             r.from.iter().any(|s| !s.ip_blocks.is_empty())
-                || r.when
-                    .iter()
-                    .any(|c| matches!(c, ConditionMatch::SourceIp(_)))
+                || r.when.iter().any(|c| matches!(c, ConditionMatch::SourceIp(_)))
         });
-        let needs_destination_ip = rules.iter().any(|r| {
-            r.when
-                .iter()
-                .any(|c| matches!(c, ConditionMatch::DestinationIp(_)))
-        });
+        let needs_destination_ip =
+            rules.iter().any(|r| r.when.iter().any(|c| matches!(c, ConditionMatch::DestinationIp(_))));
         (!targeted).then(|| CompiledPolicy {
             id: self.id.clone(),
             action: self.action,
@@ -286,10 +222,7 @@ impl Cx {
                 None => {}
                 Some(v) if v.eq_ignore_ascii_case("true") => dry = true,
                 Some(v) if v.eq_ignore_ascii_case("false") => {}
-                Some(v) => self.warn(
-                    &format!("metadata.annotations[{key:?}]"),
-                    Caveat::DryRunValue(v.to_owned()),
-                ),
+                Some(v) => self.warn(&format!("metadata.annotations[{key:?}]"), Caveat::DryRunValue(v.to_owned())),
             }
         }
         dry
@@ -322,21 +255,9 @@ impl Cx {
         let never = !l7.is_empty() && self.action == Action::Allow;
         if !l7.is_empty() {
             let list = l7.join(", ");
-            self.warn(
-                path,
-                if never {
-                    Caveat::L7RuleNeverMatches(list)
-                } else {
-                    Caveat::L7PartsDropped(list)
-                },
-            );
+            self.warn(path, if never { Caveat::L7RuleNeverMatches(list) } else { Caveat::L7PartsDropped(list) });
         }
-        CompiledRule {
-            never,
-            from: from.into(),
-            to: to.into(),
-            when: when.into(),
-        }
+        CompiledRule { never, from: from.into(), to: to.into(), when: when.into() }
     }
 
     fn source(&mut self, path: &str, s: &Source, l7: &mut Vec<String>) -> SourceMatch {
@@ -365,24 +286,14 @@ impl Cx {
                 ("notPrincipals", &s.not_principals),
                 principal,
             ),
-            namespaces: self.field(
-                path,
-                ("namespaces", &s.namespaces),
-                ("notNamespaces", &s.not_namespaces),
-                pattern,
-            ),
+            namespaces: self.field(path, ("namespaces", &s.namespaces), ("notNamespaces", &s.not_namespaces), pattern),
             service_accounts: self.field(
                 path,
                 ("serviceAccounts", &s.service_accounts),
                 ("notServiceAccounts", &s.not_service_accounts),
                 |v| ServiceAccount::parse(v, &policy_ns).map(|sa| (sa, None)),
             ),
-            ip_blocks: self.field(
-                path,
-                ("ipBlocks", &s.ip_blocks),
-                ("notIpBlocks", &s.not_ip_blocks),
-                ip_block,
-            ),
+            ip_blocks: self.field(path, ("ipBlocks", &s.ip_blocks), ("notIpBlocks", &s.not_ip_blocks), ip_block),
         };
         let _: Field<IpNet> = self.field(
             path,
@@ -391,15 +302,8 @@ impl Cx {
             ip_block,
         );
         self.l7(path, ("requestPrincipals", &s.request_principals), l7);
-        self.l7(
-            path,
-            ("notRequestPrincipals", &s.not_request_principals),
-            l7,
-        );
-        for (name, list) in [
-            ("remoteIpBlocks", &s.remote_ip_blocks),
-            ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
-        ] {
+        self.l7(path, ("notRequestPrincipals", &s.not_request_principals), l7);
+        for (name, list) in [("remoteIpBlocks", &s.remote_ip_blocks), ("notRemoteIpBlocks", &s.not_remote_ip_blocks)] {
             if !list.is_empty() {
                 l7.push(name.to_owned());
             }
@@ -421,12 +325,7 @@ impl Cx {
         if all.iter().all(|l| l.is_empty()) {
             self.error(path, Problem::EmptyEntry);
         }
-        let ports = self.field(
-            path,
-            ("ports", &op.ports),
-            ("notPorts", &op.not_ports),
-            port,
-        );
+        let ports = self.field(path, ("ports", &op.ports), ("notPorts", &op.not_ports), port);
         let l7_fields: [Named; 6] = [
             ("hosts", &op.hosts),
             ("notHosts", &op.not_hosts),
@@ -443,12 +342,7 @@ impl Cx {
 
     /// An L4 condition, or `None` for an L7 (or unknown) key, which is
     /// recorded in `l7` and dropped.
-    fn condition(
-        &mut self,
-        path: &str,
-        c: &Condition,
-        l7: &mut Vec<String>,
-    ) -> Option<ConditionMatch> {
+    fn condition(&mut self, path: &str, c: &Condition, l7: &mut Vec<String>) -> Option<ConditionMatch> {
         if c.key.is_empty() {
             self.error(&format!("{path}.key"), Problem::EmptyString);
         }
@@ -458,24 +352,15 @@ impl Cx {
         let (yes, no): (Named, Named) = (("values", &c.values), ("notValues", &c.not_values));
         Some(match c.key.as_str() {
             "source.ip" => ConditionMatch::SourceIp(self.field(path, yes, no, ip_block)),
-            "source.namespace" => {
-                ConditionMatch::SourceNamespace(self.field(path, yes, no, pattern))
-            }
-            "source.principal" => {
-                ConditionMatch::SourcePrincipal(self.field(path, yes, no, principal))
-            }
+            "source.namespace" => ConditionMatch::SourceNamespace(self.field(path, yes, no, pattern)),
+            "source.principal" => ConditionMatch::SourcePrincipal(self.field(path, yes, no, principal)),
             "destination.ip" => ConditionMatch::DestinationIp(self.field(path, yes, no, ip_block)),
             "destination.port" => ConditionMatch::DestinationPort(self.field(path, yes, no, port)),
             "" => return None,
             key => {
                 let _: Field<StrMatch> = self.field(path, yes, no, pattern);
-                let known = L7_WHEN_KEYS.contains(&key)
-                    || L7_WHEN_KEY_PREFIXES.iter().any(|p| key.starts_with(p));
-                l7.push(if known {
-                    format!("when key {key}")
-                } else {
-                    format!("unknown when key {key}")
-                });
+                let known = L7_WHEN_KEYS.contains(&key) || L7_WHEN_KEY_PREFIXES.iter().any(|p| key.starts_with(p));
+                l7.push(if known { format!("when key {key}") } else { format!("unknown when key {key}") });
                 return None;
             }
         })
@@ -516,12 +401,7 @@ impl Cx {
         if values.is_empty() {
             return;
         }
-        for i in values
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_empty())
-            .map(|(i, _)| i)
-        {
+        for i in values.iter().enumerate().filter(|(_, v)| v.is_empty()).map(|(i, _)| i) {
             self.error(&format!("{path}.{name}[{i}]"), Problem::EmptyString);
         }
         l7.push(name.to_owned());
@@ -536,13 +416,7 @@ fn pattern(v: &str) -> Result<(StrMatch, Option<Caveat>), Problem> {
 /// value written with it never matches (kept, as in Istio, but flagged).
 fn principal(v: &str) -> Result<(StrMatch, Option<Caveat>), Problem> {
     let (m, caveat) = StrMatch::parse(v)?;
-    Ok((
-        m,
-        caveat.or_else(|| {
-            v.starts_with("spiffe://")
-                .then(|| Caveat::SpiffePrefix(v.to_owned()))
-        }),
-    ))
+    Ok((m, caveat.or_else(|| v.starts_with("spiffe://").then(|| Caveat::SpiffePrefix(v.to_owned())))))
 }
 
 fn ip_block(v: &str) -> Result<(IpNet, Option<Caveat>), Problem> {

@@ -88,9 +88,7 @@ impl FromStr for PeerIdentity {
         let rest = s.strip_prefix("spiffe://").unwrap_or(s);
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
-                Ok(Self::new(td, ns, sa))
-            }
+            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Ok(Self::new(td, ns, sa)),
             _ => Err(ParsePeerIdentityError(s.to_owned())),
         }
     }
@@ -287,10 +285,7 @@ pub fn authorize(policies: &PolicySet, conn: &Connection<'_>) -> Decision {
     let conn = Connection {
         src: SrcIp(conn.src.0.to_canonical()),
         dst: Destination {
-            addr: OrigDst(SocketAddr::new(
-                conn.dst.addr.0.ip().to_canonical(),
-                conn.dst.addr.0.port(),
-            )),
+            addr: OrigDst(SocketAddr::new(conn.dst.addr.0.ip().to_canonical(), conn.dst.addr.0.port())),
             ..conn.dst
         },
         peer: conn.peer,
@@ -309,25 +304,10 @@ pub fn authorize(policies: &PolicySet, conn: &Connection<'_>) -> Decision {
     let (verdict, reason, policy, rule) = enforced.decide();
     let dry_run = any_dry_run.then(|| {
         let (verdict, reason, policy, rule) = with_dry_run.decide();
-        DryRunDecision {
-            verdict,
-            reason,
-            policy,
-            rule,
-        }
+        DryRunDecision { verdict, reason, policy, rule }
     });
-    let audited = enforced.audit.map(|(p, rule)| RuleRef {
-        policy: p.id.clone(),
-        rule,
-    });
-    Decision {
-        verdict,
-        reason,
-        policy,
-        rule,
-        audited,
-        dry_run,
-    }
+    let audited = enforced.audit.map(|(p, rule)| RuleRef { policy: p.id.clone(), rule });
+    Decision { verdict, reason, policy, rule, audited, dry_run }
 }
 
 /// The lowest-ranked matching policy of each action, and whether any ALLOW
@@ -343,8 +323,7 @@ struct Tally<'p> {
 
 impl<'p> Tally<'p> {
     fn observe(&mut self, p: &'p CompiledPolicy, hit: Option<usize>) {
-        let lower =
-            |best: Option<(&CompiledPolicy, usize)>| best.is_none_or(|(b, _)| p.order < b.order);
+        let lower = |best: Option<(&CompiledPolicy, usize)>| best.is_none_or(|(b, _)| p.order < b.order);
         let slot = match p.action {
             Action::Deny => &mut self.deny,
             Action::Audit => &mut self.audit,
@@ -376,12 +355,7 @@ impl<'p> Tally<'p> {
                 let (p, r) = named(hit);
                 (Verdict::Allow, Reason::AllowedByPolicy, p, r)
             }
-            (Some(first), None) => (
-                Verdict::Deny,
-                Reason::NoAllowPolicyMatched,
-                Some(first.id.clone()),
-                None,
-            ),
+            (Some(first), None) => (Verdict::Deny, Reason::NoAllowPolicyMatched, Some(first.id.clone()), None),
         }
     }
 }
@@ -408,15 +382,9 @@ impl SourceMatch {
     // `DENY notPrincipals: ["*"]` reject plaintext peers.
     fn matches(&self, c: &Connection<'_>) -> bool {
         self.ip_blocks.matches(|net| net.contains(&c.src.0))
-            && self
-                .principals
-                .matches(|m| c.peer.is_some_and(|p| m.matches(p.principal())))
-            && self
-                .namespaces
-                .matches(|m| c.peer.is_some_and(|p| m.matches(p.namespace())))
-            && self
-                .service_accounts
-                .matches(|sa| c.peer.is_some_and(|p| sa.matches(p)))
+            && self.principals.matches(|m| c.peer.is_some_and(|p| m.matches(p.principal())))
+            && self.namespaces.matches(|m| c.peer.is_some_and(|p| m.matches(p.namespace())))
+            && self.service_accounts.matches(|sa| c.peer.is_some_and(|p| sa.matches(p)))
     }
 }
 
@@ -431,12 +399,8 @@ impl ConditionMatch {
     fn matches(&self, c: &Connection<'_>) -> bool {
         match self {
             ConditionMatch::SourceIp(f) => f.matches(|net| net.contains(&c.src.0)),
-            ConditionMatch::SourceNamespace(f) => {
-                f.matches(|m| c.peer.is_some_and(|p| m.matches(p.namespace())))
-            }
-            ConditionMatch::SourcePrincipal(f) => {
-                f.matches(|m| c.peer.is_some_and(|p| m.matches(p.principal())))
-            }
+            ConditionMatch::SourceNamespace(f) => f.matches(|m| c.peer.is_some_and(|p| m.matches(p.namespace()))),
+            ConditionMatch::SourcePrincipal(f) => f.matches(|m| c.peer.is_some_and(|p| m.matches(p.principal()))),
             ConditionMatch::DestinationIp(f) => f.matches(|net| net.contains(&c.dst.addr.0.ip())),
             ConditionMatch::DestinationPort(f) => f.matches(|r| r.contains(c.dst.addr.0.port())),
         }

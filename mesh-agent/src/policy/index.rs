@@ -82,12 +82,7 @@ impl PolicySet {
     /// A set without policies: every connection is allowed.
     #[must_use]
     pub fn empty(root_namespace: &str) -> Self {
-        Self {
-            root_namespace: root_namespace.to_owned(),
-            namespaces: HashMap::new(),
-            warnings: Vec::new(),
-            len: 0,
-        }
+        Self { root_namespace: root_namespace.to_owned(), namespaces: HashMap::new(), warnings: Vec::new(), len: 0 }
     }
 
     /// Validates and indexes `objects`. A bad policy is left out and reported
@@ -105,12 +100,7 @@ impl PolicySet {
             let id = policy_ref(&object);
             if let Some(&first) = first_seen.get(&id) {
                 let problem = Problem::Duplicate(first);
-                errors.push(PolicyError {
-                    index,
-                    policy: id,
-                    field: "metadata.name".into(),
-                    problem,
-                });
+                errors.push(PolicyError { index, policy: id, field: "metadata.name".into(), problem });
                 continue;
             }
             first_seen.insert(id, index);
@@ -132,17 +122,9 @@ impl PolicySet {
         let mut namespaces: HashMap<String, NamespaceIndex> = HashMap::new();
         for (order, mut policy) in compiled.into_iter().enumerate() {
             policy.order = u32::try_from(order).unwrap_or(u32::MAX);
-            namespaces
-                .entry(policy.id.namespace().to_owned())
-                .or_default()
-                .insert(policy);
+            namespaces.entry(policy.id.namespace().to_owned()).or_default().insert(policy);
         }
-        let set = Self {
-            root_namespace: root_namespace.to_owned(),
-            namespaces,
-            warnings,
-            len,
-        };
+        let set = Self { root_namespace: root_namespace.to_owned(), namespaces, warnings, len };
         (set, errors)
     }
 
@@ -175,30 +157,17 @@ impl PolicySet {
     /// namespace and name).
     #[must_use]
     pub fn summaries(&self) -> Vec<PolicySummary> {
-        let mut all: Vec<&CompiledPolicy> = self
-            .namespaces
-            .values()
-            .flat_map(|ns| ns.policies.iter())
-            .collect();
+        let mut all: Vec<&CompiledPolicy> = self.namespaces.values().flat_map(|ns| ns.policies.iter()).collect();
         all.sort_by_key(|p| p.order);
         all.into_iter()
-            .map(|p| PolicySummary {
-                policy: p.id.clone(),
-                action: p.action,
-                rules: p.rules.len(),
-                dry_run: p.dry_run,
-            })
+            .map(|p| PolicySummary { policy: p.id.clone(), action: p.action, rules: p.rules.len(), dry_run: p.dry_run })
             .collect()
     }
 
     /// The policies that apply to a workload in `namespace` with `labels`,
     /// in rank order.
     #[must_use]
-    pub fn applicable(
-        &self,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Vec<AppliedPolicy> {
+    pub fn applicable(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Vec<AppliedPolicy> {
         let mut found: Vec<&CompiledPolicy> = Vec::new();
         self.for_each_applicable(namespace, labels, |p| found.push(p));
         found.sort_by_key(|p| p.order);
@@ -238,22 +207,12 @@ impl NamespaceIndex {
         let at = self.policies.len();
         match policy.selector.first() {
             None => self.unselective.push(at),
-            Some((k, v)) => self
-                .by_label
-                .entry(k.clone())
-                .or_default()
-                .entry(v.clone())
-                .or_default()
-                .push(at),
+            Some((k, v)) => self.by_label.entry(k.clone()).or_default().entry(v.clone()).or_default().push(at),
         }
         self.policies.push(policy);
     }
 
-    fn visit<'p>(
-        &'p self,
-        labels: &BTreeMap<String, String>,
-        f: &mut impl FnMut(&'p CompiledPolicy),
-    ) {
+    fn visit<'p>(&'p self, labels: &BTreeMap<String, String>, f: &mut impl FnMut(&'p CompiledPolicy)) {
         for &at in &self.unselective {
             f(&self.policies[at]);
         }
@@ -261,11 +220,7 @@ impl NamespaceIndex {
             return;
         }
         for (key, value) in labels {
-            let Some(filed) = self
-                .by_label
-                .get(key.as_str())
-                .and_then(|values| values.get(value.as_str()))
-            else {
+            let Some(filed) = self.by_label.get(key.as_str()).and_then(|values| values.get(value.as_str())) else {
                 continue;
             };
             for &at in filed {

@@ -107,10 +107,7 @@ pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Loaded {
         if path.is_dir() {
             match policy_files(path) {
                 Ok(files) => files.iter().for_each(|f| load_file(f, &mut loaded)),
-                Err(source) => loaded.errors.push(LoadError::Read {
-                    path: path.to_owned(),
-                    source,
-                }),
+                Err(source) => loaded.errors.push(LoadError::Read { path: path.to_owned(), source }),
             }
         } else {
             load_file(path, &mut loaded);
@@ -125,10 +122,7 @@ pub fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or_default();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
         if path.is_file() && matches!(ext, "yaml" | "yml" | "json") {
             files.push(path);
         }
@@ -140,10 +134,7 @@ pub fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 fn load_file(path: &Path, loaded: &mut Loaded) {
     match fs::read_to_string(path) {
         Ok(text) => parse_documents(&text, path, loaded),
-        Err(source) => loaded.errors.push(LoadError::Read {
-            path: path.to_owned(),
-            source,
-        }),
+        Err(source) => loaded.errors.push(LoadError::Read { path: path.to_owned(), source }),
     }
 }
 
@@ -153,21 +144,13 @@ pub fn parse_documents(text: &str, path: &Path, loaded: &mut Loaded) {
         let document = i + 1;
         match serde_json::Value::deserialize(doc) {
             Ok(value) => {
-                let origin = Origin {
-                    path: path.to_owned(),
-                    document,
-                    item: None,
-                };
+                let origin = Origin { path: path.to_owned(), document, item: None };
                 add_value(value, origin, loaded);
             }
             Err(source) => {
                 // The YAML parser cannot resynchronise after a syntax error
                 // (and its iterator would repeat the error): stop here.
-                loaded.errors.push(LoadError::Yaml {
-                    path: path.to_owned(),
-                    document,
-                    source,
-                });
+                loaded.errors.push(LoadError::Yaml { path: path.to_owned(), document, source });
                 return;
             }
         }
@@ -175,26 +158,14 @@ pub fn parse_documents(text: &str, path: &Path, loaded: &mut Loaded) {
 }
 
 fn add_value(value: serde_json::Value, origin: Origin, loaded: &mut Loaded) {
-    let kind = value
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
     if value.is_null() {
         // An empty document (`---` at the end of a file, a comment only).
     } else if kind == KIND {
-        let name = value
-            .pointer("/metadata/name")
-            .and_then(|n| n.as_str())
-            .unwrap_or("<unnamed>")
-            .to_owned();
+        let name = value.pointer("/metadata/name").and_then(|n| n.as_str()).unwrap_or("<unnamed>").to_owned();
         match serde_json::from_value::<AuthorizationPolicy>(value) {
             Ok(object) => loaded.objects.push((origin, object)),
-            Err(source) => loaded.errors.push(LoadError::Object {
-                origin,
-                name,
-                source,
-            }),
+            Err(source) => loaded.errors.push(LoadError::Object { origin, name, source }),
         }
     } else if (kind == "List" || kind.ends_with("List")) && origin.item.is_none() {
         let items = match value {
@@ -206,14 +177,7 @@ fn add_value(value: serde_json::Value, origin: Origin, loaded: &mut Loaded) {
             _ => Vec::new(),
         };
         for (i, item) in items.into_iter().enumerate() {
-            add_value(
-                item,
-                Origin {
-                    item: Some(i),
-                    ..origin.clone()
-                },
-                loaded,
-            );
+            add_value(item, Origin { item: Some(i), ..origin.clone() }, loaded);
         }
     } else {
         loaded.skipped.push(Skipped { origin, kind });
@@ -237,11 +201,7 @@ mod tests {
              apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n---\n\
              apiVersion: heddle.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: x}\nspec: {}\n---\n",
         );
-        let names: Vec<_> = loaded
-            .objects
-            .iter()
-            .map(|(_, o)| o.metadata.name.as_str())
-            .collect();
+        let names: Vec<_> = loaded.objects.iter().map(|(_, o)| o.metadata.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(loaded.objects[1].0.document, 3);
         assert_eq!(loaded.skipped.len(), 1);
@@ -262,25 +222,16 @@ mod tests {
 
     #[test]
     fn stops_at_a_yaml_syntax_error_and_reports_it() {
-        let loaded =
-            parse("kind: AuthorizationPolicy\nmetadata: {name: a}\n---\nspec: [\n---\nkind: x\n");
+        let loaded = parse("kind: AuthorizationPolicy\nmetadata: {name: a}\n---\nspec: [\n---\nkind: x\n");
         assert_eq!(loaded.objects.len(), 1);
         assert_eq!(loaded.errors.len(), 1);
-        assert!(
-            matches!(loaded.errors[0], LoadError::Yaml { document: 2, .. }),
-            "{:?}",
-            loaded.errors
-        );
+        assert!(matches!(loaded.errors[0], LoadError::Yaml { document: 2, .. }), "{:?}", loaded.errors);
     }
 
     #[test]
     fn a_malformed_envelope_is_an_error_naming_the_policy() {
-        let loaded =
-            parse("kind: AuthorizationPolicy\nmetadata: {name: a, annotations: {x: [1]}}\n");
+        let loaded = parse("kind: AuthorizationPolicy\nmetadata: {name: a, annotations: {x: [1]}}\n");
         let msg = loaded.errors[0].to_string();
-        assert!(
-            msg.contains("policy a") && msg.contains("document 1"),
-            "{msg}"
-        );
+        assert!(msg.contains("policy a") && msg.contains("document 1"), "{msg}");
     }
 }

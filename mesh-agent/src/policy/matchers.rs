@@ -22,10 +22,7 @@ pub struct Field<T> {
 
 impl<T> Default for Field<T> {
     fn default() -> Self {
-        Self {
-            any_of: Box::new([]),
-            none_of: Box::new([]),
-        }
+        Self { any_of: Box::new([]), none_of: Box::new([]) }
     }
 }
 
@@ -33,10 +30,7 @@ impl<T> Field<T> {
     /// A field with positive values `any_of` and negative values `none_of`.
     #[must_use]
     pub fn new(any_of: Vec<T>, none_of: Vec<T>) -> Self {
-        Self {
-            any_of: any_of.into(),
-            none_of: none_of.into(),
-        }
+        Self { any_of: any_of.into(), none_of: none_of.into() }
     }
 
     /// Whether neither list has an entry (the field constrains nothing).
@@ -50,8 +44,7 @@ impl<T> Field<T> {
     /// attribute the connection lacks (no peer identity) is a `hit` for no
     /// value: the positive list fails and the negative list passes.
     pub fn matches(&self, mut hit: impl FnMut(&T) -> bool) -> bool {
-        (self.any_of.is_empty() || self.any_of.iter().any(&mut hit))
-            && !self.none_of.iter().any(hit)
+        (self.any_of.is_empty() || self.any_of.iter().any(&mut hit)) && !self.none_of.iter().any(hit)
     }
 }
 
@@ -120,10 +113,7 @@ impl ServiceAccount {
         let (ns, sa) = value.split_once('/').unwrap_or((policy_namespace, value));
         let ok = |s: &str| !s.is_empty() && !s.contains(['/', '*']);
         if ok(ns) && ok(sa) {
-            Ok(Self {
-                namespace: ns.into(),
-                name: sa.into(),
-            })
+            Ok(Self { namespace: ns.into(), name: sa.into() })
         } else {
             Err(Problem::ServiceAccount(value.to_owned()))
         }
@@ -146,10 +136,7 @@ pub fn parse_ip_block(value: &str) -> Result<IpNet, Problem> {
         Ok(net) => Ok(net.trunc()),
         Err(source) => match value.parse::<IpAddr>() {
             Ok(addr) => Ok(IpNet::from(addr)),
-            Err(_) => Err(Problem::IpBlock {
-                value: value.to_owned(),
-                source,
-            }),
+            Err(_) => Err(Problem::IpBlock { value: value.to_owned(), source }),
         },
     }
 }
@@ -215,22 +202,8 @@ mod tests {
         let r = PortRange::parse("8000-8100").unwrap();
         assert!(r.contains(8000) && r.contains(8100) && !r.contains(8101));
         assert!(PortRange::parse("65535").unwrap().contains(65535));
-        for bad in [
-            "0",
-            "65536",
-            "-1",
-            "+80",
-            " 80",
-            "80-",
-            "-80",
-            "9000-8000",
-            "http",
-            "1-2-3",
-        ] {
-            assert!(
-                matches!(PortRange::parse(bad), Err(Problem::Port(_))),
-                "{bad}"
-            );
+        for bad in ["0", "65536", "-1", "+80", " 80", "80-", "-80", "9000-8000", "http", "1-2-3"] {
+            assert!(matches!(PortRange::parse(bad), Err(Problem::Port(_))), "{bad}");
         }
         assert!(matches!(PortRange::parse(""), Err(Problem::EmptyString)));
     }
@@ -239,17 +212,10 @@ mod tests {
     fn ip_blocks_take_cidrs_and_single_addresses_of_both_families() {
         let net = parse_ip_block("10.1.2.3/8").unwrap();
         assert_eq!(net.to_string(), "10.0.0.0/8");
-        assert!(parse_ip_block("10.1.2.3")
-            .unwrap()
-            .contains(&"10.1.2.3".parse::<IpAddr>().unwrap()));
-        assert!(parse_ip_block("2001:db8::/32")
-            .unwrap()
-            .contains(&"2001:db8::1".parse::<IpAddr>().unwrap()));
+        assert!(parse_ip_block("10.1.2.3").unwrap().contains(&"10.1.2.3".parse::<IpAddr>().unwrap()));
+        assert!(parse_ip_block("2001:db8::/32").unwrap().contains(&"2001:db8::1".parse::<IpAddr>().unwrap()));
         for bad in ["10.0.0.0/33", "10.0.0", "host.example", "::g"] {
-            assert!(
-                matches!(parse_ip_block(bad), Err(Problem::IpBlock { .. })),
-                "{bad}"
-            );
+            assert!(matches!(parse_ip_block(bad), Err(Problem::IpBlock { .. })), "{bad}");
         }
     }
 
@@ -257,12 +223,8 @@ mod tests {
     fn service_accounts_default_to_the_policy_namespace() {
         let peer = PeerIdentity::new("cluster.local", "demo", "web");
         assert!(ServiceAccount::parse("web", "demo").unwrap().matches(&peer));
-        assert!(ServiceAccount::parse("demo/web", "other")
-            .unwrap()
-            .matches(&peer));
-        assert!(!ServiceAccount::parse("web", "other")
-            .unwrap()
-            .matches(&peer));
+        assert!(ServiceAccount::parse("demo/web", "other").unwrap().matches(&peer));
+        assert!(!ServiceAccount::parse("web", "other").unwrap().matches(&peer));
         for bad in ["a/b/c", "/web", "demo/", "*", "demo/*"] {
             assert!(ServiceAccount::parse(bad, "demo").is_err(), "{bad}");
         }

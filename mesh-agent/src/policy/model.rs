@@ -67,11 +67,7 @@ pub struct Spec {
     #[schemars(schema_with = "crate::k8s::crd::schema::preserve_unknown_object")]
     pub target_ref: Option<serde_json::Value>,
     /// Attaches the policy to gateways/waypoints instead (not enforced at L4).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::k8s::crd::schema::preserve_unknown_object_list")]
     pub target_refs: Vec<serde_json::Value>,
     /// ALLOW (the default), DENY, AUDIT; CUSTOM is rejected.
@@ -82,11 +78,7 @@ pub struct Spec {
     #[schemars(schema_with = "crate::k8s::crd::schema::preserve_unknown_object")]
     pub provider: Option<serde_json::Value>,
     /// Rules; one matching is enough. Absent: the policy matches nothing.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
 }
 
@@ -95,11 +87,7 @@ pub struct Spec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     /// Labels a workload must all carry.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "BTreeMap::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "BTreeMap::is_empty")]
     pub match_labels: BTreeMap<String, String>,
 }
 
@@ -136,25 +124,13 @@ impl Action {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     /// Sources, one matching is enough; empty means any source.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub from: Vec<From>,
     /// Operations, one matching is enough; empty means any operation.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<To>,
     /// Conditions, all must match.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub when: Vec<Condition>,
 }
 
@@ -182,88 +158,40 @@ pub struct To {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     /// Peer SPIFFE IDs without `spiffe://` (`cluster.local/ns/foo/sa/bar`).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub principals: Vec<String>,
     /// Negative twin of `principals`.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub not_principals: Vec<String>,
     /// JWT principals (L7).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub request_principals: Vec<String>,
     /// Negative twin of `requestPrincipals` (L7).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub not_request_principals: Vec<String>,
     /// Peer namespaces, from the authenticated identity.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
     /// Negative twin of `namespaces`.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<String>,
     /// Peer service accounts, `ns/sa` or `sa` (in the policy's namespace).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<String>,
     /// Negative twin of `serviceAccounts`.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub not_service_accounts: Vec<String>,
     /// Source IP address blocks.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub ip_blocks: Vec<String>,
     /// Negative twin of `ipBlocks`.
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub not_ip_blocks: Vec<String>,
     /// Client IPs from `X-Forwarded-For` (L7).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub remote_ip_blocks: Vec<String>,
     /// Negative twin of `remoteIpBlocks` (L7).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub not_remote_ip_blocks: Vec<String>,
 }
 
@@ -272,62 +200,30 @@ pub struct Source {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     /// HTTP hosts (L7).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
     /// Negative twin of `hosts` (L7).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub not_hosts: Vec<String>,
     /// Destination ports or ranges (`"8000-8100"`, a Heddle extension).
-    #[serde(
-        default,
-        deserialize_with = "strings_or_numbers",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "strings_or_numbers", skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::k8s::crd::schema::int_or_string_list")]
     pub ports: Vec<String>,
     /// Negative twin of `ports`.
-    #[serde(
-        default,
-        deserialize_with = "strings_or_numbers",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "strings_or_numbers", skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::k8s::crd::schema::int_or_string_list")]
     pub not_ports: Vec<String>,
     /// HTTP methods (L7).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
     /// Negative twin of `methods` (L7).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub not_methods: Vec<String>,
     /// HTTP paths (L7).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
     /// Negative twin of `paths` (L7).
-    #[serde(
-        default,
-        deserialize_with = "null_default",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "null_default", skip_serializing_if = "Vec::is_empty")]
     pub not_paths: Vec<String>,
 }
 
@@ -338,19 +234,11 @@ pub struct Condition {
     /// The attribute (`source.ip`, `destination.port`, ...).
     pub key: String,
     /// Accepted values.
-    #[serde(
-        default,
-        deserialize_with = "strings_or_numbers",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "strings_or_numbers", skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::k8s::crd::schema::int_or_string_list")]
     pub values: Vec<String>,
     /// Rejected values.
-    #[serde(
-        default,
-        deserialize_with = "strings_or_numbers",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, deserialize_with = "strings_or_numbers", skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::k8s::crd::schema::int_or_string_list")]
     pub not_values: Vec<String>,
 }

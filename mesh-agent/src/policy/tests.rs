@@ -10,9 +10,7 @@ mod validation;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
-use super::{
-    authorize, load, Connection, Destination, OrigDst, PeerIdentity, PolicyError, PolicySet, SrcIp,
-};
+use super::{authorize, load, Connection, Destination, OrigDst, PeerIdentity, PolicyError, PolicySet, SrcIp};
 
 const ROOT: &str = super::DEFAULT_ROOT_NAMESPACE;
 const CURL: &str = "cluster.local/ns/client/sa/curl";
@@ -28,15 +26,7 @@ fn build(yaml: &str) -> (PolicySet, Vec<PolicyError>) {
 /// Builds a set that must be free of errors.
 fn set(yaml: &str) -> PolicySet {
     let (set, errors) = build(yaml);
-    assert!(
-        errors.is_empty(),
-        "{}",
-        errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    assert!(errors.is_empty(), "{}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
     set
 }
 
@@ -104,18 +94,10 @@ impl Conn {
 
     /// The decision line for this connection under `policies`.
     fn decide(&self, policies: &PolicySet) -> String {
-        let labels: BTreeMap<String, String> = self
-            .labels
-            .iter()
-            .map(|(k, v)| ((*k).into(), (*v).into()))
-            .collect();
+        let labels: BTreeMap<String, String> = self.labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
         let peer: Option<PeerIdentity> = self.peer.map(|p| p.parse().unwrap());
         let conn = Connection {
-            dst: Destination {
-                namespace: self.ns,
-                labels: &labels,
-                addr: OrigDst(self.dst),
-            },
+            dst: Destination { namespace: self.ns, labels: &labels, addr: OrigDst(self.dst) },
             src: SrcIp(self.src.parse().unwrap()),
             peer: peer.as_ref(),
         };
@@ -367,11 +349,7 @@ fn decisions_serialise_to_the_documented_json() {
     let set = set(&(deny_rule("{}") + &policy("demo/audit", "{action: AUDIT, rules: [{}]}")));
     let labels = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
     let conn = Connection {
-        dst: Destination {
-            namespace: "demo",
-            labels: &labels,
-            addr: OrigDst("10.0.0.2:80".parse().unwrap()),
-        },
+        dst: Destination { namespace: "demo", labels: &labels, addr: OrigDst("10.0.0.2:80".parse().unwrap()) },
         src: SrcIp("10.1.0.5".parse().unwrap()),
         peer: None,
     };
@@ -389,27 +367,18 @@ fn decisions_serialise_to_the_documented_json() {
 fn thousands_of_policies_elsewhere_do_not_change_the_decision() {
     let mut yaml = String::new();
     for i in 0..2000 {
-        yaml += &policy(
-            &format!("ns{}/deny-{i}", i % 50),
-            "{action: DENY, rules: [{}]}",
-        );
+        yaml += &policy(&format!("ns{}/deny-{i}", i % 50), "{action: DENY, rules: [{}]}");
         yaml += &policy(
             &format!("demo/deny-app-{i}"),
             &format!("{{action: DENY, selector: {{matchLabels: {{app: app{i}}}}}, rules: [{{}}]}}"),
         );
     }
-    yaml += &deny_rule(&format!(
-        "{{from: [{{source: {{principals: ['{CURL}']}}}}]}}"
-    ));
+    yaml += &deny_rule(&format!("{{from: [{{source: {{principals: ['{CURL}']}}}}]}}"));
     let set = set(&yaml);
     assert_eq!(set.len(), 4001);
     assert_eq!(web().decide(&set), denied("demo/d", 0));
     assert_eq!(web().peer("td/ns/a/sa/b").decide(&set), DEFAULT_ALLOW);
-    assert_eq!(
-        set.applicable("demo", &BTreeMap::from([("app".into(), "app7".into())]))
-            .len(),
-        2
-    );
+    assert_eq!(set.applicable("demo", &BTreeMap::from([("app".into(), "app7".into())])).len(), 2);
 }
 
 #[test]
@@ -417,17 +386,8 @@ fn peer_identities_parse_with_or_without_the_spiffe_scheme() {
     let a: PeerIdentity = CURL.parse().unwrap();
     let b: PeerIdentity = format!("spiffe://{CURL}").parse().unwrap();
     assert_eq!(a, b);
-    assert_eq!(
-        (a.trust_domain(), a.namespace(), a.service_account()),
-        ("cluster.local", "client", "curl")
-    );
-    for bad in [
-        "",
-        "cluster.local/ns/x",
-        "td/ns//sa/y",
-        "td/namespace/x/sa/y",
-        "td/ns/x/sa/y/z",
-    ] {
+    assert_eq!((a.trust_domain(), a.namespace(), a.service_account()), ("cluster.local", "client", "curl"));
+    for bad in ["", "cluster.local/ns/x", "td/ns//sa/y", "td/namespace/x/sa/y", "td/ns/x/sa/y/z"] {
         assert!(bad.parse::<PeerIdentity>().is_err(), "{bad}");
     }
 }

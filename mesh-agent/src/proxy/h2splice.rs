@@ -46,21 +46,13 @@ pub struct H2Stream {
 pub async fn splice(tcp: TcpStream, stream: H2Stream) -> Spliced {
     match splice_until(tcp, stream, std::future::pending::<()>()).await {
         Ok(done) => done,
-        Err(stopped) => Spliced {
-            from_tcp: stopped.from_tcp,
-            to_tcp: stopped.to_tcp,
-            error: None,
-        },
+        Err(stopped) => Spliced { from_tcp: stopped.from_tcp, to_tcp: stopped.to_tcp, error: None },
     }
 }
 
 /// [`splice`], unless `stop` completes first: then both sides are reset and
 /// the bytes copied so far are returned.
-pub async fn splice_until(
-    tcp: TcpStream,
-    stream: H2Stream,
-    stop: impl Future,
-) -> Result<Spliced, Stopped> {
+pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -> Result<Spliced, Stopped> {
     let H2Stream { mut send, mut recv } = stream;
     let (mut rd, mut wr) = tcp.into_split();
     // Atomics only because the future must be `Send`; one task touches them.
@@ -87,10 +79,7 @@ pub async fn splice_until(
                         Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => return Ok(()),
                         Some(Err(e)) => return Err(h2_io(e)),
                         None => {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::BrokenPipe,
-                                "tunnel stream closed",
-                            ))
+                            return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "tunnel stream closed"))
                         }
                     };
                     let chunk = data.split_to(cap.min(data.len()));
@@ -143,30 +132,18 @@ pub async fn splice_until(
         return Err(Stopped { from_tcp, to_tcp });
     }
     let unfinished = || std::io::Error::other("other direction failed");
-    match (
-        up.unwrap_or_else(|| Err(unfinished())),
-        down.unwrap_or_else(|| Err(unfinished())),
-    ) {
-        (Ok(()), Ok(())) => Ok(Spliced {
-            from_tcp,
-            to_tcp,
-            error: None,
-        }),
+    match (up.unwrap_or_else(|| Err(unfinished())), down.unwrap_or_else(|| Err(unfinished()))) {
+        (Ok(()), Ok(())) => Ok(Spliced { from_tcp, to_tcp, error: None }),
         (up, down) => {
             abort(&mut send, rd, wr);
-            Ok(Spliced {
-                from_tcp,
-                to_tcp,
-                error: up.err().or_else(|| down.err()),
-            })
+            Ok(Spliced { from_tcp, to_tcp, error: up.err().or_else(|| down.err()) })
         }
     }
 }
 
 fn h2_io(e: h2::Error) -> std::io::Error {
     if e.is_io() {
-        e.into_io()
-            .unwrap_or_else(|| std::io::Error::other("h2 I/O error"))
+        e.into_io().unwrap_or_else(|| std::io::Error::other("h2 I/O error"))
     } else {
         std::io::Error::other(e)
     }

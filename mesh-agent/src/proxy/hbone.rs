@@ -154,12 +154,7 @@ impl Mesh {
     /// A mesh with no tunnels open yet.
     #[must_use]
     pub fn new(certs: Arc<CertManager>, trust: Arc<TrustBundle>) -> Self {
-        Self {
-            certs,
-            trust,
-            pool: Mutex::new(HashMap::new()),
-            client_configs: Mutex::new(HashMap::new()),
-        }
+        Self { certs, trust, pool: Mutex::new(HashMap::new()), client_configs: Mutex::new(HashMap::new()) }
     }
 
     /// Opens a tunnelled stream from `pod` (identity `src`) to `dst`, which
@@ -188,89 +183,48 @@ impl Mesh {
     ) -> Result<Tunnelled, TunnelError> {
         let (dst, dst_id) = (target, via_id);
         let cert = self.certs.get(src, CERT_WAIT).await?;
-        let key = PoolKey {
-            src: src.clone(),
-            dst_ip: via,
-            dst_id: dst_id.clone(),
-        };
+        let key = PoolKey { src: src.clone(), dst_ip: via, dst_id: dst_id.clone() };
         let uri = Uri::builder()
             .authority(dst.to_string())
             .build()
-            .map_err(|e| TunnelError::Refused {
-                status: StatusCode::BAD_REQUEST,
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| TunnelError::Refused { status: StatusCode::BAD_REQUEST, reason: e.to_string() })?;
         // A pooled connection may have just died: retry once on a new one.
         let mut fresh = false;
         loop {
             let opened = self.sender(pod, &key, cert.generation, fresh).await?;
             match Self::request(opened.sender, &uri).await {
-                Err(TunnelError::Http(e))
-                    if !fresh && (e.is_go_away() || e.is_io() || e.reason().is_none()) =>
-                {
+                Err(TunnelError::Http(e)) if !fresh && (e.is_go_away() || e.is_io() || e.reason().is_none()) => {
                     tracing::debug!(error = %e, "pooled tunnel connection failed; retrying on a new one");
                     fresh = true;
                 }
                 other => {
-                    return other.map(|stream| Tunnelled {
-                        stream,
-                        probe: opened.probe,
-                        handshake: opened.handshake,
-                    })
+                    return other.map(|stream| Tunnelled { stream, probe: opened.probe, handshake: opened.handshake })
                 }
             }
         }
     }
 
-    async fn request(
-        sender: h2::client::SendRequest<Bytes>,
-        uri: &Uri,
-    ) -> Result<H2Stream, TunnelError> {
+    async fn request(sender: h2::client::SendRequest<Bytes>, uri: &Uri) -> Result<H2Stream, TunnelError> {
         let mut sender = sender.ready().await?;
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(uri.clone())
-            .body(())
-            .expect("static request");
+        let req = Request::builder().method(Method::CONNECT).uri(uri.clone()).body(()).expect("static request");
         let (response, send) = sender.send_request(req, false)?;
         let resp = response.await?;
         if resp.status() != StatusCode::OK {
-            let reason = resp
-                .headers()
-                .get(REASON_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
-            return Err(TunnelError::Refused {
-                status: resp.status(),
-                reason,
-            });
+            let reason = resp.headers().get(REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            return Err(TunnelError::Refused { status: resp.status(), reason });
         }
-        Ok(H2Stream {
-            send,
-            recv: resp.into_body(),
-        })
+        Ok(H2Stream { send, recv: resp.into_body() })
     }
 
     /// A sender for `key`: a pooled connection made with the current
     /// certificate generation (unless `fresh`), else a new connection.
-    async fn sender(
-        &self,
-        pod: &Pod,
-        key: &PoolKey,
-        generation: u64,
-        fresh: bool,
-    ) -> Result<Opened, TunnelError> {
+    async fn sender(&self, pod: &Pod, key: &PoolKey, generation: u64, fresh: bool) -> Result<Opened, TunnelError> {
         if !fresh {
             let mut pool = self.pool.lock().expect("pool lock");
             if let Some(conns) = pool.get_mut(key) {
                 conns.retain(|c| !c.closed.load(Ordering::Acquire) && c.generation >= generation);
                 if let Some(c) = conns.first() {
-                    return Ok(Opened {
-                        sender: c.sender.clone(),
-                        probe: c.probe.clone(),
-                        handshake: None,
-                    });
+                    return Ok(Opened { sender: c.sender.clone(), probe: c.probe.clone(), handshake: None });
                 }
             }
         }
@@ -278,17 +232,12 @@ impl Mesh {
         let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.open(pod, key, closed.clone()))
             .await
             .map_err(|_| TunnelError::Timeout)??;
-        self.pool
-            .lock()
-            .expect("pool lock")
-            .entry(key.clone())
-            .or_default()
-            .push(Pooled {
-                sender: opened.sender.clone(),
-                probe: opened.probe.clone(),
-                generation,
-                closed,
-            });
+        self.pool.lock().expect("pool lock").entry(key.clone()).or_default().push(Pooled {
+            sender: opened.sender.clone(),
+            probe: opened.probe.clone(),
+            generation,
+            closed,
+        });
         Ok(opened)
     }
 
@@ -302,25 +251,14 @@ impl Mesh {
         Ok(c)
     }
 
-    async fn open(
-        &self,
-        pod: &Pod,
-        key: &PoolKey,
-        closed: Arc<AtomicBool>,
-    ) -> Result<Opened, TunnelError> {
+    async fn open(&self, pod: &Pod, key: &PoolKey, closed: Arc<AtomicBool>) -> Result<Opened, TunnelError> {
         let addr = SocketAddr::new(key.dst_ip, PORT_TUNNEL);
         let tcp = sockets::connect_in(&pod.netns, addr).await?;
         let probe = TcpProbe::of(&tcp).map(Arc::new);
         let connector = tokio_rustls::TlsConnector::from(self.client_config(&key.src)?);
         let name = ServerName::IpAddress(key.dst_ip.into());
         let started = Instant::now();
-        let tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| TunnelError::Tls {
-                addr,
-                message: e.to_string(),
-            })?;
+        let tls = connector.connect(name, tcp).await.map_err(|e| TunnelError::Tls { addr, message: e.to_string() })?;
         let handshake = started.elapsed();
         tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&key.dst_id))
             .map_err(|source| TunnelError::Identity { addr, source })?;
@@ -342,11 +280,7 @@ impl Mesh {
             }
         });
         tracing::debug!(src = %key.src, dst = %addr, "tunnel connection opened");
-        Ok(Opened {
-            sender,
-            probe,
-            handshake: Some(handshake),
-        })
+        Ok(Opened { sender, probe, handshake: Some(handshake) })
     }
 
     /// Number of pooled tunnel connections.
@@ -356,11 +290,7 @@ impl Mesh {
             .lock()
             .expect("pool lock")
             .values()
-            .map(|v| {
-                v.iter()
-                    .filter(|c| !c.closed.load(Ordering::Acquire))
-                    .count()
-            })
+            .map(|v| v.iter().filter(|c| !c.closed.load(Ordering::Acquire)).count())
             .sum()
     }
 }

@@ -30,22 +30,11 @@ use crate::{
 };
 
 /// Accepts on the pod's inbound listener until `stop` fires.
-pub async fn run(
-    listener: TcpListener,
-    pod: Arc<Pod>,
-    ctx: Arc<ProxyContext>,
-    stop: CancellationToken,
-) {
-    accept_loop(
-        listener,
-        stop,
-        "inbound",
-        &pod.id.clone(),
-        move |stream, peer| {
-            let (pod, ctx) = (pod.clone(), ctx.clone());
-            ctx.tracker.clone().spawn(handle(stream, peer, pod, ctx))
-        },
-    )
+pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, stop: CancellationToken) {
+    accept_loop(listener, stop, "inbound", &pod.id.clone(), move |stream, peer| {
+        let (pod, ctx) = (pod.clone(), ctx.clone());
+        ctx.tracker.clone().spawn(handle(stream, peer, pod, ctx))
+    })
     .await;
 }
 
@@ -57,21 +46,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     info.orig_dst = orig;
     info.dst = orig;
     let Some(orig) = orig else {
-        ctx.flows
-            .failed(conn, &info, "accepted socket has no local address".into());
+        ctx.flows.failed(conn, &info, "accepted socket has no local address".into());
         reset(client);
         return;
     };
-    let (strict, kubelet_probe) = ctx.registry.borrow().workload(&pod.id).map_or(
-        (false, false),
-        |w| {
-            let from_node = w.host_ips.contains(&peer.ip());
-            (
-                w.inbound_mode == InboundMode::Strict,
-                from_node && w.probe_ports.contains(&orig.port()),
-            )
-        },
-    );
+    let (strict, kubelet_probe) = ctx.registry.borrow().workload(&pod.id).map_or((false, false), |w| {
+        let from_node = w.host_ips.contains(&peer.ip());
+        (w.inbound_mode == InboundMode::Strict, from_node && w.probe_ports.contains(&orig.port()))
+    });
     // The kubelet probes pods from the node's own IP, in plaintext: a
     // connection from there to a port the pod's probes use skips STRICT and
     // policy (as Istio ambient exempts probes), or every probed pod would
@@ -82,11 +64,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         None
     } else if strict {
         tracing::info!(pod = %pod.id, %peer, "plaintext connection refused: inbound mode STRICT");
-        ctx.flows.failed(
-            conn,
-            &info,
-            "refused: inbound mode STRICT accepts only mesh mTLS".into(),
-        );
+        ctx.flows.failed(conn, &info, "refused: inbound mode STRICT accepts only mesh mTLS".into());
         reset(client);
         return;
     } else {
@@ -121,24 +99,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         }
     };
     let (bytes, error) = match splice_until(client, upstream, revoked).await {
-        Ok(done) => (
-            (done.from_tcp, done.to_tcp),
-            done.error.map(|e| e.to_string()),
-        ),
+        Ok(done) => ((done.from_tcp, done.to_tcp), done.error.map(|e| e.to_string())),
         Err(stopped) => {
-            let denial = live
-                .as_ref()
-                .and_then(|l| l.denial())
-                .expect("a stopped splice was revoked");
+            let denial = live.as_ref().and_then(|l| l.denial()).expect("a stopped splice was revoked");
             info.policy = denial.closing_mark();
-            (
-                (stopped.from_tcp, stopped.to_tcp),
-                Some(format!("closed by policy change: {denial}")),
-            )
+            ((stopped.from_tcp, stopped.to_tcp), Some(format!("closed by policy change: {denial}")))
         }
     };
     info.tcp = health.as_ref().map(FlowHealth::now).unwrap_or_default();
     drop((health, probe));
-    ctx.flows
-        .closed(conn, &info, bytes, started.elapsed(), error);
+    ctx.flows.closed(conn, &info, bytes, started.elapsed(), error);
 }

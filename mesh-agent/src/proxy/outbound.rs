@@ -30,22 +30,11 @@ use crate::{
 };
 
 /// Accepts on the pod's outbound listener until `stop` fires.
-pub async fn run(
-    listener: TcpListener,
-    pod: Arc<Pod>,
-    ctx: Arc<ProxyContext>,
-    stop: CancellationToken,
-) {
-    accept_loop(
-        listener,
-        stop,
-        "outbound",
-        &pod.id.clone(),
-        move |stream, peer| {
-            let (pod, ctx) = (pod.clone(), ctx.clone());
-            ctx.tracker.clone().spawn(handle(stream, peer, pod, ctx))
-        },
-    )
+pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, stop: CancellationToken) {
+    accept_loop(listener, stop, "outbound", &pod.id.clone(), move |stream, peer| {
+        let (pod, ctx) = (pod.clone(), ctx.clone());
+        ctx.tracker.clone().spawn(handle(stream, peer, pod, ctx))
+    })
     .await;
 }
 
@@ -58,8 +47,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     };
     let Some(orig) = orig else {
         tracing::warn!(pod = %pod.id, %peer, "no original destination for accepted connection");
-        ctx.flows
-            .failed(conn, &info, "original destination unknown".into());
+        ctx.flows.failed(conn, &info, "original destination unknown".into());
         reset(client);
         return;
     };
@@ -71,8 +59,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     if let Some(mesh) = &ctx.mesh {
         let waypoint = ctx.registry.borrow().waypoint_for(orig.ip()).cloned();
         if let Some(waypoint) = waypoint {
-            return super::to_waypoint::forward(client, peer, &pod, &ctx, mesh, conn, info, waypoint)
-                .await;
+            return super::to_waypoint::forward(client, peer, &pod, &ctx, mesh, conn, info, waypoint).await;
         }
     }
     let resolved = ctx.registry.borrow().resolve(orig);
@@ -85,21 +72,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let started = Instant::now();
     let dst_identity = resolved.workload.as_ref().and_then(|id| {
         let reg = ctx.registry.borrow();
-        reg.workload(id)
-            .filter(|w| w.enrolled)
-            .map(|w| w.identity.clone())
+        reg.workload(id).filter(|w| w.enrolled).map(|w| w.identity.clone())
     });
     let (done, health) = if let (Some(mesh), Some(dst_id)) = (ctx.mesh.clone(), dst_identity) {
         info.security = Security::MutualTls;
         info.dst_identity = Some(dst_id.to_string());
-        match mesh
-            .connect(&pod, &pod.identity, resolved.addr, &dst_id)
-            .await
-        {
-            Ok(tunnelled) => {
-                splice_tunnelled(client, peer, &pod, &ctx, conn, &mut info, started, tunnelled)
-                    .await
-            }
+        match mesh.connect(&pod, &pod.identity, resolved.addr, &dst_id).await {
+            Ok(tunnelled) => splice_tunnelled(client, peer, &pod, &ctx, conn, &mut info, started, tunnelled).await,
             Err(e) => {
                 // The destination's policy refused it: the source records
                 // the same verdict (the reason text names the policy).
@@ -147,10 +126,7 @@ pub(super) async fn splice_tunnelled(
     let health = tunnelled.probe.as_ref().map(TcpProbe::flow);
     info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
     ctx.flows.opened(conn, info);
-    (
-        super::h2splice::splice(client, tunnelled.stream).await,
-        health,
-    )
+    (super::h2splice::splice(client, tunnelled.stream).await, health)
 }
 
 /// Records the end of a forwarded connection.
@@ -166,23 +142,11 @@ pub(super) fn record_close(
     // The probe of a plaintext upstream is this flow's own: close its
     // duplicate now (a tunnel's probe is released by the tunnel).
     drop(health);
-    ctx.flows.closed(
-        conn,
-        info,
-        (done.from_tcp, done.to_tcp),
-        started.elapsed(),
-        done.error.map(|e| e.to_string()),
-    );
+    ctx.flows.closed(conn, info, (done.from_tcp, done.to_tcp), started.elapsed(), done.error.map(|e| e.to_string()));
 }
 
 /// Records a connection that could not be forwarded and resets its client.
-pub(super) fn fail(
-    ctx: &ProxyContext,
-    conn: u64,
-    info: &ConnInfo,
-    client: TcpStream,
-    error: &dyn std::fmt::Display,
-) {
+pub(super) fn fail(ctx: &ProxyContext, conn: u64, info: &ConnInfo, client: TcpStream, error: &dyn std::fmt::Display) {
     tracing::debug!(pod = %info.workload, dst = ?info.dst, %error, "outbound connection failed");
     ctx.flows.failed(conn, info, error.to_string());
     reset(client);

@@ -61,9 +61,7 @@ pub fn listen_in(netns: &Netns, addr: SocketAddr) -> Result<TcpListener, SocketE
     let socket = netns
         .run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))?
         .map_err(io_err("socket"))?;
-    socket
-        .set_reuse_address(true)
-        .map_err(io_err("setsockopt"))?;
+    socket.set_reuse_address(true).map_err(io_err("setsockopt"))?;
     socket.set_nonblocking(true).map_err(io_err("setsockopt"))?;
     socket.bind(&addr.into()).map_err(io_err("bind"))?;
     socket.listen(LISTEN_BACKLOG).map_err(io_err("listen"))?;
@@ -76,9 +74,7 @@ pub async fn connect_in(netns: &Netns, addr: SocketAddr) -> Result<TcpStream, So
     let socket = netns
         .run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))?
         .map_err(io_err("socket"))?;
-    socket
-        .set_mark(AGENT_MARK)
-        .map_err(io_err("setsockopt SO_MARK"))?;
+    socket.set_mark(AGENT_MARK).map_err(io_err("setsockopt SO_MARK"))?;
     socket.set_nonblocking(true).map_err(io_err("setsockopt"))?;
     socket.set_tcp_nodelay(true).map_err(io_err("setsockopt"))?;
     let socket = TcpSocket::from_std_stream(socket.into());

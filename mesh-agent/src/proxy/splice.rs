@@ -49,30 +49,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match io::copy_bidirectional_with_sizes(&mut tcp, &mut other, BUF_SIZE, BUF_SIZE).await {
-        Ok((from_tcp, to_tcp)) => Spliced {
-            from_tcp,
-            to_tcp,
-            error: None,
-        },
+        Ok((from_tcp, to_tcp)) => Spliced { from_tcp, to_tcp, error: None },
         Err(error) => {
             reset(tcp);
             drop(other);
-            Spliced {
-                from_tcp: 0,
-                to_tcp: 0,
-                error: Some(error),
-            }
+            Spliced { from_tcp: 0, to_tcp: 0, error: Some(error) }
         }
     }
 }
 
 /// [`splice`] between two TCP streams, unless `stop` completes first: then
 /// both are reset and the bytes read from each so far are returned.
-pub async fn splice_until(
-    tcp: TcpStream,
-    other: TcpStream,
-    stop: impl Future,
-) -> Result<Spliced, Stopped> {
+pub async fn splice_until(tcp: TcpStream, other: TcpStream, stop: impl Future) -> Result<Spliced, Stopped> {
     let mut tcp = Counted::new(tcp);
     let mut other = Counted::new(other);
     let copied = tokio::select! {
@@ -85,20 +73,12 @@ pub async fn splice_until(
         }
     };
     Ok(match copied {
-        Ok((from_tcp, to_tcp)) => Spliced {
-            from_tcp,
-            to_tcp,
-            error: None,
-        },
+        Ok((from_tcp, to_tcp)) => Spliced { from_tcp, to_tcp, error: None },
         Err(error) => {
             let (from_tcp, to_tcp) = (tcp.read, other.read);
             reset(tcp.inner);
             drop(other);
-            Spliced {
-                from_tcp,
-                to_tcp,
-                error: Some(error),
-            }
+            Spliced { from_tcp, to_tcp, error: Some(error) }
         }
     })
 }
@@ -116,11 +96,7 @@ impl<S> Counted<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
@@ -131,11 +107,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -174,19 +146,10 @@ mod tests {
         app.read_exact(&mut buf).await.unwrap();
         stop.cancel();
         let stopped = splice.await.unwrap().err().expect("stopped");
-        assert_eq!(
-            stopped,
-            Stopped {
-                from_tcp: 5,
-                to_tcp: 0
-            }
-        );
+        assert_eq!(stopped, Stopped { from_tcp: 5, to_tcp: 0 });
         for peer in [&mut client, &mut app] {
             let got = peer.read(&mut buf).await;
-            assert_eq!(
-                got.map_err(|e| e.kind()).unwrap_err(),
-                std::io::ErrorKind::ConnectionReset
-            );
+            assert_eq!(got.map_err(|e| e.kind()).unwrap_err(), std::io::ErrorKind::ConnectionReset);
         }
     }
 }

@@ -38,8 +38,7 @@ pub struct TcpHealth {
 pub fn read(fd: BorrowedFd<'_>) -> io::Result<TcpHealth> {
     // SAFETY: `tcp_info` is plain old data, valid when zeroed.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>())
-        .expect("tcp_info fits socklen_t");
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).expect("tcp_info fits socklen_t");
     // SAFETY: `fd` is a live descriptor (borrowed for the call); the kernel
     // writes at most `len` bytes into `info`, which is that large, and
     // reports how many it wrote (older kernels write fewer: the rest stays
@@ -56,10 +55,7 @@ pub fn read(fd: BorrowedFd<'_>) -> io::Result<TcpHealth> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(TcpHealth {
-        rtt_us: info.tcpi_rtt,
-        total_retrans: info.tcpi_total_retrans,
-    })
+    Ok(TcpHealth { rtt_us: info.tcpi_rtt, total_retrans: info.tcpi_total_retrans })
 }
 
 /// A readable handle on a network-facing TCP socket.
@@ -74,10 +70,7 @@ impl TcpProbe {
     /// duplicated (out of descriptors): the flow then carries no health.
     pub fn of(socket: &impl AsFd) -> Option<Self> {
         let fd = socket.as_fd().try_clone_to_owned().ok()?;
-        let probe = Self {
-            fd: Mutex::new(Some(fd)),
-            last: Mutex::new(None),
-        };
+        let probe = Self { fd: Mutex::new(Some(fd)), last: Mutex::new(None) };
         probe.sample();
         Some(probe)
     }
@@ -103,10 +96,7 @@ impl TcpProbe {
     /// Starts measuring one flow on this socket.
     #[must_use]
     pub fn flow(self: &Arc<Self>) -> FlowHealth {
-        FlowHealth {
-            probe: self.clone(),
-            start_retrans: self.sample().map(|h| h.total_retrans),
-        }
+        FlowHealth { probe: self.clone(), start_retrans: self.sample().map(|h| h.total_retrans) }
     }
 }
 
@@ -125,19 +115,14 @@ impl FlowHealth {
         let h = self.probe.sample();
         crate::flows::TcpStats {
             rtt_us: h.map(|h| h.rtt_us).filter(|&r| r > 0),
-            retransmits: h
-                .zip(self.start_retrans)
-                .map(|(h, s)| h.total_retrans.wrapping_sub(s)),
+            retransmits: h.zip(self.start_retrans).map(|(h, s)| h.total_retrans.wrapping_sub(s)),
         }
     }
 
     /// The RTT only (for open records: no retransmits yet).
     #[must_use]
     pub fn at_open(&self) -> crate::flows::TcpStats {
-        crate::flows::TcpStats {
-            rtt_us: self.now().rtt_us,
-            retransmits: None,
-        }
+        crate::flows::TcpStats { rtt_us: self.now().rtt_us, retransmits: None }
     }
 }
 

@@ -50,8 +50,7 @@ pub async fn forward(
     let started = Instant::now();
     match mesh.connect_via(pod, &pod.identity, via, &via_id, orig).await {
         Ok(tunnelled) => {
-            let (done, health) =
-                splice_tunnelled(client, peer, pod, ctx, conn, &mut info, started, tunnelled).await;
+            let (done, health) = splice_tunnelled(client, peer, pod, ctx, conn, &mut info, started, tunnelled).await;
             record_close(ctx, conn, &mut info, done, health, started);
         }
         Err(e) => {
@@ -60,4 +59,3 @@ pub async fn forward(
         }
     }
 }
-

@@ -69,18 +69,10 @@ pub async fn run(
             return;
         }
     };
-    accept_loop(
-        listener,
-        stop,
-        "tunnel",
-        &pod.id.clone(),
-        move |tcp, peer| {
-            let (pod, ctx, acceptor) = (pod.clone(), ctx.clone(), acceptor.clone());
-            ctx.tracker
-                .clone()
-                .spawn(serve_connection(tcp, peer, pod, ctx, acceptor))
-        },
-    )
+    accept_loop(listener, stop, "tunnel", &pod.id.clone(), move |tcp, peer| {
+        let (pod, ctx, acceptor) = (pod.clone(), ctx.clone(), acceptor.clone());
+        ctx.tracker.clone().spawn(serve_connection(tcp, peer, pod, ctx, acceptor))
+    })
     .await;
 }
 
@@ -111,28 +103,16 @@ async fn serve_connection(
         Ok(Err(e)) => return fail(&info, format!("tunnel TLS handshake failed: {e}")),
         Err(_) => return fail(&info, "tunnel TLS handshake timed out".into()),
     };
-    let expected = ctx
-        .registry
-        .borrow()
-        .workload_by_ip(peer.ip())
-        .map(|w| w.identity.clone());
+    let expected = ctx.registry.borrow().workload_by_ip(peer.ip()).map(|w| w.identity.clone());
     let Some(expected) = expected else {
-        return fail(
-            &info,
-            format!("no mesh workload owns source address {}", peer.ip()),
-        );
+        return fail(&info, format!("no mesh workload owns source address {}", peer.ip()));
     };
     let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&expected)) {
         Ok(id) => id,
         Err(e) => return fail(&info, format!("tunnel client rejected: {e}")),
     };
     info.src_identity = Some(peer_id.to_string());
-    info.peer_cert_serial = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(<[_]>::first)
-        .and_then(tls::serial_of);
+    info.peer_cert_serial = tls.get_ref().1.peer_certificates().and_then(<[_]>::first).and_then(tls::serial_of);
     let info = Arc::new(info);
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -149,19 +129,10 @@ async fn serve_connection(
     while let Some(next) = h2.accept().await {
         match next {
             Ok((req, respond)) => {
-                let (pod, ctx2, info, peer_id, probe) = (
-                    pod.clone(),
-                    ctx.clone(),
-                    info.clone(),
-                    peer_id.clone(),
-                    probe.clone(),
-                );
+                let (pod, ctx2, info, peer_id, probe) =
+                    (pod.clone(), ctx.clone(), info.clone(), peer_id.clone(), probe.clone());
                 ctx.tracker.spawn(async move {
-                    let tunnel = Tunnel {
-                        info: &info,
-                        peer_id: &peer_id,
-                        probe: probe.as_ref(),
-                    };
+                    let tunnel = Tunnel { info: &info, peer_id: &peer_id, probe: probe.as_ref() };
                     serve_stream(req, respond, &pod, &ctx2, tunnel).await;
                 });
             }
@@ -210,14 +181,9 @@ impl Refusal {
 }
 
 /// The address a CONNECT asks for, if this pod serves it.
-pub fn connect_target(
-    uri: &hyper::Uri,
-    pod_ips: &[std::net::IpAddr],
-) -> Result<SocketAddr, Refusal> {
-    let target: SocketAddr = uri
-        .authority()
-        .and_then(|a| a.as_str().parse().ok())
-        .ok_or_else(|| Refusal::BadAuthority(uri.to_string()))?;
+pub fn connect_target(uri: &hyper::Uri, pod_ips: &[std::net::IpAddr]) -> Result<SocketAddr, Refusal> {
+    let target: SocketAddr =
+        uri.authority().and_then(|a| a.as_str().parse().ok()).ok_or_else(|| Refusal::BadAuthority(uri.to_string()))?;
     if pod_ips.contains(&target.ip()) {
         Ok(target)
     } else {
@@ -258,8 +224,7 @@ async fn serve_stream(
         Ok(s) => s,
         Err(e) => {
             ctx.flows.failed(conn, &info, e.to_string());
-            let _ =
-                respond.send_response(refuse(StatusCode::SERVICE_UNAVAILABLE, e.reason()), true);
+            let _ = respond.send_response(refuse(StatusCode::SERVICE_UNAVAILABLE, e.reason()), true);
             return;
         }
     };
@@ -275,23 +240,16 @@ async fn serve_stream(
     let health = tunnel.probe.map(TcpProbe::flow);
     info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
     ctx.flows.opened(conn, &info);
-    let stream = H2Stream {
-        send,
-        recv: req.into_body(),
-    };
+    let stream = H2Stream { send, recv: req.into_body() };
     let (bytes, error) = match splice_until_revoked(upstream, stream, &admitted.live).await {
-        Ok(done) => (
-            (done.to_tcp, done.from_tcp),
-            done.error.map(|e| e.to_string()),
-        ),
+        Ok(done) => ((done.to_tcp, done.from_tcp), done.error.map(|e| e.to_string())),
         Err((denial, bytes)) => {
             info.policy = denial.closing_mark();
             (bytes, Some(format!("closed by policy change: {denial}")))
         }
     };
     info.tcp = health.as_ref().map(FlowHealth::now).unwrap_or_default();
-    ctx.flows
-        .closed(conn, &info, bytes, started.elapsed(), error);
+    ctx.flows.closed(conn, &info, bytes, started.elapsed(), error);
 }
 
 /// The checks before the application is dialled: the method, the target
@@ -309,10 +267,7 @@ fn check_stream(
     if req.method() != Method::CONNECT {
         let error = format!("tunnel request {} is not CONNECT", req.method());
         ctx.flows.failed(conn, info, error);
-        return Err((
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only CONNECT is served".into(),
-        ));
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served".into()));
     }
     let target = match connect_target(req.uri(), &pod.ips) {
         Ok(t) => t,
@@ -360,32 +315,20 @@ mod tests {
     #[test]
     fn serves_a_connect_to_one_of_the_pods_own_addresses() {
         let ips = ["10.44.2.2".parse().unwrap()];
-        assert_eq!(
-            connect_target(&uri("10.44.2.2:8080"), &ips),
-            Ok("10.44.2.2:8080".parse().unwrap())
-        );
+        assert_eq!(connect_target(&uri("10.44.2.2:8080"), &ips), Ok("10.44.2.2:8080".parse().unwrap()));
     }
 
     #[test]
     fn refuses_a_connect_to_an_address_that_is_not_the_pods() {
         let ips = ["10.44.2.2".parse().unwrap()];
         let got = connect_target(&uri("10.44.2.3:8080"), &ips);
-        assert_eq!(
-            got,
-            Err(Refusal::NotLocal("10.44.2.3:8080".parse().unwrap()))
-        );
-        assert_eq!(
-            got.unwrap_err().to_string(),
-            "10.44.2.3:8080 is not a local enrolled workload"
-        );
+        assert_eq!(got, Err(Refusal::NotLocal("10.44.2.3:8080".parse().unwrap())));
+        assert_eq!(got.unwrap_err().to_string(), "10.44.2.3:8080 is not a local enrolled workload");
     }
 
     #[test]
     fn refuses_a_connect_whose_authority_is_a_name() {
         let ips = ["10.44.2.2".parse().unwrap()];
-        assert!(matches!(
-            connect_target(&uri("example.com:80"), &ips),
-            Err(Refusal::BadAuthority(_))
-        ));
+        assert!(matches!(connect_target(&uri("example.com:80"), &ips), Err(Refusal::BadAuthority(_))));
     }
 }

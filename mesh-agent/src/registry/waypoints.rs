@@ -60,14 +60,7 @@ impl Registry {
                 .filter(|w| w.id.namespace == id.namespace && w.runs_waypoint() == Some(&id.name))
                 .map(|w| w.id.clone())
                 .collect();
-            self.waypoints.insert(
-                id.clone(),
-                Waypoint {
-                    id,
-                    pods,
-                    next: AtomicUsize::new(0),
-                },
-            );
+            self.waypoints.insert(id.clone(), Waypoint { id, pods, next: AtomicUsize::new(0) });
         }
         let mut owned = Vec::new();
         for s in self.services.values() {
@@ -76,7 +69,9 @@ impl Registry {
             };
             owned.push((s.vip, wp.clone()));
             for e in &s.endpoints {
-                let Some(w) = self.workloads.get(e) else { continue };
+                let Some(w) = self.workloads.get(e) else {
+                    continue;
+                };
                 if w.runs_waypoint().is_none() {
                     owned.extend(w.ips.iter().map(|ip| (*ip, wp.clone())));
                 }
@@ -90,10 +85,7 @@ impl Registry {
     #[must_use]
     pub fn waypoint_of(&self, service: &Service) -> Option<&ObjectRef> {
         let name = service.waypoint.as_ref()?;
-        let id = ObjectRef {
-            namespace: service.id.namespace.clone(),
-            name: name.clone(),
-        };
+        let id = ObjectRef { namespace: service.id.namespace.clone(), name: name.clone() };
         self.waypoints.get_key_value(&id).map(|(k, _)| k)
     }
 
@@ -120,11 +112,7 @@ impl Registry {
 
     /// One of the waypoint's pods (round robin): its address of the same
     /// family as `like`, and its identity.
-    pub fn waypoint_pod(
-        &self,
-        id: &ObjectRef,
-        like: IpAddr,
-    ) -> Result<(IpAddr, SpiffeId), WaypointError> {
+    pub fn waypoint_pod(&self, id: &ObjectRef, like: IpAddr) -> Result<(IpAddr, SpiffeId), WaypointError> {
         let none = || WaypointError::NoPods(id.clone());
         let wp = self.waypoints.get(id).ok_or_else(none)?;
         let pods: Vec<(IpAddr, &SpiffeId)> = wp
@@ -145,9 +133,7 @@ impl Registry {
 
     /// Services whose traffic `waypoint` owns.
     pub fn services_of<'a>(&'a self, waypoint: &'a ObjectRef) -> impl Iterator<Item = &'a Service> + 'a {
-        self.services
-            .values()
-            .filter(move |s| self.waypoint_of(s) == Some(waypoint))
+        self.services.values().filter(move |s| self.waypoint_of(s) == Some(waypoint))
     }
 }
 

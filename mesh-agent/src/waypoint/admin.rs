@@ -98,10 +98,7 @@ pub fn routes_json(state: &State) -> Value {
     let hits = state.telemetry.rule_hits();
     let mut by_route: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for ((route, rule), n) in &hits {
-        by_route
-            .entry(route.clone())
-            .or_default()
-            .push(json!({"rule": rule, "requests": n}));
+        by_route.entry(route.clone()).or_default().push(json!({"rule": rule, "requests": n}));
     }
     let routes: Vec<Value> = set
         .statuses()
@@ -114,12 +111,8 @@ pub fn routes_json(state: &State) -> Value {
             v
         })
         .collect();
-    let services: Vec<String> = state
-        .registry
-        .borrow()
-        .services_of(&state.waypoint)
-        .map(|s| s.id.to_string())
-        .collect();
+    let services: Vec<String> =
+        state.registry.borrow().services_of(&state.waypoint).map(|s| s.id.to_string()).collect();
     json!({
         "waypoint": state.waypoint.to_string(),
         "services": services,

@@ -24,7 +24,7 @@ pub const DECAY: Duration = Duration::from_secs(10);
 /// measured ones look slower than a guess.
 pub const DEFAULT_RTT: Duration = Duration::ZERO;
 /// Endpoints not used for this long are forgotten (bounded memory).
-const FORGET_AFTER: Duration = Duration::from_secs(300);
+const FORGET_AFTER: Duration = Duration::from_mins(5);
 
 /// Picks index `i` of `weights` with probability `weights[i] / sum`, from a
 /// uniform draw `r` in `0..sum`; `None` when every weight is 0.
@@ -54,11 +54,7 @@ struct Stats {
 
 impl Stats {
     fn new(now: Instant) -> Self {
-        Self {
-            ewma_ns: DEFAULT_RTT.as_nanos() as f64,
-            updated: now,
-            pending: 0,
-        }
+        Self { ewma_ns: DEFAULT_RTT.as_secs_f64() * 1e9, updated: now, pending: 0 }
     }
 
     fn cost(&self) -> f64 {
@@ -68,7 +64,7 @@ impl Stats {
     }
 
     fn observe(&mut self, rtt: Duration, now: Instant) {
-        let rtt = rtt.as_nanos() as f64;
+        let rtt = rtt.as_secs_f64() * 1e9;
         if rtt > self.ewma_ns {
             self.ewma_ns = rtt;
         } else {
@@ -126,12 +122,7 @@ impl Balancer {
             stats.retain(|_, s| s.pending > 0 || now.saturating_duration_since(s.updated) < FORGET_AFTER);
         }
         stats.entry(addr).or_insert_with(|| Stats::new(now)).pending += 1;
-        InFlight {
-            balancer: self,
-            addr,
-            started: now,
-            done: false,
-        }
+        InFlight { balancer: self, addr, started: now, done: false }
     }
 
     fn end(&self, addr: SocketAddr, rtt: Option<Duration>) {
@@ -147,12 +138,7 @@ impl Balancer {
 
     #[cfg(test)]
     fn observe_at(&self, addr: SocketAddr, rtt: Duration, now: Instant) {
-        self.stats
-            .lock()
-            .unwrap()
-            .entry(addr)
-            .or_insert_with(|| Stats::new(now))
-            .observe(rtt, now);
+        self.stats.lock().unwrap().entry(addr).or_insert_with(|| Stats::new(now)).observe(rtt, now);
     }
 }
 

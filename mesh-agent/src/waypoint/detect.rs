@@ -52,11 +52,7 @@ pub fn classify(head: &[u8]) -> Classified {
     }
     let n = head.len().min(H2_PREFACE.len());
     if head[..n] == H2_PREFACE[..n] {
-        return if n == H2_PREFACE.len() {
-            Classified::Is(Protocol::Http2)
-        } else {
-            Classified::NeedMore
-        };
+        return if n == H2_PREFACE.len() { Classified::Is(Protocol::Http2) } else { Classified::NeedMore };
     }
     // An HTTP/1 request starts with a method token (RFC 9110 §9: tchar;
     // in practice upper-case letters) and a space.
@@ -64,7 +60,11 @@ pub fn classify(head: &[u8]) -> Classified {
         match b {
             b' ' if i > 0 => return Classified::Is(Protocol::Http1),
             b'A'..=b'Z' | b'-' | b'_' => {}
-            _ => return Classified::Is(Protocol::Opaque("not HTTP: first bytes are not a request line or the HTTP/2 preface")),
+            _ => {
+                return Classified::Is(Protocol::Opaque(
+                    "not HTTP: first bytes are not a request line or the HTTP/2 preface",
+                ))
+            }
         }
     }
     if head.len() >= MAX_METHOD {
@@ -106,11 +106,7 @@ impl<T> Prefixed<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);

@@ -1,6 +1,8 @@
-//! HTTPRoute filters the waypoint applies: `RequestHeaderModifier`,
+//! `HTTPRoute` filters the waypoint applies: `RequestHeaderModifier`,
 //! `ResponseHeaderModifier`, `RequestRedirect` and `URLRewrite`. Pure
 //! functions over headers and paths.
+
+use std::fmt::Write as _;
 
 use hyper::{
     header::{HeaderName, HeaderValue},
@@ -41,7 +43,11 @@ pub fn rewrite_path(path: &str, matched: Option<&PathMatch>, modifier: &PathModi
             let rest = path.strip_prefix(prefix).unwrap_or(path);
             let replacement = replacement.trim_end_matches('/');
             if rest.is_empty() {
-                if replacement.is_empty() { "/".to_owned() } else { replacement.to_owned() }
+                if replacement.is_empty() {
+                    "/".to_owned()
+                } else {
+                    replacement.to_owned()
+                }
             } else if rest.starts_with('/') {
                 format!("{replacement}{rest}")
             } else {
@@ -72,13 +78,10 @@ pub fn redirect_location(
         _ => 80,
     };
     let port = port.filter(|p| *p != default);
-    let path = r
-        .path
-        .as_ref()
-        .map_or_else(|| path.to_owned(), |m| rewrite_path(path, matched, m));
+    let path = r.path.as_ref().map_or_else(|| path.to_owned(), |m| rewrite_path(path, matched, m));
     let mut out = format!("{scheme}://{host}");
     if let Some(p) = port {
-        out.push_str(&format!(":{p}"));
+        let _ = write!(out, ":{p}");
     }
     out.push_str(&path);
     if let Some(q) = query {
@@ -139,11 +142,14 @@ mod tests {
         h.insert("keep", "1".parse().unwrap());
         h.insert("replace", "old".parse().unwrap());
         h.insert("drop", "x".parse().unwrap());
-        modify_headers(&mut h, &HeaderModifier {
-            set: vec![("replace".into(), "new".into())],
-            add: vec![("keep".into(), "2".into())],
-            remove: vec!["drop".into()],
-        });
+        modify_headers(
+            &mut h,
+            &HeaderModifier {
+                set: vec![("replace".into(), "new".into())],
+                add: vec![("keep".into(), "2".into())],
+                remove: vec!["drop".into()],
+            },
+        );
         assert_eq!(h.get_all("keep").iter().count(), 2);
         assert_eq!(h["replace"], "new");
         assert!(!h.contains_key("drop"));

@@ -43,15 +43,8 @@ use crate::{
 };
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-];
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"];
 /// Header naming the client the waypoint forwards for (Envoy's XFCC form).
 pub const FORWARDED_CLIENT: &str = "x-forwarded-client-cert";
 
@@ -62,11 +55,7 @@ struct Target {
 }
 
 /// Handles one request of a downstream connection.
-pub async fn handle(
-    req: Request<Incoming>,
-    down: Arc<Downstream>,
-    state: Arc<State>,
-) -> Response<HttpBody> {
+pub async fn handle(req: Request<Incoming>, down: Arc<Downstream>, state: Arc<State>) -> Response<HttpBody> {
     let started = Instant::now();
     let grpc = is_grpc(&req);
     let mut pending = new_pending(&req, &down, &state, started, grpc);
@@ -100,7 +89,7 @@ fn new_pending<B>(req: &Request<B>, down: &Downstream, state: &State, started: I
     info.security = Security::MutualTls;
     info.src_identity = Some(down.client.to_string());
     info.waypoint = Some(state.waypoint.to_string());
-    info.service = down.service.clone();
+    info.service.clone_from(&down.service);
     info.http = Some(Box::new(HttpInfo {
         protocol: match down.version {
             Version::Http1 => "HTTP/1.1",
@@ -216,11 +205,8 @@ async fn route_and_send(
     };
     let mut filter_list = vec![&rule.filters];
     filter_list.extend(backend_filters);
-    let plan = Plan {
-        path_match: path_match.as_ref(),
-        filters: &filter_list,
-        backend_timeout: rule.timeouts.backend_request,
-    };
+    let plan =
+        Plan { path_match: path_match.as_ref(), filters: &filter_list, backend_timeout: rule.timeouts.backend_request };
     let send = send_to_service(req, down, state, pending, &target, &plan, grpc);
     let mut resp = match rule.timeouts.request {
         Some(limit) => match tokio::time::timeout(limit, send).await {
@@ -294,13 +280,8 @@ async fn send_to_service(
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no healthy upstream");
     }
     let addrs: Vec<SocketAddr> = endpoints.iter().map(|(a, _)| *a).collect();
-    let chosen = state
-        .balancer
-        .choose(&addrs, rand::random(), rand::random(), Instant::now());
-    let identity = endpoints
-        .iter()
-        .find(|(a, _)| *a == chosen)
-        .map(|(_, id)| id.clone());
+    let chosen = state.balancer.choose(&addrs, rand::random(), rand::random(), Instant::now());
+    let identity = endpoints.iter().find(|(a, _)| *a == chosen).map(|(_, id)| id.clone());
     send_to_endpoint(req, down, state, pending, chosen, identity, plan.backend_timeout, grpc).await
 }
 
@@ -341,9 +322,7 @@ async fn send_to_endpoint(
     timeout: Option<std::time::Duration>,
     grpc: bool,
 ) -> Response<HttpBody> {
-    let identity = identity.or_else(|| {
-        state.registry.borrow().workload_by_ip(addr.ip()).map(|w| w.identity.clone())
-    });
+    let identity = identity.or_else(|| state.registry.borrow().workload_by_ip(addr.ip()).map(|w| w.identity.clone()));
     let Some(identity) = identity else {
         http_of(pending).response_flags = "UH".into();
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "endpoint is not a mesh workload");
@@ -385,7 +364,11 @@ async fn send_to_endpoint(
             http_of(pending).response_flags = flag.into();
             http_of(pending).error = Some(e.to_string());
             tracing::debug!(upstream = %addr, error = %e, "upstream request failed");
-            local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "upstream connect error or disconnect/reset before headers")
+            local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                grpc,
+                "upstream connect error or disconnect/reset before headers",
+            )
         }
     }
 }
@@ -441,10 +424,7 @@ fn upstream_request(
             parts.uri = uri;
         }
     }
-    let body = HttpBody::new(Counted::new(
-        body.map_err(Into::into).boxed(),
-        pending.request_bytes.clone(),
-    ));
+    let body = HttpBody::new(Counted::new(body.map_err(Into::into).boxed(), pending.request_bytes.clone()));
     Request::from_parts(parts, body)
 }
 
@@ -457,10 +437,10 @@ fn empty() -> HttpBody {
 pub fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<HttpBody> {
     if grpc {
         let code = match status {
-            StatusCode::GATEWAY_TIMEOUT => 4, // DEADLINE_EXCEEDED
-            StatusCode::NOT_FOUND => 12,      // UNIMPLEMENTED
+            StatusCode::GATEWAY_TIMEOUT => 4,      // DEADLINE_EXCEEDED
+            StatusCode::NOT_FOUND => 12,           // UNIMPLEMENTED
             StatusCode::SERVICE_UNAVAILABLE => 14, // UNAVAILABLE
-            _ => 13,                          // INTERNAL
+            _ => 13,                               // INTERNAL
         };
         let mut r = Response::new(empty());
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -470,9 +450,8 @@ pub fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Ht
         }
         return r;
     }
-    let mut r = Response::new(HttpBody::new(
-        Full::new(Bytes::from(format!("{message}\n"))).map_err(|never| match never {}),
-    ));
+    let mut r =
+        Response::new(HttpBody::new(Full::new(Bytes::from(format!("{message}\n"))).map_err(|never| match never {})));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r

@@ -33,12 +33,7 @@ impl H2Io {
     /// Wraps an open stream.
     #[must_use]
     pub fn new(stream: H2Stream) -> Self {
-        Self {
-            stream,
-            pending: Bytes::new(),
-            eof: false,
-            shut: false,
-        }
+        Self { stream, pending: Bytes::new(), eof: false, shut: false }
     }
 }
 
@@ -51,11 +46,7 @@ fn to_io(e: h2::Error) -> io::Error {
 }
 
 impl AsyncRead for H2Io {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         while this.pending.is_empty() {
             if this.eof {
@@ -78,11 +69,7 @@ impl AsyncRead for H2Io {
 }
 
 impl AsyncWrite for H2Io {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -100,8 +87,7 @@ impl AsyncWrite for H2Io {
             }
         };
         let n = granted.min(buf.len());
-        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(to_io)?;
+        send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(to_io)?;
         Poll::Ready(Ok(n))
     }
 

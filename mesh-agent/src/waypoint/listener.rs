@@ -10,7 +10,7 @@
 //! Limits against hostile clients: TLS handshake 10 s; HTTP/1.1 headers
 //! 64 KiB and 10 s to send them (slowloris); HTTP/2 at most
 //! [`MAX_STREAMS`] concurrent streams, 64 KiB of headers, and hyper's
-//! guards against RST_STREAM and SETTINGS floods. A client breaking them
+//! guards against `RST_STREAM` and SETTINGS floods. A client breaking them
 //! gets a 4xx where HTTP allows it, else its connection closed; the others
 //! are unaffected.
 
@@ -18,7 +18,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
-use hyper::{server::conn::{http1, http2}, service::service_fn, Method, Request, StatusCode};
+use hyper::{
+    server::conn::{http1, http2},
+    service::service_fn,
+    Method, Request, StatusCode,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -74,11 +78,7 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, a
         Ok(Err(e)) => return refused(&state, peer, &format!("TLS handshake failed: {e}")),
         Err(_) => return refused(&state, peer, "TLS handshake timed out"),
     };
-    let expected = state
-        .registry
-        .borrow()
-        .workload_by_ip(peer.ip())
-        .map(|w| w.identity.clone());
+    let expected = state.registry.borrow().workload_by_ip(peer.ip()).map(|w| w.identity.clone());
     let Some(expected) = expected else {
         return refused(&state, peer, &format!("no mesh workload owns source address {}", peer.ip()));
     };
@@ -137,11 +137,7 @@ fn target(req: &Request<RecvStream>, state: &State) -> Result<SocketAddr, Refusa
     if req.method() != Method::CONNECT {
         return Err(bad());
     }
-    let addr: SocketAddr = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse().ok())
-        .ok_or_else(bad)?;
+    let addr: SocketAddr = req.uri().authority().and_then(|a| a.as_str().parse().ok()).ok_or_else(bad)?;
     if state.registry.borrow().waypoint_for(addr.ip()) == Some(&state.waypoint) {
         Ok(addr)
     } else {
@@ -180,14 +176,8 @@ async fn serve_stream(
             return passthrough::run(Prefixed::new(head, io), peer, &client, addr, service, reason, &state).await;
         }
     };
-    let down = Arc::new(Downstream {
-        conn: state.telemetry.flows.conn_id(),
-        peer,
-        client,
-        target: addr,
-        service,
-        version,
-    });
+    let down =
+        Arc::new(Downstream { conn: state.telemetry.flows.conn_id(), peer, client, target: addr, service, version });
     let io = TokioIo::new(Prefixed::new(head, io));
     let svc = {
         let (down, state) = (down.clone(), state.clone());
@@ -197,21 +187,25 @@ async fn serve_stream(
         })
     };
     let served = match version {
-        Version::Http1 => http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_HEADERS)
-            .serve_connection(io, svc)
-            .with_upgrades()
-            .await,
-        Version::Http2 => http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_STREAMS)
-            .max_header_list_size(MAX_HEADERS as u32)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONN_WINDOW)
-            .serve_connection(io, svc)
-            .await,
+        Version::Http1 => {
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEADERS)
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await
+        }
+        Version::Http2 => {
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .max_header_list_size(MAX_HEADERS as u32)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONN_WINDOW)
+                .serve_connection(io, svc)
+                .await
+        }
     };
     if let Err(e) = served {
         tracing::debug!(%peer, error = %e, "client HTTP connection ended with an error");

@@ -102,12 +102,7 @@ impl Upstreams {
     /// Upstreams opened from `me` (the waypoint's own pod and identity).
     #[must_use]
     pub fn new(mesh: Arc<Mesh>, me: Arc<Pod>) -> Self {
-        Self {
-            mesh,
-            me,
-            h1: Mutex::new(HashMap::new()),
-            h2: Mutex::new(HashMap::new()),
-        }
+        Self { mesh, me, h1: Mutex::new(HashMap::new()), h2: Mutex::new(HashMap::new()) }
     }
 
     /// Sends `req` to `addr` (served by `identity`), speaking `version`;
@@ -125,30 +120,16 @@ impl Upstreams {
             Version::Http2 => {
                 let mut sender = self.h2_sender(addr, identity).await?;
                 let sent = Instant::now();
-                let resp = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|source| UpstreamError::Http { addr, source })?;
+                let resp = sender.send_request(req).await.map_err(|source| UpstreamError::Http { addr, source })?;
                 Ok((resp.map(|b| HttpBody::new(ErrInto(b))), sent.elapsed()))
             }
             Version::Http1 => {
                 let mut sender = self.h1_sender(addr, identity).await?;
                 let sent = Instant::now();
-                let resp = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|source| UpstreamError::Http { addr, source })?;
+                let resp = sender.send_request(req).await.map_err(|source| UpstreamError::Http { addr, source })?;
                 let latency = sent.elapsed();
                 let pool = self.clone();
-                Ok((
-                    resp.map(|body| {
-                        HttpBody::new(ReturnOnEnd {
-                            body,
-                            slot: Some((pool, addr, sender)),
-                        })
-                    }),
-                    latency,
-                ))
+                Ok((resp.map(|body| HttpBody::new(ReturnOnEnd { body, slot: Some((pool, addr, sender)) })), latency))
             }
         }
     }
@@ -202,10 +183,8 @@ impl Upstreams {
             }
         }
         let io = self.tunnel(addr, identity).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|source| UpstreamError::Http { addr, source })?;
+        let (sender, conn) =
+            http1::Builder::new().handshake(io).await.map_err(|source| UpstreamError::Http { addr, source })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
@@ -252,10 +231,7 @@ impl Body for ReturnOnEnd {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if let Poll::Ready(None) = polled {
             if let Some((pool, addr, sender)) = self.slot.take() {
@@ -285,10 +261,7 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.0).poll_frame(cx).map_err(Into::into)
     }
 

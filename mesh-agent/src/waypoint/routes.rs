@@ -53,7 +53,9 @@ pub enum RoutesError {
 /// Reads `path` (a file, or the `*.yaml`/`*.yml` files of a directory in
 /// name order); `None` reads nothing.
 pub fn read(path: Option<&Path>) -> Result<Vec<Source>, RoutesError> {
-    let Some(path) = path else { return Ok(Vec::new()) };
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
     let err = |path: &Path| {
         let path = path.to_owned();
         move |source| RoutesError::Read { path, source }
@@ -145,7 +147,7 @@ impl RouteSet {
                 let origin = format!("{}#{}", s.file.display(), i + 1);
                 let compiled = load::compile_document(doc, &origin, registry, waypoint);
                 for (at, rule) in compiled.rules {
-                    set.table.insert(&at, Arc::new(rule));
+                    set.table.insert(&at, &Arc::new(rule));
                 }
                 set.statuses.push(compiled.status);
             }
@@ -183,7 +185,5 @@ fn split_documents(text: &str) -> Vec<&str> {
         offset += line.len();
     }
     docs.push(&text[start..]);
-    docs.into_iter()
-        .filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
-        .collect()
+    docs.into_iter().filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))).collect()
 }

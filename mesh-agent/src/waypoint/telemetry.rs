@@ -48,14 +48,10 @@ const LABELS: [&str; 12] = [
     "response_flags",
 ];
 /// Request duration buckets, seconds: 0.5 ms to 60 s.
-const DURATION_BUCKETS: [f64; 16] = [
-    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
-];
+const DURATION_BUCKETS: [f64; 16] =
+    [0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 /// Body size buckets, bytes.
-const SIZE_BUCKETS: [f64; 9] = [
-    64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262_144.0, 1_048_576.0, 16_777_216.0,
-];
+const SIZE_BUCKETS: [f64; 9] = [64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262_144.0, 1_048_576.0, 16_777_216.0];
 
 /// The waypoint's metrics and flow log.
 pub struct Telemetry {
@@ -82,8 +78,7 @@ impl Telemetry {
         )
         .expect("valid metric");
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &LABELS)
-                .expect("valid metric")
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &LABELS).expect("valid metric")
         };
         let duration = histogram(
             "heddle_request_duration_seconds",
@@ -124,12 +119,15 @@ impl Telemetry {
         self.rule_hits.lock().expect("hits lock").clone()
     }
 
+    #[allow(clippy::cast_precision_loss, reason = "byte counts far below 2^52 observed into a histogram")]
     fn finish(&self, rec: &Pending, response_bytes: u64, flag: Option<&'static str>) {
         let mut info = rec.info.clone();
-        let Some(http) = info.http.as_mut() else { return };
+        let Some(http) = info.http.as_mut() else {
+            return;
+        };
         if let Some(f) = flag {
             if http.response_flags == "-" {
-                http.response_flags = f.to_owned();
+                f.clone_into(&mut http.response_flags);
             }
         }
         let request_bytes = rec.request_bytes.load(Ordering::Relaxed);
@@ -157,18 +155,10 @@ impl Telemetry {
         self.response_bytes.with_label_values(&values).observe(response_bytes as f64);
         if let (Some(route), Some(rule)) = (&http.route, http.rule) {
             let class = format!("{}xx", http.status / 100);
-            self.route_requests
-                .with_label_values(&[route.as_str(), &rule.to_string(), &class])
-                .inc();
-            *self
-                .rule_hits
-                .lock()
-                .expect("hits lock")
-                .entry((route.clone(), rule))
-                .or_default() += 1;
+            self.route_requests.with_label_values(&[route.as_str(), &rule.to_string(), &class]).inc();
+            *self.rule_hits.lock().expect("hits lock").entry((route.clone(), rule)).or_default() += 1;
         }
-        self.flows
-            .request(rec.conn, &info, (request_bytes, response_bytes), elapsed);
+        self.flows.request(rec.conn, &info, (request_bytes, response_bytes), elapsed);
     }
 }
 
@@ -215,15 +205,8 @@ impl Pending {
             .and_then(|h| h.backend.clone())
             .or_else(|| self.info.service.as_ref().map(ToString::to_string))
             .unwrap_or_else(|| UNKNOWN.to_owned());
-        self.labels = [
-            sw,
-            sns,
-            principal(&self.info.src_identity),
-            dw,
-            dns,
-            principal(&self.info.dst_identity),
-            service,
-        ];
+        self.labels =
+            [sw, sns, principal(&self.info.src_identity), dw, dns, principal(&self.info.dst_identity), service];
     }
 }
 
@@ -245,12 +228,7 @@ impl Observed {
     /// Observes `inner` for `rec`.
     #[must_use]
     pub fn new(inner: HttpBody, rec: Pending, telemetry: Arc<Telemetry>) -> Self {
-        Self {
-            inner,
-            rec: Some(rec),
-            telemetry,
-            bytes: 0,
-        }
+        Self { inner, rec: Some(rec), telemetry, bytes: 0 }
     }
 
     fn done(&mut self, flag: Option<&'static str>) {
@@ -264,10 +242,7 @@ impl Body for Observed {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -279,10 +254,7 @@ impl Body for Observed {
                     }
                 }
                 if let Some(trailers) = frame.trailers_ref() {
-                    let grpc = trailers
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok());
+                    let grpc = trailers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
                     if let Some(http) = self.rec.as_mut().and_then(|r| r.info.http.as_mut()) {
                         if grpc.is_some() {
                             http.grpc_status = grpc;
@@ -347,10 +319,7 @@ impl Body for Counted {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(d) = frame.data_ref() {

@@ -75,32 +75,22 @@ impl ListOptions {
         let info = &store.types[id].info;
         let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
             .map_err(|e| bad(format!("unable to parse requested label selector: {e}")))?;
-        let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))
-            .map_err(|e| bad(e.0))?;
+        let fields =
+            FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str)).map_err(|e| bad(e.0))?;
         if let Some(r) = fields.0.iter().find(|r| !info.supports_field(&r.field)) {
             return Err(bad(format!("field label not supported: {}", r.field)));
         }
         let number = |name: &str| -> Result<Option<u64>, ApiError> {
             query
                 .get(name)
-                .map(|v| {
-                    v.parse::<u64>()
-                        .map_err(|_| bad(format!("{name}: Invalid value: {v:?}")))
-                })
+                .map(|v| v.parse::<u64>().map_err(|_| bad(format!("{name}: Invalid value: {v:?}"))))
                 .transpose()
         };
         let opts = Self {
-            filter: Filter {
-                namespace,
-                labels,
-                fields,
-            },
+            filter: Filter { namespace, labels, fields },
             watch: query.get("watch").is_some_and(|v| flag(v)),
             resource_version: query.get("resourceVersion").cloned(),
-            resource_version_match: query
-                .get("resourceVersionMatch")
-                .filter(|v| !v.is_empty())
-                .cloned(),
+            resource_version_match: query.get("resourceVersionMatch").filter(|v| !v.is_empty()).cloned(),
             limit: number("limit")?.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
             continue_token: query.get("continue").filter(|v| !v.is_empty()).cloned(),
             bookmarks: query.get("allowWatchBookmarks").is_some_and(|v| flag(v)),
@@ -116,7 +106,9 @@ impl ListOptions {
         let rv = self.resource_version.as_deref().unwrap_or("");
         if let Some(m) = &self.resource_version_match {
             if m != "NotOlderThan" && m != "Exact" {
-                return Err(bad(format!("resourceVersionMatch: Unsupported value: {m:?}: supported values: \"Exact\", \"NotOlderThan\"")));
+                return Err(bad(format!(
+                    "resourceVersionMatch: Unsupported value: {m:?}: supported values: \"Exact\", \"NotOlderThan\""
+                )));
             }
             if self.send_initial_events.is_none() && rv.is_empty() {
                 return Err(bad("resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided"));
@@ -125,22 +117,19 @@ impl ListOptions {
                 return Err(bad("resourceVersionMatch: Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\""));
             }
             if self.continue_token.is_some() {
-                return Err(bad("resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden when continue is provided"));
+                return Err(bad(
+                    "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden when continue is provided",
+                ));
             }
         }
         if self.continue_token.is_some() && !rv.is_empty() && rv != "0" {
-            return Err(bad(
-                "specifying resource version is not allowed when using continue",
-            ));
+            return Err(bad("specifying resource version is not allowed when using continue"));
         }
         if self.send_initial_events.is_some() {
             if !self.watch {
-                return Err(bad(
-                    "sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list",
-                ));
+                return Err(bad("sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list"));
             }
-            if self.send_initial_events == Some(true)
-                && self.resource_version_match.as_deref() != Some("NotOlderThan")
+            if self.send_initial_events == Some(true) && self.resource_version_match.as_deref() != Some("NotOlderThan")
             {
                 return Err(bad("resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan"));
             }
@@ -154,10 +143,7 @@ impl ListOptions {
     fn parsed_rv(&self) -> Result<Option<u64>, ApiError> {
         match self.resource_version.as_deref() {
             None | Some("") => Ok(None),
-            Some(s) => s
-                .parse()
-                .map(Some)
-                .map_err(|_| bad(format!("invalid resource version: {s}"))),
+            Some(s) => s.parse().map(Some).map_err(|_| bad(format!("invalid resource version: {s}"))),
         }
     }
 }
@@ -169,9 +155,7 @@ fn encode_continue(rv: u64, start: &str) -> String {
 
 fn decode_continue(token: &str) -> Result<(u64, String), ApiError> {
     let invalid = || bad(format!("continue key is not valid: {token}"));
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(token)
-        .map_err(|_| invalid())?;
+    let raw = base64::engine::general_purpose::STANDARD.decode(token).map_err(|_| invalid())?;
     let v: Value = serde_json::from_slice(&raw).map_err(|_| invalid())?;
     if v["v"] != "meta.k8s.io/v1" {
         return Err(invalid());
@@ -190,9 +174,7 @@ pub fn list(store: &Store, id: TypeId, opts: &ListOptions) -> Result<Value, ApiE
         (rv, start)
     } else {
         match (rv, opts.resource_version_match.as_deref()) {
-            (Some(rv), _) if rv > store.rv => {
-                return Err(ApiError::too_large_resource_version(rv, store.rv))
-            }
+            (Some(rv), _) if rv > store.rv => return Err(ApiError::too_large_resource_version(rv, store.rv)),
             (Some(rv), Some("Exact")) => (rv, String::new()),
             _ => (store.rv, String::new()),
         }
@@ -206,9 +188,7 @@ pub fn list(store: &Store, id: TypeId, opts: &ListOptions) -> Result<Value, ApiE
     })?;
     let mut items = Vec::new();
     let mut last_key = None;
-    for (key, obj) in
-        objects.range::<String, _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
-    {
+    for (key, obj) in objects.range::<String, _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded)) {
         if opts.limit > 0 && items.len() == opts.limit {
             break;
         }
@@ -227,12 +207,8 @@ pub fn list(store: &Store, id: TypeId, opts: &ListOptions) -> Result<Value, ApiE
     }
     let mut metadata = json!({ "resourceVersion": snapshot_rv.to_string() });
     if let Some(last) = last_key.filter(|_| opts.limit > 0 && items.len() == opts.limit) {
-        let remaining = objects
-            .range::<String, _>((
-                std::ops::Bound::Excluded(last.clone()),
-                std::ops::Bound::Unbounded,
-            ))
-            .count();
+        let remaining =
+            objects.range::<String, _>((std::ops::Bound::Excluded(last.clone()), std::ops::Bound::Unbounded)).count();
         if remaining > 0 {
             metadata["continue"] = json!(encode_continue(snapshot_rv, &last));
             if !opts.filter.has_selectors() {
@@ -260,22 +236,14 @@ pub fn start_watch(
     let rv = opts.parsed_rv()?;
     let current = store.rv;
     let t = &mut store.types[id];
-    let watcher = Watcher {
-        filter: opts.filter.clone(),
-        bookmarks: opts.bookmarks,
-        tx,
-    };
+    let watcher = Watcher { filter: opts.filter.clone(), bookmarks: opts.bookmarks, tx };
     let initial_state = match (opts.send_initial_events, rv) {
         (Some(send), _) => send,
         (None, None | Some(0)) => true,
         (None, Some(_)) => false,
     };
     if initial_state {
-        for obj in t
-            .objects
-            .values()
-            .filter(|o| watcher.filter.matches(&t.info, o))
-        {
+        for obj in t.objects.values().filter(|o| watcher.filter.matches(&t.info, o)) {
             let _ = watcher.tx.send(frame("ADDED", obj));
         }
         if opts.send_initial_events == Some(true) {
@@ -285,8 +253,7 @@ pub fn start_watch(
         if from < t.floor {
             // The watch cache answers with a watcher that yields one ERROR
             // event and ends (cacher.go newErrWatcher), over a 200 response.
-            let status =
-                ApiError::expired(format!("too old resource version: {from} ({})", t.floor));
+            let status = ApiError::expired(format!("too old resource version: {from} ({})", t.floor));
             let _ = watcher.tx.send(frame("ERROR", &status.body));
             return Ok(());
         }
@@ -306,7 +273,6 @@ pub fn send_bookmarks(store: &mut Store) {
     let rv = store.rv;
     for t in &mut store.types {
         let line = bookmark(&t.info, rv, false);
-        t.watchers
-            .retain(|w| !w.bookmarks || w.tx.send(line.clone()).is_ok());
+        t.watchers.retain(|w| !w.bookmarks || w.tx.send(line.clone()).is_ok());
     }
 }

@@ -62,16 +62,7 @@ pub fn groups(store: &Store) -> Value {
 
 fn verbs(info: &TypeInfo) -> Vec<&'static str> {
     if info.stored {
-        vec![
-            "create",
-            "delete",
-            "deletecollection",
-            "get",
-            "list",
-            "patch",
-            "update",
-            "watch",
-        ]
+        vec!["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
     } else {
         vec!["create"]
     }
@@ -82,11 +73,7 @@ fn verbs(info: &TypeInfo) -> Vec<&'static str> {
 #[must_use]
 pub fn resources(store: &Store, group: &str, version: &str) -> Value {
     let mut resources = Vec::new();
-    for t in store
-        .types
-        .iter()
-        .filter(|t| t.info.group == group && t.info.version == version)
-    {
+    for t in store.types.iter().filter(|t| t.info.group == group && t.info.version == version) {
         let info = &t.info;
         resources.push(json!({
             "name": info.plural,

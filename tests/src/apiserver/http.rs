@@ -44,10 +44,7 @@ const MAX_BODY: usize = 3 * 1024 * 1024;
 fn full(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     let mut res = Response::new(Full::new(body.into()).boxed_unsync());
     *res.status_mut() = code;
-    res.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        content_type.parse().expect("static content type"),
-    );
+    res.headers_mut().insert(hyper::header::CONTENT_TYPE, content_type.parse().expect("static content type"));
     res
 }
 
@@ -55,11 +52,7 @@ fn full(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respons
 #[must_use]
 pub fn json_response(code: u16, body: &Value) -> Response<Body> {
     let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    full(
-        code,
-        "application/json",
-        serde_json::to_vec(body).unwrap_or_default(),
-    )
+    full(code, "application/json", serde_json::to_vec(body).unwrap_or_default())
 }
 
 fn error_response(e: &ApiError) -> Response<Body> {
@@ -68,11 +61,7 @@ fn error_response(e: &ApiError) -> Response<Body> {
 
 /// The mux's answer for a path nobody serves.
 fn page_not_found() -> Response<Body> {
-    full(
-        StatusCode::NOT_FOUND,
-        "text/plain; charset=utf-8",
-        "404 page not found\n",
-    )
+    full(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "404 page not found\n")
 }
 
 /// Where a request points.
@@ -104,20 +93,14 @@ pub fn parse_route(path: &str) -> Option<Route> {
         ["apis", g, v, rest @ ..] if !rest.is_empty() => ((*g).to_owned(), (*v).to_owned(), rest),
         _ => return None,
     };
-    let mut route = Route {
-        group,
-        version,
-        ..Route::default()
-    };
+    let mut route = Route { group, version, ..Route::default() };
     if rest.first() == Some(&"watch") {
         route.legacy_watch = true;
         rest = &rest[1..];
     }
     match rest {
         // namespaces/{name}[/status|/finalize] is the Namespace itself.
-        ["namespaces", name] | ["namespaces", name, "status" | "finalize"]
-            if route.group.is_empty() =>
-        {
+        ["namespaces", name] | ["namespaces", name, "status" | "finalize"] if route.group.is_empty() => {
             route.plural = "namespaces".into();
             route.name = Some((*name).to_owned());
             route.subresource = rest.get(2).map(|s| (*s).to_owned());
@@ -142,23 +125,15 @@ pub fn parse_route(path: &str) -> Option<Route> {
 }
 
 fn query_map(query: Option<&str>) -> BTreeMap<String, String> {
-    form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .into_owned()
-        .collect()
+    form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect()
 }
 
 /// Serves one request.
-pub async fn handle(
-    shared: Arc<Shared>,
-    mut req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+pub async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let query = query_map(req.uri().query());
-    let authorization = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let authorization =
+        req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
     shared.record(RequestRecord {
         method: req.method().to_string(),
         path: path.clone(),
@@ -168,8 +143,7 @@ pub async fn handle(
     if !shared.authenticated(authorization.as_deref()) {
         return Ok(error_response(&ApiError::unauthorized()));
     }
-    let is_watch = query.get("watch").is_some_and(|w| w == "true" || w == "1")
-        || path.contains("/watch/");
+    let is_watch = query.get("watch").is_some_and(|w| w == "true" || w == "1") || path.contains("/watch/");
     if is_watch {
         // Held by the test (`ApiServer::hold_watches`): wait, unanswered.
         let mut held = shared.watches_held.subscribe();
@@ -178,12 +152,7 @@ pub async fn handle(
     let method = req.method().clone();
     match path.trim_end_matches('/') {
         "/version" => return Ok(json_response(200, &discovery::version())),
-        "/api" => {
-            return Ok(json_response(
-                200,
-                &discovery::core_versions(&shared.addr.to_string()),
-            ))
-        }
+        "/api" => return Ok(json_response(200, &discovery::core_versions(&shared.addr.to_string()))),
         "/apis" => return Ok(json_response(200, &discovery::groups(&shared.store()))),
         "/healthz" | "/readyz" | "/livez" => return Ok(full(StatusCode::OK, "text/plain", "ok")),
         _ => {}
@@ -197,9 +166,7 @@ pub async fn handle(
         };
         let store = shared.store();
         return Ok(match doc {
-            Some((g, v)) if store.serves_group_version(g, v) => {
-                json_response(200, &discovery::resources(&store, g, v))
-            }
+            Some((g, v)) if store.serves_group_version(g, v) => json_response(200, &discovery::resources(&store, g, v)),
             _ => page_not_found(),
         });
     };
@@ -226,15 +193,7 @@ pub async fn handle(
         Ok(b) => b,
         Err(e) => return Ok(error_response(&e)),
     };
-    let res = route_request(
-        &shared,
-        id,
-        &route,
-        method.as_str(),
-        &query,
-        &content_type,
-        &body,
-    );
+    let res = route_request(&shared, id, &route, method.as_str(), &query, &content_type, &body);
     Ok(res.unwrap_or_else(|e| error_response(&e)))
 }
 
@@ -248,8 +207,7 @@ async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("error decoding the request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding the request body: {e}")))
 }
 
 /// Dispatches by verb once the type is known.
@@ -270,11 +228,7 @@ fn route_request(
     {
         return Err(ApiError::no_such_resource());
     }
-    if route
-        .subresource
-        .as_deref()
-        .is_some_and(|s| s != "status" || !info.has_status_subresource())
-    {
+    if route.subresource.as_deref().is_some_and(|s| s != "status" || !info.has_status_subresource()) {
         return Err(ApiError::no_such_resource());
     }
     let ns = route.namespace.clone().unwrap_or_default();
@@ -299,9 +253,7 @@ fn route_request(
             .ok_or_else(|| ApiError::not_found(&info, name)),
         ("PUT", Some(name)) => {
             let scope = write_scope(&info, route);
-            let updated = shared
-                .store()
-                .update(id, &ns, name, parse_json(body)?, scope)?;
+            let updated = shared.store().update(id, &ns, name, parse_json(body)?, scope)?;
             Ok(json_response(200, &updated))
         }
         ("PATCH", Some(name)) => patch_object(shared, id, route, name, query, content_type, body),
@@ -323,14 +275,8 @@ fn read_collection(
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let weak = tx.downgrade();
         start_watch(&mut store, id, &opts, tx)?;
-        let timeout = opts
-            .timeout_seconds
-            .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
-        let last_bookmark = opts.bookmarks.then(|| LastBookmark {
-            shared: shared.clone(),
-            id,
-            tx: weak,
-        });
+        let timeout = opts.timeout_seconds.map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
+        let last_bookmark = opts.bookmarks.then(|| LastBookmark { shared: shared.clone(), id, tx: weak });
         Ok(watch_response(rx, timeout, last_bookmark))
     } else {
         Ok(json_response(200, &list(&store, id, &opts)?))
@@ -338,12 +284,7 @@ fn read_collection(
 }
 
 /// POST to a collection.
-fn create_object(
-    shared: &Arc<Shared>,
-    id: TypeId,
-    route: &Route,
-    body: &[u8],
-) -> Result<Response<Body>, ApiError> {
+fn create_object(shared: &Arc<Shared>, id: TypeId, route: &Route, body: &[u8]) -> Result<Response<Body>, ApiError> {
     let mut store = shared.store();
     let info = store.types[id].info.clone();
     let ns = route.namespace.clone().unwrap_or_default();
@@ -398,19 +339,14 @@ fn delete_object(
     name: &str,
     body: &[u8],
 ) -> Result<Response<Body>, ApiError> {
-    let options = if body.iter().all(u8::is_ascii_whitespace) {
-        Value::Null
-    } else {
-        parse_json(body)?
-    };
+    let options = if body.iter().all(u8::is_ascii_whitespace) { Value::Null } else { parse_json(body)? };
     let mut store = shared.store();
     let info = store.types[id].info.clone();
     let deleted = store.delete(id, ns, name, options.get("preconditions"))?;
     if info.return_deleted_object {
         return Ok(json_response(200, &deleted));
     }
-    let mut details =
-        json!({ "name": name, "kind": info.plural, "uid": deleted["metadata"]["uid"] });
+    let mut details = json!({ "name": name, "kind": info.plural, "uid": deleted["metadata"]["uid"] });
     if !info.group.is_empty() {
         details["group"] = json!(info.group);
     }
@@ -447,7 +383,9 @@ fn patch_object(
     let mut store = shared.store();
     let info = store.types[id].info.clone();
     if kind == PatchKind::Apply && query.get("fieldManager").is_none_or(String::is_empty) {
-        return Err(ApiError::bad_request("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch"));
+        return Err(ApiError::bad_request(
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+        ));
     }
     let Some(current) = store.get(id, &ns, name).cloned() else {
         if kind == PatchKind::Apply && route.subresource.is_none() {
@@ -513,9 +451,7 @@ fn watch_response(
     last_bookmark: Option<LastBookmark>,
 ) -> Response<Body> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let bookmark_at = deadline
-        .checked_sub(Duration::from_secs(2))
-        .filter(|_| timeout > Duration::from_secs(2));
+    let bookmark_at = deadline.checked_sub(Duration::from_secs(2)).filter(|_| timeout > Duration::from_secs(2));
     let last_bookmark = last_bookmark.filter(|_| bookmark_at.is_some());
     let stream = futures::stream::unfold((rx, last_bookmark), move |(mut rx, mut pending)| async move {
         loop {
@@ -532,12 +468,7 @@ fn watch_response(
         }
     })
     .boxed();
-    let mut res = Response::new(http_body_util::BodyExt::boxed_unsync(StreamBody::new(
-        stream,
-    )));
-    res.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        "application/json".parse().expect("static content type"),
-    );
+    let mut res = Response::new(http_body_util::BodyExt::boxed_unsync(StreamBody::new(stream)));
+    res.headers_mut().insert(hyper::header::CONTENT_TYPE, "application/json".parse().expect("static content type"));
     res
 }

@@ -65,8 +65,7 @@ pub fn apply(kind: PatchKind, target: &mut Value, patch: &Value) -> Result<(), S
             Ok(())
         }
         PatchKind::Json => {
-            let ops: json_patch::Patch =
-                serde_json::from_value(patch.clone()).map_err(|e| e.to_string())?;
+            let ops: json_patch::Patch = serde_json::from_value(patch.clone()).map_err(|e| e.to_string())?;
             json_patch::patch(target, &ops).map_err(|e| e.to_string())
         }
     }

@@ -63,55 +63,35 @@ pub fn upgrade(
         return error(&ApiError::not_found(&info, &pod));
     }
     drop(store);
-    let ports: Result<Vec<u16>, _> = query.get("ports").map_or(Ok(Vec::new()), |p| {
-        p.split(',').map(|s| s.trim().parse::<u16>()).collect()
-    });
+    let ports: Result<Vec<u16>, _> =
+        query.get("ports").map_or(Ok(Vec::new()), |p| p.split(',').map(|s| s.trim().parse::<u16>()).collect());
     let ports = match ports {
         Ok(p) if !p.is_empty() && !p.contains(&0) => p,
-        _ => {
-            return error(&ApiError::bad_request(
-                "invalid port value: ports must be integers between 1 and 65535",
-            ))
-        }
+        _ => return error(&ApiError::bad_request("invalid port value: ports must be integers between 1 and 65535")),
     };
-    let header = |name: hyper::header::HeaderName| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+    let header =
+        |name: hyper::header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let is_ws = header(hyper::header::UPGRADE).is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
-    let offers_v4 = header(hyper::header::SEC_WEBSOCKET_PROTOCOL)
-        .is_some_and(|p| p.split(',').any(|p| p.trim() == PROTOCOL));
+    let offers_v4 =
+        header(hyper::header::SEC_WEBSOCKET_PROTOCOL).is_some_and(|p| p.split(',').any(|p| p.trim() == PROTOCOL));
     let Some(key) = header(hyper::header::SEC_WEBSOCKET_KEY).filter(|_| is_ws && offers_v4) else {
-        return error(&ApiError::bad_request(format!(
-            "port-forward needs a WebSocket upgrade offering {PROTOCOL}"
-        )));
+        return error(&ApiError::bad_request(format!("port-forward needs a WebSocket upgrade offering {PROTOCOL}")));
     };
     let target = shared.forward_target(&ns, &pod);
     let on_upgrade = hyper::upgrade::on(req);
     let label = format!("pod {ns}/{pod}");
     tokio::spawn(async move {
         if let Ok(upgraded) = on_upgrade.await {
-            let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
             bridge(ws, ports, target, label).await;
         }
     });
-    let mut res = Response::new(http_body_util::BodyExt::boxed_unsync(
-        http_body_util::Empty::new(),
-    ));
+    let mut res = Response::new(http_body_util::BodyExt::boxed_unsync(http_body_util::Empty::new()));
     *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = res.headers_mut();
     h.insert(hyper::header::UPGRADE, "websocket".parse().expect("static"));
-    h.insert(
-        hyper::header::CONNECTION,
-        "Upgrade".parse().expect("static"),
-    );
-    h.insert(
-        hyper::header::SEC_WEBSOCKET_PROTOCOL,
-        PROTOCOL.parse().expect("static"),
-    );
+    h.insert(hyper::header::CONNECTION, "Upgrade".parse().expect("static"));
+    h.insert(hyper::header::SEC_WEBSOCKET_PROTOCOL, PROTOCOL.parse().expect("static"));
     if let Ok(accept) = derive_accept_key(key.as_bytes()).parse() {
         h.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, accept);
     }
@@ -133,23 +113,15 @@ enum FromTarget {
 
 /// Moves bytes between the WebSocket's data channels and one TCP
 /// connection per port until either side is done.
-async fn bridge<S>(
-    ws: WebSocketStream<S>,
-    ports: Vec<u16>,
-    target: Option<SocketAddr>,
-    label: String,
-) where
+async fn bridge<S>(ws: WebSocketStream<S>, ports: Vec<u16>, target: Option<SocketAddr>, label: String)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut ws_tx, mut ws_rx) = ws.split();
     for (i, port) in ports.iter().enumerate() {
         let data = (2 * i) as u8;
         for ch in [data, data + 1] {
-            if ws_tx
-                .send(channel_frame(ch, &port.to_le_bytes()))
-                .await
-                .is_err()
-            {
+            if ws_tx.send(channel_frame(ch, &port.to_le_bytes())).await.is_err() {
                 return;
             }
         }
@@ -175,11 +147,7 @@ async fn bridge<S>(
                         match r.read(&mut buf).await {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
-                                if tx
-                                    .send(FromTarget::Data(data, Bytes::copy_from_slice(&buf[..n])))
-                                    .await
-                                    .is_err()
-                                {
+                                if tx.send(FromTarget::Data(data, Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
                                     return;
                                 }
                             }

@@ -27,12 +27,7 @@ impl Resource {
     /// A namespaced custom resource.
     #[must_use]
     pub fn namespaced(api_version: &str, kind: &str, plural: &str) -> Self {
-        Self {
-            api_version: api_version.to_owned(),
-            kind: kind.to_owned(),
-            plural: plural.to_owned(),
-            namespaced: true,
-        }
+        Self { api_version: api_version.to_owned(), kind: kind.to_owned(), plural: plural.to_owned(), namespaced: true }
     }
 }
 
@@ -111,36 +106,15 @@ fn builtin(
 /// services and endpointslices with a `Success` Status.
 #[must_use]
 pub fn builtins() -> Vec<TypeInfo> {
-    let mut token_review = builtin(
-        "authentication.k8s.io/v1",
-        "TokenReview",
-        "tokenreviews",
-        false,
-        &[],
-        false,
-    );
+    let mut token_review = builtin("authentication.k8s.io/v1", "TokenReview", "tokenreviews", false, &[], false);
     token_review.stored = false;
     vec![
-        builtin(
-            "v1",
-            "Namespace",
-            "namespaces",
-            false,
-            NAMESPACE_FIELDS,
-            true,
-        ),
+        builtin("v1", "Namespace", "namespaces", false, NAMESPACE_FIELDS, true),
         builtin("v1", "Pod", "pods", true, POD_FIELDS, true),
         builtin("v1", "Service", "services", true, &[], false),
         builtin("v1", "Secret", "secrets", true, SECRET_FIELDS, false),
         builtin("v1", "ConfigMap", "configmaps", true, &[], false),
-        builtin(
-            "discovery.k8s.io/v1",
-            "EndpointSlice",
-            "endpointslices",
-            true,
-            &[],
-            false,
-        ),
+        builtin("discovery.k8s.io/v1", "EndpointSlice", "endpointslices", true, &[], false),
         token_review,
     ]
 }
@@ -198,9 +172,7 @@ impl TypeInfo {
     /// `#[kube(status = ..)]` derive declares) every custom resource.
     #[must_use]
     pub fn has_status_subresource(&self) -> bool {
-        self.custom
-            || (self.group.is_empty()
-                && matches!(self.kind.as_str(), "Pod" | "Service" | "Namespace"))
+        self.custom || (self.group.is_empty() && matches!(self.kind.as_str(), "Pod" | "Service" | "Namespace"))
     }
 
     /// Whether `field` can be used in a field selector on this type.
@@ -218,11 +190,7 @@ impl TypeInfo {
         let (pointer, default) = match field {
             "metadata.name" => ("/metadata/name", ""),
             "metadata.namespace" => ("/metadata/namespace", ""),
-            other => self
-                .fields
-                .iter()
-                .find(|(f, _, _)| *f == other)
-                .map(|(_, p, d)| (*p, *d))?,
+            other => self.fields.iter().find(|(f, _, _)| *f == other).map(|(_, p, d)| (*p, *d))?,
         };
         Some(match obj.pointer(pointer) {
             Some(Value::String(s)) => s.clone(),

@@ -96,8 +96,7 @@ fn valid_label_value(v: &str) -> bool {
         || (v.len() <= 63
             && v.starts_with(ok_edge)
             && v.ends_with(ok_edge)
-            && v.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+            && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
 }
 
 /// A label key as `validation.IsQualifiedName` accepts it: an optional DNS
@@ -114,9 +113,7 @@ fn valid_label_key(k: &str) -> bool {
                 !part.is_empty()
                     && part.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
                     && part.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-                    && part
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             })
     });
     prefix_ok && !name.is_empty() && valid_label_value(name)
@@ -142,9 +139,7 @@ impl Parser {
         match self.next() {
             Some(Token::Ident(k)) if valid_label_key(&k) => Ok(k),
             Some(Token::Ident(k)) => Err(SelectorError(format!("invalid label key {k:?}"))),
-            other => Err(SelectorError(format!(
-                "found {other:?}, expected: identifier"
-            ))),
+            other => Err(SelectorError(format!("found {other:?}, expected: identifier"))),
         }
     }
 
@@ -153,18 +148,14 @@ impl Parser {
         match self.peek() {
             None | Some(Token::Comma) => Ok(String::new()),
             Some(Token::Ident(_)) => {
-                let Some(Token::Ident(v)) = self.next() else {
-                    unreachable!()
-                };
+                let Some(Token::Ident(v)) = self.next() else { unreachable!() };
                 if valid_label_value(&v) {
                     Ok(v)
                 } else {
                     Err(SelectorError(format!("invalid label value: {v:?}")))
                 }
             }
-            Some(other) => Err(SelectorError(format!(
-                "found {other:?}, expected: identifier"
-            ))),
+            Some(other) => Err(SelectorError(format!("found {other:?}, expected: identifier"))),
         }
     }
 
@@ -178,46 +169,32 @@ impl Parser {
                 Some(Token::Ident(v)) if valid_label_value(&v) => {
                     values.insert(v);
                 }
-                Some(Token::Ident(v)) => {
-                    return Err(SelectorError(format!("invalid label value: {v:?}")))
-                }
+                Some(Token::Ident(v)) => return Err(SelectorError(format!("invalid label value: {v:?}"))),
                 Some(Token::Comma) => {
                     values.insert(String::new());
                     continue;
                 }
                 Some(Token::Close) => break,
-                other => {
-                    return Err(SelectorError(format!(
-                        "found {other:?}, expected: ',' or ')'"
-                    )))
-                }
+                other => return Err(SelectorError(format!("found {other:?}, expected: ',' or ')'"))),
             }
             match self.next() {
                 Some(Token::Comma) => {}
                 Some(Token::Close) => break,
-                other => {
-                    return Err(SelectorError(format!(
-                        "found {other:?}, expected: ',' or ')'"
-                    )))
-                }
+                other => return Err(SelectorError(format!("found {other:?}, expected: ',' or ')'"))),
             }
         }
         // NewRequirement: "for 'in', 'notin' operators, values set can't be empty".
         if values.is_empty() {
-            return Err(SelectorError(
-                "for 'in', 'notin' operators, values set can't be empty".into(),
-            ));
+            return Err(SelectorError("for 'in', 'notin' operators, values set can't be empty".into()));
         }
         Ok(values)
     }
 
     fn integer(&mut self) -> Result<i64, SelectorError> {
         match self.next() {
-            Some(Token::Ident(v)) => v.parse().map_err(|_| {
-                SelectorError(format!(
-                    "for 'Gt', 'Lt' operators, the value must be an integer: {v:?}"
-                ))
-            }),
+            Some(Token::Ident(v)) => v
+                .parse()
+                .map_err(|_| SelectorError(format!("for 'Gt', 'Lt' operators, the value must be an integer: {v:?}"))),
             other => Err(SelectorError(format!("found {other:?}, expected: integer"))),
         }
     }
@@ -254,9 +231,7 @@ impl Parser {
                 self.next();
                 Ok(LabelRequirement::NotIn(key, self.value_set()?))
             }
-            Some(other) => Err(SelectorError(format!(
-                "found {other:?}, expected: in, notin, =, ==, !=, gt, lt"
-            ))),
+            Some(other) => Err(SelectorError(format!("found {other:?}, expected: in, notin, =, ==, !=, gt, lt"))),
         }
     }
 }
@@ -264,10 +239,7 @@ impl Parser {
 impl LabelSelector {
     /// Parses a `labelSelector` query value.
     pub fn parse(s: &str) -> Result<Self, SelectorError> {
-        let mut parser = Parser {
-            tokens: tokenize(s),
-            pos: 0,
-        };
+        let mut parser = Parser { tokens: tokenize(s), pos: 0 };
         let mut requirements = Vec::new();
         if parser.peek().is_none() {
             return Ok(Self(requirements));
@@ -277,9 +249,7 @@ impl LabelSelector {
             match parser.next() {
                 None => break,
                 Some(Token::Comma) => {}
-                Some(other) => {
-                    return Err(SelectorError(format!("found {other:?}, expected: ','")))
-                }
+                Some(other) => return Err(SelectorError(format!("found {other:?}, expected: ','"))),
             }
         }
         Ok(Self(requirements))
@@ -295,14 +265,12 @@ impl LabelSelector {
             LabelRequirement::NotEquals(k, v) => labels.get(k) != Some(v),
             LabelRequirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
             LabelRequirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
-            LabelRequirement::GreaterThan(k, n) => labels
-                .get(k)
-                .and_then(|v| v.parse::<i64>().ok())
-                .is_some_and(|v| v > *n),
-            LabelRequirement::LessThan(k, n) => labels
-                .get(k)
-                .and_then(|v| v.parse::<i64>().ok())
-                .is_some_and(|v| v < *n),
+            LabelRequirement::GreaterThan(k, n) => {
+                labels.get(k).and_then(|v| v.parse::<i64>().ok()).is_some_and(|v| v > *n)
+            }
+            LabelRequirement::LessThan(k, n) => {
+                labels.get(k).and_then(|v| v.parse::<i64>().ok()).is_some_and(|v| v < *n)
+            }
         })
     }
 
@@ -359,15 +327,9 @@ fn unescape(s: &str) -> Result<String, SelectorError> {
             match chars.next() {
                 Some(e @ ('\\' | ',' | '=')) => out.push(e),
                 Some(e) => {
-                    return Err(SelectorError(format!(
-                        "invalid field selector: invalid escape sequence: \\{e}"
-                    )))
+                    return Err(SelectorError(format!("invalid field selector: invalid escape sequence: \\{e}")))
                 }
-                None => {
-                    return Err(SelectorError(
-                        "invalid field selector: unterminated escape sequence".into(),
-                    ))
-                }
+                None => return Err(SelectorError("invalid field selector: unterminated escape sequence".into())),
             }
         } else {
             out.push(c);
@@ -384,12 +346,8 @@ fn split_term(term: &str) -> Option<(&str, &str, bool)> {
     while i < bytes.len() {
         match bytes[i] {
             b'\\' => i += 2,
-            b'!' if bytes.get(i + 1) == Some(&b'=') => {
-                return Some((&term[..i], &term[i + 2..], true))
-            }
-            b'=' if bytes.get(i + 1) == Some(&b'=') => {
-                return Some((&term[..i], &term[i + 2..], false))
-            }
+            b'!' if bytes.get(i + 1) == Some(&b'=') => return Some((&term[..i], &term[i + 2..], true)),
+            b'=' if bytes.get(i + 1) == Some(&b'=') => return Some((&term[..i], &term[i + 2..], false)),
             b'=' => return Some((&term[..i], &term[i + 1..], false)),
             _ => i += 1,
         }
@@ -409,15 +367,9 @@ impl FieldSelector {
                 continue;
             }
             let Some((field, value, negated)) = split_term(&term) else {
-                return Err(SelectorError(format!(
-                    "invalid selector: '{s}'; can't understand '{term}'"
-                )));
+                return Err(SelectorError(format!("invalid selector: '{s}'; can't understand '{term}'")));
             };
-            requirements.push(FieldRequirement {
-                field: unescape(field)?,
-                value: unescape(value)?,
-                negated,
-            });
+            requirements.push(FieldRequirement { field: unescape(field)?, value: unescape(value)?, negated });
         }
         Ok(Self(requirements))
     }
@@ -436,11 +388,7 @@ impl FieldSelector {
 pub fn labels_of(obj: &Value) -> BTreeMap<String, String> {
     obj.pointer("/metadata/labels")
         .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-                .collect()
-        })
+        .map(|m| m.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect())
         .unwrap_or_default()
 }
 
@@ -449,39 +397,17 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
     fn label_selector_supports_every_operator_of_apimachinery() {
-        let s = LabelSelector::parse(
-            "app=web, tier!=db,env in (prod, staging),!legacy,team,zone notin (a),rank>2",
-        )
-        .unwrap();
-        let l = labels(&[
-            ("app", "web"),
-            ("env", "prod"),
-            ("team", "x"),
-            ("zone", "b"),
-            ("rank", "3"),
-        ]);
+        let s = LabelSelector::parse("app=web, tier!=db,env in (prod, staging),!legacy,team,zone notin (a),rank>2")
+            .unwrap();
+        let l = labels(&[("app", "web"), ("env", "prod"), ("team", "x"), ("zone", "b"), ("rank", "3")]);
         assert!(s.matches(&l));
-        assert!(!s.matches(&labels(&[
-            ("app", "web"),
-            ("env", "dev"),
-            ("team", "x"),
-            ("rank", "3")
-        ])));
-        assert!(!s.matches(&labels(&[
-            ("app", "web"),
-            ("env", "prod"),
-            ("team", "x"),
-            ("rank", "3"),
-            ("legacy", "")
-        ])));
+        assert!(!s.matches(&labels(&[("app", "web"), ("env", "dev"), ("team", "x"), ("rank", "3")])));
+        assert!(!s.matches(&labels(&[("app", "web"), ("env", "prod"), ("team", "x"), ("rank", "3"), ("legacy", "")])));
     }
 
     #[test]
@@ -493,9 +419,7 @@ mod tests {
 
     #[test]
     fn label_selector_rejects_malformed_input() {
-        for bad in [
-            "a in ()", "a in (b", "=b", "a b", "a=b=c", "a>x", "a in b", "a=@",
-        ] {
+        for bad in ["a in ()", "a in (b", "=b", "a b", "a=b=c", "a>x", "a in b", "a=@"] {
             assert!(LabelSelector::parse(bad).is_err(), "{bad} should not parse");
         }
         assert!(LabelSelector::parse("").unwrap().is_empty());
@@ -509,9 +433,7 @@ mod tests {
 
     #[test]
     fn field_selector_parses_operators_and_escapes() {
-        let s =
-            FieldSelector::parse(r"spec.nodeName=node-a,metadata.name!=x\,y,status.phase==Running")
-                .unwrap();
+        let s = FieldSelector::parse(r"spec.nodeName=node-a,metadata.name!=x\,y,status.phase==Running").unwrap();
         assert_eq!(s.0.len(), 3);
         assert_eq!(s.0[1].value, "x,y");
         assert!(s.0[1].negated);

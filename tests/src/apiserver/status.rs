@@ -44,24 +44,14 @@ impl ApiError {
     /// `NewNotFound`: `pods "x" not found`.
     #[must_use]
     pub fn not_found(ty: &TypeInfo, name: &str) -> Self {
-        Self::new(
-            404,
-            "NotFound",
-            format!("{} \"{name}\" not found", ty.qualified()),
-            Self::details(ty, name),
-        )
+        Self::new(404, "NotFound", format!("{} \"{name}\" not found", ty.qualified()), Self::details(ty, name))
     }
 
     /// The 404 for a path inside a served group version that names no
     /// resource (the API installer's `NotFound` with empty details).
     #[must_use]
     pub fn no_such_resource() -> Self {
-        Self::new(
-            404,
-            "NotFound",
-            "the server could not find the requested resource".into(),
-            json!({}),
-        )
+        Self::new(404, "NotFound", "the server could not find the requested resource".into(), json!({}))
     }
 
     /// `NewAlreadyExists`: `pods "x" already exists`.
@@ -81,10 +71,7 @@ impl ApiError {
         Self::new(
             409,
             "Conflict",
-            format!(
-                "Operation cannot be fulfilled on {} \"{name}\": {why}",
-                ty.qualified()
-            ),
+            format!("Operation cannot be fulfilled on {} \"{name}\": {why}", ty.qualified()),
             Self::details(ty, name),
         )
     }
@@ -111,10 +98,7 @@ impl ApiError {
         Self::new(
             405,
             "MethodNotAllowed",
-            format!(
-                "{method} is not supported on resources of kind {:?}",
-                ty.qualified()
-            ),
+            format!("{method} is not supported on resources of kind {:?}", ty.qualified()),
             json!({ "kind": ty.plural }),
         )
     }

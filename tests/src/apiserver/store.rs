@@ -104,31 +104,23 @@ pub fn key_of(info: &TypeInfo, namespace: &str, name: &str) -> String {
 
 /// `metadata.name` of a stored object.
 pub fn name_of(obj: &Value) -> &str {
-    obj.pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
+    obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
 }
 
 /// `metadata.namespace` of a stored object ("" for cluster-scoped ones).
 pub fn namespace_of(obj: &Value) -> &str {
-    obj.pointer("/metadata/namespace")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
+    obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default()
 }
 
 /// `metadata.resourceVersion` of an object, parsed.
 pub fn rv_of(obj: &Value) -> Option<u64> {
-    obj.pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok())
+    obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).and_then(|s| s.parse().ok())
 }
 
 fn now_rfc3339() -> String {
     // metav1.Time is serialised at second precision (RFC 3339, UTC).
     let now = jiff::Timestamp::now();
-    jiff::Timestamp::from_second(now.as_second())
-        .unwrap_or(now)
-        .to_string()
+    jiff::Timestamp::from_second(now.as_second()).unwrap_or(now).to_string()
 }
 
 /// The object with its bookkeeping removed, for "did anything change?".
@@ -155,11 +147,7 @@ fn generation_relevant(obj: &Value) -> Value {
 /// own name (`kubernetes.io/metadata.name`, since 1.21, also re-added on
 /// update), carries the `kubernetes` finalizer and is `Active`.
 fn namespace_defaults(obj: &mut Value, name: &str) {
-    if let Some(labels) = meta_mut(obj)
-        .entry("labels")
-        .or_insert_with(|| json!({}))
-        .as_object_mut()
-    {
+    if let Some(labels) = meta_mut(obj).entry("labels").or_insert_with(|| json!({})).as_object_mut() {
         labels.insert("kubernetes.io/metadata.name".into(), json!(name));
     }
     if obj.pointer("/spec/finalizers").is_none() {
@@ -171,20 +159,14 @@ fn namespace_defaults(obj: &mut Value, name: &str) {
 }
 
 fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
-    obj["metadata"]
-        .as_object_mut()
-        .expect("validated: metadata is an object")
+    obj["metadata"].as_object_mut().expect("validated: metadata is an object")
 }
 
 impl Store {
     /// A store serving `types`, at resource version 1.
     #[must_use]
     pub fn new(types: Vec<TypeInfo>) -> Self {
-        let mut store = Self {
-            rv: 1,
-            uid_seq: 0,
-            types: Vec::new(),
-        };
+        let mut store = Self { rv: 1, uid_seq: 0, types: Vec::new() };
         for info in types {
             store.register(info);
         }
@@ -209,25 +191,19 @@ impl Store {
     /// The type served at `/<group>/<version>/<plural>`.
     #[must_use]
     pub fn lookup_path(&self, group: &str, version: &str, plural: &str) -> Option<TypeId> {
-        self.types.iter().position(|t| {
-            t.info.group == group && t.info.version == version && t.info.plural == plural
-        })
+        self.types.iter().position(|t| t.info.group == group && t.info.version == version && t.info.plural == plural)
     }
 
     /// The type of `apiVersion`/`kind`.
     #[must_use]
     pub fn lookup_kind(&self, api_version: &str, kind: &str) -> Option<TypeId> {
-        self.types
-            .iter()
-            .position(|t| t.info.api_version == api_version && t.info.kind == kind)
+        self.types.iter().position(|t| t.info.api_version == api_version && t.info.kind == kind)
     }
 
     /// Whether any type is served in this group version.
     #[must_use]
     pub fn serves_group_version(&self, group: &str, version: &str) -> bool {
-        self.types
-            .iter()
-            .any(|t| t.info.group == group && t.info.version == version)
+        self.types.iter().any(|t| t.info.group == group && t.info.version == version)
     }
 
     /// A stored object.
@@ -242,9 +218,7 @@ impl Store {
     fn normalise(&self, id: TypeId, mut obj: Value, namespace: &str) -> Result<Value, ApiError> {
         let info = &self.types[id].info;
         let Some(map) = obj.as_object_mut() else {
-            return Err(ApiError::bad_request(
-                "the body of the request is not a JSON object",
-            ));
+            return Err(ApiError::bad_request("the body of the request is not a JSON object"));
         };
         for (field, want) in [("apiVersion", &info.api_version), ("kind", &info.kind)] {
             match map.get(field) {
@@ -293,15 +267,9 @@ impl Store {
         let mut name = name_of(&obj).to_owned();
         if name.is_empty() {
             // metadata.generateName: the prefix plus five random characters.
-            match obj
-                .pointer("/metadata/generateName")
-                .and_then(Value::as_str)
-            {
+            match obj.pointer("/metadata/generateName").and_then(Value::as_str) {
                 Some(prefix) if !prefix.is_empty() => {
-                    name = format!(
-                        "{prefix}{:05x}",
-                        (self.uid_seq * 2_654_435_761 + self.rv) % 0xf_ffff
-                    );
+                    name = format!("{prefix}{:05x}", (self.uid_seq * 2_654_435_761 + self.rv) % 0xf_ffff);
                     meta_mut(&mut obj).insert("name".into(), json!(name));
                 }
                 _ => {
@@ -355,17 +323,13 @@ impl Store {
         let Some(old) = self.types[id].objects.get(&key).cloned() else {
             return Err(ApiError::not_found(&info, name));
         };
-        if let Some(want) = obj
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-        {
-            if !want.is_empty()
-                && Some(want)
-                    != old
-                        .pointer("/metadata/resourceVersion")
-                        .and_then(Value::as_str)
-            {
-                return Err(ApiError::conflict(&info, name, "the object has been modified; please apply your changes to the latest version and try again"));
+        if let Some(want) = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+            if !want.is_empty() && Some(want) != old.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+                return Err(ApiError::conflict(
+                    &info,
+                    name,
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                ));
             }
         }
         match scope {
@@ -388,12 +352,7 @@ impl Store {
             }
         }
         // Fields the server owns survive any update.
-        for field in [
-            "uid",
-            "creationTimestamp",
-            "generation",
-            "deletionTimestamp",
-        ] {
+        for field in ["uid", "creationTimestamp", "generation", "deletionTimestamp"] {
             match old.pointer(&format!("/metadata/{field}")) {
                 Some(v) => {
                     meta_mut(&mut obj).insert(field.into(), v.clone());
@@ -432,9 +391,7 @@ impl Store {
             // A driver write without a status keeps the stored one, like a
             // client's update of a type with a status subresource.
             if obj.get("status").is_none() {
-                if let (Some(status), Some(map)) =
-                    (existing.get("status").cloned(), obj.as_object_mut())
-                {
+                if let (Some(status), Some(map)) = (existing.get("status").cloned(), obj.as_object_mut()) {
                     map.insert("status".into(), status);
                 }
             }
@@ -461,12 +418,15 @@ impl Store {
         if let Some(p) = preconditions {
             for field in ["uid", "resourceVersion"] {
                 if let Some(want) = p.get(field).and_then(Value::as_str) {
-                    if old
-                        .pointer(&format!("/metadata/{field}"))
-                        .and_then(Value::as_str)
-                        != Some(want)
-                    {
-                        return Err(ApiError::conflict(&info, name, &format!("Precondition failed: {field} in precondition: {want}, {field} in object meta: {}", old.pointer(&format!("/metadata/{field}")).and_then(Value::as_str).unwrap_or_default())));
+                    if old.pointer(&format!("/metadata/{field}")).and_then(Value::as_str) != Some(want) {
+                        return Err(ApiError::conflict(
+                            &info,
+                            name,
+                            &format!(
+                                "Precondition failed: {field} in precondition: {want}, {field} in object meta: {}",
+                                old.pointer(&format!("/metadata/{field}")).and_then(Value::as_str).unwrap_or_default()
+                            ),
+                        ));
                     }
                 }
             }
@@ -476,14 +436,7 @@ impl Store {
 
     /// Takes the next resource version, applies the change, records it and
     /// delivers it to the type's watches.
-    fn commit(
-        &mut self,
-        id: TypeId,
-        key: String,
-        kind: EventKind,
-        mut obj: Value,
-        prev: Option<Value>,
-    ) -> Value {
+    fn commit(&mut self, id: TypeId, key: String, kind: EventKind, mut obj: Value, prev: Option<Value>) -> Value {
         self.rv += 1;
         let rv = self.rv;
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
@@ -493,12 +446,7 @@ impl Store {
         } else {
             t.objects.insert(key, obj.clone());
         }
-        let event = Event {
-            kind,
-            object: obj.clone(),
-            prev,
-            rv,
-        };
+        let event = Event { kind, object: obj.clone(), prev, rv };
         t.watchers.retain(|w| w.deliver(&t.info, &event));
         t.history.push_back(event);
         while t.history.len() > HISTORY_LIMIT {
@@ -514,10 +462,7 @@ impl Store {
     pub fn snapshot_at(&self, id: TypeId, rv: u64) -> Result<BTreeMap<String, Value>, ApiError> {
         let t = &self.types[id];
         if rv < t.floor {
-            return Err(ApiError::expired(format!(
-                "too old resource version: {rv} ({})",
-                t.floor
-            )));
+            return Err(ApiError::expired(format!("too old resource version: {rv} ({})", t.floor)));
         }
         let mut objects = t.objects.clone();
         for event in t.history.iter().rev().take_while(|e| e.rv > rv) {

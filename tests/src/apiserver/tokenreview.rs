@@ -41,30 +41,17 @@ pub fn review<S: std::hash::BuildHasher>(
     tokens: &HashMap<String, TokenUser, S>,
     mut body: Value,
 ) -> Result<Value, ApiError> {
-    if !body.is_object()
-        || body
-            .get("kind")
-            .and_then(Value::as_str)
-            .is_some_and(|k| k != "TokenReview")
-    {
-        return Err(ApiError::bad_request(
-            "the body of the request is not a TokenReview",
-        ));
+    if !body.is_object() || body.get("kind").and_then(Value::as_str).is_some_and(|k| k != "TokenReview") {
+        return Err(ApiError::bad_request("the body of the request is not a TokenReview"));
     }
     let spec = body.get("spec").cloned().unwrap_or_default();
-    let Some(token) = spec
-        .get("token")
-        .and_then(Value::as_str)
-        .filter(|t| !t.is_empty())
-    else {
-        return Err(ApiError::bad_request("TokenReview.authentication.k8s.io \"\" is invalid: spec.token: Required value: token must be provided"));
+    let Some(token) = spec.get("token").and_then(Value::as_str).filter(|t| !t.is_empty()) else {
+        return Err(ApiError::bad_request(
+            "TokenReview.authentication.k8s.io \"\" is invalid: spec.token: Required value: token must be provided",
+        ));
     };
     let requested: Vec<String> = match spec.get("audiences").and_then(Value::as_array) {
-        Some(a) if !a.is_empty() => a
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect(),
+        Some(a) if !a.is_empty() => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
         _ => API_AUDIENCES.iter().map(|s| (*s).to_owned()).collect(),
     };
     let status = match tokens.get(token) {
@@ -75,10 +62,7 @@ pub fn review<S: std::hash::BuildHasher>(
             } else {
                 user.audiences.clone()
             };
-            let both: Vec<&String> = requested
-                .iter()
-                .filter(|a| token_audiences.contains(a))
-                .collect();
+            let both: Vec<&String> = requested.iter().filter(|a| token_audiences.contains(a)).collect();
             if both.is_empty() {
                 json!({
                     "user": {},

@@ -37,9 +37,7 @@ impl Filter {
     /// Whether `obj` is selected.
     #[must_use]
     pub fn matches(&self, info: &TypeInfo, obj: &Value) -> bool {
-        self.namespace
-            .as_deref()
-            .is_none_or(|ns| namespace_of(obj) == ns)
+        self.namespace.as_deref().is_none_or(|ns| namespace_of(obj) == ns)
             && self.labels.matches(&labels_of(obj))
             && self.fields.matches(|f| info.field_value(obj, f))
     }
@@ -55,8 +53,7 @@ impl Filter {
 /// One watch line: `{"type":..,"object":..}` and a newline.
 #[must_use]
 pub fn frame(kind: &str, object: &Value) -> Bytes {
-    let mut line =
-        serde_json::to_vec(&json!({ "type": kind, "object": object })).unwrap_or_default();
+    let mut line = serde_json::to_vec(&json!({ "type": kind, "object": object })).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
 }
@@ -70,10 +67,7 @@ pub fn bookmark(info: &TypeInfo, rv: u64, initial_events_end: bool) -> Bytes {
     if initial_events_end {
         metadata["annotations"] = json!({ "k8s.io/initial-events-end": "true" });
     }
-    frame(
-        "BOOKMARK",
-        &json!({ "kind": info.kind, "apiVersion": info.api_version, "metadata": metadata }),
-    )
+    frame("BOOKMARK", &json!({ "kind": info.kind, "apiVersion": info.api_version, "metadata": metadata }))
 }
 
 /// An open watch.
@@ -91,12 +85,8 @@ impl Watcher {
     /// The event this watch sees for `event`, if any (see the module doc).
     #[must_use]
     pub fn convert(&self, info: &TypeInfo, event: &Event) -> Option<(&'static str, Value)> {
-        let cur_passes =
-            event.kind != EventKind::Deleted && self.filter.matches(info, &event.object);
-        let old_passes = event
-            .prev
-            .as_ref()
-            .is_some_and(|p| self.filter.matches(info, p));
+        let cur_passes = event.kind != EventKind::Deleted && self.filter.matches(info, &event.object);
+        let old_passes = event.prev.as_ref().is_some_and(|p| self.filter.matches(info, p));
         match (cur_passes, old_passes) {
             (true, false) => Some(("ADDED", event.object.clone())),
             (true, true) => Some(("MODIFIED", event.object.clone())),

@@ -147,7 +147,14 @@ struct L7Figures {
     wp_rss_mib: f64,
 }
 
-fn waypoint_phase(args: &Args, tb: &Testbed, client: &Pod, wp_pod: &Pod, loadgen: &std::path::Path, agents: &[Agent]) -> Result<L7Figures> {
+fn waypoint_phase(
+    args: &Args,
+    tb: &Testbed,
+    client: &Pod,
+    wp_pod: &Pod,
+    loadgen: &std::path::Path,
+    agents: &[Agent],
+) -> Result<L7Figures> {
     let vip = std::net::SocketAddr::from((SERVER_VIP, 80));
     eprintln!("bench: HTTP to the service VIP on the L4 mesh…");
     let (l4, l4_errors, _) = http_at_rate(args, client, loadgen, vip, None)?;
@@ -182,10 +189,28 @@ fn waypoint_phase(args: &Args, tb: &Testbed, client: &Pod, wp_pod: &Pod, loadgen
 }
 
 /// loadgen at the fixed rate: (p50, p90, p99, p99.9 µs), errors, waypoint CPU s.
-fn http_at_rate(args: &Args, client: &Pod, loadgen: &std::path::Path, to: std::net::SocketAddr, wp: Option<&Waypoint>) -> Result<([f64; 4], u64, f64)> {
+fn http_at_rate(
+    args: &Args,
+    client: &Pod,
+    loadgen: &std::path::Path,
+    to: std::net::SocketAddr,
+    wp: Option<&Waypoint>,
+) -> Result<([f64; 4], u64, f64)> {
     let secs = args.seconds.to_string();
     let mut load = Command::new(loadgen);
-    load.args(["http", "--to", &to.to_string(), "--rate", &args.rate.to_string(), "--duration", &secs, "--conns", "10", "--size", "1024"]);
+    load.args([
+        "http",
+        "--to",
+        &to.to_string(),
+        "--rate",
+        &args.rate.to_string(),
+        "--duration",
+        &secs,
+        "--conns",
+        "10",
+        "--size",
+        "1024",
+    ]);
     let cpu_before = wp.map_or(Ok(0.0), |w| pid_cpu_seconds(w.pid()))?;
     let out = run_ok(client, load, "loadgen")?;
     let cpu = wp.map_or(Ok(0.0), |w| pid_cpu_seconds(w.pid()))? - cpu_before;
@@ -227,10 +252,22 @@ fn report_waypoint(args: &Args, f: &L7Figures) {
         println!("{:<44} {:>12.0} {:>12.0} {:>14}", label, f.l4[i], f.wp[i], format!("+{:.0} µs", f.wp[i] - f.l4[i]));
     }
     println!("{:<44} {:>12} {:>12} {:>14}", "HTTP errors", f.errors.0, f.errors.1, "");
-    println!("{:<44} {:>12.0} {:>12.0} {:>14}", "requests/s at saturation (h2load --h1 -c 10)", f.l4_saturation, f.wp_saturation, "");
-    println!("{:<44} {:>12} {:>12.0} {:>14}", "waypoint requests/s per core at saturation", "-", f.wp_saturation / f.wp_cores_at_saturation.max(0.01), "");
+    println!(
+        "{:<44} {:>12.0} {:>12.0} {:>14}",
+        "requests/s at saturation (h2load --h1 -c 10)", f.l4_saturation, f.wp_saturation, ""
+    );
+    println!(
+        "{:<44} {:>12} {:>12.0} {:>14}",
+        "waypoint requests/s per core at saturation",
+        "-",
+        f.wp_saturation / f.wp_cores_at_saturation.max(0.01),
+        ""
+    );
     println!("{:<44} {:>12} {:>12.3} {:>14}", "waypoint CPU s per 1,000 requests", "-", f.wp_cpu_per_k, "");
-    println!("{:<44} {:>12} {:>12.3} {:>14}", "waypoint vCPU per 1,000 requests/s", "-", f.wp_cpu_per_k, "(same figure)");
+    println!(
+        "{:<44} {:>12} {:>12.3} {:>14}",
+        "waypoint vCPU per 1,000 requests/s", "-", f.wp_cpu_per_k, "(same figure)"
+    );
     println!("{:<44} {:>12} {:>12.1} {:>14}", "waypoint peak RSS, MiB", "-", f.wp_rss_mib, "");
 }
 
@@ -243,11 +280,7 @@ fn cmd(program: &str, args: &[&str]) -> Command {
 fn run_ok(pod: &Pod, c: Command, what: &str) -> Result<String> {
     let out = pod.run(c).with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!(
-            "{what} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{what} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -272,7 +305,19 @@ fn measure(args: &Args, client: &Pod, server: &Pod, loadgen: &std::path::Path, a
     f.pp_p99_us = sockperf_value(&out, "percentile 99.000 =")?;
 
     let mut load = Command::new(loadgen);
-    load.args(["http", "--to", &server.addr(HTTP_PORT).to_string(), "--rate", &args.rate.to_string(), "--duration", &secs, "--conns", "10", "--size", "1024"]);
+    load.args([
+        "http",
+        "--to",
+        &server.addr(HTTP_PORT).to_string(),
+        "--rate",
+        &args.rate.to_string(),
+        "--duration",
+        &secs,
+        "--conns",
+        "10",
+        "--size",
+        "1024",
+    ]);
     let cpu_before: f64 = agents.iter().map(cpu_seconds).sum::<Result<f64>>()?;
     let out = run_ok(client, load, "loadgen")?;
     f.http_cpu_s = agents.iter().map(cpu_seconds).sum::<Result<f64>>()? - cpu_before;
@@ -356,22 +401,58 @@ fn pid_peak_rss_mib(pid: u32) -> Result<f64> {
 }
 
 fn report(args: &Args, d: &Figures, m: &Figures, cpu_per_k: f64, rss: &[f64]) {
-    let ratio = |m: f64, d: f64| if d > 0.0 { format!("{:.0}%", m / d * 100.0) } else { "-".into() };
+    let ratio = |m: f64, d: f64| {
+        if d > 0.0 {
+            format!("{:.0}%", m / d * 100.0)
+        } else {
+            "-".into()
+        }
+    };
     let added = |m: f64, d: f64| format!("+{:.1} µs", m - d);
     println!();
     println!("Heddle benchmark: client on node-a, server on node-b, {} s per measurement", args.seconds);
     let mode = if args.no_mtls { "mesh (plain)" } else { "mesh (mTLS)" };
     println!("{:<44} {:>12} {:>12} {:>14}", "", "direct", mode, "mesh vs direct");
-    println!("{:<44} {:>12.2} {:>12.2} {:>14}", "single-stream throughput, Gbit/s (iperf3)", d.gbps, m.gbps, ratio(m.gbps, d.gbps));
-    println!("{:<44} {:>12.1} {:>12.1} {:>14}", "1 KiB ping-pong one-way avg, µs (sockperf)", d.pp_avg_us, m.pp_avg_us, added(m.pp_avg_us, d.pp_avg_us));
-    println!("{:<44} {:>12.1} {:>12.1} {:>14}", "1 KiB ping-pong one-way p50, µs", d.pp_p50_us, m.pp_p50_us, added(m.pp_p50_us, d.pp_p50_us));
-    println!("{:<44} {:>12.1} {:>12.1} {:>14}", "1 KiB ping-pong one-way p99, µs", d.pp_p99_us, m.pp_p99_us, added(m.pp_p99_us, d.pp_p99_us));
+    println!(
+        "{:<44} {:>12.2} {:>12.2} {:>14}",
+        "single-stream throughput, Gbit/s (iperf3)",
+        d.gbps,
+        m.gbps,
+        ratio(m.gbps, d.gbps)
+    );
+    println!(
+        "{:<44} {:>12.1} {:>12.1} {:>14}",
+        "1 KiB ping-pong one-way avg, µs (sockperf)",
+        d.pp_avg_us,
+        m.pp_avg_us,
+        added(m.pp_avg_us, d.pp_avg_us)
+    );
+    println!(
+        "{:<44} {:>12.1} {:>12.1} {:>14}",
+        "1 KiB ping-pong one-way p50, µs",
+        d.pp_p50_us,
+        m.pp_p50_us,
+        added(m.pp_p50_us, d.pp_p50_us)
+    );
+    println!(
+        "{:<44} {:>12.1} {:>12.1} {:>14}",
+        "1 KiB ping-pong one-way p99, µs",
+        d.pp_p99_us,
+        m.pp_p99_us,
+        added(m.pp_p99_us, d.pp_p99_us)
+    );
     for (i, p) in ["p50", "p90", "p99", "p99.9"].iter().enumerate() {
         let label = format!("HTTP 1 KiB at {}/s, latency {p}, µs", args.rate);
         println!("{:<44} {:>12.0} {:>12.0} {:>14}", label, d.http[i], m.http[i], ratio(m.http[i], d.http[i]));
     }
     println!("{:<44} {:>12} {:>12} {:>14}", "HTTP errors", d.http_errors, m.http_errors, "");
-    println!("{:<44} {:>12.0} {:>12.0} {:>14}", "new connections/s (connect, 1 B echo, close)", d.conns_per_s, m.conns_per_s, ratio(m.conns_per_s, d.conns_per_s));
+    println!(
+        "{:<44} {:>12.0} {:>12.0} {:>14}",
+        "new connections/s (connect, 1 B echo, close)",
+        d.conns_per_s,
+        m.conns_per_s,
+        ratio(m.conns_per_s, d.conns_per_s)
+    );
     println!("{:<44} {:>12} {:>12.3} {:>14}", "agent CPU s per 1,000 HTTP requests (both)", "-", cpu_per_k, "");
     let rss_s: Vec<String> = rss.iter().map(|r| format!("{r:.1}")).collect();
     println!("{:<44} {:>12} {:>12} {:>14}", "agent peak RSS, MiB (node-a, node-b)", "-", rss_s.join(" / "), "");

@@ -37,12 +37,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use heddle_tests::env::TCPDUMP;
-use heddle_tests::report::{
-    cert_table, datapath_tables, flow_table, identity_table, workload_table,
-};
+use heddle_tests::report::{cert_table, datapath_tables, flow_table, identity_table, workload_table};
 use heddle_tests::{
-    check_environment, find_tool, Agent, CaOptions, ClientSpec, Direction, Flow, FlowEvent,
-    InboundMode, Node, Pod, PodSpec, Security, ServiceSpec, TeardownHandle, Testbed, TUNNEL_PORT,
+    check_environment, find_tool, Agent, CaOptions, ClientSpec, Direction, Flow, FlowEvent, InboundMode, Node, Pod,
+    PodSpec, Security, ServiceSpec, TeardownHandle, Testbed, TUNNEL_PORT,
 };
 
 /// The `demo/api` service's VIP.
@@ -100,11 +98,7 @@ fn handle_signals() -> std::io::Result<()> {
         // SAFETY: `set` is initialised; sigwait writes the signal number.
         unsafe { libc::sigwait(&raw const set, &raw mut sig) };
         eprintln!("\ndemo: interrupted, cleaning up…");
-        if let Some(handle) = TEARDOWN
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
+        if let Some(handle) = TEARDOWN.lock().unwrap_or_else(PoisonError::into_inner).take() {
             handle.teardown();
         }
         std::process::exit(130);
@@ -116,11 +110,7 @@ fn handle_signals() -> std::io::Result<()> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Expect {
     /// Delivered with this security; captured outbound / inbound or not.
-    Delivered {
-        security: Option<Security>,
-        outbound: bool,
-        inbound: bool,
-    },
+    Delivered { security: Option<Security>, outbound: bool, inbound: bool },
     /// Refused by the destination's agent (inbound mode STRICT).
     Refused,
 }
@@ -161,12 +151,7 @@ fn build() -> Result<Demo> {
     let b = tb.add_node("node-b")?;
     let web = tb.add_pod(&a, PodSpec::new("web-client").enrolled(true))?;
     let legacy = tb.add_pod(&a, PodSpec::new("legacy"))?;
-    let api = tb.add_pod(
-        &b,
-        PodSpec::new("api")
-            .enrolled(true)
-            .inbound_mode(InboundMode::Strict),
-    )?;
+    let api = tb.add_pod(&b, PodSpec::new("api").enrolled(true).inbound_mode(InboundMode::Strict))?;
     let db = tb.add_pod(&b, PodSpec::new("db"))?;
     tb.add_service(ServiceSpec::new("api", API_VIP).port(80, 8080))?;
     let servers = vec![api.start_echo(8080)?, api.start_echo(9090)?, db.start_echo(5432)?];
@@ -185,53 +170,14 @@ fn build() -> Result<Demo> {
         capture,
         policy: None,
     };
-    let delivered = |security, outbound, inbound| Expect::Delivered {
-        security,
-        outbound,
-        inbound,
-    };
+    let delivered = |security, outbound, inbound| Expect::Delivered { security, outbound, inbound };
     let mtls = Some(Security::MutualTls);
     let steps = vec![
-        step(
-            &web,
-            "web-client -> api (pod IP)",
-            api.addr(8080),
-            &api,
-            delivered(mtls, true, true),
-            true,
-        ),
-        step(
-            &web,
-            "web-client -> api (service VIP)",
-            vip,
-            &api,
-            delivered(mtls, true, true),
-            false,
-        ),
-        step(
-            &web,
-            "web-client -> db",
-            db.addr(5432),
-            &db,
-            delivered(Some(Security::Plaintext), true, false),
-            true,
-        ),
-        step(
-            &legacy,
-            "legacy -> api (STRICT)",
-            api.addr(8080),
-            &api,
-            Expect::Refused,
-            false,
-        ),
-        step(
-            &legacy,
-            "legacy -> db",
-            db.addr(5432),
-            &db,
-            delivered(None, false, false),
-            false,
-        ),
+        step(&web, "web-client -> api (pod IP)", api.addr(8080), &api, delivered(mtls, true, true), true),
+        step(&web, "web-client -> api (service VIP)", vip, &api, delivered(mtls, true, true), false),
+        step(&web, "web-client -> db", db.addr(5432), &db, delivered(Some(Security::Plaintext), true, false), true),
+        step(&legacy, "legacy -> api (STRICT)", api.addr(8080), &api, Expect::Refused, false),
+        step(&legacy, "legacy -> db", db.addr(5432), &db, delivered(None, false, false), false),
     ];
     let (policy_steps, policy) = policy_phase(&web, &api);
     Ok(Demo {
@@ -263,11 +209,7 @@ fn policy_phase(web: &Pod, api: &Pod) -> (Vec<Step>, String) {
             web,
             "web-client -> api:8080 (policy)",
             8080,
-            Expect::Delivered {
-                security: Some(Security::MutualTls),
-                outbound: true,
-                inbound: true,
-            },
+            Expect::Delivered { security: Some(Security::MutualTls), outbound: true, inbound: true },
         ),
         step(web, "web-client -> api:9090 (policy)", 9090, Expect::Refused),
     ];
@@ -299,19 +241,13 @@ fn run() -> Result<bool> {
                 (true, false) => "enrolled",
                 _ => "not enrolled",
             },
-            if enrolled {
-                pod.spiffe_id()
-            } else {
-                String::new()
-            }
+            if enrolled { pod.spiffe_id() } else { String::new() }
         );
     }
     if let Some(ca) = demo.tb.ca() {
         println!("  mesh CA on {} at {}", ca.node().name(), ca.addr());
     }
-    println!(
-        "  service demo/api {API_VIP}:80 -> 8080\n\nTraffic (each payload is {MARKER:?} repeated):"
-    );
+    println!("  service demo/api {API_VIP}:80 -> 8080\n\nTraffic (each payload is {MARKER:?} repeated):");
     if !demo.tcpdump {
         println!(
             "  (tcpdump is not installed, so the wire captures are skipped: install the Debian package `{}`)",
@@ -331,19 +267,12 @@ fn run() -> Result<bool> {
     }
     let shown = demo.tb.set_policies(&demo.policy)?;
     if let Some(node_b) = shown.get(1) {
-        let loaded: Vec<String> = node_b
-            .loaded
-            .iter()
-            .map(|p| format!("{} ({}, {} rule(s))", p.policy, p.action, p.rules))
-            .collect();
+        let loaded: Vec<String> =
+            node_b.loaded.iter().map(|p| format!("{} ({}, {} rule(s))", p.policy, p.action, p.rules)).collect();
         println!(
             "  node-b's agent loaded: {}; rejected: {}",
             loaded.join(", "),
-            if node_b.errors.is_empty() {
-                "none".to_owned()
-            } else {
-                node_b.errors.join("; ")
-            }
+            if node_b.errors.is_empty() { "none".to_owned() } else { node_b.errors.join("; ") }
         );
     }
     for step in &demo.policy_steps {
@@ -395,9 +324,9 @@ impl Seen {
         let mut seen = Self::default();
         for (agent, flows) in demo.agents.iter().zip(new_flows) {
             let node = agent.node().name().to_owned();
-            if let Some(f) = flows.iter().find(|f| {
-                f.direction == Direction::Outbound && f.workload == step.from.qualified_name()
-            }) {
+            if let Some(f) =
+                flows.iter().find(|f| f.direction == Direction::Outbound && f.workload == step.from.qualified_name())
+            {
                 seen.outbound_by.push(node.clone());
                 seen.security = Some(f.security);
                 if f.is_mutual_tls() {
@@ -420,8 +349,7 @@ impl Seen {
                     });
                 }
                 if f.event == FlowEvent::Error {
-                    seen.refused_by
-                        .push(format!("{node} ({})", f.error.as_deref().unwrap_or("?")));
+                    seen.refused_by.push(format!("{node} ({})", f.error.as_deref().unwrap_or("?")));
                     continue;
                 }
                 seen.inbound_by.push(node.clone());
@@ -446,44 +374,27 @@ impl Seen {
             (true, true) => "not captured".to_owned(),
             (false, true) => format!("captured outbound by {}", self.outbound_by.join(",")),
             (true, false) => format!("captured inbound by {}", self.inbound_by.join(",")),
-            (false, false) => format!(
-                "captured outbound by {}, inbound by {}",
-                self.outbound_by.join(","),
-                self.inbound_by.join(",")
-            ),
+            (false, false) => {
+                format!("captured outbound by {}, inbound by {}", self.outbound_by.join(","), self.inbound_by.join(","))
+            }
         }
     }
 }
 
 /// Sends one step's traffic and says what happened to it.
 fn run_step(demo: &Demo, step: &Step) -> Result<bool> {
-    let before: Vec<u64> = demo
-        .agents
-        .iter()
-        .map(|a| Ok(a.flows()?.last().map_or(0, |f| f.id)))
-        .collect::<Result<_>>()?;
-    let capture = if step.capture && demo.tcpdump {
-        Some(demo.tb.capture_link(&demo.node_a, "tcp")?)
-    } else {
-        None
-    };
-    let summary = step
-        .from
-        .run_client(&ClientSpec::to(step.to).bytes(4096).pattern(MARKER))?;
+    let before: Vec<u64> =
+        demo.agents.iter().map(|a| Ok(a.flows()?.last().map_or(0, |f| f.id))).collect::<Result<_>>()?;
+    let capture = if step.capture && demo.tcpdump { Some(demo.tb.capture_link(&demo.node_a, "tcp")?) } else { None };
+    let summary = step.from.run_client(&ClientSpec::to(step.to).bytes(4096).pattern(MARKER))?;
     let wire = capture.map(heddle_tests::WireCapture::stop).transpose()?;
     let new_flows = settle(&demo.agents, &before)?;
     let seen = Seen::of(demo, step, &new_flows);
     let delivered = summary.all_ok();
-    let policy_as_expected = step
-        .policy
-        .is_none_or(|p| seen.policy.as_deref().is_some_and(|s| s.starts_with(p)));
+    let policy_as_expected = step.policy.is_none_or(|p| seen.policy.as_deref().is_some_and(|s| s.starts_with(p)));
     let as_expected = policy_as_expected
         && match step.expect {
-            Expect::Delivered {
-                security,
-                outbound,
-                inbound,
-            } => {
+            Expect::Delivered { security, outbound, inbound } => {
                 delivered
                     && seen.outbound_by.is_empty() != outbound
                     && seen.inbound_by.is_empty() != inbound
@@ -503,11 +414,8 @@ fn run_step(demo: &Demo, step: &Step) -> Result<bool> {
     } else {
         ("REFUSED", "")
     };
-    let detail = if seen.refused_by.is_empty() {
-        seen.captured()
-    } else {
-        format!("reset by {}", seen.refused_by.join(", "))
-    };
+    let detail =
+        if seen.refused_by.is_empty() { seen.captured() } else { format!("reset by {}", seen.refused_by.join(", ")) };
     println!(
         "  {:<32} {:<18} {:<9} {:<10} {}{}",
         step.label,
@@ -526,15 +434,8 @@ fn run_step(demo: &Demo, step: &Step) -> Result<bool> {
         println!("      {verdict} by node-b's agent, deciding policy: {decided}");
     }
     if let Some(wire) = wire {
-        let port = if seen.security == Some(Security::MutualTls) {
-            TUNNEL_PORT
-        } else {
-            step.to.port()
-        };
-        println!(
-            "      on the wire (node-a's link): {}",
-            wire.describe(port, MARKER)
-        );
+        let port = if seen.security == Some(Security::MutualTls) { TUNNEL_PORT } else { step.to.port() };
+        println!("      on the wire (node-a's link): {}", wire.describe(port, MARKER));
     }
     if !delivered && step.expect != Expect::Refused {
         println!("      client: {summary}");
@@ -549,12 +450,7 @@ fn settle(agents: &[Agent], before: &[u64]) -> Result<Vec<Vec<Flow>>> {
         agents
             .iter()
             .zip(before)
-            .map(|(a, b)| {
-                Ok(a.flows()?
-                    .into_iter()
-                    .filter(|f| f.id > *b && f.is_terminal())
-                    .collect())
-            })
+            .map(|(a, b)| Ok(a.flows()?.into_iter().filter(|f| f.id > *b && f.is_terminal()).collect()))
             .collect()
     };
     let mut last = snapshot()?;
@@ -588,10 +484,7 @@ fn print_agent(agent: &Agent) -> Result<()> {
         print!("{ids}");
     }
     let certs = agent.certs()?;
-    println!(
-        "\nCertificates ({} pooled tunnel connections):",
-        certs.pooled_tunnels.unwrap_or(0)
-    );
+    println!("\nCertificates ({} pooled tunnel connections):", certs.pooled_tunnels.unwrap_or(0));
     print!("{}", cert_table(&certs));
     println!("\nWorkloads:");
     print!("{}", workload_table(&agent.workloads()?));

@@ -66,13 +66,9 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match cli.command {
         Cmd::Serve { listen, size } => rt.block_on(serve(listen, size)),
-        Cmd::Http {
-            to,
-            rate,
-            duration,
-            conns,
-            size,
-        } => rt.block_on(load(to, rate, Duration::from_secs(duration), conns.max(1), size)),
+        Cmd::Http { to, rate, duration, conns, size } => {
+            rt.block_on(load(to, rate, Duration::from_secs(duration), conns.max(1), size))
+        }
     }
 }
 
@@ -92,9 +88,7 @@ async fn serve(listen: SocketAddr, size: usize) -> Result<()> {
                     Ok::<_, std::convert::Infallible>(Response::new(Full::new(body)))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

@@ -116,17 +116,7 @@ fn main() -> Result<()> {
             .build()?
             .block_on(heddle_tests::httpapp::serve(listen, name, Duration::from_millis(delay_ms)))
             .context("http server"),
-        Cmd::Client {
-            to,
-            bytes,
-            conns,
-            parallel,
-            hold,
-            pattern,
-            chunks,
-            interval_ms,
-            checksum,
-        } => {
+        Cmd::Client { to, bytes, conns, parallel, hold, pattern, chunks, interval_ms, checksum } => {
             let summary = client(&Plan {
                 to,
                 bytes,
@@ -148,21 +138,17 @@ fn main() -> Result<()> {
 fn echo(listen: SocketAddr) -> Result<()> {
     let socket = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    socket
-        .bind(&listen.into())
-        .with_context(|| format!("bind {listen}"))?;
+    socket.bind(&listen.into()).with_context(|| format!("bind {listen}"))?;
     socket.listen(4096)?;
     let listener: TcpListener = socket.into();
     eprintln!("echo: listening on {listen}");
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                let spawned = thread::Builder::new()
-                    .stack_size(STACK_SIZE)
-                    .spawn(move || match echo_one(&stream) {
-                        Ok(record) => eprintln!("{}", record.line()),
-                        Err(e) => eprintln!("echo: {e}"),
-                    });
+                let spawned = thread::Builder::new().stack_size(STACK_SIZE).spawn(move || match echo_one(&stream) {
+                    Ok(record) => eprintln!("{}", record.line()),
+                    Err(e) => eprintln!("echo: {e}"),
+                });
                 if let Err(e) = spawned {
                     eprintln!("echo: cannot spawn a thread: {e}");
                 }
@@ -191,11 +177,7 @@ fn echo_one(stream: &TcpStream) -> std::io::Result<EchoRecord> {
         writer.write_all(&buf[..n])?;
     }
     stream.shutdown(Shutdown::Write)?;
-    Ok(EchoRecord {
-        peer,
-        bytes,
-        fnv1a64: sum.hex(),
-    })
+    Ok(EchoRecord { peer, bytes, fnv1a64: sum.hex() })
 }
 
 /// What the client does.
@@ -214,9 +196,7 @@ struct Plan {
 impl Plan {
     /// The byte stream connection `index` sends.
     fn payload(&self, index: usize) -> Payload {
-        self.pattern
-            .as_deref()
-            .map_or_else(|| Payload::random(index as u64), Payload::text)
+        self.pattern.as_deref().map_or_else(|| Payload::random(index as u64), Payload::text)
     }
 }
 
@@ -233,10 +213,7 @@ fn client(plan: &Plan) -> ClientSummary {
     } else {
         run_pool(plan, &summary);
     }
-    let mut summary = summary
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    let mut summary = summary.lock().unwrap_or_else(PoisonError::into_inner).clone();
     summary.checksums.sort_by_key(|c| c.conn);
     summary
 }
@@ -247,11 +224,7 @@ fn record(summary: &Mutex<ClientSummary>, plan: &Plan, index: usize, result: Res
         Ok(sent) => {
             s.ok += 1;
             if plan.checksum {
-                s.checksums.push(ConnChecksum {
-                    conn: index as u64,
-                    bytes: sent.bytes,
-                    fnv1a64: sent.sum.hex(),
-                });
+                s.checksums.push(ConnChecksum { conn: index as u64, bytes: sent.bytes, fnv1a64: sent.sum.hex() });
             }
         }
         Err(e) => s.record_error(format!("conn {index}: {e:#}")),
@@ -340,23 +313,15 @@ fn transfer(stream: &TcpStream, plan: &Plan, index: usize) -> Result<Sent> {
         }
         let mut sum = Fnv1a64::default();
         sum.update(&payload);
-        return Ok(Sent {
-            bytes: bytes as u64,
-            sum,
-        });
+        return Ok(Sent { bytes: bytes as u64, sum });
     }
     thread::scope(|scope| {
         let writer = scope.spawn(|| send_stream(stream, plan.payload(index), bytes));
         let read = verify_stream(stream, plan.payload(index), bytes);
-        let written = writer
-            .join()
-            .map_err(|_| anyhow::anyhow!("writer panicked"))?;
+        let written = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
         let sum = written?;
         read?;
-        Ok(Sent {
-            bytes: bytes as u64,
-            sum,
-        })
+        Ok(Sent { bytes: bytes as u64, sum })
     })
 }
 
@@ -369,14 +334,10 @@ fn send_stream(mut stream: &TcpStream, mut payload: Payload, len: usize) -> Resu
         let n = left.min(BLOCK);
         payload.fill(&mut block[..n]);
         sum.update(&block[..n]);
-        stream
-            .write_all(&block[..n])
-            .with_context(|| format!("write at byte {}", len - left))?;
+        stream.write_all(&block[..n]).with_context(|| format!("write at byte {}", len - left))?;
         left -= n;
     }
-    stream
-        .shutdown(Shutdown::Write)
-        .context("shutdown(write)")?;
+    stream.shutdown(Shutdown::Write).context("shutdown(write)")?;
     Ok(sum)
 }
 
@@ -386,9 +347,7 @@ fn verify_stream(mut stream: &TcpStream, mut expected: Payload, len: usize) -> R
     let mut want = vec![0; BLOCK];
     let mut got = 0usize;
     loop {
-        let n = stream
-            .read(&mut buf)
-            .with_context(|| format!("read at byte {got}"))?;
+        let n = stream.read(&mut buf).with_context(|| format!("read at byte {got}"))?;
         if n == 0 {
             break;
         }
@@ -420,28 +379,19 @@ fn trickle(stream: &TcpStream, plan: &Plan, index: usize) -> Result<Sent> {
         }
         payload.fill(&mut chunk);
         sum.update(&chunk);
-        writer
-            .write_all(&chunk)
-            .with_context(|| format!("write chunk {i} of {}", plan.chunks))?;
-        reader
-            .read_exact(&mut echoed)
-            .with_context(|| format!("read echo of chunk {i} of {}", plan.chunks))?;
+        writer.write_all(&chunk).with_context(|| format!("write chunk {i} of {}", plan.chunks))?;
+        reader.read_exact(&mut echoed).with_context(|| format!("read echo of chunk {i} of {}", plan.chunks))?;
         if echoed != chunk {
             anyhow::bail!("echo of chunk {i} differs");
         }
     }
-    stream
-        .shutdown(Shutdown::Write)
-        .context("shutdown(write)")?;
+    stream.shutdown(Shutdown::Write).context("shutdown(write)")?;
     let mut rest = Vec::new();
     reader.read_to_end(&mut rest).context("read to EOF")?;
     if !rest.is_empty() {
         anyhow::bail!("{} unexpected bytes after the last chunk", rest.len());
     }
-    Ok(Sent {
-        bytes: (plan.bytes * plan.chunks) as u64,
-        sum,
-    })
+    Ok(Sent { bytes: (plan.bytes * plan.chunks) as u64, sum })
 }
 
 fn send_all(mut stream: &TcpStream, payload: &[u8]) -> Result<()> {

@@ -137,11 +137,7 @@ fn tcp_in_ipv4(ip: &[u8]) -> Option<TcpSegment> {
     // Total length bounds the packet (Ethernet may pad short frames); a
     // segmentation-offload frame may carry 0 here, then the frame bounds it.
     let total = usize::from(be16(ip, 2)?);
-    let end = if total >= ihl && total <= ip.len() {
-        total
-    } else {
-        ip.len()
-    };
+    let end = if total >= ihl && total <= ip.len() { total } else { ip.len() };
     let tcp = ip.get(ihl..end)?;
     let data_at = usize::from(*tcp.get(12)? >> 4) * 4;
     let flags = *tcp.get(13)?;
@@ -205,11 +201,7 @@ pub(crate) mod tests {
         arp.extend([0; 28]);
         let mut padded = frame("10.44.1.2:40000", "10.44.2.2:15008", 7, 0x18, b"hi");
         padded.extend([0; 4]); // Ethernet padding after the IP packet
-        let bytes = file(&[
-            frame("10.44.1.2:40000", "10.44.2.2:15008", 6, 0x02, b""),
-            arp,
-            padded,
-        ]);
+        let bytes = file(&[frame("10.44.1.2:40000", "10.44.2.2:15008", 6, 0x02, b""), arp, padded]);
         let got = parse(&bytes).unwrap();
         assert_eq!(got.packets, 3);
         assert_eq!(got.segments.len(), 2);

@@ -42,22 +42,13 @@ pub fn reassemble<'a>(segments: impl IntoIterator<Item = &'a TcpSegment>) -> Vec
     for s in segments {
         by_dir.entry((s.src, s.dst)).or_default().push(s);
     }
-    by_dir
-        .into_iter()
-        .map(|((src, dst), segs)| rebuild(src, dst, &segs))
-        .collect()
+    by_dir.into_iter().map(|((src, dst), segs)| rebuild(src, dst, &segs)).collect()
 }
 
 fn rebuild(src: SocketAddrV4, dst: SocketAddrV4, segs: &[&TcpSegment]) -> Stream {
     let syn = segs.iter().find(|s| s.syn);
-    let base = syn.map_or_else(
-        || {
-            segs.iter()
-                .find(|s| !s.payload.is_empty())
-                .map_or(0, |s| s.seq)
-        },
-        |s| s.seq.wrapping_add(1),
-    );
+    let base =
+        syn.map_or_else(|| segs.iter().find(|s| !s.payload.is_empty()).map_or(0, |s| s.seq), |s| s.seq.wrapping_add(1));
     // Offsets relative to the first byte, modulo 2^32: wrap-safe for
     // streams under 2 GiB; an offset of 2 GiB or more lies before `base`.
     let mut pieces: Vec<(u64, &[u8])> = segs
@@ -82,13 +73,7 @@ fn rebuild(src: SocketAddrV4, dst: SocketAddrV4, segs: &[&TcpSegment]) -> Stream
             bytes.extend_from_slice(&data[skip..]);
         }
     }
-    Stream {
-        src,
-        dst,
-        from_syn: syn.is_some(),
-        bytes,
-        gap,
-    }
+    Stream { src, dst, from_syn: syn.is_some(), bytes, gap }
 }
 
 /// The records of one stream.
@@ -152,10 +137,7 @@ impl TlsSummary {
     /// Walks every stream of `streams`.
     #[must_use]
     pub fn of(streams: &[Stream]) -> Self {
-        let mut out = Self {
-            streams: streams.len(),
-            ..Self::default()
-        };
+        let mut out = Self { streams: streams.len(), ..Self::default() };
         for s in streams.iter().filter(|s| s.from_syn) {
             out.walked_streams += 1;
             out.stream_bytes += s.bytes.len() as u64;
@@ -229,10 +211,7 @@ mod tests {
         ];
         let streams = reassemble(&segs);
         assert_eq!(streams.len(), 2);
-        let s = streams
-            .iter()
-            .find(|s| s.src == a.parse().unwrap())
-            .unwrap();
+        let s = streams.iter().find(|s| s.src == a.parse().unwrap()).unwrap();
         assert_eq!(s.bytes, b"abcdef");
         assert!(s.from_syn && !s.gap);
     }
@@ -240,11 +219,7 @@ mod tests {
     #[test]
     fn stops_at_a_gap() {
         let (a, b) = ("1.1.1.1:1", "2.2.2.2:2");
-        let segs = [
-            seg(a, b, 9, true, b""),
-            seg(a, b, 10, false, b"ab"),
-            seg(a, b, 20, false, b"zz"),
-        ];
+        let segs = [seg(a, b, 9, true, b""), seg(a, b, 10, false, b"ab"), seg(a, b, 20, false, b"zz")];
         let s = &reassemble(&segs)[0];
         assert_eq!(s.bytes, b"ab");
         assert!(s.gap);
@@ -269,11 +244,7 @@ mod tests {
         let (a, b) = ("1.1.1.1:1", "2.2.2.2:15008");
         let mut first = record(22, 4);
         first.extend(record(23, 8));
-        let segs = [
-            seg(a, b, 0, true, b""),
-            seg(a, b, 1, false, &first),
-            seg(b, a, 500, false, b"mid-stream, no SYN"),
-        ];
+        let segs = [seg(a, b, 0, true, b""), seg(a, b, 1, false, &first), seg(b, a, 500, false, b"mid-stream, no SYN")];
         let summary = TlsSummary::of(&reassemble(&segs));
         assert_eq!((summary.streams, summary.walked_streams), (2, 1));
         assert_eq!(summary.application_data_records(), 1);

@@ -59,10 +59,7 @@ pub fn istio_policies() -> Resource {
 /// The stand-in on `node`'s transit address, port [`API_PORT`], serving
 /// Heddle's policies and, with `istio`, Istio's.
 pub fn start_api(node: &Node, istio: bool) -> heddle_tests::Result<ApiServer> {
-    let api = ApiServer::start_in_netns(
-        &node.netns_path(),
-        SocketAddr::new(IpAddr::V4(node.transit_ip()), API_PORT),
-    )?;
+    let api = ApiServer::start_in_netns(&node.netns_path(), SocketAddr::new(IpAddr::V4(node.transit_ip()), API_PORT))?;
     api.register_crd(heddle_policies());
     if istio {
         api.register_crd(istio_policies());

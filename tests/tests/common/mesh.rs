@@ -9,9 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use heddle_tests::{
-    poll_until, Agent, Check, ClientSpec, ClientSummary, Direction, Flow, FlowEvent, Pod,
-};
+use heddle_tests::{poll_until, Agent, Check, ClientSpec, ClientSummary, Direction, Flow, FlowEvent, Pod};
 
 use super::{expect_delivered, expect_exactly, Cluster, ECHO_PORT, TRUST_DOMAIN, WAIT};
 
@@ -29,29 +27,10 @@ pub fn expect_tunnelled(
     count: usize,
 ) -> Result<(Vec<Flow>, Vec<Flow>)> {
     let (src_id, dst_id) = (client.spiffe_id(), server.spiffe_id());
-    ensure!(
-        src_id.starts_with(&format!("spiffe://{TRUST_DOMAIN}/ns/")),
-        "test set-up: {src_id}"
-    );
-    let client_agent = if client.node_name() == c.node_a.name() {
-        &c.agent_a
-    } else {
-        &c.agent_b
-    };
-    let out = expect_exactly(
-        client_agent,
-        Direction::Outbound,
-        &client.qualified_name(),
-        orig_dst,
-        count,
-    )?;
-    let inb = expect_exactly(
-        server_agent,
-        Direction::Inbound,
-        &server.qualified_name(),
-        orig_dst,
-        count,
-    )?;
+    ensure!(src_id.starts_with(&format!("spiffe://{TRUST_DOMAIN}/ns/")), "test set-up: {src_id}");
+    let client_agent = if client.node_name() == c.node_a.name() { &c.agent_a } else { &c.agent_b };
+    let out = expect_exactly(client_agent, Direction::Outbound, &client.qualified_name(), orig_dst, count)?;
+    let inb = expect_exactly(server_agent, Direction::Inbound, &server.qualified_name(), orig_dst, count)?;
     for (side, flows) in [("outbound", &out), ("inbound", &inb)] {
         for f in flows {
             ensure!(
@@ -60,10 +39,7 @@ pub fn expect_tunnelled(
                     && f.dst_identity.as_deref() == Some(dst_id.as_str()),
                 "{side} flow is not mTLS from {src_id} to {dst_id}: {f}"
             );
-            ensure!(
-                f.event == FlowEvent::Close || f.error.is_some(),
-                "{side} flow: {f}"
-            );
+            ensure!(f.event == FlowEvent::Close || f.error.is_some(), "{side} flow: {f}");
         }
     }
     for f in &inb {
@@ -78,13 +54,7 @@ pub fn expect_tunnelled(
 /// Waits for `count` error records of connections from `from` to `server`'s
 /// tunnel port on `agent`, each tunnel-side, with an error starting with
 /// `prefix`; returns them.
-pub fn expect_tunnel_error(
-    agent: &Agent,
-    server: &Pod,
-    from: &Pod,
-    prefix: &str,
-    count: usize,
-) -> Result<Vec<Flow>> {
+pub fn expect_tunnel_error(agent: &Agent, server: &Pod, from: &Pod, prefix: &str, count: usize) -> Result<Vec<Flow>> {
     let from_ip = Some(from.ip().into());
     let matching = |flows: &[Flow]| -> Vec<Flow> {
         flows
@@ -122,19 +92,14 @@ pub fn warm_up(c: &Cluster) -> Result<[usize; 2]> {
 /// pooled tunnels) with no connection in progress.
 pub fn expect_no_leaks(agents: &[(&Agent, usize)]) -> Result<()> {
     for (agent, base) in agents {
-        let what = format!(
-            "agent on {} to release every connection",
-            agent.node().name()
-        );
+        let what = format!("agent on {} to release every connection", agent.node().name());
         poll_until(&what, WAIT, Duration::from_millis(250), || {
             let fds = agent.open_fds()?;
             let active = agent.stats()?.active_connections;
             Ok(if fds <= base + 4 && active == 0 {
                 Check::Ready(())
             } else {
-                Check::Pending(format!(
-                    "fds {fds} (baseline {base}), activeConnections {active}"
-                ))
+                Check::Pending(format!("fds {fds} (baseline {base}), activeConnections {active}"))
             })
         })?;
     }
@@ -201,11 +166,7 @@ pub fn issue_from_mesh_ca(dir: &Path, ca_state: &Path, identity: &str) -> Result
     ];
     for args in steps {
         let done = Command::new("openssl").args(&args).output()?;
-        ensure!(
-            done.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&done.stderr)
-        );
+        ensure!(done.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&done.stderr));
     }
     Ok(out)
 }
@@ -217,14 +178,7 @@ pub fn forge_certificate(dir: &Path, identity: &str) -> Result<PathBuf> {
     let out = dir.join("forged");
     std::fs::create_dir_all(&out)?;
     let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
         .args(["-nodes", "-days", "1", "-subj", "/CN=forged"])
         .args(["-addext", "basicConstraints=critical,CA:FALSE"])
         .args(["-addext", "keyUsage=critical,digitalSignature"])
@@ -236,10 +190,6 @@ pub fn forge_certificate(dir: &Path, identity: &str) -> Result<PathBuf> {
         .arg("-out")
         .arg(out.join("cert.pem"))
         .output()?;
-    ensure!(
-        status.status.success(),
-        "openssl req failed: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    ensure!(status.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&status.stderr));
     Ok(out)
 }

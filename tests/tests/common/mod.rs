@@ -26,8 +26,8 @@ use anyhow::{ensure, Context, Result};
 use heddle_tests::agent::describe_flows;
 use heddle_tests::podapp::EchoRecord;
 use heddle_tests::{
-    check_environment, Agent, Ca, CaOptions, ClientSpec, ClientSummary, Direction, Flow,
-    InboundMode, Node, Pod, PodSpec, Process, ServiceSpec, Testbed,
+    check_environment, Agent, Ca, CaOptions, ClientSpec, ClientSummary, Direction, Flow, InboundMode, Node, Pod,
+    PodSpec, Process, ServiceSpec, Testbed,
 };
 
 /// Port of every echo server.
@@ -83,18 +83,12 @@ pub struct Mtls {
 impl Options {
     /// The standard cluster with `peer`.
     pub fn peer() -> Self {
-        Self {
-            peer: true,
-            ..Self::default()
-        }
+        Self { peer: true, ..Self::default() }
     }
 
     /// The standard cluster with a mesh CA.
     pub fn mtls() -> Self {
-        Self {
-            mtls: Some(Mtls::default()),
-            ..Self::default()
-        }
+        Self { mtls: Some(Mtls::default()), ..Self::default() }
     }
 }
 
@@ -134,36 +128,23 @@ impl Cluster {
         let node_b = tb.add_node("node-b")?;
         let client = tb.add_pod(&node_a, PodSpec::new("client").enrolled(true))?;
         let other = tb.add_pod(&node_a, PodSpec::new("other"))?;
-        let peer = if options.peer {
-            Some(tb.add_pod(&node_a, PodSpec::new("peer").enrolled(true))?)
-        } else {
-            None
-        };
+        let peer = if options.peer { Some(tb.add_pod(&node_a, PodSpec::new("peer").enrolled(true))?) } else { None };
         let server = tb.add_pod(&node_b, PodSpec::new("server").enrolled(true))?;
         let plain = tb.add_pod(&node_b, PodSpec::new("plain"))?;
         tb.add_service(ServiceSpec::new("server", SERVER_VIP).port(SERVER_VIP_PORT, ECHO_PORT))?;
-        let strict = if options.strict {
-            Some(add_strict_pods(&tb, &node_b)?)
-        } else {
-            None
-        };
+        let strict = if options.strict { Some(add_strict_pods(&tb, &node_b)?) } else { None };
         let mut echo = Vec::new();
-        for pod in [&server, &plain].into_iter().chain(&peer).chain(
-            strict
-                .iter()
-                .flat_map(|s| [&s.locked, &s.vault, &s.vault_open]),
-        ) {
+        for pod in [&server, &plain]
+            .into_iter()
+            .chain(&peer)
+            .chain(strict.iter().flat_map(|s| [&s.locked, &s.vault, &s.vault_open]))
+        {
             echo.push((pod.qualified_name(), pod.start_echo(ECHO_PORT)?));
         }
         let ca = match options.mtls {
             Some(mtls) => {
                 tb.set_trust_domain(TRUST_DOMAIN)?;
-                let ca = tb.start_ca(
-                    &node_a,
-                    CaOptions {
-                        ttl_seconds: mtls.ttl_seconds,
-                    },
-                )?;
+                let ca = tb.start_ca(&node_a, CaOptions { ttl_seconds: mtls.ttl_seconds })?;
                 if mtls.ca_down_at_start {
                     ca.stop();
                 }
@@ -172,25 +153,9 @@ impl Cluster {
             None => None,
         };
         let mut agents = tb.start_agents(&[&node_a, &node_b])?.into_iter();
-        let (agent_a, agent_b) = (
-            agents.next().context("agent a")?,
-            agents.next().context("agent b")?,
-        );
-        let cluster = Self {
-            echo,
-            agent_a,
-            agent_b,
-            client,
-            other,
-            server,
-            plain,
-            peer,
-            strict,
-            ca,
-            node_a,
-            node_b,
-            tb,
-        };
+        let (agent_a, agent_b) = (agents.next().context("agent a")?, agents.next().context("agent b")?);
+        let cluster =
+            Self { echo, agent_a, agent_b, client, other, server, plain, peer, strict, ca, node_a, node_b, tb };
         if cluster.ca.as_ref().is_some_and(Ca::is_running) {
             cluster.wait_certificates()?;
         }
@@ -209,11 +174,7 @@ impl Cluster {
     /// The raw log of the echo server of `pod` (errors included, e.g. a
     /// connection reset).
     pub fn echo_log(&self, pod: &Pod) -> String {
-        self.echo
-            .iter()
-            .filter(|(name, _)| *name == pod.qualified_name())
-            .map(|(_, p)| p.log_text())
-            .collect()
+        self.echo.iter().filter(|(name, _)| *name == pod.qualified_name()).map(|(_, p)| p.log_text()).collect()
     }
 
     /// Waits until each agent holds a certificate for each enrolled pod on
@@ -226,12 +187,7 @@ impl Cluster {
                 .pods()
                 .iter()
                 .filter(|p| p.node_name() == agent.node().name())
-                .filter(|p| {
-                    config
-                        .workloads
-                        .iter()
-                        .any(|w| w.name == p.name() && w.enrolled)
-                })
+                .filter(|p| config.workloads.iter().any(|w| w.name == p.name() && w.enrolled))
                 .map(Pod::spiffe_id)
                 .collect();
             agent.wait_certificates(&ids, WAIT)?;
@@ -244,28 +200,13 @@ impl Cluster {
 /// and `vault-open` (PERMISSIVE itself).
 fn add_strict_pods(tb: &Testbed, node: &Node) -> Result<StrictPods> {
     tb.set_namespace_inbound_mode("vault", InboundMode::Strict)?;
-    let locked = tb.add_pod(
-        node,
-        PodSpec::new("locked")
-            .enrolled(true)
-            .inbound_mode(InboundMode::Strict),
-    )?;
-    let vault = tb.add_pod(
-        node,
-        PodSpec::new("vault").namespace("vault").enrolled(true),
-    )?;
+    let locked = tb.add_pod(node, PodSpec::new("locked").enrolled(true).inbound_mode(InboundMode::Strict))?;
+    let vault = tb.add_pod(node, PodSpec::new("vault").namespace("vault").enrolled(true))?;
     let vault_open = tb.add_pod(
         node,
-        PodSpec::new("vault-open")
-            .namespace("vault")
-            .enrolled(true)
-            .inbound_mode(InboundMode::Permissive),
+        PodSpec::new("vault-open").namespace("vault").enrolled(true).inbound_mode(InboundMode::Permissive),
     )?;
-    Ok(StrictPods {
-        locked,
-        vault,
-        vault_open,
-    })
+    Ok(StrictPods { locked, vault, vault_open })
 }
 
 /// Runs an end-to-end test: skips if the environment cannot host it, builds
@@ -333,19 +274,11 @@ pub fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
 
 /// Finished connections handled for `workload` in `direction` whose original
 /// destination was `orig_dst`.
-pub fn finished<'a>(
-    flows: &'a [Flow],
-    direction: Direction,
-    workload: &str,
-    orig_dst: SocketAddr,
-) -> Vec<&'a Flow> {
+pub fn finished<'a>(flows: &'a [Flow], direction: Direction, workload: &str, orig_dst: SocketAddr) -> Vec<&'a Flow> {
     flows
         .iter()
         .filter(|f| {
-            f.is_terminal()
-                && f.direction == direction
-                && f.workload == workload
-                && f.orig_dst == Some(orig_dst)
+            f.is_terminal() && f.direction == direction && f.workload == workload && f.orig_dst == Some(orig_dst)
         })
         .collect()
 }
@@ -360,13 +293,9 @@ pub fn wait_finished(
     count: usize,
 ) -> Result<Vec<Flow>> {
     let what = format!("{count} finished {direction:?} flows of {workload} to {orig_dst}");
-    let flows = agent.wait_for_flows(&what, WAIT, |flows| {
-        finished(flows, direction, workload, orig_dst).len() >= count
-    })?;
-    Ok(finished(&flows, direction, workload, orig_dst)
-        .into_iter()
-        .cloned()
-        .collect())
+    let flows =
+        agent.wait_for_flows(&what, WAIT, |flows| finished(flows, direction, workload, orig_dst).len() >= count)?;
+    Ok(finished(&flows, direction, workload, orig_dst).into_iter().cloned().collect())
 }
 
 /// Like [`wait_finished`], then waits [`SETTLE`] and requires exactly `count`.
@@ -380,10 +309,7 @@ pub fn expect_exactly(
     wait_finished(agent, direction, workload, orig_dst, count)?;
     std::thread::sleep(SETTLE);
     let flows = agent.flows()?;
-    let matching: Vec<Flow> = finished(&flows, direction, workload, orig_dst)
-        .into_iter()
-        .cloned()
-        .collect();
+    let matching: Vec<Flow> = finished(&flows, direction, workload, orig_dst).into_iter().cloned().collect();
     ensure!(
         matching.len() == count,
         "agent on {}: expected exactly {count} finished {direction:?} flows of {workload} to {orig_dst}, got {}; {}",
@@ -402,10 +328,7 @@ pub fn expect_none(agent: &Agent, what: &str, involves: impl Fn(&Flow) -> bool) 
         hits.is_empty(),
         "agent on {} recorded {what}: {}",
         agent.node().name(),
-        hits.iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
+        hits.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     );
     Ok(())
 }

@@ -25,17 +25,11 @@ pub const NAMESPACE: &str = "heddle-system";
 pub const CRD_FILE: &str = "crds/authorizationpolicies.heddle.dev.yaml";
 /// The agent's ports on the node and where their routes are written: a
 /// probe may only use a path that the matching source routes.
-pub const SERVED: &[(u16, &str)] = &[
-    (15000, "mesh-agent/src/admin.rs"),
-    (15020, "mesh-agent/src/metrics/scrape.rs"),
-];
+pub const SERVED: &[(u16, &str)] = &[(15000, "mesh-agent/src/admin.rs"), (15020, "mesh-agent/src/metrics/scrape.rs")];
 pub const AGENT_READ_VERBS: [&str; 3] = ["get", "list", "watch"];
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the workspace").to_owned()
 }
 
 pub fn daemonset_dir() -> PathBuf {
@@ -106,11 +100,7 @@ pub fn strict<T: DeserializeOwned>(value: Yaml, origin: &str) -> Result<T> {
 }
 
 pub fn parse_object(value: Yaml, origin: &str) -> Result<Object> {
-    let kind = value
-        .get("kind")
-        .and_then(Yaml::as_str)
-        .with_context(|| format!("{origin}: no kind"))?
-        .to_owned();
+    let kind = value.get("kind").and_then(Yaml::as_str).with_context(|| format!("{origin}: no kind"))?.to_owned();
     Ok(match kind.as_str() {
         "Namespace" => Object::Namespace(strict(value, origin)?),
         "ServiceAccount" => Object::ServiceAccount(strict(value, origin)?),
@@ -148,22 +138,17 @@ impl Manifests {
     pub fn load() -> Result<Self> {
         let dir = daemonset_dir();
         let text = fs::read_to_string(dir.join("kustomization.yaml"))?;
-        let kustomization: Kustomization =
-            strict(serde_yaml_ng::from_str(&text)?, "kustomization.yaml")?;
+        let kustomization: Kustomization = strict(serde_yaml_ng::from_str(&text)?, "kustomization.yaml")?;
         let mut objects = Vec::new();
         for file in &kustomization.resources {
-            let text = fs::read_to_string(dir.join(file)).with_context(|| {
-                format!("kustomization.yaml lists {file}, which cannot be read")
-            })?;
+            let text = fs::read_to_string(dir.join(file))
+                .with_context(|| format!("kustomization.yaml lists {file}, which cannot be read"))?;
             for (i, doc) in documents(&text, file)?.into_iter().enumerate() {
                 let origin = format!("{file}#{i}");
                 objects.push((origin.clone(), parse_object(doc, &origin)?));
             }
         }
-        Ok(Self {
-            kustomization,
-            objects,
-        })
+        Ok(Self { kustomization, objects })
     }
 
     pub fn daemonset(&self, name: &str) -> &DaemonSet {
@@ -210,11 +195,10 @@ impl Manifests {
     /// cluster roles (cluster-wide) and roles (in heddle-system).
     pub fn rules_of(&self, sa: &str) -> (Vec<PolicyRule>, Vec<PolicyRule>) {
         let binds = |subjects: &Option<Vec<Subject>>| {
-            subjects.iter().flatten().any(|s| {
-                s.kind == "ServiceAccount"
-                    && s.name == sa
-                    && s.namespace.as_deref() == Some(NAMESPACE)
-            })
+            subjects
+                .iter()
+                .flatten()
+                .any(|s| s.kind == "ServiceAccount" && s.name == sa && s.namespace.as_deref() == Some(NAMESPACE))
         };
         let cluster_role = |name: &str| {
             self.objects.iter().find_map(|(_, o)| match o {
@@ -237,21 +221,21 @@ impl Manifests {
             match object {
                 Object::ClusterRoleBinding(b) if binds(&b.subjects) => {
                     assert_eq!(b.role_ref.kind, "ClusterRole", "{origin}");
-                    cluster.extend(cluster_role(&b.role_ref.name).unwrap_or_else(|| {
-                        panic!("{origin}: ClusterRole {} is not defined", b.role_ref.name)
-                    }));
+                    cluster.extend(
+                        cluster_role(&b.role_ref.name)
+                            .unwrap_or_else(|| panic!("{origin}: ClusterRole {} is not defined", b.role_ref.name)),
+                    );
                 }
                 Object::RoleBinding(b) if binds(&b.subjects) => {
                     let rules = match b.role_ref.kind.as_str() {
                         "Role" => role(&b.role_ref.name),
                         _ => cluster_role(&b.role_ref.name),
                     };
-                    namespaced.extend(rules.unwrap_or_else(|| {
-                        panic!(
-                            "{origin}: {} {} is not defined",
-                            b.role_ref.kind, b.role_ref.name
-                        )
-                    }));
+                    namespaced.extend(
+                        rules.unwrap_or_else(|| {
+                            panic!("{origin}: {} {} is not defined", b.role_ref.kind, b.role_ref.name)
+                        }),
+                    );
                 }
                 _ => {}
             }
@@ -273,18 +257,11 @@ pub fn pod_spec_of_daemonset(m: &Manifests) -> &PodSpec {
 }
 
 pub fn container<'a>(spec: &'a PodSpec, name: &str) -> &'a Container {
-    spec.containers
-        .iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no container {name}"))
+    spec.containers.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no container {name}"))
 }
 
 pub fn env(c: &Container) -> BTreeMap<String, Option<String>> {
-    c.env
-        .iter()
-        .flatten()
-        .map(|e| (e.name.clone(), e.value.clone()))
-        .collect()
+    c.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone())).collect()
 }
 
 pub fn env_field_ref(c: &Container, name: &str) -> Option<String> {
@@ -300,11 +277,7 @@ pub fn env_field_ref(c: &Container, name: &str) -> Option<String> {
 }
 
 pub fn volume<'a>(spec: &'a PodSpec, name: &str) -> &'a Volume {
-    spec.volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == name)
-        .unwrap_or_else(|| panic!("no volume {name}"))
+    spec.volumes.iter().flatten().find(|v| v.name == name).unwrap_or_else(|| panic!("no volume {name}"))
 }
 
 /// The volume mounted at the directory holding `file`, and the path of
@@ -316,34 +289,23 @@ pub fn mount_of<'a>(spec: &'a PodSpec, c: &Container, file: &str) -> (&'a Volume
         .flatten()
         .find(|m| Path::new(file).parent() == Some(Path::new(&m.mount_path)))
         .unwrap_or_else(|| panic!("nothing is mounted where {file} is expected"));
-    let rest = Path::new(file)
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let rest = Path::new(file).file_name().unwrap().to_string_lossy().into_owned();
     (volume(spec, &m.name), rest)
 }
 
 pub fn port_number(port: &IntOrString, c: &Container) -> u16 {
     match port {
         IntOrString::Int(n) => u16::try_from(*n).expect("port fits u16"),
-        IntOrString::String(name) => c
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(name))
-            .map_or_else(
-                || panic!("named port {name} is not declared"),
-                |p| u16::try_from(p.container_port).expect("port fits u16"),
-            ),
+        IntOrString::String(name) => c.ports.iter().flatten().find(|p| p.name.as_deref() == Some(name)).map_or_else(
+            || panic!("named port {name} is not declared"),
+            |p| u16::try_from(p.container_port).expect("port fits u16"),
+        ),
     }
 }
 
 /// Asserts that `probe` is an HTTP GET of a path the agent routes on that port.
 pub fn assert_probe_served(probe: Option<&Probe>, c: &Container, what: &str) -> (u16, String) {
-    let get = probe
-        .and_then(|p| p.http_get.as_ref())
-        .unwrap_or_else(|| panic!("{what}: an httpGet probe"));
+    let get = probe.and_then(|p| p.http_get.as_ref()).unwrap_or_else(|| panic!("{what}: an httpGet probe"));
     let port = port_number(&get.port, c);
     let path = get.path.clone().unwrap_or_default();
     let (_, source) = SERVED

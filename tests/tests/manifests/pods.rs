@@ -6,8 +6,8 @@ use std::{collections::BTreeSet, fs};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::load::{
-    assert_probe_served, container, daemonset_dir, env, env_field_ref, manifests, mount_of,
-    pod_spec_of_daemonset, port_number, repo_root, volume, NAMESPACE,
+    assert_probe_served, container, daemonset_dir, env, env_field_ref, manifests, mount_of, pod_spec_of_daemonset,
+    port_number, repo_root, volume, NAMESPACE,
 };
 
 #[test]
@@ -15,119 +15,39 @@ fn agent_runs_on_every_node_with_the_node_pids_and_network() {
     let m = manifests();
     let ds = m.daemonset("heddle-agent");
     let spec = pod_spec_of_daemonset(&m);
-    let tolerates_all =
-        spec.tolerations.iter().flatten().any(|t| {
-            t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()
-        });
-    assert!(
-        tolerates_all,
-        "a toleration `operator: Exists` with no key or effect"
-    );
-    assert!(
-        spec.node_selector.is_none() && spec.affinity.is_none(),
-        "every node"
-    );
-    assert_eq!(
-        spec.host_pid,
-        Some(true),
-        "netns discovery scans /proc/*/ns/net"
-    );
-    assert_eq!(
-        spec.host_network,
-        Some(true),
-        "admin API on the node's loopback"
-    );
-    assert_eq!(
-        spec.dns_policy.as_deref(),
-        Some("ClusterFirstWithHostNet"),
-        "resolves the CA service"
-    );
-    assert_eq!(
-        spec.priority_class_name.as_deref(),
-        Some("system-node-critical")
-    );
+    let tolerates_all = spec
+        .tolerations
+        .iter()
+        .flatten()
+        .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none());
+    assert!(tolerates_all, "a toleration `operator: Exists` with no key or effect");
+    assert!(spec.node_selector.is_none() && spec.affinity.is_none(), "every node");
+    assert_eq!(spec.host_pid, Some(true), "netns discovery scans /proc/*/ns/net");
+    assert_eq!(spec.host_network, Some(true), "admin API on the node's loopback");
+    assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"), "resolves the CA service");
+    assert_eq!(spec.priority_class_name.as_deref(), Some("system-node-critical"));
     let update = ds.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
     assert_eq!(update.type_.as_deref(), Some("RollingUpdate"));
-    assert_eq!(
-        update.rolling_update.as_ref().unwrap().max_unavailable,
-        Some(IntOrString::Int(1))
-    );
-    let annotations = ds
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .annotations
-        .clone()
-        .unwrap_or_default();
-    assert_eq!(
-        annotations.get("prometheus.io/scrape").map(String::as_str),
-        Some("true")
-    );
-    assert_eq!(
-        annotations.get("prometheus.io/port").map(String::as_str),
-        Some("15020")
-    );
-    assert_eq!(
-        annotations.get("prometheus.io/path").map(String::as_str),
-        Some("/metrics")
-    );
+    assert_eq!(update.rolling_update.as_ref().unwrap().max_unavailable, Some(IntOrString::Int(1)));
+    let annotations =
+        ds.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.clone().unwrap_or_default();
+    assert_eq!(annotations.get("prometheus.io/scrape").map(String::as_str), Some("true"));
+    assert_eq!(annotations.get("prometheus.io/port").map(String::as_str), Some("15020"));
+    assert_eq!(annotations.get("prometheus.io/path").map(String::as_str), Some("/metrics"));
     // `heddle --node NODE` finds the agent's pod by this label.
-    let labels = ds
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone();
-    assert_eq!(
-        labels
-            .unwrap_or_default()
-            .get("app.kubernetes.io/name")
-            .map(String::as_str),
-        Some("heddle-agent")
-    );
+    let labels = ds.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone();
+    assert_eq!(labels.unwrap_or_default().get("app.kubernetes.io/name").map(String::as_str), Some("heddle-agent"));
     let agent = container(spec, "agent");
     assert_eq!(
         agent.command.as_deref(),
-        Some(
-            &[
-                "mesh-agent".to_owned(),
-                "run".to_owned(),
-                "--kubernetes".to_owned()
-            ][..]
-        )
+        Some(&["mesh-agent".to_owned(), "run".to_owned(), "--kubernetes".to_owned()][..])
     );
-    assert_eq!(
-        env_field_ref(agent, "NODE_NAME").as_deref(),
-        Some("spec.nodeName")
-    );
-    assert_eq!(
-        env_field_ref(agent, "POD_NAMESPACE").as_deref(),
-        Some("metadata.namespace")
-    );
+    assert_eq!(env_field_ref(agent, "NODE_NAME").as_deref(), Some("spec.nodeName"));
+    assert_eq!(env_field_ref(agent, "POD_NAMESPACE").as_deref(), Some("metadata.namespace"));
     let resources = agent.resources.as_ref().expect("resources");
     for what in ["cpu", "memory"] {
-        assert!(
-            resources
-                .requests
-                .as_ref()
-                .is_some_and(|r| r.contains_key(what)),
-            "{what} request"
-        );
-        assert!(
-            resources
-                .limits
-                .as_ref()
-                .is_some_and(|r| r.contains_key(what)),
-            "{what} limit"
-        );
+        assert!(resources.requests.as_ref().is_some_and(|r| r.contains_key(what)), "{what} request");
+        assert!(resources.limits.as_ref().is_some_and(|r| r.contains_key(what)), "{what} limit");
     }
 }
 
@@ -145,33 +65,19 @@ fn agent_probes_hit_endpoints_the_agent_serves() {
     let (port, path) = assert_probe_served(startup, agent, "startup");
     assert_eq!((port, path.as_str()), (15020, "/healthz"));
     let startup = startup.unwrap();
-    assert_eq!(
-        (startup.period_seconds, startup.failure_threshold),
-        (Some(5), Some(60)),
-        "startup probe: 60 x 5 s"
-    );
+    assert_eq!((startup.period_seconds, startup.failure_threshold), (Some(5), Some(60)), "startup probe: 60 x 5 s");
     let (port, path) = assert_probe_served(agent.readiness_probe.as_ref(), agent, "readiness");
     // /ready turns 200 once the programs are attached and the pods reconciled.
     assert_eq!(path, "/ready");
     if port == 15000 {
         // The admin API is on the node's loopback only: reachable by the
         // kubelet's probe because the agent shares the node's network.
-        let get = agent
-            .readiness_probe
-            .as_ref()
-            .unwrap()
-            .http_get
-            .as_ref()
-            .unwrap();
+        let get = agent.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(get.host.as_deref(), Some("127.0.0.1"));
         assert_eq!(spec.host_network, Some(true));
     }
     // The metrics port is declared (with hostNetwork it is a hostPort too).
-    assert!(agent
-        .ports
-        .iter()
-        .flatten()
-        .any(|p| p.container_port == 15020));
+    assert!(agent.ports.iter().flatten().any(|p| p.container_port == 15020));
 }
 
 #[test]
@@ -179,11 +85,7 @@ fn agent_keeps_enrolled_pods_failing_closed_across_a_rollout() {
     let m = manifests();
     let agent = container(pod_spec_of_daemonset(&m), "agent");
     assert_eq!(
-        env(agent)
-            .get("HEDDLE_KEEP_ATTACHED_ON_EXIT")
-            .cloned()
-            .flatten()
-            .as_deref(),
+        env(agent).get("HEDDLE_KEEP_ATTACHED_ON_EXIT").cloned().flatten().as_deref(),
         Some("true"),
         "a rollout must not let enrolled pods bypass the mesh"
     );
@@ -204,22 +106,9 @@ fn agent_ca_token_is_a_projected_token_for_the_ca_audience() {
     let token_file = env["HEDDLE_CA_TOKEN_FILE"].clone().unwrap();
     assert_eq!(token_file, "/var/run/secrets/heddle/ca-token");
     let (vol, file) = mount_of(spec, agent, &token_file);
-    let sources = vol
-        .projected
-        .as_ref()
-        .expect("a projected volume")
-        .sources
-        .clone()
-        .unwrap();
-    let token = sources
-        .iter()
-        .find_map(|s| s.service_account_token.as_ref())
-        .expect("a serviceAccountToken source");
-    assert_eq!(
-        token.audience.as_deref(),
-        Some("heddle-ca"),
-        "the CA's TokenReview audience"
-    );
+    let sources = vol.projected.as_ref().expect("a projected volume").sources.clone().unwrap();
+    let token = sources.iter().find_map(|s| s.service_account_token.as_ref()).expect("a serviceAccountToken source");
+    assert_eq!(token.audience.as_deref(), Some("heddle-ca"), "the CA's TokenReview audience");
     assert_eq!(token.expiration_seconds, Some(3600));
     assert_eq!(token.path, file);
 }
@@ -230,12 +119,7 @@ fn agent_reaches_the_ca_service_and_mounts_the_bundle_it_publishes() {
     let spec = pod_spec_of_daemonset(&m);
     let agent = container(spec, "agent");
     let env = env(agent);
-    let get = |k: &str| {
-        env.get(k)
-            .cloned()
-            .flatten()
-            .unwrap_or_else(|| panic!("env {k}"))
-    };
+    let get = |k: &str| env.get(k).cloned().flatten().unwrap_or_else(|| panic!("env {k}"));
     assert_eq!(get("HEDDLE_TRUST_DOMAIN"), "cluster.local");
     assert_eq!(get("HEDDLE_CGROUP"), "/sys/fs/cgroup");
 
@@ -244,26 +128,12 @@ fn agent_reaches_the_ca_service_and_mounts_the_bundle_it_publishes() {
     let service = m.service("heddle-ca");
     assert_eq!(host, format!("heddle-ca.{NAMESPACE}.svc"));
     let service_port = service.spec.as_ref().unwrap().ports.clone().unwrap();
-    assert!(
-        service_port.iter().any(|p| p.port.to_string() == port),
-        "Service heddle-ca port {port}"
-    );
+    assert!(service_port.iter().any(|p| p.port.to_string() == port), "Service heddle-ca port {port}");
     // The Service selects the CA's pods and targets the port the CA listens on.
     let ca = m.deployment("heddle-ca").spec.as_ref().unwrap();
-    let pod_labels = ca
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
+    let pod_labels = ca.template.metadata.as_ref().unwrap().labels.clone().unwrap();
     for (k, v) in service.spec.as_ref().unwrap().selector.clone().unwrap() {
-        assert_eq!(
-            pod_labels.get(&k),
-            Some(&v),
-            "Service heddle-ca selector {k}"
-        );
+        assert_eq!(pod_labels.get(&k), Some(&v), "Service heddle-ca selector {k}");
     }
     let ca_container = container(ca.template.spec.as_ref().unwrap(), "ca");
     for p in &service_port {
@@ -276,10 +146,7 @@ fn agent_reaches_the_ca_service_and_mounts_the_bundle_it_publishes() {
     let cm = vol.config_map.as_ref().expect("a ConfigMap volume");
     assert_eq!(cm.name, "heddle-trust-bundle");
     assert!(
-        cm.items
-            .iter()
-            .flatten()
-            .any(|i| i.key == "root-cert.pem" && i.path == file),
+        cm.items.iter().flatten().any(|i| i.key == "root-cert.pem" && i.path == file),
         "key root-cert.pem projected as {file}"
     );
 }
@@ -297,43 +164,15 @@ fn agent_host_mounts_are_the_nodes_cgroup_bpffs_and_netns() {
             .find(|m| m.mount_path == mount)
             .unwrap_or_else(|| panic!("nothing mounted at {mount}"));
         let v = volume(spec, &m.name);
-        (
-            v.host_path.as_ref().map(|h| h.path.clone()),
-            m.mount_propagation.clone(),
-        )
+        (v.host_path.as_ref().map(|h| h.path.clone()), m.mount_propagation.clone())
     };
-    assert_eq!(
-        host_path("/sys/fs/cgroup").0.as_deref(),
-        Some("/sys/fs/cgroup")
-    );
-    assert_eq!(
-        host_path("/sys/fs/bpf"),
-        (
-            Some("/sys/fs/bpf".to_owned()),
-            Some("HostToContainer".to_owned())
-        )
-    );
-    assert_eq!(
-        host_path("/run/netns"),
-        (
-            Some("/run/netns".to_owned()),
-            Some("HostToContainer".to_owned())
-        )
-    );
+    assert_eq!(host_path("/sys/fs/cgroup").0.as_deref(), Some("/sys/fs/cgroup"));
+    assert_eq!(host_path("/sys/fs/bpf"), (Some("/sys/fs/bpf".to_owned()), Some("HostToContainer".to_owned())));
+    assert_eq!(host_path("/run/netns"), (Some("/run/netns".to_owned()), Some("HostToContainer".to_owned())));
     // The node's bpffs is mounted (and the mount propagated back) by the
     // privileged init container.
-    let init = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .find(|c| c.name == "mount-bpffs")
-        .unwrap();
-    let mount = init
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| m.name == "bpffs")
-        .unwrap();
+    let init = spec.init_containers.iter().flatten().find(|c| c.name == "mount-bpffs").unwrap();
+    let mount = init.volume_mounts.iter().flatten().find(|m| m.name == "bpffs").unwrap();
     assert_eq!(mount.mount_propagation.as_deref(), Some("Bidirectional"));
 }
 
@@ -344,21 +183,9 @@ fn agent_host_mounts_are_the_nodes_cgroup_bpffs_and_netns() {
 #[test]
 fn pod_specs_pass_the_api_servers_container_rules() {
     let m = manifests();
-    let ca = m
-        .deployment("heddle-ca")
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let ca = m.deployment("heddle-ca").spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     for spec in [pod_spec_of_daemonset(&m), ca] {
-        for c in spec
-            .containers
-            .iter()
-            .chain(spec.init_containers.iter().flatten())
-        {
+        for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
             let sc = c.security_context.clone().unwrap_or_default();
             let privileged = sc.privileged == Some(true);
             for mount in c.volume_mounts.iter().flatten() {
@@ -367,17 +194,9 @@ fn pod_specs_pass_the_api_servers_container_rules() {
                     assert!(privileged, "{}: Bidirectional needs privileged", c.name);
                 }
             }
-            let adds = sc
-                .capabilities
-                .as_ref()
-                .and_then(|c| c.add.clone())
-                .unwrap_or_default();
+            let adds = sc.capabilities.as_ref().and_then(|c| c.add.clone()).unwrap_or_default();
             if sc.allow_privilege_escalation == Some(false) {
-                assert!(
-                    !privileged && !adds.iter().any(|a| a.ends_with("SYS_ADMIN")),
-                    "{}",
-                    c.name
-                );
+                assert!(!privileged && !adds.iter().any(|a| a.ends_with("SYS_ADMIN")), "{}", c.name);
             }
         }
     }
@@ -392,28 +211,13 @@ fn agent_runs_with_the_justified_capabilities_only() {
     let caps = sc.capabilities.as_ref().unwrap();
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
-    assert_eq!(
-        added,
-        BTreeSet::from([
-            "BPF",
-            "NET_ADMIN",
-            "SYS_ADMIN",
-            "SYS_PTRACE",
-            "SYS_RESOURCE"
-        ])
-    );
+    assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"]));
     // Each is justified in a comment next to it.
     let text = fs::read_to_string(daemonset_dir().join("agent-daemonset.yaml")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     for cap in added {
-        let at = lines
-            .iter()
-            .position(|l| l.trim() == format!("- {cap}"))
-            .unwrap();
-        assert!(
-            lines[at - 1].trim_start().starts_with('#'),
-            "{cap} has no comment above it"
-        );
+        let at = lines.iter().position(|l| l.trim() == format!("- {cap}")).unwrap();
+        assert!(lines[at - 1].trim_start().starts_with('#'), "{cap} has no comment above it");
     }
 }
 
@@ -421,21 +225,9 @@ fn agent_runs_with_the_justified_capabilities_only() {
 fn images_are_this_release() {
     let m = manifests();
     let want = format!("ghcr.io/heddle-mesh/heddle:{}", env!("CARGO_PKG_VERSION"));
-    let ca = m
-        .deployment("heddle-ca")
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let ca = m.deployment("heddle-ca").spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     for spec in [pod_spec_of_daemonset(&m), ca] {
-        for c in spec
-            .containers
-            .iter()
-            .chain(spec.init_containers.iter().flatten())
-        {
+        for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
             assert_eq!(c.image.as_deref(), Some(want.as_str()), "{}", c.name);
         }
     }
@@ -449,42 +241,15 @@ fn ca_runs_the_kubernetes_mode_with_probes_on_its_port() {
     let spec = ca.template.spec.as_ref().unwrap();
     assert_eq!(spec.service_account_name.as_deref(), Some("heddle-ca"));
     let c = container(spec, "ca");
-    assert_eq!(
-        c.command.as_deref(),
-        Some(
-            &[
-                "mesh-agent".to_owned(),
-                "ca".to_owned(),
-                "--kubernetes".to_owned()
-            ][..]
-        )
-    );
-    assert_eq!(
-        env_field_ref(c, "POD_NAMESPACE").as_deref(),
-        Some("metadata.namespace")
-    );
-    assert_eq!(
-        env(c)
-            .get("HEDDLE_TRUST_DOMAIN")
-            .cloned()
-            .flatten()
-            .as_deref(),
-        Some("cluster.local")
-    );
-    let ready = c
-        .readiness_probe
-        .as_ref()
-        .and_then(|p| p.http_get.as_ref())
-        .unwrap();
+    assert_eq!(c.command.as_deref(), Some(&["mesh-agent".to_owned(), "ca".to_owned(), "--kubernetes".to_owned()][..]));
+    assert_eq!(env_field_ref(c, "POD_NAMESPACE").as_deref(), Some("metadata.namespace"));
+    assert_eq!(env(c).get("HEDDLE_TRUST_DOMAIN").cloned().flatten().as_deref(), Some("cluster.local"));
+    let ready = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).unwrap();
     assert_eq!(port_number(&ready.port, c), 15012);
     assert_eq!(ready.scheme.as_deref(), Some("HTTPS"));
     let route = ready.path.clone().unwrap();
-    let source =
-        fs::read_to_string(repo_root().join("mesh-agent/src/identity/ca_server.rs")).unwrap();
-    assert!(
-        source.contains(&format!("\"{route}\"")),
-        "the CA routes {route}"
-    );
+    let source = fs::read_to_string(repo_root().join("mesh-agent/src/identity/ca_server.rs")).unwrap();
+    assert!(source.contains(&format!("\"{route}\"")), "the CA routes {route}");
     let live = c.liveness_probe.as_ref().unwrap();
     assert!(live.http_get.is_some() || live.tcp_socket.is_some());
 }

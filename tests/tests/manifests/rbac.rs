@@ -13,11 +13,7 @@ fn agent_rbac_reads_what_the_kubernetes_source_watches_and_writes_nothing() {
     assert!(namespaced.is_empty(), "the agent needs no namespaced role");
     for rule in &cluster {
         for verb in &rule.verbs {
-            assert!(
-                AGENT_READ_VERBS.contains(&verb.as_str()),
-                "agent may {verb} {:?}",
-                rule.resources
-            );
+            assert!(AGENT_READ_VERBS.contains(&verb.as_str()), "agent may {verb} {:?}", rule.resources);
         }
         assert!(rule.non_resource_urls.is_none());
     }
@@ -25,9 +21,7 @@ fn agent_rbac_reads_what_the_kubernetes_source_watches_and_writes_nothing() {
         cluster.iter().any(|r| {
             r.api_groups.iter().flatten().any(|g| g == group)
                 && r.resources.iter().flatten().any(|x| x == resource)
-                && AGENT_READ_VERBS
-                    .iter()
-                    .all(|v| r.verbs.iter().any(|x| x == v))
+                && AGENT_READ_VERBS.iter().all(|v| r.verbs.iter().any(|x| x == v))
         })
     };
     for (group, resource) in [
@@ -38,10 +32,7 @@ fn agent_rbac_reads_what_the_kubernetes_source_watches_and_writes_nothing() {
         ("heddle.dev", "authorizationpolicies"),
         ("security.istio.io", "authorizationpolicies"),
     ] {
-        assert!(
-            grants(group, resource),
-            "agent cannot get/list/watch {group}/{resource}"
-        );
+        assert!(grants(group, resource), "agent cannot get/list/watch {group}/{resource}");
     }
 }
 
@@ -54,58 +45,33 @@ fn ca_rbac_covers_token_reviews_pods_and_only_its_own_secret_and_configmap() {
             r.api_groups.iter().flatten().any(|g| g == group)
                 && r.resources.iter().flatten().any(|x| x == resource)
                 && r.verbs.iter().any(|v| v == verb)
-                && r.resource_names
-                    .as_ref()
-                    .is_none_or(|n| n.iter().any(|n| n == name))
+                && r.resource_names.as_ref().is_none_or(|n| n.iter().any(|n| n == name))
         })
     };
-    assert!(allowed(
-        &cluster,
-        "authentication.k8s.io",
-        "tokenreviews",
-        "create",
-        ""
-    ));
+    assert!(allowed(&cluster, "authentication.k8s.io", "tokenreviews", "create", ""));
     assert!(allowed(&cluster, "", "pods", "list", ""));
     // The CA lists the node's pods (k8s::ca_auth::PodAuthorizer), nothing else.
     assert!(!allowed(&cluster, "", "pods", "get", ""), "unused: get pods");
     for rule in &cluster {
         for verb in &rule.verbs {
-            let ok = verb == "create"
-                && rule.resources.as_deref() == Some(&["tokenreviews".to_owned()][..])
+            let ok = verb == "create" && rule.resources.as_deref() == Some(&["tokenreviews".to_owned()][..])
                 || AGENT_READ_VERBS.contains(&verb.as_str());
             assert!(ok, "CA may {verb} {:?} cluster-wide", rule.resources);
         }
-        assert!(!rule
-            .resources
-            .iter()
-            .flatten()
-            .any(|r| r == "secrets" || r == "configmaps"));
+        assert!(!rule.resources.iter().flatten().any(|r| r == "secrets" || r == "configmaps"));
     }
     // Exactly the calls of k8s::ca_root: get/create the root Secret,
     // get/create/patch (JSON merge) the bundle ConfigMap; never update.
     for verb in ["get", "create"] {
-        assert!(
-            allowed(&namespaced, "", "secrets", verb, "heddle-ca-root"),
-            "secrets {verb}"
-        );
+        assert!(allowed(&namespaced, "", "secrets", verb, "heddle-ca-root"), "secrets {verb}");
     }
     for verb in ["get", "create", "patch"] {
-        assert!(
-            allowed(&namespaced, "", "configmaps", verb, "heddle-trust-bundle"),
-            "configmaps {verb}"
-        );
+        assert!(allowed(&namespaced, "", "configmaps", verb, "heddle-trust-bundle"), "configmaps {verb}");
     }
     for rule in &namespaced {
-        assert!(
-            !rule.verbs.iter().any(|v| v == "update"),
-            "the CA never updates its Secret or ConfigMap: {rule:?}"
-        );
+        assert!(!rule.verbs.iter().any(|v| v == "update"), "the CA never updates its Secret or ConfigMap: {rule:?}");
         if rule.resources.iter().flatten().any(|r| r == "secrets") {
-            assert!(
-                !rule.verbs.iter().any(|v| v == "patch"),
-                "the CA never patches a Secret: {rule:?}"
-            );
+            assert!(!rule.verbs.iter().any(|v| v == "patch"), "the CA never patches a Secret: {rule:?}");
         }
     }
     // Reading or changing any other Secret is not allowed: only create is

@@ -18,10 +18,7 @@ pub fn crd_json_schema(crd: &CustomResourceDefinition) -> Json {
     fn convert(node: &mut Json) {
         let Json::Object(obj) = node else { return };
         if obj.remove("x-kubernetes-int-or-string") == Some(Json::Bool(true)) {
-            obj.insert(
-                "anyOf".into(),
-                json!([{"type": "integer"}, {"type": "string"}]),
-            );
+            obj.insert("anyOf".into(), json!([{"type": "integer"}, {"type": "string"}]));
         }
         if obj.remove("nullable") == Some(Json::Bool(true)) {
             if let Some(Json::String(t)) = obj.get("type").cloned() {
@@ -32,8 +29,7 @@ pub fn crd_json_schema(crd: &CustomResourceDefinition) -> Json {
             }
         }
         let preserve = obj.get("x-kubernetes-preserve-unknown-fields") == Some(&Json::Bool(true));
-        if obj.contains_key("properties") && !preserve && !obj.contains_key("additionalProperties")
-        {
+        if obj.contains_key("properties") && !preserve && !obj.contains_key("additionalProperties") {
             obj.insert("additionalProperties".into(), Json::Bool(false));
         }
         for key in ["properties"] {
@@ -47,16 +43,9 @@ pub fn crd_json_schema(crd: &CustomResourceDefinition) -> Json {
             }
         }
     }
-    let mut schema = serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap();
+    let mut schema =
+        serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap())
+            .unwrap();
     convert(&mut schema);
     let props = schema["properties"].as_object_mut().unwrap();
     props.insert("apiVersion".into(), json!({"type": "string"}));
@@ -96,8 +85,5 @@ pub fn readme_policies() -> Vec<(String, Json)> {
 }
 
 pub fn schema_errors(validator: &jsonschema::Validator, policy: &Json) -> Vec<String> {
-    validator
-        .iter_errors(policy)
-        .map(|e| format!("{} at {}", e, e.instance_path))
-        .collect()
+    validator.iter_errors(policy).map(|e| format!("{} at {}", e, e.instance_path)).collect()
 }

@@ -25,10 +25,7 @@ pub(super) struct PeerSlot {
 impl PeerSlots {
     /// At most `max` connections per source IP.
     pub(super) fn new(max: usize) -> Self {
-        Self {
-            max,
-            open: Arc::default(),
-        }
+        Self { max, open: Arc::default() }
     }
 
     /// A slot for a connection from `ip`, or `None` when `ip` already holds
@@ -40,10 +37,7 @@ impl PeerSlots {
             return None;
         }
         *open.entry(ip).or_default() += 1;
-        Some(PeerSlot {
-            ip,
-            open: self.open.clone(),
-        })
+        Some(PeerSlot { ip, open: self.open.clone() })
     }
 }
 
@@ -72,9 +66,7 @@ mod tests {
         assert!(slots.try_acquire(a).is_none());
         assert!(slots.try_acquire(b).is_some(), "another IP is not limited");
         // The same IP, IPv4-mapped, shares the cap.
-        assert!(slots
-            .try_acquire("::ffff:10.0.0.1".parse().unwrap())
-            .is_none());
+        assert!(slots.try_acquire("::ffff:10.0.0.1".parse().unwrap()).is_none());
         drop(first);
         assert!(slots.try_acquire(a).is_some());
     }

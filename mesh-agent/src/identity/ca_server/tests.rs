@@ -61,20 +61,13 @@ impl Ca {
     /// them all as sources).
     async fn tcp_from(&self, source: [u8; 4]) -> TcpStream {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from((source, 0)))
-            .expect("binding a 127/8 source address");
+        socket.bind(SocketAddr::from((source, 0))).expect("binding a 127/8 source address");
         socket.connect(self.addr).await.unwrap()
     }
 
     /// The TLS handshake over `tcp`; fails if the CA closed it.
-    async fn tls_over(
-        &self,
-        tcp: TcpStream,
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let connector = tokio_rustls::TlsConnector::from(
-            tls::anonymous_client_config(self.roots.clone()).unwrap(),
-        );
+    async fn tls_over(&self, tcp: TcpStream) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let connector = tokio_rustls::TlsConnector::from(tls::anonymous_client_config(self.roots.clone()).unwrap());
         let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
         connector.connect(name, tcp).await
     }
@@ -98,10 +91,8 @@ async fn start(name: &str, limits: Limits) -> Ca {
         trust_domain: "cluster.local".into(),
         leaf_ttl: Duration::from_mins(10),
     };
-    let server = CaServer::new(&settings)
-        .unwrap()
-        .reserve(reserved_identities("cluster.local", "mesh"))
-        .with_limits(limits);
+    let server =
+        CaServer::new(&settings).unwrap().reserve(reserved_identities("cluster.local", "mesh")).with_limits(limits);
     let roots = tls::roots_from_pem(&server.bundle_pem()).unwrap();
     let refused = server.refused_connections();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -109,14 +100,7 @@ async fn start(name: &str, limits: Limits) -> Ca {
     let stop = CancellationToken::new();
     tokio::spawn(server.serve(listener, stop.clone()));
     let token = std::fs::read_to_string(token_path(&dir.join("state"), "node-a")).unwrap();
-    Ca {
-        addr,
-        roots,
-        token,
-        refused,
-        stop,
-        dir,
-    }
+    Ca { addr, roots, token, refused, stop, dir }
 }
 
 fn csr(identity: &SpiffeId) -> String {
@@ -131,8 +115,7 @@ async fn closed_after(mut conn: impl tokio::io::AsyncRead + Unpin) -> Duration {
     let start = Instant::now();
     let mut buf = [0u8; 1024];
     loop {
-        let Ok(read) = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await
-        else {
+        let Ok(read) = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await else {
             panic!("the CA kept an idle connection open for 5 s");
         };
         // EOF, or a reset / TLS close without close_notify: closed.
@@ -157,38 +140,24 @@ async fn the_ca_refuses_its_own_identity_to_a_node_that_hosts_its_service_accoun
     let ca = start("reserved", limits()).await;
     let client = ca.client();
     // The configuration does put heddle-system/heddle-ca on node-a.
-    for own in [
-        ca_identity("cluster.local"),
-        SpiffeId::new("cluster.local", "mesh", "heddle-ca"),
-    ] {
+    for own in [ca_identity("cluster.local"), SpiffeId::new("cluster.local", "mesh", "heddle-ca")] {
         match client.sign(&own, csr(&own)).await {
-            Err(CaError::Refused {
-                status: 403,
-                message,
-            }) => assert!(
-                message.contains("reserved for the mesh CA") && message.contains(&own.to_string()),
-                "{message}"
-            ),
+            Err(CaError::Refused { status: 403, message }) => {
+                assert!(
+                    message.contains("reserved for the mesh CA") && message.contains(&own.to_string()),
+                    "{message}"
+                );
+            }
             other => panic!("expected 403 for {own}, got {other:?}"),
         }
     }
     let web = SpiffeId::new("cluster.local", "demo", "web");
-    client
-        .sign(&web, csr(&web))
-        .await
-        .expect("a workload identity is still issued");
+    client.sign(&web, csr(&web)).await.expect("a workload identity is still issued");
 }
 
 #[tokio::test]
 async fn a_client_that_sends_no_request_is_closed_after_the_header_timeout() {
-    let ca = start(
-        "header",
-        Limits {
-            header_read_timeout: Duration::from_millis(300),
-            ..limits()
-        },
-    )
-    .await;
+    let ca = start("header", Limits { header_read_timeout: Duration::from_millis(300), ..limits() }).await;
     let conn = ca.tls_connection().await;
     let after = closed_after(conn).await;
     assert!(after < Duration::from_secs(3), "closed after {after:?}");
@@ -196,14 +165,7 @@ async fn a_client_that_sends_no_request_is_closed_after_the_header_timeout() {
 
 #[tokio::test]
 async fn a_client_that_never_starts_tls_is_closed_after_the_handshake_timeout() {
-    let ca = start(
-        "handshake",
-        Limits {
-            handshake_timeout: Duration::from_millis(300),
-            ..limits()
-        },
-    )
-    .await;
+    let ca = start("handshake", Limits { handshake_timeout: Duration::from_millis(300), ..limits() }).await;
     let tcp = TcpStream::connect(ca.addr).await.unwrap();
     let after = closed_after(tcp).await;
     assert!(after < Duration::from_secs(3), "closed after {after:?}");
@@ -211,19 +173,10 @@ async fn a_client_that_never_starts_tls_is_closed_after_the_handshake_timeout() 
 
 #[tokio::test]
 async fn a_request_trickling_in_is_closed_at_the_connection_deadline() {
-    let ca = start(
-        "deadline",
-        Limits {
-            connection_deadline: Duration::from_millis(500),
-            ..limits()
-        },
-    )
-    .await;
+    let ca = start("deadline", Limits { connection_deadline: Duration::from_millis(500), ..limits() }).await;
     let mut conn = ca.tls_connection().await;
     // Headers that never end: only the overall deadline can stop this.
-    conn.write_all(b"POST /v1/certificates HTTP/1.1\r\nHost: ca\r\n")
-        .await
-        .unwrap();
+    conn.write_all(b"POST /v1/certificates HTTP/1.1\r\nHost: ca\r\n").await.unwrap();
     conn.flush().await.unwrap();
     let after = closed_after(conn).await;
     assert!(after < Duration::from_secs(3), "closed after {after:?}");
@@ -231,14 +184,7 @@ async fn a_request_trickling_in_is_closed_at_the_connection_deadline() {
 
 #[tokio::test]
 async fn connections_beyond_the_cap_are_closed_at_once_and_counted() {
-    let ca = start(
-        "cap",
-        Limits {
-            max_connections: 2,
-            ..limits()
-        },
-    )
-    .await;
+    let ca = start("cap", Limits { max_connections: 2, ..limits() }).await;
     let held = [ca.tls_connection().await, ca.tls_connection().await];
     // The third is closed before any handshake, long before any timeout.
     let tcp = TcpStream::connect(ca.addr).await.unwrap();
@@ -263,14 +209,7 @@ async fn connections_beyond_the_cap_are_closed_at_once_and_counted() {
 async fn one_ip_at_its_cap_does_not_stop_another_and_its_slot_frees_on_close() {
     const GREEDY: [u8; 4] = [127, 0, 0, 2];
     const OTHER: [u8; 4] = [127, 0, 0, 3];
-    let ca = start(
-        "per-ip",
-        Limits {
-            max_connections_per_ip: 2,
-            ..limits()
-        },
-    )
-    .await;
+    let ca = start("per-ip", Limits { max_connections_per_ip: 2, ..limits() }).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let tcp = ca.tcp_from(GREEDY).await;
@@ -282,14 +221,9 @@ async fn one_ip_at_its_cap_does_not_stop_another_and_its_slot_frees_on_close() {
     assert_eq!(ca.refused.load(Ordering::Relaxed), 1);
 
     // Another IP is served as usual, well below the global cap.
-    let mut other = ca
-        .tls_over(ca.tcp_from(OTHER).await)
-        .await
-        .expect("another IP is not limited by the first one's cap");
-    other
-        .write_all(b"GET /v1/bundle HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let mut other =
+        ca.tls_over(ca.tcp_from(OTHER).await).await.expect("another IP is not limited by the first one's cap");
+    other.write_all(b"GET /v1/bundle HTTP/1.1\r\nHost: ca\r\nConnection: close\r\n\r\n").await.unwrap();
     // Bytes read before an unclean close are kept in `response`.
     let mut response = Vec::new();
     let _ = other.read_to_end(&mut response).await;

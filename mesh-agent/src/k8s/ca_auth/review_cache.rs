@@ -36,12 +36,7 @@ pub type TokenHash = [u8; 32];
 #[must_use]
 pub fn token_hash(token: &str) -> TokenHash {
     let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
-    let hash = suite
-        .tls13()
-        .expect("a TLS 1.3 suite")
-        .common
-        .hash_provider
-        .hash(token.as_bytes());
+    let hash = suite.tls13().expect("a TLS 1.3 suite").common.hash_provider.hash(token.as_bytes());
     let mut out = [0u8; 32];
     out.copy_from_slice(hash.as_ref());
     out
@@ -68,16 +63,11 @@ impl ReviewCache {
     /// An empty cache of at most `max_entries` entries.
     #[must_use]
     pub fn new(max_entries: usize) -> Self {
-        Self {
-            entries: Mutex::new(HashMap::new()),
-            max_entries: max_entries.max(1),
-        }
+        Self { entries: Mutex::new(HashMap::new()), max_entries: max_entries.max(1) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TokenHash, Entry>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The outcome cached for `key`, if still fresh at `now`.
@@ -113,22 +103,13 @@ impl ReviewCache {
         if entries.len() >= self.max_entries && !entries.contains_key(&key) {
             entries.retain(|_, e| e.expires > now);
             if entries.len() >= self.max_entries {
-                let first = entries
-                    .iter()
-                    .min_by_key(|(_, e)| e.expires)
-                    .map(|(k, _)| *k);
+                let first = entries.iter().min_by_key(|(_, e)| e.expires).map(|(k, _)| *k);
                 if let Some(k) = first {
                     entries.remove(&k);
                 }
             }
         }
-        entries.insert(
-            key,
-            Entry {
-                outcome: outcome.clone(),
-                expires: now + ttl,
-            },
-        );
+        entries.insert(key, Entry { outcome: outcome.clone(), expires: now + ttl });
     }
 
     /// Entries held (expired ones included until evicted).
@@ -168,8 +149,7 @@ pub fn jwt_remaining(token: &str, now: SystemTime) -> Option<Duration> {
     while !std_b64.len().is_multiple_of(4) {
         std_b64.push('=');
     }
-    let bytes: k8s_openapi::ByteString =
-        serde_json::from_value(serde_json::Value::String(std_b64)).ok()?;
+    let bytes: k8s_openapi::ByteString = serde_json::from_value(serde_json::Value::String(std_b64)).ok()?;
     let exp = serde_json::from_slice::<Claims>(&bytes.0).ok()?.exp?;
     // An `exp` past what `SystemTime` holds is no expiry we can use (the
     // `+` would panic): as for a token without one, the TTL alone applies.
@@ -184,12 +164,7 @@ mod tests {
     fn jwt(exp: u64) -> String {
         let claims = format!("{{\"aud\":[\"heddle-ca\"],\"exp\":{exp},\"sub\":\"x\"}}");
         let b64 = serde_json::to_value(k8s_openapi::ByteString(claims.into_bytes())).unwrap();
-        let url = b64
-            .as_str()
-            .unwrap()
-            .trim_end_matches('=')
-            .replace('+', "-")
-            .replace('/', "_");
+        let url = b64.as_str().unwrap().trim_end_matches('=').replace('+', "-").replace('/', "_");
         format!("eyJhbGciOiJSUzI1NiJ9.{url}.c2lnbmF0dXJl")
     }
 
@@ -205,10 +180,7 @@ mod tests {
         cache.put("bad-token", &refused, now);
         assert_eq!(cache.get(&token_hash("bad-token"), now), Some(refused));
         assert_eq!(cache.get(&token_hash("other"), now), None);
-        assert_eq!(
-            cache.get(&token_hash("bad-token"), now + NEGATIVE_TTL),
-            None
-        );
+        assert_eq!(cache.get(&token_hash("bad-token"), now + NEGATIVE_TTL), None);
     }
 
     #[test]
@@ -225,19 +197,13 @@ mod tests {
         let now = Instant::now();
         let ok = Ok("node-a".to_owned());
         cache.put("opaque", &ok, now);
-        assert_eq!(
-            cache.get(&token_hash("opaque"), now + Duration::from_secs(59)),
-            Some(ok.clone())
-        );
+        assert_eq!(cache.get(&token_hash("opaque"), now + Duration::from_secs(59)), Some(ok.clone()));
         assert_eq!(cache.get(&token_hash("opaque"), now + POSITIVE_TTL), None);
 
         let soon = jwt(unix(SystemTime::now()) + 5);
         cache.put(&soon, &ok, now);
         assert!(cache.get(&token_hash(&soon), now).is_some());
-        assert_eq!(
-            cache.get(&token_hash(&soon), now + Duration::from_secs(6)),
-            None
-        );
+        assert_eq!(cache.get(&token_hash(&soon), now + Duration::from_secs(6)), None);
 
         let expired = jwt(unix(SystemTime::now()) - 5);
         cache.put(&expired, &ok, now);
@@ -247,10 +213,7 @@ mod tests {
     #[test]
     fn reads_the_expiry_of_a_jwt_and_nothing_of_other_tokens() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        assert_eq!(
-            jwt_remaining(&jwt(1_600), now),
-            Some(Duration::from_mins(10))
-        );
+        assert_eq!(jwt_remaining(&jwt(1_600), now), Some(Duration::from_mins(10)));
         assert_eq!(jwt_remaining(&jwt(900), now), Some(Duration::ZERO));
         assert_eq!(jwt_remaining("agent-a", now), None);
         assert_eq!(jwt_remaining("a.!!!.c", now), None);
@@ -264,10 +227,7 @@ mod tests {
         let now = Instant::now();
         let ok = Ok("node-a".to_owned());
         cache.put(&far, &ok, now);
-        assert_eq!(
-            cache.get(&token_hash(&far), now + Duration::from_secs(59)),
-            Some(ok)
-        );
+        assert_eq!(cache.get(&token_hash(&far), now + Duration::from_secs(59)), Some(ok));
         assert_eq!(cache.get(&token_hash(&far), now + POSITIVE_TTL), None);
     }
 
@@ -277,16 +237,9 @@ mod tests {
         let now = Instant::now();
         cache.put("good", &Ok("node-a".into()), now);
         for i in 0..10 {
-            cache.put(
-                &format!("bad-{i}"),
-                &Err(CaAuthError::Unauthenticated("x".into())),
-                now,
-            );
+            cache.put(&format!("bad-{i}"), &Err(CaAuthError::Unauthenticated("x".into())), now);
         }
         assert_eq!(cache.len(), 3);
-        assert!(
-            cache.get(&token_hash("good"), now).is_some(),
-            "the positive entry outlives the flood"
-        );
+        assert!(cache.get(&token_hash("good"), now).is_some(), "the positive entry outlives the flood");
     }
 }

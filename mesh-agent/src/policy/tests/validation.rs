@@ -83,17 +83,11 @@ fn rejects_unsupported_api_versions_kinds_and_missing_names() {
     let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
     assert_eq!(messages.len(), 2, "{messages:?}");
     assert!(
-        messages[0].starts_with(
-            "policy demo/a: apiVersion: apiVersion \"security.istio.io/v2\" is not supported"
-        ),
+        messages[0].starts_with("policy demo/a: apiVersion: apiVersion \"security.istio.io/v2\" is not supported"),
         "{}",
         messages[0]
     );
-    assert!(
-        messages[1].starts_with("policy demo/<unnamed>: metadata.name: a policy needs a name"),
-        "{}",
-        messages[1]
-    );
+    assert!(messages[1].starts_with("policy demo/<unnamed>: metadata.name: a policy needs a name"), "{}", messages[1]);
 }
 
 #[test]
@@ -116,28 +110,18 @@ fn reports_every_problem_of_a_policy_at_once() {
 
 #[test]
 fn other_policies_keep_working_when_one_is_rejected() {
-    let yaml = policy(
-        "demo/bad",
-        "{action: DENY, rules: [{from: [{source: {ipBlocks: [10.0.0.0/99]}}]}]}",
-    ) + &policy(
-        "demo/deny-curl",
-        &format!("{{action: DENY, rules: [{{from: [{{source: {{principals: ['{CURL}']}}}}]}}]}}"),
-    ) + &policy("demo/unknown", "{action: DENY, rules: [{}], extra: true}");
+    let yaml = policy("demo/bad", "{action: DENY, rules: [{from: [{source: {ipBlocks: [10.0.0.0/99]}}]}]}")
+        + &policy(
+            "demo/deny-curl",
+            &format!("{{action: DENY, rules: [{{from: [{{source: {{principals: ['{CURL}']}}}}]}}]}}"),
+        )
+        + &policy("demo/unknown", "{action: DENY, rules: [{}], extra: true}");
     let (set, errors) = build(&yaml);
     assert_eq!(errors.len(), 2);
-    assert_eq!(
-        (errors[0].index, errors[0].policy.to_string()),
-        (0, "demo/bad".to_owned())
-    );
-    assert_eq!(
-        (errors[1].index, errors[1].field.as_str()),
-        (2, "spec.extra")
-    );
+    assert_eq!((errors[0].index, errors[0].policy.to_string()), (0, "demo/bad".to_owned()));
+    assert_eq!((errors[1].index, errors[1].field.as_str()), (2, "spec.extra"));
     assert_eq!(set.len(), 1);
-    assert_eq!(
-        web().decide(&set),
-        "DENY policy=demo/deny-curl rule=0 reason=denied_by_deny_policy"
-    );
+    assert_eq!(web().decide(&set), "DENY policy=demo/deny-curl rule=0 reason=denied_by_deny_policy");
     assert_eq!(web().peer("td/ns/a/sa/b").decide(&set), DEFAULT_ALLOW);
 }
 
@@ -145,10 +129,7 @@ fn other_policies_keep_working_when_one_is_rejected() {
 fn a_second_definition_of_a_policy_is_rejected() {
     let (set, errors) = build(&(policy("demo/p", "{}") + &policy("demo/p", "{rules: [{}]}")));
     assert_eq!(set.len(), 1);
-    assert!(
-        matches!(errors[0].problem, Problem::Duplicate(0)),
-        "{errors:?}"
-    );
+    assert!(matches!(errors[0].problem, Problem::Duplicate(0)), "{errors:?}");
     assert_eq!(errors[0].index, 1);
 }
 
@@ -160,18 +141,11 @@ fn kubernetes_metadata_and_status_are_accepted_and_only_spec_is_strict() {
          spec:\n  rules:\n  - from:\n    to:\n    - operation:\n        ports: [8080]\n\
          status:\n  conditions: [{type: Accepted, status: 'True'}]\n",
     );
-    assert_eq!(
-        web().decide(&set),
-        "ALLOW policy=demo/p rule=0 reason=allowed_by_policy"
-    );
+    assert_eq!(web().decide(&set), "ALLOW policy=demo/p rule=0 reason=allowed_by_policy");
 }
 
 fn caveats(yaml: &str) -> Vec<(String, Caveat)> {
-    set(yaml)
-        .warnings()
-        .iter()
-        .map(|w| (w.field.clone(), w.caveat.clone()))
-        .collect()
+    set(yaml).warnings().iter().map(|w| (w.field.clone(), w.caveat.clone())).collect()
 }
 
 #[test]
@@ -183,14 +157,8 @@ fn warns_about_l7_attributes_in_allow_and_deny_rules() {
     assert_eq!(
         got,
         [
-            (
-                "spec.rules[0]".into(),
-                Caveat::L7RuleNeverMatches("methods, paths, when key request.headers[a]".into())
-            ),
-            (
-                "spec.rules[1]".into(),
-                Caveat::L7PartsDropped("requestPrincipals, unknown when key foo".into())
-            ),
+            ("spec.rules[0]".into(), Caveat::L7RuleNeverMatches("methods, paths, when key request.headers[a]".into())),
+            ("spec.rules[1]".into(), Caveat::L7PartsDropped("requestPrincipals, unknown when key foo".into())),
         ]
     );
 }
@@ -200,10 +168,7 @@ fn a_policy_for_a_waypoint_is_valid_but_not_applied() {
     let yaml = policy("demo/waypoint", "{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: w}], rules: [{to: [{operation: {methods: [GET]}}]}]}");
     let set = set(&yaml);
     assert!(set.is_empty());
-    assert!(set
-        .warnings()
-        .iter()
-        .any(|w| w.caveat == Caveat::TargetRef && w.field == "spec.targetRefs"));
+    assert!(set.warnings().iter().any(|w| w.caveat == Caveat::TargetRef && w.field == "spec.targetRefs"));
     assert_eq!(web().decide(&set), DEFAULT_ALLOW);
 }
 
@@ -211,7 +176,10 @@ fn a_policy_for_a_waypoint_is_valid_but_not_applied() {
 fn warns_about_policies_that_silently_match_nothing() {
     let got = caveats(
         &(policy("demo/d", "{action: DENY}")
-            + &policy("demo/s", &format!("{{rules: [{{from: [{{source: {{principals: ['spiffe://{CURL}', 'a*b']}}}}]}}]}}"))
+            + &policy(
+                "demo/s",
+                &format!("{{rules: [{{from: [{{source: {{principals: ['spiffe://{CURL}', 'a*b']}}}}]}}]}}"),
+            )
             + &super::annotated("demo/r", "{istio.io/dry-run: yes}", "{}")),
     );
     let kinds: Vec<&Caveat> = got.iter().map(|(_, c)| c).collect();

@@ -1,12 +1,11 @@
 //! Compiles one Gateway API document (`HTTPRoute` or `GRPCRoute`, the
 //! upstream types of [`super::gateway_api`]) into rules and a status.
 //!
-//! GRPCRoute is compiled as the HTTP/2 requests it describes: a method match
+//! `GRPCRoute` is compiled as the HTTP/2 requests it describes: a method match
 //! `{service, method}` becomes a path match on `/service/method` (Exact, or a
 //! prefix `/service/` for a service alone, or a regular expression), and its
-//! parentRefs, backendRefs and filters, which have HTTPRoute's shape, are
-//! read as HTTPRoute's.
-
+//! parentRefs, backendRefs and filters, which have `HTTPRoute`'s shape, are
+//! read as `HTTPRoute`'s.
 
 use serde::de::DeserializeOwned;
 
@@ -91,7 +90,11 @@ fn field_path(path: &serde_ignored::Path<'_>) -> String {
         Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
         Path::Map { parent, key } => {
             let p = field_path(parent);
-            if p.is_empty() { key.clone() } else { format!("{p}.{key}") }
+            if p.is_empty() {
+                key.clone()
+            } else {
+                format!("{p}.{key}")
+            }
         }
         Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
     }
@@ -102,19 +105,13 @@ fn meta_of(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (O
         namespace: m.namespace.clone().unwrap_or_else(|| "default".to_owned()),
         name: m.name.clone().unwrap_or_default(),
     };
-    let created = m
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0.to_string())
-        .unwrap_or_default();
+    let created = m.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
     (id, created)
 }
 
-/// Converts between the HTTPRoute and GRPCRoute shapes of the same JSON.
+/// Converts between the `HTTPRoute` and `GRPCRoute` shapes of the same JSON.
 fn reshape<A: serde::Serialize, B: DeserializeOwned>(a: &A) -> Result<B, String> {
-    serde_json::to_value(a)
-        .and_then(serde_json::from_value)
-        .map_err(|e| e.to_string())
+    serde_json::to_value(a).and_then(serde_json::from_value).map_err(|e| e.to_string())
 }
 
 fn compile_http(
@@ -145,7 +142,7 @@ fn compile_http(
         rules.push(ctx.rule(i, matches, filters, backends, timeouts));
     }
     let parents = r.spec.parent_refs.clone().unwrap_or_default();
-    ctx.finish(&parents, rules, created, origin)
+    ctx.finish(&parents, &rules, &created, origin)
 }
 
 fn compile_grpc(
@@ -186,14 +183,9 @@ fn compile_grpc(
         let backends = ctx.backends(&backends, &matches, &at);
         rules.push(ctx.rule(i, matches, filters, backends, Timeouts::default()));
     }
-    let parents: Vec<h::HttpRouteParentRefs> = r
-        .spec
-        .parent_refs
-        .iter()
-        .flatten()
-        .filter_map(|p| reshape(p).ok())
-        .collect();
-    ctx.finish(&parents, rules, created, origin)
+    let parents: Vec<h::HttpRouteParentRefs> =
+        r.spec.parent_refs.iter().flatten().filter_map(|p| reshape(p).ok()).collect();
+    ctx.finish(&parents, &rules, &created, origin)
 }
 
 mod ctx;

@@ -1,18 +1,18 @@
 //! Route matching: a request's facts in, the rule that owns it out. Pure,
 //! table-tested without sockets.
 //!
-//! Gateway API semantics (HTTPRoute `rules[].matches`, GEP-1426 for the
+//! Gateway API semantics (`HTTPRoute` `rules[].matches`, GEP-1426 for the
 //! mesh): a rule matches if any of its matches does; among all matches of
 //! all routes attached to the Service (and port), the winner is the first by
-//! precedence: an Exact path, then a RegularExpression (longest pattern
+//! precedence: an Exact path, then a `RegularExpression` (longest pattern
 //! first; their place is implementation-specific, and this is Envoy
 //! Gateway's), then the longest Prefix, then a method match, then the
 //! most header matches, then the most query matches, then the oldest route
 //! (here: its creation time, then `namespace/name`), then rule and match
 //! order. Consumer routes (a route in the client's namespace whose parent is
 //! a Service of another namespace) replace the producer's routes for that
-//! namespace's clients. gRPC requests try GRPCRoutes first, then HTTPRoutes;
-//! other requests only HTTPRoutes.
+//! namespace's clients. gRPC requests try `GRPCRoutes` first, then `HTTPRoutes`;
+//! other requests only `HTTPRoutes`.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -99,9 +99,8 @@ pub struct Attachment {
 
 impl Table {
     /// Adds `rule` under `at`.
-    pub fn insert(&mut self, at: &Attachment, rule: Arc<Rule>) {
-        let consumer = (rule.route.id.namespace != at.service.namespace)
-            .then(|| rule.route.id.namespace.clone());
+    pub fn insert(&mut self, at: &Attachment, rule: &Arc<Rule>) {
+        let consumer = (rule.route.id.namespace != at.service.namespace).then(|| rule.route.id.namespace.clone());
         let list = self
             .by_service
             .entry(at.service.clone())
@@ -153,20 +152,11 @@ impl Table {
     #[must_use]
     pub fn find(&self, req: &RequestFacts<'_>) -> Option<Matched> {
         let attached = self.by_service.get(req.service)?;
-        let kinds: &[RouteKind] = if req.grpc {
-            &[RouteKind::Grpc, RouteKind::Http]
-        } else {
-            &[RouteKind::Http]
-        };
+        let kinds: &[RouteKind] = if req.grpc { &[RouteKind::Grpc, RouteKind::Http] } else { &[RouteKind::Http] };
         // Consumer routes of the client's namespace replace the producer's.
-        let consumer = req
-            .client_namespace
-            .filter(|ns| *ns != req.service.namespace.as_str())
-            .map(str::to_owned);
-        let has_consumer = consumer.is_some()
-            && kinds
-                .iter()
-                .any(|k| attached.lists.contains_key(&(*k, consumer.clone())));
+        let consumer = req.client_namespace.filter(|ns| *ns != req.service.namespace.as_str()).map(str::to_owned);
+        let has_consumer =
+            consumer.is_some() && kinds.iter().any(|k| attached.lists.contains_key(&(*k, consumer.clone())));
         let owner = if has_consumer { consumer } else { None };
         kinds.iter().find_map(|kind| {
             attached
@@ -174,14 +164,8 @@ impl Table {
                 .get(&(*kind, owner.clone()))?
                 .iter()
                 .filter(|e| e.port.is_none_or(|p| p == req.port))
-                .find(|e| {
-                    e.match_index
-                        .is_none_or(|i| matches(&e.rule.matches[i], req))
-                })
-                .map(|e| Matched {
-                    rule: e.rule.clone(),
-                    match_index: e.match_index,
-                })
+                .find(|e| e.match_index.is_none_or(|i| matches(&e.rule.matches[i], req)))
+                .map(|e| Matched { rule: e.rule.clone(), match_index: e.match_index })
         })
     }
 }
@@ -194,12 +178,7 @@ pub fn matches(m: &RequestMatch, req: &RequestFacts<'_>) -> bool {
         && m.headers.iter().all(|(name, want)| {
             // Repeated headers match as their values joined with ",", as
             // Gateway API allows (RFC 9110 §5.3).
-            let values: Vec<&str> = req
-                .headers
-                .get_all(name.as_str())
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
+            let values: Vec<&str> = req.headers.get_all(name.as_str()).iter().filter_map(|v| v.to_str().ok()).collect();
             !values.is_empty() && want.matches(&values.join(","))
         })
         && m.query.iter().all(|(name, want)| {
@@ -214,8 +193,7 @@ fn path_matches(m: &PathMatch, path: &str) -> bool {
         PathMatch::Exact(p) => path == p,
         PathMatch::Prefix(p) if p == "/" => path.starts_with('/'),
         PathMatch::Prefix(p) => {
-            path.starts_with(p.as_str())
-                && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+            path.starts_with(p.as_str()) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
         }
         PathMatch::Regex(re) => re.is_match(path),
     }

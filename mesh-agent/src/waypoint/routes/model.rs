@@ -1,4 +1,4 @@
-//! The compiled route model: what HTTPRoute and GRPCRoute rules mean once
+//! The compiled route model: what `HTTPRoute` and `GRPCRoute` rules mean once
 //! checked, in the waypoint's own types. [`super::load`] builds it from the
 //! Gateway API objects; [`super::matching`] evaluates it per request.
 
@@ -20,7 +20,7 @@ pub enum RouteKind {
 /// A route object, `kind/ns/name` when shown.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RouteRef {
-    /// HTTPRoute or GRPCRoute.
+    /// `HTTPRoute` or `GRPCRoute`.
     pub kind: RouteKind,
     /// Namespace and name.
     pub id: ObjectRef,

@@ -28,21 +28,24 @@ pub struct Shop {
 /// the waypoint; call after the agents run.
 pub fn build(tb: &Testbed, node_b: &Node) -> Result<Shop> {
     let version = |v: &str| {
-        PodSpec::new(&format!("cart-{v}"))
-            .namespace("shop")
-            .enrolled(true)
-            .label("app", "cart")
-            .label("version", v)
+        PodSpec::new(&format!("cart-{v}")).namespace("shop").enrolled(true).label("app", "cart").label("version", v)
     };
     let v1 = tb.add_pod(node_b, version("v1"))?;
     let v2 = tb.add_pod(node_b, version("v2"))?;
-    let wp = tb.add_pod(
-        node_b,
-        PodSpec::new("waypoint").namespace("shop").label(GATEWAY_NAME_LABEL, "waypoint"),
-    )?;
+    let wp = tb.add_pod(node_b, PodSpec::new("waypoint").namespace("shop").label(GATEWAY_NAME_LABEL, "waypoint"))?;
     tb.add_service(ServiceSpec::new("cart", CART_VIP).namespace("shop").port(80, 8080))?;
-    tb.add_service(ServiceSpec::new("cart-v1", Ipv4Addr::new(10, 96, 0, 31)).namespace("shop").port(80, 8080).selector("version", "v1"))?;
-    tb.add_service(ServiceSpec::new("cart-v2", Ipv4Addr::new(10, 96, 0, 32)).namespace("shop").port(80, 8080).selector("version", "v2"))?;
+    tb.add_service(
+        ServiceSpec::new("cart-v1", Ipv4Addr::new(10, 96, 0, 31))
+            .namespace("shop")
+            .port(80, 8080)
+            .selector("version", "v1"),
+    )?;
+    tb.add_service(
+        ServiceSpec::new("cart-v2", Ipv4Addr::new(10, 96, 0, 32))
+            .namespace("shop")
+            .port(80, 8080)
+            .selector("version", "v2"),
+    )?;
     tb.add_waypoint("shop", "waypoint")?;
     tb.set_namespace_waypoint("shop", Some("waypoint"))?;
     let servers = vec![v1.start_http(8080)?, v2.start_http(8080)?];
@@ -98,8 +101,15 @@ fn heddle(wp: &Waypoint, args: &[&str]) -> Result<String> {
 /// Runs the L7 steps from `client`; returns whether each behaved.
 pub fn run(tb: &Testbed, shop: &Shop, client: &Pod) -> Result<bool> {
     let wp = &shop.waypoint;
-    println!("\nWaypoint (L7): namespace shop uses waypoint shop/waypoint (pod {} on {}, identity {})", wp.pod.ip(), wp.pod.node_name(), wp.pod.spiffe_id());
-    println!("  service shop/cart {CART_VIP}:80 -> cart-v1, cart-v2; the agents send its traffic to the waypoint over HBONE");
+    println!(
+        "\nWaypoint (L7): namespace shop uses waypoint shop/waypoint (pod {} on {}, identity {})",
+        wp.pod.ip(),
+        wp.pod.node_name(),
+        wp.pod.spiffe_id()
+    );
+    println!(
+        "  service shop/cart {CART_VIP}:80 -> cart-v1, cart-v2; the agents send its traffic to the waypoint over HBONE"
+    );
     let mut ok = true;
 
     tb.set_routes("cart", &route(90, 10, false))?;
@@ -107,7 +117,8 @@ pub fn run(tb: &Testbed, shop: &Shop, client: &Pod) -> Result<bool> {
     let r = load(client, REQUESTS, None)?;
     let counts = served(&r);
     let v2 = counts.get("cart-v2").copied().unwrap_or(0);
-    let share = v2 as f64 * 100.0 / REQUESTS as f64;
+    let share = f64::from(u32::try_from(v2).unwrap_or(u32::MAX)) * 100.0
+        / f64::from(u32::try_from(REQUESTS).unwrap_or(u32::MAX));
     // 400 draws at p = 0.1: sd 6; a 4-sd band.
     let fine = r["errors"] == 0 && (16..=64).contains(&v2);
     ok &= fine;

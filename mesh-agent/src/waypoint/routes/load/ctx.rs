@@ -12,8 +12,8 @@ use super::{
         gateway_api::{grpcroutes as g, httproutes as h},
         matching::Attachment,
         model::{
-            Backend, BackendTarget, Filters, HeaderModifier, PathMatch, PathModifier, Redirect,
-            RequestMatch, Rewrite, RouteKind, RouteRef, Rule, Timeouts, ValueMatch,
+            Backend, BackendTarget, Filters, HeaderModifier, PathMatch, PathModifier, Redirect, RequestMatch, Rewrite,
+            RouteKind, RouteRef, Rule, Timeouts, ValueMatch,
         },
         Condition, ParentStatus, RouteStatus,
     },
@@ -32,15 +32,13 @@ pub(super) struct Ctx<'a> {
     route: RouteRef,
     pub(super) problems: Vec<String>,
     pub(super) notes: Vec<String>,
-    /// Unresolved backends: (Gateway API reason, message), for ResolvedRefs.
+    /// Unresolved backends: (Gateway API reason, message), for `ResolvedRefs`.
     unresolved: Vec<(&'static str, String)>,
 }
 
 fn regex(pattern: &str) -> Result<Regex, regex::Error> {
     // Gateway API regular expressions match the whole value.
-    RegexBuilder::new(&format!("^(?:{pattern})$"))
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
+    RegexBuilder::new(&format!("^(?:{pattern})$")).size_limit(REGEX_SIZE_LIMIT).build()
 }
 
 /// A Gateway API duration (GEP-2257: `1h`, `500ms`, `1m30s`; at most four
@@ -86,14 +84,7 @@ impl<'a> Ctx<'a> {
             .into_iter()
             .map(|p| format!("{p}: unknown field (not in the Gateway API types Heddle reads)"))
             .collect();
-        Self {
-            registry,
-            waypoint,
-            route: RouteRef { kind, id },
-            problems,
-            notes: Vec::new(),
-            unresolved: Vec::new(),
-        }
+        Self { registry, waypoint, route: RouteRef { kind, id }, problems, notes: Vec::new(), unresolved: Vec::new() }
     }
 
     fn value_match(&mut self, kind: Option<&str>, value: &str, at: &str) -> Option<ValueMatch> {
@@ -114,12 +105,11 @@ impl<'a> Ctx<'a> {
     }
 
     fn header_name(&mut self, name: &str, at: &str) -> Option<String> {
-        match HeaderName::try_from(name.to_ascii_lowercase()) {
-            Ok(h) => Some(h.as_str().to_owned()),
-            Err(_) => {
-                self.problems.push(format!("{at}.name: {name:?} is not a valid header name"));
-                None
-            }
+        if let Ok(h) = HeaderName::try_from(name.to_ascii_lowercase()) {
+            Some(h.as_str().to_owned())
+        } else {
+            self.problems.push(format!("{at}.name: {name:?} is not a valid header name"));
+            None
         }
     }
 
@@ -170,9 +160,8 @@ impl<'a> Ctx<'a> {
                 query.push((q.name.clone(), v));
             }
         }
-        let method = m.method.as_ref().and_then(|x| {
-            serde_json::to_value(x).ok().and_then(|v| v.as_str().map(str::to_owned))
-        });
+        let method =
+            m.method.as_ref().and_then(|x| serde_json::to_value(x).ok().and_then(|v| v.as_str().map(str::to_owned)));
         (self.problems.len() == before).then_some(RequestMatch { path, headers, query, method })
     }
 
@@ -196,9 +185,9 @@ impl<'a> Ctx<'a> {
             }
             Some((Some(svc), Some(method))) => PathMatch::Exact(format!("/{svc}/{method}")),
             Some((Some(svc), None)) => PathMatch::Prefix(format!("/{svc}")),
-            Some((None, Some(method))) => PathMatch::Regex(
-                regex(&format!("/[^/]+/{}", regex::escape(method))).expect("escaped pattern"),
-            ),
+            Some((None, Some(method))) => {
+                PathMatch::Regex(regex(&format!("/[^/]+/{}", regex::escape(method))).expect("escaped pattern"))
+            }
         };
         let mut headers = Vec::new();
         for (k, hm) in m.headers.iter().flatten().enumerate() {
@@ -211,10 +200,21 @@ impl<'a> Ctx<'a> {
                 headers.push((name, v));
             }
         }
-        (self.problems.len() == before).then_some(RequestMatch { path, headers, query: Vec::new(), method: Some("POST".into()) })
+        (self.problems.len() == before).then_some(RequestMatch {
+            path,
+            headers,
+            query: Vec::new(),
+            method: Some("POST".into()),
+        })
     }
 
-    fn header_modifier<A, S>(&mut self, add: Option<&[A]>, set: Option<&[S]>, remove: Option<&[String]>, at: &str) -> HeaderModifier
+    fn header_modifier<A, S>(
+        &mut self,
+        add: Option<&[A]>,
+        set: Option<&[S]>,
+        remove: Option<&[String]>,
+        at: &str,
+    ) -> HeaderModifier
     where
         A: serde::Serialize,
         S: serde::Serialize,
@@ -243,16 +243,23 @@ impl<'a> Ctx<'a> {
         HeaderModifier { set, add, remove }
     }
 
-    fn path_modifier(&mut self, kind: &str, full: Option<&String>, prefix: Option<&String>, matches: &[RequestMatch], at: &str) -> Option<PathModifier> {
-        match kind {
-            "ReplaceFullPath" => Some(PathModifier::Full(full.cloned().unwrap_or_else(|| "/".into()))),
-            _ => {
-                if matches.is_empty() || matches.iter().any(|m| !matches!(m.path, PathMatch::Prefix(_))) {
-                    self.problems.push(format!("{at}: ReplacePrefixMatch needs every match of the rule to be a PathPrefix match"));
-                    return None;
-                }
-                Some(PathModifier::Prefix(prefix.cloned().unwrap_or_default()))
+    fn path_modifier(
+        &mut self,
+        kind: &str,
+        full: Option<&String>,
+        prefix: Option<&String>,
+        matches: &[RequestMatch],
+        at: &str,
+    ) -> Option<PathModifier> {
+        if kind == "ReplaceFullPath" {
+            Some(PathModifier::Full(full.cloned().unwrap_or_else(|| "/".into())))
+        } else {
+            if matches.is_empty() || matches.iter().any(|m| !matches!(m.path, PathMatch::Prefix(_))) {
+                self.problems
+                    .push(format!("{at}: ReplacePrefixMatch needs every match of the rule to be a PathPrefix match"));
+                return None;
             }
+            Some(PathModifier::Prefix(prefix.cloned().unwrap_or_default()))
         }
     }
 
@@ -263,26 +270,45 @@ impl<'a> Ctx<'a> {
             match f.r#type {
                 h::HttpRouteRulesFiltersType::RequestHeaderModifier => {
                     if let Some(m) = &f.request_header_modifier {
-                        out.request_headers = Some(self.header_modifier(m.add.as_deref(), m.set.as_deref(), m.remove.as_deref(), &format!("{at}.requestHeaderModifier")));
+                        out.request_headers = Some(self.header_modifier(
+                            m.add.as_deref(),
+                            m.set.as_deref(),
+                            m.remove.as_deref(),
+                            &format!("{at}.requestHeaderModifier"),
+                        ));
                     }
                 }
                 h::HttpRouteRulesFiltersType::ResponseHeaderModifier => {
                     if let Some(m) = &f.response_header_modifier {
-                        out.response_headers = Some(self.header_modifier(m.add.as_deref(), m.set.as_deref(), m.remove.as_deref(), &format!("{at}.responseHeaderModifier")));
+                        out.response_headers = Some(self.header_modifier(
+                            m.add.as_deref(),
+                            m.set.as_deref(),
+                            m.remove.as_deref(),
+                            &format!("{at}.responseHeaderModifier"),
+                        ));
                     }
                 }
                 h::HttpRouteRulesFiltersType::RequestRedirect => {
-                    let Some(r) = &f.request_redirect else { continue };
+                    let Some(r) = &f.request_redirect else {
+                        continue;
+                    };
                     let status = r.status_code.unwrap_or(302);
                     if ![301, 302, 303, 307, 308].contains(&status) {
-                        self.problems.push(format!("{at}.requestRedirect.statusCode: {status} is not a redirect status"));
+                        self.problems
+                            .push(format!("{at}.requestRedirect.statusCode: {status} is not a redirect status"));
                     }
                     let path = r.path.as_ref().and_then(|p| {
                         let kind = match p.r#type {
                             h::HttpRouteRulesFiltersRequestRedirectPathType::ReplaceFullPath => "ReplaceFullPath",
                             h::HttpRouteRulesFiltersRequestRedirectPathType::ReplacePrefixMatch => "ReplacePrefixMatch",
                         };
-                        self.path_modifier(kind, p.replace_full_path.as_ref(), p.replace_prefix_match.as_ref(), matches, &format!("{at}.requestRedirect.path"))
+                        self.path_modifier(
+                            kind,
+                            p.replace_full_path.as_ref(),
+                            p.replace_prefix_match.as_ref(),
+                            matches,
+                            &format!("{at}.requestRedirect.path"),
+                        )
                     });
                     out.redirect = Some(Redirect {
                         scheme: r.scheme.as_ref().map(|s| match s {
@@ -302,13 +328,25 @@ impl<'a> Ctx<'a> {
                             h::HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath => "ReplaceFullPath",
                             h::HttpRouteRulesFiltersUrlRewritePathType::ReplacePrefixMatch => "ReplacePrefixMatch",
                         };
-                        self.path_modifier(kind, p.replace_full_path.as_ref(), p.replace_prefix_match.as_ref(), matches, &format!("{at}.urlRewrite.path"))
+                        self.path_modifier(
+                            kind,
+                            p.replace_full_path.as_ref(),
+                            p.replace_prefix_match.as_ref(),
+                            matches,
+                            &format!("{at}.urlRewrite.path"),
+                        )
                     });
                     out.rewrite = Some(Rewrite { hostname: r.hostname.clone(), path });
                 }
-                h::HttpRouteRulesFiltersType::RequestMirror => self.problems.push(format!("{at}: filter type RequestMirror is not supported yet")),
-                h::HttpRouteRulesFiltersType::ExtensionRef => self.problems.push(format!("{at}: filter type ExtensionRef is not supported")),
-                h::HttpRouteRulesFiltersType::Cors => self.problems.push(format!("{at}: filter type CORS is not supported")),
+                h::HttpRouteRulesFiltersType::RequestMirror => {
+                    self.problems.push(format!("{at}: filter type RequestMirror is not supported yet"));
+                }
+                h::HttpRouteRulesFiltersType::ExtensionRef => {
+                    self.problems.push(format!("{at}: filter type ExtensionRef is not supported"));
+                }
+                h::HttpRouteRulesFiltersType::Cors => {
+                    self.problems.push(format!("{at}: filter type CORS is not supported"));
+                }
             }
         }
         if out.redirect.is_some() && out.rewrite.is_some() {
@@ -317,7 +355,12 @@ impl<'a> Ctx<'a> {
         out
     }
 
-    pub(super) fn backends(&mut self, refs: &[h::HttpRouteRulesBackendRefs], matches: &[RequestMatch], at: &str) -> Vec<Backend> {
+    pub(super) fn backends(
+        &mut self,
+        refs: &[h::HttpRouteRulesBackendRefs],
+        matches: &[RequestMatch],
+        at: &str,
+    ) -> Vec<Backend> {
         let mut out = Vec::new();
         for (i, b) in refs.iter().enumerate() {
             let at = format!("{at}.backendRefs[{i}]");
@@ -354,12 +397,8 @@ impl<'a> Ctx<'a> {
                     (Some(_), Some(port)) => BackendTarget::Service { id, port },
                 }
             };
-            let filters: Vec<h::HttpRouteRulesFilters> = b
-                .filters
-                .iter()
-                .flatten()
-                .filter_map(|f| reshape(f).ok())
-                .collect();
+            let filters: Vec<h::HttpRouteRulesFilters> =
+                b.filters.iter().flatten().filter_map(|f| reshape(f).ok()).collect();
             let filters = self.filters(&filters, matches, &at);
             out.push(Backend { target, weight, filters });
         }
@@ -367,7 +406,9 @@ impl<'a> Ctx<'a> {
     }
 
     pub(super) fn timeouts(&mut self, t: Option<&h::HttpRouteRulesTimeouts>, at: &str) -> Timeouts {
-        let Some(t) = t else { return Timeouts::default() };
+        let Some(t) = t else {
+            return Timeouts::default();
+        };
         let mut parse = |v: Option<&String>, field: &str| {
             let v = v?;
             let d = parse_duration(v);
@@ -387,12 +428,25 @@ impl<'a> Ctx<'a> {
         Timeouts { request, backend_request }
     }
 
-    pub(super) fn rule(&self, index: usize, matches: Vec<RequestMatch>, filters: Filters, backends: Vec<Backend>, timeouts: Timeouts) -> Rule {
+    pub(super) fn rule(
+        &self,
+        index: usize,
+        matches: Vec<RequestMatch>,
+        filters: Filters,
+        backends: Vec<Backend>,
+        timeouts: Timeouts,
+    ) -> Rule {
         Rule { route: self.route.clone(), index, matches, filters, backends, timeouts }
     }
 
     /// Attaches `rules` to the parents this waypoint owns and builds the status.
-    pub(super) fn finish(self, parents: &[h::HttpRouteParentRefs], rules: Vec<Rule>, created: String, origin: &str) -> Compiled {
+    pub(super) fn finish(
+        self,
+        parents: &[h::HttpRouteParentRefs],
+        rules: &[Rule],
+        created: &str,
+        origin: &str,
+    ) -> Compiled {
         let mut statuses = Vec::new();
         let mut attachments = Vec::new();
         let valid = self.problems.is_empty();
@@ -409,32 +463,62 @@ impl<'a> Ctx<'a> {
                 continue;
             }
             let Some(svc) = self.registry.service(&id) else {
-                status.conditions.push(cond("Accepted", false, "NoMatchingParent", format!("spec.parentRefs[{i}]: Service {id} does not exist")));
+                status.conditions.push(cond(
+                    "Accepted",
+                    false,
+                    "NoMatchingParent",
+                    format!("spec.parentRefs[{i}]: Service {id} does not exist"),
+                ));
                 statuses.push(status);
                 continue;
             };
             if self.registry.waypoint_of(svc) != Some(self.waypoint) {
-                status.conditions.push(cond("Accepted", false, "NoMatchingParent", format!("spec.parentRefs[{i}]: Service {id} does not use waypoint {}", self.waypoint)));
+                status.conditions.push(cond(
+                    "Accepted",
+                    false,
+                    "NoMatchingParent",
+                    format!("spec.parentRefs[{i}]: Service {id} does not use waypoint {}", self.waypoint),
+                ));
                 statuses.push(status);
                 continue;
             }
             status.attached = true;
             if let Some(port) = port {
                 if !svc.ports.iter().any(|sp| sp.port == port) {
-                    status.conditions.push(cond("Accepted", false, "NoMatchingParent", format!("spec.parentRefs[{i}].port: Service {id} has no port {port}")));
+                    status.conditions.push(cond(
+                        "Accepted",
+                        false,
+                        "NoMatchingParent",
+                        format!("spec.parentRefs[{i}].port: Service {id} has no port {port}"),
+                    ));
                     statuses.push(status);
                     continue;
                 }
             }
             if valid {
-                status.conditions.push(cond("Accepted", true, "Accepted", format!("attached to Service {id} at waypoint {}", self.waypoint)));
-                attachments.push(Attachment { service: id, port, created: created.clone() });
+                status.conditions.push(cond(
+                    "Accepted",
+                    true,
+                    "Accepted",
+                    format!("attached to Service {id} at waypoint {}", self.waypoint),
+                ));
+                attachments.push(Attachment { service: id, port, created: created.to_owned() });
             } else {
                 status.conditions.push(cond("Accepted", false, "UnsupportedValue", self.problems.join("; ")));
             }
             match self.unresolved.first() {
-                None => status.conditions.push(cond("ResolvedRefs", true, "ResolvedRefs", "every backendRef resolved".into())),
-                Some((reason, msg)) => status.conditions.push(cond("ResolvedRefs", false, reason, format!("{msg} (its share of requests gets 500)"))),
+                None => status.conditions.push(cond(
+                    "ResolvedRefs",
+                    true,
+                    "ResolvedRefs",
+                    "every backendRef resolved".into(),
+                )),
+                Some((reason, msg)) => status.conditions.push(cond(
+                    "ResolvedRefs",
+                    false,
+                    reason,
+                    format!("{msg} (its share of requests gets 500)"),
+                )),
             }
             statuses.push(status);
         }
@@ -473,7 +557,7 @@ mod tests {
     fn parses_gateway_api_durations() {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_hours(1)));
         assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
         for bad in ["", "10", "1.5s", "1d", "123456s", "1h1m1s1ms1s"] {
             assert_eq!(parse_duration(bad), None, "{bad}");

@@ -57,8 +57,14 @@ fn the_parsed_rule_keeps_weights_timeouts_and_a_normalised_prefix() {
     let hdr = hyper::HeaderMap::new();
     let svc = ObjectRef { namespace: "demo".into(), name: "api".into() };
     let facts = crate::waypoint::routes::matching::RequestFacts {
-        service: &svc, port: 80, client_namespace: Some("demo"), method: "GET",
-        path: "/v1/x", query: None, headers: &hdr, grpc: false,
+        service: &svc,
+        port: 80,
+        client_namespace: Some("demo"),
+        method: "GET",
+        path: "/v1/x",
+        query: None,
+        headers: &hdr,
+        grpc: false,
     };
     let m = set.table.find(&facts).expect("matches /v1/x");
     let weights: Vec<u32> = m.rule.backends.iter().map(|b| b.weight).collect();
@@ -110,7 +116,10 @@ fn parents_this_waypoint_does_not_own_are_not_attached() {
 
 #[test]
 fn bad_documents_are_rejected_alone_with_their_position() {
-    let text = format!("{GOOD}---\nkind: ConfigMap\napiVersion: v1\n---\n{}\n---\n: [\n", GOOD.replace("name: split", "name: second"));
+    let text = format!(
+        "{GOOD}---\nkind: ConfigMap\napiVersion: v1\n---\n{}\n---\n: [\n",
+        GOOD.replace("name: split", "name: second")
+    );
     let set = build(&text);
     let st = set.statuses();
     assert_eq!(st.len(), 4);
@@ -138,8 +147,14 @@ spec:
     let svc = ObjectRef { namespace: "demo".into(), name: "api".into() };
     let find = |path: &str| {
         let facts = crate::waypoint::routes::matching::RequestFacts {
-            service: &svc, port: 80, client_namespace: Some("demo"), method: "POST",
-            path, query: None, headers: &hdr, grpc: true,
+            service: &svc,
+            port: 80,
+            client_namespace: Some("demo"),
+            method: "POST",
+            path,
+            query: None,
+            headers: &hdr,
+            grpc: true,
         };
         set.table.find(&facts).is_some()
     };

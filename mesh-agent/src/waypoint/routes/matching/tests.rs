@@ -1,4 +1,4 @@
-//! Precedence and match semantics, table-driven (Gateway API's HTTPRoute
+//! Precedence and match semantics, table-driven (Gateway API's `HTTPRoute`
 //! matching rules and the GAMMA consumer/producer split).
 
 use std::sync::Arc;
@@ -9,9 +9,7 @@ use regex::Regex;
 use super::{Attachment, RequestFacts, Table};
 use crate::{
     registry::ObjectRef,
-    waypoint::routes::model::{
-        Filters, PathMatch, RequestMatch, RouteKind, RouteRef, Rule, Timeouts, ValueMatch,
-    },
+    waypoint::routes::model::{Filters, PathMatch, RequestMatch, RouteKind, RouteRef, Rule, Timeouts, ValueMatch},
 };
 
 fn obj(ns: &str, name: &str) -> ObjectRef {
@@ -38,7 +36,7 @@ fn table(rules: Vec<(Arc<Rule>, Option<u16>)>) -> Table {
     let mut t = Table::default();
     for (r, port) in rules {
         let at = Attachment { service: obj("demo", "api"), port, created: String::new() };
-        t.insert(&at, r);
+        t.insert(&at, &r);
     }
     t
 }
@@ -98,10 +96,8 @@ fn method_then_headers_then_query_break_ties() {
     let mut with_method = m(PathMatch::Prefix("/".into()));
     with_method.method = Some("POST".into());
     let mut two_headers = m(PathMatch::Prefix("/".into()));
-    two_headers.headers = vec![
-        ("version".into(), ValueMatch::Exact("two".into())),
-        ("color".into(), ValueMatch::Exact("orange".into())),
-    ];
+    two_headers.headers =
+        vec![("version".into(), ValueMatch::Exact("two".into())), ("color".into(), ValueMatch::Exact("orange".into()))];
     let mut one_header = m(PathMatch::Prefix("/".into()));
     one_header.headers = vec![("version".into(), ValueMatch::Exact("two".into()))];
     let mut query = m(PathMatch::Prefix("/".into()));
@@ -128,9 +124,11 @@ fn method_then_headers_then_query_break_ties() {
 #[test]
 fn older_route_then_name_order_breaks_full_ties() {
     let mut t = Table::default();
-    for (name, created) in [("zeta", "2026-01-01T00:00:00Z"), ("alpha", "2026-06-01T00:00:00Z"), ("beta", "2026-06-01T00:00:00Z")] {
+    for (name, created) in
+        [("zeta", "2026-01-01T00:00:00Z"), ("alpha", "2026-06-01T00:00:00Z"), ("beta", "2026-06-01T00:00:00Z")]
+    {
         let at = Attachment { service: obj("demo", "api"), port: None, created: created.into() };
-        t.insert(&at, rule(&format!("demo/{name}"), RouteKind::Http, 0, vec![]));
+        t.insert(&at, &rule(&format!("demo/{name}"), RouteKind::Http, 0, vec![]));
     }
     assert_eq!(winner(&t, &req("/")).as_deref(), Some("zeta#0"));
 }
@@ -151,7 +149,7 @@ fn a_port_scoped_rule_only_sees_its_port() {
 fn consumer_routes_replace_producer_routes_for_their_namespace_only() {
     let mut t = table(vec![(rule("demo/producer", RouteKind::Http, 0, vec![]), None)]);
     let at = Attachment { service: obj("demo", "api"), port: None, created: String::new() };
-    t.insert(&at, rule("client-ns/consumer", RouteKind::Http, 0, vec![m(PathMatch::Exact("/only".into()))]));
+    t.insert(&at, &rule("client-ns/consumer", RouteKind::Http, 0, vec![m(PathMatch::Exact("/only".into()))]));
     let mut r = req("/other");
     assert_eq!(winner(&t, &r).as_deref(), Some("producer#0"));
     r.client_ns = Some("client-ns");
