@@ -171,6 +171,7 @@ async fn open_source(
             let (source, published) = KubeSource::start(
                 client,
                 KubeSettings {
+                    role: crate::k8s::source::Role::Agent,
                     node: settings.node.clone(),
                     trust_domain: trust_domain.clone(),
                     root_namespace: settings.root_namespace.clone(),

@@ -40,6 +40,9 @@ enum Command {
     /// Run a waypoint: the L7 proxy (HTTP/1.1, HTTP/2, gRPC) for the
     /// services that opt into it, in its own pod.
     Waypoint(WaypointArgs),
+    /// Run the waypoint controller (Kubernetes): a Deployment, Service and
+    /// `ServiceAccount` for every Gateway of class heddle-waypoint.
+    Controller(ControllerArgs),
     /// Validate a local configuration file and print what is wrong.
     CheckConfig {
         /// The file.
@@ -160,13 +163,65 @@ struct CaArgs {
 }
 
 #[derive(clap::Args)]
+struct ControllerArgs {
+    /// The image waypoint Deployments run (this controller's own).
+    #[arg(long, env = "HEDDLE_IMAGE", default_value = "ghcr.io/heddle-mesh/heddle:0.1.0")]
+    image: String,
+    /// Trust domain of the mesh's SPIFFE IDs.
+    #[arg(long, env = "HEDDLE_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The mesh CA's address, `host:port`, for the waypoints.
+    #[arg(long, env = "HEDDLE_CA_ADDR", default_value = "heddle-ca.heddle-system.svc:15012")]
+    ca_addr: String,
+    /// The namespace where the CA publishes the trust bundle `ConfigMap`.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "heddle-system")]
+    ca_namespace: String,
+}
+
+fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    use mesh_agent::k8s::{waypoint_controller, waypoint_objects::MeshSettings};
+    let settings = waypoint_controller::ControllerSettings {
+        mesh: MeshSettings { image: args.image, trust_domain: args.trust_domain, ca_addr: args.ca_addr },
+        ca_namespace: args.ca_namespace,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let signal_stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            signal_stop.cancel();
+        });
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = waypoint_controller::run(client, settings, stop.clone()) => r?,
+            _ = term.recv() => stop.cancel(),
+        }
+        Ok(())
+    })
+}
+
+#[derive(clap::Args)]
 struct WaypointArgs {
     /// The local configuration file (workloads, services, waypoints).
-    #[arg(long, env = "HEDDLE_CONFIG")]
-    config: PathBuf,
+    #[arg(long, env = "HEDDLE_CONFIG", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    config: Option<PathBuf>,
+    /// Read workloads, services, Gateways and routes from the Kubernetes
+    /// API (in-cluster service account, or KUBECONFIG), and write route status.
+    #[arg(long, env = "HEDDLE_KUBERNETES")]
+    kubernetes: bool,
+    /// Trust domain of the mesh's SPIFFE IDs (Kubernetes mode).
+    #[arg(long, env = "HEDDLE_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The node this waypoint's pod runs on (Kubernetes mode).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node: String,
     /// Routes: a multi-document YAML file or a directory of `HTTPRoute` and
     /// `GRPCRoute` objects, re-read every second.
-    #[arg(long, env = "HEDDLE_ROUTES")]
+    #[arg(long, env = "HEDDLE_ROUTES", conflicts_with = "kubernetes")]
     routes: Option<PathBuf>,
     /// The waypoint this process runs, `namespace/name`.
     #[arg(long, env = "HEDDLE_WAYPOINT")]
@@ -203,8 +258,13 @@ struct WaypointArgs {
 fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
     let (namespace, name) = args.waypoint.split_once('/').context("--waypoint must be namespace/name")?;
     let settings = mesh_agent::waypoint::Settings {
-        config: args.config,
-        routes: args.routes,
+        source: match args.config {
+            Some(config) => mesh_agent::waypoint::sources::SourceSettings::File { config, routes: args.routes },
+            None => mesh_agent::waypoint::sources::SourceSettings::Kubernetes {
+                trust_domain: args.trust_domain,
+                node: args.node,
+            },
+        },
         waypoint: mesh_agent::registry::ObjectRef { namespace: namespace.to_owned(), name: name.to_owned() },
         pod: args.pod,
         ca: agent::CaClientSettings {
@@ -243,6 +303,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(args),
         Command::Ca(args) => ca(args),
         Command::Waypoint(args) => waypoint(args),
+        Command::Controller(args) => controller(args),
     }
 }
 

@@ -32,11 +32,11 @@ pub mod listener;
 pub mod passthrough;
 pub mod pool;
 pub mod routes;
+pub mod sources;
 pub mod telemetry;
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -55,16 +55,11 @@ use crate::{
     registry::{ObjectRef, Registry, SharedRegistry},
 };
 
-/// How often the configuration and the routes are re-read.
-const RELOAD_POLL: Duration = Duration::from_secs(1);
-
 /// Process settings of `mesh-agent waypoint`.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// The local configuration file.
-    pub config: PathBuf,
-    /// Routes: a YAML file or directory of HTTPRoute/GRPCRoute objects.
-    pub routes: Option<PathBuf>,
+    /// Where the registry and the routes come from.
+    pub source: sources::SourceSettings,
     /// The waypoint, `namespace/name`.
     pub waypoint: ObjectRef,
     /// The pod running this process (a workload of the configuration).
@@ -126,7 +121,7 @@ fn own_pod(registry: &Registry, settings: &Settings, home: &Arc<std::fs::File>) 
     let id = ObjectRef { namespace: settings.waypoint.namespace.clone(), name: settings.pod.clone() };
     let w = registry
         .workload(&id)
-        .with_context(|| format!("pod {id} is not a workload of {}", settings.config.display()))?;
+        .with_context(|| format!("pod {id} is not a workload of {}", settings.source.describe()))?;
     anyhow::ensure!(
         w.runs_waypoint() == Some(settings.waypoint.name.as_str()),
         "pod {id} does not run waypoint {}: label it {}: {}",
@@ -136,8 +131,9 @@ fn own_pod(registry: &Registry, settings: &Settings, home: &Arc<std::fs::File>) 
     );
     anyhow::ensure!(
         registry.waypoint(&settings.waypoint).is_some(),
-        "waypoint {} is not in the configuration's waypoints",
-        settings.waypoint
+        "waypoint {} is not in the waypoints of {} (a Gateway of class heddle-waypoint in Kubernetes)",
+        settings.waypoint,
+        settings.source.describe()
     );
     let netns = Netns::open(std::path::Path::new("/proc/self/ns/net"), home.clone())?;
     let ips: Vec<IpAddr> = w.ips.clone();
@@ -148,14 +144,14 @@ fn own_pod(registry: &Registry, settings: &Settings, home: &Arc<std::fs::File>) 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let home = Arc::new(Netns::current()?);
     let stop = CancellationToken::new();
-    let file = config::load(&settings.config)?;
-    let registry = Registry::from_config(&file);
+    let started = sources::start(&settings.source, &settings.waypoint, &settings.pod, &home, &stop).await?;
+    let registry = started.registry;
     let (me, me_identity) = own_pod(&registry, &settings, &home)?;
-    let route_text = routes::read(settings.routes.as_deref())?;
-    let route_set = routes::RouteSet::build(&route_text, &registry, &settings.waypoint);
-    let (registry_tx, registry_rx) = watch::channel(Arc::new(registry));
-    let (routes_tx, routes_rx) = watch::channel(Arc::new(route_set));
-    let mesh = crate::agent::start_mesh(Some(&settings.ca), &file.trust_domain, &stop)
+    let route_set = Arc::new(routes::RouteSet::build(&started.routes, &registry, &settings.waypoint));
+    started.updates.initial_status(&route_set).await;
+    let (registry_tx, registry_rx) = watch::channel(registry);
+    let (routes_tx, routes_rx) = watch::channel(route_set);
+    let mesh = crate::agent::start_mesh(Some(&settings.ca), &started.trust_domain, &stop)
         .await?
         .context("the waypoint needs a CA")?;
     let me = Arc::new(me);
@@ -184,15 +180,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("binding the metrics port {}", settings.metrics_addr))?;
     tokio::spawn(admin::serve(admin, state.clone(), stop.clone()));
     tokio::spawn(admin::serve_metrics(metrics, state.clone(), stop.clone()));
-    tokio::spawn(watch_sources(
-        settings.clone(),
-        file,
-        route_text,
-        registry_tx,
-        routes_tx,
-        state.clone(),
-        stop.clone(),
-    ));
+    tokio::spawn(started.updates.run(registry_tx, routes_tx, state.clone(), stop.clone()));
     let served = tokio::spawn(listener::run(hbone, state.clone(), stop.clone()));
     tracing::info!(waypoint = %settings.waypoint, listen = %settings.listen, "waypoint serving");
     wait_for_signal().await?;
@@ -213,55 +201,4 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
-}
-
-/// Re-reads the configuration and the routes every [`RELOAD_POLL`]; a bad
-/// file keeps the last good state (logged once per change).
-async fn watch_sources(
-    settings: Settings,
-    mut file: config::LocalConfig,
-    mut route_text: Vec<routes::Source>,
-    registry_tx: watch::Sender<SharedRegistry>,
-    routes_tx: watch::Sender<Arc<routes::RouteSet>>,
-    state: Arc<State>,
-    stop: CancellationToken,
-) {
-    let mut last_error = String::new();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(RELOAD_POLL) => {}
-        }
-        let loaded = config::load(&settings.config)
-            .map_err(|e| e.to_string())
-            .and_then(|f| Ok((f, routes::read(settings.routes.as_deref()).map_err(|e| e.to_string())?)));
-        let (new_file, new_routes) = match loaded {
-            Ok(x) => x,
-            Err(e) => {
-                if e != last_error {
-                    tracing::error!(error = %e, "keeping the last good configuration and routes");
-                    last_error = e;
-                }
-                continue;
-            }
-        };
-        last_error.clear();
-        if new_file == file && new_routes == route_text {
-            continue;
-        }
-        let registry = Registry::from_config(&new_file);
-        let set = routes::RouteSet::build(&new_routes, &registry, &settings.waypoint);
-        for r in set.rejected() {
-            tracing::warn!(route = %r.0, problem = %r.1, "route not (fully) accepted");
-        }
-        // Endpoints that left the registry lose their pooled connections.
-        let live: std::collections::HashSet<IpAddr> =
-            registry.workloads().flat_map(|w| w.ips.iter().copied()).collect();
-        state.upstreams.retain(&|a| live.contains(&a.ip()));
-        registry_tx.send_replace(Arc::new(registry));
-        routes_tx.send_replace(Arc::new(set));
-        tracing::info!("configuration or routes changed: applied");
-        file = new_file;
-        route_text = new_routes;
-    }
 }

@@ -70,18 +70,49 @@ impl Testbed {
     /// carry the waypoint label), with the test bed's CA and routes
     /// directory; waits until its admin API answers.
     pub fn start_waypoint(&self, pod: &Pod, waypoint: &str) -> Result<Waypoint> {
-        let ca = self
-            .ca()
-            .ok_or_else(|| TestbedError::Environment("a waypoint needs the test bed's CA (start_ca first)".into()))?;
         let config = self.write_config()?;
         let dir = self.routes_dir();
         std::fs::create_dir_all(&dir).map_err(|e| TestbedError::io(format!("mkdir {}", dir.display()), e))?;
+        let mut source = vec![config.into_os_string(), "--routes".into(), dir.into_os_string()];
+        source.insert(0, "--config".into());
+        self.spawn_waypoint(pod, waypoint, &source, &[])
+    }
+
+    /// Starts `mesh-agent waypoint --kubernetes` for `namespace/name` in
+    /// `pod`, reading the API through `kubeconfig` (as the Deployment the
+    /// waypoint controller writes would run it), with the test bed's CA.
+    pub fn start_waypoint_kubernetes(
+        &self,
+        pod: &Pod,
+        waypoint: &str,
+        kubeconfig: &std::path::Path,
+        trust_domain: &str,
+    ) -> Result<Waypoint> {
+        let args: Vec<std::ffi::OsString> = vec![
+            "--kubernetes".into(),
+            "--trust-domain".into(),
+            trust_domain.into(),
+            "--node".into(),
+            pod.node_name().into(),
+        ];
+        self.spawn_waypoint(pod, waypoint, &args, &[("KUBECONFIG", kubeconfig.as_os_str())])
+    }
+
+    fn spawn_waypoint(
+        &self,
+        pod: &Pod,
+        waypoint: &str,
+        source: &[std::ffi::OsString],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Waypoint> {
+        let ca = self
+            .ca()
+            .ok_or_else(|| TestbedError::Environment("a waypoint needs the test bed's CA (start_ca first)".into()))?;
         let mut cmd = std::process::Command::new(crate::env::agent_binary()?);
         cmd.arg("waypoint")
-            .arg("--config")
-            .arg(&config)
-            .arg("--routes")
-            .arg(&dir)
+            .args(source)
+            .envs(env.iter().copied())
+            .env_remove("KUBERNETES_SERVICE_HOST")
             .args(["--waypoint", &format!("{}/{waypoint}", pod.namespace()), "--pod", pod.name()])
             .arg("--ca-addr")
             .arg(ca.addr().to_string())

@@ -94,6 +94,10 @@ enum Command {
         /// The namespace.
         namespace: String,
     },
+    /// Waypoints (Kubernetes): apply, delete or list the Gateways of class
+    /// heddle-waypoint that the waypoint controller runs.
+    #[command(subcommand)]
+    Waypoint(WaypointCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         /// The shell.
@@ -102,6 +106,85 @@ enum Command {
     /// Authorization policies, offline: evaluate a connection, validate files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum WaypointCommand {
+    /// Create (or update) a waypoint for a namespace.
+    ///
+    /// Example: heddle waypoint apply -n shop --enroll-namespace
+    Apply {
+        /// The namespace.
+        #[arg(short = 'n', long)]
+        namespace: String,
+        /// The waypoint's name.
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        /// Also label the namespace heddle.dev/use-waypoint=NAME, so its
+        /// services' traffic goes through the waypoint.
+        #[arg(long)]
+        enroll_namespace: bool,
+    },
+    /// Delete a waypoint (and the namespace's label naming it).
+    Delete {
+        /// The namespace.
+        #[arg(short = 'n', long)]
+        namespace: String,
+        /// The waypoint's name.
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+    },
+    /// List waypoints and whether they are programmed.
+    List {
+        /// Only this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+}
+
+fn waypoint_command(context: Option<&str>, cmd: &WaypointCommand, output: Output) -> anyhow::Result<ExitCode> {
+    use k8s::{cli_enroll::kube_client, cli_waypoint};
+    runtime()?.block_on(async {
+        let (client, url) = kube_client(context).await?;
+        match cmd {
+            WaypointCommand::Apply { namespace, name, enroll_namespace } => {
+                cli_waypoint::apply(&client, &url, namespace, name, *enroll_namespace).await?;
+                println!("waypoint {namespace}/{name} applied (Gateway of class heddle-waypoint)");
+                if *enroll_namespace {
+                    println!(
+                        "namespace {namespace} labelled {}={name}: its services' traffic goes through the waypoint",
+                        k8s::convert::USE_WAYPOINT_LABEL
+                    );
+                }
+            }
+            WaypointCommand::Delete { namespace, name } => {
+                if cli_waypoint::delete(&client, &url, namespace, name).await? {
+                    println!("waypoint {namespace}/{name} deleted");
+                } else {
+                    println!("no waypoint {namespace}/{name}");
+                }
+            }
+            WaypointCommand::List { namespace } => {
+                let listed = cli_waypoint::list(&client, &url, namespace.as_deref()).await?;
+                if output == Output::Table {
+                    println!("{:<20} {:<20} {:<11} MESSAGE", "NAMESPACE", "NAME", "PROGRAMMED");
+                    for w in &listed {
+                        println!("{:<20} {:<20} {:<11} {}", w.namespace, w.name, w.programmed, w.message);
+                    }
+                } else {
+                    let rows: Vec<serde_json::Value> = listed
+                        .iter()
+                        .map(|w| {
+                            serde_json::json!({"namespace": w.namespace, "name": w.name,
+                                               "programmed": w.programmed, "message": w.message})
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
+            }
+        }
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
 }
 
 #[derive(Subcommand)]
@@ -232,6 +315,7 @@ fn main() -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Enroll { namespace } => return enroll(cli.context.as_deref(), namespace, true),
         Command::Unenroll { namespace } => return enroll(cli.context.as_deref(), namespace, false),
+        Command::Waypoint(cmd) => return waypoint_command(cli.context.as_deref(), cmd, cli.output),
         _ => {}
     }
     let needs_agent = !matches!(
@@ -247,7 +331,7 @@ fn main() -> anyhow::Result<ExitCode> {
         _ => None,
     };
     match cli.command {
-        Command::Enroll { .. } | Command::Unenroll { .. } => unreachable!("handled above"),
+        Command::Enroll { .. } | Command::Unenroll { .. } | Command::Waypoint(_) => unreachable!("handled above"),
         Command::Policy(cmd) => return policy_command(cmd, &cli.agent, cli.output),
         Command::Flows(args) => flows(&cli.agent, cli.output, &args)?,
         Command::Routes => {

@@ -10,6 +10,13 @@
 //! The inbound mode comes from the annotation `heddle.dev/inbound-mode`
 //! (`strict` or `permissive`) on the Pod, else on its Namespace, else
 //! permissive.
+//!
+//! Waypoints (issue 10): a `gateway.networking.k8s.io/v1` Gateway of class
+//! [`WAYPOINT_CLASS`] is a waypoint; the label [`USE_WAYPOINT_LABEL`] on a
+//! Service, else on its Namespace, names the waypoint (of the same
+//! namespace) that owns the Service's traffic, `none` on a Service opting
+//! it out of its namespace's. A label naming a Gateway that does not exist
+//! leaves the traffic on the L4 path, as in Istio ambient.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -26,7 +33,7 @@ use k8s_openapi::{
 };
 
 use crate::{
-    config::InboundMode,
+    config::{InboundMode, NO_WAYPOINT},
     identity::SpiffeId,
     registry::{ObjectRef, ServiceEntry, ServicePort, Workload},
 };
@@ -41,6 +48,10 @@ pub const DISABLED: &str = "disabled";
 pub const INBOUND_MODE_ANNOTATION: &str = "heddle.dev/inbound-mode";
 /// The label `EndpointSlices` carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label naming the waypoint of a Namespace's or a Service's traffic.
+pub const USE_WAYPOINT_LABEL: &str = "heddle.dev/use-waypoint";
+/// The `GatewayClass` of Heddle's waypoints.
+pub const WAYPOINT_CLASS: &str = "heddle-waypoint";
 
 /// What the mesh needs to know about a namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -49,6 +60,8 @@ pub struct NamespaceInfo {
     pub enrolled: bool,
     /// `heddle.dev/inbound-mode`, when valid.
     pub inbound_mode: Option<InboundMode>,
+    /// `heddle.dev/use-waypoint`.
+    pub use_waypoint: Option<String>,
 }
 
 /// Namespaces by name.
@@ -60,7 +73,10 @@ pub fn namespaces<'a>(items: impl IntoIterator<Item = &'a Namespace>) -> HashMap
             let name = ns.metadata.name.clone()?;
             let enrolled = label(ns.metadata.labels.as_ref(), MESH_LABEL) == Some(ENABLED);
             let inbound_mode = inbound_mode(ns.metadata.annotations.as_ref());
-            Some((name, NamespaceInfo { enrolled, inbound_mode }))
+            let use_waypoint = label(ns.metadata.labels.as_ref(), USE_WAYPOINT_LABEL)
+                .filter(|w| *w != NO_WAYPOINT && !w.is_empty())
+                .map(str::to_owned);
+            Some((name, NamespaceInfo { enrolled, inbound_mode, use_waypoint }))
         })
         .collect()
 }
@@ -225,9 +241,10 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 /// datapath captures IPv4, and IPv4-mapped IPv6), its TCP ports with target
 /// ports resolved from the `EndpointSlices` (named target ports need them),
 /// and its ready endpoints that are pods. Headless and `ExternalName`
-/// Services have no VIP and give `None`.
+/// Services have no VIP and give `None`. `namespace_waypoint` is its
+/// Namespace's [`USE_WAYPOINT_LABEL`], which the Service's own overrides.
 #[must_use]
-pub fn service(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceEntry> {
+pub fn service(svc: &Service, slices: &[&EndpointSlice], namespace_waypoint: Option<&str>) -> Option<ServiceEntry> {
     let (name, namespace) = (svc.metadata.name.clone()?, svc.metadata.namespace.clone()?);
     let spec = svc.spec.as_ref()?;
     let ips = spec.cluster_ips.clone().unwrap_or_else(|| spec.cluster_ip.clone().into_iter().collect());
@@ -266,7 +283,33 @@ pub fn service(svc: &Service, slices: &[&EndpointSlice]) -> Option<ServiceEntry>
         .collect();
     endpoints.sort();
     endpoints.dedup();
-    Some(ServiceEntry { id: ObjectRef { namespace, name }, vip, ports, endpoints, waypoint: None })
+    let waypoint = match label(svc.metadata.labels.as_ref(), USE_WAYPOINT_LABEL) {
+        Some(NO_WAYPOINT) => None,
+        Some(w) if !w.is_empty() => Some(w.to_owned()),
+        _ => namespace_waypoint.map(str::to_owned),
+    };
+    Some(ServiceEntry { id: ObjectRef { namespace, name }, vip, ports, endpoints, waypoint })
+}
+
+/// The waypoints among `gateways` (`gateway.networking.k8s.io/v1`
+/// Gateways as unstructured objects): those of class [`WAYPOINT_CLASS`],
+/// sorted.
+#[must_use]
+pub fn waypoints<'a>(gateways: impl IntoIterator<Item = &'a serde_json::Value>) -> Vec<ObjectRef> {
+    let mut out: Vec<ObjectRef> = gateways
+        .into_iter()
+        .filter(|g| g.pointer("/spec/gatewayClassName").and_then(serde_json::Value::as_str) == Some(WAYPOINT_CLASS))
+        .filter_map(|g| {
+            let meta = g.get("metadata")?;
+            Some(ObjectRef {
+                namespace: meta.get("namespace")?.as_str()?.to_owned(),
+                name: meta.get("name")?.as_str()?.to_owned(),
+            })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The endpoints' port for a service port: the `EndpointSlice` port of the
@@ -434,23 +477,49 @@ mod tests {
     #[test]
     fn maps_a_cluster_ip_service_to_its_ready_pod_endpoints_and_named_target_port() {
         let s = slice(false);
-        let e = service(&svc(&json!("http")), &[&s]).unwrap();
+        let e = service(&svc(&json!("http")), &[&s], None).unwrap();
         assert_eq!(e.vip.to_string(), "10.96.0.10");
         assert_eq!(e.ports, vec![ServicePort { port: 80, target_port: 8080 }]);
         let names: Vec<String> = e.endpoints.iter().map(ToString::to_string).collect();
         assert_eq!(names, ["demo/web-1"]);
         let s = slice(true);
-        assert_eq!(service(&svc(&json!("http")), &[&s]).unwrap().endpoints.len(), 2);
+        assert_eq!(service(&svc(&json!("http")), &[&s], None).unwrap().endpoints.len(), 2);
     }
 
     #[test]
     fn uses_a_numeric_target_port_without_slices_and_skips_headless_services() {
-        let e = service(&svc(&json!(9090)), &[]).unwrap();
+        let e = service(&svc(&json!(9090)), &[], None).unwrap();
         assert_eq!(e.ports, vec![ServicePort { port: 80, target_port: 9090 }]);
         assert!(e.endpoints.is_empty());
         let mut headless = svc(&json!(80));
         headless.spec.as_mut().unwrap().cluster_ip = Some("None".into());
         headless.spec.as_mut().unwrap().cluster_ips = Some(vec!["None".into()]);
-        assert!(service(&headless, &[]).is_none());
+        assert!(service(&headless, &[], None).is_none());
+    }
+
+    #[test]
+    fn a_service_uses_its_own_waypoint_label_else_its_namespaces_and_none_opts_out() {
+        let nss = namespaces(&[ns("demo", &json!({"heddle.dev/use-waypoint": "wp"}), &json!({}))]);
+        let ns_wp = nss["demo"].use_waypoint.as_deref();
+        assert_eq!(ns_wp, Some("wp"));
+        assert_eq!(service(&svc(&json!(80)), &[], ns_wp).unwrap().waypoint.as_deref(), Some("wp"));
+        let mut own = svc(&json!(80));
+        own.metadata.labels = Some([(USE_WAYPOINT_LABEL.to_owned(), "other".to_owned())].into());
+        assert_eq!(service(&own, &[], ns_wp).unwrap().waypoint.as_deref(), Some("other"));
+        own.metadata.labels = Some([(USE_WAYPOINT_LABEL.to_owned(), "none".to_owned())].into());
+        assert_eq!(service(&own, &[], ns_wp).unwrap().waypoint, None);
+        assert_eq!(service(&svc(&json!(80)), &[], None).unwrap().waypoint, None);
+    }
+
+    #[test]
+    fn only_gateways_of_the_waypoint_class_are_waypoints() {
+        let gw = |ns: &str, name: &str, class: &str| {
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": name, "namespace": ns}, "spec": {"gatewayClassName": class}})
+        };
+        let all =
+            [gw("demo", "wp", "heddle-waypoint"), gw("demo", "ingress", "istio"), gw("a", "wp", "heddle-waypoint")];
+        let names: Vec<String> = waypoints(&all).iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["a/wp", "demo/wp"]);
     }
 }

@@ -8,7 +8,13 @@
 //! - Services and `EndpointSlices` (virtual IPs to endpoints),
 //! - `AuthorizationPolicies`: `heddle.dev/v1alpha1`, and `security.istio.io/v1`
 //!   when that CRD is installed (checked at start; the watch keeps retrying
-//!   with back-off, so a CRD installed later is picked up).
+//!   with back-off, so a CRD installed later is picked up),
+//! - `gateway.networking.k8s.io/v1` Gateways (the waypoints), likewise when
+//!   the Gateway API CRDs are installed.
+//!
+//! The same source feeds a waypoint ([`Role::Waypoint`]): the registry
+//! only, without policies (enforced by the node agents) or network
+//! namespace discovery (a waypoint captures nothing).
 //!
 //! Every event wakes one rebuild task, which waits [`DEBOUNCE`] for a burst
 //! to settle, converts the stores ([`super::convert`]), finds local pods'
@@ -56,7 +62,7 @@ use super::{
 use crate::{
     authz::source::PolicyStatus,
     policy::{model::AuthorizationPolicy, PolicySet},
-    registry::{Registry, ServiceEntry, SharedRegistry, Workload},
+    registry::{ObjectRef, Registry, ServiceEntry, SharedRegistry, Workload},
 };
 
 /// How long a burst of events may last before the rebuild.
@@ -66,9 +72,21 @@ const NETNS_RETRY: Duration = Duration::from_secs(1);
 /// How long start-up waits for the first lists before saying so.
 const SYNC_WARN_AFTER: Duration = Duration::from_secs(10);
 
+/// Who runs the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// A node agent: registry with its pods' network namespaces, policies.
+    #[default]
+    Agent,
+    /// A waypoint: the registry only.
+    Waypoint,
+}
+
 /// What the source needs to know about this agent.
 #[derive(Clone, Debug)]
 pub struct KubeSettings {
+    /// Agent or waypoint.
+    pub role: Role,
     /// This node's name (`spec.nodeName` of its pods).
     pub node: String,
     /// The mesh's trust domain.
@@ -102,8 +120,15 @@ fn istio_policies() -> ApiResource {
     )
 }
 
+/// The API resource of Gateway API's `Gateway`.
+#[must_use]
+pub fn gateways() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"), "gateways")
+}
+
 /// The reflectors' read sides.
 struct Stores {
+    gateways: Store<DynamicObject>,
     namespaces: Store<Namespace>,
     local_pods: Store<Pod>,
     remote_pods: Store<Pod>,
@@ -121,7 +146,7 @@ pub struct KubeSource {
     registry_tx: watch::Sender<SharedRegistry>,
     policies_tx: watch::Sender<Arc<PolicySet>>,
     policy_status: Arc<Mutex<PolicyStatus>>,
-    last: Option<(Vec<Workload>, Vec<ServiceEntry>)>,
+    last: Option<(Vec<Workload>, Vec<ServiceEntry>, Vec<ObjectRef>)>,
     last_policies: Option<Vec<AuthorizationPolicy>>,
 }
 
@@ -159,17 +184,32 @@ impl KubeSource {
         let services = spawn("services").start(Api::<Service>::all(client.clone()), watcher::Config::default());
         let slices =
             spawn("endpointslices").start(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default());
-        let heddle = heddle_policies();
-        let heddle_store =
-            spawn("heddle.dev authorizationpolicies").start_dynamic(Api::all_with(client.clone(), &heddle), &heddle);
-        let istio = istio_policies();
-        let istio_installed = crd_installed(&client, &istio).await;
-        let istio_store = spawn("security.istio.io authorizationpolicies")
-            .start_dynamic(Api::all_with(client.clone(), &istio), &istio);
+        let gateway = gateways();
+        let gateway_api = crd_installed(&client, &gateway).await;
+        let gateway_store = spawn("gateways").start_dynamic(Api::all_with(client.clone(), &gateway), &gateway);
+        let agent = settings.role == Role::Agent;
+        let mut policy_stores = Vec::new();
+        let mut istio_installed = false;
+        if agent {
+            let heddle = heddle_policies();
+            policy_stores.push(
+                spawn("heddle.dev authorizationpolicies")
+                    .start_dynamic(Api::all_with(client.clone(), &heddle), &heddle),
+            );
+            let istio = istio_policies();
+            istio_installed = crd_installed(&client, &istio).await;
+            policy_stores.push(
+                spawn("security.istio.io authorizationpolicies")
+                    .start_dynamic(Api::all_with(client.clone(), &istio), &istio),
+            );
+        }
         tracing::info!(
+            role = ?settings.role,
             istio_policies = istio_installed,
-            "watching the Kubernetes API (security.istio.io policies are {} at start)",
-            if istio_installed { "installed" } else { "not installed" }
+            gateway_api,
+            "watching the Kubernetes API (security.istio.io policies are {}, the Gateway API is {} at start)",
+            if istio_installed { "installed" } else { "not installed" },
+            if gateway_api { "installed" } else { "not installed" },
         );
 
         let mut required: Vec<(&'static str, Box<dyn ReadyWait>)> = vec![
@@ -178,10 +218,15 @@ impl KubeSource {
             ("pods on other nodes", Box::new(remote_pods.clone())),
             ("services", Box::new(services.clone())),
             ("endpointslices", Box::new(slices.clone())),
-            ("heddle.dev authorizationpolicies", Box::new(heddle_store.clone())),
         ];
+        if let Some(heddle_store) = policy_stores.first() {
+            required.push(("heddle.dev authorizationpolicies", Box::new(heddle_store.clone())));
+        }
         if istio_installed {
-            required.push(("security.istio.io authorizationpolicies", Box::new(istio_store.clone())));
+            required.push(("security.istio.io authorizationpolicies", Box::new(policy_stores[1].clone())));
+        }
+        if gateway_api {
+            required.push(("gateways", Box::new(gateway_store.clone())));
         }
         wait_synced(required).await?;
 
@@ -198,12 +243,13 @@ impl KubeSource {
         let mut source = Self {
             settings,
             stores: Stores {
+                gateways: gateway_store,
                 namespaces,
                 local_pods,
                 remote_pods,
                 services,
                 slices,
-                policies: vec![heddle_store, istio_store],
+                policies: policy_stores,
             },
             changed,
             finder: Arc::new(Mutex::new(finder)),
@@ -234,30 +280,36 @@ impl KubeSource {
 
     /// Whether an enrolled pod of this node is waiting for its namespace.
     fn pending_netns(&self) -> bool {
-        self.last
-            .as_ref()
-            .is_some_and(|(w, _)| w.iter().any(|w| w.node == self.settings.node && w.enrolled && w.netns.is_none()))
+        self.settings.role == Role::Agent
+            && self.last.as_ref().is_some_and(|(w, _, _)| {
+                w.iter().any(|w| w.node == self.settings.node && w.enrolled && w.netns.is_none())
+            })
     }
 
     async fn rebuild(&mut self) {
         let (workloads, services) = self.registry_parts().await;
-        let unchanged = self.last.as_ref().is_some_and(|(w, s)| *w == workloads && *s == services);
+        let gateways: Vec<serde_json::Value> =
+            self.stores.gateways.state().iter().filter_map(|g| serde_json::to_value(g.as_ref()).ok()).collect();
+        let waypoints = convert::waypoints(&gateways);
+        let unchanged =
+            self.last.as_ref().is_some_and(|(w, s, wp)| *w == workloads && *s == services && *wp == waypoints);
         if !unchanged {
             let enrolled = workloads.iter().filter(|w| w.enrolled).count();
             tracing::info!(
                 workloads = workloads.len(),
                 enrolled,
                 services = services.len(),
+                waypoints = waypoints.len(),
                 "registry updated from the Kubernetes API"
             );
-            self.registry_tx.send_replace(Arc::new(Registry::from_parts(
-                &self.settings.trust_domain,
-                workloads.clone(),
-                services.clone(),
-            )));
-            self.last = Some((workloads, services));
+            let registry = Registry::from_parts(&self.settings.trust_domain, workloads.clone(), services.clone())
+                .with_waypoints(waypoints.clone());
+            self.registry_tx.send_replace(Arc::new(registry));
+            self.last = Some((workloads, services, waypoints));
         }
-        self.publish_policies();
+        if self.settings.role == Role::Agent {
+            self.publish_policies();
+        }
     }
 
     async fn registry_parts(&self) -> (Vec<Workload>, Vec<ServiceEntry>) {
@@ -273,7 +325,11 @@ impl KubeSource {
                 Some((w, p.metadata.uid.clone()))
             })
             .collect();
-        let local = self.with_netns(local).await;
+        let local = if self.settings.role == Role::Agent {
+            self.with_netns(local).await
+        } else {
+            local.into_iter().map(|(w, _)| w).collect()
+        };
         let remote = self
             .stores
             .remote_pods
@@ -304,7 +360,8 @@ impl KubeSource {
                     s.metadata.name.as_deref().unwrap_or_default(),
                 );
                 let mine = by_service.get(&key).map_or(&[][..], Vec::as_slice);
-                convert::service(s, mine)
+                let ns_waypoint = namespaces.get(key.0).and_then(|n| n.use_waypoint.as_deref());
+                convert::service(s, mine, ns_waypoint)
             })
             .collect();
         services.sort_by(|a, b| a.id.cmp(&b.id));
@@ -391,7 +448,7 @@ fn policy_object(obj: &DynamicObject) -> Result<AuthorizationPolicy, String> {
 }
 
 /// Waits for the first list of every store, saying so when it takes long.
-async fn wait_synced(stores: Vec<(&'static str, Box<dyn ReadyWait>)>) -> Result<(), SourceError> {
+pub(crate) async fn wait_synced(stores: Vec<(&'static str, Box<dyn ReadyWait>)>) -> Result<(), SourceError> {
     for (name, store) in stores {
         if let Ok(r) = tokio::time::timeout(SYNC_WARN_AFTER, store.ready()).await {
             r.map_err(|()| SourceError::WatchEnded(name))?;
@@ -407,7 +464,7 @@ async fn wait_synced(stores: Vec<(&'static str, Box<dyn ReadyWait>)>) -> Result<
 /// 404 means "not installed"; any other error is retried, so a transient
 /// discovery failure never starts the agent without those policies (fail
 /// closed: it waits).
-async fn crd_installed(client: &Client, resource: &ApiResource) -> bool {
+pub(crate) async fn crd_installed(client: &Client, resource: &ApiResource) -> bool {
     let mut attempt: u32 = 0;
     loop {
         match client.list_api_group_resources(&resource.api_version).await {
@@ -425,7 +482,7 @@ async fn crd_installed(client: &Client, resource: &ApiResource) -> bool {
 }
 
 /// Waiting for a store's first list, whatever its type.
-trait ReadyWait: Send {
+pub(crate) trait ReadyWait: Send {
     fn ready(&self) -> futures::future::BoxFuture<'_, Result<(), ()>>;
 }
 
@@ -441,10 +498,10 @@ where
 
 /// One watch task: a reflector on a resource, waking the rebuild on each
 /// event and logging errors (the watcher retries with back-off).
-struct Watch {
-    name: &'static str,
-    changed: Arc<Notify>,
-    stop: CancellationToken,
+pub(crate) struct Watch {
+    pub(crate) name: &'static str,
+    pub(crate) changed: Arc<Notify>,
+    pub(crate) stop: CancellationToken,
 }
 
 impl Watch {
@@ -458,7 +515,7 @@ impl Watch {
         reader
     }
 
-    fn start_dynamic(self, api: Api<DynamicObject>, resource: &ApiResource) -> Store<DynamicObject> {
+    pub(crate) fn start_dynamic(self, api: Api<DynamicObject>, resource: &ApiResource) -> Store<DynamicObject> {
         let writer = reflector::store::Writer::new(resource.clone());
         let reader = writer.as_reader();
         let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);

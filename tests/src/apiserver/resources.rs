@@ -103,7 +103,9 @@ fn builtin(
 
 /// The built-in types. `return_deleted_object` follows each registry:
 /// pods and namespaces answer DELETE with the object, configmaps, secrets,
-/// services and endpointslices with a `Success` Status.
+/// services, endpointslices, serviceaccounts, deployments and
+/// clusterrolebindings with a `Success` Status (deployments and service
+/// accounts are stored as given: no controller, no token, no status).
 #[must_use]
 pub fn builtins() -> Vec<TypeInfo> {
     let mut token_review = builtin("authentication.k8s.io/v1", "TokenReview", "tokenreviews", false, &[], false);
@@ -115,6 +117,9 @@ pub fn builtins() -> Vec<TypeInfo> {
         builtin("v1", "Secret", "secrets", true, SECRET_FIELDS, false),
         builtin("v1", "ConfigMap", "configmaps", true, &[], false),
         builtin("discovery.k8s.io/v1", "EndpointSlice", "endpointslices", true, &[], false),
+        builtin("v1", "ServiceAccount", "serviceaccounts", true, &[], false),
+        builtin("apps/v1", "Deployment", "deployments", true, &[], false),
+        builtin("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "clusterrolebindings", false, &[], false),
         token_review,
     ]
 }

@@ -1,0 +1,381 @@
+//! The waypoint in Kubernetes mode, end to end: `heddle waypoint apply`
+//! writes a Gateway of class `heddle-waypoint`, the waypoint controller
+//! (`mesh-agent controller`) turns it into a Deployment, Service and
+//! `ServiceAccount` and marks it programmed, the waypoint (`mesh-agent
+//! waypoint --kubernetes`, in the pod the Deployment would have started)
+//! reads Services, Pods, Gateways and `HTTPRoutes` from the API and writes
+//! route status back, and the node agents (`mesh-agent run --kubernetes`)
+//! send a Service's traffic through it once the Service is labelled
+//! `heddle.dev/use-waypoint`, and back on the L4 path when the label goes.
+//! Everything against the API-server stand-in, with real eBPF, real mTLS
+//! and real HTTP clients and servers in the test bed.
+//!
+//! ```text
+//! node-a: client (enrolled)             [stand-in API server :6443, mesh CA, controller]
+//! node-b: waypoint (sa waypoint), api-v1, api-v2 (app=api, version=v1|v2, HTTP :8080)
+//! services demo/api 10.96.0.20:80 (both versions), demo/api-v1 10.96.0.21, demo/api-v2 10.96.0.22
+//! ```
+//!
+//! The test plays the kubelet and the `ReplicaSet` controller: it writes the
+//! waypoint's Pod object and starts the process the Deployment describes.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use common::kube::{namespace, pod_object, start_api};
+use common::{environment_ready, run_on, TRUST_DOMAIN};
+use heddle_tests::apiserver::{ApiServer, Resource};
+use heddle_tests::env::asset;
+use heddle_tests::waypoint::{Waypoint, GATEWAY_NAME_LABEL};
+use heddle_tests::{poll_until, Agent, CaOptions, Check, KubernetesMode, Node, Pod, PodSpec, Process, Testbed};
+use serde_json::{json, Value};
+
+const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const V1_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
+const V2_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 22);
+const HTTP_PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(100);
+const GATEWAY_API: &str = "gateway.networking.k8s.io/v1";
+
+/// Fields drop in order: processes, then the stand-in, then the test bed.
+struct Cluster {
+    _servers: Vec<Process>,
+    controller: Process,
+    _agent_a: Agent,
+    _agent_b: Agent,
+    client: Pod,
+    waypoint_pod: Pod,
+    node_a: Node,
+    kubeconfig: PathBuf,
+    api: ApiServer,
+    tb: Testbed,
+}
+
+fn service(name: &str, vip: Ipv4Addr, labels: &Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "demo", "labels": labels},
+        "spec": {"clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()],
+                 "ports": [{"name": "http", "port": 80, "targetPort": HTTP_PORT, "protocol": "TCP"}]}
+    })
+}
+
+fn slice(service: &str, pods: &[&Pod]) -> Value {
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|p| {
+            json!({"addresses": [p.ip().to_string()], "conditions": {"ready": true}, "nodeName": p.node_name(),
+                   "targetRef": {"kind": "Pod", "name": p.name(), "namespace": "demo"}})
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-x1"), "namespace": "demo",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": HTTP_PORT, "protocol": "TCP"}],
+        "endpoints": endpoints
+    })
+}
+
+impl Cluster {
+    fn new(name: &str) -> Result<Self> {
+        let tb = Testbed::new(name)?;
+        let node_a = tb.add_node("node-a")?;
+        let node_b = tb.add_node("node-b")?;
+        let client = tb.add_pod(&node_a, PodSpec::new("client").enrolled(true))?;
+        let waypoint_pod = tb.add_pod(&node_b, PodSpec::new("waypoint").label(GATEWAY_NAME_LABEL, "waypoint"))?;
+        let version =
+            |v: &str| PodSpec::new(&format!("api-{v}")).enrolled(true).label("app", "api").label("version", v);
+        let v1 = tb.add_pod(&node_b, version("v1"))?;
+        let v2 = tb.add_pod(&node_b, version("v2"))?;
+        // The CA (local mode) grants identities from the test bed's file,
+        // which must know the waypoint its pod is labelled for.
+        tb.add_waypoint("demo", "waypoint")?;
+        tb.set_trust_domain(TRUST_DOMAIN)?;
+        let servers = vec![v1.start_http(HTTP_PORT)?, v2.start_http(HTTP_PORT)?];
+
+        let api = start_api(&node_a, false)?;
+        for (kind, plural, namespaced) in [
+            ("Gateway", "gateways", true),
+            ("HTTPRoute", "httproutes", true),
+            ("GRPCRoute", "grpcroutes", true),
+            ("GatewayClass", "gatewayclasses", false),
+        ] {
+            api.register_crd(Resource {
+                api_version: GATEWAY_API.into(),
+                kind: kind.into(),
+                plural: plural.into(),
+                namespaced,
+            });
+        }
+        api.apply(namespace("heddle-system", &json!({})))?;
+        api.apply(namespace("demo", &json!({"heddle.dev/mesh": "enabled"})))?;
+        api.apply(pod_object(&client, &json!({"app": "client"})))?;
+        for (pod, v) in [(&v1, "v1"), (&v2, "v2")] {
+            api.apply(pod_object(pod, &json!({"app": "api", "version": v})))?;
+        }
+        api.apply(service("api", API_VIP, &json!({})))?;
+        api.apply(service("api-v1", V1_VIP, &json!({})))?;
+        api.apply(service("api-v2", V2_VIP, &json!({})))?;
+        api.apply(slice("api", &[&v1, &v2]))?;
+        api.apply(slice("api-v1", &[&v1]))?;
+        api.apply(slice("api-v2", &[&v2]))?;
+
+        let ca = tb.start_ca(&node_a, CaOptions::default())?;
+        let bundle = std::fs::read_to_string(ca.bundle_path()).context("reading the CA's trust bundle")?;
+        // What the CA publishes in Kubernetes mode.
+        api.apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                         "metadata": {"name": "heddle-trust-bundle", "namespace": "heddle-system"},
+                         "data": {"root-cert.pem": bundle}}))?;
+        let kubeconfig = tb.temp_dir().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig, "node-agent-token")?;
+        tb.use_kubernetes(KubernetesMode { kubeconfig: kubeconfig.clone(), trust_domain: TRUST_DOMAIN.into() });
+        let mut agents = tb.start_agents(&[&node_a, &node_b])?.into_iter();
+        let (agent_a, agent_b) = (agents.next().context("agent a")?, agents.next().context("agent b")?);
+        agent_b.wait_certificates(&[v1.spiffe_id(), v2.spiffe_id()], Duration::from_secs(10))?;
+        agent_a.wait_certificates(&[client.spiffe_id()], Duration::from_secs(10))?;
+
+        let mut cmd = Command::new(heddle_tests::agent_binary()?);
+        cmd.arg("controller")
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("HEDDLE_TRUST_DOMAIN", TRUST_DOMAIN)
+            .env("POD_NAMESPACE", "heddle-system")
+            .env("HEDDLE_LOG", "info,mesh_agent=debug");
+        let controller = node_a.spawn(cmd)?;
+        Ok(Self {
+            _servers: servers,
+            controller,
+            _agent_a: agent_a,
+            _agent_b: agent_b,
+            client,
+            waypoint_pod,
+            node_a,
+            kubeconfig,
+            api,
+            tb,
+        })
+    }
+
+    /// Runs the `heddle` CLI on node-a (where the API server is).
+    fn heddle(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(heddle_tests::heddle_binary()?);
+        cmd.args(args).env("KUBECONFIG", &self.kubeconfig).env_remove("KUBERNETES_SERVICE_HOST");
+        let out = self.node_a.run(cmd)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(out.status.success(), "heddle {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        Ok(text)
+    }
+
+    /// `n` keep-alive requests from the client: `served_by` counts, statuses, errors.
+    fn load(&self, url: &str, n: usize, headers: &[&str]) -> Result<Value> {
+        let n = n.to_string();
+        let mut args = vec!["load", url, n.as_str()];
+        for h in headers {
+            args.extend(["--header", h]);
+        }
+        let mut cmd = Command::new("python3");
+        cmd.arg(asset("httpc.py")).args(&args);
+        let out = self.client.run(cmd)?;
+        ensure!(out.status.success(), "httpc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn wait_object(
+        &self,
+        what: &str,
+        api_version: &str,
+        kind: &str,
+        ns: Option<&str>,
+        name: &str,
+        ok: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        Ok(poll_until(what, WAIT, POLL, || {
+            Ok(match self.api.get(api_version, kind, ns, name) {
+                Some(v) if ok(&v) => Check::Ready(v),
+                other => Check::Pending(format!("{other:?}")),
+            })
+        })?)
+    }
+}
+
+fn condition<'a>(conditions: &'a Value, kind: &str) -> Option<&'a Value> {
+    conditions.as_array()?.iter().find(|c| c["type"] == kind)
+}
+
+fn count(v: &Value, pod: &str) -> u64 {
+    v["served_by"][pod].as_u64().unwrap_or(0)
+}
+
+/// Waypoint request records, waiting until there are at least `n`.
+fn requests(wp: &Waypoint, n: usize) -> Result<Vec<Value>> {
+    Ok(poll_until("waypoint request records", WAIT, POLL, || {
+        let got: Vec<Value> = wp.flows("last=100000")?.into_iter().filter(|f| f["event"] == "request").collect();
+        Ok(if got.len() >= n { Check::Ready(got) } else { Check::Pending(format!("{} of {n}", got.len())) })
+    })?)
+}
+
+const ROUTE: &str = r#"{
+  "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+  "metadata": {"name": "api", "namespace": "demo"},
+  "spec": {
+    "parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
+    "rules": [
+      {"matches": [{"headers": [{"name": "x-canary", "value": "yes"}]}],
+       "backendRefs": [{"name": "api-v2", "port": 80}]},
+      {"backendRefs": [{"name": "api-v1", "port": 80}]}
+    ]
+  }
+}"#;
+
+/// What the controller must have made of the Gateway: the class accepted,
+/// the Gateway programmed with its address, its `Deployment`, `Service`,
+/// account, trust bundle copy and role binding, and `heddle waypoint list`
+/// saying so.
+fn expect_deployed(c: &Cluster) -> Result<()> {
+    let class = c.wait_object("GatewayClass accepted", GATEWAY_API, "GatewayClass", None, "heddle-waypoint", |g| {
+        condition(&g["status"]["conditions"], "Accepted").is_some_and(|a| a["status"] == "True")
+    })?;
+    ensure!(class["spec"]["controllerName"] == "heddle.dev/waypoint-controller", "{class}");
+    let gw = c.wait_object("Gateway programmed", GATEWAY_API, "Gateway", Some("demo"), "waypoint", |g| {
+        condition(&g["status"]["conditions"], "Programmed").is_some_and(|p| p["status"] == "True")
+    })?;
+    ensure!(gw["status"]["addresses"][0]["value"] == "waypoint.demo.svc.cluster.local", "Gateway address: {gw}");
+    let deploy = c
+        .api
+        .get("apps/v1", "Deployment", Some("demo"), "waypoint")
+        .context("the controller created no Deployment demo/waypoint")?;
+    let spec = &deploy["spec"]["template"]["spec"];
+    ensure!(spec["serviceAccountName"] == "waypoint", "Deployment: {deploy}");
+    ensure!(spec["containers"][0]["command"] == json!(["mesh-agent", "waypoint", "--kubernetes"]), "{deploy}");
+    ensure!(deploy["spec"]["template"]["metadata"]["labels"][GATEWAY_NAME_LABEL] == "waypoint", "{deploy}");
+    ensure!(deploy["metadata"]["ownerReferences"][0]["kind"] == "Gateway", "owner: {deploy}");
+    let svc = c.api.get("v1", "Service", Some("demo"), "waypoint").context("no Service demo/waypoint")?;
+    ensure!(svc["spec"]["ports"][0]["port"] == 15008, "Service: {svc}");
+    ensure!(c.api.get("v1", "ServiceAccount", Some("demo"), "waypoint").is_some(), "no ServiceAccount");
+    let cm = c.api.get("v1", "ConfigMap", Some("demo"), "heddle-trust-bundle").context("no trust bundle copy")?;
+    ensure!(cm["data"]["root-cert.pem"].as_str().is_some_and(|p| p.contains("BEGIN CERTIFICATE")), "{cm}");
+    let binding = c
+        .api
+        .get("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", None, "heddle-waypoints")
+        .context("no ClusterRoleBinding heddle-waypoints")?;
+    ensure!(binding["subjects"][0]["name"] == "waypoint", "{binding}");
+    let list = c.heddle(&["waypoint", "list"])?;
+    ensure!(list.lines().any(|l| l.starts_with("demo") && l.contains(" True ")), "heddle waypoint list:\n{list}");
+
+    Ok(())
+}
+
+#[test]
+fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled_service() {
+    if !environment_ready() {
+        return;
+    }
+    let name = "k8s_waypoint";
+    let waypoint: std::cell::RefCell<Option<Waypoint>> = std::cell::RefCell::new(None);
+    run_on(
+        name,
+        || Cluster::new(name),
+        |c| {
+            c.tb.mark_failed();
+            eprintln!("--- controller log ---\n{}", c.controller.log_text());
+            if let Some(w) = waypoint.borrow().as_ref() {
+                eprintln!("--- waypoint log ---\n{}", w.log_text());
+            }
+        },
+        |c| {
+            let url = format!("http://{API_VIP}:80/hello");
+            // Before any waypoint: the L4 path balances connections over both versions.
+            let direct = c.load(&url, 1, &[])?;
+            ensure!(direct["errors"] == 0, "direct request failed: {direct}");
+
+            // The user's two steps: a waypoint for the namespace ...
+            let out = c.heddle(&["waypoint", "apply", "-n", "demo"])?;
+            ensure!(out.contains("waypoint demo/waypoint applied"), "{out}");
+            expect_deployed(c)?;
+
+            // The kubelet's part: the Deployment's pod runs.
+            c.api.apply(pod_object(&c.waypoint_pod, &json!({GATEWAY_NAME_LABEL: "waypoint"})))?;
+            let wp = c.tb.start_waypoint_kubernetes(&c.waypoint_pod, "waypoint", &c.kubeconfig, TRUST_DOMAIN)?;
+            *waypoint.borrow_mut() = Some(wp);
+            let guard = waypoint.borrow();
+            let wp = guard.as_ref().context("waypoint")?;
+
+            // ... and a route. The Service does not use the waypoint yet: the
+            // waypoint says so and leaves the route alone.
+            c.api.apply(serde_json::from_str(ROUTE)?)?;
+            let pending = wp.wait_route("httproute/demo/api", false)?;
+            ensure!(pending["parents"][0]["conditions"][0]["reason"] == "NoMatchingParent", "{pending}");
+
+            // Not labelled yet: the L4 path, nothing reaches the waypoint.
+            let before = wp.flows("last=100000")?.len();
+            let l4 = c.load(&url, 20, &["x-canary: yes"])?;
+            ensure!(l4["errors"] == 0 && count(&l4, "api-v1") > 0, "without the label the route must not apply: {l4}");
+            ensure!(wp.flows("last=100000")?.len() == before, "traffic reached the waypoint before the label");
+
+            // The second step: label the Service. The waypoint accepts the
+            // route and reports it in the API; the agents steer the Service's
+            // traffic to the waypoint.
+            c.api.apply(service("api", API_VIP, &json!({"heddle.dev/use-waypoint": "waypoint"})))?;
+            wp.wait_route("httproute/demo/api", true)?;
+            let route = c.wait_object("HTTPRoute status", GATEWAY_API, "HTTPRoute", Some("demo"), "api", |r| {
+                r["status"]["parents"].as_array().is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        p["controllerName"] == "heddle.dev/waypoint-controller"
+                            && condition(&p["conditions"], "Accepted").is_some_and(|a| a["status"] == "True")
+                    })
+                })
+            })?;
+            ensure!(route["status"]["parents"][0]["parentRef"]["name"] == "api", "{route}");
+            poll_until("the header route in force through the waypoint", WAIT, POLL, || {
+                let r = match c.load(&url, 4, &["x-canary: yes"]) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Check::Pending(e.to_string())),
+                };
+                Ok(if count(&r, "api-v2") == 4 { Check::Ready(()) } else { Check::Pending(r.to_string()) })
+            })?;
+            let canary = c.load(&url, 20, &["x-canary: yes"])?;
+            ensure!(canary["errors"] == 0 && count(&canary, "api-v2") == 20, "x-canary: yes must reach v2: {canary}");
+            let plain = c.load(&url, 20, &[])?;
+            ensure!(plain["errors"] == 0 && count(&plain, "api-v1") == 20, "the default rule sends to v1: {plain}");
+            let records = requests(wp, 40)?;
+            let matched: Vec<&Value> = records.iter().filter(|f| f["http"]["route"] == "httproute/demo/api").collect();
+            ensure!(matched.len() >= 40, "request records naming the route: {} of {}", matched.len(), records.len());
+            ensure!(
+                records.iter().all(|f| f["src_identity"] == json!(c.client.spiffe_id())),
+                "records carry the client's identity: {:?}",
+                records.last()
+            );
+
+            // Removing the label returns the Service to the L4 path.
+            c.api.apply(service("api", API_VIP, &json!({})))?;
+            poll_until("the L4 path again", WAIT, POLL, || {
+                let r = match c.load(&url, 10, &["x-canary: yes"]) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Check::Pending(e.to_string())),
+                };
+                Ok(if count(&r, "api-v1") > 0 { Check::Ready(()) } else { Check::Pending(r.to_string()) })
+            })?;
+            let seen = wp.flows("last=100000")?.len();
+            let after = c.load(&url, 10, &["x-canary: yes"])?;
+            ensure!(after["errors"] == 0, "{after}");
+            ensure!(wp.flows("last=100000")?.len() == seen, "traffic still reached the waypoint without the label");
+
+            // Deleting the waypoint with the CLI removes its Gateway.
+            let out = c.heddle(&["waypoint", "delete", "-n", "demo"])?;
+            ensure!(out.contains("deleted"), "{out}");
+            ensure!(
+                c.api.get(GATEWAY_API, "Gateway", Some("demo"), "waypoint").is_none(),
+                "the Gateway is still there"
+            );
+            Ok(())
+        },
+    );
+}
