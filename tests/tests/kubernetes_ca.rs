@@ -369,6 +369,57 @@ fn tokens_that_are_unknown_for_another_audience_or_of_another_account_are_refuse
     Ok(())
 }
 
+/// A pod-bound token of a pod's own account (what the waypoint
+/// Deployment projects), reviewed as the API server would.
+fn pod_token(api: &ApiServer, token: &str, ns: &str, sa: &str, pod: &str, node: &str) {
+    api.add_token(
+        token,
+        TokenUser {
+            username: format!("system:serviceaccount:{ns}:{sa}"),
+            uid: format!("{token}-uid"),
+            groups: vec!["system:serviceaccounts".into()],
+            audiences: vec![CA_AUDIENCE.to_owned()],
+            extra: BTreeMap::from([
+                (NODE_NAME_EXTRA.to_owned(), vec![node.to_owned()]),
+                ("authentication.kubernetes.io/pod-name".to_owned(), vec![pod.to_owned()]),
+            ]),
+        },
+    );
+}
+
+#[test]
+fn a_waypoint_pod_gets_its_own_identity_with_its_own_token_and_nothing_else() -> Result<()> {
+    let api = ApiServer::start()?;
+    let dir = TempDir::new("waypoint");
+    let mut wp = pod("demo", "waypoint-7d9c", "waypoint", "node-a");
+    wp["metadata"]["labels"] = json!({"gateway.networking.k8s.io/gateway-name": "waypoint"});
+    api.apply(wp)?;
+    api.apply(pod("demo", "web-1", "web", "node-a"))?;
+    pod_token(&api, "waypoint-token", "demo", "waypoint", "waypoint-7d9c", "node-a");
+    pod_token(&api, "web-token", "demo", "web", "web-1", "node-a");
+    let kc = kubeconfig(&api, &dir.0)?;
+    let ca = start_ca(&kc, &dir.0)?;
+    let bundle = published_bundle(&api)?;
+    let waypoint = client(&ca, &bundle, &dir.0, "waypoint-token")?;
+    let chain = sign(&waypoint, &id("demo", "waypoint")).context("the waypoint's own identity")?;
+    ensure!(!chain.is_empty(), "no certificate chain");
+    // Not another identity, even of a pod on the same node.
+    match sign(&waypoint, &id("demo", "web")) {
+        Err(CaError::Refused { status: 403, message }) => ensure!(message.contains("its own identity"), "{message}"),
+        other => bail!("expected 403 for another identity, got {other:?}"),
+    }
+    // An ordinary pod's own token gets nothing: its node agent asks for it.
+    let web = client(&ca, &bundle, &dir.0, "web-token")?;
+    match sign(&web, &id("demo", "web")) {
+        Err(CaError::Refused { status: 403, message }) => ensure!(message.contains("waypoint pod"), "{message}"),
+        other => bail!("expected 403 for a non-waypoint pod, got {other:?}"),
+    }
+    // A waypoint pod that is gone gets nothing more.
+    api.delete("v1", "Pod", Some("demo"), "waypoint-7d9c")?;
+    ensure!(matches!(sign(&waypoint, &id("demo", "waypoint")), Err(CaError::Refused { status: 403, .. })));
+    Ok(())
+}
+
 #[test]
 fn the_ca_answers_503_when_the_api_server_is_down() -> Result<()> {
     let api = ApiServer::start()?;

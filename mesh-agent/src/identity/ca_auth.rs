@@ -1,14 +1,17 @@
 //! The mesh CA's two decisions, behind traits so the local mode and the
 //! Kubernetes mode share one server ([`super::ca_server`]):
 //!
-//! * [`NodeAuthenticator`]: which node agent is asking (its bearer token to a
-//!   node name). Local mode: [`NodeTokens`], one token file per node.
-//!   Kubernetes mode: a `TokenReview` of the agent's projected
-//!   service-account token (`k8s::ca_auth`).
-//! * [`IdentityAuthorizer`]: may that node have a certificate for that
-//!   identity, i.e. does a workload with that namespace and service account
-//!   run on it. Local mode: [`ConfigFile`], the configuration re-read per
-//!   request. Kubernetes mode: the node's pods (`k8s::ca_auth`).
+//! * [`NodeAuthenticator`]: who is asking (its bearer token to a
+//!   [`Caller`]): a node agent, or in Kubernetes mode also a waypoint pod
+//!   with its own service account's token. Local mode: [`NodeTokens`], one
+//!   token file per node. Kubernetes mode: a `TokenReview` of the caller's
+//!   projected service-account token (`k8s::ca_auth`).
+//! * [`IdentityAuthorizer`]: may that caller have a certificate for that
+//!   identity: for a node, does a workload with that namespace and service
+//!   account run on it; for a waypoint pod, is it its own identity and is
+//!   the pod a running waypoint on the node its token is bound to. Local
+//!   mode: [`ConfigFile`], the configuration re-read per request (nodes
+//!   only). Kubernetes mode: the API's pods (`k8s::ca_auth`).
 //!
 //! Both fail closed: a source that cannot be consulted is
 //! [`CaAuthError::Unavailable`] (503), never a grant.
@@ -50,16 +53,54 @@ impl CaAuthError {
     }
 }
 
-/// Turns a bearer token into the name of the node whose agent holds it.
-pub trait NodeAuthenticator: Send + Sync {
-    /// The node that `bearer` authenticates, or why not.
-    fn authenticate<'a>(&'a self, bearer: &'a str) -> BoxFuture<'a, Result<String, CaAuthError>>;
+/// Who asks the CA for a certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A node agent, for the workloads scheduled on its node.
+    Node(String),
+    /// A waypoint pod with its own service account's token (Kubernetes
+    /// mode), for that account's identity only.
+    Waypoint {
+        /// The node its token is bound to.
+        node: String,
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod its token is bound to.
+        pod: String,
+        /// Its service account.
+        service_account: String,
+    },
 }
 
-/// Decides whether `node` may obtain a certificate for `identity`.
+impl Caller {
+    /// The node the caller runs on.
+    #[must_use]
+    pub fn node(&self) -> &str {
+        match self {
+            Self::Node(node) | Self::Waypoint { node, .. } => node,
+        }
+    }
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Node(node) => write!(f, "node {node}"),
+            Self::Waypoint { node, namespace, pod, .. } => write!(f, "waypoint pod {namespace}/{pod} on node {node}"),
+        }
+    }
+}
+
+/// Turns a bearer token into who holds it.
+pub trait NodeAuthenticator: Send + Sync {
+    /// The caller that `bearer` authenticates, or why not.
+    fn authenticate<'a>(&'a self, bearer: &'a str) -> BoxFuture<'a, Result<Caller, CaAuthError>>;
+}
+
+/// Decides whether a caller may obtain a certificate for `identity`.
 pub trait IdentityAuthorizer: Send + Sync {
-    /// `Ok(())` if a workload with that identity runs on `node`.
-    fn authorize<'a>(&'a self, node: &'a str, identity: &'a SpiffeId) -> BoxFuture<'a, Result<(), CaAuthError>>;
+    /// `Ok(())` if `caller` may hold `identity`.
+    fn authorize<'a>(&'a self, caller: &'a Caller, identity: &'a SpiffeId) -> BoxFuture<'a, Result<(), CaAuthError>>;
 }
 
 /// The refusal every authorizer gives when no workload matches.
@@ -116,9 +157,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl NodeAuthenticator for NodeTokens {
-    fn authenticate<'a>(&'a self, bearer: &'a str) -> BoxFuture<'a, Result<String, CaAuthError>> {
+    fn authenticate<'a>(&'a self, bearer: &'a str) -> BoxFuture<'a, Result<Caller, CaAuthError>> {
         Box::pin(async move {
-            self.lookup(bearer).ok_or_else(|| CaAuthError::Unauthenticated("unknown node token".to_owned()))
+            self.lookup(bearer)
+                .map(Caller::Node)
+                .ok_or_else(|| CaAuthError::Unauthenticated("unknown node token".to_owned()))
         })
     }
 }
@@ -139,12 +182,15 @@ impl ConfigFile {
 }
 
 impl IdentityAuthorizer for ConfigFile {
-    fn authorize<'a>(&'a self, node: &'a str, identity: &'a SpiffeId) -> BoxFuture<'a, Result<(), CaAuthError>> {
+    fn authorize<'a>(&'a self, caller: &'a Caller, identity: &'a SpiffeId) -> BoxFuture<'a, Result<(), CaAuthError>> {
         Box::pin(async move {
+            let Caller::Node(node) = caller else {
+                return Err(CaAuthError::Forbidden(format!("{caller}: only node agents hold tokens in local mode")));
+            };
             let cfg = config::load(&self.path)
                 .map_err(|e| CaAuthError::Unavailable(format!("configuration unavailable: {e}")))?;
             let scheduled = cfg.workloads.iter().any(|w| {
-                w.node == node && SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account) == *identity
+                w.node == *node && SpiffeId::new(&self.trust_domain, &w.namespace, &w.service_account) == *identity
             });
             if scheduled {
                 Ok(())

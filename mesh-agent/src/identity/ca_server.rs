@@ -360,7 +360,7 @@ async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (St
         .map(str::to_owned)
         .ok_or((StatusCode::UNAUTHORIZED, "missing bearer token".to_owned()))?;
     let refused = |e: super::ca_auth::CaAuthError| (e.status(), e.to_string());
-    let node = state.authn.authenticate(&bearer).await.map_err(refused)?;
+    let caller = state.authn.authenticate(&bearer).await.map_err(refused)?;
     let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
@@ -376,23 +376,23 @@ async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (St
     if identity.trust_domain() != trust_domain {
         return Err((
             StatusCode::FORBIDDEN,
-            format!("node {node} asked for {identity}, which is not in trust domain {trust_domain}"),
+            format!("{caller} asked for {identity}, which is not in trust domain {trust_domain}"),
         ));
     }
     if state.reserved.contains(&identity) {
         return Err((
             StatusCode::FORBIDDEN,
             format!(
-                "node {node} asked for {identity}, which is reserved for the mesh CA \
+                "{caller} asked for {identity}, which is reserved for the mesh CA \
                  and never issued to a workload"
             ),
         ));
     }
-    state.authz.authorize(&node, &identity).await.map_err(refused)?;
+    state.authz.authorize(&caller, &identity).await.map_err(refused)?;
     let issued =
         state.authority.sign_csr(&request.csr, &identity).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     let not_after = issued.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-    tracing::info!(%node, %identity, not_after, "certificate issued");
+    tracing::info!(%caller, %identity, not_after, "certificate issued");
     Ok(SignResponse { chain: issued.chain_pem, not_after })
 }
 

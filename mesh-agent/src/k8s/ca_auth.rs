@@ -8,13 +8,21 @@
 //!   `status.user.extra["authentication.kubernetes.io/node-name"]`, which the
 //!   API server sets for pod-bound tokens since Kubernetes 1.30
 //!   (`ServiceAccountTokenPodNodeInfo`). A token without it is refused: the
-//!   CA must know the node to bound what it signs.
+//!   CA must know the node to bound what it signs. A token of any other
+//!   account is a workload's own: accepted only when also bound to a pod
+//!   (`authentication.kubernetes.io/pod-name`), as a [`Caller::Waypoint`].
 //! * [`PodAuthorizer`]: an identity `spiffe://<td>/ns/<ns>/sa/<sa>` is granted
 //!   to a node only if a pod of namespace `<ns>` with service account `<sa>`
 //!   (`spec.serviceAccountName`, default `default`), not terminated, is
 //!   scheduled on that node (list with `fieldSelector=spec.nodeName=<node>`).
+//!   A waypoint pod's own token gets its own account's identity only, and
+//!   only while that pod runs on that node and is a waypoint's (labelled
+//!   `gateway.networking.k8s.io/gateway-name`, as the waypoint controller's
+//!   Deployments label them): a workload token never becomes a way to mint
+//!   certificates for other pods, and ordinary pods keep getting theirs
+//!   from their node agent.
 //!
-//! The decisions are pure functions ([`node_of_review`], [`pod_grants`]) over
+//! The decisions are pure functions ([`caller_of_review`], [`pod_grants`], [`waypoint_grant`]) over
 //! the API's answers; API errors are [`CaAuthError::Unavailable`] (503, fail
 //! closed). Pods are asked afresh for each request: a pod deleted a moment
 //! ago gets nothing more, at the cost of one API call per certificate (a
@@ -39,7 +47,7 @@ use kube::{
 
 use self::review_cache::{token_hash, ReviewCache};
 use crate::identity::{
-    ca_auth::{not_scheduled, CaAuthError, IdentityAuthorizer, NodeAuthenticator},
+    ca_auth::{not_scheduled, CaAuthError, Caller, IdentityAuthorizer, NodeAuthenticator},
     ca_client::BoxFuture,
     SpiffeId,
 };
@@ -48,6 +56,8 @@ use crate::identity::{
 pub const CA_AUDIENCE: &str = "heddle-ca";
 /// The `TokenReview` extra that names the node of a pod-bound token.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The `TokenReview` extra that names the pod of a pod-bound token.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 /// The node agents' service account.
 pub const AGENT_SERVICE_ACCOUNT: &str = "heddle-agent";
 
@@ -72,7 +82,7 @@ impl TokenReviewAuthenticator {
     }
 
     /// Asks the API server about `bearer`, uncached.
-    async fn review(&self, bearer: &str) -> Result<String, CaAuthError> {
+    async fn review(&self, bearer: &str) -> Result<Caller, CaAuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(bearer.to_owned()), audiences: Some(vec![CA_AUDIENCE.to_owned()]) },
             ..TokenReview::default()
@@ -82,7 +92,7 @@ impl TokenReviewAuthenticator {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| CaAuthError::Unavailable(format!("TokenReview failed (API server): {e}")))?;
-        node_of_review(&answer.status.unwrap_or_default(), &self.expected_username)
+        caller_of_review(&answer.status.unwrap_or_default(), &self.expected_username)
     }
 }
 
@@ -93,8 +103,10 @@ pub fn service_account_username(namespace: &str, name: &str) -> String {
     format!("system:serviceaccount:{namespace}:{name}")
 }
 
-/// The node a reviewed token authenticates, or why it is refused.
-pub fn node_of_review(status: &TokenReviewStatus, expected_username: &str) -> Result<String, CaAuthError> {
+/// Who a reviewed token authenticates, or why it is refused: the node of a
+/// token of `expected_username` (the agents' account), or the pod of
+/// another account's pod-bound token.
+pub fn caller_of_review(status: &TokenReviewStatus, expected_username: &str) -> Result<Caller, CaAuthError> {
     let refuse = |why: String| Err(CaAuthError::Unauthenticated(why));
     if status.authenticated != Some(true) {
         let why = status.error.as_deref().unwrap_or("not authenticated");
@@ -108,17 +120,27 @@ pub fn node_of_review(status: &TokenReviewStatus, expected_username: &str) -> Re
         return refuse("token review names no user".to_owned());
     };
     let username = user.username.as_deref().unwrap_or_default();
+    let extra = |key: &str| {
+        user.extra.as_ref().and_then(|extra| extra.get(key)).and_then(|values| values.first()).filter(|n| !n.is_empty())
+    };
+    let node = extra(NODE_NAME_EXTRA);
     if username != expected_username {
-        return refuse(format!("token of {username:?}, only {expected_username} may request certificates"));
+        let account = username.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'));
+        return match (account, node, extra(POD_NAME_EXTRA)) {
+            (Some((namespace, service_account)), Some(node), Some(pod)) => Ok(Caller::Waypoint {
+                node: node.clone(),
+                namespace: namespace.to_owned(),
+                pod: pod.clone(),
+                service_account: service_account.to_owned(),
+            }),
+            _ => refuse(format!(
+                "token of {username:?}: only {expected_username}, or a waypoint pod's own pod-bound \
+                 service-account token, may request certificates"
+            )),
+        };
     }
-    let node = user
-        .extra
-        .as_ref()
-        .and_then(|extra| extra.get(NODE_NAME_EXTRA))
-        .and_then(|values| values.first())
-        .filter(|n| !n.is_empty());
     match node {
-        Some(node) => Ok(node.clone()),
+        Some(node) => Ok(Caller::Node(node.clone())),
         None => refuse(format!(
             "token of {username} is not bound to a pod on a node (no {NODE_NAME_EXTRA}; \
              use a projected token on Kubernetes 1.30 or later)"
@@ -127,7 +149,7 @@ pub fn node_of_review(status: &TokenReviewStatus, expected_username: &str) -> Re
 }
 
 impl NodeAuthenticator for TokenReviewAuthenticator {
-    fn authenticate<'a>(&'a self, bearer: &'a str) -> BoxFuture<'a, Result<String, CaAuthError>> {
+    fn authenticate<'a>(&'a self, bearer: &'a str) -> BoxFuture<'a, Result<Caller, CaAuthError>> {
         Box::pin(async move {
             if let Some(cached) = self.cache.get(&token_hash(bearer), Instant::now()) {
                 return cached;
@@ -178,9 +200,47 @@ pub fn pod_grants(pods: &[Pod], node: &str, identity: &SpiffeId) -> Result<(), C
     }
 }
 
+/// The decision for a waypoint pod's own token: `pod` (the one the token
+/// is bound to, `None` if it does not exist) must be a live waypoint pod on
+/// the token's node, running as the account of `identity`.
+pub fn waypoint_grant(caller: &Caller, pod: Option<&Pod>, identity: &SpiffeId) -> Result<(), CaAuthError> {
+    let Caller::Waypoint { node, namespace, pod: pod_name, service_account } = caller else {
+        return Err(CaAuthError::Forbidden(format!("{caller} is not a waypoint pod")));
+    };
+    if identity.namespace() != namespace || identity.service_account() != service_account {
+        return Err(CaAuthError::Forbidden(format!(
+            "{caller} (account {namespace}/{service_account}) may only have its own identity, not {identity}"
+        )));
+    }
+    let Some(pod) = pod else {
+        return Err(CaAuthError::Forbidden(format!("{caller}: no such pod")));
+    };
+    let same_pod = pod.metadata.name.as_deref() == Some(pod_name.as_str())
+        && pod.metadata.namespace.as_deref() == Some(namespace.as_str());
+    let on_node = same_pod && pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
+    let waypoint = pod.metadata.labels.as_ref().is_some_and(|l| l.contains_key(crate::config::GATEWAY_NAME_LABEL));
+    if !on_node || !waypoint || !pod_holds(pod, identity) {
+        return Err(CaAuthError::Forbidden(format!(
+            "{caller}: only a running waypoint pod (labelled {}) on its token's node may use its own token",
+            crate::config::GATEWAY_NAME_LABEL
+        )));
+    }
+    Ok(())
+}
+
 impl IdentityAuthorizer for PodAuthorizer {
-    fn authorize<'a>(&'a self, node: &'a str, identity: &'a SpiffeId) -> BoxFuture<'a, Result<(), CaAuthError>> {
+    fn authorize<'a>(&'a self, caller: &'a Caller, identity: &'a SpiffeId) -> BoxFuture<'a, Result<(), CaAuthError>> {
         Box::pin(async move {
+            let node = match caller {
+                Caller::Node(node) => node,
+                Caller::Waypoint { namespace, pod, .. } => {
+                    let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+                    let found = api.get_opt(pod).await.map_err(|e| {
+                        CaAuthError::Unavailable(format!("reading pod {namespace}/{pod} failed (API server): {e}"))
+                    })?;
+                    return waypoint_grant(caller, found.as_ref(), identity);
+                }
+            };
             let api: Api<Pod> = Api::namespaced(self.client.clone(), identity.namespace());
             let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
             let pods = api.list(&lp).await.map_err(|e| {
@@ -277,32 +337,81 @@ mod tests {
     #[test]
     fn an_agent_token_bound_to_a_node_authenticates_that_node() {
         let status = review(true, &[CA_AUDIENCE], AGENT, Some("node-a"));
-        assert_eq!(node_of_review(&status, AGENT), Ok("node-a".to_owned()));
+        assert_eq!(caller_of_review(&status, AGENT), Ok(Caller::Node("node-a".to_owned())));
     }
 
     #[test]
     fn refuses_an_unauthenticated_token() {
         let status = review(false, &[], "", None);
-        let err = node_of_review(&status, AGENT).unwrap_err();
+        let err = caller_of_review(&status, AGENT).unwrap_err();
         assert_eq!(err.status(), 401);
     }
 
     #[test]
     fn refuses_a_token_for_another_audience() {
         let status = review(true, &["https://kubernetes.default.svc"], AGENT, Some("node-a"));
-        assert!(node_of_review(&status, AGENT).unwrap_err().to_string().contains("audience heddle-ca"));
+        assert!(caller_of_review(&status, AGENT).unwrap_err().to_string().contains("audience heddle-ca"));
     }
 
     #[test]
     fn refuses_a_token_of_another_service_account() {
         let other = "system:serviceaccount:demo:web";
         let status = review(true, &[CA_AUDIENCE], other, Some("node-a"));
-        assert!(node_of_review(&status, AGENT).unwrap_err().to_string().contains("system:serviceaccount:demo:web"));
+        assert!(caller_of_review(&status, AGENT).unwrap_err().to_string().contains("system:serviceaccount:demo:web"));
     }
 
     #[test]
     fn refuses_a_token_not_bound_to_a_node() {
         let status = review(true, &[CA_AUDIENCE], AGENT, None);
-        assert!(node_of_review(&status, AGENT).unwrap_err().to_string().contains(NODE_NAME_EXTRA));
+        assert!(caller_of_review(&status, AGENT).unwrap_err().to_string().contains(NODE_NAME_EXTRA));
+    }
+
+    fn waypoint_caller(sa: &str) -> Caller {
+        Caller::Waypoint {
+            node: "node-a".into(),
+            namespace: "demo".into(),
+            pod: "demo-pod".into(),
+            service_account: sa.into(),
+        }
+    }
+
+    fn waypoint_pod(node: &str, labelled: bool) -> Pod {
+        let mut p = pod("demo", Some("wp"), node, "Running");
+        if labelled {
+            p.metadata.labels = Some(BTreeMap::from([(crate::config::GATEWAY_NAME_LABEL.to_owned(), "wp".to_owned())]));
+        }
+        p
+    }
+
+    #[test]
+    fn a_pod_bound_token_of_another_account_is_a_waypoint_caller() {
+        let mut status = review(true, &[CA_AUDIENCE], "system:serviceaccount:demo:wp", Some("node-a"));
+        // Bound to a node but not to a pod: refused.
+        assert_eq!(caller_of_review(&status, AGENT).unwrap_err().status(), 401);
+        status.user.as_mut().unwrap().extra.as_mut().unwrap().insert(POD_NAME_EXTRA.into(), vec!["demo-pod".into()]);
+        assert_eq!(caller_of_review(&status, AGENT), Ok(waypoint_caller("wp")));
+    }
+
+    #[test]
+    fn a_waypoint_pod_gets_its_own_identity_only_while_it_runs_labelled_on_its_node() {
+        let own = SpiffeId::new("cluster.local", "demo", "wp");
+        let caller = waypoint_caller("wp");
+        assert!(waypoint_grant(&caller, Some(&waypoint_pod("node-a", true)), &own).is_ok());
+        let other = SpiffeId::new("cluster.local", "demo", "web");
+        assert!(waypoint_grant(&caller, Some(&waypoint_pod("node-a", true)), &other)
+            .unwrap_err()
+            .to_string()
+            .contains("only have its own identity"));
+        for (pod, why) in [
+            (Some(waypoint_pod("node-a", false)), "an unlabelled pod"),
+            (Some(waypoint_pod("node-b", true)), "a pod on another node"),
+            (None, "a pod that does not exist"),
+        ] {
+            let err = waypoint_grant(&caller, pod.as_ref(), &own).unwrap_err();
+            assert_eq!(err.status(), 403, "{why}: {err}");
+        }
+        let mut done = waypoint_pod("node-a", true);
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert!(waypoint_grant(&caller, Some(&done), &own).is_err());
     }
 }

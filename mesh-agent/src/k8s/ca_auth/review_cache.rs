@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::identity::ca_auth::CaAuthError;
+use crate::identity::ca_auth::{CaAuthError, Caller};
 
 /// Longest a positive review is reused: a revoked token (deleted pod) is
 /// refused within this.
@@ -43,7 +43,7 @@ pub fn token_hash(token: &str) -> TokenHash {
 }
 
 struct Entry {
-    outcome: Result<String, CaAuthError>,
+    outcome: Result<Caller, CaAuthError>,
     expires: Instant,
 }
 
@@ -71,7 +71,7 @@ impl ReviewCache {
     }
 
     /// The outcome cached for `key`, if still fresh at `now`.
-    pub fn get(&self, key: &TokenHash, now: Instant) -> Option<Result<String, CaAuthError>> {
+    pub fn get(&self, key: &TokenHash, now: Instant) -> Option<Result<Caller, CaAuthError>> {
         let mut entries = self.lock();
         match entries.get(key) {
             Some(e) if e.expires > now => Some(e.outcome.clone()),
@@ -86,7 +86,7 @@ impl ReviewCache {
     /// Records the outcome of reviewing `token` at `now`. API failures are
     /// not recorded; a positive outcome is kept until the token's `exp` at
     /// the latest.
-    pub fn put(&self, token: &str, outcome: &Result<String, CaAuthError>, now: Instant) {
+    pub fn put(&self, token: &str, outcome: &Result<Caller, CaAuthError>, now: Instant) {
         let ttl = match outcome {
             Ok(_) => match jwt_remaining(token, SystemTime::now()) {
                 Some(left) => left.min(POSITIVE_TTL),
@@ -195,7 +195,7 @@ mod tests {
     fn a_positive_review_lives_at_most_a_minute_and_never_past_the_tokens_expiry() {
         let cache = ReviewCache::default();
         let now = Instant::now();
-        let ok = Ok("node-a".to_owned());
+        let ok = Ok(Caller::Node("node-a".to_owned()));
         cache.put("opaque", &ok, now);
         assert_eq!(cache.get(&token_hash("opaque"), now + Duration::from_secs(59)), Some(ok.clone()));
         assert_eq!(cache.get(&token_hash("opaque"), now + POSITIVE_TTL), None);
@@ -225,7 +225,7 @@ mod tests {
         assert_eq!(jwt_remaining(&far, SystemTime::now()), None);
         let cache = ReviewCache::default();
         let now = Instant::now();
-        let ok = Ok("node-a".to_owned());
+        let ok = Ok(Caller::Node("node-a".to_owned()));
         cache.put(&far, &ok, now);
         assert_eq!(cache.get(&token_hash(&far), now + Duration::from_secs(59)), Some(ok));
         assert_eq!(cache.get(&token_hash(&far), now + POSITIVE_TTL), None);
@@ -235,7 +235,7 @@ mod tests {
     fn the_cache_is_bounded_and_evicts_what_expires_first() {
         let cache = ReviewCache::new(3);
         let now = Instant::now();
-        cache.put("good", &Ok("node-a".into()), now);
+        cache.put("good", &Ok(Caller::Node("node-a".into())), now);
         for i in 0..10 {
             cache.put(&format!("bad-{i}"), &Err(CaAuthError::Unauthenticated("x".into())), now);
         }
