@@ -234,11 +234,13 @@ impl IdentityAuthorizer for PodAuthorizer {
             let node = match caller {
                 Caller::Node(node) => node,
                 Caller::Waypoint { namespace, pod, .. } => {
+                    // A list by name, so the CA's role keeps to `list` pods.
                     let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-                    let found = api.get_opt(pod).await.map_err(|e| {
+                    let lp = ListParams::default().fields(&format!("metadata.name={pod}"));
+                    let found = api.list(&lp).await.map_err(|e| {
                         CaAuthError::Unavailable(format!("reading pod {namespace}/{pod} failed (API server): {e}"))
                     })?;
-                    return waypoint_grant(caller, found.as_ref(), identity);
+                    return waypoint_grant(caller, found.items.first(), identity);
                 }
             };
             let api: Api<Pod> = Api::namespaced(self.client.clone(), identity.namespace());

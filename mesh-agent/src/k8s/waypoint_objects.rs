@@ -293,4 +293,20 @@ mod tests {
         let b = binding(&[gw()]);
         assert_eq!(b["subjects"][0], json!({"kind": "ServiceAccount", "name": "waypoint", "namespace": "shop"}));
     }
+
+    #[test]
+    fn the_objects_are_valid_kubernetes_objects() {
+        use k8s_openapi::api::{
+            apps::v1::Deployment,
+            core::v1::{ConfigMap, Service, ServiceAccount},
+            rbac::v1::ClusterRoleBinding,
+        };
+        let d: Deployment = serde_json::from_value(deployment(&gw(), &mesh())).unwrap();
+        let spec = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(spec.containers[0].ports.as_ref().unwrap()[0].container_port, 15008);
+        let _: Service = serde_json::from_value(service(&gw())).unwrap();
+        let _: ServiceAccount = serde_json::from_value(service_account(&gw())).unwrap();
+        let _: ConfigMap = serde_json::from_value(trust_bundle(&gw(), Some("PEM")).unwrap()).unwrap();
+        let _: ClusterRoleBinding = serde_json::from_value(binding(&[gw()])).unwrap();
+    }
 }

@@ -31,6 +31,7 @@ fn agent_rbac_reads_what_the_kubernetes_source_watches_and_writes_nothing() {
         ("discovery.k8s.io", "endpointslices"),
         ("heddle.dev", "authorizationpolicies"),
         ("security.istio.io", "authorizationpolicies"),
+        ("gateway.networking.k8s.io", "gateways"),
     ] {
         assert!(grants(group, resource), "agent cannot get/list/watch {group}/{resource}");
     }
@@ -79,6 +80,80 @@ fn ca_rbac_covers_token_reviews_pods_and_only_its_own_secret_and_configmap() {
     for rule in &namespaced {
         if rule.resource_names.is_none() {
             assert_eq!(rule.verbs, ["create"], "{rule:?}");
+        }
+    }
+}
+
+fn allows(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool {
+    rules.iter().any(|r| {
+        r.api_groups.iter().flatten().any(|g| g == group)
+            && r.resources.iter().flatten().any(|x| x == resource)
+            && r.verbs.iter().any(|v| v == verb)
+    })
+}
+
+#[test]
+fn the_waypoint_controller_applies_waypoint_objects_and_never_touches_secrets() {
+    let m = manifests();
+    let (cluster, namespaced) = m.rules_of("heddle-controller");
+    assert!(namespaced.is_empty());
+    // What k8s::waypoint_controller server-side-applies (get + create + patch).
+    for (group, resource) in [
+        ("apps", "deployments"),
+        ("", "services"),
+        ("", "serviceaccounts"),
+        ("", "configmaps"),
+        ("gateway.networking.k8s.io", "gatewayclasses"),
+    ] {
+        for verb in ["get", "create", "patch"] {
+            assert!(allows(&cluster, group, resource, verb), "controller cannot {verb} {group}/{resource}");
+        }
+    }
+    for verb in ["get", "list", "watch"] {
+        assert!(allows(&cluster, "gateway.networking.k8s.io", "gateways", verb), "gateways {verb}");
+    }
+    assert!(allows(&cluster, "gateway.networking.k8s.io", "gateways/status", "patch"));
+    // It may bind the waypoint role, and no other.
+    let binds: Vec<&PolicyRule> = cluster.iter().filter(|r| r.verbs.iter().any(|v| v == "bind")).collect();
+    assert_eq!(binds.len(), 1);
+    assert_eq!(binds[0].resource_names.as_deref(), Some(&["heddle-waypoint".to_owned()][..]));
+    for rule in &cluster {
+        assert!(!rule.resources.iter().flatten().any(|r| r == "secrets" || r == "pods"), "{rule:?}");
+        assert!(!rule.verbs.iter().any(|v| v == "delete" || v == "update" || v == "*" || v == "escalate"), "{rule:?}");
+    }
+}
+
+#[test]
+fn the_waypoint_role_reads_the_registry_and_routes_and_writes_only_route_status() {
+    let m = manifests();
+    let role = m
+        .objects
+        .iter()
+        .find_map(|(_, o)| match o {
+            super::load::Object::ClusterRole(r) if r.metadata.name.as_deref() == Some("heddle-waypoint") => {
+                Some(r.rules.clone().unwrap_or_default())
+            }
+            _ => None,
+        })
+        .expect("ClusterRole heddle-waypoint");
+    for (group, resource) in [
+        ("", "namespaces"),
+        ("", "pods"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("gateway.networking.k8s.io", "gateways"),
+        ("gateway.networking.k8s.io", "httproutes"),
+        ("gateway.networking.k8s.io", "grpcroutes"),
+    ] {
+        for verb in AGENT_READ_VERBS {
+            assert!(allows(&role, group, resource, verb), "waypoint cannot {verb} {group}/{resource}");
+        }
+    }
+    for rule in &role {
+        let writes = rule.verbs.iter().any(|v| !AGENT_READ_VERBS.contains(&v.as_str()));
+        if writes {
+            assert!(rule.resources.iter().flatten().all(|r| r.ends_with("routes/status")), "{rule:?}");
+            assert!(rule.verbs.iter().all(|v| v == "get" || v == "patch"), "{rule:?}");
         }
     }
 }
