@@ -106,7 +106,7 @@ impl Capture {
         let desired: BTreeMap<ObjectRef, (Desired, &Workload)> = registry
             .on_node(&self.node)
             // A waypoint's pod terminates HBONE on its own port 15008.
-            .filter(|w| w.enrolled && w.runs_waypoint().is_none())
+            .filter(|w| w.enrolled && !registry.is_waypoint_pod(w))
             .filter_map(|w| {
                 let netns = w.netns.clone()?;
                 let want = Desired { netns, ips: w.ips.clone(), identity: w.identity.clone() };

@@ -148,7 +148,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let registry = started.registry;
     let (me, me_identity) = own_pod(&registry, &settings, &home)?;
     let route_set = Arc::new(routes::RouteSet::build(&started.routes, &registry, &settings.waypoint));
-    started.updates.initial_status(&route_set).await;
+    started.updates.initial_status(&route_set, &registry, &settings.waypoint).await;
     let (registry_tx, registry_rx) = watch::channel(registry);
     let (routes_tx, routes_rx) = watch::channel(route_set);
     let mesh = crate::agent::start_mesh(Some(&settings.ca), &started.trust_domain, &stop)

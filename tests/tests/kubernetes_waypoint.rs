@@ -363,6 +363,19 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
                 };
                 Ok(if count(&r, "api-v1") > 0 { Check::Ready(()) } else { Check::Pending(r.to_string()) })
             })?;
+            // ... and the waypoint takes its entry out of the route's status.
+            c.wait_object(
+                "HTTPRoute status without the waypoint's entry",
+                GATEWAY_API,
+                "HTTPRoute",
+                Some("demo"),
+                "api",
+                |r| {
+                    !r["status"]["parents"]
+                        .as_array()
+                        .is_some_and(|ps| ps.iter().any(|p| p["controllerName"] == "heddle.dev/waypoint-controller"))
+                },
+            )?;
             let seen = wp.flows("last=100000")?.len();
             let after = c.load(&url, 10, &["x-canary: yes"])?;
             ensure!(after["errors"] == 0, "{after}");

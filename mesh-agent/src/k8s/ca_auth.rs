@@ -218,10 +218,17 @@ pub fn waypoint_grant(caller: &Caller, pod: Option<&Pod>, identity: &SpiffeId) -
     let same_pod = pod.metadata.name.as_deref() == Some(pod_name.as_str())
         && pod.metadata.namespace.as_deref() == Some(namespace.as_str());
     let on_node = same_pod && pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
-    let waypoint = pod.metadata.labels.as_ref().is_some_and(|l| l.contains_key(crate::config::GATEWAY_NAME_LABEL));
+    // The controller runs a waypoint as the account named after its Gateway.
+    let waypoint = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(crate::config::GATEWAY_NAME_LABEL))
+        .is_some_and(|gw| gw == service_account);
     if !on_node || !waypoint || !pod_holds(pod, identity) {
         return Err(CaAuthError::Forbidden(format!(
-            "{caller}: only a running waypoint pod (labelled {}) on its token's node may use its own token",
+            "{caller}: only a running waypoint pod (labelled {}: <its account>) on its token's node may use its \
+             own token",
             crate::config::GATEWAY_NAME_LABEL
         )));
     }

@@ -47,6 +47,14 @@ pub async fn apply(client: &Client, url: &str, namespace: &str, name: &str, enro
 /// Deletes the waypoint Gateway, and the namespace's label if it named it.
 pub async fn delete(client: &Client, url: &str, namespace: &str, name: &str) -> Result<bool, CliKubeError> {
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &gateways());
+    if let Some(gw) = api.get_opt(name).await.map_err(|e| gateway_error(e, url, "get"))? {
+        let class = gw.data.pointer("/spec/gatewayClassName").and_then(Value::as_str).unwrap_or_default();
+        if class != WAYPOINT_CLASS {
+            return Err(CliKubeError::Api(format!(
+                "Gateway {namespace}/{name} is of class {class:?}, not a waypoint ({WAYPOINT_CLASS}): not deleted"
+            )));
+        }
+    }
     let existed = match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => true,
         Err(kube::Error::Api(s)) if s.code == 404 => false,

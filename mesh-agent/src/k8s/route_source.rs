@@ -8,10 +8,16 @@
 //! `status.parents[]` gets an entry with `controllerName`
 //! [`CONTROLLER_NAME`] and the conditions `heddle routes` shows (`Accepted`,
 //! `ResolvedRefs`), written with a merge patch of the `status` subresource
-//! that keeps the entries of other controllers. A write happens only when
-//! the conditions changed (ignoring `lastTransitionTime`), so replicas of a
-//! waypoint computing the same status do not fight. A failed write is
-//! logged and retried at the next change; it never changes what is routed.
+//! that keeps the entries of other controllers and of other waypoints (an
+//! entry is this waypoint's when its parent Service uses this waypoint, or
+//! no waypoint any more, which removes it when a label goes), with the
+//! object's `resourceVersion` as a precondition so a concurrent writer is
+//! never overwritten (a conflict is retried at the next change). A write
+//! happens only when this waypoint's entries changed (ignoring
+//! `lastTransitionTime`), so replicas of a waypoint computing the same
+//! status do not fight. A failed write is logged and retried at the next
+//! change; it never changes what is routed. Entries left by a waypoint that
+//! was deleted stay until a route or label change touches them.
 //!
 //! Objects are handed over without `status`, `managedFields` and
 //! `resourceVersion`, so a status write does not recompile the routes.
@@ -29,7 +35,10 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::source::{crd_installed, wait_synced, ReadyWait, Watch};
-use crate::waypoint::routes::{RouteSet, RouteStatus, Source};
+use crate::{
+    registry::{ObjectRef, Registry},
+    waypoint::routes::{RouteSet, RouteStatus, Source},
+};
 
 /// The `controllerName` of Heddle's waypoints in route and Gateway status.
 pub const CONTROLLER_NAME: &str = "heddle.dev/waypoint-controller";
@@ -103,7 +112,7 @@ impl RouteWatch {
     /// A status writer on the same client.
     #[must_use]
     pub fn status_writer(&self) -> StatusWriter {
-        StatusWriter { client: self.client.clone() }
+        StatusWriter { client: self.client.clone(), last: Arc::default() }
     }
 }
 
@@ -129,19 +138,39 @@ fn source_of(obj: &DynamicObject) -> Option<Source> {
 #[derive(Clone)]
 pub struct StatusWriter {
     client: Client,
+    /// This waypoint's entries last written (or found empty), per route.
+    last: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<Value>>>>,
 }
 
 impl StatusWriter {
     /// Writes the status of every API route in `set` whose conditions
     /// changed. Errors are logged, never returned: status is a report.
-    pub async fn write(&self, set: &RouteSet) {
+    pub async fn write(&self, set: &RouteSet, registry: &Registry, waypoint: &ObjectRef) {
+        // A parent entry of this controller is this waypoint's to manage when
+        // its Service uses this waypoint, or no existing waypoint.
+        let mine = |entry: &Value| {
+            let r = &entry["parentRef"];
+            let id = ObjectRef {
+                namespace: r["namespace"].as_str().unwrap_or_default().to_owned(),
+                name: r["name"].as_str().unwrap_or_default().to_owned(),
+            };
+            registry.service(&id).is_none_or(|s| registry.waypoint_of(s).is_none_or(|w| w == waypoint))
+        };
         for status in set.statuses() {
             let Some((kind, ns, name)) = api_object(status) else {
                 continue;
             };
             let ours = parent_entries(status);
-            if ours.is_empty() {
-                continue;
+            {
+                let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match last.get(&status.route) {
+                    Some(prev) if *prev == ours => continue,
+                    None if ours.is_empty() => {
+                        last.insert(status.route.clone(), ours);
+                        continue;
+                    }
+                    _ => {}
+                }
             }
             let (kind_name, plural) = match kind {
                 "httproute" => ("HTTPRoute", "httproutes"),
@@ -159,15 +188,26 @@ impl StatusWriter {
             let existing: Vec<Value> =
                 current.data.pointer("/status/parents").and_then(Value::as_array).cloned().unwrap_or_default();
             let generation = current.metadata.generation;
-            let Some(parents) = merged_parents(&existing, ours, generation) else {
+            let Some(parents) = merged_parents(&existing, ours.clone(), generation, &mine) else {
+                self.remember(&status.route, ours);
                 continue;
             };
-            let patch = json!({"status": {"parents": parents}});
+            let patch = json!({"metadata": {"resourceVersion": current.metadata.resource_version},
+                               "status": {"parents": parents}});
             match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                Ok(_) => tracing::info!(route = %status.route, accepted = status.accepted, "route status written"),
+                Ok(_) => {
+                    tracing::info!(route = %status.route, accepted = status.accepted, "route status written");
+                    self.remember(&status.route, ours);
+                }
                 Err(e) => tracing::warn!(route = %status.route, error = %e, "cannot write route status"),
             }
         }
+    }
+}
+
+impl StatusWriter {
+    fn remember(&self, route: &str, ours: Vec<Value>) {
+        self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(route.to_owned(), ours);
     }
 }
 
@@ -202,12 +242,18 @@ pub fn parent_entries(status: &RouteStatus) -> Vec<Value> {
         .collect()
 }
 
-/// `existing` with this controller's entries replaced by `ours`, or `None`
-/// when that changes nothing but timestamps. Conditions whose status did
-/// not change keep their `lastTransitionTime`.
+/// `existing` with this waypoint's entries (this controller's, for which
+/// `is_mine` holds) replaced by `ours`, or `None` when that changes nothing
+/// but timestamps. Conditions whose status did not change keep their
+/// `lastTransitionTime`.
 #[must_use]
-pub fn merged_parents(existing: &[Value], ours: Vec<Value>, generation: Option<i64>) -> Option<Vec<Value>> {
-    let mine = |v: &&Value| v.get("controllerName").and_then(Value::as_str) == Some(CONTROLLER_NAME);
+pub fn merged_parents(
+    existing: &[Value],
+    ours: Vec<Value>,
+    generation: Option<i64>,
+    is_mine: &dyn Fn(&Value) -> bool,
+) -> Option<Vec<Value>> {
+    let mine = |v: &&Value| v.get("controllerName").and_then(Value::as_str) == Some(CONTROLLER_NAME) && is_mine(v);
     let old: Vec<&Value> = existing.iter().filter(mine).collect();
     let strip = |v: &Value| {
         let mut v = v.clone();
@@ -305,16 +351,17 @@ mod tests {
     fn keeps_other_controllers_entries_and_skips_writes_that_change_nothing() {
         let other =
             json!({"parentRef": {"name": "gw"}, "controllerName": "istio.io/gateway-controller", "conditions": []});
-        let first = merged_parents(std::slice::from_ref(&other), parent_entries(&status(true)), Some(3)).unwrap();
+        let first =
+            merged_parents(std::slice::from_ref(&other), parent_entries(&status(true)), Some(3), &|_| true).unwrap();
         assert_eq!(first.len(), 2);
         assert_eq!(first[0], other);
         let t = first[1]["conditions"][0]["lastTransitionTime"].clone();
         assert!(t.as_str().is_some_and(|s| s.ends_with('Z')), "{t}");
         assert_eq!(first[1]["conditions"][0]["observedGeneration"], 3);
-        assert_eq!(merged_parents(&first, parent_entries(&status(true)), Some(3)), None);
-        let bumped = merged_parents(&first, parent_entries(&status(true)), Some(4)).unwrap();
+        assert_eq!(merged_parents(&first, parent_entries(&status(true)), Some(3), &|_| true), None);
+        let bumped = merged_parents(&first, parent_entries(&status(true)), Some(4), &|_| true).unwrap();
         assert_eq!(bumped[1]["conditions"][0]["lastTransitionTime"], t, "same status keeps its transition time");
-        let flipped = merged_parents(&first, parent_entries(&status(false)), Some(3)).unwrap();
+        let flipped = merged_parents(&first, parent_entries(&status(false)), Some(3), &|_| true).unwrap();
         assert_eq!(flipped[1]["conditions"][0]["status"], "False");
     }
 
@@ -332,5 +379,19 @@ mod tests {
         let v: Value = serde_json::from_str(&s.text).unwrap();
         assert!(v.get("status").is_none() && v["metadata"].get("resourceVersion").is_none());
         assert_eq!(v["metadata"]["generation"], 2);
+    }
+
+    #[test]
+    fn another_waypoints_entries_are_kept_and_an_orphaned_one_is_removed() {
+        let theirs = json!({"parentRef": {"group": "", "kind": "Service", "namespace": "demo", "name": "b"},
+                            "controllerName": CONTROLLER_NAME, "conditions": []});
+        let not_theirs = |v: &Value| v["parentRef"]["name"] != "b";
+        let merged =
+            merged_parents(std::slice::from_ref(&theirs), parent_entries(&status(true)), Some(1), &not_theirs).unwrap();
+        assert_eq!(merged.len(), 2, "{merged:?}");
+        assert_eq!(merged[0], theirs);
+        // The label went: nothing of ours is wanted, our old entry goes.
+        let removed = merged_parents(&merged, Vec::new(), Some(1), &not_theirs).unwrap();
+        assert_eq!(removed, vec![theirs]);
     }
 }

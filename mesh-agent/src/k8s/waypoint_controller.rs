@@ -142,22 +142,37 @@ impl Controller {
             .filter_map(|g| Some((GatewayRef::from_object(g)?, g.clone())))
             .collect();
         waypoints.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
-        let refs: Vec<GatewayRef> = waypoints.iter().map(|(r, _)| r.clone()).collect();
-        if let Err(e) = self.apply(&objects::binding(&refs)).await {
-            tracing::error!(error = %e, "cannot apply the waypoints' ClusterRoleBinding");
-        }
         let bundle = self.trust_bundle().await;
-        for (gw, obj) in &waypoints {
+        let mut problems: Vec<Option<String>> = Vec::new();
+        let mut bound: Vec<GatewayRef> = Vec::new();
+        for (gw, _) in &waypoints {
             let mut problem = None;
             let mut wanted =
                 vec![objects::service_account(gw), objects::service(gw), objects::deployment(gw, &self.settings.mesh)];
             wanted.extend(objects::trust_bundle(gw, bundle.as_deref()));
             for o in &wanted {
-                if let Err(e) = self.apply(o).await {
-                    let kind = o["kind"].as_str().unwrap_or_default();
+                let kind = o["kind"].as_str().unwrap_or_default();
+                if let Err(e) = self.apply(o, Some(gw)).await {
                     tracing::error!(gateway = %format!("{}/{}", gw.namespace, gw.name), kind, error = %e, "cannot apply");
-                    problem = Some(format!("{kind} {}: {e}", gw.name));
+                    problem = Some(format!("{kind} {}: {e}", o["metadata"]["name"].as_str().unwrap_or_default()));
+                    // Without its own account, the waypoint gets no role.
+                    if kind == "ServiceAccount" {
+                        break;
+                    }
+                } else if kind == "ServiceAccount" {
+                    bound.push(gw.clone());
                 }
+            }
+            problems.push(problem);
+        }
+        // Only accounts the controller made for a waypoint get the role.
+        let binding_error = self.apply(&objects::binding(&bound), None).await.err();
+        if let Some(e) = &binding_error {
+            tracing::error!(error = %e, "cannot apply the waypoints' ClusterRoleBinding");
+        }
+        for ((gw, obj), mut problem) in waypoints.iter().zip(problems) {
+            if let Some(e) = &binding_error {
+                problem.get_or_insert_with(|| format!("ClusterRoleBinding {}: {e}", objects::WAYPOINT_BINDING));
             }
             if bundle.is_none() {
                 problem.get_or_insert_with(|| {
@@ -180,8 +195,12 @@ impl Controller {
         }
     }
 
-    /// Server-side applies `obj` unless the same was applied before.
-    async fn apply(&mut self, obj: &Value) -> Result<(), kube::Error> {
+    /// Server-side applies `obj` unless the same was applied before. With
+    /// `owner`, an object of that name that exists and is not controlled by
+    /// that Gateway (nor, for the shared `ConfigMap`, managed by Heddle) is
+    /// left alone and reported: a Gateway never takes over a user's
+    /// Service, Deployment or account by naming itself after it.
+    async fn apply(&mut self, obj: &Value, owner: Option<&GatewayRef>) -> Result<(), String> {
         let s = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or_default();
         let (api_version, kind, ns, name) =
             (s("/apiVersion"), s("/kind"), s("/metadata/namespace"), s("/metadata/name"));
@@ -203,7 +222,23 @@ impl Controller {
         } else {
             Api::namespaced_with(self.client.clone(), ns, &res)
         };
-        api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await?;
+        if let Some(gw) = owner {
+            if !self.applied.contains_key(&key) {
+                let existing = api.get_opt(name).await.map_err(|e| e.to_string())?;
+                if let Some(existing) = existing {
+                    if !objects::may_manage(&existing.metadata, gw) {
+                        return Err(format!(
+                            "{kind} {ns}/{name} exists and is not this waypoint's (not controlled by Gateway {}/{}): \
+                             left alone; rename the Gateway",
+                            gw.namespace, gw.name
+                        ));
+                    }
+                }
+            }
+        }
+        api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj))
+            .await
+            .map_err(|e| e.to_string())?;
         self.applied.insert(key, obj.clone());
         Ok(())
     }

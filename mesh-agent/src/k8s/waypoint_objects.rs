@@ -8,8 +8,10 @@
 //! identity is `spiffe://<td>/ns/<ns>/sa/<name>`), a `Deployment` `name` running
 //! `mesh-agent waypoint --kubernetes` as that account, a `Service` `name`
 //! (HBONE 15008, metrics 15020) and a copy of the trust bundle `ConfigMap`
-//! in `ns` (a volume cannot mount another namespace's). Each is owned by the
-//! Gateway (`ownerReferences`), so deleting the Gateway deletes them. The
+//! in `ns` (a volume cannot mount another namespace's). All but the shared
+//! `ConfigMap` are owned by the Gateway (`ownerReferences`), so deleting the
+//! Gateway deletes them (the `ConfigMap` stays: it holds only public
+//! roots). The
 //! pods carry [`crate::config::GATEWAY_NAME_LABEL`]`: name`, which is how the
 //! node agents know them (and never capture them).
 
@@ -71,7 +73,7 @@ impl GatewayRef {
     fn owner(&self) -> Value {
         json!([{
             "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "name": self.name, "uid": self.uid,
-            "controller": true, "blockOwnerDeletion": true
+            "controller": true
         }])
     }
 
@@ -83,6 +85,22 @@ impl GatewayRef {
             "ownerReferences": self.owner()
         })
     }
+}
+
+/// Whether the controller may apply over an existing object with `meta`
+/// for `gw`: it is controlled by that Gateway, or (the shared trust bundle
+/// `ConfigMap`, which no Gateway owns) labelled as managed by Heddle.
+#[must_use]
+pub fn may_manage(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, gw: &GatewayRef) -> bool {
+    let owned = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Gateway" && o.uid == gw.uid && o.controller == Some(true));
+    let shared = meta.name.as_deref() == Some(TRUST_BUNDLE_CONFIGMAP)
+        && meta.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/managed-by")).map(String::as_str)
+            == Some("heddle");
+    owned || shared
 }
 
 /// The waypoint's `ServiceAccount`.
@@ -111,9 +129,10 @@ pub fn service(gw: &GatewayRef) -> Value {
 /// the CA has not published one yet.
 #[must_use]
 pub fn trust_bundle(gw: &GatewayRef, bundle: Option<&str>) -> Option<Value> {
-    let mut meta = gw.metadata(TRUST_BUNDLE_CONFIGMAP);
-    // Shared by every waypoint of the namespace: not owned by one Gateway.
-    meta.as_object_mut()?.remove("ownerReferences");
+    // Shared by every waypoint of the namespace: neither owned by nor
+    // labelled for one Gateway (it stays when the last one goes).
+    let meta = json!({"name": TRUST_BUNDLE_CONFIGMAP, "namespace": gw.namespace,
+                      "labels": {"app.kubernetes.io/managed-by": "heddle"}});
     Some(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {TRUST_BUNDLE_KEY: bundle?}}))
 }
 
@@ -308,5 +327,20 @@ mod tests {
         let _: ServiceAccount = serde_json::from_value(service_account(&gw())).unwrap();
         let _: ConfigMap = serde_json::from_value(trust_bundle(&gw(), Some("PEM")).unwrap()).unwrap();
         let _: ClusterRoleBinding = serde_json::from_value(binding(&[gw()])).unwrap();
+    }
+
+    #[test]
+    fn an_existing_object_is_managed_only_when_this_gateway_controls_it() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        let theirs = ObjectMeta { name: Some("waypoint".into()), ..ObjectMeta::default() };
+        assert!(!may_manage(&theirs, &gw()), "a user's object of the same name");
+        let ours: ObjectMeta = serde_json::from_value(service(&gw())["metadata"].clone()).unwrap();
+        assert!(may_manage(&ours, &gw()));
+        let mut other = gw();
+        other.uid = "u-2".into();
+        assert!(!may_manage(&ours, &other), "a Gateway re-created with the same name but another uid");
+        let cm: ObjectMeta =
+            serde_json::from_value(trust_bundle(&gw(), Some("P")).unwrap()["metadata"].clone()).unwrap();
+        assert!(may_manage(&cm, &gw()));
     }
 }

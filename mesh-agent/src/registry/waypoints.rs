@@ -81,6 +81,17 @@ impl Registry {
         self
     }
 
+    /// Whether `w` runs a waypoint of this registry: labelled with the name
+    /// of a waypoint that exists in its namespace. A pod carrying the label
+    /// for anything else (another Gateway implementation's pods carry it
+    /// too) is an ordinary workload, captured as any other.
+    #[must_use]
+    pub fn is_waypoint_pod(&self, w: &Workload) -> bool {
+        w.runs_waypoint().is_some_and(|name| {
+            self.waypoints.contains_key(&ObjectRef { namespace: w.id.namespace.clone(), name: name.to_owned() })
+        })
+    }
+
     /// The waypoint that owns `service`, if it uses one that exists.
     #[must_use]
     pub fn waypoint_of(&self, service: &Service) -> Option<&ObjectRef> {

@@ -160,9 +160,9 @@ pub async fn start(
 
 impl Updates {
     /// Writes the status of the first routes (Kubernetes mode).
-    pub async fn initial_status(&self, set: &routes::RouteSet) {
+    pub async fn initial_status(&self, set: &routes::RouteSet, registry: &Registry, waypoint: &ObjectRef) {
         if let Self::Kubernetes { status, .. } = self {
-            status.write(set).await;
+            status.write(set, registry, waypoint).await;
         }
     }
 
@@ -265,8 +265,8 @@ async fn follow_api(
         }
         let reg = registry.borrow_and_update().clone();
         let sources = routes.borrow_and_update().clone();
-        let set = apply(reg, &sources, registry_tx, routes_tx, state);
+        let set = apply(reg.clone(), &sources, registry_tx, routes_tx, state);
         tracing::info!(routes = sources.len(), "registry or routes changed in the Kubernetes API: applied");
-        status.write(&set).await;
+        status.write(&set, &reg, &state.waypoint).await;
     }
 }
