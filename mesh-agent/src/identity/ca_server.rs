@@ -392,7 +392,7 @@ async fn sign(state: &State, req: Request<Incoming>) -> Result<SignResponse, (St
     let issued =
         state.authority.sign_csr(&request.csr, &identity).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
     let not_after = issued.not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-    tracing::info!(%caller, %identity, not_after, "certificate issued");
+    tracing::info!(node = %caller.node(), %caller, %identity, not_after, "certificate issued");
     Ok(SignResponse { chain: issued.chain_pem, not_after })
 }
 
