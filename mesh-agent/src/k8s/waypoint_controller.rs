@@ -11,7 +11,8 @@
 //! account, copies the CA's trust bundle into the Gateway's namespace, and
 //! writes the Gateway's status (`Accepted`, `Programmed` or why not, and
 //! its address). Objects are re-applied only when what the controller
-//! wants changed or at a resync, so a quiet cluster sees no writes.
+//! wants changed or at a resync, so a quiet cluster sees no writes; a
+//! reconcile that hit a problem is retried after [`RETRY`].
 //!
 //! Deleting a Gateway deletes its objects through their owner references
 //! (the API server's garbage collector). One task; runs as its own
@@ -40,6 +41,9 @@ use super::{
 pub const FIELD_MANAGER: &str = "heddle-waypoint-controller";
 /// How often everything is re-applied even without changes.
 const RESYNC: Duration = Duration::from_mins(5);
+/// How soon a reconcile that hit a problem (an apply refused, the trust
+/// bundle not published yet, the `GatewayClass` not applied) is retried.
+const RETRY: Duration = Duration::from_secs(5);
 
 /// Controller settings.
 #[derive(Clone, Debug)]
@@ -79,9 +83,8 @@ pub async fn run(client: Client, settings: ControllerSettings, stop: Cancellatio
     let store = Watch { name: "gateways", changed: changed.clone(), stop: stop.clone() }
         .start_dynamic(Api::all_with(client.clone(), &gw_res), &gw_res);
     wait_synced(vec![("gateways", Box::new(store.clone()) as Box<dyn ReadyWait>)]).await?;
-    let controller = Controller { client, settings, applied: HashMap::new() };
-    controller.apply_class().await;
-    let mut controller = controller;
+    let mut controller = Controller { client, settings, applied: HashMap::new() };
+    let mut class_applied = false;
     let mut last_resync = tokio::time::Instant::now();
     loop {
         let now = tokio::time::Instant::now();
@@ -90,11 +93,14 @@ pub async fn run(client: Client, settings: ControllerSettings, stop: Cancellatio
             last_resync = now;
         }
         let all: Vec<Value> = store.state().iter().filter_map(|g| serde_json::to_value(g.as_ref()).ok()).collect();
-        controller.reconcile(&all).await;
+        if !class_applied {
+            class_applied = controller.apply_class().await;
+        }
+        let troubled = !controller.reconcile(&all).await || !class_applied;
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             () = changed.notified() => tokio::time::sleep(Duration::from_millis(50)).await,
-            () = tokio::time::sleep(RESYNC) => {}
+            () = tokio::time::sleep(if troubled { RETRY } else { RESYNC }) => {}
         }
     }
 }
@@ -107,8 +113,8 @@ struct Controller {
 }
 
 impl Controller {
-    /// Applies the `GatewayClass` and its accepted status.
-    async fn apply_class(&self) {
+    /// Applies the `GatewayClass` and its accepted status; whether it could.
+    async fn apply_class(&self) -> bool {
         let res = resource("gateway.networking.k8s.io/v1", "GatewayClass", "gatewayclasses");
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &res);
         let class = json!({
@@ -130,12 +136,19 @@ impl Controller {
                     tracing::warn!(error = %e, "cannot write the GatewayClass status");
                 }
                 tracing::info!(class = WAYPOINT_CLASS, "GatewayClass applied");
+                true
             }
-            Err(e) => tracing::error!(class = WAYPOINT_CLASS, error = %e, "cannot apply the GatewayClass"),
+            Err(e) => {
+                tracing::error!(class = WAYPOINT_CLASS, error = %e, "cannot apply the GatewayClass; retrying");
+                false
+            }
         }
     }
 
-    async fn reconcile(&mut self, all: &[Value]) {
+    /// Brings every waypoint Gateway's objects and status up to date;
+    /// whether all of them are programmed.
+    async fn reconcile(&mut self, all: &[Value]) -> bool {
+        let mut all_ok = true;
         let mut waypoints: Vec<(GatewayRef, Value)> = all
             .iter()
             .filter(|g| g.pointer("/spec/gatewayClassName").and_then(Value::as_str) == Some(WAYPOINT_CLASS))
@@ -179,8 +192,10 @@ impl Controller {
                     format!("the CA has not published {}/{TRUST_BUNDLE_CONFIGMAP} yet", self.settings.ca_namespace)
                 });
             }
+            all_ok &= problem.is_none();
             self.write_status(gw, obj, problem.as_deref()).await;
         }
+        all_ok && binding_error.is_none()
     }
 
     /// The CA's published bundle.
