@@ -429,7 +429,9 @@ async fn drain(tracker: &TaskTracker, deadline: Duration) {
     }
 }
 
-async fn wait_for_shutdown() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT: how every Heddle process (agent, CA,
+/// waypoint, controller) is told to stop.
+pub async fn wait_for_shutdown() -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {

@@ -190,17 +190,14 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             .await
             .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
         let stop = tokio_util::sync::CancellationToken::new();
-        let signal_stop = stop.clone();
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            signal_stop.cancel();
-        });
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = waypoint_controller::run(client, settings, stop.clone()) => r?,
-            _ = term.recv() => stop.cancel(),
+            r = agent::wait_for_shutdown() => {
+                stop.cancel();
+                r?;
+            }
         }
-        Ok(())
+        anyhow::Ok(())
     })
 }
 

@@ -183,22 +183,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(started.updates.run(registry_tx, routes_tx, state.clone(), stop.clone()));
     let served = tokio::spawn(listener::run(hbone, state.clone(), stop.clone()));
     tracing::info!(waypoint = %settings.waypoint, listen = %settings.listen, "waypoint serving");
-    wait_for_signal().await?;
+    crate::agent::wait_for_shutdown().await?;
     tracing::info!("stopping: draining requests");
     stop.cancel();
     let _ = served.await;
     state.tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), state.tracker.wait()).await;
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
     Ok(())
 }

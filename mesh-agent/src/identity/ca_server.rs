@@ -137,11 +137,7 @@ pub async fn run(server: CaServer, listen: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await.with_context(|| format!("binding the CA on {listen}"))?;
     let stop = CancellationToken::new();
     let serving = tokio::spawn(server.serve(listener, stop.clone()));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
+    crate::agent::wait_for_shutdown().await?;
     stop.cancel();
     let _ = serving.await;
     Ok(())
