@@ -172,14 +172,7 @@ fn waypoint_command(context: Option<&str>, cmd: &WaypointCommand, output: Output
                         println!("{:<20} {:<20} {:<11} {}", w.namespace, w.name, w.programmed, w.message);
                     }
                 } else {
-                    let rows: Vec<serde_json::Value> = listed
-                        .iter()
-                        .map(|w| {
-                            serde_json::json!({"namespace": w.namespace, "name": w.name,
-                                               "programmed": w.programmed, "message": w.message})
-                        })
-                        .collect();
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                    println!("{}", serde_json::to_string_pretty(&listed)?);
                 }
             }
         }

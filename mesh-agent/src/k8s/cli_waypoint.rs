@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::{
     cli_enroll::{explain, CliKubeError},
-    convert::{USE_WAYPOINT_LABEL, WAYPOINT_CLASS},
+    convert::{is_waypoint, USE_WAYPOINT_LABEL, WAYPOINT_CLASS},
     source::gateways,
 };
 
@@ -73,7 +73,7 @@ pub async fn delete(client: &Client, url: &str, namespace: &str, name: &str) -> 
 }
 
 /// One waypoint as `list` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Listed {
     /// Namespace.
     pub namespace: String,
@@ -95,7 +95,7 @@ pub async fn list(client: &Client, url: &str, namespace: Option<&str>) -> Result
     let mut out: Vec<Listed> = items
         .items
         .iter()
-        .filter(|g| g.data.pointer("/spec/gatewayClassName").and_then(Value::as_str) == Some(WAYPOINT_CLASS))
+        .filter(|g| is_waypoint(&g.data))
         .map(|g| {
             let programmed = g
                 .data

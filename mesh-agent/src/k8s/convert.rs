@@ -31,6 +31,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
+use kube::api::DynamicObject;
 
 use crate::{
     config::{InboundMode, NO_WAYPOINT},
@@ -291,21 +292,20 @@ pub fn service(svc: &Service, slices: &[&EndpointSlice], namespace_waypoint: Opt
     Some(ServiceEntry { id: ObjectRef { namespace, name }, vip, ports, endpoints, waypoint })
 }
 
-/// The waypoints among `gateways` (`gateway.networking.k8s.io/v1`
-/// Gateways as unstructured objects): those of class [`WAYPOINT_CLASS`],
-/// sorted.
+/// Whether `gateway` (a `gateway.networking.k8s.io/v1` Gateway, as an
+/// unstructured object) is of class [`WAYPOINT_CLASS`].
 #[must_use]
-pub fn waypoints<'a>(gateways: impl IntoIterator<Item = &'a serde_json::Value>) -> Vec<ObjectRef> {
+pub fn is_waypoint(gateway: &serde_json::Value) -> bool {
+    gateway.pointer("/spec/gatewayClassName").and_then(serde_json::Value::as_str) == Some(WAYPOINT_CLASS)
+}
+
+/// The waypoints among `gateways`: those of class [`WAYPOINT_CLASS`], sorted.
+#[must_use]
+pub fn waypoints<'a>(gateways: impl IntoIterator<Item = &'a DynamicObject>) -> Vec<ObjectRef> {
     let mut out: Vec<ObjectRef> = gateways
         .into_iter()
-        .filter(|g| g.pointer("/spec/gatewayClassName").and_then(serde_json::Value::as_str) == Some(WAYPOINT_CLASS))
-        .filter_map(|g| {
-            let meta = g.get("metadata")?;
-            Some(ObjectRef {
-                namespace: meta.get("namespace")?.as_str()?.to_owned(),
-                name: meta.get("name")?.as_str()?.to_owned(),
-            })
-        })
+        .filter(|g| is_waypoint(&g.data))
+        .filter_map(|g| Some(ObjectRef { namespace: g.metadata.namespace.clone()?, name: g.metadata.name.clone()? }))
         .collect();
     out.sort();
     out.dedup();
@@ -517,8 +517,11 @@ mod tests {
             json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
                    "metadata": {"name": name, "namespace": ns}, "spec": {"gatewayClassName": class}})
         };
-        let all =
-            [gw("demo", "wp", "heddle-waypoint"), gw("demo", "ingress", "istio"), gw("a", "wp", "heddle-waypoint")];
+        let all: Vec<DynamicObject> =
+            [gw("demo", "wp", "heddle-waypoint"), gw("demo", "ingress", "istio"), gw("a", "wp", "heddle-waypoint")]
+                .into_iter()
+                .map(|v| serde_json::from_value(v).unwrap())
+                .collect();
         let names: Vec<String> = waypoints(&all).iter().map(ToString::to_string).collect();
         assert_eq!(names, ["a/wp", "demo/wp"]);
     }

@@ -288,9 +288,7 @@ impl KubeSource {
 
     async fn rebuild(&mut self) {
         let (workloads, services) = self.registry_parts().await;
-        let gateways: Vec<serde_json::Value> =
-            self.stores.gateways.state().iter().filter_map(|g| serde_json::to_value(g.as_ref()).ok()).collect();
-        let waypoints = convert::waypoints(&gateways);
+        let waypoints = convert::waypoints(self.stores.gateways.state().iter().map(AsRef::as_ref));
         let unchanged =
             self.last.as_ref().is_some_and(|(w, s, wp)| *w == workloads && *s == services && *wp == waypoints);
         if !unchanged {

@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    convert::WAYPOINT_CLASS,
+    convert::{is_waypoint, WAYPOINT_CLASS},
     route_source::CONTROLLER_NAME,
     source::{crd_installed, gateways, wait_synced, ReadyWait, Watch},
     waypoint_objects::{self as objects, GatewayRef, MeshSettings, TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY},
@@ -151,7 +151,7 @@ impl Controller {
         let mut all_ok = true;
         let mut waypoints: Vec<(GatewayRef, Value)> = all
             .iter()
-            .filter(|g| g.pointer("/spec/gatewayClassName").and_then(Value::as_str) == Some(WAYPOINT_CLASS))
+            .filter(|g| is_waypoint(g))
             .filter_map(|g| Some((GatewayRef::from_object(g)?, g.clone())))
             .collect();
         waypoints.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
