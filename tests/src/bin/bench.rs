@@ -188,14 +188,26 @@ fn waypoint_phase(
     })
 }
 
-/// loadgen at the fixed rate: (p50, p90, p99, p99.9 µs), errors, waypoint CPU s.
-fn http_at_rate(
+/// What one fixed-rate loadgen run measured.
+struct RateRun {
+    /// p50, p90, p99, p99.9 latency, µs.
+    lat: [f64; 4],
+    errors: u64,
+    requests: u64,
+    /// CPU seconds `cpu` counted during the run.
+    cpu_s: f64,
+}
+
+/// loadgen (HTTP/1.1, 1 KiB, 10 connections) from `client` to `to` at
+/// `args.rate` for the measurement time; `cpu` reads the CPU seconds of the
+/// processes measured, before and after.
+fn run_at_rate(
     args: &Args,
     client: &Pod,
     loadgen: &std::path::Path,
     to: std::net::SocketAddr,
-    wp: Option<&Waypoint>,
-) -> Result<([f64; 4], u64, f64)> {
+    cpu: &dyn Fn() -> Result<f64>,
+) -> Result<RateRun> {
     let secs = args.seconds.to_string();
     let mut load = Command::new(loadgen);
     load.args([
@@ -211,9 +223,9 @@ fn http_at_rate(
         "--size",
         "1024",
     ]);
-    let cpu_before = wp.map_or(Ok(0.0), |w| pid_cpu_seconds(w.pid()))?;
+    let cpu_before = cpu()?;
     let out = run_ok(client, load, "loadgen")?;
-    let cpu = wp.map_or(Ok(0.0), |w| pid_cpu_seconds(w.pid()))? - cpu_before;
+    let cpu_s = cpu()? - cpu_before;
     let v: serde_json::Value = serde_json::from_str(out.trim()).context("loadgen JSON")?;
     let mut lat = [0.0; 4];
     for (i, k) in ["p50_us", "p90_us", "p99_us", "p999_us"].iter().enumerate() {
@@ -222,7 +234,19 @@ fn http_at_rate(
             lat[i] = v[k].as_u64().unwrap_or(0) as f64;
         }
     }
-    Ok((lat, v["errors"].as_u64().unwrap_or(0), cpu))
+    Ok(RateRun { lat, errors: v["errors"].as_u64().unwrap_or(0), requests: v["requests"].as_u64().unwrap_or(0), cpu_s })
+}
+
+/// [`run_at_rate`] with the waypoint's CPU: (latencies, errors, waypoint CPU s).
+fn http_at_rate(
+    args: &Args,
+    client: &Pod,
+    loadgen: &std::path::Path,
+    to: std::net::SocketAddr,
+    wp: Option<&Waypoint>,
+) -> Result<([f64; 4], u64, f64)> {
+    let r = run_at_rate(args, client, loadgen, to, &|| wp.map_or(Ok(0.0), |w| pid_cpu_seconds(w.pid())))?;
+    Ok((r.lat, r.errors, r.cpu_s))
 }
 
 /// h2load (HTTP/1.1, 10 connections, closed loop) for the measurement
@@ -304,32 +328,13 @@ fn measure(args: &Args, client: &Pod, server: &Pod, loadgen: &std::path::Path, a
     f.pp_p50_us = sockperf_value(&out, "percentile 50.000 =")?;
     f.pp_p99_us = sockperf_value(&out, "percentile 99.000 =")?;
 
-    let mut load = Command::new(loadgen);
-    load.args([
-        "http",
-        "--to",
-        &server.addr(HTTP_PORT).to_string(),
-        "--rate",
-        &args.rate.to_string(),
-        "--duration",
-        &secs,
-        "--conns",
-        "10",
-        "--size",
-        "1024",
-    ]);
-    let cpu_before: f64 = agents.iter().map(cpu_seconds).sum::<Result<f64>>()?;
-    let out = run_ok(client, load, "loadgen")?;
-    f.http_cpu_s = agents.iter().map(cpu_seconds).sum::<Result<f64>>()? - cpu_before;
-    let v: serde_json::Value = serde_json::from_str(out.trim()).context("loadgen JSON")?;
-    for (i, k) in ["p50_us", "p90_us", "p99_us", "p999_us"].iter().enumerate() {
-        #[allow(clippy::cast_precision_loss)]
-        {
-            f.http[i] = v[k].as_u64().unwrap_or(0) as f64;
-        }
-    }
-    f.http_errors = v["errors"].as_u64().unwrap_or(0);
-    f.http_requests = v["requests"].as_u64().unwrap_or(0);
+    let run = run_at_rate(args, client, loadgen, server.addr(HTTP_PORT), &|| {
+        agents.iter().map(cpu_seconds).sum::<Result<f64>>()
+    })?;
+    f.http = run.lat;
+    f.http_cpu_s = run.cpu_s;
+    f.http_errors = run.errors;
+    f.http_requests = run.requests;
 
     let started = Instant::now();
     let s = client.run_client(&ClientSpec::to(server.addr(ECHO_PORT)).conns(args.conns).parallel(8).bytes(1))?;
