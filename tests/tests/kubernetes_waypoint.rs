@@ -28,9 +28,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::kube::{namespace, pod_object, start_api};
+use common::l7::{self, count};
 use common::{environment_ready, run_on, TRUST_DOMAIN};
 use heddle_tests::apiserver::{ApiServer, Resource};
-use heddle_tests::env::asset;
 use heddle_tests::waypoint::{Waypoint, GATEWAY_NAME_LABEL};
 use heddle_tests::{poll_until, Agent, CaOptions, Check, KubernetesMode, Node, Pod, PodSpec, Process, Testbed};
 use serde_json::{json, Value};
@@ -174,20 +174,6 @@ impl Cluster {
         Ok(text)
     }
 
-    /// `n` keep-alive requests from the client: `served_by` counts, statuses, errors.
-    fn load(&self, url: &str, n: usize, headers: &[&str]) -> Result<Value> {
-        let n = n.to_string();
-        let mut args = vec!["load", url, n.as_str()];
-        for h in headers {
-            args.extend(["--header", h]);
-        }
-        let mut cmd = Command::new("python3");
-        cmd.arg(asset("httpc.py")).args(&args);
-        let out = self.client.run(cmd)?;
-        ensure!(out.status.success(), "httpc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
     fn wait_object(
         &self,
         what: &str,
@@ -208,18 +194,6 @@ impl Cluster {
 
 fn condition<'a>(conditions: &'a Value, kind: &str) -> Option<&'a Value> {
     conditions.as_array()?.iter().find(|c| c["type"] == kind)
-}
-
-fn count(v: &Value, pod: &str) -> u64 {
-    v["served_by"][pod].as_u64().unwrap_or(0)
-}
-
-/// Waypoint request records, waiting until there are at least `n`.
-fn requests(wp: &Waypoint, n: usize) -> Result<Vec<Value>> {
-    Ok(poll_until("waypoint request records", WAIT, POLL, || {
-        let got: Vec<Value> = wp.flows("last=100000")?.into_iter().filter(|f| f["event"] == "request").collect();
-        Ok(if got.len() >= n { Check::Ready(got) } else { Check::Pending(format!("{} of {n}", got.len())) })
-    })?)
 }
 
 const ROUTE: &str = r#"{
@@ -293,7 +267,7 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
         |c| {
             let url = format!("http://{API_VIP}:80/hello");
             // Before any waypoint: the L4 path balances connections over both versions.
-            let direct = c.load(&url, 1, &[])?;
+            let direct = l7::load(&c.client, &url, 1, &[])?;
             ensure!(direct["errors"] == 0, "direct request failed: {direct}");
 
             // The user's two steps: a waypoint for the namespace ...
@@ -316,7 +290,7 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
 
             // Not labelled yet: the L4 path, nothing reaches the waypoint.
             let before = wp.flows("last=100000")?.len();
-            let l4 = c.load(&url, 20, &["x-canary: yes"])?;
+            let l4 = l7::load(&c.client, &url, 20, &["x-canary: yes"])?;
             ensure!(l4["errors"] == 0 && count(&l4, "api-v1") > 0, "without the label the route must not apply: {l4}");
             ensure!(wp.flows("last=100000")?.len() == before, "traffic reached the waypoint before the label");
 
@@ -335,17 +309,17 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
             })?;
             ensure!(route["status"]["parents"][0]["parentRef"]["name"] == "api", "{route}");
             poll_until("the header route in force through the waypoint", WAIT, POLL, || {
-                let r = match c.load(&url, 4, &["x-canary: yes"]) {
+                let r = match l7::load(&c.client, &url, 4, &["x-canary: yes"]) {
                     Ok(r) => r,
                     Err(e) => return Ok(Check::Pending(e.to_string())),
                 };
                 Ok(if count(&r, "api-v2") == 4 { Check::Ready(()) } else { Check::Pending(r.to_string()) })
             })?;
-            let canary = c.load(&url, 20, &["x-canary: yes"])?;
+            let canary = l7::load(&c.client, &url, 20, &["x-canary: yes"])?;
             ensure!(canary["errors"] == 0 && count(&canary, "api-v2") == 20, "x-canary: yes must reach v2: {canary}");
-            let plain = c.load(&url, 20, &[])?;
+            let plain = l7::load(&c.client, &url, 20, &[])?;
             ensure!(plain["errors"] == 0 && count(&plain, "api-v1") == 20, "the default rule sends to v1: {plain}");
-            let records = requests(wp, 40)?;
+            let records = l7::requests(wp, 40, WAIT, |_| true)?;
             let matched: Vec<&Value> = records.iter().filter(|f| f["http"]["route"] == "httproute/demo/api").collect();
             ensure!(matched.len() >= 40, "request records naming the route: {} of {}", matched.len(), records.len());
             ensure!(
@@ -357,7 +331,7 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
             // Removing the label returns the Service to the L4 path.
             c.api.apply(service("api", API_VIP, &json!({})))?;
             poll_until("the L4 path again", WAIT, POLL, || {
-                let r = match c.load(&url, 10, &["x-canary: yes"]) {
+                let r = match l7::load(&c.client, &url, 10, &["x-canary: yes"]) {
                     Ok(r) => r,
                     Err(e) => return Ok(Check::Pending(e.to_string())),
                 };
@@ -377,7 +351,7 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
                 },
             )?;
             let seen = wp.flows("last=100000")?.len();
-            let after = c.load(&url, 10, &["x-canary: yes"])?;
+            let after = l7::load(&c.client, &url, 10, &["x-canary: yes"])?;
             ensure!(after["errors"] == 0, "{after}");
             ensure!(wp.flows("last=100000")?.len() == seen, "traffic still reached the waypoint without the label");
 

@@ -24,6 +24,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use common::l7::{self, count};
 use common::{environment_ready, expect_delivered, run_on, TRUST_DOMAIN};
 use heddle_tests::env::{asset, NGHTTP};
 use heddle_tests::waypoint::{Waypoint, GATEWAY_NAME_LABEL};
@@ -109,22 +110,12 @@ impl Mesh {
 
     /// Runs `httpc.py ARGS` in the client pod and parses its JSON output.
     fn httpc(&self, args: &[&str]) -> Result<Value> {
-        let mut cmd = Command::new("python3");
-        cmd.arg(asset("httpc.py")).args(args);
-        let out = self.client.run(cmd)?;
-        ensure!(out.status.success(), "httpc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("httpc output: {}", String::from_utf8_lossy(&out.stdout)))
+        l7::httpc(&self.client, args)
     }
 
-    /// `n` keep-alive requests to `url`: (`served_by` counts, statuses, errors).
+    /// `n` keep-alive requests from the client to `url`.
     fn load(&self, url: &str, n: usize, headers: &[&str]) -> Result<Value> {
-        let n = n.to_string();
-        let mut args = vec!["load", url, n.as_str()];
-        for h in headers {
-            args.extend(["--header", h]);
-        }
-        self.httpc(&args)
+        l7::load(&self.client, url, n, headers)
     }
 
     /// Writes the routes and waits until the waypoint shows `route` accepted.
@@ -149,21 +140,13 @@ fn run_waypoint(name: &str, extras: Extras, body: impl FnOnce(&Mesh) -> Result<(
     );
 }
 
-fn count(v: &Value, pod: &str) -> u64 {
-    v["served_by"][pod].as_u64().unwrap_or(0)
-}
-
 fn url(path: &str) -> String {
     format!("http://{API_VIP}:80{path}")
 }
 
-/// Waypoint request records matching `pred`, waiting until there are `n`.
+/// Waypoint request records matching `pred`, waiting up to 10 s until there are `n`.
 fn requests(wp: &Waypoint, n: usize, pred: impl Fn(&Value) -> bool) -> Result<Vec<Value>> {
-    Ok(poll_until("waypoint request records", Duration::from_secs(10), Duration::from_millis(100), || {
-        let flows = wp.flows("last=100000")?;
-        let got: Vec<Value> = flows.into_iter().filter(|f| f["event"] == "request" && pred(f)).collect();
-        Ok(if got.len() >= n { Check::Ready(got) } else { Check::Pending(format!("{} of {n}", got.len())) })
-    })?)
+    l7::requests(wp, n, Duration::from_secs(10), pred)
 }
 
 #[test]

@@ -17,6 +17,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod kube;
+pub mod l7;
 pub mod mesh;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
