@@ -80,6 +80,9 @@ enum Cmd {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// More arguments for the bench binary (`-- --only-waypoint`, `-- --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
     },
     /// Regenerate daemonset/'s generated manifests (the CRD) from the Rust types.
     Manifests {
@@ -112,7 +115,7 @@ fn main() -> anyhow::Result<()> {
             let bin = root.join("target/debug");
             run(Command::new(bin.join("demo")).env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
         }
-        Cmd::Bench { seconds } => {
+        Cmd::Bench { seconds, args } => {
             let tc = setup()?;
             let missing: Vec<&str> = BENCH_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
             if !missing.is_empty() {
@@ -123,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(bin.join("bench"))
                 .arg("--seconds")
                 .arg(seconds.to_string())
+                .args(&args)
                 .env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
         }
         Cmd::Manifests { check } => {

@@ -42,6 +42,9 @@ struct Args {
     /// cost of capture and proxying from the cost of mTLS + HTTP/2.
     #[arg(long)]
     no_mtls: bool,
+    /// Only the waypoint phase (skips the direct and L4 measurements).
+    #[arg(long, conflicts_with = "no_mtls")]
+    only_waypoint: bool,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -99,8 +102,12 @@ fn main() -> Result<()> {
         server.wait_listening(port, Duration::from_secs(10))?;
     }
 
-    eprintln!("bench: measuring the direct path ({} s per measurement)…", args.seconds);
-    let direct = measure(&args, &client, &server, &loadgen, &[])?;
+    let direct = if args.only_waypoint {
+        Figures::default()
+    } else {
+        eprintln!("bench: measuring the direct path ({} s per measurement)…", args.seconds);
+        measure(&args, &client, &server, &loadgen, &[])?
+    };
 
     if args.no_mtls {
         eprintln!("bench: starting both agents WITHOUT a CA (plaintext forwarding)…");
@@ -112,19 +119,20 @@ fn main() -> Result<()> {
     // Warm-up: certificates and the pooled tunnel.
     let warm = client.run_client(&ClientSpec::to(server.addr(ECHO_PORT)))?;
     ensure!(warm.all_ok(), "warm-up connection through the mesh failed: {warm:?}");
-    eprintln!("bench: measuring the meshed path…");
-    let mesh = measure(&args, &client, &server, &loadgen, &agents)?;
-    let rss: Vec<f64> = agents.iter().map(peak_rss_mib).collect::<Result<_>>()?;
-    let flows = agents[0].flows()?;
-    let want = if args.no_mtls { heddle_tests::Security::Plaintext } else { heddle_tests::Security::MutualTls };
-    ensure!(
-        flows.iter().any(|f| f.security == want),
-        "the meshed run carried no {want:?} flow: the benchmark did not measure the mesh"
-    );
-
-    #[allow(clippy::cast_precision_loss)]
-    let cpu_per_k = mesh.http_cpu_s / (mesh.http_requests.max(1) as f64) * 1000.0;
-    report(&args, &direct, &mesh, cpu_per_k, &rss);
+    if !args.only_waypoint {
+        eprintln!("bench: measuring the meshed path…");
+        let mesh = measure(&args, &client, &server, &loadgen, &agents)?;
+        let rss: Vec<f64> = agents.iter().map(peak_rss_mib).collect::<Result<_>>()?;
+        let flows = agents[0].flows()?;
+        let want = if args.no_mtls { heddle_tests::Security::Plaintext } else { heddle_tests::Security::MutualTls };
+        ensure!(
+            flows.iter().any(|f| f.security == want),
+            "the meshed run carried no {want:?} flow: the benchmark did not measure the mesh"
+        );
+        #[allow(clippy::cast_precision_loss)]
+        let cpu_per_k = mesh.http_cpu_s / (mesh.http_requests.max(1) as f64) * 1000.0;
+        report(&args, &direct, &mesh, cpu_per_k, &rss);
+    }
     if let Some(wp_pod) = wp_pod {
         let l7 = waypoint_phase(&args, &tb, &client, &wp_pod, &loadgen, &agents)?;
         report_waypoint(&args, &l7);
