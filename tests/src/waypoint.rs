@@ -120,7 +120,10 @@ impl Testbed {
             .arg(ca.token_path(pod.node_name()))
             .arg("--trust-bundle")
             .arg(ca.bundle_path())
-            .env("HEDDLE_LOG", "info,mesh_agent=debug");
+            .env(
+                "HEDDLE_LOG",
+                std::env::var("HEDDLE_TEST_WAYPOINT_LOG").unwrap_or_else(|_| "info,mesh_agent=debug".into()),
+            );
         let process = pod.spawn(cmd)?;
         let client = |port: u16| AdminClient {
             node: format!("waypoint pod {}", pod.qualified_name()),

@@ -157,6 +157,20 @@ fn http1_and_http2_through_the_waypoint_are_balanced_per_request_and_recorded_wi
         let r = m.load(&url("/hello"), 40, &[])?;
         ensure!(r["errors"] == 0 && r["status"]["200"] == 40, "HTTP/1.1 load: {r}");
         ensure!(count(&r, "api-v1") > 0 && count(&r, "api-v2") > 0, "one connection, both endpoints: {r}");
+        // ... over pooled upstream connections: they went back to the pool,
+        // and the destination agent saw a few tunnel streams from the
+        // waypoint, not one per request.
+        let stats = m.waypoint.stats()?;
+        ensure!(stats["upstreamIdleHttp1"].as_u64().is_some_and(|n| n >= 1), "no pooled upstream: {stats}");
+        let from_waypoint = m
+            .agent_b
+            .flows()?
+            .iter()
+            .filter(|f| {
+                f.direction == Direction::Inbound && f.src_identity.as_deref() == Some(waypoint_identity().as_str())
+            })
+            .count();
+        ensure!(from_waypoint <= 8, "40 requests opened {from_waypoint} upstream connections: the pool is not reused");
         // curl, HTTP/1.1.
         let out = m.client.run({
             let mut c = Command::new("curl");

@@ -222,9 +222,23 @@ impl Upstreams {
 
 /// A response body that returns its HTTP/1.1 connection to the pool once
 /// read to the end.
+///
+/// "The end" is the body reporting end of stream after a frame as well as a
+/// final `None`: a consumer that knows the length (hyper's server writing a
+/// `content-length` response) stops polling after the last byte and drops
+/// the body, and the connection must go back to the pool then too, or every
+/// request would open (and reset) a tunnel stream of its own.
 struct ReturnOnEnd {
     body: Incoming,
     slot: Option<(Arc<Upstreams>, SocketAddr, http1::SendRequest<HttpBody>)>,
+}
+
+impl ReturnOnEnd {
+    fn give_back(&mut self) {
+        if let Some((pool, addr, sender)) = self.slot.take() {
+            pool.give_back(addr, sender);
+        }
+    }
 }
 
 impl Body for ReturnOnEnd {
@@ -233,10 +247,10 @@ impl Body for ReturnOnEnd {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            if let Some((pool, addr, sender)) = self.slot.take() {
-                pool.give_back(addr, sender);
-            }
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.give_back(),
+            _ => {}
         }
         polled.map_err(Into::into)
     }
@@ -247,6 +261,16 @@ impl Body for ReturnOnEnd {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl Drop for ReturnOnEnd {
+    fn drop(&mut self) {
+        // Dropped with the whole body read (or none to read): the connection
+        // is clean. Dropped mid-body: it is not, and goes with the body.
+        if self.body.is_end_stream() {
+            self.give_back();
+        }
     }
 }
 
