@@ -160,8 +160,8 @@ fn http1_and_http2_through_the_waypoint_are_balanced_per_request_and_recorded_wi
         // ... over pooled upstream connections: they went back to the pool,
         // and the destination agent saw a few tunnel streams from the
         // waypoint, not one per request.
-        let stats = m.waypoint.stats()?;
-        ensure!(stats["upstreamIdleHttp1"].as_u64().is_some_and(|n| n >= 1), "no pooled upstream: {stats}");
+        let pool = m.waypoint.stats()?;
+        ensure!(pool["upstreamIdleHttp1"].as_u64().is_some_and(|n| n >= 1), "no pooled upstream: {pool}");
         let from_waypoint = m
             .agent_b
             .flows()?
