@@ -642,6 +642,119 @@ print(json.dumps(out))
     });
 }
 
+/// A raw HTTP/2 (h2c) client in Python: frames written by hand, so it can
+/// misbehave in ways a real client library refuses to.
+const H2_FLOOD: &str = r#"
+import json, socket, struct, sys, time
+VIP = sys.argv[1]
+def frame(kind, flags, sid, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", sid) + payload
+def connect():
+    s = socket.create_connection((VIP, 80), timeout=20)
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
+    return s
+def drain(s, limit):
+    """Reads until the server closes or `limit` s pass: (closed, GOAWAY code, SETTINGS acks)."""
+    buf, closed, t = b"", False, time.time()
+    s.settimeout(0.5)
+    while time.time() - t < limit:
+        try:
+            d = s.recv(1 << 20)
+        except socket.timeout:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            closed = True
+            break
+        if not d:
+            closed = True
+            break
+        buf += d
+    goaway, acks, i = None, 0, 0
+    while i + 9 <= len(buf):
+        n = int.from_bytes(buf[i:i + 3], "big")
+        kind, flags = buf[i + 3], buf[i + 4]
+        if kind == 7 and i + 17 <= len(buf):
+            goaway = int.from_bytes(buf[i + 13:i + 17], "big")
+        if kind == 4 and flags & 1:
+            acks += 1
+        i += 9 + n
+    return closed, goaway, acks
+def send_all(s, data):
+    try:
+        s.sendall(data)
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return False
+out = {}
+# Rapid reset: requests opened and cancelled at once, 1,000 of them.
+s = connect()
+headers = b"\x82\x84\x86\x41\x08api.demo"
+burst = b"".join(frame(1, 0x5, sid, headers) + frame(3, 0, sid, struct.pack(">I", 8)) for sid in range(1, 2001, 2))
+send_all(s, burst)
+closed, goaway, _ = drain(s, 10)
+out["rapid_reset"] = {"closed": closed, "goaway": goaway}
+s.close()
+# SETTINGS flood: 100,000 frames, acknowledgements left unread, then read.
+s = connect()
+t = time.time()
+sent = send_all(s, frame(4, 0, 0) * 100000)
+out["settings_flood"] = {"sent": sent, "send_s": round(time.time() - t, 1)}
+closed, goaway, acks = drain(s, 5)
+out["settings_flood"].update({"closed": closed, "goaway": goaway, "acks": acks})
+s.close()
+print(json.dumps(out))
+"#;
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")
+}
+
+#[test]
+fn h2_rapid_reset_and_settings_floods_close_or_stall_only_the_hostile_connection() {
+    run_waypoint("waypoint_h2flood", Extras::default(), |m| {
+        let before = rss_kib(m.waypoint.pid())?;
+        let attack = {
+            let client = m.client.clone();
+            let mut cmd = Command::new("python3");
+            cmd.args(["-c", H2_FLOOD, &API_VIP.to_string()]);
+            std::thread::spawn(move || client.run(cmd))
+        };
+        // Meanwhile, well-behaved clients (HTTP/1.1 and HTTP/2) are served.
+        let r = m.load(&url("/during"), 300, &[])?;
+        ensure!(r["status"]["200"] == 300, "others during the floods: {r}");
+        let out = attack.join().expect("attack thread")?;
+        let r: Value =
+            serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+        // Rapid reset: the connection is closed with GOAWAY ENHANCE_YOUR_CALM (0xb).
+        ensure!(
+            r["rapid_reset"]["closed"] == true && r["rapid_reset"]["goaway"] == 0xb,
+            "rapid reset not stopped: {r}"
+        );
+        // SETTINGS flood: acknowledged (the protocol requires it) without
+        // the waypoint buffering them beyond flow control.
+        ensure!(r["settings_flood"]["acks"].as_u64().is_some_and(|n| n > 0), "settings flood: {r}");
+        let after = rss_kib(m.waypoint.pid())?;
+        ensure!(after < before + 64 * 1024, "waypoint RSS grew from {before} to {after} KiB during the floods");
+        let metrics = m.waypoint.metrics()?;
+        ensure!(metrics.contains("heddle_requests_total"), "waypoint metrics after the floods");
+        require_tool(NGHTTP)?;
+        let out = m.client.run({
+            let mut c = Command::new("nghttp");
+            c.args(["-t", "10", &url("/h2-after")]);
+            c
+        })?;
+        ensure!(out.status.success(), "HTTP/2 after the floods: {}", String::from_utf8_lossy(&out.stderr));
+        let r = m.load(&url("/after"), 20, &[])?;
+        ensure!(r["status"]["200"] == 20, "after the floods: {r}");
+        Ok(())
+    });
+}
+
 #[test]
 fn a_slow_endpoint_gets_few_requests_under_peak_ewma_balancing() {
     run_waypoint("waypoint_p2c", Extras { slow_v2: true, ..Extras::default() }, |m| {

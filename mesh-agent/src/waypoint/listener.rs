@@ -9,10 +9,15 @@
 //!
 //! Limits against hostile clients: TLS handshake 10 s; HTTP/1.1 headers
 //! 64 KiB and 10 s to send them (slowloris); HTTP/2 at most
-//! [`MAX_STREAMS`] concurrent streams, 64 KiB of headers, and hyper's
-//! guards against `RST_STREAM` and SETTINGS floods. A client breaking them
-//! gets a 4xx where HTTP allows it, else its connection closed; the others
-//! are unaffected.
+//! [`MAX_STREAMS`] concurrent streams, 64 KiB of headers, at most
+//! [`MAX_PENDING_RESETS`] streams reset by the client before they were
+//! served (the "rapid reset" flood, CVE-2023-44487: `GOAWAY
+//! ENHANCE_YOUR_CALM` beyond it) and [`MAX_ERROR_RESETS`] streams reset for
+//! the client's protocol errors. SETTINGS and PING floods cost no memory: h2
+//! acknowledges each before reading the next frame, so a client that does
+//! not read its acknowledgements stalls only its own connection through
+//! flow control. A client breaking the limits gets a 4xx where HTTP allows
+//! it, else its connection closed; the others are unaffected.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -54,6 +59,11 @@ pub const MAX_STREAMS: u32 = 1024;
 pub const MAX_HEADERS: usize = 64 * 1024;
 /// Time a client has to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a client may reset before they were served, at any one time.
+pub const MAX_PENDING_RESETS: usize = 20;
+/// Streams the waypoint may reset for a client's protocol errors before it
+/// closes the connection.
+pub const MAX_ERROR_RESETS: usize = 1024;
 
 /// Serves `listener` until `stop` fires.
 pub async fn run(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
@@ -92,6 +102,8 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, a
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADERS as u32)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(Some(MAX_ERROR_RESETS))
         .handshake::<_, Bytes>(tls)
         .await;
     let mut h2 = match handshake {
@@ -201,6 +213,8 @@ async fn serve_stream(
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(MAX_HEADERS as u32)
+                .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+                .max_local_error_reset_streams(MAX_ERROR_RESETS)
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONN_WINDOW)
                 .serve_connection(io, svc)
