@@ -68,7 +68,23 @@ pub struct AdminState {
 /// Serves the admin API on `listener` until `stop` fires (which also ends
 /// open flow streams).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
-    while let Some((stream, _)) = crate::accept::next(&listener, &"admin", &stop).await {
+    serve_streaming(listener, "admin", state, answer, stop).await;
+}
+
+/// An admin route table whose answers may stream (flow streams end when the
+/// token fires).
+pub type StreamingHandler<S> = fn(&S, &Request<Incoming>, &CancellationToken) -> Response<AnyBody>;
+
+/// The admin accept loop, shared with the waypoint's admin API: one task
+/// per connection, small buffers so a stalled flow stream holds little.
+pub async fn serve_streaming<S: Send + Sync + 'static>(
+    listener: TcpListener,
+    name: &'static str,
+    state: Arc<S>,
+    answer: StreamingHandler<S>,
+    stop: CancellationToken,
+) {
+    while let Some((stream, _)) = crate::accept::next(&listener, &name, &stop).await {
         // Bounds what the kernel holds for a stalled flow stream (the
         // admin API is on loopback: a small buffer costs no speed).
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(STREAM_SOCKET_BUFFER);
@@ -85,13 +101,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
-                tracing::debug!(endpoint = "admin", error = %e, "connection error");
+                tracing::debug!(endpoint = name, error = %e, "connection error");
             }
         });
     }
 }
 
-pub(crate) type AnyBody = BoxBody<Bytes, std::convert::Infallible>;
+/// The body of an admin answer: whole, or a flow stream.
+pub type AnyBody = BoxBody<Bytes, std::convert::Infallible>;
 
 /// hyper's per-connection buffer limit on the admin API.
 const STREAM_WRITE_BUFFER: usize = 64 * 1024;
@@ -104,10 +121,16 @@ fn answer(state: &AdminState, req: &Request<Incoming>, stop: &CancellationToken)
     if req.uri().path() != "/flows" {
         return route(state, req).map(BodyExt::boxed);
     }
+    flows(&state.flows, req, stop)
+}
+
+/// `GET /flows` over `log`: the records `req`'s query selects, or a stream
+/// of them with `follow=true`; 400 with a JSON `error` for a bad query.
+pub fn flows(log: &FlowLog, req: &Request<Incoming>, stop: &CancellationToken) -> Response<AnyBody> {
     let query = parse_query(req.uri().query());
     match crate::flow_filter::FlowFilter::from_query(&query) {
-        Ok(filter) if filter.follow => stream::open(&state.flows, filter, stop),
-        Ok(filter) => json_response(&json!(state.flows.select(&filter))).map(BodyExt::boxed),
+        Ok(filter) if filter.follow => stream::open(log, filter, stop),
+        Ok(filter) => json_response(&json!(log.select(&filter))).map(BodyExt::boxed),
         Err(e) => {
             let mut r = json_response(&json!({ "error": e.to_string() }));
             *r.status_mut() = StatusCode::BAD_REQUEST;

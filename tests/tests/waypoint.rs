@@ -230,6 +230,33 @@ fn http1_and_http2_through_the_waypoint_are_balanced_per_request_and_recorded_wi
             "metrics: {metrics}"
         );
         ensure!(metrics.contains("heddle_request_duration_seconds_bucket"), "duration histogram missing");
+        // `heddle flows --follow` on the waypoint: its request records as
+        // they happen, with the L7 filters applied to the stream.
+        let mut cmd = Command::new(heddle_tests::heddle_binary()?);
+        cmd.args(["--agent", "http://127.0.0.1:15000", "flows", "--follow", "--last", "0", "-o", "jsonl"]);
+        cmd.args(["--path", "/follow", "--http-status", "2xx"]);
+        let mut follower = m.waypoint.pod.spawn(cmd)?;
+        std::thread::sleep(Duration::from_millis(300));
+        let r = m.load(&url("/follow"), 3, &[])?;
+        ensure!(r["status"]["200"] == 3, "{r}");
+        m.load(&url("/not-followed"), 2, &[])?;
+        let lines = heddle_tests::poll_until(
+            "three request records on the waypoint's --follow stream",
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || {
+                let text = follower.log_text();
+                let recs: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+                let done = recs.iter().filter(|r| r["event"] == "request").count() >= 3;
+                Ok(if done { heddle_tests::Check::Ready(recs) } else { heddle_tests::Check::Pending(text) })
+            },
+        )?;
+        ensure!(
+            lines.iter().all(|r| r["http"]["path"] == "/follow" && r["http"]["status"] == 200),
+            "the stream's filters: {lines:?}"
+        );
+        ensure!(follower.try_wait()?.is_none(), "heddle flows --follow exited");
+        follower.stop(Duration::from_secs(2))?;
         // `heddle flows` L7 filters against the waypoint's admin API.
         let status = m.waypoint.flows("http_status=2xx&method=get&path=/h2")?;
         ensure!(

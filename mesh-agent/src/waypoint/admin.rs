@@ -1,24 +1,32 @@
 //! The waypoint's admin API (localhost:15000 of its pod, the node agents'
 //! port and shape) and its metrics endpoint (15020): `/healthz`, `/ready`,
-//! `/flows` (the same filters as the agents', L7 ones included), `/routes`
+//! `/flows` (the same filters as the agents', L7 ones included, and
+//! `follow=true` streams, on the agents' accept loop), `/routes`
 //! (the routes in force, the rejected ones and why, and how often each rule
 //! matched), `/stats`; `/metrics` in the Prometheus text format.
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, header, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
-use crate::flow_filter::FlowFilter;
+use crate::admin::AnyBody;
 
-/// Serves the admin API until `stop` fires.
+/// Serves the admin API until `stop` fires (which also ends flow streams).
 pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
-    crate::http_server::serve(listener, "waypoint admin", state, route, stop).await;
+    crate::admin::serve_streaming(listener, "waypoint admin", state, answer, stop).await;
+}
+
+fn answer(state: &State, req: &Request<Incoming>, stop: &CancellationToken) -> Response<AnyBody> {
+    if req.uri().path() == "/flows" {
+        return crate::admin::flows(&state.telemetry.flows, req, stop);
+    }
+    route(state, req).map(BodyExt::boxed)
 }
 
 /// Serves `/metrics` until `stop` fires.
@@ -60,17 +68,6 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
 fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" | "/ready" => text(StatusCode::OK, "ok\n".into()),
-        "/flows" => {
-            let query = crate::admin::parse_query(req.uri().query());
-            match FlowFilter::from_query(&query) {
-                Ok(f) if f.follow => json_response(
-                    StatusCode::BAD_REQUEST,
-                    &json!({"error": "follow=true is not served by the waypoint yet; poll with after=ID"}),
-                ),
-                Ok(f) => json_response(StatusCode::OK, &json!(state.telemetry.flows.select(&f))),
-                Err(e) => json_response(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()})),
-            }
-        }
         "/routes" => json_response(StatusCode::OK, &routes_json(state)),
         "/stats" => {
             let (h1, h2) = state.upstreams.counts();
