@@ -115,6 +115,13 @@ impl Cluster {
                 namespaced,
             });
         }
+        // ReferenceGrant is still v1beta1 upstream; the waypoint watches it.
+        api.register_crd(Resource {
+            api_version: "gateway.networking.k8s.io/v1beta1".into(),
+            kind: "ReferenceGrant".into(),
+            plural: "referencegrants".into(),
+            namespaced: true,
+        });
         api.apply(namespace("heddle-system", &json!({})))?;
         api.apply(namespace("demo", &json!({"heddle.dev/mesh": "enabled"})))?;
         api.apply(pod_object(&client, &json!({"app": "client"})))?;

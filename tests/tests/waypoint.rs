@@ -37,6 +37,7 @@ use serde_json::{json, Value};
 const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const V1_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
 const V2_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 22);
+const STORE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 23);
 const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 9090;
 const GRPC_PORT: u16 = 50051;
@@ -60,6 +61,8 @@ struct Extras {
     grpc: bool,
     /// api-v2 answers 20 ms late.
     slow_v2: bool,
+    /// A Service `shared/store` (another namespace) with one pod.
+    shared_store: bool,
 }
 
 impl Mesh {
@@ -85,6 +88,11 @@ impl Mesh {
         tb.add_waypoint("demo", "waypoint")?;
         tb.set_namespace_waypoint("demo", Some("waypoint"))?;
         let mut servers = Vec::new();
+        if extras.shared_store {
+            let store = tb.add_pod(&node_b, PodSpec::new("store").namespace("shared").enrolled(true))?;
+            tb.add_service(ServiceSpec::new("store", STORE_VIP).namespace("shared").port(80, HTTP_PORT))?;
+            servers.push(store.start_http(HTTP_PORT)?);
+        }
         for pod in [&v1, &v2] {
             let delay =
                 if extras.slow_v2 && pod.name() == "api-v2" { Duration::from_millis(20) } else { Duration::ZERO };
@@ -665,6 +673,57 @@ print(json.dumps(out))
         );
         let r = m.load(&url("/after"), 20, &[])?;
         ensure!(r["status"]["200"] == 20, "after the attack: {r}");
+        Ok(())
+    });
+}
+
+const CROSS_NAMESPACE: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-store, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /store}}]
+    backendRefs: [{name: store, namespace: shared, port: 80}]
+  - backendRefs: [{name: api-v1, port: 80}]
+";
+
+const STORE_GRANT: &str = r"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: demo-routes, namespace: shared}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: demo}]
+  to: [{group: '', kind: Service, name: store}]
+";
+
+#[test]
+fn a_backend_in_another_namespace_is_served_only_once_a_reference_grant_there_permits_it() {
+    run_waypoint("waypoint_refgrant", Extras { shared_store: true, ..Extras::default() }, |m| {
+        // Without a grant: the route is in force, its cross-namespace
+        // backend is RefNotPermitted and its requests get 500.
+        let status = m.routes(CROSS_NAMESPACE, "httproute/demo/to-store")?;
+        ensure!(status.to_string().contains("RefNotPermitted"), "status without a grant: {status}");
+        let r = m.load(&url("/store/item"), 5, &[])?;
+        ensure!(r["status"]["500"] == 5, "without a grant: {r}");
+        let r = m.load(&url("/other"), 5, &[])?;
+        ensure!(r["status"]["200"] == 5 && count(&r, "api-v1") == 5, "the other rule: {r}");
+        // The grant, in its own file: the same route now reaches the store.
+        m.tb.set_routes("grants", STORE_GRANT)?;
+        let served =
+            l7::load_until(&m.client, &url("/store/item"), 5, Duration::from_secs(10), |r| r["status"]["200"] == 5)?;
+        ensure!(count(&served, "store") == 5, "served by the store: {served}");
+        let routes = m.waypoint.routes()?;
+        let to_store = routes["routes"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["route"] == "httproute/demo/to-store"))
+            .cloned()
+            .unwrap_or_default();
+        ensure!(!to_store.to_string().contains("RefNotPermitted"), "status with the grant: {to_store}");
+        // Removing the grant takes the permission back.
+        m.tb.set_routes("grants", "")?;
+        l7::load_until(&m.client, &url("/store/item"), 2, Duration::from_secs(10), |r| r["status"]["500"] == 2)?;
         Ok(())
     });
 }

@@ -1,6 +1,7 @@
 //! The routes of a waypoint in Kubernetes mode (`mesh-agent waypoint
 //! --kubernetes`): reflectors on `gateway.networking.k8s.io/v1` `HTTPRoute`
-//! and `GRPCRoute` objects, handed to the same compiler as the local
+//! and `GRPCRoute` objects and `v1beta1` `ReferenceGrant`s (which permit
+//! cross-namespace backends), handed to the same compiler as the local
 //! routes directory ([`crate::waypoint::routes`]) as one [`Source`] per
 //! object, and the route status written back.
 //!
@@ -47,7 +48,11 @@ pub const ORIGIN_PREFIX: &str = "kubernetes:";
 
 /// A route kind served by the API.
 fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind), plural)
+    gateway_resource("v1", kind, plural)
+}
+
+fn gateway_resource(version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("gateway.networking.k8s.io", version, kind), plural)
 }
 
 /// The route watches.
@@ -58,17 +63,19 @@ pub struct RouteWatch {
 }
 
 impl RouteWatch {
-    /// Starts the watches of both kinds and waits for the first lists of
+    /// Starts the watches of the three kinds and waits for the first lists of
     /// those whose CRD is installed (a CRD installed later is picked up by
     /// the retrying watch).
     pub async fn start(client: Client, stop: &CancellationToken) -> Result<Self, super::source::SourceError> {
         let changed = Arc::new(Notify::new());
         let mut stores = Vec::new();
         let mut required: Vec<(&'static str, Box<dyn ReadyWait>)> = Vec::new();
-        for (name, kind, plural) in
-            [("httproutes", "HTTPRoute", "httproutes"), ("grpcroutes", "GRPCRoute", "grpcroutes")]
-        {
-            let res = resource(kind, plural);
+        for (name, version, kind, plural) in [
+            ("httproutes", "v1", "HTTPRoute", "httproutes"),
+            ("grpcroutes", "v1", "GRPCRoute", "grpcroutes"),
+            ("referencegrants", "v1beta1", "ReferenceGrant", "referencegrants"),
+        ] {
+            let res = gateway_resource(version, kind, plural);
             let installed = crd_installed(&client, &res).await;
             let watch = Watch { name, changed: changed.clone(), stop: stop.clone() };
             let store = watch.start_dynamic(Api::all_with(client.clone(), &res), &res);

@@ -1,5 +1,7 @@
 //! Routes in force at a waypoint: Gateway API `HTTPRoute` and `GRPCRoute`
 //! objects whose `parentRefs` name a Service this waypoint owns (GAMMA),
+//! with `ReferenceGrant`s permitting backends in other namespaces
+//! ([`grants`]),
 //! read from `--routes FILE|DIR` (multi-document YAML, `*.yaml`/`*.yml`, as
 //! policies are) and compiled ([`load`]) into the matching table
 //! ([`matching`]).
@@ -14,6 +16,7 @@
 //! a document that does not parse is rejected alone.
 
 pub mod gateway_api;
+pub mod grants;
 pub mod load;
 pub mod matching;
 pub mod model;
@@ -138,19 +141,37 @@ pub struct RouteSet {
 }
 
 impl RouteSet {
-    /// Compiles `sources` for `waypoint` against `registry`.
+    /// Compiles `sources` for `waypoint` against `registry`: every
+    /// `ReferenceGrant` first, then the routes.
     #[must_use]
     pub fn build(sources: &[Source], registry: &Registry, waypoint: &ObjectRef) -> Self {
         let mut set = RouteSet::default();
+        let mut grants = grants::Grants::default();
+        // Statuses stay in document order: a route's place is kept while
+        // the grants are gathered.
+        let mut docs = Vec::new();
         for s in sources {
             for (i, doc) in split_documents(&s.text).into_iter().enumerate() {
                 let origin = format!("{}#{}", s.file.display(), i + 1);
-                let compiled = load::compile_document(doc, &origin, registry, waypoint);
-                for (at, rule) in compiled.rules {
-                    set.table.insert(&at, &Arc::new(rule));
+                match load::parse_document(doc, &origin) {
+                    load::Document::Grant(Ok(g)) => grants.add(*g),
+                    load::Document::Grant(Err(status)) | load::Document::Invalid(status) => docs.push(Err(status)),
+                    load::Document::Route(value) => docs.push(Ok((origin, value))),
                 }
-                set.statuses.push(compiled.status);
             }
+        }
+        for doc in docs {
+            let status = match doc {
+                Err(status) => status,
+                Ok((origin, value)) => {
+                    let compiled = load::compile_route(value, &origin, registry, waypoint, &grants);
+                    for (at, rule) in compiled.rules {
+                        set.table.insert(&at, &Arc::new(rule));
+                    }
+                    compiled.status
+                }
+            };
+            set.statuses.push(status);
         }
         set
     }

@@ -31,6 +31,20 @@ pub fn load(pod: &Pod, url: &str, n: usize, headers: &[&str]) -> Result<Value> {
     httpc(pod, &args)
 }
 
+/// [`load`] again every 200 ms until its result satisfies `done`, for up to
+/// `wait` (a configuration change that takes effect at the next reload).
+pub fn load_until(pod: &Pod, url: &str, n: usize, wait: Duration, done: impl Fn(&Value) -> bool) -> Result<Value> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let r = load(pod, url, n, &[])?;
+        if done(&r) {
+            return Ok(r);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{n} requests to {url} after {wait:?}: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// How many of a [`load`]'s requests `pod` served.
 pub fn count(v: &Value, pod: &str) -> u64 {
     v["served_by"][pod].as_u64().unwrap_or(0)

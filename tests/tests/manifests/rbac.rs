@@ -144,6 +144,7 @@ fn the_waypoint_role_reads_the_registry_and_routes_and_writes_only_route_status(
         ("gateway.networking.k8s.io", "gateways"),
         ("gateway.networking.k8s.io", "httproutes"),
         ("gateway.networking.k8s.io", "grpcroutes"),
+        ("gateway.networking.k8s.io", "referencegrants"),
     ] {
         for verb in AGENT_READ_VERBS {
             assert!(allows(&role, group, resource, verb), "waypoint cannot {verb} {group}/{resource}");

@@ -1,5 +1,7 @@
 //! Compiles one Gateway API document (`HTTPRoute` or `GRPCRoute`, the
-//! upstream types of [`super::gateway_api`]) into rules and a status.
+//! upstream types of [`super::gateway_api`]) into rules and a status, and
+//! reads `ReferenceGrant`s ([`super::grants`]), which routes resolve their
+//! cross-namespace backends against.
 //!
 //! `GRPCRoute` is compiled as the HTTP/2 requests it describes: a method match
 //! `{service, method}` becomes a path match on `/service/method` (Exact, or a
@@ -11,6 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     gateway_api::{grpcroutes as g, httproutes as h},
+    grants::{Grants, ReferenceGrant},
     matching::Attachment,
     model::{RequestMatch, RouteKind, Rule, Timeouts},
     RouteStatus,
@@ -26,45 +29,94 @@ pub struct Compiled {
     pub status: RouteStatus,
 }
 
-/// Compiles one YAML document read from `origin`.
+/// One document, parsed: a `ReferenceGrant` (read before any route, since
+/// routes resolve against every grant) or something to compile as a route.
+pub enum Document {
+    /// A grant, or why it is not honoured (its status).
+    Grant(Result<Box<ReferenceGrant>, RouteStatus>),
+    /// A route (or a document rejected as one).
+    Route(serde_yaml_ng::Value),
+    /// Not YAML: its status.
+    Invalid(RouteStatus),
+}
+
+fn rejected(route: String, origin: &str, problems: Vec<String>) -> RouteStatus {
+    RouteStatus {
+        route,
+        source: origin.to_owned(),
+        accepted: false,
+        parents: Vec::new(),
+        problems,
+        notes: Vec::new(),
+        rules: 0,
+    }
+}
+
+/// Parses one YAML document read from `origin`.
 #[must_use]
-pub fn compile_document(doc: &str, origin: &str, registry: &Registry, waypoint: &ObjectRef) -> Compiled {
-    let rejected = |route: String, problem: String| Compiled {
-        rules: Vec::new(),
-        status: RouteStatus {
-            route,
-            source: origin.to_owned(),
-            accepted: false,
-            parents: Vec::new(),
-            problems: vec![problem],
-            notes: Vec::new(),
-            rules: 0,
-        },
-    };
+pub fn parse_document(doc: &str, origin: &str) -> Document {
     let value: serde_yaml_ng::Value = match serde_yaml_ng::from_str(doc) {
         Ok(v) => v,
-        Err(e) => return rejected(origin.to_owned(), format!("invalid YAML: {e}")),
+        Err(e) => return Document::Invalid(rejected(origin.to_owned(), origin, vec![format!("invalid YAML: {e}")])),
     };
+    let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    if field("kind") != "ReferenceGrant" || !is_gateway_api(field("apiVersion")) {
+        return Document::Route(value);
+    }
+    let fallback = format!("referencegrant/{origin}");
+    Document::Grant(match parse::<ReferenceGrant>(value) {
+        Ok((g, unknown)) if unknown.is_empty() => Ok(Box::new(g)),
+        Ok((g, unknown)) => {
+            let problems =
+                unknown.into_iter().map(|p| format!("{p}: unknown field (not in the ReferenceGrant type)")).collect();
+            Err(rejected(format!("referencegrant/{}", g.id()), origin, problems))
+        }
+        Err(e) => Err(rejected(fallback, origin, vec![format!("ReferenceGrant: {e}")])),
+    })
+}
+
+fn is_gateway_api(api: &str) -> bool {
+    matches!(
+        api,
+        "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1alpha2"
+    )
+}
+
+/// Compiles one route document (parsed by [`parse_document`]) read from
+/// `origin`, its cross-namespace backends resolved against `grants`.
+#[must_use]
+pub fn compile_route(
+    value: serde_yaml_ng::Value,
+    origin: &str,
+    registry: &Registry,
+    waypoint: &ObjectRef,
+    grants: &Grants,
+) -> Compiled {
+    let reject =
+        |problem: String| Compiled { rules: Vec::new(), status: rejected(origin.to_owned(), origin, vec![problem]) };
     let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
     let (api, kind) = (field("apiVersion"), field("kind"));
-    let gateway_api = matches!(
-        api.as_str(),
-        "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1alpha2"
-    );
+    let env = Env { registry, waypoint, grants };
     match kind.as_str() {
-        "HTTPRoute" if gateway_api => match parse::<h::HttpRoute>(value) {
-            Ok((r, unknown)) => compile_http(&r, unknown, origin, registry, waypoint),
-            Err(e) => rejected(origin.to_owned(), format!("HTTPRoute: {e}")),
+        "HTTPRoute" if is_gateway_api(&api) => match parse::<h::HttpRoute>(value) {
+            Ok((r, unknown)) => compile_http(&r, unknown, origin, &env),
+            Err(e) => reject(format!("HTTPRoute: {e}")),
         },
-        "GRPCRoute" if gateway_api => match parse::<g::GrpcRoute>(value) {
-            Ok((r, unknown)) => compile_grpc(&r, unknown, origin, registry, waypoint),
-            Err(e) => rejected(origin.to_owned(), format!("GRPCRoute: {e}")),
+        "GRPCRoute" if is_gateway_api(&api) => match parse::<g::GrpcRoute>(value) {
+            Ok((r, unknown)) => compile_grpc(&r, unknown, origin, &env),
+            Err(e) => reject(format!("GRPCRoute: {e}")),
         },
-        _ => rejected(
-            origin.to_owned(),
-            format!("kind {kind:?} (apiVersion {api:?}) is not a gateway.networking.k8s.io HTTPRoute or GRPCRoute"),
-        ),
+        _ => reject(format!(
+            "kind {kind:?} (apiVersion {api:?}) is not a gateway.networking.k8s.io HTTPRoute, GRPCRoute or ReferenceGrant"
+        )),
     }
+}
+
+/// What routes compile against.
+pub(super) struct Env<'a> {
+    pub(super) registry: &'a Registry,
+    pub(super) waypoint: &'a ObjectRef,
+    pub(super) grants: &'a Grants,
 }
 
 /// Deserializes `value`, collecting the paths of fields the type does not
@@ -114,15 +166,9 @@ fn reshape<A: serde::Serialize, B: DeserializeOwned>(a: &A) -> Result<B, String>
     serde_json::to_value(a).and_then(serde_json::from_value).map_err(|e| e.to_string())
 }
 
-fn compile_http(
-    r: &h::HttpRoute,
-    unknown: Vec<String>,
-    origin: &str,
-    registry: &Registry,
-    waypoint: &ObjectRef,
-) -> Compiled {
+fn compile_http(r: &h::HttpRoute, unknown: Vec<String>, origin: &str, env: &Env<'_>) -> Compiled {
     let (id, created) = meta_of(&r.metadata);
-    let mut ctx = Ctx::new(registry, waypoint, RouteKind::Http, id, unknown);
+    let mut ctx = Ctx::new(env, RouteKind::Http, id, unknown);
     if r.spec.hostnames.as_ref().is_some_and(|h| !h.is_empty()) {
         ctx.notes.push("spec.hostnames: ignored for Service parents (GAMMA: the Service is the host)".into());
     }
@@ -145,15 +191,9 @@ fn compile_http(
     ctx.finish(&parents, &rules, &created, origin)
 }
 
-fn compile_grpc(
-    r: &g::GrpcRoute,
-    unknown: Vec<String>,
-    origin: &str,
-    registry: &Registry,
-    waypoint: &ObjectRef,
-) -> Compiled {
+fn compile_grpc(r: &g::GrpcRoute, unknown: Vec<String>, origin: &str, env: &Env<'_>) -> Compiled {
     let (id, created) = meta_of(&r.metadata);
-    let mut ctx = Ctx::new(registry, waypoint, RouteKind::Grpc, id, unknown);
+    let mut ctx = Ctx::new(env, RouteKind::Grpc, id, unknown);
     if r.spec.hostnames.as_ref().is_some_and(|h| !h.is_empty()) {
         ctx.notes.push("spec.hostnames: ignored for Service parents (GAMMA: the Service is the host)".into());
     }

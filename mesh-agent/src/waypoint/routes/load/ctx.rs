@@ -17,9 +17,10 @@ use super::{
         },
         Condition, ParentStatus, RouteStatus,
     },
-    reshape, Compiled,
+    reshape, Compiled, Env,
 };
 use crate::registry::{ObjectRef, Registry};
+use crate::waypoint::routes::grants::Grants;
 
 /// Largest compiled regular expression (bytes), so a hostile pattern
 /// cannot take the waypoint's memory.
@@ -29,6 +30,7 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 pub(super) struct Ctx<'a> {
     registry: &'a Registry,
     waypoint: &'a ObjectRef,
+    grants: &'a Grants,
     route: RouteRef,
     pub(super) problems: Vec<String>,
     pub(super) notes: Vec<String>,
@@ -73,18 +75,20 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 impl<'a> Ctx<'a> {
-    pub(super) fn new(
-        registry: &'a Registry,
-        waypoint: &'a ObjectRef,
-        kind: RouteKind,
-        id: ObjectRef,
-        unknown: Vec<String>,
-    ) -> Self {
+    pub(super) fn new(env: &Env<'a>, kind: RouteKind, id: ObjectRef, unknown: Vec<String>) -> Self {
         let problems = unknown
             .into_iter()
             .map(|p| format!("{p}: unknown field (not in the Gateway API types Heddle reads)"))
             .collect();
-        Self { registry, waypoint, route: RouteRef { kind, id }, problems, notes: Vec::new(), unresolved: Vec::new() }
+        Self {
+            registry: env.registry,
+            waypoint: env.waypoint,
+            grants: env.grants,
+            route: RouteRef { kind, id },
+            problems,
+            notes: Vec::new(),
+            unresolved: Vec::new(),
+        }
     }
 
     fn value_match(&mut self, kind: Option<&str>, value: &str, at: &str) -> Option<ValueMatch> {
@@ -373,8 +377,11 @@ impl<'a> Ctx<'a> {
                 let why = format!("{at}: backend kind {group}/{kind} is not supported (only Services)");
                 self.unresolved.push(("InvalidKind", why.clone()));
                 BackendTarget::Invalid(why)
-            } else if id.namespace != self.route.id.namespace {
-                let why = format!("{at}: backend {id} is in another namespace (needs a ReferenceGrant, which Heddle does not read yet)");
+            } else if !self.grants.permits(self.route.kind, &self.route.id.namespace, &id) {
+                let why = format!(
+                    "{at}: backend Service {id} is in another namespace and no ReferenceGrant in {} permits it",
+                    id.namespace
+                );
                 self.unresolved.push(("RefNotPermitted", why.clone()));
                 BackendTarget::Invalid(why)
             } else {

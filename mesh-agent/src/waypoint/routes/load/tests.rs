@@ -19,6 +19,7 @@ services:
   - {name: api, namespace: demo, vip: 10.96.0.1, ports: [{port: 80, targetPort: 8080}], selector: {app: api}}
   - {name: api-v1, namespace: demo, vip: 10.96.0.2, ports: [{port: 80, targetPort: 8080}], selector: {version: v1}}
   - {name: l4-only, namespace: demo, vip: 10.96.0.3, ports: [{port: 80}], selector: {app: api}, useWaypoint: none}
+  - {name: store, namespace: shared, vip: 10.96.0.4, ports: [{port: 80}], selector: {app: store}}
 "#;
 
 fn build(text: &str) -> RouteSet {
@@ -98,6 +99,46 @@ fn a_missing_backend_keeps_the_route_with_resolved_refs_false() {
     assert_eq!((resolved.status, resolved.reason), ("False", "BackendNotFound"), "{s:?}");
 }
 
+const GRANT: &str = r"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: from-demo, namespace: shared}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: demo}]
+  to: [{group: '', kind: Service, name: store}]
+";
+
+fn cross_namespace_route() -> String {
+    GOOD.replace("name: api-v1, port: 80", "name: store, namespace: shared, port: 80")
+}
+
+#[test]
+fn a_backend_in_another_namespace_needs_a_reference_grant_there() {
+    let set = build(&cross_namespace_route());
+    let s = &set.statuses()[0];
+    let resolved = &s.parents[0].conditions[1];
+    assert_eq!((resolved.status, resolved.reason), ("False", "RefNotPermitted"), "{s:?}");
+    assert!(s.accepted && s.problems[0].contains("no ReferenceGrant in shared permits it"), "{s:?}");
+    // The grant after the route in the same file still counts: grants are
+    // read first.
+    let set = build(&format!("{}---{GRANT}", cross_namespace_route()));
+    assert_eq!(set.statuses().len(), 1, "a grant has no route status: {:?}", set.statuses());
+    let resolved = &set.statuses()[0].parents[0].conditions[1];
+    assert_eq!((resolved.status, resolved.reason), ("True", "ResolvedRefs"), "{:?}", set.statuses());
+    // A grant for another Service does not.
+    let set = build(&format!("{}---{}", cross_namespace_route(), GRANT.replace("name: store", "name: other")));
+    assert_eq!(set.statuses()[0].parents[0].conditions[1].reason, "RefNotPermitted");
+}
+
+#[test]
+fn a_reference_grant_with_unknown_fields_is_rejected_and_grants_nothing() {
+    let set = build(&format!("{}---{}", cross_namespace_route(), GRANT.replace("  to:", "  too: []\n  to:")));
+    let grant = set.statuses().iter().find(|s| s.route == "referencegrant/shared/from-demo").expect("grant status");
+    assert!(!grant.accepted && grant.problems[0].contains("spec.too: unknown field"), "{grant:?}");
+    let route = set.statuses().iter().find(|s| s.route.starts_with("httproute/")).expect("route status");
+    assert_eq!(route.parents[0].conditions[1].reason, "RefNotPermitted");
+}
+
 #[test]
 fn parents_this_waypoint_does_not_own_are_not_attached() {
     for (parent, why) in [
@@ -124,7 +165,11 @@ fn bad_documents_are_rejected_alone_with_their_position() {
     let st = set.statuses();
     assert_eq!(st.len(), 4);
     assert!(st[0].accepted && st[2].accepted);
-    assert!(st[1].problems[0].contains("is not a gateway.networking.k8s.io HTTPRoute or GRPCRoute"), "{:?}", st[1]);
+    assert!(
+        st[1].problems[0].contains("is not a gateway.networking.k8s.io HTTPRoute, GRPCRoute or ReferenceGrant"),
+        "{:?}",
+        st[1]
+    );
     assert_eq!(st[3].source, "r.yaml#4");
     assert!(st[3].problems[0].contains("invalid YAML"), "{:?}", st[3]);
 }
