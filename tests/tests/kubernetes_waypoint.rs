@@ -254,6 +254,33 @@ fn expect_deployed(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// Replicas: left to `kubectl scale` until the Gateway asks, then the
+/// annotation's count; a bad count is reported, not applied.
+fn replicas_follow_the_gateway_annotation(c: &Cluster) -> Result<()> {
+    let deploy = c.api.get("apps/v1", "Deployment", Some("demo"), "waypoint").context("Deployment")?;
+    ensure!(deploy["spec"].get("replicas").is_none_or(|r| r == 1), "replicas before asking: {deploy}");
+    let annotate = |value: &str| -> Result<()> {
+        let mut gw = c.api.get(GATEWAY_API, "Gateway", Some("demo"), "waypoint").context("Gateway")?;
+        gw["metadata"]["annotations"] = json!({"heddle.dev/waypoint-replicas": value});
+        c.api.apply(gw)?;
+        Ok(())
+    };
+    annotate("3")?;
+    c.wait_object("Deployment with 3 replicas", "apps/v1", "Deployment", Some("demo"), "waypoint", |d| {
+        d["spec"]["replicas"] == 3
+    })?;
+    annotate("many")?;
+    let gw = c.wait_object("Gateway not programmed", GATEWAY_API, "Gateway", Some("demo"), "waypoint", |g| {
+        condition(&g["status"]["conditions"], "Programmed").is_some_and(|p| p["status"] == "False")
+    })?;
+    let programmed = condition(&gw["status"]["conditions"], "Programmed").cloned().unwrap_or_default();
+    ensure!(
+        programmed["message"].as_str().is_some_and(|m| m.contains("heddle.dev/waypoint-replicas")),
+        "the refusal names the annotation: {programmed}"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled_service() {
     if !environment_ready() {
@@ -361,6 +388,8 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
             let after = l7::load(&c.client, &url, 10, &["x-canary: yes"])?;
             ensure!(after["errors"] == 0, "{after}");
             ensure!(wp.flows("last=100000")?.len() == seen, "traffic still reached the waypoint without the label");
+
+            replicas_follow_the_gateway_annotation(c)?;
 
             // Deleting the waypoint with the CLI removes its Gateway.
             let out = c.heddle(&["waypoint", "delete", "-n", "demo"])?;

@@ -159,7 +159,7 @@ impl Controller {
         let mut problems: Vec<Option<String>> = Vec::new();
         let mut bound: Vec<GatewayRef> = Vec::new();
         for (gw, _) in &waypoints {
-            let mut problem = None;
+            let mut problem = gw.replicas.clone().err();
             let mut wanted =
                 vec![objects::service_account(gw), objects::service(gw), objects::deployment(gw, &self.settings.mesh)];
             wanted.extend(objects::trust_bundle(gw, bundle.as_deref()));

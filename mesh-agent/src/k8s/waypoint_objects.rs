@@ -14,6 +14,12 @@
 //! roots). The
 //! pods carry [`crate::config::GATEWAY_NAME_LABEL`]`: name`, which is how the
 //! node agents know them (and never capture them).
+//!
+//! Replicas: with the Gateway annotation [`REPLICAS_ANNOTATION`] the
+//! Deployment gets that many; without it the controller leaves
+//! `spec.replicas` out of what it applies, so `kubectl scale` or a
+//! `HorizontalPodAutoscaler` owns the count (Kubernetes creates one). Each
+//! replica is a full waypoint (routes, balancing and limits per replica).
 
 use serde_json::{json, Value};
 
@@ -32,6 +38,11 @@ pub const TRUST_BUNDLE_KEY: &str = "root-cert.pem";
 pub const WAYPOINT_CLUSTER_ROLE: &str = "heddle-waypoint";
 /// The `ClusterRoleBinding` the controller keeps listing every waypoint's account.
 pub const WAYPOINT_BINDING: &str = "heddle-waypoints";
+
+/// The Gateway annotation that sets the waypoint Deployment's replicas.
+pub const REPLICAS_ANNOTATION: &str = "heddle.dev/waypoint-replicas";
+/// The most replicas the annotation may ask for.
+pub const MAX_REPLICAS: i32 = 100;
 
 /// What every waypoint Deployment needs to know about the mesh.
 #[derive(Clone, Debug)]
@@ -55,6 +66,9 @@ pub struct GatewayRef {
     pub uid: String,
     /// `metadata.generation`.
     pub generation: i64,
+    /// Replicas asked for by [`REPLICAS_ANNOTATION`] (`None`: not set), or
+    /// why its value is refused.
+    pub replicas: Result<Option<i32>, String>,
 }
 
 impl GatewayRef {
@@ -67,6 +81,7 @@ impl GatewayRef {
             name: meta.get("name")?.as_str()?.to_owned(),
             uid: meta.get("uid").and_then(Value::as_str).unwrap_or_default().to_owned(),
             generation: meta.get("generation").and_then(Value::as_i64).unwrap_or(0),
+            replicas: replicas(meta.pointer(&format!("/annotations/{}", REPLICAS_ANNOTATION.replace('/', "~1")))),
         })
     }
 
@@ -84,6 +99,17 @@ impl GatewayRef {
                        "app.kubernetes.io/component": "waypoint"},
             "ownerReferences": self.owner()
         })
+    }
+}
+
+/// The replica annotation's value: absent, a count in `1..=MAX_REPLICAS`,
+/// or refused with a reason naming it.
+fn replicas(value: Option<&Value>) -> Result<Option<i32>, String> {
+    let Some(v) = value else { return Ok(None) };
+    let text = v.as_str().unwrap_or_default();
+    match text.trim().parse::<i32>() {
+        Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Ok(Some(n)),
+        _ => Err(format!("annotation {REPLICAS_ANNOTATION}: {text:?} is not a replica count (1 to {MAX_REPLICAS})")),
     }
 }
 
@@ -143,10 +169,9 @@ pub fn deployment(gw: &GatewayRef, mesh: &MeshSettings) -> Value {
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let labels = json!({GATEWAY_NAME_LABEL: gw.name, "app.kubernetes.io/managed-by": "heddle",
                         "app.kubernetes.io/component": "waypoint"});
-    json!({
+    let mut d = json!({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": gw.metadata(&gw.name),
         "spec": {
-            "replicas": 1,
             "selector": {"matchLabels": {GATEWAY_NAME_LABEL: gw.name}},
             "template": {
                 "metadata": {"labels": labels,
@@ -194,7 +219,11 @@ pub fn deployment(gw: &GatewayRef, mesh: &MeshSettings) -> Value {
                 }
             }
         }
-    })
+    });
+    if let Ok(Some(n)) = gw.replicas {
+        d["spec"]["replicas"] = json!(n);
+    }
+    d
 }
 
 /// The `ClusterRoleBinding` of [`WAYPOINT_CLUSTER_ROLE`] to every waypoint's account.
@@ -285,6 +314,26 @@ mod tests {
         assert!(c["env"].as_array().unwrap().contains(&json!({"name": "HEDDLE_WAYPOINT", "value": "shop/waypoint"})));
         assert_eq!(d["metadata"]["ownerReferences"][0]["uid"], "u-1");
         assert_eq!(spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"], "heddle-ca");
+    }
+
+    fn with_replicas(value: &str) -> GatewayRef {
+        GatewayRef::from_object(&json!({
+            "metadata": {"name": "waypoint", "namespace": "shop", "uid": "u-1",
+                         "annotations": {REPLICAS_ANNOTATION: value}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn replicas_come_from_the_annotation_or_are_left_to_kubectl_scale_and_autoscalers() {
+        assert!(deployment(&gw(), &mesh())["spec"].get("replicas").is_none(), "not owned without the annotation");
+        assert_eq!(deployment(&with_replicas("3"), &mesh())["spec"]["replicas"], 3);
+        for bad in ["0", "-1", "three", "101", ""] {
+            let g = with_replicas(bad);
+            let e = g.replicas.clone().unwrap_err();
+            assert!(e.contains(REPLICAS_ANNOTATION) && e.contains(&format!("{bad:?}")), "{e}");
+            assert!(deployment(&g, &mesh())["spec"].get("replicas").is_none(), "a refused value sets nothing");
+        }
     }
 
     #[test]
