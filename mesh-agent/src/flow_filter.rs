@@ -170,13 +170,13 @@ impl FlowFilter {
     /// Whether `r` passes every filter given.
     #[must_use]
     pub fn matches(&self, r: &FlowRecord) -> bool {
-        let (ns, name) = r.workload.split_once('/').unwrap_or(("", r.workload.as_str()));
-        let contains = |have: &Option<String>, want: &Option<String>| {
+        let (ns, name) = r.workload.split_once('/').unwrap_or(("", &r.workload));
+        let contains = |have: &Option<crate::flows::Name>, want: &Option<String>| {
             want.as_ref().is_none_or(|w| have.as_ref().is_some_and(|h| h.contains(w.as_str())))
         };
         let dst_ips = [r.orig_dst, r.dst];
         self.namespace.as_ref().is_none_or(|n| n == ns)
-            && self.pod.as_ref().is_none_or(|p| p == name || *p == r.workload)
+            && self.pod.as_ref().is_none_or(|p| p == name || **p == *r.workload)
             && contains(&r.src_identity, &self.from_identity)
             && contains(&r.dst_identity, &self.to_identity)
             && self.from_ip.is_none_or(|ip| r.src.is_some_and(|s| s.ip() == ip))
@@ -186,7 +186,7 @@ impl FlowFilter {
             && self.policy.as_ref().is_none_or(|p| {
                 [&r.policy, &r.audit_policy, &r.closed_by_policy].iter().any(|x| x.as_deref() == Some(p.as_str()))
             })
-            && self.since.as_ref().is_none_or(|t| r.time.as_str() >= t.as_str())
+            && self.since.as_ref().is_none_or(|t| r.time.to_string().as_str() >= t.as_str())
             && self.after.is_none_or(|id| r.id > id)
             && self.matches_http(r)
     }
@@ -198,7 +198,7 @@ impl FlowFilter {
         let Some(h) = &r.http else { return false };
         self.http_status.is_none_or(|s| s.matches(h.status))
             && self.path.as_ref().is_none_or(|p| h.path.starts_with(p.as_str()))
-            && self.method.as_ref().is_none_or(|m| *m == h.method)
+            && self.method.as_ref().is_none_or(|m| m == h.method.as_str())
     }
 }
 
@@ -228,7 +228,7 @@ mod tests {
     }
 
     fn ids(log: &FlowLog, f: &FlowFilter) -> Vec<String> {
-        log.select(f).iter().map(|r| r.workload.clone()).collect()
+        log.select(f).iter().map(|r| r.workload.to_string()).collect()
     }
 
     #[test]
@@ -283,7 +283,7 @@ mod tests {
             r.http = Some(Box::new(crate::flows::HttpInfo {
                 status,
                 path: path.into(),
-                method: method.into(),
+                method: method.parse().unwrap(),
                 ..Default::default()
             }));
             log.request(9, &r, (0, 0), std::time::Duration::from_millis(1));

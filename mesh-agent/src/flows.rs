@@ -37,12 +37,42 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use crate::{
     access_log::AccessLog, flow_filter::FlowFilter, metrics::ConnMetrics, policy::PolicyRef, registry::ObjectRef,
 };
 use subscribers::{SubscribeError, Subscribers, Subscription};
+
+/// A name a connection's facts and its records share (a workload, an
+/// identity, a waypoint): one allocation per connection rather than one per
+/// record, so the ring holds small records.
+pub type Name = Arc<str>;
+
+/// When a record was made; serialized as RFC 3339 UTC with microseconds
+/// (formatted when read, not when recorded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub SystemTime);
+
+impl Timestamp {
+    /// Now.
+    #[must_use]
+    pub fn now() -> Self {
+        Self(SystemTime::now())
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&rfc3339(self.0))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
 
 /// Direction of a captured connection relative to the enrolled pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -120,14 +150,14 @@ pub struct FlowRecord {
     pub id: u64,
     /// Connection id; the open and close records of a connection share it.
     pub conn: u64,
-    /// RFC 3339 UTC time.
-    pub time: String,
+    /// When (RFC 3339 UTC in JSON).
+    pub time: Timestamp,
     /// Open, close or error.
     pub event: Event,
     /// Outbound or inbound.
     pub direction: Direction,
     /// The enrolled pod on whose behalf the agent handled it (`ns/name`).
-    pub workload: String,
+    pub workload: Name,
     /// Source address as the destination sees it.
     pub src: Option<SocketAddr>,
     /// The destination the client asked for.
@@ -135,16 +165,16 @@ pub struct FlowRecord {
     /// Where the agent sent it (differs from `orig_dst` for a service VIP).
     pub dst: Option<SocketAddr>,
     /// The service whose VIP was dialled.
-    pub service: Option<String>,
+    pub service: Option<Name>,
     /// `mutual_tls` or `plaintext`.
     pub security: Security,
     /// Authenticated (or, outbound, local) source identity.
-    pub src_identity: Option<String>,
+    pub src_identity: Option<Name>,
     /// Authenticated destination identity.
-    pub dst_identity: Option<String>,
+    pub dst_identity: Option<Name>,
     /// Serial number (hex) of the certificate the peer authenticated with
     /// (inbound tunnel connections).
-    pub peer_cert_serial: Option<String>,
+    pub peer_cert_serial: Option<Name>,
     /// Bytes from the client toward the server.
     pub bytes_sent: u64,
     /// Bytes from the server back to the client.
@@ -180,10 +210,11 @@ pub struct FlowRecord {
     /// The waypoint this connection was sent to (source side), or that
     /// handled the request (waypoint records), `ns/name`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub waypoint: Option<String>,
-    /// The request's L7 facts (waypoint `request` records only).
+    pub waypoint: Option<Name>,
+    /// The request's L7 facts (waypoint `request` records only; boxed, so
+    /// L4 records do not carry its space).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub http: Option<HttpInfo>,
+    pub http: Option<Box<HttpInfo>>,
     /// Why a waypoint passed this connection through as L4 (not HTTP).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passthrough: Option<String>,
@@ -222,6 +253,8 @@ pub struct ConnInfo {
     pub direction: Direction,
     /// Enrolled pod.
     pub workload: ObjectRef,
+    /// Its `ns/name`, made once for all the connection's records.
+    pub workload_name: Name,
     /// Source address.
     pub src: Option<SocketAddr>,
     /// Original destination.
@@ -233,11 +266,11 @@ pub struct ConnInfo {
     /// Tunnelled or not.
     pub security: Security,
     /// Source identity.
-    pub src_identity: Option<String>,
+    pub src_identity: Option<Name>,
     /// Destination identity.
-    pub dst_identity: Option<String>,
+    pub dst_identity: Option<Name>,
     /// Peer certificate serial.
-    pub peer_cert_serial: Option<String>,
+    pub peer_cert_serial: Option<Name>,
     /// What authorization policy decided (inbound).
     pub policy: PolicyMark,
     /// TCP health, refreshed by the handler before each record.
@@ -245,7 +278,7 @@ pub struct ConnInfo {
     /// How long the upstream connect took.
     pub connect: Option<Duration>,
     /// The waypoint involved, `ns/name`.
-    pub waypoint: Option<String>,
+    pub waypoint: Option<Name>,
     /// L7 facts of a waypoint request.
     pub http: Option<Box<HttpInfo>>,
     /// Why a waypoint passed the connection through as L4.
@@ -256,8 +289,17 @@ impl ConnInfo {
     /// Facts of a new connection of `workload`.
     #[must_use]
     pub fn new(direction: Direction, workload: ObjectRef) -> Self {
+        let name = workload.to_string().into();
+        Self::named(direction, workload, name)
+    }
+
+    /// The same, with the workload's `ns/name` made already (a waypoint
+    /// names itself once, not once per request).
+    #[must_use]
+    pub fn named(direction: Direction, workload: ObjectRef, workload_name: Name) -> Self {
         Self {
             direction,
+            workload_name,
             workload,
             src: None,
             orig_dst: None,
@@ -452,14 +494,14 @@ impl FlowLog {
         let record = FlowRecord {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             conn,
-            time: rfc3339(SystemTime::now()),
+            time: Timestamp::now(),
             event,
             direction: info.direction,
-            workload: info.workload.to_string(),
+            workload: info.workload_name.clone(),
             src: info.src,
             orig_dst: info.orig_dst,
             dst: info.dst,
-            service: info.service.as_ref().map(ToString::to_string),
+            service: info.service.as_ref().map(|s| s.to_string().into()),
             security: info.security,
             src_identity: info.src_identity.clone(),
             dst_identity: info.dst_identity.clone(),
@@ -478,7 +520,7 @@ impl FlowLog {
             dry_run: mark.dry_run.clone(),
             closed_by_policy: name(&mark.closed_by_policy),
             waypoint: info.waypoint.clone(),
-            http: info.http.as_deref().cloned(),
+            http: info.http.clone(),
             passthrough: info.passthrough.clone(),
         };
         if event != Event::Open {
@@ -618,6 +660,15 @@ mod tests {
         assert_eq!(json["closed_by_policy"], "demo/deny");
         assert_eq!(json["policy_rule"], 0);
         assert!(json["dry_run"].is_null() && json["audit_policy"].is_null());
+    }
+
+    /// The ring's memory is capacity × (this + what a record owns on the
+    /// heap); ARCHITECTURE.md gives the figure, and a field that grows a
+    /// record past it should be boxed or shared instead.
+    #[test]
+    fn records_stay_small() {
+        assert!(size_of::<FlowRecord>() <= 480, "FlowRecord is {} bytes", size_of::<FlowRecord>());
+        assert!(size_of::<HttpInfo>() <= 240, "HttpInfo is {} bytes", size_of::<HttpInfo>());
     }
 
     #[test]

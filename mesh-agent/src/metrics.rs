@@ -200,7 +200,7 @@ impl ConnLabels {
             Direction::Outbound => ("source", local, by_ip(info.dst.or(info.orig_dst).map(|a| a.ip()))),
             Direction::Inbound => ("destination", by_ip(info.src.map(|a| a.ip())), local),
         };
-        let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| UNKNOWN.into());
+        let principal = |p: &Option<crate::flows::Name>| p.as_deref().unwrap_or(UNKNOWN).to_owned();
         Self {
             reporter,
             src,

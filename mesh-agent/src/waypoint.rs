@@ -80,8 +80,12 @@ pub struct Settings {
 pub struct State {
     /// This waypoint.
     pub waypoint: ObjectRef,
+    /// Its `ns/name`, as the records name it.
+    pub waypoint_name: crate::flows::Name,
     /// This process's pod, as the tunnel client sees it.
     pub me: Arc<Pod>,
+    /// Its `ns/name`, as the records name it.
+    pub me_name: crate::flows::Name,
     /// Its identity (`spiffe://<td>/ns/<ns>/sa/<sa>`).
     pub me_identity: SpiffeId,
     /// The latest registry.
@@ -108,10 +112,14 @@ pub struct Downstream {
     pub peer: SocketAddr,
     /// Its verified identity.
     pub client: SpiffeId,
+    /// The same, as the records name it.
+    pub client_name: crate::flows::Name,
     /// What it dialled (a VIP or a pod address).
     pub target: SocketAddr,
     /// The Service whose VIP it dialled.
     pub service: Option<ObjectRef>,
+    /// The same, as the records name it.
+    pub service_name: Option<crate::flows::Name>,
     /// Its HTTP version (the upstream speaks the same).
     pub version: pool::Version,
 }
@@ -159,6 +167,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let telemetry = Arc::new(telemetry::Telemetry::new(flows));
     let state = Arc::new(State {
         waypoint: settings.waypoint.clone(),
+        waypoint_name: settings.waypoint.to_string().into(),
+        me_name: me.id.to_string().into(),
         me: me.clone(),
         me_identity,
         registry: registry_rx,

@@ -364,6 +364,23 @@ spec:
     - type: ResponseHeaderModifier
       responseHeaderModifier: {set: [{name: x-resp, value: from-route}]}
     backendRefs: [{name: api-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /scheme}}]
+    filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]
+  - matches: [{path: {type: PathPrefix, value: /port}}]
+    filters: [{type: RequestRedirect, requestRedirect: {port: 8083, statusCode: 308}}]
+  - matches: [{path: {type: PathPrefix, value: /full-redirect}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /full-path-replacement}, statusCode: 307}
+  - matches: [{path: {type: PathPrefix, value: /see-other}}]
+    filters: [{type: RequestRedirect, requestRedirect: {hostname: other.example, port: 8080, statusCode: 303}}]
+  - matches: [{path: {type: PathPrefix, value: /rewrite-full}}]
+    filters:
+    - {type: URLRewrite, urlRewrite: {hostname: rewritten.example, path: {type: ReplaceFullPath, replaceFullPath: /one}}}
+    backendRefs: [{name: api-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /strip/}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
+    backendRefs: [{name: api-v1, port: 80}]
   - backendRefs: [{name: api-v1, port: 80}]
 ";
 
@@ -402,6 +419,16 @@ fn route_matching_and_filters_behave_as_the_gateway_api_mesh_conformance_cases_e
             ("GET", "/redirect-path/a", vec![], 302, None, None),
             ("GET", "/rewrite/one?k=v", vec![], 200, Some("api-v1"), Some("/new/one?k=v")),
             ("GET", "/headers", vec![("x-remove", "gone"), ("x-set", "client")], 200, Some("api-v1"), Some("/headers")),
+            // MeshHTTPRouteSchemeRedirect, -RedirectPort, -RedirectPath,
+            // -RedirectHostAndStatus (303, 307, 308), -RewritePath and
+            // -RewriteHost: the Location or what the backend saw.
+            ("GET", "/scheme/x", vec![], 302, None, None),
+            ("GET", "/port?k=v", vec![], 308, None, None),
+            ("GET", "/full-redirect/deep", vec![], 307, None, None),
+            ("GET", "/see-other", vec![], 303, None, None),
+            ("GET", "/rewrite-full/x?k=v", vec![], 200, Some("api-v2"), Some("/one?k=v")),
+            ("GET", "/strip/three", vec![], 200, Some("api-v1"), Some("/three")),
+            ("GET", "/strip", vec![], 200, Some("api-v1"), Some("/")),
         ];
         let list: Vec<Value> = cases
             .iter()
@@ -433,6 +460,15 @@ fn route_matching_and_filters_behave_as_the_gateway_api_mesh_conformance_cases_e
             "request headers: {hdrs}"
         );
         ensure!(results[16]["headers"]["x-resp"] == "from-route", "response header: {}", results[16]);
+        for (i, location) in [
+            (17, format!("https://{API_VIP}/scheme/x")),
+            (18, format!("http://{API_VIP}:8083/port?k=v")),
+            (19, format!("http://{API_VIP}/full-path-replacement")),
+            (20, "http://other.example:8080/see-other".to_owned()),
+        ] {
+            ensure!(loc(i) == location, "{} {}: Location {}", cases[i].0, cases[i].1, loc(i));
+        }
+        ensure!(results[21]["body"]["host"] == "rewritten.example", "rewritten host: {}", results[21]);
         // Every request is recorded with the route and rule that matched.
         let recs = requests(&m.waypoint, cases.len(), |_| true)?;
         ensure!(

@@ -7,9 +7,10 @@ use serde::Serialize;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct HttpInfo {
     /// `HTTP/1.1` or `HTTP/2`.
-    pub protocol: String,
-    /// Request method.
-    pub method: String,
+    pub protocol: &'static str,
+    /// Request method (no allocation for the standard ones).
+    #[serde(serialize_with = "method_str")]
+    pub method: hyper::Method,
     /// `:authority` or `Host`.
     pub authority: String,
     /// Path and query as the client sent them.
@@ -19,17 +20,21 @@ pub struct HttpInfo {
     /// `grpc-status` of a gRPC response (trailers or trailers-only).
     pub grpc_status: Option<u32>,
     /// The route that matched, `kind/ns/name`.
-    pub route: Option<String>,
+    pub route: Option<super::Name>,
     /// The index of its rule that matched.
     pub rule: Option<usize>,
     /// The backend service chosen, `ns/name`.
-    pub backend: Option<String>,
-    /// The endpoint the request went to, `ip:port`.
-    pub upstream: Option<String>,
+    pub backend: Option<super::Name>,
+    /// The endpoint the request went to (`ip:port` in JSON).
+    pub upstream: Option<std::net::SocketAddr>,
     /// Envoy-style response flags (`-`, `NR` no route, `UH` no healthy
     /// upstream, `UF` upstream connect failure, `UT` upstream timeout, `DC`
     /// downstream reset, `UR` upstream reset).
-    pub response_flags: String,
+    pub response_flags: &'static str,
     /// What went wrong, if anything.
     pub error: Option<String>,
+}
+
+fn method_str<S: serde::Serializer>(m: &hyper::Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
 }

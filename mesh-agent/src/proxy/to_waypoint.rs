@@ -39,14 +39,14 @@ pub async fn forward(
         info.service = reg.service_by_vip(orig.ip()).map(|s| s.id.clone());
         reg.waypoint_pod(&waypoint, orig.ip())
     };
-    info.waypoint = Some(waypoint.to_string());
+    info.waypoint = Some(waypoint.to_string().into());
     info.security = Security::MutualTls;
     let (via, via_id) = match picked {
         Ok(p) => p,
         Err(e) => return fail(ctx, conn, &info, client, &e),
     };
     info.dst = Some(SocketAddr::new(via, mesh_common::PORT_TUNNEL));
-    info.dst_identity = Some(via_id.to_string());
+    info.dst_identity = Some(via_id.to_string().into());
     let started = Instant::now();
     match mesh.connect_via(pod, &pod.identity, via, &via_id, orig).await {
         Ok(tunnelled) => {

@@ -95,7 +95,7 @@ pub fn routes_json(state: &State) -> Value {
     let hits = state.telemetry.rule_hits();
     let mut by_route: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for ((route, rule), n) in &hits {
-        by_route.entry(route.clone()).or_default().push(json!({"rule": rule, "requests": n}));
+        by_route.entry(route.to_string()).or_default().push(json!({"rule": rule, "requests": n}));
     }
     let routes: Vec<Value> = set
         .statuses()

@@ -38,7 +38,7 @@ use super::{
     Downstream, State,
 };
 use crate::{
-    flows::{ConnInfo, Direction, HttpInfo, Security},
+    flows::{ConnInfo, Direction, HttpInfo, Name, Security},
     registry::ObjectRef,
 };
 
@@ -52,6 +52,8 @@ pub const FORWARDED_CLIENT: &str = "x-forwarded-client-cert";
 struct Target {
     service: ObjectRef,
     port: u16,
+    /// `service` as the records name it.
+    name: Name,
 }
 
 /// Handles one request of a downstream connection.
@@ -83,23 +85,22 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 }
 
 fn new_pending<B>(req: &Request<B>, down: &Downstream, state: &State, started: Instant, grpc: bool) -> Pending {
-    let mut info = ConnInfo::new(Direction::Inbound, state.me.id.clone());
+    let mut info = ConnInfo::named(Direction::Inbound, state.me.id.clone(), state.me_name.clone());
     info.src = Some(down.peer);
     info.orig_dst = Some(down.target);
     info.security = Security::MutualTls;
-    info.src_identity = Some(down.client.to_string());
-    info.waypoint = Some(state.waypoint.to_string());
+    info.src_identity = Some(down.client_name.clone());
+    info.waypoint = Some(state.waypoint_name.clone());
     info.service.clone_from(&down.service);
     info.http = Some(Box::new(HttpInfo {
         protocol: match down.version {
             Version::Http1 => "HTTP/1.1",
             Version::Http2 => "HTTP/2",
-        }
-        .to_owned(),
-        method: req.method().to_string(),
+        },
+        method: req.method().clone(),
         authority: authority(req).unwrap_or_default(),
         path: req.uri().path_and_query().map_or_else(|| "/".to_owned(), ToString::to_string),
-        response_flags: "-".to_owned(),
+        response_flags: "-",
         ..HttpInfo::default()
     }));
     Pending {
@@ -131,7 +132,7 @@ async fn route_and_send(
     grpc: bool,
 ) -> Response<HttpBody> {
     // A pod-addressed request goes to that pod; a service's through its routes.
-    let Some(service) = down.service.clone() else {
+    let (Some(service), Some(service_name)) = (down.service.clone(), down.service_name.clone()) else {
         let target = down.target;
         return send_to_endpoint(req, down, state, pending, target, None, None, grpc).await;
     };
@@ -155,16 +156,16 @@ async fn route_and_send(
         if has_routes {
             // Routes attach to this Service but none matches: 404, as a
             // Gateway does (Gateway API, HTTPRoute rules).
-            http_of(pending).response_flags = "NR".into();
+            http_of(pending).response_flags = "NR";
             return local_reply(StatusCode::NOT_FOUND, grpc, "no route matched");
         }
         // No route at all: the Service itself, as without a waypoint.
-        let target = Target { service, port: down.target.port() };
+        let target = Target { service, port: down.target.port(), name: service_name };
         let plan = Plan { path_match: None, filters: &[], backend_timeout: None };
         return send_to_service(req, down, state, pending, &target, &plan, grpc).await;
     };
     let rule = matched.rule.clone();
-    http_of(pending).route = Some(rule.route.to_string());
+    http_of(pending).route = Some(rule.route_name.clone());
     http_of(pending).rule = Some(rule.index);
     let path_match = matched.match_index.map(|i| rule.matches[i].path.clone());
     if let Some(r) = &rule.filters.redirect {
@@ -196,8 +197,10 @@ async fn route_and_send(
         }
     };
     let (target, backend_filters) = match backend.map(|b| (&b.target, &b.filters)) {
-        None => (Target { service, port: down.target.port() }, None),
-        Some((BackendTarget::Service { id, port }, f)) => (Target { service: id.clone(), port: *port }, Some(f)),
+        None => (Target { service, port: down.target.port(), name: service_name }, None),
+        Some((BackendTarget::Service { id, port, name }, f)) => {
+            (Target { service: id.clone(), port: *port, name: name.clone() }, Some(f))
+        }
         Some((BackendTarget::Invalid(why), _)) => {
             http_of(pending).error = Some(why.clone());
             return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, why);
@@ -235,7 +238,7 @@ struct Plan<'a> {
 }
 
 fn timed_out(pending: &mut Pending, grpc: bool) -> Response<HttpBody> {
-    http_of(pending).response_flags = "UT".into();
+    http_of(pending).response_flags = "UT";
     local_reply(StatusCode::GATEWAY_TIMEOUT, grpc, "upstream request timeout")
 }
 
@@ -248,7 +251,7 @@ async fn send_to_service(
     plan: &Plan<'_>,
     grpc: bool,
 ) -> Response<HttpBody> {
-    http_of(pending).backend = Some(target.service.to_string());
+    http_of(pending).backend = Some(target.name.clone());
     for f in plan.filters {
         apply_request_filters(&mut req, f, plan.path_match);
     }
@@ -276,7 +279,7 @@ async fn send_to_service(
             .collect()
     };
     if endpoints.is_empty() {
-        http_of(pending).response_flags = "UH".into();
+        http_of(pending).response_flags = "UH";
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no healthy upstream");
     }
     let addrs: Vec<SocketAddr> = endpoints.iter().map(|(a, _)| *a).collect();
@@ -324,12 +327,12 @@ async fn send_to_endpoint(
 ) -> Response<HttpBody> {
     let identity = identity.or_else(|| state.registry.borrow().workload_by_ip(addr.ip()).map(|w| w.identity.clone()));
     let Some(identity) = identity else {
-        http_of(pending).response_flags = "UH".into();
+        http_of(pending).response_flags = "UH";
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "endpoint is not a mesh workload");
     };
-    http_of(pending).upstream = Some(addr.to_string());
+    http_of(pending).upstream = Some(addr);
     pending.info.dst = Some(addr);
-    pending.info.dst_identity = Some(identity.to_string());
+    pending.info.dst_identity = Some(identity.to_string().into());
     let mut req = req;
     // HTTP/1.1 upgrades (WebSocket): the connection is handed over once
     // both sides agreed (101), and bytes are copied both ways.
@@ -361,7 +364,7 @@ async fn send_to_endpoint(
         }
         Err(e) => {
             let flag = e.flag();
-            http_of(pending).response_flags = flag.into();
+            http_of(pending).response_flags = flag;
             http_of(pending).error = Some(e.to_string());
             tracing::debug!(upstream = %addr, error = %e, "upstream request failed");
             local_reply(

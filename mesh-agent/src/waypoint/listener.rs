@@ -128,7 +128,7 @@ fn refused(state: &State, peer: SocketAddr, why: &str) {
     tracing::info!(%peer, error = %why, "waypoint connection refused");
     let mut info = crate::flows::ConnInfo::new(crate::flows::Direction::Inbound, state.me.id.clone());
     info.src = Some(peer);
-    info.waypoint = Some(state.waypoint.to_string());
+    info.waypoint = Some(state.waypoint_name.clone());
     state.telemetry.flows.failed(state.telemetry.flows.conn_id(), &info, why.to_owned());
 }
 
@@ -188,8 +188,16 @@ async fn serve_stream(
             return passthrough::run(Prefixed::new(head, io), peer, &client, addr, service, reason, &state).await;
         }
     };
-    let down =
-        Arc::new(Downstream { conn: state.telemetry.flows.conn_id(), peer, client, target: addr, service, version });
+    let down = Arc::new(Downstream {
+        conn: state.telemetry.flows.conn_id(),
+        peer,
+        client_name: client.to_string().into(),
+        client,
+        target: addr,
+        service_name: service.as_ref().map(|s| s.to_string().into()),
+        service,
+        version,
+    });
     let io = TokioIo::new(Prefixed::new(head, io));
     let svc = {
         let (down, state) = (down.clone(), state.clone());

@@ -64,7 +64,7 @@ pub struct Telemetry {
     request_bytes: HistogramVec,
     response_bytes: HistogramVec,
     route_requests: IntCounterVec,
-    rule_hits: Mutex<BTreeMap<(String, usize), u64>>,
+    rule_hits: Mutex<BTreeMap<(crate::flows::Name, usize), u64>>,
 }
 
 impl Telemetry {
@@ -115,7 +115,7 @@ impl Telemetry {
 
     /// How often each rule matched, by (`route`, rule index).
     #[must_use]
-    pub fn rule_hits(&self) -> BTreeMap<(String, usize), u64> {
+    pub fn rule_hits(&self) -> BTreeMap<(crate::flows::Name, usize), u64> {
         self.rule_hits.lock().expect("hits lock").clone()
     }
 
@@ -127,7 +127,7 @@ impl Telemetry {
         };
         if let Some(f) = flag {
             if http.response_flags == "-" {
-                f.clone_into(&mut http.response_flags);
+                http.response_flags = f;
             }
         }
         let request_bytes = rec.request_bytes.load(Ordering::Relaxed);
@@ -147,7 +147,7 @@ impl Telemetry {
             &code,
             &grpc,
             protocol,
-            &http.response_flags,
+            http.response_flags,
         ];
         self.requests.with_label_values(&values).inc();
         self.duration.with_label_values(&values).observe(elapsed.as_secs_f64());
@@ -155,7 +155,7 @@ impl Telemetry {
         self.response_bytes.with_label_values(&values).observe(response_bytes as f64);
         if let (Some(route), Some(rule)) = (&http.route, http.rule) {
             let class = format!("{}xx", http.status / 100);
-            self.route_requests.with_label_values(&[route.as_str(), &rule.to_string(), &class]).inc();
+            self.route_requests.with_label_values(&[&**route, &rule.to_string(), &class]).inc();
             *self.rule_hits.lock().expect("hits lock").entry((route.clone(), rule)).or_default() += 1;
         }
         self.flows.request(rec.conn, &info, (request_bytes, response_bytes), elapsed);
@@ -189,20 +189,15 @@ impl Pending {
                 |w| (w.workload_name.clone(), w.id.namespace.clone()),
             )
         };
-        let upstream = self
-            .info
-            .http
-            .as_ref()
-            .and_then(|h| h.upstream.as_ref())
-            .and_then(|u| u.parse::<std::net::SocketAddr>().ok());
+        let upstream = self.info.http.as_ref().and_then(|h| h.upstream);
         let (sw, sns) = peer(self.info.src.map(|s| s.ip()));
         let (dw, dns) = peer(upstream.map(|u| u.ip()));
-        let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| UNKNOWN.to_owned());
+        let principal = |p: &Option<crate::flows::Name>| p.as_deref().unwrap_or(UNKNOWN).to_owned();
         let service = self
             .info
             .http
             .as_ref()
-            .and_then(|h| h.backend.clone())
+            .and_then(|h| h.backend.as_deref().map(str::to_owned))
             .or_else(|| self.info.service.as_ref().map(ToString::to_string))
             .unwrap_or_else(|| UNKNOWN.to_owned());
         self.labels =

@@ -147,6 +147,8 @@ pub enum BackendTarget {
         id: ObjectRef,
         /// Its port (the service port, not the target port).
         port: u16,
+        /// `ns/name`, as request records name it (made once, here).
+        name: crate::flows::Name,
     },
     /// A reference Heddle cannot resolve (missing Service, other kind):
     /// requests sent here get 500, as Gateway API specifies.
@@ -178,6 +180,8 @@ pub struct Timeouts {
 pub struct Rule {
     /// The route it belongs to.
     pub route: RouteRef,
+    /// `kind/ns/name`, as request records name it (made once, here).
+    pub route_name: crate::flows::Name,
     /// Its index in the route's `rules`.
     pub index: usize,
     /// Its matches (any may match; empty: everything).

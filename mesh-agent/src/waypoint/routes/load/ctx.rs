@@ -401,7 +401,7 @@ impl<'a> Ctx<'a> {
                         self.unresolved.push(("BackendNotFound", why.clone()));
                         BackendTarget::Invalid(why)
                     }
-                    (Some(_), Some(port)) => BackendTarget::Service { id, port },
+                    (Some(_), Some(port)) => BackendTarget::Service { name: id.to_string().into(), id, port },
                 }
             };
             let filters: Vec<h::HttpRouteRulesFilters> =
@@ -443,7 +443,15 @@ impl<'a> Ctx<'a> {
         backends: Vec<Backend>,
         timeouts: Timeouts,
     ) -> Rule {
-        Rule { route: self.route.clone(), index, matches, filters, backends, timeouts }
+        Rule {
+            route_name: self.route.to_string().into(),
+            route: self.route.clone(),
+            index,
+            matches,
+            filters,
+            backends,
+            timeouts,
+        }
     }
 
     /// Attaches `rules` to the parents this waypoint owns and builds the status.

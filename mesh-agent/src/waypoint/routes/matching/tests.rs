@@ -23,6 +23,7 @@ fn m(path: PathMatch) -> RequestMatch {
 fn rule(route: &str, kind: RouteKind, index: usize, matches: Vec<RequestMatch>) -> Arc<Rule> {
     let (ns, name) = route.split_once('/').unwrap();
     Arc::new(Rule {
+        route_name: RouteRef { kind, id: obj(ns, name) }.to_string().into(),
         route: RouteRef { kind, id: obj(ns, name) },
         index,
         matches,
