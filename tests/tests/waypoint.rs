@@ -7,7 +7,7 @@
 //! node-a: client (enrolled)
 //! node-b: waypoint (runs demo/waypoint, sa waypoint)
 //!         api-v1, api-v2 (enrolled; app=api, version=v1|v2; HTTP :8080, echo :9090)
-//! services demo/api 10.96.0.20 (80->8080, 9000->9090), demo/api-v1 10.96.0.21, demo/api-v2 10.96.0.22
+//! services demo/api 10.96.0.20 (80->8080, 8000->8080, 9000->9090), demo/api-v1 10.96.0.21, demo/api-v2 10.96.0.22
 //! namespace demo: useWaypoint waypoint
 //! ```
 //!
@@ -35,6 +35,9 @@ use heddle_tests::{
 use serde_json::{json, Value};
 
 const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// A second service port of `api` onto the same HTTP servers (GAMMA's
+/// mesh-ports case: a route attached to one port only).
+const ALT_HTTP_PORT: u16 = 8000;
 const V1_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
 const V2_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 22);
 const STORE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 23);
@@ -77,7 +80,11 @@ impl Mesh {
         let v1 = tb.add_pod(&node_b, version("v1"))?;
         let v2 = tb.add_pod(&node_b, version("v2"))?;
         tb.add_service(
-            ServiceSpec::new("api", API_VIP).port(80, HTTP_PORT).port(9000, ECHO_PORT).port(GRPC_PORT, GRPC_PORT),
+            ServiceSpec::new("api", API_VIP)
+                .port(80, HTTP_PORT)
+                .port(ALT_HTTP_PORT, HTTP_PORT)
+                .port(9000, ECHO_PORT)
+                .port(GRPC_PORT, GRPC_PORT),
         )?;
         tb.add_service(
             ServiceSpec::new("api-v1", V1_VIP).port(80, HTTP_PORT).port(GRPC_PORT, GRPC_PORT).selector("version", "v1"),
@@ -148,7 +155,11 @@ fn run_waypoint(name: &str, extras: Extras, body: impl FnOnce(&Mesh) -> Result<(
     );
 }
 
+/// `path` on the `api` Service's port 80, or `path` itself when it is a URL.
 fn url(path: &str) -> String {
+    if path.starts_with("http://") {
+        return path.to_owned();
+    }
     format!("http://{API_VIP}:80{path}")
 }
 
@@ -382,6 +393,15 @@ spec:
     filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
     backendRefs: [{name: api-v1, port: 80}]
   - backendRefs: [{name: api-v1, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mesh-ports, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api, port: 8000}]
+  rules:
+  - filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-port, value: '8000'}]}}]
+    backendRefs: [{name: api-v2, port: 80}]
 ";
 
 fn waypoint_identity() -> String {
@@ -429,6 +449,8 @@ fn route_matching_and_filters_behave_as_the_gateway_api_mesh_conformance_cases_e
             ("GET", "/rewrite-full/x?k=v", vec![], 200, Some("api-v2"), Some("/one?k=v")),
             ("GET", "/strip/three", vec![], 200, Some("api-v1"), Some("/three")),
             ("GET", "/strip", vec![], 200, Some("api-v1"), Some("/")),
+            // MeshPorts: the route attached to port 8000 only.
+            ("GET", "http://10.96.0.20:8000/ports", vec![], 200, Some("api-v2"), Some("/ports")),
         ];
         let list: Vec<Value> = cases
             .iter()
@@ -469,6 +491,11 @@ fn route_matching_and_filters_behave_as_the_gateway_api_mesh_conformance_cases_e
             ensure!(loc(i) == location, "{} {}: Location {}", cases[i].0, cases[i].1, loc(i));
         }
         ensure!(results[21]["body"]["host"] == "rewritten.example", "rewritten host: {}", results[21]);
+        ensure!(results[24]["headers"]["x-port"] == "8000", "port 8000's route: {}", results[24]);
+        ensure!(
+            results.iter().take(24).all(|r| r["headers"].get("x-port").is_none()),
+            "port 8000's route applied to port 80"
+        );
         // Every request is recorded with the route and rule that matched.
         let recs = requests(&m.waypoint, cases.len(), |_| true)?;
         ensure!(
