@@ -53,7 +53,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     };
     let orig = SocketAddr::V4(SocketAddrV4::new(*orig.ip(), orig.port()));
     info.orig_dst = Some(orig);
-    info.src_identity = Some(pod.identity.to_string().into());
+    info.src_identity = Some(pod.identity.name());
     // One hash lookup (on an empty map without waypoints) keeps the L4 path
     // free of L7 cost.
     if let Some(mesh) = &ctx.mesh {
@@ -76,7 +76,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     });
     let (done, health) = if let (Some(mesh), Some(dst_id)) = (ctx.mesh.clone(), dst_identity) {
         info.security = Security::MutualTls;
-        info.dst_identity = Some(dst_id.to_string().into());
+        info.dst_identity = Some(dst_id.name());
         match mesh.connect(&pod, &pod.identity, resolved.addr, &dst_id).await {
             Ok(tunnelled) => splice_tunnelled(client, peer, &pod, &ctx, conn, &mut info, started, tunnelled).await,
             Err(e) => {

@@ -46,7 +46,7 @@ pub async fn forward(
         Err(e) => return fail(ctx, conn, &info, client, &e),
     };
     info.dst = Some(SocketAddr::new(via, mesh_common::PORT_TUNNEL));
-    info.dst_identity = Some(via_id.to_string().into());
+    info.dst_identity = Some(via_id.name());
     let started = Instant::now();
     match mesh.connect_via(pod, &pod.identity, via, &via_id, orig).await {
         Ok(tunnelled) => {

@@ -86,7 +86,7 @@ async fn serve_connection(
     let mut info = ConnInfo::new(Direction::Inbound, pod.id.clone());
     info.src = Some(peer);
     info.security = Security::MutualTls;
-    info.dst_identity = Some(pod.identity.to_string().into());
+    info.dst_identity = Some(pod.identity.name());
     let fail = |info: &ConnInfo, msg: String| {
         tracing::info!(pod = %pod.id, %peer, error = %msg, "tunnel connection refused");
         ctx.flows.failed(ctx.flows.conn_id(), info, msg);
@@ -111,7 +111,7 @@ async fn serve_connection(
         Ok(id) => id,
         Err(e) => return fail(&info, format!("tunnel client rejected: {e}")),
     };
-    info.src_identity = Some(peer_id.to_string().into());
+    info.src_identity = Some(peer_id.name());
     info.peer_cert_serial =
         tls.get_ref().1.peer_certificates().and_then(<[_]>::first).and_then(tls::serial_of).map(Into::into);
     let info = Arc::new(info);

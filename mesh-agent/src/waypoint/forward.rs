@@ -332,7 +332,7 @@ async fn send_to_endpoint(
     };
     http_of(pending).upstream = Some(addr);
     pending.info.dst = Some(addr);
-    pending.info.dst_identity = Some(identity.to_string().into());
+    pending.info.dst_identity = Some(identity.name());
     let mut req = req;
     // HTTP/1.1 upgrades (WebSocket): the connection is handed over once
     // both sides agreed (101), and bytes are copied both ways.

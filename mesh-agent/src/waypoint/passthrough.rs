@@ -29,7 +29,7 @@ pub async fn run<T: AsyncRead + AsyncWrite + Unpin>(
     info.src = Some(peer);
     info.orig_dst = Some(target);
     info.security = Security::MutualTls;
-    info.src_identity = Some(client_id.to_string().into());
+    info.src_identity = Some(client_id.name());
     info.waypoint = Some(state.waypoint_name.clone());
     info.service = service;
     info.passthrough = Some(reason.to_owned());
@@ -49,7 +49,7 @@ pub async fn run<T: AsyncRead + AsyncWrite + Unpin>(
         Err(e) => return state.telemetry.flows.failed(conn, &info, e.to_string()),
     };
     info.dst = Some(addr);
-    info.dst_identity = Some(identity.to_string().into());
+    info.dst_identity = Some(identity.name());
     let started = Instant::now();
     let tunnelled = match state.mesh.connect(&state.me, &state.me_identity, addr, &identity).await {
         Ok(t) => t,
