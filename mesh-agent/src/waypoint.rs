@@ -112,8 +112,6 @@ pub struct Downstream {
     pub peer: SocketAddr,
     /// Its verified identity.
     pub client: SpiffeId,
-    /// The same, as the records name it.
-    pub client_name: crate::flows::Name,
     /// What it dialled (a VIP or a pod address).
     pub target: SocketAddr,
     /// The Service whose VIP it dialled.

@@ -89,7 +89,7 @@ fn new_pending<B>(req: &Request<B>, down: &Downstream, state: &State, started: I
     info.src = Some(down.peer);
     info.orig_dst = Some(down.target);
     info.security = Security::MutualTls;
-    info.src_identity = Some(down.client_name.clone());
+    info.src_identity = Some(down.client.name());
     info.waypoint = Some(state.waypoint_name.clone());
     info.service.clone_from(&down.service);
     info.http = Some(Box::new(HttpInfo {

@@ -191,7 +191,6 @@ async fn serve_stream(
     let down = Arc::new(Downstream {
         conn: state.telemetry.flows.conn_id(),
         peer,
-        client_name: client.name(),
         client,
         target: addr,
         service_name: service.as_ref().map(|s| s.to_string().into()),
