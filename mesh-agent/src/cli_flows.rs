@@ -66,6 +66,10 @@ pub struct FlowsArgs {
     /// Only waypoint requests with this method.
     #[arg(long)]
     pub method: Option<String>,
+    /// Only waypoint requests carrying this Envoy-style response flag
+    /// (`UT` timeout, `URX` retries exhausted, `UH` no healthy upstream, ...).
+    #[arg(long)]
+    pub response_flag: Option<String>,
 }
 
 /// Parses `30s`, `5m`, `2h`, `1d` or plain seconds.
@@ -105,6 +109,7 @@ pub fn query(args: &FlowsArgs, now: SystemTime, after: Option<u64>) -> String {
     add("http_status", args.http_status.clone());
     add("path", args.path.clone());
     add("method", args.method.clone());
+    add("response_flag", args.response_flag.clone());
     add("since", args.since.map(|d| crate::flows::rfc3339(now - d)));
     add("after", after.map(|a| a.to_string()));
     format!("/flows?{}", q.join("&"))
@@ -313,6 +318,9 @@ pub fn table_row(f: &Value) -> String {
         }
         if let Some(flags) = h["response_flags"].as_str().filter(|f| *f != "-") {
             let _ = write!(l7, " {flags}");
+        }
+        if let Some(n) = h["retries"].as_u64().filter(|n| *n > 0) {
+            let _ = write!(l7, " retries={n}");
         }
         note = l7;
     } else if let Some(wp) = f["waypoint"].as_str() {

@@ -9,7 +9,8 @@
 //! (RFC 3339, compared with the record time), `after` (record id, for
 //! following), `last` (the newest N matches, applied after filtering).
 //! L7 (waypoint `request` records): `http_status` (a code like `503`, or a
-//! class like `5xx`), `path` (prefix of the request path), `method`.
+//! class like `5xx`), `path` (prefix of the request path), `method`,
+//! `response_flag` (one of the record's Envoy-style flags: `UT`, `URX`, ...).
 //! Streaming: `follow=true` keeps the response open and sends new matching
 //! records as JSON Lines after the stored ones (see `admin`), `queue` sets
 //! that subscriber's queue length (default
@@ -68,6 +69,8 @@ pub struct FlowFilter {
     pub path: Option<String>,
     /// Request method (case-insensitive).
     pub method: Option<String>,
+    /// One of the record's Envoy-style response flags (`UT`, `URX`, ...).
+    pub response_flag: Option<String>,
 }
 
 /// An HTTP status filter: `503` or `5xx`.
@@ -122,6 +125,7 @@ impl FlowFilter {
                 "follow" => f.follow = parse(k, v, "true or false")?,
                 "path" => f.path = s,
                 "method" => f.method = Some(v.to_ascii_uppercase()),
+                "response_flag" => f.response_flag = Some(v.to_ascii_uppercase()),
                 "http_status" => {
                     f.http_status = Some(StatusFilter::parse(v).ok_or_else(|| FilterError {
                         name: k.clone(),
@@ -159,7 +163,7 @@ impl FlowFilter {
                     return Err(FilterError {
                         name: k.clone(),
                         value: v.clone(),
-                        expected: "a known filter (namespace, pod, from_identity, to_identity, from_ip, to_ip, port, verdict, policy, since, after, last, follow, queue, http_status, path, method)",
+                        expected: "a known filter (namespace, pod, from_identity, to_identity, from_ip, to_ip, port, verdict, policy, since, after, last, follow, queue, http_status, path, method, response_flag)",
                     })
                 }
             }
@@ -192,13 +196,14 @@ impl FlowFilter {
     }
 
     fn matches_http(&self, r: &FlowRecord) -> bool {
-        if self.http_status.is_none() && self.path.is_none() && self.method.is_none() {
+        if self.http_status.is_none() && self.path.is_none() && self.method.is_none() && self.response_flag.is_none() {
             return true;
         }
         let Some(h) = &r.http else { return false };
         self.http_status.is_none_or(|s| s.matches(h.status))
             && self.path.as_ref().is_none_or(|p| h.path.starts_with(p.as_str()))
             && self.method.as_ref().is_none_or(|m| m == h.method.as_str())
+            && self.response_flag.as_ref().is_none_or(|f| h.response_flags.split(',').any(|x| x == f))
     }
 }
 
@@ -277,13 +282,16 @@ mod tests {
     #[test]
     fn filters_waypoint_requests_by_status_path_and_method() {
         let log = log();
-        for (status, path, method) in [(200, "/api/v1/x", "GET"), (503, "/api/v2", "POST"), (404, "/other", "GET")] {
+        for (status, path, method, flags) in
+            [(200, "/api/v1/x", "GET", "-"), (503, "/api/v2", "POST", "URX"), (404, "/other", "GET", "NR")]
+        {
             let mut r =
                 ConnInfo::new(Direction::Inbound, ObjectRef { namespace: "demo".into(), name: "waypoint".into() });
             r.http = Some(Box::new(crate::flows::HttpInfo {
                 status,
                 path: path.into(),
                 method: method.parse().unwrap(),
+                response_flags: flags,
                 ..Default::default()
             }));
             log.request(9, &r, (0, 0), std::time::Duration::from_millis(1));
@@ -295,6 +303,8 @@ mod tests {
         assert_eq!(paths(&q(&[("http_status", "404")])), ["/other"]);
         assert_eq!(paths(&q(&[("path", "/api")])), ["/api/v1/x", "/api/v2"]);
         assert_eq!(paths(&q(&[("method", "get"), ("path", "/api")])), ["/api/v1/x"]);
+        assert_eq!(paths(&q(&[("response_flag", "urx")])), ["/api/v2"]);
+        assert!(paths(&q(&[("response_flag", "UT")])).is_empty());
         // L4 records never match an L7 filter.
         assert_eq!(log.select(&q(&[("method", "GET")])).len(), 2);
         let map = [("http_status".to_owned(), "6xx".to_owned())].into_iter().collect();

@@ -29,8 +29,10 @@ pub mod filters;
 pub mod forward;
 pub mod h2io;
 pub mod listener;
+pub mod mirror;
 pub mod passthrough;
 pub mod pool;
+pub mod retry;
 pub mod routes;
 pub mod sources;
 pub mod telemetry;
@@ -100,6 +102,8 @@ pub struct State {
     pub balancer: balance::Balancer,
     /// Flows and metrics.
     pub telemetry: Arc<telemetry::Telemetry>,
+    /// Request copies in flight to shadow backends.
+    pub shadows: mirror::Shadows,
     /// Connection tasks.
     pub tracker: TaskTracker,
 }
@@ -175,6 +179,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         mesh,
         balancer: balance::Balancer::default(),
         telemetry,
+        shadows: mirror::Shadows::default(),
         tracker: TaskTracker::new(),
     });
     let hbone = TcpListener::bind(settings.listen)

@@ -29,8 +29,11 @@ pub struct HttpInfo {
     pub upstream: Option<std::net::SocketAddr>,
     /// Envoy-style response flags (`-`, `NR` no route, `UH` no healthy
     /// upstream, `UF` upstream connect failure, `UT` upstream timeout, `DC`
-    /// downstream reset, `UR` upstream reset).
+    /// downstream reset, `UR` upstream reset, `URX` retries exhausted or
+    /// over the retry budget).
     pub response_flags: &'static str,
+    /// Retries made (attempts after the first).
+    pub retries: u8,
     /// What went wrong, if anything.
     pub error: Option<String>,
 }

@@ -28,17 +28,19 @@ use hyper_util::rt::TokioIo;
 
 use super::{
     balance::pick_weighted,
-    filters,
+    filters, mirror,
     pool::{HttpBody, Version},
+    retry,
     routes::{
         matching::RequestFacts,
-        model::{BackendTarget, Filters, PathMatch},
+        model::{BackendTarget, Filters, Mirror, PathMatch, RetryPolicy},
     },
     telemetry::{record_local, Counted, Observed, Pending},
     Downstream, State,
 };
 use crate::{
     flows::{ConnInfo, Direction, HttpInfo, Name, Security},
+    identity::SpiffeId,
     registry::ObjectRef,
 };
 
@@ -161,7 +163,7 @@ async fn route_and_send(
         }
         // No route at all: the Service itself, as without a waypoint.
         let target = Target { service, port: down.target.port(), name: service_name };
-        let plan = Plan { path_match: None, filters: &[], backend_timeout: None };
+        let plan = Plan { path_match: None, filters: &[], backend_timeout: None, retry: None };
         return send_to_service(req, down, state, pending, &target, &plan, grpc).await;
     };
     let rule = matched.rule.clone();
@@ -208,8 +210,12 @@ async fn route_and_send(
     };
     let mut filter_list = vec![&rule.filters];
     filter_list.extend(backend_filters);
-    let plan =
-        Plan { path_match: path_match.as_ref(), filters: &filter_list, backend_timeout: rule.timeouts.backend_request };
+    let plan = Plan {
+        path_match: path_match.as_ref(),
+        filters: &filter_list,
+        backend_timeout: rule.timeouts.backend_request,
+        retry: rule.retry.as_ref(),
+    };
     let send = send_to_service(req, down, state, pending, &target, &plan, grpc);
     let mut resp = match rule.timeouts.request {
         Some(limit) => match tokio::time::timeout(limit, send).await {
@@ -233,8 +239,10 @@ struct Plan<'a> {
     path_match: Option<&'a PathMatch>,
     /// The rule's filters, then the backendRef's.
     filters: &'a [&'a Filters],
-    /// `timeouts.backendRequest`.
+    /// `timeouts.backendRequest` (per attempt).
     backend_timeout: Option<std::time::Duration>,
+    /// The rule's `retry`.
+    retry: Option<&'a RetryPolicy>,
 }
 
 fn timed_out(pending: &mut Pending, grpc: bool) -> Response<HttpBody> {
@@ -255,37 +263,160 @@ async fn send_to_service(
     for f in plan.filters {
         apply_request_filters(&mut req, f, plan.path_match);
     }
-    let endpoints: Vec<(SocketAddr, crate::identity::SpiffeId)> = {
-        let reg = state.registry.borrow();
-        let Some(svc) = reg.service(&target.service) else {
-            drop(reg);
-            let why = format!("backend service {} does not exist", target.service);
+    let endpoints = match service_endpoints(state, &target.service, target.port) {
+        Ok(e) => e,
+        Err(why) => {
             http_of(pending).error = Some(why.clone());
             return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, &why);
-        };
-        let Some(port) = svc.ports.iter().find(|p| p.port == target.port) else {
-            drop(reg);
-            let why = format!("backend service {} has no port {}", target.service, target.port);
-            http_of(pending).error = Some(why.clone());
-            return local_reply(StatusCode::INTERNAL_SERVER_ERROR, grpc, &why);
-        };
-        svc.endpoints
-            .iter()
-            .filter_map(|e| reg.workload(e))
-            .filter_map(|w| {
-                let ip = w.ips.iter().find(|ip| ip.is_ipv4())?;
-                Some((SocketAddr::new(*ip, port.target_port), w.identity.clone()))
-            })
-            .collect()
+        }
     };
     if endpoints.is_empty() {
         http_of(pending).response_flags = "UH";
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no healthy upstream");
     }
-    let addrs: Vec<SocketAddr> = endpoints.iter().map(|(a, _)| *a).collect();
-    let chosen = state.balancer.choose(&addrs, rand::random(), rand::random(), Instant::now());
-    let identity = endpoints.iter().find(|(a, _)| *a == chosen).map(|(_, id)| id.clone());
-    send_to_endpoint(req, down, state, pending, chosen, identity, plan.backend_timeout, grpc).await
+    let retry = plan.retry.filter(|p| p.non_idempotent || retry::is_idempotent(req.method()));
+    let mirrors: Vec<&Mirror> = plan.filters.iter().flat_map(|f| f.mirrors.iter()).collect();
+    let upgrade = down.version == Version::Http1 && req.headers().contains_key(header::UPGRADE);
+    if (retry.is_none() && mirrors.is_empty()) || upgrade {
+        let (addr, identity) = choose(state, &endpoints, &[]);
+        return send_to_endpoint(req, down, state, pending, addr, Some(identity), plan.backend_timeout, grpc).await;
+    }
+    // Retries and copies need the body again: hold it if it is small.
+    let (parts, body) = req.into_parts();
+    let held = if hyper::body::Body::is_end_stream(&body) {
+        Some(Bytes::new())
+    } else if hyper::body::Body::size_hint(&body).upper().is_some_and(|n| n <= MAX_BUFFERED_BODY) {
+        match body.collect().await {
+            Ok(b) => Some(b.to_bytes()),
+            Err(e) => {
+                http_of(pending).response_flags = "DC";
+                http_of(pending).error = Some(format!("reading the request body: {e}"));
+                return local_reply(StatusCode::BAD_REQUEST, grpc, "incomplete request body");
+            }
+        }
+    } else {
+        let req = Request::from_parts(parts, body);
+        for m in &mirrors {
+            state.telemetry.mirrored(mirror_name(m), mirror::Outcome::SkippedBody);
+        }
+        let (addr, identity) = choose(state, &endpoints, &[]);
+        return send_to_endpoint(req, down, state, pending, addr, Some(identity), plan.backend_timeout, grpc).await;
+    };
+    let body = held.unwrap_or_default();
+    pending.request_bytes.store(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let mut parts = parts;
+    prepare_parts(&mut parts, down, state, grpc, false);
+    for m in mirrors {
+        mirror::copy(state, down.version, &parts, &body, m, rand::random());
+    }
+    let held = Held { parts, body, endpoints };
+    send_held(&held, down, state, pending, plan.backend_timeout, retry, grpc).await
+}
+
+/// Largest request body held in memory so it can be retried or mirrored
+/// (Linkerd's limit); a larger or unsized body is streamed once.
+pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
+
+/// A request the waypoint holds whole, to send more than once.
+struct Held {
+    parts: hyper::http::request::Parts,
+    body: Bytes,
+    endpoints: Vec<(SocketAddr, SpiffeId)>,
+}
+
+fn mirror_name(m: &Mirror) -> &str {
+    match &m.target {
+        BackendTarget::Service { name, .. } => name,
+        BackendTarget::Invalid(_) => "-",
+    }
+}
+
+/// The endpoints (address of the target port, identity) of `service`'s
+/// `port`, or why the Service cannot be used.
+pub fn service_endpoints(
+    state: &State,
+    service: &ObjectRef,
+    port: u16,
+) -> Result<Vec<(SocketAddr, SpiffeId)>, String> {
+    let reg = state.registry.borrow();
+    let svc = reg.service(service).ok_or_else(|| format!("backend service {service} does not exist"))?;
+    let port = svc
+        .ports
+        .iter()
+        .find(|p| p.port == port)
+        .ok_or_else(|| format!("backend service {service} has no port {port}"))?;
+    Ok(svc
+        .endpoints
+        .iter()
+        .filter_map(|e| reg.workload(e))
+        .filter_map(|w| {
+            let ip = w.ips.iter().find(|ip| ip.is_ipv4())?;
+            Some((SocketAddr::new(*ip, port.target_port), w.identity.clone()))
+        })
+        .collect())
+}
+
+/// Picks an endpoint by peak EWMA, preferring ones not yet `tried`.
+fn choose(state: &State, endpoints: &[(SocketAddr, SpiffeId)], tried: &[SocketAddr]) -> (SocketAddr, SpiffeId) {
+    let fresh: Vec<SocketAddr> = endpoints.iter().map(|(a, _)| *a).filter(|a| !tried.contains(a)).collect();
+    let candidates = if fresh.is_empty() { endpoints.iter().map(|(a, _)| *a).collect() } else { fresh };
+    let chosen = state.balancer.choose(&candidates, rand::random(), rand::random(), Instant::now());
+    endpoints.iter().find(|(a, _)| *a == chosen).cloned().unwrap_or_else(|| endpoints[0].clone())
+}
+
+/// Sends a held request, retrying on another endpoint while `retry` allows.
+async fn send_held(
+    held: &Held,
+    down: &Downstream,
+    state: &Arc<State>,
+    pending: &mut Pending,
+    timeout: Option<std::time::Duration>,
+    retry: Option<&RetryPolicy>,
+    grpc: bool,
+) -> Response<HttpBody> {
+    if let Some(p) = retry {
+        p.budget.request(Instant::now());
+    }
+    let mut tried = Vec::new();
+    let mut retries = 0;
+    loop {
+        let (addr, identity) = choose(state, &held.endpoints, &tried);
+        tried.push(addr);
+        let body = HttpBody::new(Full::new(held.body.clone()).map_err(|never| match never {}));
+        let req = Request::from_parts(held.parts.clone(), body);
+        let resp = exchange(req, None, down, state, pending, addr, Some(identity), timeout, grpc).await;
+        let Some(p) = retry else { return resp };
+        if !retryable(p, &resp, http_of(pending).response_flags, grpc) {
+            return resp;
+        }
+        let route = http_of(pending).route.clone().unwrap_or_else(|| "-".into());
+        if retries >= p.attempts {
+            http_of(pending).response_flags = "URX";
+            return resp;
+        }
+        if !p.budget.try_retry(Instant::now()) {
+            state.telemetry.retried(&route, "budget_exhausted");
+            http_of(pending).response_flags = "URX";
+            return resp;
+        }
+        drop(resp);
+        retries += 1;
+        state.telemetry.retried(&route, "retried");
+        let http = http_of(pending);
+        http.retries = u8::try_from(retries).unwrap_or(u8::MAX);
+        http.response_flags = "-";
+        http.error = None;
+        tokio::time::sleep(retry::backoff(p.backoff, retries, rand::random())).await;
+    }
+}
+
+/// Whether an attempt's outcome is one `p` retries: a connect failure, a
+/// reset before the response or a per-try timeout (the waypoint's own
+/// `UF`/`UR`/`UT`), a status in `codes`, or gRPC `UNAVAILABLE`.
+fn retryable(p: &RetryPolicy, resp: &Response<HttpBody>, flag: &str, grpc: bool) -> bool {
+    matches!(flag, "UF" | "UR" | "UT")
+        || p.codes.contains(&resp.status().as_u16())
+        || (grpc && resp.headers().get("grpc-status").is_some_and(|v| v.as_bytes() == b"14"))
 }
 
 fn apply_request_filters(req: &mut Request<Incoming>, f: &Filters, path_match: Option<&PathMatch>) {
@@ -314,14 +445,39 @@ fn apply_request_filters(req: &mut Request<Incoming>, f: &Filters, path_match: O
     }
 }
 
+/// Streams `req` to one endpoint (no retry: the body is sent as it comes).
 #[allow(clippy::too_many_arguments)] // one request's facts, passed once
 async fn send_to_endpoint(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     down: &Downstream,
     state: &Arc<State>,
     pending: &mut Pending,
     addr: SocketAddr,
-    identity: Option<crate::identity::SpiffeId>,
+    identity: Option<SpiffeId>,
+    timeout: Option<std::time::Duration>,
+    grpc: bool,
+) -> Response<HttpBody> {
+    // HTTP/1.1 upgrades (WebSocket): the connection is handed over once
+    // both sides agreed (101), and bytes are copied both ways.
+    let upgrade = (down.version == Version::Http1 && req.headers().contains_key(header::UPGRADE))
+        .then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    prepare_parts(&mut parts, down, state, grpc, upgrade.is_some());
+    let body = HttpBody::new(Counted::new(body.map_err(Into::into).boxed(), pending.request_bytes.clone()));
+    exchange(Request::from_parts(parts, body), upgrade, down, state, pending, addr, identity, timeout, grpc).await
+}
+
+/// One attempt: `req` to the endpoint `addr`, its response or the
+/// waypoint's own answer (`503 UF/UR`, `504 UT`), with the flag recorded.
+#[allow(clippy::too_many_arguments)] // one request's facts, passed once
+async fn exchange(
+    req: Request<HttpBody>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    down: &Downstream,
+    state: &Arc<State>,
+    pending: &mut Pending,
+    addr: SocketAddr,
+    identity: Option<SpiffeId>,
     timeout: Option<std::time::Duration>,
     grpc: bool,
 ) -> Response<HttpBody> {
@@ -333,14 +489,8 @@ async fn send_to_endpoint(
     http_of(pending).upstream = Some(addr);
     pending.info.dst = Some(addr);
     pending.info.dst_identity = Some(identity.name());
-    let mut req = req;
-    // HTTP/1.1 upgrades (WebSocket): the connection is handed over once
-    // both sides agreed (101), and bytes are copied both ways.
-    let upgrade = (down.version == Version::Http1 && req.headers().contains_key(header::UPGRADE))
-        .then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = upstream_request(req, down, state, pending, upgrade.is_some());
     let in_flight = state.balancer.start(addr);
-    let sent = state.upstreams.send(addr, &identity, down.version, upstream_req);
+    let sent = state.upstreams.send(addr, &identity, down.version, req);
     let result = match timeout {
         Some(limit) => match tokio::time::timeout(limit, sent).await {
             Ok(r) => r,
@@ -378,15 +528,8 @@ async fn send_to_endpoint(
 
 /// The request as the endpoint gets it: hop-by-hop headers dropped, the
 /// client's identity in `x-forwarded-client-cert` (any value the client
-/// sent is replaced), the body counted.
-fn upstream_request(
-    req: Request<Incoming>,
-    down: &Downstream,
-    state: &State,
-    pending: &Pending,
-    upgrade: bool,
-) -> Request<HttpBody> {
-    let (mut parts, body) = req.into_parts();
+/// sent is replaced).
+fn prepare_parts(parts: &mut hyper::http::request::Parts, down: &Downstream, state: &State, grpc: bool, upgrade: bool) {
     for h in HOP_BY_HOP {
         if upgrade && (h == "connection" || h == "upgrade") {
             continue;
@@ -394,7 +537,7 @@ fn upstream_request(
         parts.headers.remove(h);
     }
     // `te: trailers` is end-to-end for gRPC over HTTP/2 (RFC 9113 §8.2.2).
-    if down.version == Version::Http2 && pending.grpc {
+    if down.version == Version::Http2 && grpc {
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     let xfcc = format!("By={};URI={}", state.me_identity, down.client);
@@ -427,8 +570,6 @@ fn upstream_request(
             parts.uri = uri;
         }
     }
-    let body = HttpBody::new(Counted::new(body.map_err(Into::into).boxed(), pending.request_bytes.clone()));
-    Request::from_parts(parts, body)
 }
 
 fn empty() -> HttpBody {

@@ -64,6 +64,8 @@ pub struct Telemetry {
     request_bytes: HistogramVec,
     response_bytes: HistogramVec,
     route_requests: IntCounterVec,
+    retries: IntCounterVec,
+    mirrors: IntCounterVec,
     rule_hits: Mutex<BTreeMap<(crate::flows::Name, usize), u64>>,
 }
 
@@ -92,8 +94,26 @@ impl Telemetry {
             &["route", "rule", "response_class"],
         )
         .expect("valid metric");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "heddle_retries_total",
+                "Retries by route: outcome=retried (one more attempt sent) or budget_exhausted (a retry the budget refused).",
+            ),
+            &["route", "outcome"],
+        )
+        .expect("valid metric");
+        let mirrors = IntCounterVec::new(
+            Opts::new(
+                "heddle_mirror_requests_total",
+                "Request copies for shadow backends (RequestMirror), by outcome: sent, failed, dropped (too many in flight), skipped_body (streamed body), no_backend.",
+            ),
+            &["backend", "outcome"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(retries.clone()),
+            Box::new(mirrors.clone()),
             Box::new(duration.clone()),
             Box::new(request_bytes.clone()),
             Box::new(response_bytes.clone()),
@@ -109,8 +129,20 @@ impl Telemetry {
             request_bytes,
             response_bytes,
             route_requests,
+            retries,
+            mirrors,
             rule_hits: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Counts a retry decision for `route`.
+    pub fn retried(&self, route: &str, outcome: &str) {
+        self.retries.with_label_values(&[route, outcome]).inc();
+    }
+
+    /// Counts what became of a request copy for `backend`.
+    pub fn mirrored(&self, backend: &str, outcome: super::mirror::Outcome) {
+        self.mirrors.with_label_values(&[backend, outcome.label()]).inc();
     }
 
     /// How often each rule matched, by (`route`, rule index).

@@ -14,5 +14,6 @@
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 mod enum_defaults;
+pub mod experimental;
 pub mod grpcroutes;
 pub mod httproutes;

@@ -98,10 +98,14 @@ pub fn compile_route(
     let (api, kind) = (field("apiVersion"), field("kind"));
     let env = Env { registry, waypoint, grants };
     match kind.as_str() {
-        "HTTPRoute" if is_gateway_api(&api) => match parse::<h::HttpRoute>(value) {
-            Ok((r, unknown)) => compile_http(&r, unknown, origin, &env),
-            Err(e) => reject(format!("HTTPRoute: {e}")),
-        },
+        "HTTPRoute" if is_gateway_api(&api) => {
+            let mut value = value;
+            let retries = take_retries(&mut value);
+            match parse::<h::HttpRoute>(value) {
+                Ok((r, unknown)) => compile_http(&r, unknown, retries, origin, &env),
+                Err(e) => reject(format!("HTTPRoute: {e}")),
+            }
+        }
         "GRPCRoute" if is_gateway_api(&api) => match parse::<g::GrpcRoute>(value) {
             Ok((r, unknown)) => compile_grpc(&r, unknown, origin, &env),
             Err(e) => reject(format!("GRPCRoute: {e}")),
@@ -111,6 +115,20 @@ pub fn compile_route(
         )),
     }
 }
+
+/// Takes `spec.rules[*].retry` (experimental channel, GEP-1731) out of an
+/// `HTTPRoute`, so the standard types read the rest and the retries are
+/// read with the experimental type; one entry per rule.
+fn take_retries(value: &mut serde_yaml_ng::Value) -> Vec<Option<serde_yaml_ng::Value>> {
+    let Some(rules) = value.get_mut("spec").and_then(|s| s.get_mut("rules")).and_then(|r| r.as_sequence_mut()) else {
+        return Vec::new();
+    };
+    rules.iter_mut().map(|r| r.as_mapping_mut().and_then(|m| m.remove("retry"))).collect()
+}
+
+/// The annotation that lets a route's retries apply to non-idempotent
+/// methods (POST, PATCH, ...), which are otherwise never retried.
+pub const RETRY_NON_IDEMPOTENT: &str = "heddle.dev/retry-non-idempotent";
 
 /// What routes compile against.
 pub(super) struct Env<'a> {
@@ -166,9 +184,24 @@ fn reshape<A: serde::Serialize, B: DeserializeOwned>(a: &A) -> Result<B, String>
     serde_json::to_value(a).and_then(serde_json::from_value).map_err(|e| e.to_string())
 }
 
-fn compile_http(r: &h::HttpRoute, unknown: Vec<String>, origin: &str, env: &Env<'_>) -> Compiled {
+fn compile_http(
+    r: &h::HttpRoute,
+    unknown: Vec<String>,
+    mut retries: Vec<Option<serde_yaml_ng::Value>>,
+    origin: &str,
+    env: &Env<'_>,
+) -> Compiled {
     let (id, created) = meta_of(&r.metadata);
     let mut ctx = Ctx::new(env, RouteKind::Http, id, unknown);
+    let non_idempotent = match r.metadata.annotations.as_ref().and_then(|a| a.get(RETRY_NON_IDEMPOTENT)) {
+        None => false,
+        Some(v) if v == "true" => true,
+        Some(v) if v == "false" => false,
+        Some(v) => {
+            ctx.problems.push(format!("metadata.annotations[{RETRY_NON_IDEMPOTENT}]: {v:?} is not \"true\" or \"false\""));
+            false
+        }
+    };
     if r.spec.hostnames.as_ref().is_some_and(|h| !h.is_empty()) {
         ctx.notes.push("spec.hostnames: ignored for Service parents (GAMMA: the Service is the host)".into());
     }
@@ -185,7 +218,8 @@ fn compile_http(r: &h::HttpRoute, unknown: Vec<String>, origin: &str, env: &Env<
         let filters = ctx.filters(rule.filters.as_deref().unwrap_or(&[]), &matches, &at);
         let backends = ctx.backends(rule.backend_refs.as_deref().unwrap_or(&[]), &matches, &at);
         let timeouts = ctx.timeouts(rule.timeouts.as_ref(), &at);
-        rules.push(ctx.rule(i, matches, filters, backends, timeouts));
+        let retry = ctx.retry(retries.get_mut(i).and_then(Option::take), non_idempotent, &at);
+        rules.push(ctx.rule(i, matches, filters, backends, timeouts, retry));
     }
     let parents = r.spec.parent_refs.clone().unwrap_or_default();
     ctx.finish(&parents, &rules, &created, origin)
@@ -221,7 +255,7 @@ fn compile_grpc(r: &g::GrpcRoute, unknown: Vec<String>, origin: &str, env: &Env<
             .filter_map(|b| reshape(b).map_err(|e| ctx.problems.push(format!("{at}.backendRefs: {e}"))).ok())
             .collect();
         let backends = ctx.backends(&backends, &matches, &at);
-        rules.push(ctx.rule(i, matches, filters, backends, Timeouts::default()));
+        rules.push(ctx.rule(i, matches, filters, backends, Timeouts::default(), None));
     }
     let parents: Vec<h::HttpRouteParentRefs> =
         r.spec.parent_refs.iter().flatten().filter_map(|p| reshape(p).ok()).collect();

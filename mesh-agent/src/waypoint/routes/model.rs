@@ -136,6 +136,43 @@ pub struct Filters {
     pub redirect: Option<Redirect>,
     /// Rewrite before forwarding.
     pub rewrite: Option<Rewrite>,
+    /// Copies of the request sent to shadow backends (`RequestMirror`).
+    pub mirrors: Vec<Mirror>,
+}
+
+/// `RequestMirror`: a copy of a share of the requests, sent fire and forget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    /// The shadow backend (a Service and port, or why it does not resolve).
+    pub target: BackendTarget,
+    /// Share of requests mirrored, in millionths (`percent` or `fraction`;
+    /// 1,000,000 when neither is given).
+    pub per_million: u32,
+}
+
+/// `retry` (GEP-1731, experimental channel): when an attempt fails, try
+/// again on another endpoint after a backoff, within the rule's budget.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    /// Response statuses that are retried (connect failures and resets
+    /// before a response always are).
+    pub codes: Vec<u16>,
+    /// Least wait before a retry; later retries double it, up to ten times.
+    pub backoff: Duration,
+    /// Whether POST, PATCH and other non-idempotent methods are retried
+    /// (the route's `heddle.dev/retry-non-idempotent: "true"`).
+    pub non_idempotent: bool,
+    /// The rule's retry budget (shared by every request of the rule).
+    pub budget: std::sync::Arc<crate::waypoint::retry::Budget>,
+}
+
+impl PartialEq for RetryPolicy {
+    fn eq(&self, o: &Self) -> bool {
+        (self.attempts, &self.codes, self.backoff, self.non_idempotent)
+            == (o.attempts, &o.codes, o.backoff, o.non_idempotent)
+    }
 }
 
 /// Where a backendRef points.
@@ -192,4 +229,6 @@ pub struct Rule {
     pub backends: Vec<Backend>,
     /// Its timeouts.
     pub timeouts: Timeouts,
+    /// Its retry policy.
+    pub retry: Option<RetryPolicy>,
 }

@@ -12,15 +12,23 @@ use super::{
         gateway_api::{grpcroutes as g, httproutes as h},
         matching::Attachment,
         model::{
-            Backend, BackendTarget, Filters, HeaderModifier, PathMatch, PathModifier, Redirect, RequestMatch, Rewrite,
-            RouteKind, RouteRef, Rule, Timeouts, ValueMatch,
+            Backend, BackendTarget, Filters, HeaderModifier, Mirror, PathMatch, PathModifier, Redirect, RequestMatch,
+            RetryPolicy, Rewrite, RouteKind, RouteRef, Rule, Timeouts, ValueMatch,
         },
+        gateway_api::experimental::HttpRouteRulesRetry,
         Condition, ParentStatus, RouteStatus,
     },
     reshape, Compiled, Env,
 };
 use crate::registry::{ObjectRef, Registry};
-use crate::waypoint::routes::grants::Grants;
+use crate::waypoint::{retry::Budget, routes::grants::Grants};
+
+/// Retries when `retry.attempts` is not given (Envoy's and Istio's default).
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+/// Most retries a rule may ask for: more only multiplies an outage.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+/// Backoff when `retry.backoff` is not given (Envoy's base interval).
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 /// Largest compiled regular expression (bytes), so a hostile pattern
 /// cannot take the waypoint's memory.
@@ -343,7 +351,10 @@ impl<'a> Ctx<'a> {
                     out.rewrite = Some(Rewrite { hostname: r.hostname.clone(), path });
                 }
                 h::HttpRouteRulesFiltersType::RequestMirror => {
-                    self.problems.push(format!("{at}: filter type RequestMirror is not supported yet"));
+                    if let Some(m) = &f.request_mirror {
+                        let m = self.mirror(m, &format!("{at}.requestMirror"));
+                        out.mirrors.extend(m);
+                    }
                 }
                 h::HttpRouteRulesFiltersType::ExtensionRef => {
                     self.problems.push(format!("{at}: filter type ExtensionRef is not supported"));
@@ -369,47 +380,136 @@ impl<'a> Ctx<'a> {
         for (i, b) in refs.iter().enumerate() {
             let at = format!("{at}.backendRefs[{i}]");
             let weight = u32::try_from(b.weight.unwrap_or(1).max(0)).unwrap_or(0);
-            let group = b.group.as_deref().unwrap_or("");
-            let kind = b.kind.as_deref().unwrap_or("Service");
-            let ns = b.namespace.clone().unwrap_or_else(|| self.route.id.namespace.clone());
-            let id = ObjectRef { namespace: ns, name: b.name.clone() };
-            let target = if !(group.is_empty() || group == "core") || kind != "Service" {
-                let why = format!("{at}: backend kind {group}/{kind} is not supported (only Services)");
-                self.unresolved.push(("InvalidKind", why.clone()));
-                BackendTarget::Invalid(why)
-            } else if !self.grants.permits(self.route.kind, &self.route.id.namespace, &id) {
-                let why = format!(
-                    "{at}: backend Service {id} is in another namespace and no ReferenceGrant in {} permits it",
-                    id.namespace
-                );
-                self.unresolved.push(("RefNotPermitted", why.clone()));
-                BackendTarget::Invalid(why)
-            } else {
-                match (self.registry.service(&id), b.port.and_then(|p| u16::try_from(p).ok())) {
-                    (None, _) => {
-                        let why = format!("{at}: backend Service {id} does not exist");
-                        self.unresolved.push(("BackendNotFound", why.clone()));
-                        BackendTarget::Invalid(why)
-                    }
-                    (Some(_), None) => {
-                        let why = format!("{at}.port: a Service backend needs a port");
-                        self.unresolved.push(("UnsupportedValue", why.clone()));
-                        BackendTarget::Invalid(why)
-                    }
-                    (Some(svc), Some(port)) if !svc.ports.iter().any(|p| p.port == port) => {
-                        let why = format!("{at}.port: Service {id} has no port {port}");
-                        self.unresolved.push(("BackendNotFound", why.clone()));
-                        BackendTarget::Invalid(why)
-                    }
-                    (Some(_), Some(port)) => BackendTarget::Service { name: id.to_string().into(), id, port },
-                }
-            };
+            let port = b.port.and_then(|p| u16::try_from(p).ok());
+            let target = self.service_ref(b.group.as_deref(), b.kind.as_deref(), b.namespace.as_ref(), &b.name, port, &at);
             let filters: Vec<h::HttpRouteRulesFilters> =
                 b.filters.iter().flatten().filter_map(|f| reshape(f).ok()).collect();
             let filters = self.filters(&filters, matches, &at);
             out.push(Backend { target, weight, filters });
         }
         out
+    }
+
+    /// Resolves a reference to a Service port (a backendRef or a mirror's),
+    /// recording why it does not resolve for `ResolvedRefs`.
+    fn service_ref(
+        &mut self,
+        group: Option<&str>,
+        kind: Option<&str>,
+        namespace: Option<&String>,
+        name: &str,
+        port: Option<u16>,
+        at: &str,
+    ) -> BackendTarget {
+        let group = group.unwrap_or("");
+        let kind = kind.unwrap_or("Service");
+        let ns = namespace.cloned().unwrap_or_else(|| self.route.id.namespace.clone());
+        let id = ObjectRef { namespace: ns, name: name.to_owned() };
+        let (reason, why) = if !(group.is_empty() || group == "core") || kind != "Service" {
+            ("InvalidKind", format!("{at}: backend kind {group}/{kind} is not supported (only Services)"))
+        } else if !self.grants.permits(self.route.kind, &self.route.id.namespace, &id) {
+            (
+                "RefNotPermitted",
+                format!(
+                    "{at}: backend Service {id} is in another namespace and no ReferenceGrant in {} permits it",
+                    id.namespace
+                ),
+            )
+        } else {
+            match (self.registry.service(&id), port) {
+                (None, _) => ("BackendNotFound", format!("{at}: backend Service {id} does not exist")),
+                (Some(_), None) => ("UnsupportedValue", format!("{at}.port: a Service backend needs a port")),
+                (Some(svc), Some(port)) if !svc.ports.iter().any(|p| p.port == port) => {
+                    ("BackendNotFound", format!("{at}.port: Service {id} has no port {port}"))
+                }
+                (Some(_), Some(port)) => return BackendTarget::Service { name: id.to_string().into(), id, port },
+            }
+        };
+        self.unresolved.push((reason, why.clone()));
+        BackendTarget::Invalid(why)
+    }
+
+    fn mirror(&mut self, m: &h::HttpRouteRulesFiltersRequestMirror, at: &str) -> Option<Mirror> {
+        let b = &m.backend_ref;
+        let port = b.port.and_then(|p| u16::try_from(p).ok());
+        let target = self.service_ref(
+            b.group.as_deref(),
+            b.kind.as_deref(),
+            b.namespace.as_ref(),
+            &b.name,
+            port,
+            &format!("{at}.backendRef"),
+        );
+        let per_million = match (m.percent, &m.fraction) {
+            (Some(_), Some(_)) => {
+                self.problems.push(format!("{at}: percent and fraction cannot both be set"));
+                return None;
+            }
+            (Some(p), None) if (0..=100).contains(&p) => p.unsigned_abs() * 10_000,
+            (Some(p), None) => {
+                self.problems.push(format!("{at}.percent: {p} is not within 0-100"));
+                return None;
+            }
+            (None, Some(f)) => {
+                let d = f.denominator.unwrap_or(100);
+                if d <= 0 || f.numerator < 0 || f.numerator > d {
+                    self.problems.push(format!(
+                        "{at}.fraction: {}/{d} is not a fraction within 0-1 with a positive denominator",
+                        f.numerator
+                    ));
+                    return None;
+                }
+                u32::try_from(i64::from(f.numerator) * 1_000_000 / i64::from(d)).unwrap_or(1_000_000)
+            }
+            (None, None) => 1_000_000,
+        };
+        Some(Mirror { target, per_million })
+    }
+
+    /// `retry` (experimental, GEP-1731), given as the raw value taken out of
+    /// the rule before the standard types read it.
+    pub(super) fn retry(&mut self, raw: Option<serde_yaml_ng::Value>, non_idempotent: bool, at: &str) -> Option<RetryPolicy> {
+        let raw = raw?;
+        let at = format!("{at}.retry");
+        let r: HttpRouteRulesRetry = match super::parse(raw) {
+            Ok((r, unknown)) => {
+                for u in unknown {
+                    self.problems.push(format!("{at}.{u}: unknown field (not in GEP-1731's retry)"));
+                }
+                r
+            }
+            Err(e) => {
+                self.problems.push(format!("{at}: {e}"));
+                return None;
+            }
+        };
+        let before = self.problems.len();
+        let attempts = r.attempts.unwrap_or(i64::from(DEFAULT_RETRY_ATTEMPTS));
+        if !(0..=i64::from(MAX_RETRY_ATTEMPTS)).contains(&attempts) {
+            self.problems.push(format!("{at}.attempts: {attempts} is not within 0-{MAX_RETRY_ATTEMPTS}"));
+        }
+        let mut codes = Vec::new();
+        for (i, c) in r.codes.iter().flatten().enumerate() {
+            match u16::try_from(*c) {
+                Ok(c) if (400..=599).contains(&c) => codes.push(c),
+                _ => self.problems.push(format!("{at}.codes[{i}]: {c} is not an HTTP status within 400-599")),
+            }
+        }
+        let backoff = match r.backoff.as_deref().map(|b| (b, parse_duration(b))) {
+            None => DEFAULT_RETRY_BACKOFF,
+            Some((_, Some(d))) => d,
+            Some((b, None)) => {
+                self.problems.push(format!("{at}.backoff: {b:?} is not a duration like 25ms or 1s"));
+                DEFAULT_RETRY_BACKOFF
+            }
+        };
+        (self.problems.len() == before).then(|| RetryPolicy {
+            attempts: u32::try_from(attempts).unwrap_or(0),
+            codes,
+            backoff,
+            non_idempotent,
+            budget: std::sync::Arc::new(Budget::default()),
+        })
     }
 
     pub(super) fn timeouts(&mut self, t: Option<&h::HttpRouteRulesTimeouts>, at: &str) -> Timeouts {
@@ -442,6 +542,7 @@ impl<'a> Ctx<'a> {
         filters: Filters,
         backends: Vec<Backend>,
         timeouts: Timeouts,
+        retry: Option<RetryPolicy>,
     ) -> Rule {
         Rule {
             route_name: self.route.to_string().into(),
@@ -451,6 +552,7 @@ impl<'a> Ctx<'a> {
             filters,
             backends,
             timeouts,
+            retry,
         }
     }
 

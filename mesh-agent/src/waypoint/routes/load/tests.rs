@@ -55,6 +55,17 @@ fn a_valid_route_is_accepted_on_its_service_with_resolved_backends() {
 #[test]
 fn the_parsed_rule_keeps_weights_timeouts_and_a_normalised_prefix() {
     let set = build(GOOD);
+    let rule = v1_rule(&set);
+    let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [9, 1], "weight defaults to 1");
+    assert!(matches!(&rule.backends[0].target, BackendTarget::Service { port: 80, .. }));
+    assert_eq!(rule.timeouts.request, Some(std::time::Duration::from_secs(2)));
+    assert_eq!(rule.timeouts.backend_request, Some(std::time::Duration::from_millis(500)));
+    assert!(rule.retry.is_none() && rule.filters.mirrors.is_empty());
+}
+
+/// The rule of `set` that a GET of `/v1/x` on `demo/api` matches.
+fn v1_rule(set: &RouteSet) -> std::sync::Arc<crate::waypoint::routes::model::Rule> {
     let hdr = hyper::HeaderMap::new();
     let svc = ObjectRef { namespace: "demo".into(), name: "api".into() };
     let facts = crate::waypoint::routes::matching::RequestFacts {
@@ -67,24 +78,89 @@ fn the_parsed_rule_keeps_weights_timeouts_and_a_normalised_prefix() {
         headers: &hdr,
         grpc: false,
     };
-    let m = set.table.find(&facts).expect("matches /v1/x");
-    let weights: Vec<u32> = m.rule.backends.iter().map(|b| b.weight).collect();
-    assert_eq!(weights, [9, 1], "weight defaults to 1");
-    assert!(matches!(&m.rule.backends[0].target, BackendTarget::Service { port: 80, .. }));
-    assert_eq!(m.rule.timeouts.request, Some(std::time::Duration::from_secs(2)));
-    assert_eq!(m.rule.timeouts.backend_request, Some(std::time::Duration::from_millis(500)));
+    set.table.find(&facts).expect("matches /v1/x").rule.clone()
+}
+
+#[test]
+fn an_experimental_retry_is_read_with_defaults_and_the_non_idempotent_annotation() {
+    let with_retry = |retry: &str, meta: &str| {
+        build(&GOOD.replace("    timeouts:", &format!("    retry: {retry}\n    timeouts:")).replace("namespace: demo}", meta))
+    };
+    let set = with_retry("{attempts: 3, codes: [503, 502], backoff: 50ms}", "namespace: demo}");
+    assert!(set.statuses()[0].accepted, "{:?}", set.statuses()[0]);
+    let r = v1_rule(&set).retry.clone().expect("retry compiled");
+    assert_eq!((r.attempts, r.codes.as_slice(), r.backoff), (3, &[503, 502][..], std::time::Duration::from_millis(50)));
+    assert!(!r.non_idempotent);
+    let set = with_retry("{}", "namespace: demo, annotations: {heddle.dev/retry-non-idempotent: 'true'}}");
+    let r = v1_rule(&set).retry.clone().expect("retry compiled");
+    assert_eq!((r.attempts, r.codes.len(), r.backoff), (2, 0, std::time::Duration::from_millis(25)), "defaults");
+    assert!(r.non_idempotent);
+}
+
+#[test]
+fn a_bad_retry_rejects_the_route_naming_every_problem() {
+    let set = build(&GOOD.replace(
+        "    timeouts:",
+        "    retry: {attempts: 99, codes: [200, 503], backoff: soon, jitter: 1}\n    timeouts:",
+    ));
+    let s = &set.statuses()[0];
+    assert!(!s.accepted);
+    let all = s.problems.join("\n");
+    for want in [
+        "spec.rules[0].retry.jitter: unknown field",
+        "spec.rules[0].retry.attempts: 99 is not within 0-10",
+        "spec.rules[0].retry.codes[0]: 200 is not an HTTP status within 400-599",
+        "spec.rules[0].retry.backoff: \"soon\" is not a duration",
+    ] {
+        assert!(all.contains(want), "{want:?} in {all}");
+    }
+    let set = build(&GOOD.replace("namespace: demo}", "namespace: demo, annotations: {heddle.dev/retry-non-idempotent: yes}}"));
+    assert!(set.statuses()[0].problems.join("").contains("heddle.dev/retry-non-idempotent"), "{:?}", set.statuses());
+}
+
+#[test]
+fn request_mirrors_resolve_their_backend_and_share() {
+    let mirror = |m: &str| {
+        build(&GOOD.replace("    timeouts:", &format!("    filters: [{{type: RequestMirror, requestMirror: {m}}}]\n    timeouts:")))
+    };
+    for (m, per_million) in [
+        ("{backendRef: {name: api-v1, port: 80}}", 1_000_000),
+        ("{backendRef: {name: api-v1, port: 80}, percent: 25}", 250_000),
+        ("{backendRef: {name: api-v1, port: 80}, fraction: {numerator: 1, denominator: 8}}", 125_000),
+    ] {
+        let set = mirror(m);
+        assert!(set.statuses()[0].accepted, "{m}: {:?}", set.statuses()[0]);
+        let rule = v1_rule(&set);
+        assert_eq!(rule.filters.mirrors.len(), 1);
+        assert_eq!(rule.filters.mirrors[0].per_million, per_million, "{m}");
+        assert!(matches!(&rule.filters.mirrors[0].target, BackendTarget::Service { port: 80, .. }));
+    }
+    for (m, want) in [
+        ("{backendRef: {name: api-v1, port: 80}, percent: 101}", "requestMirror.percent: 101 is not within 0-100"),
+        ("{backendRef: {name: api-v1, port: 80}, fraction: {numerator: 3, denominator: 2}}", "requestMirror.fraction: 3/2"),
+        ("{backendRef: {name: api-v1, port: 80}, percent: 5, fraction: {numerator: 1}}", "percent and fraction cannot both be set"),
+    ] {
+        let set = mirror(m);
+        assert!(!set.statuses()[0].accepted, "{m}");
+        assert!(set.statuses()[0].problems.join("").contains(want), "{want:?}: {:?}", set.statuses()[0]);
+    }
+    // A shadow that does not exist leaves the route in force with ResolvedRefs=False.
+    let set = mirror("{backendRef: {name: gone, port: 80}}");
+    let s = &set.statuses()[0];
+    assert!(s.accepted);
+    assert_eq!(s.parents[0].conditions[1].reason, "BackendNotFound", "{s:?}");
 }
 
 #[test]
 fn unsupported_filters_and_unknown_fields_reject_the_route_naming_the_field() {
     let set = build(&GOOD.replace(
         "    timeouts:",
-        "    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api, port: 80}}}]\n    colour: blue\n    timeouts:",
+        "    filters: [{type: ExtensionRef, extensionRef: {group: x.io, kind: Thing, name: t}}]\n    colour: blue\n    timeouts:",
     ));
     let s = &set.statuses()[0];
     assert!(!s.accepted);
     let all = s.problems.join("\n");
-    assert!(all.contains("spec.rules[0].filters[0]: filter type RequestMirror is not supported"), "{all}");
+    assert!(all.contains("spec.rules[0].filters[0]: filter type ExtensionRef is not supported"), "{all}");
     assert!(all.contains("spec.rules[0].colour: unknown field"), "{all}");
     assert_eq!(s.parents[0].conditions[0].reason, "UnsupportedValue");
     assert!(!set.table.has_routes(&ObjectRef { namespace: "demo".into(), name: "api".into() }), "nothing applied");

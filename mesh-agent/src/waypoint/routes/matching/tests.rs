@@ -30,6 +30,7 @@ fn rule(route: &str, kind: RouteKind, index: usize, matches: Vec<RequestMatch>) 
         filters: Filters::default(),
         backends: vec![],
         timeouts: Timeouts::default(),
+        retry: None,
     })
 }
 
