@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """HTTP clients the waypoint tests run inside pods (standard library only).
 
-  httpc.py load URL N [--header K:V ...]   N requests on one keep-alive
-      connection; prints {"served_by": {pod: n}, "status": {code: n},
-      "errors": n, "error": "first error"}.
+  httpc.py load URL N [--header K:V ...] [--method M] [--body BYTES]
+      N requests on one keep-alive connection (GET without a body unless
+      told; "{i}" in URL becomes the request's index); prints {"served_by": {pod: n}, "status": {code: n},
+      "errors": n, "error": "first error", "max_ms": slowest request}.
   httpc.py cases FILE                      runs each request of the JSON
       list in FILE ({"method","url","headers","body"}) on its own
       connection; prints one JSON result per case: status, headers
@@ -15,6 +16,7 @@ import http.client
 import json
 import socket
 import sys
+import time
 import urllib.parse
 
 
@@ -23,17 +25,19 @@ def connect(url):
     return http.client.HTTPConnection(u.hostname, u.port or 80, timeout=10), u
 
 
-def load(url, n, headers):
+def load(url, n, headers, method="GET", body=None):
     conn, u = connect(url)
     path = u.path or "/"
     if u.query:
         path += "?" + u.query
-    served, status, errors, first = {}, {}, 0, None
-    for _ in range(n):
+    served, status, errors, first, max_ms = {}, {}, 0, None, 0.0
+    for i in range(n):
         try:
-            conn.request("GET", path, headers=headers)
+            started = time.monotonic()
+            conn.request(method, path.replace("%7Bi%7D", str(i)).replace("{i}", str(i)), body=body, headers=headers)
             r = conn.getresponse()
             r.read()
+            max_ms = max(max_ms, (time.monotonic() - started) * 1000)
             who = r.getheader("x-served-by") or "-"
             served[who] = served.get(who, 0) + 1
             status[str(r.status)] = status.get(str(r.status), 0) + 1
@@ -42,7 +46,7 @@ def load(url, n, headers):
             first = first or repr(e)
             conn.close()
             conn, _ = connect(url)
-    print(json.dumps({"served_by": served, "status": status, "errors": errors, "error": first}))
+    print(json.dumps({"served_by": served, "status": status, "errors": errors, "error": first, "max_ms": max_ms}))
 
 
 def cases(path):
@@ -90,13 +94,17 @@ def upgrade(host, port, text):
 def main():
     cmd = sys.argv[1]
     if cmd == "load":
-        headers = {}
+        headers, method, body = {}, "GET", None
         args = sys.argv[4:]
         for i, a in enumerate(args):
             if a == "--header":
                 k, v = args[i + 1].split(":", 1)
                 headers[k] = v
-        load(sys.argv[2], int(sys.argv[3]), headers)
+            elif a == "--method":
+                method = args[i + 1]
+            elif a == "--body":
+                body = b"x" * int(args[i + 1])
+        load(sys.argv[2], int(sys.argv[3]), headers, method, body)
     elif cmd == "cases":
         cases(sys.argv[2])
     elif cmd == "upgrade":

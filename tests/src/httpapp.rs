@@ -6,11 +6,25 @@
 //! says otherwise, a JSON [`Echoed`] body: the method, path and query,
 //! `Host`/`:authority`, the HTTP version and every request header, as
 //! received. Paths: `/status/NNN` answers NNN; `/delay/MS` answers after MS
-//! milliseconds; `/ws` with `Upgrade` answers 101 and then echoes raw bytes
-//! (a stand-in for WebSocket frames: the proxy must pass bytes, not parse
+//! milliseconds; `/reset` closes the connection (HTTP/1.1) or resets the
+//! stream (HTTP/2) without answering; `/when/POD/REST` behaves as `/REST`
+//! on the pod named POD and as a plain echo on the others (one failing
+//! endpoint behind a Service); `/once/KEY/REST` behaves as `/REST` the
+//! first time this server sees KEY and as a plain echo afterwards (every
+//! endpoint fails a request once, so a retry that goes to another
+//! endpoint fails again and a third attempt succeeds); `/_seen` answers the `Host`/`:authority`,
+//! method and path of every other request this server received (newest
+//! 1,000), so tests see traffic a client never sees, such as mirrored
+//! copies; `/ws` with `Upgrade` answers 101 and then echoes raw bytes (a
+//! stand-in for WebSocket frames: the proxy must pass bytes, not parse
 //! them).
 
-use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -40,21 +54,44 @@ pub struct Echoed {
     pub body_bytes: usize,
 }
 
+/// One request as `/_seen` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Seen {
+    /// `Host` header or `:authority`.
+    pub host: String,
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+}
+
+/// Requests `/_seen` remembers.
+const SEEN: usize = 1000;
+
+/// `/once/` keys remembered, at most (then all are forgotten).
+const ONCE_KEYS: usize = 100_000;
+
+struct App {
+    name: String,
+    seen: Mutex<VecDeque<Seen>>,
+    once: Mutex<std::collections::HashSet<String>>,
+}
+
 /// Serves until the process is killed; every answer waits `delay` first (a
 /// slow endpoint, for load-balancing tests).
 pub async fn serve(listen: SocketAddr, name: String, delay: Duration) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!("http: {name} listening on {listen}");
-    let name = Arc::new(name);
+    let app = Arc::new(App { name, seen: Mutex::new(VecDeque::new()), once: Mutex::default() });
     loop {
         let (tcp, _) = listener.accept().await?;
-        let name = name.clone();
+        let app = app.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let name = name.clone();
+                let app = app.clone();
                 async move {
                     tokio::time::sleep(delay).await;
-                    answer(req, name).await
+                    answer(req, app).await
                 }
             });
             let _ =
@@ -63,8 +100,57 @@ pub async fn serve(listen: SocketAddr, name: String, delay: Duration) -> std::io
     }
 }
 
-async fn answer(mut req: Request<Incoming>, name: Arc<String>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let path = req.uri().path().to_owned();
+fn host_of(req: &Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(ToString::to_string)
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The path this server acts on: `/when/POD/REST` is `/REST` here if this
+/// is POD, `/once/KEY/REST` is `/REST` the first time KEY is seen, and both
+/// are `/` (a plain echo) otherwise.
+fn acted_path(path: &str, app: &App) -> String {
+    if let Some((pod, action)) = path.strip_prefix("/when/").and_then(|r| r.split_once('/')) {
+        return if pod == app.name { format!("/{action}") } else { "/".to_owned() };
+    }
+    if let Some((key, action)) = path.strip_prefix("/once/").and_then(|r| r.split_once('/')) {
+        let mut once = app.once.lock().expect("once lock");
+        if once.len() >= ONCE_KEYS {
+            once.clear();
+        }
+        return if once.insert(key.to_owned()) { format!("/{action}") } else { "/".to_owned() };
+    }
+    path.to_owned()
+}
+
+async fn answer(mut req: Request<Incoming>, app: Arc<App>) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    let name = &app.name;
+    if req.uri().path() == "/_seen" {
+        let seen: Vec<Seen> = app.seen.lock().expect("seen lock").iter().cloned().collect();
+        let body = serde_json::to_vec(&seen).unwrap_or_default();
+        return Ok(Response::builder()
+            .header("x-served-by", name.as_str())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts"));
+    }
+    {
+        let mut seen = app.seen.lock().expect("seen lock");
+        if seen.len() == SEEN {
+            seen.pop_front();
+        }
+        seen.push_back(Seen {
+            host: host_of(&req),
+            method: req.method().to_string(),
+            path: req.uri().path_and_query().map_or_else(|| "/".into(), ToString::to_string),
+        });
+    }
+    let path = acted_path(req.uri().path(), &app);
+    if path == "/reset" {
+        return Err(std::io::Error::other("/reset: dropping the request unanswered"));
+    }
     let reply = |status: StatusCode, body: Bytes| {
         Response::builder()
             .status(status)
@@ -107,8 +193,7 @@ async fn answer(mut req: Request<Incoming>, name: Arc<String>) -> Result<Respons
             })
             .or_insert(v);
     }
-    let host =
-        req.uri().authority().map(ToString::to_string).or_else(|| headers.get("host").cloned()).unwrap_or_default();
+    let host = host_of(&req);
     let echoed = Echoed {
         pod: name.to_string(),
         method: req.method().to_string(),

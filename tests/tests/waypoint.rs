@@ -19,154 +19,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::l7::{self, count};
-use common::{environment_ready, expect_delivered, run_on, TRUST_DOMAIN};
+use common::waypoint_mesh::{requests, run_waypoint, url, Extras, API_VIP, GRPC_PORT, V1_VIP};
+use common::{environment_ready, expect_delivered, TRUST_DOMAIN};
 use heddle_tests::env::{asset, NGHTTP};
-use heddle_tests::waypoint::{Waypoint, GATEWAY_NAME_LABEL};
-use heddle_tests::{
-    poll_until, require_tool, Agent, CaOptions, Check, ClientSpec, Direction, Pod, PodSpec, Process, ServiceSpec,
-    Testbed,
-};
+use heddle_tests::{poll_until, require_tool, Check, ClientSpec, Direction};
 use serde_json::{json, Value};
-
-const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
-/// A second service port of `api` onto the same HTTP servers (GAMMA's
-/// mesh-ports case: a route attached to one port only).
-const ALT_HTTP_PORT: u16 = 8000;
-const V1_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
-const V2_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 22);
-const STORE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 23);
-const HTTP_PORT: u16 = 8080;
-const ECHO_PORT: u16 = 9090;
-const GRPC_PORT: u16 = 50051;
-
-/// The waypoint cluster. Fields drop in order: processes, then the bed.
-struct Mesh {
-    _servers: Vec<Process>,
-    waypoint: Waypoint,
-    agent_a: Agent,
-    agent_b: Agent,
-    client: Pod,
-    v1: Pod,
-    v2: Pod,
-    tb: Testbed,
-}
-
-/// What a test needs beyond HTTP and echo servers.
-#[derive(Clone, Copy, Default)]
-struct Extras {
-    /// gRPC servers on both versions.
-    grpc: bool,
-    /// api-v2 answers 20 ms late.
-    slow_v2: bool,
-    /// A Service `shared/store` (another namespace) with one pod.
-    shared_store: bool,
-}
-
-impl Mesh {
-    fn new(name: &str, extras: Extras) -> Result<Self> {
-        let tb = Testbed::new(name)?;
-        let node_a = tb.add_node("node-a")?;
-        let node_b = tb.add_node("node-b")?;
-        let client = tb.add_pod(&node_a, PodSpec::new("client").enrolled(true))?;
-        let wp_pod = tb.add_pod(&node_b, PodSpec::new("waypoint").label(GATEWAY_NAME_LABEL, "waypoint"))?;
-        let version =
-            |v: &str| PodSpec::new(&format!("api-{v}")).enrolled(true).label("app", "api").label("version", v);
-        let v1 = tb.add_pod(&node_b, version("v1"))?;
-        let v2 = tb.add_pod(&node_b, version("v2"))?;
-        tb.add_service(
-            ServiceSpec::new("api", API_VIP)
-                .port(80, HTTP_PORT)
-                .port(ALT_HTTP_PORT, HTTP_PORT)
-                .port(9000, ECHO_PORT)
-                .port(GRPC_PORT, GRPC_PORT),
-        )?;
-        tb.add_service(
-            ServiceSpec::new("api-v1", V1_VIP).port(80, HTTP_PORT).port(GRPC_PORT, GRPC_PORT).selector("version", "v1"),
-        )?;
-        tb.add_service(
-            ServiceSpec::new("api-v2", V2_VIP).port(80, HTTP_PORT).port(GRPC_PORT, GRPC_PORT).selector("version", "v2"),
-        )?;
-        tb.add_waypoint("demo", "waypoint")?;
-        tb.set_namespace_waypoint("demo", Some("waypoint"))?;
-        let mut servers = Vec::new();
-        if extras.shared_store {
-            let store = tb.add_pod(&node_b, PodSpec::new("store").namespace("shared").enrolled(true))?;
-            tb.add_service(ServiceSpec::new("store", STORE_VIP).namespace("shared").port(80, HTTP_PORT))?;
-            servers.push(store.start_http(HTTP_PORT)?);
-        }
-        for pod in [&v1, &v2] {
-            let delay =
-                if extras.slow_v2 && pod.name() == "api-v2" { Duration::from_millis(20) } else { Duration::ZERO };
-            servers.push(pod.start_http_delayed(HTTP_PORT, delay)?);
-            servers.push(pod.start_echo(ECHO_PORT)?);
-            if extras.grpc {
-                let mut cmd = Command::new("python3");
-                cmd.arg(asset("grpc_app.py")).args(["serve", &GRPC_PORT.to_string(), pod.name()]);
-                servers.push(pod.spawn(cmd)?);
-                pod.wait_listening(GRPC_PORT, Duration::from_secs(15))?;
-            }
-        }
-        tb.set_trust_domain(TRUST_DOMAIN)?;
-        tb.start_ca(&node_a, CaOptions::default())?;
-        let mut agents = tb.start_agents(&[&node_a, &node_b])?.into_iter();
-        let (agent_a, agent_b) = (agents.next().context("agent a")?, agents.next().context("agent b")?);
-        let waypoint = tb.start_waypoint(&wp_pod, "waypoint")?;
-        let ids: Vec<String> = [&v1, &v2].iter().map(|p| p.spiffe_id()).collect();
-        agent_b.wait_certificates(&ids, Duration::from_secs(10))?;
-        agent_a.wait_certificates(&[client.spiffe_id()], Duration::from_secs(10))?;
-        Ok(Self { _servers: servers, waypoint, agent_a, agent_b, client, v1, v2, tb })
-    }
-
-    /// Runs `httpc.py ARGS` in the client pod and parses its JSON output.
-    fn httpc(&self, args: &[&str]) -> Result<Value> {
-        l7::httpc(&self.client, args)
-    }
-
-    /// `n` keep-alive requests from the client to `url`.
-    fn load(&self, url: &str, n: usize, headers: &[&str]) -> Result<Value> {
-        l7::load(&self.client, url, n, headers)
-    }
-
-    /// Writes the routes and waits until the waypoint shows `route` accepted.
-    fn routes(&self, yaml: &str, route: &str) -> Result<Value> {
-        self.tb.set_routes("routes", yaml)?;
-        Ok(self.waypoint.wait_route(route, true)?)
-    }
-}
-
-fn run_waypoint(name: &str, extras: Extras, body: impl FnOnce(&Mesh) -> Result<()>) {
-    if !environment_ready() {
-        return;
-    }
-    run_on(
-        name,
-        || Mesh::new(name, extras),
-        |m| {
-            m.tb.mark_failed();
-            eprintln!("--- waypoint log ---\n{}", m.waypoint.log_text());
-        },
-        body,
-    );
-}
-
-/// `path` on the `api` Service's port 80, or `path` itself when it is a URL.
-fn url(path: &str) -> String {
-    if path.starts_with("http://") {
-        return path.to_owned();
-    }
-    format!("http://{API_VIP}:80{path}")
-}
-
-/// Waypoint request records matching `pred`, waiting up to 10 s until there are `n`.
-fn requests(wp: &Waypoint, n: usize, pred: impl Fn(&Value) -> bool) -> Result<Vec<Value>> {
-    l7::requests(wp, n, Duration::from_secs(10), pred)
-}
 
 #[test]
 fn http1_and_http2_through_the_waypoint_are_balanced_per_request_and_recorded_with_both_identities() {
@@ -511,13 +374,14 @@ fn route_matching_and_filters_behave_as_the_gateway_api_mesh_conformance_cases_e
 const BROKEN: &str = r"
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: mirror, namespace: demo}
+metadata: {name: cors, namespace: demo}
 spec:
   parentRefs: [{group: '', kind: Service, name: api-v1}]
   rules:
-  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-v2, port: 80}}}]
+  - filters: [{type: CORS, cors: {allowOrigins: ['https://a.example']}}]
     backendRefs: [{name: api-v1, port: 80}]
     retryy: {attempts: 3}
+    retry: {attempts: 99}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -538,14 +402,16 @@ spec:
 fn routes_heddle_cannot_honour_are_reported_with_conditions_and_never_half_applied() {
     run_waypoint("waypoint_status", Extras::default(), |m| {
         m.tb.set_routes("routes", BROKEN)?;
-        let mirror = m.waypoint.wait_route("httproute/demo/mirror", false)?;
-        let problems = mirror["problems"].to_string();
+        let cors = m.waypoint.wait_route("httproute/demo/cors", false)?;
+        let problems = cors["problems"].to_string();
         ensure!(
-            problems.contains("RequestMirror is not supported") && problems.contains("retryy: unknown field"),
-            "mirror: {mirror}"
+            problems.contains("filter type CORS is not supported")
+                && problems.contains("retryy: unknown field")
+                && problems.contains("retry.attempts: 99 is not within 0-10"),
+            "cors: {cors}"
         );
-        ensure!(mirror["parents"][0]["conditions"][0]["reason"] == "UnsupportedValue", "condition: {mirror}");
-        // Not applied: api-v1 traffic is untouched (no mirror, no route).
+        ensure!(cors["parents"][0]["conditions"][0]["reason"] == "UnsupportedValue", "condition: {cors}");
+        // Not applied: api-v1 traffic is untouched (no route).
         let r = m.load(&format!("http://{V1_VIP}/"), 5, &[])?;
         ensure!(count(&r, "api-v1") == 5, "{r}");
         // A missing backend: accepted, ResolvedRefs=False, and 500 for its share.
@@ -570,7 +436,7 @@ fn routes_heddle_cannot_honour_are_reported_with_conditions_and_never_half_appli
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(
             out.status.success()
-                && text.contains("httproute/demo/mirror")
+                && text.contains("httproute/demo/cors")
                 && text.contains("NO")
                 && text.contains("BackendNotFound"),
             "heddle routes:\n{text}"

@@ -57,10 +57,16 @@ impl Stats {
         Self { ewma_ns: DEFAULT_RTT.as_secs_f64() * 1e9, updated: now, pending: 0 }
     }
 
-    fn cost(&self) -> f64 {
+    /// The cost at `now`: the estimate decays while no sample comes (as in
+    /// Linkerd's and tower's peak EWMA), so an endpoint avoided after one
+    /// slow answer is tried again once the estimate has faded, instead of
+    /// being starved for good.
+    fn cost(&self, now: Instant) -> f64 {
+        let idle = now.saturating_duration_since(self.updated).as_secs_f64();
+        let estimate = self.ewma_ns * (-idle / DECAY.as_secs_f64()).exp();
         // One nanosecond added so that in-flight requests still order
         // endpoints not measured yet (estimate zero).
-        (self.ewma_ns + 1.0) * f64::from(self.pending + 1)
+        (estimate + 1.0) * f64::from(self.pending + 1)
     }
 
     fn observe(&mut self, rtt: Duration, now: Instant) {
@@ -106,7 +112,7 @@ impl Balancer {
             b += 1;
         }
         let stats = self.stats.lock().expect("balancer lock");
-        let cost = |addr: &SocketAddr| stats.get(addr).map_or_else(|| Stats::new(now).cost(), Stats::cost);
+        let cost = |addr: &SocketAddr| stats.get(addr).map_or_else(|| Stats::new(now).cost(now), |s| s.cost(now));
         if cost(&candidates[b]) < cost(&candidates[a]) {
             candidates[b]
         } else {
@@ -220,6 +226,20 @@ mod tests {
         s.observe(Duration::from_millis(1), now + Duration::from_secs(1));
         // exp(-0.1) of the peak remains after one second.
         assert!(s.ewma_ns > 85e6 && s.ewma_ns < 95e6, "{}", s.ewma_ns);
+    }
+
+    #[test]
+    fn an_endpoint_avoided_after_a_slow_answer_is_tried_again_once_its_estimate_fades() {
+        let b = Balancer::default();
+        let now = Instant::now();
+        let eps = addrs(2);
+        b.observe_at(eps[0], Duration::from_millis(50), now);
+        b.observe_at(eps[1], Duration::from_millis(2), now);
+        assert_eq!(b.choose(&eps, 0, 0, now), eps[1]);
+        // No new sample for eps[0]; eps[1] keeps answering in 2 ms.
+        let later = now + Duration::from_secs(40);
+        b.observe_at(eps[1], Duration::from_millis(2), later);
+        assert_eq!(b.choose(&eps, 1, 0, later), eps[0], "50 ms * exp(-4) < 2 ms: eps[0] is tried again");
     }
 
     #[test]

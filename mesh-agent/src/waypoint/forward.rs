@@ -333,11 +333,7 @@ fn mirror_name(m: &Mirror) -> &str {
 
 /// The endpoints (address of the target port, identity) of `service`'s
 /// `port`, or why the Service cannot be used.
-pub fn service_endpoints(
-    state: &State,
-    service: &ObjectRef,
-    port: u16,
-) -> Result<Vec<(SocketAddr, SpiffeId)>, String> {
+pub fn service_endpoints(state: &State, service: &ObjectRef, port: u16) -> Result<Vec<(SocketAddr, SpiffeId)>, String> {
     let reg = state.registry.borrow();
     let svc = reg.service(service).ok_or_else(|| format!("backend service {service} does not exist"))?;
     let port = svc

@@ -135,7 +135,9 @@ fn shadow_request(parts: &Parts, body: &Bytes, version: Version) -> Request<Http
         Version::Http2 => {
             let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
             if let Some(a) = parts.uri.authority() {
-                if let Ok(uri) = Uri::builder().scheme("http").authority(shadow_authority(a.as_str())).path_and_query(pq).build() {
+                if let Ok(uri) =
+                    Uri::builder().scheme("http").authority(shadow_authority(a.as_str())).path_and_query(pq).build()
+                {
                     parts.uri = uri;
                 }
             }

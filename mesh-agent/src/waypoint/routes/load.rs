@@ -198,7 +198,8 @@ fn compile_http(
         Some(v) if v == "true" => true,
         Some(v) if v == "false" => false,
         Some(v) => {
-            ctx.problems.push(format!("metadata.annotations[{RETRY_NON_IDEMPOTENT}]: {v:?} is not \"true\" or \"false\""));
+            ctx.problems
+                .push(format!("metadata.annotations[{RETRY_NON_IDEMPOTENT}]: {v:?} is not \"true\" or \"false\""));
             false
         }
     };

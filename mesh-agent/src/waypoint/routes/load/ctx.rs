@@ -9,13 +9,13 @@ use regex::{Regex, RegexBuilder};
 
 use super::{
     super::{
+        gateway_api::experimental::HttpRouteRulesRetry,
         gateway_api::{grpcroutes as g, httproutes as h},
         matching::Attachment,
         model::{
             Backend, BackendTarget, Filters, HeaderModifier, Mirror, PathMatch, PathModifier, Redirect, RequestMatch,
             RetryPolicy, Rewrite, RouteKind, RouteRef, Rule, Timeouts, ValueMatch,
         },
-        gateway_api::experimental::HttpRouteRulesRetry,
         Condition, ParentStatus, RouteStatus,
     },
     reshape, Compiled, Env,
@@ -381,7 +381,8 @@ impl<'a> Ctx<'a> {
             let at = format!("{at}.backendRefs[{i}]");
             let weight = u32::try_from(b.weight.unwrap_or(1).max(0)).unwrap_or(0);
             let port = b.port.and_then(|p| u16::try_from(p).ok());
-            let target = self.service_ref(b.group.as_deref(), b.kind.as_deref(), b.namespace.as_ref(), &b.name, port, &at);
+            let target =
+                self.service_ref(b.group.as_deref(), b.kind.as_deref(), b.namespace.as_ref(), &b.name, port, &at);
             let filters: Vec<h::HttpRouteRulesFilters> =
                 b.filters.iter().flatten().filter_map(|f| reshape(f).ok()).collect();
             let filters = self.filters(&filters, matches, &at);
@@ -468,7 +469,12 @@ impl<'a> Ctx<'a> {
 
     /// `retry` (experimental, GEP-1731), given as the raw value taken out of
     /// the rule before the standard types read it.
-    pub(super) fn retry(&mut self, raw: Option<serde_yaml_ng::Value>, non_idempotent: bool, at: &str) -> Option<RetryPolicy> {
+    pub(super) fn retry(
+        &mut self,
+        raw: Option<serde_yaml_ng::Value>,
+        non_idempotent: bool,
+        at: &str,
+    ) -> Option<RetryPolicy> {
         let raw = raw?;
         let at = format!("{at}.retry");
         let r: HttpRouteRulesRetry = match super::parse(raw) {

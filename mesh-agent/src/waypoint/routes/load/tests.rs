@@ -84,7 +84,11 @@ fn v1_rule(set: &RouteSet) -> std::sync::Arc<crate::waypoint::routes::model::Rul
 #[test]
 fn an_experimental_retry_is_read_with_defaults_and_the_non_idempotent_annotation() {
     let with_retry = |retry: &str, meta: &str| {
-        build(&GOOD.replace("    timeouts:", &format!("    retry: {retry}\n    timeouts:")).replace("namespace: demo}", meta))
+        build(
+            &GOOD
+                .replace("    timeouts:", &format!("    retry: {retry}\n    timeouts:"))
+                .replace("namespace: demo}", meta),
+        )
     };
     let set = with_retry("{attempts: 3, codes: [503, 502], backoff: 50ms}", "namespace: demo}");
     assert!(set.statuses()[0].accepted, "{:?}", set.statuses()[0]);
@@ -114,14 +118,19 @@ fn a_bad_retry_rejects_the_route_naming_every_problem() {
     ] {
         assert!(all.contains(want), "{want:?} in {all}");
     }
-    let set = build(&GOOD.replace("namespace: demo}", "namespace: demo, annotations: {heddle.dev/retry-non-idempotent: yes}}"));
+    let set = build(
+        &GOOD.replace("namespace: demo}", "namespace: demo, annotations: {heddle.dev/retry-non-idempotent: yes}}"),
+    );
     assert!(set.statuses()[0].problems.join("").contains("heddle.dev/retry-non-idempotent"), "{:?}", set.statuses());
 }
 
 #[test]
 fn request_mirrors_resolve_their_backend_and_share() {
     let mirror = |m: &str| {
-        build(&GOOD.replace("    timeouts:", &format!("    filters: [{{type: RequestMirror, requestMirror: {m}}}]\n    timeouts:")))
+        build(&GOOD.replace(
+            "    timeouts:",
+            &format!("    filters: [{{type: RequestMirror, requestMirror: {m}}}]\n    timeouts:"),
+        ))
     };
     for (m, per_million) in [
         ("{backendRef: {name: api-v1, port: 80}}", 1_000_000),
@@ -137,8 +146,14 @@ fn request_mirrors_resolve_their_backend_and_share() {
     }
     for (m, want) in [
         ("{backendRef: {name: api-v1, port: 80}, percent: 101}", "requestMirror.percent: 101 is not within 0-100"),
-        ("{backendRef: {name: api-v1, port: 80}, fraction: {numerator: 3, denominator: 2}}", "requestMirror.fraction: 3/2"),
-        ("{backendRef: {name: api-v1, port: 80}, percent: 5, fraction: {numerator: 1}}", "percent and fraction cannot both be set"),
+        (
+            "{backendRef: {name: api-v1, port: 80}, fraction: {numerator: 3, denominator: 2}}",
+            "requestMirror.fraction: 3/2",
+        ),
+        (
+            "{backendRef: {name: api-v1, port: 80}, percent: 5, fraction: {numerator: 1}}",
+            "percent and fraction cannot both be set",
+        ),
     ] {
         let set = mirror(m);
         assert!(!set.statuses()[0].accepted, "{m}");

@@ -1,0 +1,236 @@
+//! End-to-end tests of the waypoint's resilience features against real
+//! servers (`pod-app http`, whose `/when/POD/...` paths make one endpoint
+//! fail), a real client (Python's http.client) and the waypoint cluster of
+//! [`common::waypoint_mesh`]: retries on another endpoint within the retry
+//! budget, and request mirroring to a shadow Service.
+//!
+//! What is asserted is what users observe: the statuses the client gets,
+//! which pod served, how long it took, the requests the shadow received,
+//! the request records (`retries`, response flags) and the metrics. Needs
+//! root; fails under `CI=true` when it cannot run.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use common::l7::count;
+use common::waypoint_mesh::{requests, run_waypoint, url, Extras, Mesh, V1_VIP, V2_VIP};
+use heddle_tests::{poll_until, Check};
+use serde_json::Value;
+
+const RETRIES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: retry, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  # One rule per kind of failure: each rule has its own retry budget.
+  - matches: [{path: {type: PathPrefix, value: /when}}, {path: {type: PathPrefix, value: /status}}]
+    timeouts: {backendRequest: 300ms}
+    retry: {attempts: 2, codes: [503], backoff: 10ms}
+  - matches: [{path: {type: RegularExpression, value: "/once/s.*"}}]
+    retry: {attempts: 2, codes: [503], backoff: 10ms}
+  - matches: [{path: {type: RegularExpression, value: "/once/r.*"}}]
+    retry: {attempts: 2, codes: [503], backoff: 10ms}
+  - matches: [{path: {type: RegularExpression, value: "/once/d.*"}}]
+    timeouts: {backendRequest: 300ms}
+    retry: {attempts: 2, codes: [503], backoff: 10ms}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: outage, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /status}, headers: [{name: x-outage, value: "1"}]}]
+    retry: {attempts: 10, codes: [503], backoff: 1ms}
+"#;
+
+/// The value of the sample of `name` carrying every one of `labels` (0
+/// when absent), whatever the order the exposition writes labels in.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')))
+        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn retries_of(r: &Value) -> u64 {
+    r["http"]["retries"].as_u64().unwrap_or(0)
+}
+
+/// `probe` again every 200 ms until it answers, for up to 10 s.
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = probe()? {
+            return Ok(v);
+        }
+        ensure!(Instant::now() < deadline, "{what}: not after 10 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Request records for paths starting with `prefix`, `n` of them.
+fn records(m: &Mesh, prefix: &str, n: usize) -> Result<Vec<Value>> {
+    requests(&m.waypoint, n, |r| r["http"]["path"].as_str().is_some_and(|p| p.starts_with(prefix)))
+}
+
+#[test]
+fn failed_attempts_are_retried_on_another_endpoint_within_the_budget_and_recorded() {
+    run_waypoint("wp_retry", Extras::default(), |m| {
+        m.routes(RETRIES, "httproute/demo/retry")?;
+        m.waypoint.wait_route("httproute/demo/outage", true)?;
+        let v2 = m.v2.name();
+
+        // api-v1 answers 503: every request still succeeds, from api-v2.
+        let r = m.load(&url("/when/api-v1/status/503"), 60, &[])?;
+        ensure!(r["status"]["200"] == 60 && count(&r, v2) == 60, "503 on v1, retried: {r}");
+        let recs = records(m, "/when/api-v1/status", 60)?;
+        ensure!(recs.iter().all(|r| r["http"]["status"] == 200 && r["http"]["response_flags"] == "-"), "{recs:?}");
+
+        // Every endpoint fails each request once (503, a reset, a reply
+        // slower than the 300 ms per-try timeout): the first retry goes to
+        // the other endpoint (which fails too), the second succeeds. A retry
+        // to the same endpoint would have succeeded after one.
+        for (what, path, n) in [
+            ("503", "/once/s{i}/status/503", 30),
+            ("reset", "/once/r{i}/reset", 30),
+            ("slow", "/once/d{i}/delay/3000", 4),
+        ] {
+            let r = m.load(&url(path), n, &[])?;
+            let prefix = &path[..7];
+            let recs = records(m, prefix, n)?;
+            let failed: Vec<&Value> = recs.iter().filter(|r| r["http"]["status"] != 200).collect();
+            ensure!(r["status"]["200"] == n && r["errors"] == 0, "{what} once per endpoint, retried: {r}; {failed:?}");
+            ensure!(recs.iter().all(|r| retries_of(r) == 2), "{what}: two retries, on both endpoints: {recs:?}");
+            if what == "slow" {
+                let slowest = r["max_ms"].as_f64().unwrap_or(f64::MAX);
+                ensure!(slowest < 1500.0, "two 300 ms tries, not a 3 s wait: {r}");
+                eprintln!("per-try timeout then retry: slowest of {n} requests {slowest:.0} ms");
+            }
+        }
+
+        // POST is not idempotent: not retried, the 503 reaches the client.
+        let posts = m.httpc(&["load", &url("/status/503"), "20", "--method", "POST", "--body", "100"])?;
+        ensure!(posts["status"]["503"] == 20, "POSTs are not retried: {posts}");
+        let recs = requests(&m.waypoint, 20, |r| r["http"]["method"] == "POST")?;
+        ensure!(recs.iter().all(|r| retries_of(r) == 0 && r["http"]["response_flags"] == "-"), "{recs:?}");
+
+        // Both endpoints always fail: two retries, then the 503 with URX,
+        // which `heddle flows --response-flag URX` finds.
+        let r = m.load(&url("/status/503"), 10, &[])?;
+        ensure!(r["status"]["503"] == 10, "every endpoint fails: {r}");
+        let urx = m.waypoint.flows("response_flag=URX&path=/status/503")?;
+        ensure!(urx.len() == 10, "retries exhausted are flagged URX: {urx:?}");
+        ensure!(urx.iter().all(|r| retries_of(r) == 2 && r["http"]["method"] == "GET"), "two retries each: {urx:?}");
+
+        // A full outage with 10 attempts per request: the budget (20% of
+        // requests + 10/s over 10 s) bounds the retries, not `attempts`.
+        let started = Instant::now();
+        let n = 300;
+        let r = m.load(&url("/status/503"), n, &["x-outage:1"])?;
+        let secs = started.elapsed().as_secs_f64();
+        ensure!(r["status"]["503"] == n, "full outage: {r}");
+        let text = m.waypoint.metrics()?;
+        let route = ("route", "httproute/demo/outage");
+        let retried = metric(&text, "heddle_retries_total", &[route, ("outcome", "retried")]);
+        let refused = metric(&text, "heddle_retries_total", &[route, ("outcome", "budget_exhausted")]);
+        #[allow(clippy::cast_precision_loss)]
+        let allowed = n as f64 * 0.2 + 10.0 * (10.0 + secs);
+        ensure!(
+            retried >= 100.0 && retried <= allowed,
+            "retries {retried} within the budget {allowed:.0} ({n} requests in {secs:.1} s)"
+        );
+        ensure!(refused > 0.0, "the budget refused retries: {text}");
+        eprintln!(
+            "full outage: {n} requests, {retried} retries, {refused} refused by the budget (10 attempts would be {})",
+            n * 10
+        );
+        Ok(())
+    });
+}
+
+const MIRROR: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirror, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api-v1, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /half}}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-v2, port: 80}, percent: 50}}]
+    backendRefs: [{name: api-v1, port: 80}]
+  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-v2, port: 80}}}]
+    backendRefs: [{name: api-v1, port: 80}]
+"#;
+
+const MIRRORED: &str = "heddle_mirror_requests_total";
+const SHADOW: (&str, &str) = ("backend", "demo/api-v2");
+
+/// What api-v2 received with a `-shadow` authority, by path prefix.
+fn shadowed(m: &Mesh, prefix: &str) -> Result<Vec<Value>> {
+    let out = m.httpc(&["cases", &write_case(m, &format!("http://{V2_VIP}:80/_seen"))?])?;
+    let seen = out[0]["body"].as_array().context("/_seen answers a list")?;
+    Ok(seen
+        .iter()
+        .filter(|s| s["host"].as_str().is_some_and(|h| h.contains("-shadow")))
+        .filter(|s| s["path"].as_str().is_some_and(|p| p.starts_with(prefix)))
+        .cloned()
+        .collect())
+}
+
+fn write_case(m: &Mesh, url: &str) -> Result<String> {
+    let path = m.tb.temp_dir().join("seen-case.json");
+    std::fs::write(&path, serde_json::json!([{"method": "GET", "url": url}]).to_string())?;
+    Ok(path.display().to_string())
+}
+
+#[test]
+fn mirrored_copies_reach_the_shadow_and_a_slow_or_failing_shadow_never_touches_the_primary() {
+    run_waypoint("wp_mirror", Extras::default(), |m| {
+        m.routes(MIRROR, "httproute/demo/mirror")?;
+        let v1 = m.v1.name();
+        let primary = |path: &str| format!("http://{V1_VIP}:80{path}");
+
+        let r = m.load(&primary("/copy"), 20, &[])?;
+        ensure!(r["status"]["200"] == 20 && count(&r, v1) == 20, "the primary answers: {r}");
+        let copies = wait_for("20 copies at the shadow", || {
+            let s = shadowed(m, "/copy")?;
+            Ok((s.len() >= 20).then_some(s))
+        })?;
+        ensure!(copies.len() == 20, "one copy per request: {copies:?}");
+        let host = copies[0]["host"].as_str().unwrap_or_default();
+        ensure!(host == format!("{V1_VIP}-shadow"), "the copy's authority gets -shadow: {host}");
+
+        // A shadow that answers after 3 s, or drops the request: the
+        // primary neither waits nor fails.
+        let r = m.load(&primary("/when/api-v2/delay/3000"), 10, &[])?;
+        ensure!(r["status"]["200"] == 10, "slow shadow: {r}");
+        let slowest = r["max_ms"].as_f64().unwrap_or(f64::MAX);
+        ensure!(slowest < 1000.0, "the primary did not wait for the shadow: {r}");
+        let r = m.load(&primary("/when/api-v2/reset"), 10, &[])?;
+        ensure!(r["status"]["200"] == 10 && r["errors"] == 0, "failing shadow: {r}");
+
+        // percent: 50 over 400 requests: 200 expected, sd 10; 5 sd either way.
+        let r = m.load(&primary("/half"), 400, &[])?;
+        ensure!(r["status"]["200"] == 400, "{r}");
+        std::thread::sleep(Duration::from_secs(1));
+        let half = shadowed(m, "/half")?.len();
+        ensure!((150..=250).contains(&half), "50% of 400 requests mirrored within binomial tolerance: {half}");
+
+        let text = poll_until("mirror metrics", Duration::from_secs(10), Duration::from_millis(200), || {
+            let t = m.waypoint.metrics()?;
+            let failed = metric(&t, MIRRORED, &[SHADOW, ("outcome", "failed")]);
+            Ok(if failed >= 10.0 { Check::Ready(t) } else { Check::Pending(format!("{failed} failed copies")) })
+        })?;
+        let sent = metric(&text, MIRRORED, &[SHADOW, ("outcome", "sent")]);
+        ensure!(sent >= 20.0 + 10.0 + 150.0, "copies answered counted: {sent}");
+        eprintln!("mirror: 20/20 copies, {half}/400 at 50%, slowest primary beside a 3 s shadow {slowest:.1} ms");
+        Ok(())
+    });
+}
