@@ -32,6 +32,7 @@ pub mod listener;
 pub mod mirror;
 pub mod passthrough;
 pub mod pool;
+pub mod ratelimit;
 pub mod retry;
 pub mod routes;
 pub mod sources;

@@ -195,7 +195,7 @@ async fn answer(mut req: Request<Incoming>, app: Arc<App>) -> Result<Response<Fu
     }
     let host = host_of(&req);
     let echoed = Echoed {
-        pod: name.to_string(),
+        pod: name.clone(),
         method: req.method().to_string(),
         path: req.uri().path_and_query().map_or_else(|| "/".into(), ToString::to_string),
         host,

@@ -234,3 +234,94 @@ fn mirrored_copies_reach_the_shadow_and_a_slow_or_failing_shadow_never_touches_t
         Ok(())
     });
 }
+
+const LIMITS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: slow-lane, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /lane}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: open, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /}}]
+---
+apiVersion: heddle.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: per-client, namespace: demo}
+spec:
+  targetRefs: [{group: "", kind: Service, name: api-v1}]
+  identity: {requestsPerSecond: 5}
+---
+apiVersion: heddle.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: lane, namespace: demo}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: slow-lane}]
+  total: {requestsPerSecond: 3}
+"#;
+
+#[test]
+fn over_a_local_rate_limit_requests_get_429_with_retry_after_per_identity_and_per_route() {
+    run_waypoint("wp_ratelimit", Extras::default(), |m| {
+        m.routes(LIMITS, "httproute/demo/slow-lane")?;
+        m.waypoint.wait_route("httplocalratelimitpolicy/demo/per-client", true)?;
+        m.waypoint.wait_route("httplocalratelimitpolicy/demo/lane", true)?;
+
+        // 5/s per identity on api-v1: 40 quick requests, about 5 pass.
+        let started = Instant::now();
+        let r = m.load(&format!("http://{V1_VIP}:80/limited"), 40, &[])?;
+        let secs = started.elapsed().as_secs_f64();
+        let ok = r["status"]["200"].as_u64().unwrap_or(0);
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let most = 5 + (secs * 5.0).ceil() as u64;
+        ensure!(ok >= 5 && ok <= most && r["status"]["429"] == 40 - ok, "5/s per identity over {secs:.2} s: {r}");
+        let limited = m.waypoint.flows("response_flag=RL&path=/limited")?;
+        ensure!(limited.len() as u64 == 40 - ok, "every 429 is flagged RL: {limited:?}");
+        let why = limited[0]["http"]["error"].as_str().unwrap_or_default();
+        ensure!(
+            why.contains("HTTPLocalRateLimitPolicy demo/per-client (identity limit)"),
+            "the policy is named: {why}"
+        );
+
+        // The 429 says when to come back.
+        let one = serde_json::json!({"method": "GET", "url": format!("http://{V1_VIP}:80/limited")});
+        let file = m.tb.temp_dir().join("limited.json");
+        std::fs::write(&file, Value::Array(vec![one; 20]).to_string())?;
+        let out = m.httpc(&["cases", &file.display().to_string()])?;
+        let refused = out.as_array().and_then(|a| a.iter().find(|c| c["status"] == 429)).context("a 429 among 20")?;
+        ensure!(refused["headers"]["retry-after"] == "1", "Retry-After: {refused}");
+
+        // A route's limit applies to its requests only: /lane is capped at
+        // 3/s in total, another route of the same Service is not.
+        let lane = m.load(&url("/lane"), 20, &[])?;
+        let lane_ok = lane["status"]["200"].as_u64().unwrap_or(0);
+        ensure!((3..=8).contains(&lane_ok) && lane["status"]["429"] == 20 - lane_ok, "3/s on the route: {lane}");
+        let other = m.load(&url("/free"), 40, &[])?;
+        ensure!(other["status"]["200"] == 40, "the rest of the Service is not limited: {other}");
+
+        // An override for the client's service account lifts its limit.
+        let client_sa = r#"
+  overrides:
+  - requestsPerSecond: 1000
+    clientRefs: [{kind: ServiceAccount, name: client, namespace: demo}]"#;
+        let lifted = LIMITS
+            .replace("  identity: {requestsPerSecond: 5}", &format!("  identity: {{requestsPerSecond: 5}}{client_sa}"));
+        m.tb.set_routes("routes", &lifted)?;
+        let r = common::l7::load_until(
+            &m.client,
+            &format!("http://{V1_VIP}:80/lifted"),
+            40,
+            Duration::from_secs(10),
+            |r| r["status"]["200"] == 40,
+        )?;
+        eprintln!("rate limits: {ok}/40 at 5/s per identity, {lane_ok}/20 at 3/s on a route, override: {r}");
+        Ok(())
+    });
+}

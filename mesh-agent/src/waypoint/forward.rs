@@ -30,7 +30,7 @@ use super::{
     balance::pick_weighted,
     filters, mirror,
     pool::{HttpBody, Version},
-    retry,
+    ratelimit, retry,
     routes::{
         matching::RequestFacts,
         model::{BackendTarget, Filters, Mirror, PathMatch, RetryPolicy},
@@ -154,6 +154,19 @@ async fn route_and_send(
         routes.table.find(&facts)
     };
     let has_routes = state.routes.borrow().table.has_routes(&service);
+    if let Some(refused) = rate_limited(state, down, &service, matched.as_ref().map(|m| &*m.rule.route_name)) {
+        http_of(pending).response_flags = "RL";
+        let which = match refused.limit {
+            ratelimit::Limit::Total => "total",
+            ratelimit::Limit::Identity => "identity",
+        };
+        http_of(pending).error =
+            Some(format!("rate limited by HTTPLocalRateLimitPolicy {} ({which} limit)", refused.policy));
+        let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, grpc, "local rate limit exceeded");
+        let secs = refused.retry_after.as_secs() + u64::from(refused.retry_after.subsec_nanos() > 0);
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        return resp;
+    }
     let Some(matched) = matched else {
         if has_routes {
             // Routes attach to this Service but none matches: 404, as a
@@ -231,6 +244,24 @@ async fn route_and_send(
         filters::modify_headers(resp.headers_mut(), f);
     }
     resp
+}
+
+/// The first limit refusing this request: the Service's policies, then
+/// the matched route's.
+fn rate_limited(
+    state: &State,
+    down: &Downstream,
+    service: &ObjectRef,
+    route: Option<&str>,
+) -> Option<ratelimit::Refused> {
+    let routes = state.routes.borrow();
+    if routes.limits.is_empty() {
+        return None;
+    }
+    let now = Instant::now();
+    let by_service = routes.limits.of_service(service);
+    let by_route = route.map_or(&[][..], |r| routes.limits.of_route(r));
+    by_service.iter().chain(by_route).find_map(|l| l.check(&down.client, now).err())
 }
 
 /// What the matched rule asks of the forwarding step.
@@ -580,6 +611,7 @@ pub fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Ht
             StatusCode::GATEWAY_TIMEOUT => 4,      // DEADLINE_EXCEEDED
             StatusCode::NOT_FOUND => 12,           // UNIMPLEMENTED
             StatusCode::SERVICE_UNAVAILABLE => 14, // UNAVAILABLE
+            StatusCode::TOO_MANY_REQUESTS => 8,    // RESOURCE_EXHAUSTED
             _ => 13,                               // INTERNAL
         };
         let mut r = Response::new(empty());

@@ -1,7 +1,7 @@
 //! Routes in force at a waypoint: Gateway API `HTTPRoute` and `GRPCRoute`
 //! objects whose `parentRefs` name a Service this waypoint owns (GAMMA),
 //! with `ReferenceGrant`s permitting backends in other namespaces
-//! ([`grants`]),
+//! ([`grants`]) and Heddle's local rate limit policies ([`rate_limits`]),
 //! read from `--routes FILE|DIR` (multi-document YAML, `*.yaml`/`*.yml`, as
 //! policies are) and compiled ([`load`]) into the matching table
 //! ([`matching`]).
@@ -20,6 +20,7 @@ pub mod grants;
 pub mod load;
 pub mod matching;
 pub mod model;
+pub mod rate_limits;
 
 use std::{
     path::{Path, PathBuf},
@@ -137,6 +138,8 @@ pub struct RouteStatus {
 pub struct RouteSet {
     /// The matching table.
     pub table: matching::Table,
+    /// Local rate limits, by Service or route.
+    pub limits: rate_limits::RateLimits,
     statuses: Vec<RouteStatus>,
 }
 
@@ -150,6 +153,7 @@ impl RouteSet {
         // Statuses stay in document order: a route's place is kept while
         // the grants are gathered.
         let mut docs = Vec::new();
+        let mut policies = Vec::new();
         for s in sources {
             for (i, doc) in split_documents(&s.text).into_iter().enumerate() {
                 let origin = format!("{}#{}", s.file.display(), i + 1);
@@ -157,6 +161,8 @@ impl RouteSet {
                     load::Document::Grant(Ok(g)) => grants.add(*g),
                     load::Document::Grant(Err(status)) | load::Document::Invalid(status) => docs.push(Err(status)),
                     load::Document::Route(value) => docs.push(Ok((origin, value))),
+                    load::Document::RateLimit(Ok((p, unknown))) => policies.push((origin, p, unknown)),
+                    load::Document::RateLimit(Err(status)) => docs.push(Err(status)),
                 }
             }
         }
@@ -172,6 +178,15 @@ impl RouteSet {
                 }
             };
             set.statuses.push(status);
+        }
+        // Policies attach to routes, so they are compiled once every route is known.
+        let routes: Vec<String> = set.statuses.iter().filter(|s| s.accepted).map(|s| s.route.clone()).collect();
+        for (origin, p, unknown) in policies {
+            let compiled = rate_limits::compile(&p, unknown, &origin, registry, waypoint, &routes);
+            for (target, limiter) in compiled.targets {
+                set.limits.insert(target, limiter);
+            }
+            set.statuses.push(compiled.status);
         }
         set
     }

@@ -36,6 +36,9 @@ pub enum Document {
     Grant(Result<Box<ReferenceGrant>, RouteStatus>),
     /// A route (or a document rejected as one).
     Route(serde_yaml_ng::Value),
+    /// A Heddle `HTTPLocalRateLimitPolicy`, with its unknown fields, or
+    /// why it does not parse.
+    RateLimit(Result<(Box<super::rate_limits::Policy>, Vec<String>), RouteStatus>),
     /// Not YAML: its status.
     Invalid(RouteStatus),
 }
@@ -60,6 +63,13 @@ pub fn parse_document(doc: &str, origin: &str) -> Document {
         Err(e) => return Document::Invalid(rejected(origin.to_owned(), origin, vec![format!("invalid YAML: {e}")])),
     };
     let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    if field("kind") == super::rate_limits::KIND && field("apiVersion") == super::rate_limits::API_VERSION {
+        return Document::RateLimit(
+            parse(value)
+                .map(|(p, unknown)| (Box::new(p), unknown))
+                .map_err(|e| rejected(origin.to_owned(), origin, vec![format!("{}: {e}", super::rate_limits::KIND)])),
+        );
+    }
     if field("kind") != "ReferenceGrant" || !is_gateway_api(field("apiVersion")) {
         return Document::Route(value);
     }

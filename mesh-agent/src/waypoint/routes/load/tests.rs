@@ -297,3 +297,56 @@ spec:
     assert!(find("/pkg.Svc/Call") && find("/pkg.Other/Any"));
     assert!(!find("/pkg.Svc/Other"));
 }
+
+const LIMIT: &str = r"
+apiVersion: heddle.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: limit, namespace: demo}
+spec:
+  targetRefs:
+  - {group: '', kind: Service, name: api}
+  - {group: gateway.networking.k8s.io, kind: HTTPRoute, name: split}
+  total: {requestsPerSecond: 100}
+  identity: {requestsPerSecond: 2}
+  overrides:
+  - requestsPerSecond: 50
+    clientRefs: [{kind: ServiceAccount, name: batch}]
+";
+
+#[test]
+fn a_rate_limit_policy_attaches_to_its_service_and_route_and_limits_per_identity() {
+    let set = build(&format!("{GOOD}---{LIMIT}"));
+    let s = set.statuses().iter().find(|s| s.route == "httplocalratelimitpolicy/demo/limit").expect("policy status");
+    assert!(s.accepted && s.problems.is_empty(), "{s:?}");
+    assert!(s.parents.iter().all(|p| p.attached), "{s:?}");
+    let api = ObjectRef { namespace: "demo".into(), name: "api".into() };
+    let limiter = &set.limits.of_service(&api)[0];
+    assert_eq!(set.limits.of_route("httproute/demo/split").len(), 1);
+    let now = std::time::Instant::now();
+    let web = crate::identity::SpiffeId::new("td", "demo", "web");
+    let batch = crate::identity::SpiffeId::new("td", "demo", "batch");
+    assert_eq!((0..10).filter(|_| limiter.check(&web, now).is_ok()).count(), 2);
+    assert_eq!((0..10).filter(|_| limiter.check(&batch, now).is_ok()).count(), 10, "batch's override");
+}
+
+#[test]
+fn a_bad_rate_limit_policy_is_rejected_naming_every_problem_and_limits_nothing() {
+    let bad = LIMIT
+        .replace("requestsPerSecond: 100", "requestsPerSecond: 0")
+        .replace("kind: ServiceAccount", "kind: Deployment")
+        .replace("name: split}", "name: gone}")
+        .replace("  total:", "  burst: 3\n  total:");
+    let set = build(&format!("{GOOD}---{bad}"));
+    let s = set.statuses().iter().find(|s| s.route == "httplocalratelimitpolicy/demo/limit").expect("policy status");
+    assert!(!s.accepted);
+    let all = s.problems.join("\n");
+    for want in [
+        "spec.burst: unknown field",
+        "spec.total.requestsPerSecond: 0 is not a rate of at least 1",
+        "spec.overrides[0].clientRefs[0].kind: Deployment is not ServiceAccount",
+    ] {
+        assert!(all.contains(want), "{want:?} in {all}");
+    }
+    assert!(s.parents[1].conditions[0].message.contains("HTTPRoute demo/gone does not exist"), "{s:?}");
+    assert!(set.limits.is_empty(), "nothing applied");
+}

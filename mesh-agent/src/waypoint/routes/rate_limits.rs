@@ -1,0 +1,239 @@
+//! Heddle's `HTTPLocalRateLimitPolicy` (`heddle.dev/v1alpha1`), read from
+//! the routes directory beside the routes: Linkerd's policy of the same
+//! name, attached Gateway API style with `targetRefs` to a Service (every
+//! request to it through this waypoint) or to an `HTTPRoute`/`GRPCRoute`
+//! (the requests its rules match).
+//!
+//! ```yaml
+//! apiVersion: heddle.dev/v1alpha1
+//! kind: HTTPLocalRateLimitPolicy
+//! metadata: {name: api-limit, namespace: demo}
+//! spec:
+//!   targetRefs: [{group: "", kind: Service, name: api}]
+//!   total: {requestsPerSecond: 100}
+//!   identity: {requestsPerSecond: 20}
+//!   overrides:
+//!   - requestsPerSecond: 50
+//!     clientRefs: [{kind: ServiceAccount, name: batch, namespace: demo}]
+//! ```
+//!
+//! Every problem is named by its field, and a policy with any is not
+//! applied (its targets keep their other limits).
+
+use std::{collections::HashMap, sync::Arc};
+
+use serde::Deserialize;
+
+use super::{Condition, ParentStatus, RouteStatus};
+use crate::{
+    registry::{ObjectRef, Registry},
+    waypoint::ratelimit::Limiter,
+};
+
+/// The API version and kind this module reads.
+pub const API_VERSION: &str = "heddle.dev/v1alpha1";
+/// The kind.
+pub const KIND: &str = "HTTPLocalRateLimitPolicy";
+
+/// The policy as written.
+#[derive(Debug, Deserialize)]
+pub struct Policy {
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: Spec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Spec {
+    target_refs: Vec<TargetRef>,
+    total: Option<Rate>,
+    identity: Option<Rate>,
+    #[serde(default)]
+    overrides: Vec<Override>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TargetRef {
+    #[serde(default)]
+    group: String,
+    kind: String,
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Rate {
+    requests_per_second: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Override {
+    requests_per_second: i64,
+    client_refs: Vec<ClientRef>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClientRef {
+    kind: String,
+    name: String,
+    namespace: Option<String>,
+}
+
+/// Where a policy applies.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// Every request to this Service.
+    Service(ObjectRef),
+    /// Requests matched by this route, `httproute/ns/name`.
+    Route(String),
+}
+
+/// The limiters in force, by target.
+#[derive(Debug, Default)]
+pub struct RateLimits {
+    by_service: HashMap<ObjectRef, Vec<Arc<Limiter>>>,
+    by_route: HashMap<String, Vec<Arc<Limiter>>>,
+}
+
+impl RateLimits {
+    /// Adds `limiter` at `target`.
+    pub fn insert(&mut self, target: Target, limiter: Arc<Limiter>) {
+        match target {
+            Target::Service(s) => self.by_service.entry(s).or_default().push(limiter),
+            Target::Route(r) => self.by_route.entry(r).or_default().push(limiter),
+        }
+    }
+
+    /// The limiters of a Service (none: empty).
+    #[must_use]
+    pub fn of_service(&self, service: &ObjectRef) -> &[Arc<Limiter>] {
+        self.by_service.get(service).map_or(&[], Vec::as_slice)
+    }
+
+    /// The limiters of a route, `httproute/ns/name` (none: empty).
+    #[must_use]
+    pub fn of_route(&self, route: &str) -> &[Arc<Limiter>] {
+        self.by_route.get(route).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether no limit is configured at all (the request path skips the
+    /// lookups then).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.by_service.is_empty() && self.by_route.is_empty()
+    }
+}
+
+/// A compiled policy: its targets (empty when rejected) and its status.
+pub struct Compiled {
+    /// Where its limiter applies.
+    pub targets: Vec<(Target, Arc<Limiter>)>,
+    /// Its status.
+    pub status: RouteStatus,
+}
+
+fn rate(v: i64, at: &str, problems: &mut Vec<String>) -> Option<u32> {
+    match u32::try_from(v) {
+        Ok(r) if r >= 1 => Some(r),
+        _ => {
+            problems.push(format!("{at}.requestsPerSecond: {v} is not a rate of at least 1"));
+            None
+        }
+    }
+}
+
+fn condition(ok: bool, reason: &'static str, message: String) -> Condition {
+    Condition { kind: "Accepted", status: if ok { "True" } else { "False" }, reason, message }
+}
+
+/// Compiles `p` (read from `origin`, with `unknown` fields) for `waypoint`;
+/// `routes` are the route objects known (`httproute/ns/name`), so a policy
+/// naming a route that does not exist says so.
+#[must_use]
+pub fn compile(
+    p: &Policy,
+    unknown: Vec<String>,
+    origin: &str,
+    registry: &Registry,
+    waypoint: &ObjectRef,
+    routes: &[String],
+) -> Compiled {
+    let ns = p.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+    let id = ObjectRef { namespace: ns.clone(), name: p.metadata.name.clone().unwrap_or_default() };
+    let mut problems: Vec<String> =
+        unknown.into_iter().map(|f| format!("{f}: unknown field (not in {KIND})")).collect();
+    let total = p.spec.total.as_ref().and_then(|r| rate(r.requests_per_second, "spec.total", &mut problems));
+    let identity = p.spec.identity.as_ref().and_then(|r| rate(r.requests_per_second, "spec.identity", &mut problems));
+    let mut overrides = HashMap::new();
+    for (i, o) in p.spec.overrides.iter().enumerate() {
+        let at = format!("spec.overrides[{i}]");
+        let Some(r) = rate(o.requests_per_second, &at, &mut problems) else { continue };
+        if o.client_refs.is_empty() {
+            problems.push(format!("{at}.clientRefs: names no client"));
+        }
+        for (j, c) in o.client_refs.iter().enumerate() {
+            if c.kind != "ServiceAccount" {
+                problems.push(format!("{at}.clientRefs[{j}].kind: {} is not ServiceAccount", c.kind));
+                continue;
+            }
+            overrides.insert((c.namespace.clone().unwrap_or_else(|| ns.clone()), c.name.clone()), r);
+        }
+    }
+    if p.spec.total.is_none() && p.spec.identity.is_none() && p.spec.overrides.is_empty() {
+        problems.push("spec: sets no limit (total, identity or overrides)".to_owned());
+    }
+    if p.spec.target_refs.is_empty() {
+        problems.push("spec.targetRefs: names no target".to_owned());
+    }
+    let mut parents = Vec::new();
+    let mut targets = Vec::new();
+    for (i, t) in p.spec.target_refs.iter().enumerate() {
+        let at = format!("spec.targetRefs[{i}]");
+        let target = ObjectRef { namespace: ns.clone(), name: t.name.clone() };
+        let mut status =
+            ParentStatus { parent: target.to_string(), port: None, attached: false, conditions: Vec::new() };
+        let resolved = match (t.group.as_str(), t.kind.as_str()) {
+            ("" | "core", "Service") => match registry.service(&target) {
+                None => Err(format!("{at}: Service {target} does not exist")),
+                Some(svc) if registry.waypoint_of(svc) != Some(waypoint) => {
+                    Err(format!("{at}: Service {target} does not use waypoint {waypoint}"))
+                }
+                Some(_) => Ok(Target::Service(target.clone())),
+            },
+            ("gateway.networking.k8s.io", kind @ ("HTTPRoute" | "GRPCRoute")) => {
+                let route = format!("{}/{target}", kind.to_ascii_lowercase());
+                if routes.contains(&route) {
+                    Ok(Target::Route(route))
+                } else {
+                    Err(format!("{at}: {kind} {target} does not exist"))
+                }
+            }
+            (g, k) => Err(format!("{at}: {g}/{k} is not a Service, HTTPRoute or GRPCRoute")),
+        };
+        match resolved {
+            Ok(target) if problems.is_empty() => {
+                status.attached = true;
+                status.conditions.push(condition(true, "Accepted", format!("limits requests at waypoint {waypoint}")));
+                targets.push(target);
+            }
+            Ok(_) => status.conditions.push(condition(false, "Invalid", problems.join("; "))),
+            Err(why) => status.conditions.push(condition(false, "TargetNotFound", why)),
+        }
+        parents.push(status);
+    }
+    let limiter = Arc::new(Limiter::new(id.to_string().into(), total, identity, overrides));
+    let notes = vec!["limits are per waypoint replica: N replicas let N times the rate through".to_owned()];
+    Compiled {
+        status: RouteStatus {
+            route: format!("{}/{id}", KIND.to_ascii_lowercase()),
+            source: origin.to_owned(),
+            accepted: !targets.is_empty(),
+            parents,
+            problems,
+            notes,
+            rules: 0,
+        },
+        targets: targets.into_iter().map(|t| (t, limiter.clone())).collect(),
+    }
+}
