@@ -48,8 +48,12 @@ enum Command {
         /// The file.
         file: PathBuf,
     },
-    /// Print the CRD of heddle.dev/v1alpha1 authorization policies (YAML).
-    Crd,
+    /// Print a CRD of Heddle's heddle.dev/v1alpha1 resources (YAML).
+    Crd {
+        /// Which: authorizationpolicies or httplocalratelimitpolicies.
+        #[arg(default_value = "authorizationpolicies", value_parser = ["authorizationpolicies", "httplocalratelimitpolicies"])]
+        plural: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -288,8 +292,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Crd => {
-            print!("{}", mesh_agent::k8s::crd::crd_yaml()?);
+        Command::Crd { plural } => {
+            let yaml = if plural == "httplocalratelimitpolicies" {
+                mesh_agent::waypoint::routes::rate_limits::crd_yaml()?
+            } else {
+                mesh_agent::k8s::crd::crd_yaml()?
+            };
+            print!("{yaml}");
             Ok(())
         }
         Command::CheckConfig { file } => {

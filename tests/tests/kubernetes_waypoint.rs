@@ -115,6 +115,13 @@ impl Cluster {
                 namespaced,
             });
         }
+        // Heddle's own rate limit policy, whose CRD ships in daemonset/crds.
+        api.register_crd(Resource {
+            api_version: "heddle.dev/v1alpha1".into(),
+            kind: "HTTPLocalRateLimitPolicy".into(),
+            plural: "httplocalratelimitpolicies".into(),
+            namespaced: true,
+        });
         // ReferenceGrant is still v1beta1 upstream; the waypoint watches it.
         api.register_crd(Resource {
             api_version: "gateway.networking.k8s.io/v1beta1".into(),
@@ -361,6 +368,18 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
                 "records carry the client's identity: {:?}",
                 records.last()
             );
+
+            // A rate limit policy from the API on the route: 3/s in total.
+            c.api.apply(json!({
+                "apiVersion": "heddle.dev/v1alpha1", "kind": "HTTPLocalRateLimitPolicy",
+                "metadata": {"name": "api-limit", "namespace": "demo"},
+                "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "api"}],
+                         "total": {"requestsPerSecond": 3}}
+            }))?;
+            wp.wait_route("httplocalratelimitpolicy/demo/api-limit", true)?;
+            let limited = l7::load(&c.client, &url, 20, &[])?;
+            let ok = limited["status"]["200"].as_u64().unwrap_or(0);
+            ensure!((3..=8).contains(&ok) && limited["status"]["429"] == 20 - ok, "3/s from the API policy: {limited}");
 
             // Removing the label returns the Service to the L4 path.
             c.api.apply(service("api", API_VIP, &json!({})))?;

@@ -1,8 +1,9 @@
 //! `cargo xtask manifests [--check]`: the generated files of `daemonset/`.
 //!
-//! Today that is the `AuthorizationPolicy` CRD, which `mesh-agent crd`
-//! generates from the policy engine's own types
-//! (`mesh-agent/src/policy/model.rs`). Without `--check` the file is
+//! Today those are the CRDs of Heddle's own kinds, which `mesh-agent crd`
+//! generates from the types that read them: `AuthorizationPolicy`
+//! (`mesh-agent/src/policy/model.rs`) and `HTTPLocalRateLimitPolicy`
+//! (`mesh-agent/src/waypoint/routes/rate_limits.rs`). Without `--check` the file is
 //! rewritten; with it nothing is written and a difference is an error (the
 //! same comparison runs in CI as `tests/tests/manifests.rs`).
 
@@ -16,8 +17,13 @@ struct Generated {
     args: &'static [&'static str],
 }
 
-const GENERATED: &[Generated] =
-    &[Generated { path: "daemonset/crds/authorizationpolicies.heddle.dev.yaml", args: &["crd"] }];
+const GENERATED: &[Generated] = &[
+    Generated { path: "daemonset/crds/authorizationpolicies.heddle.dev.yaml", args: &["crd"] },
+    Generated {
+        path: "daemonset/crds/httplocalratelimitpolicies.heddle.dev.yaml",
+        args: &["crd", "httplocalratelimitpolicies"],
+    },
+];
 
 /// Regenerates (or, with `check`, compares) every generated manifest.
 /// `cargo` is a `cargo` command with the eBPF toolchain set.

@@ -1,7 +1,8 @@
 //! The routes of a waypoint in Kubernetes mode (`mesh-agent waypoint
 //! --kubernetes`): reflectors on `gateway.networking.k8s.io/v1` `HTTPRoute`
-//! and `GRPCRoute` objects and `v1beta1` `ReferenceGrant`s (which permit
-//! cross-namespace backends), handed to the same compiler as the local
+//! and `GRPCRoute` objects, `v1beta1` `ReferenceGrant`s (which permit
+//! cross-namespace backends) and `heddle.dev/v1alpha1`
+//! `HTTPLocalRateLimitPolicy` objects, handed to the same compiler as the local
 //! routes directory ([`crate::waypoint::routes`]) as one [`Source`] per
 //! object, and the route status written back.
 //!
@@ -52,8 +53,10 @@ fn resource(kind: &str, plural: &str) -> ApiResource {
 }
 
 fn gateway_resource(version: &str, kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("gateway.networking.k8s.io", version, kind), plural)
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GATEWAY_GROUP, version, kind), plural)
 }
+
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// The route watches.
 pub struct RouteWatch {
@@ -70,19 +73,20 @@ impl RouteWatch {
         let changed = Arc::new(Notify::new());
         let mut stores = Vec::new();
         let mut required: Vec<(&'static str, Box<dyn ReadyWait>)> = Vec::new();
-        for (name, version, kind, plural) in [
-            ("httproutes", "v1", "HTTPRoute", "httproutes"),
-            ("grpcroutes", "v1", "GRPCRoute", "grpcroutes"),
-            ("referencegrants", "v1beta1", "ReferenceGrant", "referencegrants"),
+        for (name, group, version, kind) in [
+            ("httproutes", GATEWAY_GROUP, "v1", "HTTPRoute"),
+            ("grpcroutes", GATEWAY_GROUP, "v1", "GRPCRoute"),
+            ("referencegrants", GATEWAY_GROUP, "v1beta1", "ReferenceGrant"),
+            ("httplocalratelimitpolicies", crate::k8s::crd::GROUP, "v1alpha1", "HTTPLocalRateLimitPolicy"),
         ] {
-            let res = gateway_resource(version, kind, plural);
+            let res = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), name);
             let installed = crd_installed(&client, &res).await;
             let watch = Watch { name, changed: changed.clone(), stop: stop.clone() };
             let store = watch.start_dynamic(Api::all_with(client.clone(), &res), &res);
             if installed {
                 required.push((name, Box::new(store.clone())));
             } else {
-                tracing::warn!(resource = name, "the Gateway API CRD is not installed; no such routes until it is");
+                tracing::warn!(resource = name, "the CRD is not installed; no such objects until it is");
             }
             stores.push(store);
         }

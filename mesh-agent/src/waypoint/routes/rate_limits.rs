@@ -22,7 +22,9 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use serde::Deserialize;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::{Condition, ParentStatus, RouteStatus};
 use crate::{
@@ -35,49 +37,87 @@ pub const API_VERSION: &str = "heddle.dev/v1alpha1";
 /// The kind.
 pub const KIND: &str = "HTTPLocalRateLimitPolicy";
 
-/// The policy as written.
-#[derive(Debug, Deserialize)]
-pub struct Policy {
-    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    spec: Spec,
+/// `spec` of a `heddle.dev/v1alpha1` `HTTPLocalRateLimitPolicy`; the CRD
+/// (`mesh-agent crd httplocalratelimitpolicies`) is generated from it.
+#[derive(CustomResource, Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[kube(
+    group = "heddle.dev",
+    version = "v1alpha1",
+    kind = "HTTPLocalRateLimitPolicy",
+    root = "Policy",
+    plural = "httplocalratelimitpolicies",
+    singular = "httplocalratelimitpolicy",
+    namespaced,
+    category = "heddle",
+    doc = "Local rate limits enforced by Heddle's waypoints, per replica (Linkerd's HTTPLocalRateLimitPolicy, attached with targetRefs to a Service or an HTTPRoute/GRPCRoute)."
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// What the limits apply to: Services (group "") or `HTTPRoute`s and
+    /// `GRPCRoute`s (group `gateway.networking.k8s.io`) in the policy's
+    /// namespace.
+    pub target_refs: Vec<TargetRef>,
+    /// Requests per second for all clients together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<Rate>,
+    /// Requests per second for each client identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Rate>,
+    /// Per-client rates replacing `identity` for the clients named.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<Override>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Spec {
-    target_refs: Vec<TargetRef>,
-    total: Option<Rate>,
-    identity: Option<Rate>,
+/// A policy target.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+pub struct TargetRef {
+    /// `""` for a Service, `gateway.networking.k8s.io` for a route.
     #[serde(default)]
-    overrides: Vec<Override>,
+    pub group: String,
+    /// `Service`, `HTTPRoute` or `GRPCRoute`.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
 }
 
-#[derive(Debug, Deserialize)]
-struct TargetRef {
-    #[serde(default)]
-    group: String,
-    kind: String,
-    name: String,
-}
-
-#[derive(Debug, Deserialize)]
+/// A rate.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-struct Rate {
-    requests_per_second: i64,
+pub struct Rate {
+    /// At least 1; a burst of one second's worth is let through.
+    pub requests_per_second: i64,
 }
 
-#[derive(Debug, Deserialize)]
+/// A rate for some clients.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-struct Override {
-    requests_per_second: i64,
-    client_refs: Vec<ClientRef>,
+pub struct Override {
+    /// Their rate, each.
+    pub requests_per_second: i64,
+    /// Which clients.
+    pub client_refs: Vec<ClientRef>,
 }
 
-#[derive(Debug, Deserialize)]
-struct ClientRef {
-    kind: String,
-    name: String,
-    namespace: Option<String>,
+/// A client, by service account.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+pub struct ClientRef {
+    /// `ServiceAccount`.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Its namespace (default: the policy's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// The CRD as the YAML committed in `daemonset/crds/`.
+pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    use kube::CustomResourceExt as _;
+    let body = serde_yaml_ng::to_string(&Policy::crd())?;
+    Ok(format!(
+        "# Generated from mesh-agent/src/waypoint/routes/rate_limits.rs by `cargo xtask manifests`\n\
+         # (`mesh-agent crd httplocalratelimitpolicies`): do not edit by hand.\n{body}"
+    ))
 }
 
 /// Where a policy applies.
