@@ -33,7 +33,7 @@ use super::{
     ratelimit, retry,
     routes::{
         matching::RequestFacts,
-        model::{BackendTarget, Filters, Mirror, PathMatch, RetryPolicy},
+        model::{Abort, BackendTarget, Fault, Filters, Mirror, PathMatch, RetryPolicy, Subset, SAME_PORT},
     },
     telemetry::{record_local, Counted, Observed, Pending},
     Downstream, State,
@@ -54,6 +54,8 @@ pub const FORWARDED_CLIENT: &str = "x-forwarded-client-cert";
 struct Target {
     service: ObjectRef,
     port: u16,
+    /// Only these endpoints of it.
+    subset: Option<Arc<Subset>>,
     /// `service` as the records name it.
     name: Name,
 }
@@ -175,7 +177,7 @@ async fn route_and_send(
             return local_reply(StatusCode::NOT_FOUND, grpc, "no route matched");
         }
         // No route at all: the Service itself, as without a waypoint.
-        let target = Target { service, port: down.target.port(), name: service_name };
+        let target = Target { service, port: down.target.port(), subset: None, name: service_name };
         let plan = Plan { path_match: None, filters: &[], backend_timeout: None, retry: None };
         return send_to_service(req, down, state, pending, &target, &plan, grpc).await;
     };
@@ -183,6 +185,11 @@ async fn route_and_send(
     http_of(pending).route = Some(rule.route_name.clone());
     http_of(pending).rule = Some(rule.index);
     let path_match = matched.match_index.map(|i| rule.matches[i].path.clone());
+    if let Some(fault) = &rule.fault {
+        if let Some(resp) = inject(fault, pending, grpc).await {
+            return resp;
+        }
+    }
     if let Some(r) = &rule.filters.redirect {
         let location = filters::redirect_location(
             r,
@@ -212,9 +219,10 @@ async fn route_and_send(
         }
     };
     let (target, backend_filters) = match backend.map(|b| (&b.target, &b.filters)) {
-        None => (Target { service, port: down.target.port(), name: service_name }, None),
-        Some((BackendTarget::Service { id, port, name }, f)) => {
-            (Target { service: id.clone(), port: *port, name: name.clone() }, Some(f))
+        None => (Target { service, port: down.target.port(), subset: None, name: service_name }, None),
+        Some((BackendTarget::Service { id, port, subset, name }, f)) => {
+            let port = if *port == SAME_PORT { down.target.port() } else { *port };
+            (Target { service: id.clone(), port, subset: subset.clone(), name: name.clone() }, Some(f))
         }
         Some((BackendTarget::Invalid(why), _)) => {
             http_of(pending).error = Some(why.clone());
@@ -244,6 +252,35 @@ async fn route_and_send(
         filters::modify_headers(resp.headers_mut(), f);
     }
     resp
+}
+
+/// Applies a rule's `fault`: waits the delay for its share of requests
+/// (flag `DI`), then answers the abort for its share (flag `FI`, with
+/// `DI,FI` when both hit).
+async fn inject(fault: &Fault, pending: &mut Pending, grpc: bool) -> Option<Response<HttpBody>> {
+    let hit = |per_million: u32| rand::random::<u32>() % 1_000_000 < per_million;
+    let mut delayed = false;
+    if let Some((delay, share)) = fault.delay {
+        if hit(share) {
+            tokio::time::sleep(delay).await;
+            http_of(pending).response_flags = "DI";
+            delayed = true;
+        }
+    }
+    let (abort, share) = fault.abort?;
+    if !hit(share) {
+        return None;
+    }
+    http_of(pending).response_flags = if delayed { "DI,FI" } else { "FI" };
+    Some(match abort {
+        // An HTTP status answers a gRPC request as gRPC's HTTP mapping says.
+        Abort::Http(status) => local_reply(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            grpc,
+            "fault filter abort",
+        ),
+        Abort::Grpc(code) => grpc_reply(code, "fault filter abort"),
+    })
 }
 
 /// The first limit refusing this request: the Service's policies, then
@@ -294,7 +331,7 @@ async fn send_to_service(
     for f in plan.filters {
         apply_request_filters(&mut req, f, plan.path_match);
     }
-    let endpoints = match service_endpoints(state, &target.service, target.port) {
+    let endpoints = match service_endpoints(state, &target.service, target.port, target.subset.as_deref()) {
         Ok(e) => e,
         Err(why) => {
             http_of(pending).error = Some(why.clone());
@@ -338,7 +375,7 @@ async fn send_to_service(
     let mut parts = parts;
     prepare_parts(&mut parts, down, state, grpc, false);
     for m in mirrors {
-        mirror::copy(state, down.version, &parts, &body, m, rand::random());
+        mirror::copy(state, down, &parts, &body, m, rand::random());
     }
     let held = Held { parts, body, endpoints };
     send_held(&held, down, state, pending, plan.backend_timeout, retry, grpc).await
@@ -363,8 +400,14 @@ fn mirror_name(m: &Mirror) -> &str {
 }
 
 /// The endpoints (address of the target port, identity) of `service`'s
-/// `port`, or why the Service cannot be used.
-pub fn service_endpoints(state: &State, service: &ObjectRef, port: u16) -> Result<Vec<(SocketAddr, SpiffeId)>, String> {
+/// `port` (only those of `subset`, if given), or why the Service cannot be
+/// used.
+pub fn service_endpoints(
+    state: &State,
+    service: &ObjectRef,
+    port: u16,
+    subset: Option<&Subset>,
+) -> Result<Vec<(SocketAddr, SpiffeId)>, String> {
     let reg = state.registry.borrow();
     let svc = reg.service(service).ok_or_else(|| format!("backend service {service} does not exist"))?;
     let port = svc
@@ -376,6 +419,7 @@ pub fn service_endpoints(state: &State, service: &ObjectRef, port: u16) -> Resul
         .endpoints
         .iter()
         .filter_map(|e| reg.workload(e))
+        .filter(|w| subset.is_none_or(|s| s.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
         .filter_map(|w| {
             let ip = w.ips.iter().find(|ip| ip.is_ipv4())?;
             Some((SocketAddr::new(*ip, port.target_port), w.identity.clone()))
@@ -603,6 +647,17 @@ fn empty() -> HttpBody {
     HttpBody::new(Empty::<Bytes>::new().map_err(|never| match never {}))
 }
 
+/// A gRPC trailers-only response with `grpc-status: code`.
+pub fn grpc_reply(code: u32, message: &str) -> Response<HttpBody> {
+    let mut r = Response::new(empty());
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    r.headers_mut().insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::try_from(message) {
+        r.headers_mut().insert("grpc-message", v);
+    }
+    r
+}
+
 /// A response the waypoint makes itself; for gRPC a trailers-only response
 /// with the matching `grpc-status` (gRPC's HTTP mapping).
 pub fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<HttpBody> {
@@ -614,13 +669,7 @@ pub fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Ht
             StatusCode::TOO_MANY_REQUESTS => 8,    // RESOURCE_EXHAUSTED
             _ => 13,                               // INTERNAL
         };
-        let mut r = Response::new(empty());
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        r.headers_mut().insert("grpc-status", HeaderValue::from(code));
-        if let Ok(v) = HeaderValue::try_from(message) {
-            r.headers_mut().insert("grpc-message", v);
-        }
-        return r;
+        return grpc_reply(code, message);
     }
     let mut r =
         Response::new(HttpBody::new(Full::new(Bytes::from(format!("{message}\n"))).map_err(|never| match never {})));

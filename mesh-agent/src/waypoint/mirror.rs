@@ -21,8 +21,8 @@ use tokio::sync::Semaphore;
 use super::{
     forward::service_endpoints,
     pool::{HttpBody, Version},
-    routes::model::{BackendTarget, Mirror},
-    State,
+    routes::model::{BackendTarget, Mirror, SAME_PORT},
+    Downstream, State,
 };
 
 /// Copies in flight per waypoint, at most.
@@ -88,15 +88,17 @@ pub fn shadow_authority(authority: &str) -> String {
 
 /// Sends a copy of the request (`parts` as forwarded, `body` held) to the
 /// shadow of `mirror`, if the `per_million` draw `roll` selects it.
-pub fn copy(state: &Arc<State>, version: Version, parts: &Parts, body: &Bytes, mirror: &Mirror, roll: u32) {
+pub fn copy(state: &Arc<State>, down: &Downstream, parts: &Parts, body: &Bytes, mirror: &Mirror, roll: u32) {
     if roll % 1_000_000 >= mirror.per_million {
         return;
     }
-    let BackendTarget::Service { id, port, name } = &mirror.target else {
+    let BackendTarget::Service { id, port, subset, name } = &mirror.target else {
         state.telemetry.mirrored("-", Outcome::NoBackend);
         return;
     };
-    let endpoints = match service_endpoints(state, id, *port) {
+    let version = down.version;
+    let port = if *port == SAME_PORT { down.target.port() } else { *port };
+    let endpoints = match service_endpoints(state, id, port, subset.as_deref()) {
         Ok(e) if !e.is_empty() => e,
         _ => return state.telemetry.mirrored(name, Outcome::NoBackend),
     };

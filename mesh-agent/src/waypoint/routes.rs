@@ -17,12 +17,15 @@
 
 pub mod gateway_api;
 pub mod grants;
+pub mod istio;
+pub mod istio_api;
 pub mod load;
 pub mod matching;
 pub mod model;
 pub mod rate_limits;
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -150,8 +153,9 @@ impl RouteSet {
     pub fn build(sources: &[Source], registry: &Registry, waypoint: &ObjectRef) -> Self {
         let mut set = RouteSet::default();
         let mut grants = grants::Grants::default();
+        let mut subsets = istio::Subsets::default();
         // Statuses stay in document order: a route's place is kept while
-        // the grants are gathered.
+        // the grants and the DestinationRules' subsets are gathered.
         let mut docs = Vec::new();
         let mut policies = Vec::new();
         for s in sources {
@@ -162,15 +166,41 @@ impl RouteSet {
                     load::Document::Grant(Err(status)) | load::Document::Invalid(status) => docs.push(Err(status)),
                     load::Document::Route(value) => docs.push(Ok((origin, value))),
                     load::Document::RateLimit(Ok((p, unknown))) => policies.push((origin, p, unknown)),
-                    load::Document::RateLimit(Err(status)) => docs.push(Err(status)),
+                    load::Document::RateLimit(Err(status)) | load::Document::DestinationRule(Err(status)) => {
+                        docs.push(Err(status));
+                    }
+                    load::Document::DestinationRule(Ok((dr, unknown))) => {
+                        docs.push(Err(istio::compile_destination_rule(&dr, unknown, &origin, registry, &mut subsets)));
+                    }
                 }
             }
+        }
+        // The same object (kind, namespace, name) written twice: the last
+        // document is the object, as a second `kubectl apply` would make it.
+        let identity = |v: &serde_yaml_ng::Value| {
+            let s = |x: Option<&serde_yaml_ng::Value>| x.and_then(|x| x.as_str()).unwrap_or("").to_owned();
+            let meta = v.get("metadata");
+            let ns = s(meta.and_then(|m| m.get("namespace")));
+            (
+                s(v.get("kind")),
+                if ns.is_empty() { "default".to_owned() } else { ns },
+                s(meta.and_then(|m| m.get("name"))),
+            )
+        };
+        let mut last: HashMap<(String, String, String), String> = HashMap::new();
+        for (origin, value) in docs.iter().flatten() {
+            last.insert(identity(value), origin.clone());
         }
         for doc in docs {
             let status = match doc {
                 Err(status) => status,
+                Ok((origin, value)) if last.get(&identity(&value)).is_some_and(|o| *o != origin) => {
+                    let (kind, ns, name) = identity(&value);
+                    let by = &last[&identity(&value)];
+                    load::superseded(&format!("{}/{ns}/{name}", kind.to_ascii_lowercase()), &origin, by)
+                }
                 Ok((origin, value)) => {
-                    let compiled = load::compile_route(value, &origin, registry, waypoint, &grants);
+                    let compiled = load::compile_route(value, &origin, registry, waypoint, &grants, &subsets);
                     for (at, rule) in compiled.rules {
                         set.table.insert(&at, &Arc::new(rule));
                     }

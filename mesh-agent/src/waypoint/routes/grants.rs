@@ -92,6 +92,9 @@ impl Grants {
         let kind = match kind {
             RouteKind::Http => "HTTPRoute",
             RouteKind::Grpc => "GRPCRoute",
+            // Istio's references cross namespaces without grants (its
+            // `exportTo` narrows visibility; Heddle reports it as unsupported).
+            RouteKind::Istio => return true,
         };
         self.grants.iter().filter(|g| g.id().namespace == to.namespace).any(|g| {
             g.spec.from.iter().any(|f| f.group == GATEWAY_GROUP && f.kind == kind && f.namespace == from_namespace)

@@ -36,6 +36,9 @@ pub enum Document {
     Grant(Result<Box<ReferenceGrant>, RouteStatus>),
     /// A route (or a document rejected as one).
     Route(serde_yaml_ng::Value),
+    /// An Istio `DestinationRule` (read before any route: routes name its
+    /// subsets), with its unknown fields, or why it does not parse.
+    DestinationRule(Result<(Box<super::istio_api::destinationrules::DestinationRule>, Vec<String>), RouteStatus>),
     /// A Heddle `HTTPLocalRateLimitPolicy`, with its unknown fields, or
     /// why it does not parse.
     RateLimit(Result<(Box<super::rate_limits::Policy>, Vec<String>), RouteStatus>),
@@ -55,6 +58,14 @@ fn rejected(route: String, origin: &str, problems: Vec<String>) -> RouteStatus {
     }
 }
 
+/// The status of a document replaced by a later one of the same object.
+#[must_use]
+pub fn superseded(route: &str, origin: &str, by: &str) -> RouteStatus {
+    let mut s = rejected(route.to_owned(), origin, Vec::new());
+    s.notes.push(format!("replaced by the same object in {by}"));
+    s
+}
+
 /// Parses one YAML document read from `origin`.
 #[must_use]
 pub fn parse_document(doc: &str, origin: &str) -> Document {
@@ -68,6 +79,13 @@ pub fn parse_document(doc: &str, origin: &str) -> Document {
             parse(value)
                 .map(|(p, unknown)| (Box::new(p), unknown))
                 .map_err(|e| rejected(origin.to_owned(), origin, vec![format!("{}: {e}", super::rate_limits::KIND)])),
+        );
+    }
+    if field("kind") == "DestinationRule" && super::istio::is_istio_networking(field("apiVersion")) {
+        return Document::DestinationRule(
+            parse(value)
+                .map(|(p, unknown)| (Box::new(p), unknown))
+                .map_err(|e| rejected(origin.to_owned(), origin, vec![format!("DestinationRule: {e}")])),
         );
     }
     if field("kind") != "ReferenceGrant" || !is_gateway_api(field("apiVersion")) {
@@ -101,6 +119,7 @@ pub fn compile_route(
     registry: &Registry,
     waypoint: &ObjectRef,
     grants: &Grants,
+    subsets: &super::istio::Subsets,
 ) -> Compiled {
     let reject =
         |problem: String| Compiled { rules: Vec::new(), status: rejected(origin.to_owned(), origin, vec![problem]) };
@@ -116,12 +135,21 @@ pub fn compile_route(
                 Err(e) => reject(format!("HTTPRoute: {e}")),
             }
         }
+        "VirtualService" if super::istio::is_istio_networking(&api) => {
+            match parse::<super::istio_api::virtualservices::VirtualService>(value) {
+                Ok((vs, unknown)) => {
+                    let c = super::istio::compile_virtual_service(&vs, unknown, origin, registry, waypoint, subsets);
+                    Compiled { rules: c.rules, status: c.status }
+                }
+                Err(e) => reject(format!("VirtualService: {e}")),
+            }
+        }
         "GRPCRoute" if is_gateway_api(&api) => match parse::<g::GrpcRoute>(value) {
             Ok((r, unknown)) => compile_grpc(&r, unknown, origin, &env),
             Err(e) => reject(format!("GRPCRoute: {e}")),
         },
         _ => reject(format!(
-            "kind {kind:?} (apiVersion {api:?}) is not a gateway.networking.k8s.io HTTPRoute, GRPCRoute or ReferenceGrant"
+            "kind {kind:?} (apiVersion {api:?}) is not a gateway.networking.k8s.io HTTPRoute, GRPCRoute or ReferenceGrant, a networking.istio.io VirtualService or DestinationRule, or a heddle.dev HTTPLocalRateLimitPolicy"
         )),
     }
 }

@@ -12,7 +12,9 @@
 //! order. Consumer routes (a route in the client's namespace whose parent is
 //! a Service of another namespace) replace the producer's routes for that
 //! namespace's clients. gRPC requests try `GRPCRoutes` first, then `HTTPRoutes`;
-//! other requests only `HTTPRoutes`.
+//! other requests only `HTTPRoutes`; then (for both) Istio `VirtualService`
+//! routes, whose rules are tried in the order they are written (Istio's
+//! semantics), oldest `VirtualService` first.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -108,8 +110,12 @@ impl Table {
             .lists
             .entry((rule.route.kind, consumer))
             .or_default();
+        // A VirtualService's routes are tried in order (Istio's rule): only
+        // the route's age and the rule and match order sort them.
+        let ordered = rule.route.kind == RouteKind::Istio;
         let mut push = |match_index: Option<usize>, m: Option<&RequestMatch>| {
-            let (path_kind, path_len) = match m.map(|m| &m.path) {
+            let m_for_key = if ordered { None } else { m };
+            let (path_kind, path_len) = match m_for_key.map(|m| &m.path) {
                 Some(PathMatch::Exact(p)) => (0, p.len()),
                 Some(PathMatch::Regex(re)) => (1, re.as_str().len()),
                 Some(PathMatch::Prefix(p)) => (2, p.len()),
@@ -122,9 +128,9 @@ impl Table {
                 key: Precedence {
                     path_kind,
                     path_len: std::cmp::Reverse(path_len),
-                    no_method: m.is_none_or(|m| m.method.is_none()),
-                    headers: std::cmp::Reverse(m.map_or(0, |m| m.headers.len())),
-                    query: std::cmp::Reverse(m.map_or(0, |m| m.query.len())),
+                    no_method: m_for_key.is_none_or(|m| m.method.is_none()),
+                    headers: std::cmp::Reverse(m_for_key.map_or(0, |m| m.headers.len())),
+                    query: std::cmp::Reverse(m_for_key.map_or(0, |m| m.query.len())),
                     created: at.created.clone(),
                     route: rule.route.id.clone(),
                     rule: rule.index,
@@ -152,7 +158,11 @@ impl Table {
     #[must_use]
     pub fn find(&self, req: &RequestFacts<'_>) -> Option<Matched> {
         let attached = self.by_service.get(req.service)?;
-        let kinds: &[RouteKind] = if req.grpc { &[RouteKind::Grpc, RouteKind::Http] } else { &[RouteKind::Http] };
+        let kinds: &[RouteKind] = if req.grpc {
+            &[RouteKind::Grpc, RouteKind::Http, RouteKind::Istio]
+        } else {
+            &[RouteKind::Http, RouteKind::Istio]
+        };
         // Consumer routes of the client's namespace replace the producer's.
         let consumer = req.client_namespace.filter(|ns| *ns != req.service.namespace.as_str()).map(str::to_owned);
         let has_consumer =

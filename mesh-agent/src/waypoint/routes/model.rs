@@ -15,6 +15,8 @@ pub enum RouteKind {
     Http,
     /// `GRPCRoute`.
     Grpc,
+    /// Istio's `VirtualService` (its `http` routes, in order).
+    Istio,
 }
 
 /// A route object, `kind/ns/name` when shown.
@@ -31,6 +33,7 @@ impl fmt::Display for RouteRef {
         let kind = match self.kind {
             RouteKind::Http => "httproute",
             RouteKind::Grpc => "grpcroute",
+            RouteKind::Istio => "virtualservice",
         };
         write!(f, "{kind}/{}", self.id)
     }
@@ -182,14 +185,48 @@ pub enum BackendTarget {
     Service {
         /// The Service.
         id: ObjectRef,
-        /// Its port (the service port, not the target port).
+        /// Its port (the service port, not the target port);
+        /// [`SAME_PORT`]: the port the client dialled.
         port: u16,
-        /// `ns/name`, as request records name it (made once, here).
+        /// Only the endpoints of this subset (a `DestinationRule` subset).
+        subset: Option<std::sync::Arc<Subset>>,
+        /// `ns/name` (`ns/name@subset`), as request records name it (made once, here).
         name: crate::flows::Name,
     },
     /// A reference Heddle cannot resolve (missing Service, other kind):
     /// requests sent here get 500, as Gateway API specifies.
     Invalid(String),
+}
+
+/// A backend port meaning "the port the client dialled" (a
+/// `VirtualService` destination without a port).
+pub const SAME_PORT: u16 = 0;
+
+/// A `DestinationRule` subset: the endpoints carrying all these labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subset {
+    /// Its name.
+    pub name: String,
+    /// The labels its endpoints carry.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Istio's `fault`: delay or abort a share of the requests (per million).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fault {
+    /// Wait this long first, for this share of requests.
+    pub delay: Option<(Duration, u32)>,
+    /// Answer with this instead of forwarding, for this share.
+    pub abort: Option<(Abort, u32)>,
+}
+
+/// What an injected abort answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    /// An HTTP status.
+    Http(u16),
+    /// A gRPC status code (trailers-only, HTTP 200).
+    Grpc(u32),
 }
 
 /// One weighted backend.
@@ -231,4 +268,6 @@ pub struct Rule {
     pub timeouts: Timeouts,
     /// Its retry policy.
     pub retry: Option<RetryPolicy>,
+    /// Faults it injects (`VirtualService` `fault`).
+    pub fault: Option<Fault>,
 }

@@ -423,7 +423,9 @@ impl<'a> Ctx<'a> {
                 (Some(svc), Some(port)) if !svc.ports.iter().any(|p| p.port == port) => {
                     ("BackendNotFound", format!("{at}.port: Service {id} has no port {port}"))
                 }
-                (Some(_), Some(port)) => return BackendTarget::Service { name: id.to_string().into(), id, port },
+                (Some(_), Some(port)) => {
+                    return BackendTarget::Service { name: id.to_string().into(), id, port, subset: None }
+                }
             }
         };
         self.unresolved.push((reason, why.clone()));
@@ -559,6 +561,7 @@ impl<'a> Ctx<'a> {
             backends,
             timeouts,
             retry,
+            fault: None,
         }
     }
 

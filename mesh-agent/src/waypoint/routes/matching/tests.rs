@@ -31,6 +31,7 @@ fn rule(route: &str, kind: RouteKind, index: usize, matches: Vec<RequestMatch>) 
         backends: vec![],
         timeouts: Timeouts::default(),
         retry: None,
+        fault: None,
     })
 }
 
