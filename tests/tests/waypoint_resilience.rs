@@ -325,3 +325,107 @@ fn over_a_local_rate_limit_requests_get_429_with_retry_after_per_identity_and_pe
         Ok(())
     });
 }
+
+const SUBSETS: &str = r"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: demo}
+spec:
+  host: api
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+";
+
+fn virtual_service(http: &str) -> String {
+    format!(
+        "{SUBSETS}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: demo}}
+spec:
+  hosts: [api]
+  http:
+{http}"
+    )
+}
+
+const ALL_V1: &str = "  - route: [{destination: {host: api, subset: v1}}]\n";
+const CANARY_90_10: &str =
+    "  - route: [{destination: {host: api, subset: v1}, weight: 90}, {destination: {host: api, subset: v2}, weight: 10}]\n";
+const FAULTS: &str = r#"  - match: [{headers: {end-user: {exact: jason}}}]
+    fault: {delay: {percentage: {value: 100.0}, fixedDelay: 1s}}
+    route: [{destination: {host: api, subset: v1}}]
+  - match: [{uri: {prefix: /abort}}]
+    fault: {abort: {percentage: {value: 50.0}, httpStatus: 503}}
+    retries: {attempts: 0}
+    route: [{destination: {host: api, subset: v1}}]
+  - route: [{destination: {host: api, subset: v1}}]
+"#;
+
+/// Waits until the waypoint shows `route` accepted with `rules` rules.
+fn wait_rules(m: &Mesh, route: &str, rules: u64) -> Result<()> {
+    let mut last = Value::Null;
+    let found = wait_for(route, || {
+        let routes = m.waypoint.routes()?;
+        last = routes["routes"]
+            .as_array()
+            .and_then(|rs| rs.iter().rev().find(|r| r["route"] == route))
+            .cloned()
+            .unwrap_or(Value::Null);
+        Ok((last["accepted"] == true && last["rules"] == rules).then_some(()))
+    });
+    found.with_context(|| format!("{route} with {rules} rules: {last}"))
+}
+
+#[test]
+fn istio_virtual_services_route_subsets_split_and_inject_faults_as_istio_does() {
+    run_waypoint("wp_istio", Extras::default(), |m| {
+        // destination-rule-all + virtual-service-all-v1, in Bookinfo's shape.
+        m.routes(&virtual_service(ALL_V1), "virtualservice/demo/api")?;
+        m.waypoint.wait_route("destinationrule/demo/api", true)?;
+        let r = m.load(&url("/all-v1"), 40, &[])?;
+        ensure!(count(&r, m.v1.name()) == 40, "every request to subset v1: {r}");
+
+        // The 90/10 canary: v2's share within 4 sd of 10% over 1,000 requests.
+        m.tb.set_routes("routes", &virtual_service(CANARY_90_10))?;
+        common::l7::load_until(&m.client, &url("/canary-wait"), 20, Duration::from_secs(10), |r| {
+            count(r, m.v2.name()) > 0
+        })?;
+        let r = m.load(&url("/canary"), 1000, &[])?;
+        let v2 = count(&r, m.v2.name());
+        ensure!(r["status"]["200"] == 1000 && (62..=138).contains(&v2), "90/10 over 1,000 requests: v2 {v2}: {r}");
+        let recs = records(m, "/canary", 1000)?;
+        ensure!(recs.iter().any(|r| r["http"]["backend"] == "demo/api@v2"), "records name the subset");
+
+        // ratings-test-delay and -abort, in the api's shape: jason waits,
+        // others do not; /abort fails half the requests with 503 FI.
+        m.tb.set_routes("routes", &virtual_service(FAULTS))?;
+        wait_rules(m, "virtualservice/demo/api", 3)?;
+        let jason = m.load(&url("/delayed"), 3, &["end-user:jason"])?;
+        let bob = m.load(&url("/delayed"), 3, &["end-user:bob"])?;
+        let (slow, fast) = (jason["max_ms"].as_f64().unwrap_or(0.0), bob["max_ms"].as_f64().unwrap_or(f64::MAX));
+        ensure!(jason["status"]["200"] == 3 && slow >= 1000.0, "jason is delayed 1 s: {jason}");
+        ensure!(bob["status"]["200"] == 3 && fast < 500.0, "bob is not: {bob}");
+        let delayed = m.waypoint.flows("response_flag=DI&path=/delayed")?;
+        ensure!(delayed.len() == 3, "delays are flagged DI: {delayed:?}");
+
+        let r = m.load(&url("/abort/measure"), 1000, &[])?;
+        let aborted = r["status"]["503"].as_u64().unwrap_or(0);
+        // 50% of 1,000: sd 15.8, 5 sd either way.
+        ensure!((421..=579).contains(&aborted) && r["status"]["200"] == 1000 - aborted, "50% aborts: {r}");
+        let flagged = m.waypoint.flows("response_flag=FI&path=/abort/measure&last=100000")?;
+        ensure!(flagged.len() as u64 == aborted, "every abort is flagged FI: {} of {aborted}", flagged.len());
+
+        // A VirtualService whose weights do not sum to 100 is rejected
+        // alone; the one in force stays.
+        let bad = virtual_service(CANARY_90_10).replace("weight: 10", "weight: 5");
+        m.tb.set_routes("routes", &bad)?;
+        let status = m.waypoint.wait_route("virtualservice/demo/api", false)?;
+        ensure!(status["problems"].to_string().contains("weights sum to 95, not 100"), "{status}");
+        eprintln!("istio: 40/40 to v1; 90/10 canary v2 {v2}/1000; jason delayed {slow:.0} ms, bob {fast:.0} ms; aborts {aborted}/1000");
+        Ok(())
+    });
+}

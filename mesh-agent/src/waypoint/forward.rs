@@ -483,11 +483,16 @@ async fn send_held(
 
 /// Whether an attempt's outcome is one `p` retries: a connect failure, a
 /// reset before the response or a per-try timeout (the waypoint's own
-/// `UF`/`UR`/`UT`), a status in `codes`, or gRPC `UNAVAILABLE`.
+/// `UF`/`UR`/`UT`), a status in `codes`, or a gRPC status in `grpc_codes`.
 fn retryable(p: &RetryPolicy, resp: &Response<HttpBody>, flag: &str, grpc: bool) -> bool {
     matches!(flag, "UF" | "UR" | "UT")
         || p.codes.contains(&resp.status().as_u16())
-        || (grpc && resp.headers().get("grpc-status").is_some_and(|v| v.as_bytes() == b"14"))
+        || (grpc
+            && resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
+                .is_some_and(|c| p.grpc_codes.contains(&c)))
 }
 
 fn apply_request_filters(req: &mut Request<Incoming>, f: &Filters, path_match: Option<&PathMatch>) {

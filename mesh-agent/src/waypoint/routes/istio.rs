@@ -591,15 +591,16 @@ impl Vs<'_> {
         at: &str,
         timeouts: &mut Timeouts,
     ) -> Option<RetryPolicy> {
-        let policy = |attempts: u32, codes: Vec<u16>| RetryPolicy {
+        let policy = |attempts: u32, codes: Vec<u16>, grpc_codes: Vec<u32>| RetryPolicy {
             attempts,
             codes,
+            grpc_codes,
             backoff: Duration::from_millis(25),
             non_idempotent: false,
             budget: Arc::new(Budget::default()),
         };
         // Istio's default: two retries on connect failures, resets, 503.
-        let Some(r) = r else { return Some(policy(2, vec![503])) };
+        let Some(r) = r else { return Some(policy(2, vec![503], vec![1, 14])) };
         let at = format!("{at}.retries");
         self.unsupported(r.retry_remote_localities.is_some(), &at, "retryRemoteLocalities");
         let attempts = r.attempts.unwrap_or(2);
@@ -610,6 +611,7 @@ impl Vs<'_> {
             timeouts.backend_request = self.duration(t, &format!("{at}.perTryTimeout"));
         }
         let mut codes = Vec::new();
+        let mut grpc_codes = Vec::new();
         for token in r
             .retry_on
             .as_deref()
@@ -621,15 +623,22 @@ impl Vs<'_> {
                 "gateway-error" => codes.extend([502, 503, 504]),
                 "retriable-status-codes" => codes.push(503),
                 "retriable-4xx" => codes.push(409),
-                // Connection failures, resets and gRPC UNAVAILABLE are always retried.
-                "connect-failure" | "refused-stream" | "reset" | "unavailable" | "" => {}
+                "cancelled" => grpc_codes.push(1),
+                "deadline-exceeded" => grpc_codes.push(4),
+                "resource-exhausted" => grpc_codes.push(8),
+                "internal" => grpc_codes.push(13),
+                "unavailable" => grpc_codes.push(14),
+                // Connection failures and resets before a response are always retried.
+                "connect-failure" | "refused-stream" | "reset" | "" => {}
                 t if t.parse::<u16>().is_ok_and(|c| (400..=599).contains(&c)) => codes.extend(t.parse::<u16>()),
                 t => self.problems.push(format!("{at}.retryOn: {t:?} is not supported")),
             }
         }
         codes.sort_unstable();
         codes.dedup();
-        let mut p = policy(u32::try_from(attempts.clamp(0, 10)).unwrap_or(0), codes);
+        grpc_codes.sort_unstable();
+        grpc_codes.dedup();
+        let mut p = policy(u32::try_from(attempts.clamp(0, 10)).unwrap_or(0), codes, grpc_codes);
         if let Some(b) = &r.backoff {
             p.backoff = self.duration(b, &format!("{at}.backoff")).unwrap_or(p.backoff);
         }

@@ -162,6 +162,9 @@ pub struct RetryPolicy {
     /// Response statuses that are retried (connect failures and resets
     /// before a response always are).
     pub codes: Vec<u16>,
+    /// `grpc-status` codes of gRPC responses that are retried
+    /// (`UNAVAILABLE`, 14, unless Istio's `retryOn` says more).
+    pub grpc_codes: Vec<u32>,
     /// Least wait before a retry; later retries double it, up to ten times.
     pub backoff: Duration,
     /// Whether POST, PATCH and other non-idempotent methods are retried
@@ -173,8 +176,8 @@ pub struct RetryPolicy {
 
 impl PartialEq for RetryPolicy {
     fn eq(&self, o: &Self) -> bool {
-        (self.attempts, &self.codes, self.backoff, self.non_idempotent)
-            == (o.attempts, &o.codes, o.backoff, o.non_idempotent)
+        (self.attempts, &self.codes, &self.grpc_codes, self.backoff, self.non_idempotent)
+            == (o.attempts, &o.codes, &o.grpc_codes, o.backoff, o.non_idempotent)
     }
 }
 

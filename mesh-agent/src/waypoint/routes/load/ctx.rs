@@ -25,6 +25,8 @@ use crate::waypoint::{retry::Budget, routes::grants::Grants};
 
 /// Retries when `retry.attempts` is not given (Envoy's and Istio's default).
 pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+/// gRPC `UNAVAILABLE`, retried whenever a rule retries.
+pub const GRPC_UNAVAILABLE: u32 = 14;
 /// Most retries a rule may ask for: more only multiplies an outage.
 pub const MAX_RETRY_ATTEMPTS: u32 = 10;
 /// Backoff when `retry.backoff` is not given (Envoy's base interval).
@@ -514,6 +516,7 @@ impl<'a> Ctx<'a> {
         (self.problems.len() == before).then(|| RetryPolicy {
             attempts: u32::try_from(attempts).unwrap_or(0),
             codes,
+            grpc_codes: vec![GRPC_UNAVAILABLE],
             backoff,
             non_idempotent,
             budget: std::sync::Arc::new(Budget::default()),
