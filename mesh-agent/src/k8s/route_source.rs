@@ -1,8 +1,11 @@
 //! The routes of a waypoint in Kubernetes mode (`mesh-agent waypoint
 //! --kubernetes`): reflectors on `gateway.networking.k8s.io/v1` `HTTPRoute`
 //! and `GRPCRoute` objects, `v1beta1` `ReferenceGrant`s (which permit
-//! cross-namespace backends) and `heddle.dev/v1alpha1`
-//! `HTTPLocalRateLimitPolicy` objects, handed to the same compiler as the local
+//! cross-namespace backends), `heddle.dev/v1alpha1`
+//! `HTTPLocalRateLimitPolicy` objects and, when Istio's CRDs are installed,
+//! `networking.istio.io/v1` `VirtualService`s and `DestinationRule`s
+//! (their status is Istio's to write: Heddle reports them in `heddle
+//! routes` only), handed to the same compiler as the local
 //! routes directory ([`crate::waypoint::routes`]) as one [`Source`] per
 //! object, and the route status written back.
 //!
@@ -78,6 +81,9 @@ impl RouteWatch {
             ("grpcroutes", GATEWAY_GROUP, "v1", "GRPCRoute"),
             ("referencegrants", GATEWAY_GROUP, "v1beta1", "ReferenceGrant"),
             ("httplocalratelimitpolicies", crate::k8s::crd::GROUP, "v1alpha1", "HTTPLocalRateLimitPolicy"),
+            // Istio's traffic API, read when Istio's CRDs are installed.
+            ("virtualservices", "networking.istio.io", "v1", "VirtualService"),
+            ("destinationrules", "networking.istio.io", "v1", "DestinationRule"),
         ] {
             let res = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), name);
             let installed = crd_installed(&client, &res).await;

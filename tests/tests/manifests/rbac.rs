@@ -145,6 +145,9 @@ fn the_waypoint_role_reads_the_registry_and_routes_and_writes_only_route_status(
         ("gateway.networking.k8s.io", "httproutes"),
         ("gateway.networking.k8s.io", "grpcroutes"),
         ("gateway.networking.k8s.io", "referencegrants"),
+        ("heddle.dev", "httplocalratelimitpolicies"),
+        ("networking.istio.io", "virtualservices"),
+        ("networking.istio.io", "destinationrules"),
     ] {
         for verb in AGENT_READ_VERBS {
             assert!(allows(&role, group, resource, verb), "waypoint cannot {verb} {group}/{resource}");
