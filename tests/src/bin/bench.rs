@@ -153,6 +153,9 @@ struct L7Figures {
     /// Waypoint cores used at saturation.
     wp_cores_at_saturation: f64,
     wp_rss_mib: f64,
+    /// Latencies through the waypoint with routes, retries and a rate limit.
+    configured: [f64; 4],
+    configured_errors: u64,
 }
 
 fn waypoint_phase(
@@ -184,6 +187,15 @@ fn waypoint_phase(
     let (wp_saturation, wp_cpu_s, secs) = saturation(args, client, Some(&wp))?;
     #[allow(clippy::cast_precision_loss)]
     let requests = f64::from(args.rate) * args.seconds as f64;
+    let wp_rss_mib = pid_peak_rss_mib(wp.pid())?;
+    eprintln!("bench: the same through the waypoint with 10 route rules, a retry policy and a rate limit…");
+    tb.set_routes("routes", &configured_routes())?;
+    wp.wait_route("httproute/demo/bench", true)?;
+    wp.wait_route("httplocalratelimitpolicy/demo/bench", true)?;
+    let (_, _, _) = http_at_rate(&Args { seconds: 1, ..*args }, client, loadgen, vip, Some(&wp))?;
+    let (configured, configured_errors, _) = http_at_rate(args, client, loadgen, vip, Some(&wp))?;
+    let rule = wp.flows("last=1")?.first().map(|f| f["http"]["route"].clone()).unwrap_or_default();
+    ensure!(rule == "httproute/demo/bench", "the configured run did not go through the bench route: {rule}");
     Ok(L7Figures {
         l4,
         wp: wp_lat,
@@ -192,8 +204,45 @@ fn waypoint_phase(
         wp_saturation,
         wp_cpu_per_k: cpu / requests * 1000.0,
         wp_cores_at_saturation: wp_cpu_s / secs,
-        wp_rss_mib: pid_peak_rss_mib(wp.pid())?,
+        wp_rss_mib,
+        configured,
+        configured_errors,
     })
+}
+
+/// Ten rules on `demo/server` (nine that the benchmark's requests do not
+/// match, checked first, and a catch-all with a retry policy that holds the
+/// body for a retry: non-idempotent retries are allowed, the load is POST),
+/// and a rate limit far above the load: everything configured, nothing
+/// triggering.
+fn configured_routes() -> String {
+    let mut rules = String::new();
+    for i in 0..9 {
+        rules.push_str(&format!(
+            "  - matches: [{{path: {{type: PathPrefix, value: /r{i}}}, headers: [{{name: x-rule, value: \"{i}\"}}]}}]\n    backendRefs: [{{name: server, port: 80}}]\n"
+        ));
+    }
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: bench, namespace: demo, annotations: {{heddle.dev/retry-non-idempotent: \"true\"}}}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: server, port: 80}}]
+  rules:
+{rules}  - matches: [{{path: {{type: PathPrefix, value: /}}}}]
+    retry: {{attempts: 2, codes: [503], backoff: 25ms}}
+    timeouts: {{request: 10s, backendRequest: 5s}}
+    backendRefs: [{{name: server, port: 80}}]
+---
+apiVersion: heddle.dev/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {{name: bench, namespace: demo}}
+spec:
+  targetRefs: [{{group: \"\", kind: Service, name: server}}]
+  total: {{requestsPerSecond: 1000000}}
+  identity: {{requestsPerSecond: 1000000}}
+"
+    )
 }
 
 /// What one fixed-rate loadgen run measured.
@@ -301,6 +350,17 @@ fn report_waypoint(args: &Args, f: &L7Figures) {
         "waypoint vCPU per 1,000 requests/s", "-", f.wp_cpu_per_k, "(same figure)"
     );
     println!("{:<44} {:>12} {:>12.1} {:>14}", "waypoint peak RSS, MiB", "-", f.wp_rss_mib, "");
+    println!();
+    println!("Waypoint configured (10 route rules, a retry policy holding the body, a rate limit), not triggering");
+    println!("{:<44} {:>12} {:>12} {:>14}", "", "bare", "configured", "cost of config");
+    for i in [0, 2] {
+        let p = ["p50", "p90", "p99", "p99.9"][i];
+        let (bare, conf) = (f.wp[i] - f.l4[i], f.configured[i] - f.l4[i]);
+        let pct = if bare > 0.0 { (conf - bare) / bare * 100.0 } else { 0.0 };
+        let label = format!("added latency {p} at {}/s, µs", args.rate);
+        println!("{:<44} {:>12.0} {:>12.0} {:>14}", label, bare, conf, format!("{pct:+.1} %"));
+    }
+    println!("{:<44} {:>12} {:>12} {:>14}", "HTTP errors", f.errors.1, f.configured_errors, "");
 }
 
 fn cmd(program: &str, args: &[&str]) -> Command {
