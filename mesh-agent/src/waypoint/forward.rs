@@ -140,7 +140,7 @@ async fn route_and_send(
         let target = down.target;
         return send_to_endpoint(req, down, state, pending, target, None, None, grpc).await;
     };
-    let matched = {
+    let (matched, has_routes) = {
         let routes = state.routes.borrow();
         let client_ns = down.client.namespace();
         let facts = RequestFacts {
@@ -153,9 +153,12 @@ async fn route_and_send(
             headers: req.headers(),
             grpc,
         };
-        routes.table.find(&facts)
+        (routes.table.find(&facts), routes.table.has_routes(&service))
     };
-    let has_routes = state.routes.borrow().table.has_routes(&service);
+    if let Some(m) = &matched {
+        http_of(pending).route = Some(m.rule.route_name.clone());
+        http_of(pending).rule = Some(m.rule.index);
+    }
     if let Some(refused) = rate_limited(state, down, &service, matched.as_ref().map(|m| &*m.rule.route_name)) {
         http_of(pending).response_flags = "RL";
         let which = match refused.limit {
@@ -182,8 +185,6 @@ async fn route_and_send(
         return send_to_service(req, down, state, pending, &target, &plan, grpc).await;
     };
     let rule = matched.rule.clone();
-    http_of(pending).route = Some(rule.route_name.clone());
-    http_of(pending).rule = Some(rule.index);
     let path_match = matched.match_index.map(|i| rule.matches[i].path.clone());
     if let Some(fault) = &rule.fault {
         if let Some(resp) = inject(fault, pending, grpc).await {
