@@ -30,6 +30,7 @@ pub mod forward;
 pub mod h2io;
 pub mod listener;
 pub mod mirror;
+pub mod outlier;
 pub mod passthrough;
 pub mod pool;
 pub mod ratelimit;
@@ -105,6 +106,8 @@ pub struct State {
     pub telemetry: Arc<telemetry::Telemetry>,
     /// Request copies in flight to shadow backends.
     pub shadows: mirror::Shadows,
+    /// Endpoint health for outlier detection.
+    pub outliers: outlier::Outliers,
     /// Connection tasks.
     pub tracker: TaskTracker,
 }
@@ -181,6 +184,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         balancer: balance::Balancer::default(),
         telemetry,
         shadows: mirror::Shadows::default(),
+        outliers: outlier::Outliers::default(),
         tracker: TaskTracker::new(),
     });
     let hbone = TcpListener::bind(settings.listen)

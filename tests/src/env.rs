@@ -40,6 +40,8 @@ pub const TCPDUMP: Tool = Tool { binary: "tcpdump", package: "tcpdump" };
 pub const NGHTTPD: Tool = Tool { binary: "nghttpd", package: "nghttp2-server" };
 /// An HTTP/2 client (h2c with prior knowledge) and load generator.
 pub const NGHTTP: Tool = Tool { binary: "nghttp", package: "nghttp2-client" };
+/// An HTTP/1.1 and HTTP/2 load generator (concurrent clients).
+pub const H2LOAD: Tool = Tool { binary: "h2load", package: "nghttp2-client" };
 /// A TLS toolkit: certificates and a TLS client.
 pub const OPENSSL: Tool = Tool { binary: "openssl", package: "openssl" };
 

@@ -429,3 +429,66 @@ fn istio_virtual_services_route_subsets_split_and_inject_faults_as_istio_does() 
         Ok(())
     });
 }
+
+const BREAKER: &str = r"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: demo}
+spec:
+  host: api
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+    outlierDetection:
+      consecutive5xxErrors: 3
+      baseEjectionTime: 2s
+      maxEjectionPercent: 50
+";
+
+/// `h2load --h1 -c C -n N URL` in `pod`: (2xx, 5xx) counts.
+fn h2load(pod: &heddle_tests::Pod, conns: usize, n: usize, url: &str) -> Result<(u64, u64)> {
+    let mut cmd = std::process::Command::new("h2load");
+    cmd.args(["--h1", "-c", &conns.to_string(), "-n", &n.to_string(), url]);
+    let out = pod.run(cmd)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success(), "h2load: {text}{}", String::from_utf8_lossy(&out.stderr));
+    // "status codes: 20 2xx, 0 3xx, 0 4xx, 180 5xx"
+    let line = text.lines().find_map(|l| l.trim().strip_prefix("status codes: ")).context("h2load status codes")?;
+    let class = |c: &str| -> u64 { line.split(", ").find_map(|p| p.strip_suffix(c)?.trim().parse().ok()).unwrap_or(0) };
+    Ok((class(" 2xx"), class(" 5xx")))
+}
+
+#[test]
+fn a_destination_rule_breaks_the_circuit_over_its_limits_and_ejects_a_failing_endpoint_for_a_while() {
+    run_waypoint("wp_breaker", Extras { slow_v2: true, ..Extras::default() }, |m| {
+        heddle_tests::require_tool(heddle_tests::env::H2LOAD)?;
+        m.routes(BREAKER, "destinationrule/demo/api")?;
+        let (v1, v2) = (m.v1.name(), m.v2.name());
+
+        // Outlier detection: api-v1 answers 500 (and is the faster one, so
+        // the balancer prefers it): after 3 in a row it is ejected for 2 s.
+        let r = m.load(&url("/when/api-v1/status/500"), 40, &[])?;
+        ensure!(r["status"]["500"] == 3 && count(&r, v2) == 37, "three 500s, then only v2: {r}");
+        let ejected = |t: &str| metric(t, "heddle_outlier_ejections_total", &[("backend", "demo/api")]);
+        ensure!(ejected(&m.waypoint.metrics()?) == 1.0, "one ejection counted");
+        // After the ejection time it is back, fails three more, and is
+        // ejected again (for 4 s, the second time).
+        std::thread::sleep(Duration::from_millis(2500));
+        let r = m.load(&url("/when/api-v1/status/500"), 40, &[])?;
+        ensure!(r["status"]["500"] == 3 && count(&r, v1) == 3, "re-admitted, then ejected again: {r}");
+        ensure!(ejected(&m.waypoint.metrics()?) == 2.0, "two ejections counted");
+
+        // Circuit breaking: one request in flight and one waiting; 8
+        // concurrent clients of a 50 ms endpoint overflow it: 503 UO.
+        let (ok, refused) = h2load(&m.client, 8, 200, &url("/delay/50"))?;
+        ensure!(ok > 0 && refused > 0 && ok + refused == 200, "some served, some refused: {ok} 2xx, {refused} 5xx");
+        let uo = m.waypoint.flows("response_flag=UO&last=100000")?;
+        ensure!(uo.len() as u64 == refused, "every refusal is flagged UO: {} of {refused}", uo.len());
+        // One client at a time stays within the limits.
+        let (ok, failed) = h2load(&m.client, 1, 50, &url("/delay/5"))?;
+        ensure!(ok == 50 && failed == 0, "sequential requests are never refused: {ok} 2xx, {failed} 5xx");
+        eprintln!("circuit breaker: 8 clients, {refused} of 200 refused with UO; outlier: 3 x 500 then ejected, twice");
+        Ok(())
+    });
+}

@@ -7,7 +7,11 @@
 //! (`RequestRedirect`), `500` for a backend the route names but Heddle
 //! cannot resolve (Gateway API's rule), `503 UH` when the backend has no
 //! endpoint, `503 UF` when the endpoint cannot be reached, `504 UT` on a
-//! timeout (`timeouts.request`, `timeouts.backendRequest`). gRPC requests
+//! timeout (`timeouts.request`, `timeouts.backendRequest`), `503 UO` over a
+//! circuit breaker's limits, `429 RL` over a rate limit, and the faults a
+//! `VirtualService` injects (`FI`, `DI`). Retries go to another endpoint
+//! (`URX` when exhausted); outlier detection keeps ejected endpoints out
+//! of the choice. gRPC requests
 //! get their failures as `grpc-status` trailers-only responses.
 
 use std::{
@@ -29,6 +33,7 @@ use hyper_util::rt::TokioIo;
 use super::{
     balance::pick_weighted,
     filters, mirror,
+    outlier::{self, OutlierConfig},
     pool::{HttpBody, Version},
     ratelimit, retry,
     routes::{
@@ -114,6 +119,7 @@ fn new_pending<B>(req: &Request<B>, down: &Downstream, state: &State, started: I
         request_bytes: Arc::new(AtomicU64::new(0)),
         grpc,
         labels: Default::default(),
+        permit: None,
     }
 }
 
@@ -343,12 +349,30 @@ async fn send_to_service(
         http_of(pending).response_flags = "UH";
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "no healthy upstream");
     }
+    // The DestinationRule's traffic policy of this backend (a subset's, or
+    // the Service's): circuit breaking, then outlier detection per attempt.
+    let policy = match &target.subset {
+        Some(s) => s.policy.clone(),
+        None => state.routes.borrow().destinations.service_policy(&target.service),
+    };
+    if let Some(b) = policy.as_ref().and_then(|p| p.breaker.as_ref()) {
+        match b.admit().await {
+            Some(permit) => pending.permit = Some(permit),
+            None => {
+                http_of(pending).response_flags = "UO";
+                return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "upstream overflow (circuit breaker open)");
+            }
+        }
+    }
+    let backend = Pool { endpoints, outlier: policy.as_ref().and_then(|p| p.outlier), name: target.name.clone() };
     let retry = plan.retry.filter(|p| p.non_idempotent || retry::is_idempotent(req.method()));
     let mirrors: Vec<&Mirror> = plan.filters.iter().flat_map(|f| f.mirrors.iter()).collect();
     let upgrade = down.version == Version::Http1 && req.headers().contains_key(header::UPGRADE);
     if (retry.is_none() && mirrors.is_empty()) || upgrade {
-        let (addr, identity) = choose(state, &endpoints, &[]);
-        return send_to_endpoint(req, down, state, pending, addr, Some(identity), plan.backend_timeout, grpc).await;
+        let (addr, identity) = backend.choose(state, &[]);
+        let resp = send_to_endpoint(req, down, state, pending, addr, Some(identity), plan.backend_timeout, grpc).await;
+        backend.observe(state, pending, addr, &resp);
+        return resp;
     }
     // Retries and copies need the body again: hold it if it is small.
     let (parts, body) = req.into_parts();
@@ -368,8 +392,10 @@ async fn send_to_service(
         for m in &mirrors {
             state.telemetry.mirrored(mirror_name(m), mirror::Outcome::SkippedBody);
         }
-        let (addr, identity) = choose(state, &endpoints, &[]);
-        return send_to_endpoint(req, down, state, pending, addr, Some(identity), plan.backend_timeout, grpc).await;
+        let (addr, identity) = backend.choose(state, &[]);
+        let resp = send_to_endpoint(req, down, state, pending, addr, Some(identity), plan.backend_timeout, grpc).await;
+        backend.observe(state, pending, addr, &resp);
+        return resp;
     };
     let body = held.unwrap_or_default();
     pending.request_bytes.store(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -378,7 +404,7 @@ async fn send_to_service(
     for m in mirrors {
         mirror::copy(state, down, &parts, &body, m, rand::random());
     }
-    let held = Held { parts, body, endpoints };
+    let held = Held { parts, body, backend };
     send_held(&held, down, state, pending, plan.backend_timeout, retry, grpc).await
 }
 
@@ -390,7 +416,45 @@ pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 struct Held {
     parts: hyper::http::request::Parts,
     body: Bytes,
+    backend: Pool,
+}
+
+/// The endpoints of the backend chosen for a request, and how their
+/// outcomes are judged.
+struct Pool {
     endpoints: Vec<(SocketAddr, SpiffeId)>,
+    /// `outlierDetection` of the backend, if any.
+    outlier: Option<OutlierConfig>,
+    /// The backend as records name it.
+    name: Name,
+}
+
+impl Pool {
+    /// Picks an endpoint by peak EWMA among those not ejected, preferring
+    /// ones not yet `tried`.
+    fn choose(&self, state: &State, tried: &[SocketAddr]) -> (SocketAddr, SpiffeId) {
+        let all: Vec<SocketAddr> = self.endpoints.iter().map(|(a, _)| *a).collect();
+        let now = Instant::now();
+        let healthy = if self.outlier.is_some() { state.outliers.healthy(&all, now) } else { all };
+        let fresh: Vec<SocketAddr> = healthy.iter().copied().filter(|a| !tried.contains(a)).collect();
+        let candidates = if fresh.is_empty() { healthy } else { fresh };
+        let chosen = state.balancer.choose(&candidates, rand::random(), rand::random(), now);
+        self.endpoints.iter().find(|(a, _)| *a == chosen).cloned().unwrap_or_else(|| self.endpoints[0].clone())
+    }
+
+    /// Feeds an attempt's outcome to outlier detection.
+    fn observe(&self, state: &State, pending: &mut Pending, addr: SocketAddr, resp: &Response<HttpBody>) {
+        let Some(cfg) = &self.outlier else { return };
+        let status = match http_of(pending).response_flags {
+            "UF" | "UR" | "UT" => None,
+            _ => Some(resp.status().as_u16()),
+        };
+        let all: Vec<SocketAddr> = self.endpoints.iter().map(|(a, _)| *a).collect();
+        if let Some(time) = state.outliers.observe(addr, outlier::Outcome::of(status), cfg, &all, Instant::now()) {
+            state.telemetry.ejected(&self.name);
+            tracing::info!(backend = %self.name, endpoint = %addr, seconds = time.as_secs(), "outlier detection ejected an endpoint");
+        }
+    }
 }
 
 fn mirror_name(m: &Mirror) -> &str {
@@ -428,14 +492,6 @@ pub fn service_endpoints(
         .collect())
 }
 
-/// Picks an endpoint by peak EWMA, preferring ones not yet `tried`.
-fn choose(state: &State, endpoints: &[(SocketAddr, SpiffeId)], tried: &[SocketAddr]) -> (SocketAddr, SpiffeId) {
-    let fresh: Vec<SocketAddr> = endpoints.iter().map(|(a, _)| *a).filter(|a| !tried.contains(a)).collect();
-    let candidates = if fresh.is_empty() { endpoints.iter().map(|(a, _)| *a).collect() } else { fresh };
-    let chosen = state.balancer.choose(&candidates, rand::random(), rand::random(), Instant::now());
-    endpoints.iter().find(|(a, _)| *a == chosen).cloned().unwrap_or_else(|| endpoints[0].clone())
-}
-
 /// Sends a held request, retrying on another endpoint while `retry` allows.
 async fn send_held(
     held: &Held,
@@ -452,11 +508,12 @@ async fn send_held(
     let mut tried = Vec::new();
     let mut retries = 0;
     loop {
-        let (addr, identity) = choose(state, &held.endpoints, &tried);
+        let (addr, identity) = held.backend.choose(state, &tried);
         tried.push(addr);
         let body = HttpBody::new(Full::new(held.body.clone()).map_err(|never| match never {}));
         let req = Request::from_parts(held.parts.clone(), body);
         let resp = exchange(req, None, down, state, pending, addr, Some(identity), timeout, grpc).await;
+        held.backend.observe(state, pending, addr, &resp);
         let Some(p) = retry else { return resp };
         if !retryable(p, &resp, http_of(pending).response_flags, grpc) {
             return resp;

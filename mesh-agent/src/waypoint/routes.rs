@@ -143,6 +143,8 @@ pub struct RouteSet {
     pub table: matching::Table,
     /// Local rate limits, by Service or route.
     pub limits: rate_limits::RateLimits,
+    /// `DestinationRule` subsets and traffic policies.
+    pub destinations: istio::Subsets,
     statuses: Vec<RouteStatus>,
 }
 
@@ -153,7 +155,7 @@ impl RouteSet {
     pub fn build(sources: &[Source], registry: &Registry, waypoint: &ObjectRef) -> Self {
         let mut set = RouteSet::default();
         let mut grants = grants::Grants::default();
-        let mut subsets = istio::Subsets::default();
+        let mut subsets = std::mem::take(&mut set.destinations);
         // Statuses stay in document order: a route's place is kept while
         // the grants and the DestinationRules' subsets are gathered.
         let mut docs = Vec::new();
@@ -209,6 +211,7 @@ impl RouteSet {
             };
             set.statuses.push(status);
         }
+        set.destinations = subsets;
         // Policies attach to routes, so they are compiled once every route is known.
         let routes: Vec<String> = set.statuses.iter().filter(|s| s.accepted).map(|s| s.route.clone()).collect();
         for (origin, p, unknown) in policies {

@@ -66,6 +66,7 @@ pub struct Telemetry {
     route_requests: IntCounterVec,
     retries: IntCounterVec,
     mirrors: IntCounterVec,
+    ejections: IntCounterVec,
     rule_hits: Mutex<BTreeMap<(crate::flows::Name, usize), u64>>,
 }
 
@@ -110,9 +111,18 @@ impl Telemetry {
             &["backend", "outcome"],
         )
         .expect("valid metric");
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "heddle_outlier_ejections_total",
+                "Endpoints ejected by outlier detection (DestinationRule outlierDetection), by backend.",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(retries.clone()),
+            Box::new(ejections.clone()),
             Box::new(mirrors.clone()),
             Box::new(duration.clone()),
             Box::new(request_bytes.clone()),
@@ -131,6 +141,7 @@ impl Telemetry {
             route_requests,
             retries,
             mirrors,
+            ejections,
             rule_hits: Mutex::new(BTreeMap::new()),
         }
     }
@@ -138,6 +149,11 @@ impl Telemetry {
     /// Counts a retry decision for `route`.
     pub fn retried(&self, route: &str, outcome: &str) {
         self.retries.with_label_values(&[route, outcome]).inc();
+    }
+
+    /// Counts an endpoint of `backend` ejected by outlier detection.
+    pub fn ejected(&self, backend: &str) {
+        self.ejections.with_label_values(&[backend]).inc();
     }
 
     /// Counts what became of a request copy for `backend`.
@@ -209,6 +225,8 @@ pub struct Pending {
     /// Source workload, namespace, principal; destination workload,
     /// namespace, principal; destination service.
     pub labels: [String; 7],
+    /// The backend's circuit-breaker permit, held until the response ends.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Pending {

@@ -192,7 +192,9 @@ fn waypoint_phase(
     let wp_rss_mib = pid_peak_rss_mib(wp.pid())?;
     // Bare and configured alternate twice, so a noisy minute of the machine
     // falls on both; each figure is the mean of its two runs.
-    eprintln!("bench: bare waypoint and the waypoint with 10 route rules, a retry policy and a rate limit, alternating…");
+    eprintln!(
+        "bench: bare waypoint and the waypoint with 10 route rules, a retry policy and a rate limit, alternating…"
+    );
     let (mut bare, mut configured, mut configured_errors) = ([0.0; 4], [0.0; 4], 0);
     for _ in 0..2 {
         for with_config in [false, true] {

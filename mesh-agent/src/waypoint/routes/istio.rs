@@ -14,10 +14,12 @@
 //! `retryOn`), `fault` (`delay`, `abort`), `mirror`/`mirrorPercentage` and
 //! `mirrors`. Without `retries` a route gets Istio's default (two retries on
 //! connect failures, resets and 503). Every other field is a problem that
-//! keeps the object out of force, named by its path; a `DestinationRule`'s
-//! `trafficPolicy` is accepted with a note naming what Heddle does not apply
-//! yet (mTLS is always on; connection pools, outlier detection and load
-//! balancer choice are not implemented), so its subsets still work.
+//! keeps the object out of force, named by its path. A `DestinationRule`'s
+//! `trafficPolicy` gives circuit breaking (`connectionPool`: in-flight and
+//! pending limits) and outlier detection ([`crate::waypoint::outlier`]), for
+//! the Service and per subset; what Heddle does not apply of it (mTLS is
+//! always on; load balancer choice, per-port settings, ...) is a note, so
+//! its subsets still work.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -28,13 +30,19 @@ use super::{
     matching::Attachment,
     model::{
         Abort, Backend, BackendTarget, Fault, Filters, HeaderModifier, Mirror, PathMatch, PathModifier, Redirect,
-        RequestMatch, RetryPolicy, Rewrite, RouteKind, RouteRef, Rule, Subset, Timeouts, ValueMatch, SAME_PORT,
+        RequestMatch, RetryPolicy, Rewrite, RouteKind, RouteRef, Rule, Subset, Timeouts, TrafficPolicy, ValueMatch,
+        SAME_PORT,
     },
     Condition, ParentStatus, RouteStatus,
 };
 use crate::{
     registry::{ObjectRef, Registry},
-    waypoint::retry::Budget,
+    waypoint::{
+        outlier::{
+            Breaker, OutlierConfig, DEFAULT_BASE_EJECTION, DEFAULT_CONSECUTIVE_5XX, DEFAULT_MAX_EJECTION_PERCENT,
+        },
+        retry::Budget,
+    },
 };
 
 /// The API versions read (Istio serves the same schema under all three).
@@ -42,15 +50,25 @@ pub fn is_istio_networking(api: &str) -> bool {
     matches!(api, "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3")
 }
 
-/// Subsets by Service, from every accepted `DestinationRule`.
+/// Subsets and traffic policies by Service, from every accepted
+/// `DestinationRule`.
 #[derive(Debug, Default)]
 pub struct Subsets {
     by_service: HashMap<ObjectRef, HashMap<String, Arc<Subset>>>,
+    /// The top-level `trafficPolicy` of a Service (for requests to it
+    /// without a subset).
+    policies: HashMap<ObjectRef, Arc<TrafficPolicy>>,
 }
 
 impl Subsets {
     fn get(&self, service: &ObjectRef, name: &str) -> Option<Arc<Subset>> {
         self.by_service.get(service)?.get(name).cloned()
+    }
+
+    /// The traffic policy of requests to `service` without a subset.
+    #[must_use]
+    pub fn service_policy(&self, service: &ObjectRef) -> Option<Arc<TrafficPolicy>> {
+        self.policies.get(service).cloned()
     }
 }
 
@@ -114,15 +132,19 @@ pub fn compile_destination_rule(
     if spec.export_to.is_some() {
         problems.push("spec.exportTo: not supported (every namespace sees it)".into());
     }
-    if let Some(tp) = &spec.traffic_policy {
+    let top = spec.traffic_policy.as_ref();
+    if let Some(tp) = top {
         notes.extend(traffic_policy_notes("spec.trafficPolicy", tp));
     }
+    let service_policy = traffic_policy(top, None, "spec.trafficPolicy", &mut problems);
     let mut found = HashMap::new();
     for (i, s) in spec.subsets.iter().flatten().enumerate() {
         let at = format!("spec.subsets[{i}]");
-        if s.traffic_policy.is_some() {
-            notes.push(format!("{at}.trafficPolicy: not applied yet"));
+        let own = s.traffic_policy.as_ref().and_then(as_top);
+        if let Some(tp) = &own {
+            notes.extend(traffic_policy_notes(&format!("{at}.trafficPolicy"), tp));
         }
+        let policy = traffic_policy(top, own.as_ref(), &format!("{at}.trafficPolicy"), &mut problems);
         let labels = s.labels.clone().unwrap_or_default();
         if let Some(svc) = svc {
             let any = svc
@@ -134,7 +156,7 @@ pub fn compile_destination_rule(
                 notes.push(format!("{at}: subset {} selects no endpoint now (its requests get 503 UH)", s.name));
             }
         }
-        if found.insert(s.name.clone(), Arc::new(Subset { name: s.name.clone(), labels })).is_some() {
+        if found.insert(s.name.clone(), Arc::new(Subset { name: s.name.clone(), labels, policy })).is_some() {
             problems.push(format!("{at}.name: subset {} is defined twice", s.name));
         }
     }
@@ -148,11 +170,15 @@ pub fn compile_destination_rule(
             attached: true,
             conditions: vec![cond(true, "Accepted", format!("{} subsets for Service {service}", found.len()))],
         });
+        if let Some(p) = service_policy {
+            subsets.policies.insert(service.clone(), p);
+        }
         subsets.by_service.entry(service).or_default().extend(found);
     }
     st
 }
 
+/// Notes for the fields of a `trafficPolicy` Heddle does not apply.
 fn traffic_policy_notes(at: &str, tp: &d::DestinationRuleTrafficPolicy) -> Vec<String> {
     let mut notes = Vec::new();
     let mut note = |set: bool, field: &str, what: &str| {
@@ -161,13 +187,129 @@ fn traffic_policy_notes(at: &str, tp: &d::DestinationRuleTrafficPolicy) -> Vec<S
         }
     };
     note(tp.tls.is_some(), "tls", "ignored: HBONE mutual TLS is always on between mesh workloads");
-    note(tp.connection_pool.is_some(), "connectionPool", "not applied yet");
-    note(tp.outlier_detection.is_some(), "outlierDetection", "not applied yet");
     note(tp.load_balancer.is_some(), "loadBalancer", "not applied: Heddle balances by peak EWMA");
     note(tp.port_level_settings.is_some(), "portLevelSettings", "not applied yet");
     note(tp.retry_budget.is_some(), "retryBudget", "not applied: Heddle's retry budget is 20% + 10/s per route rule");
     note(tp.proxy_protocol.is_some() || tp.tunnel.is_some(), "proxyProtocol/tunnel", "not supported");
+    if let Some(cp) = &tp.connection_pool {
+        if let Some(h) = &cp.http {
+            note(
+                h.max_requests_per_connection.is_some(),
+                "connectionPool.http.maxRequestsPerConnection",
+                "not applied yet",
+            );
+            note(
+                h.max_retries.is_some(),
+                "connectionPool.http.maxRetries",
+                "not applied: the retry budget bounds retries",
+            );
+            note(
+                h.idle_timeout.is_some() || h.h2_upgrade_policy.is_some() || h.max_concurrent_streams.is_some(),
+                "connectionPool.http (idleTimeout, h2UpgradePolicy, maxConcurrentStreams)",
+                "not applied",
+            );
+        }
+        note(
+            cp.tcp.as_ref().is_some_and(|t| {
+                t.connect_timeout.is_some()
+                    || t.tcp_keepalive.is_some()
+                    || t.idle_timeout.is_some()
+                    || t.max_connection_duration.is_some()
+            }),
+            "connectionPool.tcp",
+            "only maxConnections is applied",
+        );
+    }
+    if let Some(od) = &tp.outlier_detection {
+        note(
+            od.interval.is_some()
+                || od.min_health_percent.is_some()
+                || od.consecutive_local_origin_failures.is_some()
+                || od.split_external_local_origin_errors.is_some(),
+            "outlierDetection (interval, minHealthPercent, local-origin settings)",
+            "not applied: ejection is decided at each response",
+        );
+    }
     notes
+}
+
+/// The `connectionPool` and `outlierDetection` of a subset (`sub`) over the
+/// rule's (`top`): a backend's own limits (one breaker per backend).
+fn traffic_policy(
+    top: Option<&d::DestinationRuleTrafficPolicy>,
+    sub: Option<&d::DestinationRuleTrafficPolicy>,
+    at: &str,
+    problems: &mut Vec<String>,
+) -> Option<Arc<TrafficPolicy>> {
+    let pool = sub.and_then(|t| t.connection_pool.as_ref()).or(top.and_then(|t| t.connection_pool.as_ref()));
+    let od = sub.and_then(|t| t.outlier_detection.as_ref()).or(top.and_then(|t| t.outlier_detection.as_ref()));
+    let mut count = |v: Option<i64>, field: &str| -> Option<usize> {
+        let v = v?;
+        match usize::try_from(v) {
+            Ok(n) if n >= 1 => Some(n),
+            _ => {
+                problems.push(format!("{at}.{field}: {v} is not a count of at least 1"));
+                None
+            }
+        }
+    };
+    let breaker = pool.and_then(|cp| {
+        let max_conns =
+            count(cp.tcp.as_ref().and_then(|t| t.max_connections).map(i64::from), "connectionPool.tcp.maxConnections");
+        let max_reqs = count(
+            cp.http.as_ref().and_then(|h| h.http2_max_requests).map(i64::from),
+            "connectionPool.http.http2MaxRequests",
+        );
+        let pending = count(
+            cp.http.as_ref().and_then(|h| h.http1_max_pending_requests).map(i64::from),
+            "connectionPool.http.http1MaxPendingRequests",
+        );
+        let limit = match (max_conns, max_reqs) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Unset limits are Istio's: unbounded (2^32 - 1).
+        limit.map(|l| Breaker::new(l, pending.unwrap_or(u32::MAX as usize)))
+    });
+    let outlier = od.map(|o| {
+        let n = |v: Option<i64>, field: &str, problems: &mut Vec<String>| -> Option<u32> {
+            let v = v?;
+            u32::try_from(v).ok().filter(|n| *n >= 1).or_else(|| {
+                problems.push(format!("{at}.outlierDetection.{field}: {v} is not a count of at least 1"));
+                None
+            })
+        };
+        let consecutive_5xx =
+            n(o.consecutive5xx_errors.or(o.consecutive_errors.map(i64::from)), "consecutive5xxErrors", problems);
+        let consecutive_gateway = n(o.consecutive_gateway_errors, "consecutiveGatewayErrors", problems);
+        let base_ejection =
+            o.base_ejection_time.as_deref().map_or(Some(DEFAULT_BASE_EJECTION), parse_duration).unwrap_or_else(|| {
+                problems.push(format!("{at}.outlierDetection.baseEjectionTime: not a duration"));
+                DEFAULT_BASE_EJECTION
+            });
+        let max_ejection_percent = match o.max_ejection_percent.map(u32::try_from) {
+            None => DEFAULT_MAX_EJECTION_PERCENT,
+            Some(Ok(p)) if p <= 100 => p,
+            Some(_) => {
+                problems.push(format!("{at}.outlierDetection.maxEjectionPercent: not a percentage within 0-100"));
+                DEFAULT_MAX_EJECTION_PERCENT
+            }
+        };
+        // Istio: without either threshold, 5 consecutive 5xx.
+        let consecutive_5xx = if consecutive_5xx.is_none() && consecutive_gateway.is_none() {
+            Some(DEFAULT_CONSECUTIVE_5XX)
+        } else {
+            consecutive_5xx
+        };
+        OutlierConfig { consecutive_5xx, consecutive_gateway, base_ejection, max_ejection_percent }
+    });
+    (breaker.is_some() || outlier.is_some()).then(|| Arc::new(TrafficPolicy { breaker, outlier }))
+}
+
+/// A subset's `trafficPolicy` in the top-level type (the generated types
+/// differ only in name).
+fn as_top(tp: &d::DestinationRuleSubsetsTrafficPolicy) -> Option<d::DestinationRuleTrafficPolicy> {
+    serde_json::to_value(tp).ok().and_then(|v| serde_json::from_value(v).ok())
 }
 
 fn cond(ok: bool, reason: &'static str, message: String) -> Condition {
@@ -841,8 +983,16 @@ services:
         let s = set.statuses().iter().find(|s| s.route == "destinationrule/default/reviews").expect("status");
         assert!(s.accepted, "{s:?}");
         let notes = s.notes.join("\n");
-        assert!(notes.contains("spec.trafficPolicy.outlierDetection: not applied yet"), "{notes}");
         assert!(notes.contains("spec.trafficPolicy.tls: ignored"), "{notes}");
+        assert!(!notes.contains("outlierDetection"), "outlier detection is applied: {notes}");
+        let reviews = ObjectRef { namespace: "default".into(), name: "reviews".into() };
+        let cfg = set.destinations.service_policy(&reviews).and_then(|p| p.outlier).expect("outlier detection");
+        assert_eq!(
+            (cfg.consecutive_5xx, cfg.base_ejection, cfg.max_ejection_percent),
+            (Some(3), Duration::from_secs(30), 10)
+        );
+        let v1 = set.destinations.get(&reviews, "v1").expect("subset v1");
+        assert!(v1.policy.as_ref().is_some_and(|p| p.outlier == Some(cfg)), "a subset inherits the rule's policy");
     }
 
     #[test]

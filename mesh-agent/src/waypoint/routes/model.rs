@@ -206,12 +206,31 @@ pub enum BackendTarget {
 pub const SAME_PORT: u16 = 0;
 
 /// A `DestinationRule` subset: the endpoints carrying all these labels.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Subset {
     /// Its name.
     pub name: String,
     /// The labels its endpoints carry.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its traffic policy (its own fields over the rule's top-level ones).
+    pub policy: Option<std::sync::Arc<TrafficPolicy>>,
+}
+
+impl PartialEq for Subset {
+    fn eq(&self, o: &Self) -> bool {
+        (&self.name, &self.labels) == (&o.name, &o.labels)
+    }
+}
+
+impl Eq for Subset {}
+
+/// A `DestinationRule` `trafficPolicy` as the waypoint applies it.
+#[derive(Debug, Default)]
+pub struct TrafficPolicy {
+    /// `connectionPool` limits, with their counters (one per backend).
+    pub breaker: Option<crate::waypoint::outlier::Breaker>,
+    /// `outlierDetection`.
+    pub outlier: Option<crate::waypoint::outlier::OutlierConfig>,
 }
 
 /// Istio's `fault`: delay or abort a share of the requests (per million).
