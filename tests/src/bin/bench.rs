@@ -239,6 +239,7 @@ fn set_bench_routes(tb: &Testbed, wp: &Waypoint, with_config: bool) -> Result<()
     if with_config {
         wp.wait_route("httproute/demo/bench", true)?;
         wp.wait_route("httplocalratelimitpolicy/demo/bench", true)?;
+        wp.wait_route("destinationrule/demo/server", true)?;
         return Ok(());
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -252,7 +253,8 @@ fn set_bench_routes(tb: &Testbed, wp: &Waypoint, with_config: bool) -> Result<()
 /// Ten rules on `demo/server` (nine that the benchmark's requests do not
 /// match, checked first, and a catch-all with a retry policy that holds the
 /// body for a retry: non-idempotent retries are allowed, the load is POST),
-/// and a rate limit far above the load: everything configured, nothing
+/// a circuit breaker and an outlier detector (a `DestinationRule`), and a
+/// rate limit, all far above the load: everything configured, nothing
 /// triggering.
 fn configured_routes() -> String {
     let mut rules = String::new();
@@ -272,6 +274,15 @@ spec:
     retry: {{attempts: 2, codes: [503], backoff: 25ms}}
     timeouts: {{request: 10s, backendRequest: 5s}}
     backendRefs: [{{name: server, port: 80}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: server, namespace: demo}}
+spec:
+  host: server
+  trafficPolicy:
+    connectionPool: {{tcp: {{maxConnections: 10000}}, http: {{http1MaxPendingRequests: 10000}}}}
+    outlierDetection: {{consecutive5xxErrors: 5, baseEjectionTime: 30s}}
 ---
 apiVersion: heddle.dev/v1alpha1
 kind: HTTPLocalRateLimitPolicy
@@ -390,7 +401,8 @@ fn report_waypoint(args: &Args, f: &L7Figures) {
     );
     println!("{:<44} {:>12} {:>12.1} {:>14}", "waypoint peak RSS, MiB", "-", f.wp_rss_mib, "");
     println!();
-    println!("Waypoint configured (10 route rules, a retry policy holding the body, a rate limit), not triggering;");
+    println!("Waypoint configured (10 route rules, a retry policy holding the body, a circuit breaker, an outlier");
+    println!("detector, a rate limit), none triggering;");
     println!("bare and configured alternating, two runs each, means");
     println!("{:<44} {:>12} {:>12} {:>14}", "", "bare", "configured", "cost of config");
     for (i, p) in ["p50", "p90", "p99", "p99.9"].iter().enumerate() {
