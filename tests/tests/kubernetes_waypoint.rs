@@ -263,6 +263,21 @@ fn expect_deployed(c: &Cluster) -> Result<()> {
 
 /// Replicas: left to `kubectl scale` until the Gateway asks, then the
 /// annotation's count; a bad count is reported, not applied.
+/// A rate limit policy from the API on the route `api`: 3/s in total.
+fn a_rate_limit_policy_from_the_api_limits_the_route(c: &Cluster, wp: &Waypoint, url: &str) -> Result<()> {
+    c.api.apply(json!({
+        "apiVersion": "heddle.dev/v1alpha1", "kind": "HTTPLocalRateLimitPolicy",
+        "metadata": {"name": "api-limit", "namespace": "demo"},
+        "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "api"}],
+                 "total": {"requestsPerSecond": 3}}
+    }))?;
+    wp.wait_route("httplocalratelimitpolicy/demo/api-limit", true)?;
+    let limited = l7::load(&c.client, url, 20, &[])?;
+    let ok = limited["status"]["200"].as_u64().unwrap_or(0);
+    ensure!((3..=8).contains(&ok) && limited["status"]["429"] == 20 - ok, "3/s from the API policy: {limited}");
+    Ok(())
+}
+
 fn replicas_follow_the_gateway_annotation(c: &Cluster) -> Result<()> {
     let deploy = c.api.get("apps/v1", "Deployment", Some("demo"), "waypoint").context("Deployment")?;
     ensure!(deploy["spec"].get("replicas").is_none_or(|r| r == 1), "replicas before asking: {deploy}");
@@ -369,17 +384,7 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
                 records.last()
             );
 
-            // A rate limit policy from the API on the route: 3/s in total.
-            c.api.apply(json!({
-                "apiVersion": "heddle.dev/v1alpha1", "kind": "HTTPLocalRateLimitPolicy",
-                "metadata": {"name": "api-limit", "namespace": "demo"},
-                "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "api"}],
-                         "total": {"requestsPerSecond": 3}}
-            }))?;
-            wp.wait_route("httplocalratelimitpolicy/demo/api-limit", true)?;
-            let limited = l7::load(&c.client, &url, 20, &[])?;
-            let ok = limited["status"]["200"].as_u64().unwrap_or(0);
-            ensure!((3..=8).contains(&ok) && limited["status"]["429"] == 20 - ok, "3/s from the API policy: {limited}");
+            a_rate_limit_policy_from_the_api_limits_the_route(c, wp, &url)?;
 
             // Removing the label returns the Service to the L4 path.
             c.api.apply(service("api", API_VIP, &json!({})))?;

@@ -307,10 +307,10 @@ fn over_a_local_rate_limit_requests_get_429_with_retry_after_per_identity_and_pe
         ensure!(other["status"]["200"] == 40, "the rest of the Service is not limited: {other}");
 
         // An override for the client's service account lifts its limit.
-        let client_sa = r#"
+        let client_sa = r"
   overrides:
   - requestsPerSecond: 1000
-    clientRefs: [{kind: ServiceAccount, name: client, namespace: demo}]"#;
+    clientRefs: [{kind: ServiceAccount, name: client, namespace: demo}]";
         let lifted = LIMITS
             .replace("  identity: {requestsPerSecond: 5}", &format!("  identity: {{requestsPerSecond: 5}}{client_sa}"));
         m.tb.set_routes("routes", &lifted)?;
@@ -355,7 +355,7 @@ spec:
 const ALL_V1: &str = "  - route: [{destination: {host: api, subset: v1}}]\n";
 const CANARY_90_10: &str =
     "  - route: [{destination: {host: api, subset: v1}, weight: 90}, {destination: {host: api, subset: v2}, weight: 10}]\n";
-const FAULTS: &str = r#"  - match: [{headers: {end-user: {exact: jason}}}]
+const FAULTS: &str = r"  - match: [{headers: {end-user: {exact: jason}}}]
     fault: {delay: {percentage: {value: 100.0}, fixedDelay: 1s}}
     route: [{destination: {host: api, subset: v1}}]
   - match: [{uri: {prefix: /abort}}]
@@ -363,7 +363,7 @@ const FAULTS: &str = r#"  - match: [{headers: {end-user: {exact: jason}}}]
     retries: {attempts: 0}
     route: [{destination: {host: api, subset: v1}}]
   - route: [{destination: {host: api, subset: v1}}]
-"#;
+";
 
 /// Waits until the waypoint shows `route` accepted with `rules` rules.
 fn wait_rules(m: &Mesh, route: &str, rules: u64) -> Result<()> {
@@ -471,13 +471,13 @@ fn a_destination_rule_breaks_the_circuit_over_its_limits_and_ejects_a_failing_en
         let r = m.load(&url("/when/api-v1/status/500"), 40, &[])?;
         ensure!(r["status"]["500"] == 3 && count(&r, v2) == 37, "three 500s, then only v2: {r}");
         let ejected = |t: &str| metric(t, "heddle_outlier_ejections_total", &[("backend", "demo/api")]);
-        ensure!(ejected(&m.waypoint.metrics()?) == 1.0, "one ejection counted");
+        ensure!((ejected(&m.waypoint.metrics()?) - 1.0).abs() < 0.5, "one ejection counted");
         // After the ejection time it is back, fails three more, and is
         // ejected again (for 4 s, the second time).
         std::thread::sleep(Duration::from_millis(2500));
         let r = m.load(&url("/when/api-v1/status/500"), 40, &[])?;
         ensure!(r["status"]["500"] == 3 && count(&r, v1) == 3, "re-admitted, then ejected again: {r}");
-        ensure!(ejected(&m.waypoint.metrics()?) == 2.0, "two ejections counted");
+        ensure!((ejected(&m.waypoint.metrics()?) - 2.0).abs() < 0.5, "two ejections counted");
 
         // Circuit breaking: one request in flight and one waiting; 8
         // concurrent clients of a 50 ms endpoint overflow it: 503 UO.

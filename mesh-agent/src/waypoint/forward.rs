@@ -38,7 +38,7 @@ use super::{
     ratelimit, retry,
     routes::{
         matching::RequestFacts,
-        model::{Abort, BackendTarget, Fault, Filters, Mirror, PathMatch, RetryPolicy, Subset, SAME_PORT},
+        model::{Abort, BackendTarget, Fault, Filters, Mirror, PathMatch, Redirect, RetryPolicy, Subset, SAME_PORT},
     },
     telemetry::{record_local, Counted, Observed, Pending},
     Downstream, State,
@@ -166,17 +166,7 @@ async fn route_and_send(
         http_of(pending).rule = Some(m.rule.index);
     }
     if let Some(refused) = rate_limited(state, down, &service, matched.as_ref().map(|m| &*m.rule.route_name)) {
-        http_of(pending).response_flags = "RL";
-        let which = match refused.limit {
-            ratelimit::Limit::Total => "total",
-            ratelimit::Limit::Identity => "identity",
-        };
-        http_of(pending).error =
-            Some(format!("rate limited by HTTPLocalRateLimitPolicy {} ({which} limit)", refused.policy));
-        let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, grpc, "local rate limit exceeded");
-        let secs = refused.retry_after.as_secs() + u64::from(refused.retry_after.subsec_nanos() > 0);
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        return resp;
+        return rate_limit_reply(pending, &refused, grpc);
     }
     let Some(matched) = matched else {
         if has_routes {
@@ -198,20 +188,7 @@ async fn route_and_send(
         }
     }
     if let Some(r) = &rule.filters.redirect {
-        let location = filters::redirect_location(
-            r,
-            "http",
-            &authority(&req).unwrap_or_default(),
-            req.uri().path(),
-            req.uri().query(),
-            path_match.as_ref(),
-        );
-        let mut resp = Response::new(empty());
-        *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
-        if let Ok(v) = HeaderValue::try_from(location) {
-            resp.headers_mut().insert(header::LOCATION, v);
-        }
-        return resp;
+        return redirect_reply(&req, r, path_match.as_ref());
     }
     let backend = if rule.backends.is_empty() {
         None
@@ -257,6 +234,39 @@ async fn route_and_send(
     }
     if let Some(f) = &rule.filters.response_headers {
         filters::modify_headers(resp.headers_mut(), f);
+    }
+    resp
+}
+
+/// `429` for a request a rate limit refused, `Retry-After` in whole seconds.
+fn rate_limit_reply(pending: &mut Pending, refused: &ratelimit::Refused, grpc: bool) -> Response<HttpBody> {
+    http_of(pending).response_flags = "RL";
+    let which = match refused.limit {
+        ratelimit::Limit::Total => "total",
+        ratelimit::Limit::Identity => "identity",
+    };
+    http_of(pending).error =
+        Some(format!("rate limited by HTTPLocalRateLimitPolicy {} ({which} limit)", refused.policy));
+    let mut resp = local_reply(StatusCode::TOO_MANY_REQUESTS, grpc, "local rate limit exceeded");
+    let secs = refused.retry_after.as_secs() + u64::from(refused.retry_after.subsec_nanos() > 0);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    resp
+}
+
+/// The answer of a `RequestRedirect` (or an Istio `redirect`).
+fn redirect_reply<B>(req: &Request<B>, r: &Redirect, path_match: Option<&PathMatch>) -> Response<HttpBody> {
+    let location = filters::redirect_location(
+        r,
+        "http",
+        &authority(req).unwrap_or_default(),
+        req.uri().path(),
+        req.uri().query(),
+        path_match,
+    );
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::try_from(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
 }
@@ -356,13 +366,11 @@ async fn send_to_service(
         None => state.routes.borrow().destinations.service_policy(&target.service),
     };
     if let Some(b) = policy.as_ref().and_then(|p| p.breaker.as_ref()) {
-        match b.admit().await {
-            Some(permit) => pending.permit = Some(permit),
-            None => {
-                http_of(pending).response_flags = "UO";
-                return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "upstream overflow (circuit breaker open)");
-            }
-        }
+        let Some(permit) = b.admit().await else {
+            http_of(pending).response_flags = "UO";
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, grpc, "upstream overflow (circuit breaker open)");
+        };
+        pending.permit = Some(permit);
     }
     let backend = Pool { endpoints, outlier: policy.as_ref().and_then(|p| p.outlier), name: target.name.clone() };
     let retry = plan.retry.filter(|p| p.non_idempotent || retry::is_idempotent(req.method()));

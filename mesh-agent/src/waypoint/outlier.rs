@@ -35,7 +35,7 @@ pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 pub const DEFAULT_CONSECUTIVE_5XX: u32 = 5;
 /// Longest ejection, however often an endpoint was ejected (Envoy's
 /// default `max_ejection_time`).
-pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+pub const MAX_EJECTION: Duration = Duration::from_mins(5);
 
 /// `connectionPool` limits of one backend, with their counters.
 #[derive(Debug)]

@@ -17,6 +17,7 @@
 //! peak RSS.
 
 use std::{
+    fmt::Write as _,
     process::Command,
     time::{Duration, Instant},
 };
@@ -259,9 +260,10 @@ fn set_bench_routes(tb: &Testbed, wp: &Waypoint, with_config: bool) -> Result<()
 fn configured_routes() -> String {
     let mut rules = String::new();
     for i in 0..9 {
-        rules.push_str(&format!(
+        let _ = write!(
+            rules,
             "  - matches: [{{path: {{type: PathPrefix, value: /r{i}}}, headers: [{{name: x-rule, value: \"{i}\"}}]}}]\n    backendRefs: [{{name: server, port: 80}}]\n"
-        ));
+        );
     }
     format!(
         "apiVersion: gateway.networking.k8s.io/v1

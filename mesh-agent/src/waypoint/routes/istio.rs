@@ -46,6 +46,7 @@ use crate::{
 };
 
 /// The API versions read (Istio serves the same schema under all three).
+#[must_use]
 pub fn is_istio_networking(api: &str) -> bool {
     matches!(api, "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3")
 }
@@ -572,17 +573,13 @@ impl Vs<'_> {
                 return BackendTarget::Invalid(why);
             }
         };
-        let subset = match subset {
-            None => None,
-            Some(name) => match self.subsets.get(&service, name) {
-                Some(s) => Some(s),
-                None => {
-                    let why = format!("{at}.subset: no DestinationRule defines subset {name} of {service}");
-                    self.problems.push(why.clone());
-                    return BackendTarget::Invalid(why);
-                }
-            },
-        };
+        let subset = subset.map(|name| (name, self.subsets.get(&service, name)));
+        if let Some((name, None)) = subset {
+            let why = format!("{at}.subset: no DestinationRule defines subset {name} of {service}");
+            self.problems.push(why.clone());
+            return BackendTarget::Invalid(why);
+        }
+        let subset = subset.and_then(|(_, s)| s);
         let name = match &subset {
             Some(s) => format!("{service}@{}", s.name),
             None => service.to_string(),
@@ -792,15 +789,11 @@ impl Vs<'_> {
         if let Some(d) = &f.delay {
             let at = format!("{at}.delay");
             self.unsupported(d.exponential_delay.is_some(), &at, "exponentialDelay");
-            let delay = match &d.fixed_delay {
-                Some(s) => self.duration(s, &format!("{at}.fixedDelay")),
-                None => {
-                    self.problems.push(format!("{at}.fixedDelay: required"));
-                    None
-                }
-            };
-            #[allow(clippy::cast_precision_loss, reason = "a percentage")]
-            let share = d.percentage.as_ref().and_then(|p| p.value).or(d.percent.map(|p| p as f64));
+            if d.fixed_delay.is_none() {
+                self.problems.push(format!("{at}.fixedDelay: required"));
+            }
+            let delay = d.fixed_delay.as_ref().and_then(|s| self.duration(s, &format!("{at}.fixedDelay")));
+            let share = d.percentage.as_ref().and_then(|p| p.value).or(d.percent.map(f64::from));
             let share = per_million(share, &format!("{at}.percentage.value"), &mut self.problems);
             fault.delay = delay.map(|d| (d, share));
         }
@@ -809,13 +802,13 @@ impl Vs<'_> {
             self.unsupported(a.http2_error.is_some(), &at, "http2Error");
             let abort = match (a.http_status, &a.grpc_status) {
                 (Some(s), None) if (200..=599).contains(&s) => Some(Abort::Http(u16::try_from(s).unwrap_or(503))),
-                (None, Some(g)) => match grpc_code(g) {
-                    Some(c) => Some(Abort::Grpc(c)),
-                    None => {
+                (None, Some(g)) => {
+                    let code = grpc_code(g).map(Abort::Grpc);
+                    if code.is_none() {
                         self.problems.push(format!("{at}.grpcStatus: {g:?} is not a gRPC status name"));
-                        None
                     }
-                },
+                    code
+                }
                 _ => {
                     self.problems.push(format!("{at}: needs exactly one of httpStatus (200-599) or grpcStatus"));
                     None
