@@ -107,6 +107,9 @@ pub enum Event {
     Error,
     /// One HTTP request through a waypoint ended (its `http` says how).
     Request,
+    /// A waypoint's outlier detection ejected an endpoint (`dst`; `error`
+    /// says why and for how long).
+    Ejection,
 }
 
 /// What happened to a connection as far as the mesh is concerned.
@@ -465,6 +468,11 @@ impl FlowLog {
         self.push(conn, info, Event::Request, bytes, Some(duration), error);
     }
 
+    /// Records an endpoint ejected by a waypoint's outlier detection.
+    pub fn ejection(&self, info: &ConnInfo, why: String) {
+        self.push(0, info, Event::Ejection, (0, 0), None, Some(why));
+    }
+
     /// Records a connection that could not be forwarded.
     pub fn failed(&self, conn: u64, info: &ConnInfo, error: String) {
         self.counters.lock().expect("counters lock").entry(info.workload.clone()).or_default().failed_connections += 1;
@@ -486,7 +494,7 @@ impl FlowLog {
         let mark = &info.policy;
         let verdict = match event {
             _ if mark.denied => Verdict::Denied,
-            Event::Error => Verdict::Error,
+            Event::Error | Event::Ejection => Verdict::Error,
             Event::Open | Event::Close | Event::Request if mark.audited => Verdict::Audited,
             Event::Open | Event::Close | Event::Request => Verdict::Forwarded,
         };

@@ -472,6 +472,12 @@ fn a_destination_rule_breaks_the_circuit_over_its_limits_and_ejects_a_failing_en
         ensure!(r["status"]["500"] == 3 && count(&r, v2) == 37, "three 500s, then only v2: {r}");
         let ejected = |t: &str| metric(t, "heddle_outlier_ejections_total", &[("backend", "demo/api")]);
         ensure!((ejected(&m.waypoint.metrics()?) - 1.0).abs() < 0.5, "one ejection counted");
+        let events: Vec<Value> =
+            m.waypoint.flows("last=100000")?.into_iter().filter(|f| f["event"] == "ejection").collect();
+        ensure!(
+            events.len() == 1 && events[0]["error"].as_str().is_some_and(|e| e.contains("of demo/api for 2 s")),
+            "the ejection is a flow record: {events:?}"
+        );
         // After the ejection time it is back, fails three more, and is
         // ejected again (for 4 s, the second time).
         std::thread::sleep(Duration::from_millis(2500));

@@ -91,8 +91,11 @@ impl RouteWatch {
             let store = watch.start_dynamic(Api::all_with(client.clone(), &res), &res);
             if installed {
                 required.push((name, Box::new(store.clone())));
+            } else if group == GATEWAY_GROUP {
+                tracing::warn!(resource = name, "the Gateway API CRD is not installed; no such routes until it is");
             } else {
-                tracing::warn!(resource = name, "the CRD is not installed; no such objects until it is");
+                // Istio's and Heddle's optional kinds: absent is normal.
+                tracing::info!(resource = name, "CRD not installed; picked up if it is installed later");
             }
             stores.push(store);
         }

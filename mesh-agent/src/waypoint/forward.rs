@@ -461,6 +461,17 @@ impl Pool {
         if let Some(time) = state.outliers.observe(addr, outlier::Outcome::of(status), cfg, &all, Instant::now()) {
             state.telemetry.ejected(&self.name);
             tracing::info!(backend = %self.name, endpoint = %addr, seconds = time.as_secs(), "outlier detection ejected an endpoint");
+            let mut info = ConnInfo::named(Direction::Outbound, state.me.id.clone(), state.me_name.clone());
+            info.dst = Some(addr);
+            info.dst_identity = pending.info.dst_identity.clone();
+            info.waypoint = Some(state.waypoint_name.clone());
+            info.security = Security::MutualTls;
+            let why = format!(
+                "outlier detection ejected endpoint {addr} of {} for {} s after consecutive errors",
+                self.name,
+                time.as_secs()
+            );
+            state.telemetry.flows.ejection(&info, why);
         }
     }
 }
@@ -541,7 +552,8 @@ async fn send_held(
         state.telemetry.retried(&route, "retried");
         let http = http_of(pending);
         http.retries = u8::try_from(retries).unwrap_or(u8::MAX);
-        http.response_flags = "-";
+        // A delay injected before the first attempt stays on the record.
+        http.response_flags = if http.response_flags.starts_with("DI") { "DI" } else { "-" };
         http.error = None;
         tokio::time::sleep(retry::backoff(p.backoff, retries, rand::random())).await;
     }

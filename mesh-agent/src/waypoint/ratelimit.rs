@@ -90,8 +90,9 @@ pub struct Limiter {
     total: Option<Mutex<Bucket>>,
     /// Requests per second per identity (`identity`), if set.
     per_identity: Option<u32>,
-    /// Per service account (`namespace`, `name`): its own rate.
-    overrides: HashMap<(String, String), u32>,
+    /// Per service account (`namespace`, `name`): its own rate (a short
+    /// list, scanned without allocating).
+    overrides: Vec<((String, String), u32)>,
     identities: Mutex<HashMap<Arc<str>, Bucket>>,
 }
 
@@ -109,7 +110,7 @@ impl Limiter {
             name,
             total: total.map(|r| Mutex::new(Bucket::new(r, now))),
             per_identity,
-            overrides,
+            overrides: overrides.into_iter().collect(),
             identities: Mutex::new(HashMap::new()),
         }
     }
@@ -119,8 +120,9 @@ impl Limiter {
     /// own tokens, not the shared total.
     pub fn check(&self, client: &SpiffeId, now: Instant) -> Result<(), Refused> {
         let refused = |limit, retry_after| Refused { policy: self.name.clone(), limit, retry_after };
-        let key = (client.namespace().to_owned(), client.service_account().to_owned());
-        if let Some(rate) = self.overrides.get(&key).copied().or(self.per_identity) {
+        let (ns, sa) = (client.namespace(), client.service_account());
+        let own = self.overrides.iter().find(|((n, s), _)| n == ns && s == sa).map(|(_, r)| *r);
+        if let Some(rate) = own.or(self.per_identity) {
             let mut ids = self.identities.lock().expect("rate limit lock");
             if ids.len() >= MAX_IDENTITIES && !ids.contains_key(&*client.name()) {
                 ids.retain(|_, b| !b.is_full(now));
