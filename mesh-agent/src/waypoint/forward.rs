@@ -463,7 +463,7 @@ impl Pool {
             tracing::info!(backend = %self.name, endpoint = %addr, seconds = time.as_secs(), "outlier detection ejected an endpoint");
             let mut info = ConnInfo::named(Direction::Outbound, state.me.id.clone(), state.me_name.clone());
             info.dst = Some(addr);
-            info.dst_identity = pending.info.dst_identity.clone();
+            info.dst_identity.clone_from(&pending.info.dst_identity);
             info.waypoint = Some(state.waypoint_name.clone());
             info.security = Security::MutualTls;
             let why = format!(
