@@ -390,12 +390,8 @@ pub fn compile_virtual_service(
     if spec.hosts.as_ref().is_none_or(Vec::is_empty) {
         c.problems.push("spec.hosts: names no host".into());
     }
-    let mut out = Vec::new();
-    for at in &attachments {
-        out.extend(rules.iter().map(|r| (at.clone(), r.clone())));
-    }
     Compiled {
-        rules: out,
+        rules: super::matching::attach_all(&attachments, &rules),
         status: RouteStatus {
             route: c.route.to_string(),
             source: origin.to_owned(),

@@ -99,6 +99,13 @@ pub struct Attachment {
     pub created: String,
 }
 
+/// Every rule under every attachment (a route's rules apply at each
+/// parent it attached to).
+#[must_use]
+pub fn attach_all(attachments: &[Attachment], rules: &[Rule]) -> Vec<(Attachment, Rule)> {
+    attachments.iter().flat_map(|at| rules.iter().map(move |r| (at.clone(), r.clone()))).collect()
+}
+
 impl Table {
     /// Adds `rule` under `at`.
     pub fn insert(&mut self, at: &Attachment, rule: &Arc<Rule>) {

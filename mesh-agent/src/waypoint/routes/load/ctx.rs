@@ -654,12 +654,8 @@ impl<'a> Ctx<'a> {
         let mut problems = self.problems;
         problems.extend(self.unresolved.into_iter().map(|(_, m)| m));
         let compiled_rules = if attachments.is_empty() { 0 } else { rules.len() };
-        let mut out = Vec::new();
-        for at in &attachments {
-            out.extend(rules.iter().map(|r| (at.clone(), r.clone())));
-        }
         Compiled {
-            rules: out,
+            rules: super::super::matching::attach_all(&attachments, rules),
             status: RouteStatus {
                 route: self.route.to_string(),
                 source: origin.to_owned(),
