@@ -1,7 +1,8 @@
 //! Routes in force at a waypoint: Gateway API `HTTPRoute` and `GRPCRoute`
 //! objects whose `parentRefs` name a Service this waypoint owns (GAMMA),
 //! with `ReferenceGrant`s permitting backends in other namespaces
-//! ([`grants`]) and Heddle's local rate limit policies ([`rate_limits`]),
+//! ([`grants`]), Heddle's local rate limit policies ([`rate_limits`]) and
+//! Istio's `VirtualService` and `DestinationRule` ([`istio`]),
 //! read from `--routes FILE|DIR` (multi-document YAML, `*.yaml`/`*.yml`, as
 //! policies are) and compiled ([`load`]) into the matching table
 //! ([`matching`]).
@@ -155,7 +156,7 @@ impl RouteSet {
     pub fn build(sources: &[Source], registry: &Registry, waypoint: &ObjectRef) -> Self {
         let mut set = RouteSet::default();
         let mut grants = grants::Grants::default();
-        let mut subsets = std::mem::take(&mut set.destinations);
+        let mut subsets = istio::Subsets::default();
         // Statuses stay in document order: a route's place is kept while
         // the grants and the DestinationRules' subsets are gathered.
         let mut docs = Vec::new();
@@ -197,9 +198,9 @@ impl RouteSet {
             let status = match doc {
                 Err(status) => status,
                 Ok((origin, value)) if last.get(&identity(&value)).is_some_and(|o| *o != origin) => {
-                    let (kind, ns, name) = identity(&value);
-                    let by = &last[&identity(&value)];
-                    load::superseded(&format!("{}/{ns}/{name}", kind.to_ascii_lowercase()), &origin, by)
+                    let id = identity(&value);
+                    let (kind, ns, name) = &id;
+                    load::superseded(&format!("{}/{ns}/{name}", kind.to_ascii_lowercase()), &origin, &last[&id])
                 }
                 Ok((origin, value)) => {
                     let compiled = load::compile_route(value, &origin, registry, waypoint, &grants, &subsets);
