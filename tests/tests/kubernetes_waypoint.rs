@@ -122,6 +122,15 @@ impl Cluster {
             plural: "httplocalratelimitpolicies".into(),
             namespaced: true,
         });
+        // Istio's traffic API, as when Istio's CRDs are installed.
+        for (kind, plural) in [("VirtualService", "virtualservices"), ("DestinationRule", "destinationrules")] {
+            api.register_crd(Resource {
+                api_version: "networking.istio.io/v1".into(),
+                kind: kind.into(),
+                plural: plural.into(),
+                namespaced: true,
+            });
+        }
         // ReferenceGrant is still v1beta1 upstream; the waypoint watches it.
         api.register_crd(Resource {
             api_version: "gateway.networking.k8s.io/v1beta1".into(),
@@ -278,6 +287,46 @@ fn a_rate_limit_policy_from_the_api_limits_the_route(c: &Cluster, wp: &Waypoint,
     Ok(())
 }
 
+/// Istio objects from the API: a `DestinationRule` subset and a
+/// `VirtualService` on `api-v2` (labelled for the waypoint for this step)
+/// that aborts `/teapot` with 418 and sends the rest to subset v2.
+fn an_istio_virtual_service_from_the_api_routes_its_host(c: &Cluster, wp: &Waypoint) -> Result<()> {
+    c.api.apply(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "api-v2", "namespace": "demo"},
+        "spec": {"host": "api-v2", "subsets": [{"name": "v2", "labels": {"version": "v2"}}]}
+    }))?;
+    c.api.apply(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "api-v2", "namespace": "demo"},
+        "spec": {"hosts": ["api-v2"], "http": [
+            {"match": [{"uri": {"prefix": "/teapot"}}],
+             "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
+             "route": [{"destination": {"host": "api-v2", "subset": "v2"}}]},
+            {"route": [{"destination": {"host": "api-v2", "subset": "v2"}}]}
+        ]}
+    }))?;
+    c.api.apply(service("api-v2", V2_VIP, &json!({"heddle.dev/use-waypoint": "waypoint"})))?;
+    wp.wait_route("virtualservice/demo/api-v2", true)?;
+    let teapot = format!("http://{V2_VIP}:80/teapot");
+    poll_until("the VirtualService in force", WAIT, POLL, || {
+        let r = match l7::load(&c.client, &teapot, 2, &[]) {
+            Ok(r) => r,
+            Err(e) => return Ok(Check::Pending(e.to_string())),
+        };
+        Ok(if r["status"]["418"] == 2 { Check::Ready(()) } else { Check::Pending(r.to_string()) })
+    })?;
+    let rest = l7::load(&c.client, &format!("http://{V2_VIP}:80/other"), 10, &[])?;
+    ensure!(count(&rest, "api-v2") == 10, "the rest goes to subset v2: {rest}");
+    let faults = wp.flows("response_flag=FI&path=/teapot")?;
+    ensure!(
+        !faults.is_empty() && faults.iter().all(|f| f["http"]["route"] == "virtualservice/demo/api-v2"),
+        "aborts flagged FI, naming the VirtualService: {faults:?}"
+    );
+    c.api.apply(service("api-v2", V2_VIP, &json!({})))?;
+    Ok(())
+}
+
 fn replicas_follow_the_gateway_annotation(c: &Cluster) -> Result<()> {
     let deploy = c.api.get("apps/v1", "Deployment", Some("demo"), "waypoint").context("Deployment")?;
     ensure!(deploy["spec"].get("replicas").is_none_or(|r| r == 1), "replicas before asking: {deploy}");
@@ -385,6 +434,7 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
             );
 
             a_rate_limit_policy_from_the_api_limits_the_route(c, wp, &url)?;
+            an_istio_virtual_service_from_the_api_routes_its_host(c, wp)?;
 
             // Removing the label returns the Service to the L4 path.
             c.api.apply(service("api", API_VIP, &json!({})))?;
