@@ -50,8 +50,11 @@ enum Command {
     },
     /// Print a CRD of Heddle's heddle.dev/v1alpha1 resources (YAML).
     Crd {
-        /// Which: authorizationpolicies or httplocalratelimitpolicies.
-        #[arg(default_value = "authorizationpolicies", value_parser = ["authorizationpolicies", "httplocalratelimitpolicies"])]
+        /// Which: authorizationpolicies, httplocalratelimitpolicies or retrybudgetpolicies.
+        #[arg(
+            default_value = "authorizationpolicies",
+            value_parser = ["authorizationpolicies", "httplocalratelimitpolicies", "retrybudgetpolicies"]
+        )]
         plural: String,
     },
 }
@@ -293,10 +296,10 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Crd { plural } => {
-            let yaml = if plural == "httplocalratelimitpolicies" {
-                mesh_agent::waypoint::routes::rate_limits::crd_yaml()?
-            } else {
-                mesh_agent::k8s::crd::crd_yaml()?
+            let yaml = match plural.as_str() {
+                "httplocalratelimitpolicies" => mesh_agent::waypoint::routes::rate_limits::crd_yaml()?,
+                "retrybudgetpolicies" => mesh_agent::waypoint::routes::retry_budgets::crd_yaml()?,
+                _ => mesh_agent::k8s::crd::crd_yaml()?,
             };
             print!("{yaml}");
             Ok(())

@@ -147,6 +147,25 @@ fn failed_attempts_are_retried_on_another_endpoint_within_the_budget_and_recorde
             "retries {retried} within the budget {allowed:.0} ({n} requests in {secs:.1} s)"
         );
         ensure!(refused > 0.0, "the budget refused retries: {text}");
+
+        // A RetryBudgetPolicy on the route: no share, 1 retry/s over 5 s.
+        let tight = r"
+---
+apiVersion: heddle.dev/v1alpha1
+kind: RetryBudgetPolicy
+metadata: {name: tight, namespace: demo}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: outage}]
+  retryRatio: 0
+  minRetriesPerSecond: 1
+  ttl: 5s
+";
+        m.tb.set_routes("routes", &format!("{RETRIES}{tight}"))?;
+        m.waypoint.wait_route("retrybudgetpolicy/demo/tight", true)?;
+        let r = m.load(&url("/status/503"), 100, &["x-outage:1"])?;
+        ensure!(r["status"]["503"] == 100, "full outage: {r}");
+        let after = metric(&m.waypoint.metrics()?, "heddle_retries_total", &[route, ("outcome", "retried")]);
+        ensure!(after - retried <= 6.0, "the policy's budget allows 5 retries in 5 s: {} more", after - retried);
         eprintln!(
             "full outage: {n} requests, {retried} retries, {refused} refused by the budget (10 attempts would be {})",
             n * 10

@@ -2,8 +2,9 @@
 //!
 //! Today those are the CRDs of Heddle's own kinds, which `mesh-agent crd`
 //! generates from the types that read them: `AuthorizationPolicy`
-//! (`mesh-agent/src/policy/model.rs`) and `HTTPLocalRateLimitPolicy`
-//! (`mesh-agent/src/waypoint/routes/rate_limits.rs`). Without `--check` the file is
+//! (`mesh-agent/src/policy/model.rs`), `HTTPLocalRateLimitPolicy`
+//! (`mesh-agent/src/waypoint/routes/rate_limits.rs`) and
+//! `RetryBudgetPolicy` (`.../retry_budgets.rs`). Without `--check` the file is
 //! rewritten; with it nothing is written and a difference is an error (the
 //! same comparison runs in CI as `tests/tests/manifests.rs`).
 
@@ -23,6 +24,7 @@ const GENERATED: &[Generated] = &[
         path: "daemonset/crds/httplocalratelimitpolicies.heddle.dev.yaml",
         args: &["crd", "httplocalratelimitpolicies"],
     },
+    Generated { path: "daemonset/crds/retrybudgetpolicies.heddle.dev.yaml", args: &["crd", "retrybudgetpolicies"] },
 ];
 
 /// Regenerates (or, with `check`, compares) every generated manifest.

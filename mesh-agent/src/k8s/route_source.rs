@@ -2,7 +2,7 @@
 //! --kubernetes`): reflectors on `gateway.networking.k8s.io/v1` `HTTPRoute`
 //! and `GRPCRoute` objects, `v1beta1` `ReferenceGrant`s (which permit
 //! cross-namespace backends), `heddle.dev/v1alpha1`
-//! `HTTPLocalRateLimitPolicy` objects and, when Istio's CRDs are installed,
+//! `HTTPLocalRateLimitPolicy` and `RetryBudgetPolicy` objects and, when Istio's CRDs are installed,
 //! `networking.istio.io/v1` `VirtualService`s and `DestinationRule`s
 //! (their status is Istio's to write: Heddle reports them in `heddle
 //! routes` only), handed to the same compiler as the local
@@ -81,6 +81,7 @@ impl RouteWatch {
             ("grpcroutes", GATEWAY_GROUP, "v1", "GRPCRoute"),
             ("referencegrants", GATEWAY_GROUP, "v1beta1", "ReferenceGrant"),
             ("httplocalratelimitpolicies", crate::k8s::crd::GROUP, "v1alpha1", "HTTPLocalRateLimitPolicy"),
+            ("retrybudgetpolicies", crate::k8s::crd::GROUP, "v1alpha1", "RetryBudgetPolicy"),
             // Istio's traffic API, read when Istio's CRDs are installed.
             ("virtualservices", "networking.istio.io", "v1", "VirtualService"),
             ("destinationrules", "networking.istio.io", "v1", "DestinationRule"),

@@ -35,7 +35,8 @@ use super::{
     filters, mirror,
     outlier::{self, OutlierConfig},
     pool::{HttpBody, Version},
-    ratelimit, retry,
+    ratelimit,
+    retry::{self, Budget},
     routes::{
         matching::RequestFacts,
         model::{Abort, BackendTarget, Fault, Filters, Mirror, PathMatch, Redirect, RetryPolicy, Subset, SAME_PORT},
@@ -202,6 +203,12 @@ async fn route_and_send(
             }
         }
     };
+    // A RetryBudgetPolicy on the route, else on the Service, replaces the
+    // rule's own budget.
+    let budget = rule.retry.as_ref().and_then(|_| {
+        let routes = state.routes.borrow();
+        routes.budgets.of_route(&rule.route_name).first().or(routes.budgets.of_service(&service).first()).cloned()
+    });
     let (target, backend_filters) = match backend.map(|b| (&b.target, &b.filters)) {
         None => (Target { service, port: down.target.port(), subset: None, name: service_name }, None),
         Some((BackendTarget::Service { id, port, subset, name }, f)) => {
@@ -219,7 +226,7 @@ async fn route_and_send(
         path_match: path_match.as_ref(),
         filters: &filter_list,
         backend_timeout: rule.timeouts.backend_request,
-        retry: rule.retry.as_ref(),
+        retry: rule.retry.as_ref().map(|p| (p, budget.as_deref().unwrap_or(&p.budget))),
     };
     let send = send_to_service(req, down, state, pending, &target, &plan, grpc);
     let mut resp = match rule.timeouts.request {
@@ -326,8 +333,8 @@ struct Plan<'a> {
     filters: &'a [&'a Filters],
     /// `timeouts.backendRequest` (per attempt).
     backend_timeout: Option<std::time::Duration>,
-    /// The rule's `retry`.
-    retry: Option<&'a RetryPolicy>,
+    /// The rule's `retry`, and the budget its retries spend.
+    retry: Option<(&'a RetryPolicy, &'a Budget)>,
 }
 
 fn timed_out(pending: &mut Pending, grpc: bool) -> Response<HttpBody> {
@@ -373,7 +380,7 @@ async fn send_to_service(
         pending.permit = Some(permit);
     }
     let backend = Pool { endpoints, outlier: policy.as_ref().and_then(|p| p.outlier), name: target.name.clone() };
-    let retry = plan.retry.filter(|p| p.non_idempotent || retry::is_idempotent(req.method()));
+    let retry = plan.retry.filter(|(p, _)| p.non_idempotent || retry::is_idempotent(req.method()));
     let mirrors: Vec<&Mirror> = plan.filters.iter().flat_map(|f| f.mirrors.iter()).collect();
     let upgrade = down.version == Version::Http1 && req.headers().contains_key(header::UPGRADE);
     if (retry.is_none() && mirrors.is_empty()) || upgrade {
@@ -518,11 +525,11 @@ async fn send_held(
     state: &Arc<State>,
     pending: &mut Pending,
     timeout: Option<std::time::Duration>,
-    retry: Option<&RetryPolicy>,
+    retry: Option<(&RetryPolicy, &Budget)>,
     grpc: bool,
 ) -> Response<HttpBody> {
-    if let Some(p) = retry {
-        p.budget.request(Instant::now());
+    if let Some((_, budget)) = retry {
+        budget.request(Instant::now());
     }
     let mut tried = Vec::new();
     let mut retries = 0;
@@ -533,7 +540,7 @@ async fn send_held(
         let req = Request::from_parts(held.parts.clone(), body);
         let resp = exchange(req, None, down, state, pending, addr, Some(identity), timeout, grpc).await;
         held.backend.observe(state, pending, addr, &resp);
-        let Some(p) = retry else { return resp };
+        let Some((p, budget)) = retry else { return resp };
         if !retryable(p, &resp, http_of(pending).response_flags, grpc) {
             return resp;
         }
@@ -542,7 +549,7 @@ async fn send_held(
             http_of(pending).response_flags = "URX";
             return resp;
         }
-        if !p.budget.try_retry(Instant::now()) {
+        if !budget.try_retry(Instant::now()) {
             state.telemetry.retried(&route, "budget_exhausted");
             http_of(pending).response_flags = "URX";
             return resp;

@@ -41,19 +41,32 @@ pub fn backoff(base: Duration, retry: u32, jitter: f64) -> Duration {
     capped + capped.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
 }
 
-/// A rule's retry budget (one per rule, shared by its requests).
+/// A retry budget: a rule's own (the defaults), or one a
+/// `RetryBudgetPolicy` gives a Service or route (shared by their requests).
 #[derive(Debug)]
 pub struct Budget {
+    /// Retries allowed per 100 requests.
+    percent: u64,
+    /// Retries allowed per second whatever the rate.
+    floor_per_second: u64,
     window: Mutex<Window>,
 }
 
 impl Default for Budget {
     fn default() -> Self {
-        Self { window: Mutex::new(Window::new(Instant::now())) }
+        Self::new(BUDGET_PERCENT, BUDGET_FLOOR_PER_SECOND, BUDGET_WINDOW_SECONDS)
     }
 }
 
 impl Budget {
+    /// `percent` retries per 100 requests plus `floor_per_second`, over
+    /// `window_seconds` (1-60) one-second slots.
+    #[must_use]
+    pub fn new(percent: u64, floor_per_second: u64, window_seconds: usize) -> Self {
+        let window = Window::new(Instant::now(), window_seconds.clamp(1, 60));
+        Self { percent, floor_per_second, window: Mutex::new(window) }
+    }
+
     /// Counts a request (its first attempt).
     pub fn request(&self, now: Instant) {
         let mut w = self.window.lock().expect("budget lock");
@@ -65,7 +78,7 @@ impl Budget {
         let mut w = self.window.lock().expect("budget lock");
         w.slot(now);
         let (requests, retries) = w.totals();
-        let allowed = requests * BUDGET_PERCENT / 100 + BUDGET_FLOOR_PER_SECOND * BUDGET_WINDOW_SECONDS as u64;
+        let allowed = requests * self.percent / 100 + self.floor_per_second * w.slots.len() as u64;
         if retries >= allowed {
             return false;
         }
@@ -80,18 +93,18 @@ struct Window {
     start: Instant,
     /// Seconds since `start` of the newest slot.
     newest: u64,
-    slots: [(u64, u64); BUDGET_WINDOW_SECONDS],
+    slots: Vec<(u64, u64)>,
 }
 
 impl Window {
-    fn new(start: Instant) -> Self {
-        Self { start, newest: 0, slots: [(0, 0); BUDGET_WINDOW_SECONDS] }
+    fn new(start: Instant, seconds: usize) -> Self {
+        Self { start, newest: 0, slots: vec![(0, 0); seconds] }
     }
 
     /// The slot for `now`, clearing the slots that fell out of the window.
     fn slot(&mut self, now: Instant) -> &mut (u64, u64) {
         let second = now.saturating_duration_since(self.start).as_secs();
-        let len = BUDGET_WINDOW_SECONDS as u64;
+        let len = self.slots.len() as u64;
         if second > self.newest {
             for s in (self.newest + 1)..=second.min(self.newest + len) {
                 self.slots[(s % len) as usize] = (0, 0);
@@ -130,7 +143,7 @@ mod tests {
     #[test]
     fn the_budget_allows_a_floor_plus_a_share_of_requests_and_forgets_old_seconds() {
         let t0 = Instant::now();
-        let budget = Budget { window: Mutex::new(Window::new(t0)) };
+        let budget = Budget { percent: 20, floor_per_second: 10, window: Mutex::new(Window::new(t0, 10)) };
         for _ in 0..1000 {
             budget.request(t0);
         }
@@ -140,5 +153,15 @@ mod tests {
         let later = t0 + Duration::from_secs(11);
         let granted = (0..1000).filter(|_| budget.try_retry(later)).count();
         assert_eq!(granted, 100);
+    }
+
+    #[test]
+    fn a_configured_budget_has_its_own_share_floor_and_window() {
+        let t0 = Instant::now();
+        let budget = Budget { percent: 0, floor_per_second: 1, window: Mutex::new(Window::new(t0, 5)) };
+        for _ in 0..1000 {
+            budget.request(t0);
+        }
+        assert_eq!((0..100).filter(|_| budget.try_retry(t0)).count(), 5, "no share, 1/s over 5 s");
     }
 }

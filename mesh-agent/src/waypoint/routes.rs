@@ -1,8 +1,8 @@
 //! Routes in force at a waypoint: Gateway API `HTTPRoute` and `GRPCRoute`
 //! objects whose `parentRefs` name a Service this waypoint owns (GAMMA),
 //! with `ReferenceGrant`s permitting backends in other namespaces
-//! ([`grants`]), Heddle's local rate limit policies ([`rate_limits`]) and
-//! Istio's `VirtualService` and `DestinationRule` ([`istio`]),
+//! ([`grants`]), Heddle's local rate limit and retry budget policies
+//! ([`rate_limits`], [`retry_budgets`]) and Istio's `VirtualService` and `DestinationRule` ([`istio`]),
 //! read from `--routes FILE|DIR` (multi-document YAML, `*.yaml`/`*.yml`, as
 //! policies are) and compiled ([`load`]) into the matching table
 //! ([`matching`]).
@@ -24,6 +24,7 @@ pub mod load;
 pub mod matching;
 pub mod model;
 pub mod rate_limits;
+pub mod retry_budgets;
 
 use std::{
     collections::HashMap,
@@ -146,6 +147,8 @@ pub struct RouteSet {
     pub limits: rate_limits::RateLimits,
     /// `DestinationRule` subsets and traffic policies.
     pub destinations: istio::Subsets,
+    /// Retry budgets given by `RetryBudgetPolicy` objects.
+    pub budgets: retry_budgets::RetryBudgets,
     statuses: Vec<RouteStatus>,
 }
 
@@ -161,6 +164,7 @@ impl RouteSet {
         // the grants and the DestinationRules' subsets are gathered.
         let mut docs = Vec::new();
         let mut policies = Vec::new();
+        let mut budgets = Vec::new();
         for s in sources {
             for (i, doc) in split_documents(&s.text).into_iter().enumerate() {
                 let origin = format!("{}#{}", s.file.display(), i + 1);
@@ -169,7 +173,10 @@ impl RouteSet {
                     load::Document::Grant(Err(status)) | load::Document::Invalid(status) => docs.push(Err(status)),
                     load::Document::Route(value) => docs.push(Ok((origin, value))),
                     load::Document::RateLimit(Ok((p, unknown))) => policies.push((origin, p, unknown)),
-                    load::Document::RateLimit(Err(status)) | load::Document::DestinationRule(Err(status)) => {
+                    load::Document::RetryBudget(Ok((p, unknown))) => budgets.push((origin, p, unknown)),
+                    load::Document::RateLimit(Err(status))
+                    | load::Document::DestinationRule(Err(status))
+                    | load::Document::RetryBudget(Err(status)) => {
                         docs.push(Err(status));
                     }
                     load::Document::DestinationRule(Ok((dr, unknown))) => {
@@ -219,6 +226,13 @@ impl RouteSet {
             let compiled = rate_limits::compile(&p, unknown, &origin, registry, waypoint, &routes);
             for (target, limiter) in compiled.targets {
                 set.limits.insert(target, limiter);
+            }
+            set.statuses.push(compiled.status);
+        }
+        for (origin, p, unknown) in budgets {
+            let compiled = retry_budgets::compile(&p, unknown, &origin, registry, waypoint, &routes);
+            for (target, budget) in compiled.targets {
+                set.budgets.insert(target, budget);
             }
             set.statuses.push(compiled.status);
         }

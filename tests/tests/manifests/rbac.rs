@@ -146,6 +146,7 @@ fn the_waypoint_role_reads_the_registry_and_routes_and_writes_only_route_status(
         ("gateway.networking.k8s.io", "grpcroutes"),
         ("gateway.networking.k8s.io", "referencegrants"),
         ("heddle.dev", "httplocalratelimitpolicies"),
+        ("heddle.dev", "retrybudgetpolicies"),
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
     ] {

@@ -39,6 +39,9 @@ pub enum Document {
     /// An Istio `DestinationRule` (read before any route: routes name its
     /// subsets), with its unknown fields, or why it does not parse.
     DestinationRule(Result<(Box<super::istio_api::destinationrules::DestinationRule>, Vec<String>), RouteStatus>),
+    /// A Heddle `RetryBudgetPolicy`, with its unknown fields, or why it
+    /// does not parse.
+    RetryBudget(Result<(Box<super::retry_budgets::Policy>, Vec<String>), RouteStatus>),
     /// A Heddle `HTTPLocalRateLimitPolicy`, with its unknown fields, or
     /// why it does not parse.
     RateLimit(Result<(Box<super::rate_limits::Policy>, Vec<String>), RouteStatus>),
@@ -79,6 +82,13 @@ pub fn parse_document(doc: &str, origin: &str) -> Document {
             parse(value)
                 .map(|(p, unknown)| (Box::new(p), unknown))
                 .map_err(|e| rejected(origin.to_owned(), origin, vec![format!("{}: {e}", super::rate_limits::KIND)])),
+        );
+    }
+    if field("kind") == super::retry_budgets::KIND && field("apiVersion") == super::rate_limits::API_VERSION {
+        return Document::RetryBudget(
+            parse(value)
+                .map(|(p, unknown)| (Box::new(p), unknown))
+                .map_err(|e| rejected(origin.to_owned(), origin, vec![format!("{}: {e}", super::retry_budgets::KIND)])),
         );
     }
     if field("kind") == "DestinationRule" && super::istio::is_istio_networking(field("apiVersion")) {

@@ -129,39 +129,80 @@ pub enum Target {
     Route(String),
 }
 
-/// The limiters in force, by target.
-#[derive(Debug, Default)]
-pub struct RateLimits {
-    by_service: HashMap<ObjectRef, Vec<Arc<Limiter>>>,
-    by_route: HashMap<String, Vec<Arc<Limiter>>>,
+/// Policies in force, by target (a Heddle policy attaches to Services and
+/// routes the same way).
+#[derive(Debug)]
+pub struct ByTarget<T> {
+    by_service: HashMap<ObjectRef, Vec<T>>,
+    by_route: HashMap<String, Vec<T>>,
 }
 
-impl RateLimits {
-    /// Adds `limiter` at `target`.
-    pub fn insert(&mut self, target: Target, limiter: Arc<Limiter>) {
+impl<T> Default for ByTarget<T> {
+    fn default() -> Self {
+        Self { by_service: HashMap::new(), by_route: HashMap::new() }
+    }
+}
+
+impl<T> ByTarget<T> {
+    /// Adds `item` at `target`.
+    pub fn insert(&mut self, target: Target, item: T) {
         match target {
-            Target::Service(s) => self.by_service.entry(s).or_default().push(limiter),
-            Target::Route(r) => self.by_route.entry(r).or_default().push(limiter),
+            Target::Service(s) => self.by_service.entry(s).or_default().push(item),
+            Target::Route(r) => self.by_route.entry(r).or_default().push(item),
         }
     }
 
-    /// The limiters of a Service (none: empty).
+    /// What attaches to a Service (none: empty).
     #[must_use]
-    pub fn of_service(&self, service: &ObjectRef) -> &[Arc<Limiter>] {
+    pub fn of_service(&self, service: &ObjectRef) -> &[T] {
         self.by_service.get(service).map_or(&[], Vec::as_slice)
     }
 
-    /// The limiters of a route, `httproute/ns/name` (none: empty).
+    /// What attaches to a route, `httproute/ns/name` (none: empty).
     #[must_use]
-    pub fn of_route(&self, route: &str) -> &[Arc<Limiter>] {
+    pub fn of_route(&self, route: &str) -> &[T] {
         self.by_route.get(route).map_or(&[], Vec::as_slice)
     }
 
-    /// Whether no limit is configured at all (the request path skips the
+    /// Whether nothing is attached at all (the request path skips the
     /// lookups then).
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.by_service.is_empty() && self.by_route.is_empty()
+    }
+}
+
+/// The limiters in force, by target.
+pub type RateLimits = ByTarget<Arc<Limiter>>;
+
+/// Resolves `targetRefs[i]` of a policy in `ns`: a Service this waypoint
+/// owns, or a route (`routes`: those accepted).
+pub(super) fn resolve_target(
+    t: &TargetRef,
+    at: &str,
+    ns: &str,
+    registry: &Registry,
+    waypoint: &ObjectRef,
+    routes: &[String],
+) -> Result<Target, String> {
+    let target = ObjectRef { namespace: ns.to_owned(), name: t.name.clone() };
+    match (t.group.as_str(), t.kind.as_str()) {
+        ("" | "core", "Service") => match registry.service(&target) {
+            None => Err(format!("{at}: Service {target} does not exist")),
+            Some(svc) if registry.waypoint_of(svc) != Some(waypoint) => {
+                Err(format!("{at}: Service {target} does not use waypoint {waypoint}"))
+            }
+            Some(_) => Ok(Target::Service(target)),
+        },
+        ("gateway.networking.k8s.io", kind @ ("HTTPRoute" | "GRPCRoute")) => {
+            let route = format!("{}/{target}", kind.to_ascii_lowercase());
+            if routes.contains(&route) {
+                Ok(Target::Route(route))
+            } else {
+                Err(format!("{at}: {kind} {target} does not exist or is not accepted"))
+            }
+        }
+        (g, k) => Err(format!("{at}: {g}/{k} is not a Service, HTTPRoute or GRPCRoute")),
     }
 }
 
@@ -230,27 +271,9 @@ pub fn compile(
     let mut targets = Vec::new();
     for (i, t) in p.spec.target_refs.iter().enumerate() {
         let at = format!("spec.targetRefs[{i}]");
-        let target = ObjectRef { namespace: ns.clone(), name: t.name.clone() };
         let mut status =
-            ParentStatus { parent: target.to_string(), port: None, attached: false, conditions: Vec::new() };
-        let resolved = match (t.group.as_str(), t.kind.as_str()) {
-            ("" | "core", "Service") => match registry.service(&target) {
-                None => Err(format!("{at}: Service {target} does not exist")),
-                Some(svc) if registry.waypoint_of(svc) != Some(waypoint) => {
-                    Err(format!("{at}: Service {target} does not use waypoint {waypoint}"))
-                }
-                Some(_) => Ok(Target::Service(target.clone())),
-            },
-            ("gateway.networking.k8s.io", kind @ ("HTTPRoute" | "GRPCRoute")) => {
-                let route = format!("{}/{target}", kind.to_ascii_lowercase());
-                if routes.contains(&route) {
-                    Ok(Target::Route(route))
-                } else {
-                    Err(format!("{at}: {kind} {target} does not exist"))
-                }
-            }
-            (g, k) => Err(format!("{at}: {g}/{k} is not a Service, HTTPRoute or GRPCRoute")),
-        };
+            ParentStatus { parent: format!("{}/{}", ns, t.name), port: None, attached: false, conditions: Vec::new() };
+        let resolved = resolve_target(t, &at, &ns, registry, waypoint, routes);
         match resolved {
             Ok(target) if problems.is_empty() => {
                 status.attached = true;

@@ -350,3 +350,29 @@ fn a_bad_rate_limit_policy_is_rejected_naming_every_problem_and_limits_nothing()
     assert!(s.parents[1].conditions[0].message.contains("HTTPRoute demo/gone does not exist"), "{s:?}");
     assert!(set.limits.is_empty(), "nothing applied");
 }
+
+#[test]
+fn a_retry_budget_policy_attaches_to_a_route_and_bad_values_are_named() {
+    let budget = r"
+apiVersion: heddle.dev/v1alpha1
+kind: RetryBudgetPolicy
+metadata: {name: tight, namespace: demo}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: split}]
+  retryRatio: 0
+  minRetriesPerSecond: 1
+  ttl: 5s
+";
+    let set = build(&format!("{GOOD}---{budget}"));
+    let s = set.statuses().iter().find(|s| s.route == "retrybudgetpolicy/demo/tight").expect("status");
+    assert!(s.accepted && s.problems.is_empty(), "{s:?}");
+    let b = &set.budgets.of_route("httproute/demo/split")[0];
+    let now = std::time::Instant::now();
+    assert_eq!((0..20).filter(|_| b.try_retry(now)).count(), 5, "1/s over 5 s, no share");
+    let bad = budget.replace("retryRatio: 0", "retryRatio: 2").replace("ttl: 5s", "ttl: 5m");
+    let set = build(&format!("{GOOD}---{bad}"));
+    let s = set.statuses().iter().find(|s| s.route == "retrybudgetpolicy/demo/tight").expect("status");
+    let all = s.problems.join("\n");
+    assert!(!s.accepted && all.contains("spec.retryRatio: 2 is not within 0-1") && all.contains("spec.ttl"), "{all}");
+    assert!(set.budgets.is_empty());
+}
