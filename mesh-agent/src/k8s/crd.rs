@@ -68,10 +68,20 @@ pub fn crd() -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::
 /// The CRD as the YAML committed in `daemonset/crds/`, with a header saying
 /// where it comes from.
 pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
-    let body = serde_yaml_ng::to_string(&crd())?;
+    generated_yaml(&crd(), "mesh-agent/src/policy/model.rs", "crd")
+}
+
+/// A CRD as committed in `daemonset/crds/`: a header naming the `source`
+/// file it is generated from and the `mesh-agent` arguments that print it.
+pub fn generated_yaml(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    source: &str,
+    args: &str,
+) -> Result<String, serde_yaml_ng::Error> {
+    let body = serde_yaml_ng::to_string(crd)?;
     Ok(format!(
-        "# Generated from mesh-agent/src/policy/model.rs by `cargo xtask manifests`\n\
-         # (`mesh-agent crd`): do not edit by hand.\n{body}"
+        "# Generated from {source} by `cargo xtask manifests`\n\
+         # (`mesh-agent {args}`): do not edit by hand.\n{body}"
     ))
 }
 

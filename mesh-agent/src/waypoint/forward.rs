@@ -39,7 +39,7 @@ use super::{
     retry::{self, Budget},
     routes::{
         matching::RequestFacts,
-        model::{Abort, BackendTarget, Fault, Filters, Mirror, PathMatch, Redirect, RetryPolicy, Subset, SAME_PORT},
+        model::{backend_port, Abort, BackendTarget, Fault, Filters, Mirror, PathMatch, Redirect, RetryPolicy, Subset},
     },
     telemetry::{record_local, Counted, Observed, Pending},
     Downstream, State,
@@ -212,7 +212,7 @@ async fn route_and_send(
     let (target, backend_filters) = match backend.map(|b| (&b.target, &b.filters)) {
         None => (Target { service, port: down.target.port(), subset: None, name: service_name }, None),
         Some((BackendTarget::Service { id, port, subset, name }, f)) => {
-            let port = if *port == SAME_PORT { down.target.port() } else { *port };
+            let port = backend_port(*port, down.target.port());
             (Target { service: id.clone(), port, subset: subset.clone(), name: name.clone() }, Some(f))
         }
         Some((BackendTarget::Invalid(why), _)) => {
@@ -460,10 +460,7 @@ impl Pool {
     /// Feeds an attempt's outcome to outlier detection.
     fn observe(&self, state: &State, pending: &mut Pending, addr: SocketAddr, resp: &Response<HttpBody>) {
         let Some(cfg) = &self.outlier else { return };
-        let status = match http_of(pending).response_flags {
-            "UF" | "UR" | "UT" => None,
-            _ => Some(resp.status().as_u16()),
-        };
+        let status = (!upstream_failed(http_of(pending).response_flags)).then(|| resp.status().as_u16());
         let all: Vec<SocketAddr> = self.endpoints.iter().map(|(a, _)| *a).collect();
         if let Some(time) = state.outliers.observe(addr, outlier::Outcome::of(status), cfg, &all, Instant::now()) {
             state.telemetry.ejected(&self.name);
@@ -566,11 +563,17 @@ async fn send_held(
     }
 }
 
+/// Whether the waypoint's own flag says the attempt got no response: a
+/// connect failure, a reset before the response or a per-try timeout.
+fn upstream_failed(flag: &str) -> bool {
+    matches!(flag, "UF" | "UR" | "UT")
+}
+
 /// Whether an attempt's outcome is one `p` retries: a connect failure, a
 /// reset before the response or a per-try timeout (the waypoint's own
 /// `UF`/`UR`/`UT`), a status in `codes`, or a gRPC status in `grpc_codes`.
 fn retryable(p: &RetryPolicy, resp: &Response<HttpBody>, flag: &str, grpc: bool) -> bool {
-    matches!(flag, "UF" | "UR" | "UT")
+    upstream_failed(flag)
         || p.codes.contains(&resp.status().as_u16())
         || (grpc
             && resp

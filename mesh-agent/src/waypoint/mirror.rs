@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use super::{
     forward::service_endpoints,
     pool::{HttpBody, Version},
-    routes::model::{BackendTarget, Mirror, SAME_PORT},
+    routes::model::{backend_port, BackendTarget, Mirror},
     Downstream, State,
 };
 
@@ -97,7 +97,7 @@ pub fn copy(state: &Arc<State>, down: &Downstream, parts: &Parts, body: &Bytes, 
         return;
     };
     let version = down.version;
-    let port = if *port == SAME_PORT { down.target.port() } else { *port };
+    let port = backend_port(*port, down.target.port());
     let endpoints = match service_endpoints(state, id, port, subset.as_deref()) {
         Ok(e) if !e.is_empty() => e,
         _ => return state.telemetry.mirrored(name, Outcome::NoBackend),

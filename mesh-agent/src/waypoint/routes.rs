@@ -104,6 +104,20 @@ pub struct Condition {
     pub message: String,
 }
 
+impl Condition {
+    /// A condition of `kind`, `True` when `ok`.
+    #[must_use]
+    pub fn new(kind: &'static str, ok: bool, reason: &'static str, message: String) -> Self {
+        Condition { kind, status: if ok { "True" } else { "False" }, reason, message }
+    }
+
+    /// An `Accepted` condition.
+    #[must_use]
+    pub fn accepted(ok: bool, reason: &'static str, message: String) -> Self {
+        Self::new("Accepted", ok, reason, message)
+    }
+}
+
 /// One parentRef's status.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ParentStatus {

@@ -169,7 +169,11 @@ pub fn compile_destination_rule(
             parent: service.to_string(),
             port: None,
             attached: true,
-            conditions: vec![cond(true, "Accepted", format!("{} subsets for Service {service}", found.len()))],
+            conditions: vec![Condition::accepted(
+                true,
+                "Accepted",
+                format!("{} subsets for Service {service}", found.len()),
+            )],
         });
         if let Some(p) = service_policy {
             subsets.policies.insert(service.clone(), p);
@@ -313,10 +317,6 @@ fn as_top(tp: &d::DestinationRuleSubsetsTrafficPolicy) -> Option<d::DestinationR
     serde_json::to_value(tp).ok().and_then(|v| serde_json::from_value(v).ok())
 }
 
-fn cond(ok: bool, reason: &'static str, message: String) -> Condition {
-    Condition { kind: "Accepted", status: if ok { "True" } else { "False" }, reason, message }
-}
-
 /// A compiled `VirtualService`.
 pub struct Compiled {
     /// Rules and where they attach.
@@ -365,24 +365,28 @@ pub fn compile_virtual_service(
             conditions: Vec::new(),
         };
         match service.as_ref().and_then(|s| registry.service(s).map(|svc| (s, svc))) {
-            None => st.conditions.push(cond(
+            None => st.conditions.push(Condition::accepted(
                 false,
                 "NoMatchingParent",
                 format!("{at}: {host:?} is not a Service of the mesh"),
             )),
-            Some((_, svc)) if registry.waypoint_of(svc) != Some(waypoint) => st.conditions.push(cond(
+            Some((_, svc)) if registry.waypoint_of(svc) != Some(waypoint) => st.conditions.push(Condition::accepted(
                 false,
                 "NoMatchingParent",
                 format!("{at}: Service {} does not use waypoint {waypoint}", svc.id),
             )),
             Some((s, _)) if c.problems.is_empty() => {
                 st.attached = true;
-                st.conditions.push(cond(true, "Accepted", format!("routes Service {s} at waypoint {waypoint}")));
+                st.conditions.push(Condition::accepted(
+                    true,
+                    "Accepted",
+                    format!("routes Service {s} at waypoint {waypoint}"),
+                ));
                 attachments.push(Attachment { service: s.clone(), port: None, created: created.clone() });
             }
             Some(_) => {
                 st.attached = true;
-                st.conditions.push(cond(false, "UnsupportedValue", c.problems.join("; ")));
+                st.conditions.push(Condition::accepted(false, "UnsupportedValue", c.problems.join("; ")));
             }
         }
         parents.push(st);

@@ -78,25 +78,13 @@ pub fn parse_document(doc: &str, origin: &str) -> Document {
     };
     let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or("");
     if field("kind") == super::rate_limits::KIND && field("apiVersion") == super::rate_limits::API_VERSION {
-        return Document::RateLimit(
-            parse(value)
-                .map(|(p, unknown)| (Box::new(p), unknown))
-                .map_err(|e| rejected(origin.to_owned(), origin, vec![format!("{}: {e}", super::rate_limits::KIND)])),
-        );
+        return Document::RateLimit(parse_boxed(value, origin, super::rate_limits::KIND));
     }
     if field("kind") == super::retry_budgets::KIND && field("apiVersion") == super::rate_limits::API_VERSION {
-        return Document::RetryBudget(
-            parse(value)
-                .map(|(p, unknown)| (Box::new(p), unknown))
-                .map_err(|e| rejected(origin.to_owned(), origin, vec![format!("{}: {e}", super::retry_budgets::KIND)])),
-        );
+        return Document::RetryBudget(parse_boxed(value, origin, super::retry_budgets::KIND));
     }
     if field("kind") == "DestinationRule" && super::istio::is_istio_networking(field("apiVersion")) {
-        return Document::DestinationRule(
-            parse(value)
-                .map(|(p, unknown)| (Box::new(p), unknown))
-                .map_err(|e| rejected(origin.to_owned(), origin, vec![format!("DestinationRule: {e}")])),
-        );
+        return Document::DestinationRule(parse_boxed(value, origin, "DestinationRule"));
     }
     if field("kind") != "ReferenceGrant" || !is_gateway_api(field("apiVersion")) {
         return Document::Route(value);
@@ -183,6 +171,19 @@ pub(super) struct Env<'a> {
     pub(super) registry: &'a Registry,
     pub(super) waypoint: &'a ObjectRef,
     pub(super) grants: &'a Grants,
+}
+
+/// [`parse`] for a document kept boxed, or its status naming `kind` when it
+/// does not parse.
+#[allow(clippy::result_large_err, reason = "the status is the document's outcome, made once per document")]
+fn parse_boxed<T: DeserializeOwned>(
+    value: serde_yaml_ng::Value,
+    origin: &str,
+    kind: &str,
+) -> Result<(Box<T>, Vec<String>), RouteStatus> {
+    parse(value)
+        .map(|(t, unknown)| (Box::new(t), unknown))
+        .map_err(|e| rejected(origin.to_owned(), origin, vec![format!("{kind}: {e}")]))
 }
 
 /// Deserializes `value`, collecting the paths of fields the type does not

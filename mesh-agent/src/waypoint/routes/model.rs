@@ -205,6 +205,17 @@ pub enum BackendTarget {
 /// `VirtualService` destination without a port).
 pub const SAME_PORT: u16 = 0;
 
+/// The service port a backend's `port` means for a client that dialled
+/// `dialled` ([`SAME_PORT`] is that port).
+#[must_use]
+pub fn backend_port(port: u16, dialled: u16) -> u16 {
+    if port == SAME_PORT {
+        dialled
+    } else {
+        port
+    }
+}
+
 /// A `DestinationRule` subset: the endpoints carrying all these labels.
 #[derive(Clone, Debug)]
 pub struct Subset {

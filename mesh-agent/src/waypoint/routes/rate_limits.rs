@@ -113,11 +113,11 @@ pub struct ClientRef {
 /// The CRD as the YAML committed in `daemonset/crds/`.
 pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
     use kube::CustomResourceExt as _;
-    let body = serde_yaml_ng::to_string(&Policy::crd())?;
-    Ok(format!(
-        "# Generated from mesh-agent/src/waypoint/routes/rate_limits.rs by `cargo xtask manifests`\n\
-         # (`mesh-agent crd httplocalratelimitpolicies`): do not edit by hand.\n{body}"
-    ))
+    crate::k8s::crd::generated_yaml(
+        &Policy::crd(),
+        "mesh-agent/src/waypoint/routes/rate_limits.rs",
+        "crd httplocalratelimitpolicies",
+    )
 }
 
 /// Where a policy applies.
@@ -224,8 +224,56 @@ fn rate(v: i64, at: &str, problems: &mut Vec<String>) -> Option<u32> {
     }
 }
 
-fn condition(ok: bool, reason: &'static str, message: String) -> Condition {
-    Condition { kind: "Accepted", status: if ok { "True" } else { "False" }, reason, message }
+/// Attaches a Heddle policy (in `ns`, with `problems` found so far) to its
+/// `targetRefs`: a parent status per target, and the targets it applies to
+/// (none when it has problems); what it does is `what` ("limits requests").
+pub(super) fn attach(
+    target_refs: &[TargetRef],
+    ns: &str,
+    problems: &[String],
+    registry: &Registry,
+    waypoint: &ObjectRef,
+    routes: &[String],
+    what: &str,
+) -> (Vec<ParentStatus>, Vec<Target>) {
+    let mut parents = Vec::new();
+    let mut targets = Vec::new();
+    for (i, t) in target_refs.iter().enumerate() {
+        let at = format!("spec.targetRefs[{i}]");
+        let mut status =
+            ParentStatus { parent: format!("{ns}/{}", t.name), port: None, attached: false, conditions: Vec::new() };
+        match resolve_target(t, &at, ns, registry, waypoint, routes) {
+            Ok(target) if problems.is_empty() => {
+                status.attached = true;
+                status.conditions.push(Condition::accepted(true, "Accepted", format!("{what} at waypoint {waypoint}")));
+                targets.push(target);
+            }
+            Ok(_) => status.conditions.push(Condition::accepted(false, "Invalid", problems.join("; "))),
+            Err(why) => status.conditions.push(Condition::accepted(false, "TargetNotFound", why)),
+        }
+        parents.push(status);
+    }
+    (parents, targets)
+}
+
+/// The status of a Heddle policy `kind/ns/name`.
+pub(super) fn policy_status(
+    kind: &str,
+    id: &ObjectRef,
+    origin: &str,
+    parents: Vec<ParentStatus>,
+    problems: Vec<String>,
+    note: &str,
+) -> RouteStatus {
+    RouteStatus {
+        route: format!("{}/{id}", kind.to_ascii_lowercase()),
+        source: origin.to_owned(),
+        accepted: parents.iter().any(|p| p.attached),
+        parents,
+        problems,
+        notes: vec![note.to_owned()],
+        rules: 0,
+    }
 }
 
 /// Compiles `p` (read from `origin`, with `unknown` fields) for `waypoint`;
@@ -267,36 +315,17 @@ pub fn compile(
     if p.spec.target_refs.is_empty() {
         problems.push("spec.targetRefs: names no target".to_owned());
     }
-    let mut parents = Vec::new();
-    let mut targets = Vec::new();
-    for (i, t) in p.spec.target_refs.iter().enumerate() {
-        let at = format!("spec.targetRefs[{i}]");
-        let mut status =
-            ParentStatus { parent: format!("{}/{}", ns, t.name), port: None, attached: false, conditions: Vec::new() };
-        let resolved = resolve_target(t, &at, &ns, registry, waypoint, routes);
-        match resolved {
-            Ok(target) if problems.is_empty() => {
-                status.attached = true;
-                status.conditions.push(condition(true, "Accepted", format!("limits requests at waypoint {waypoint}")));
-                targets.push(target);
-            }
-            Ok(_) => status.conditions.push(condition(false, "Invalid", problems.join("; "))),
-            Err(why) => status.conditions.push(condition(false, "TargetNotFound", why)),
-        }
-        parents.push(status);
-    }
+    let (parents, targets) = attach(&p.spec.target_refs, &ns, &problems, registry, waypoint, routes, "limits requests");
     let limiter = Arc::new(Limiter::new(id.to_string().into(), total, identity, overrides));
-    let notes = vec!["limits are per waypoint replica: N replicas let N times the rate through".to_owned()];
     Compiled {
-        status: RouteStatus {
-            route: format!("{}/{id}", KIND.to_ascii_lowercase()),
-            source: origin.to_owned(),
-            accepted: !targets.is_empty(),
+        status: policy_status(
+            KIND,
+            &id,
+            origin,
             parents,
             problems,
-            notes,
-            rules: 0,
-        },
+            "limits are per waypoint replica: N replicas let N times the rate through",
+        ),
         targets: targets.into_iter().map(|t| (t, limiter.clone())).collect(),
     }
 }

@@ -23,8 +23,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    rate_limits::{resolve_target, ByTarget, Target, TargetRef},
-    Condition, ParentStatus, RouteStatus,
+    rate_limits::{attach, policy_status, ByTarget, Target, TargetRef},
+    RouteStatus,
 };
 use crate::{
     registry::{ObjectRef, Registry},
@@ -70,11 +70,11 @@ pub type RetryBudgets = ByTarget<Arc<Budget>>;
 /// The CRD as the YAML committed in `daemonset/crds/`.
 pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
     use kube::CustomResourceExt as _;
-    let body = serde_yaml_ng::to_string(&Policy::crd())?;
-    Ok(format!(
-        "# Generated from mesh-agent/src/waypoint/routes/retry_budgets.rs by `cargo xtask manifests`\n\
-         # (`mesh-agent crd retrybudgetpolicies`): do not edit by hand.\n{body}"
-    ))
+    crate::k8s::crd::generated_yaml(
+        &Policy::crd(),
+        "mesh-agent/src/waypoint/routes/retry_budgets.rs",
+        "crd retrybudgetpolicies",
+    )
 }
 
 /// A compiled policy: its targets (empty when rejected) and its status.
@@ -83,10 +83,6 @@ pub struct Compiled {
     pub targets: Vec<(Target, Arc<Budget>)>,
     /// Its status.
     pub status: RouteStatus,
-}
-
-fn condition(ok: bool, reason: &'static str, message: String) -> Condition {
-    Condition { kind: "Accepted", status: if ok { "True" } else { "False" }, reason, message }
 }
 
 /// Compiles `p` (read from `origin`) for `waypoint`; `routes` are the
@@ -128,33 +124,9 @@ pub fn compile(
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "0-100 after the check")]
     let percent = (ratio.clamp(0.0, 1.0) * 100.0).round() as u64;
     let budget = Arc::new(Budget::new(percent, u64::try_from(floor).unwrap_or(0), ttl.unwrap_or(10)));
-    let mut parents = Vec::new();
-    let mut targets = Vec::new();
-    for (i, t) in p.spec.target_refs.iter().enumerate() {
-        let at = format!("spec.targetRefs[{i}]");
-        let mut status =
-            ParentStatus { parent: format!("{ns}/{}", t.name), port: None, attached: false, conditions: Vec::new() };
-        match resolve_target(t, &at, &ns, registry, waypoint, routes) {
-            Ok(target) if problems.is_empty() => {
-                status.attached = true;
-                status.conditions.push(condition(true, "Accepted", format!("retry budget at waypoint {waypoint}")));
-                targets.push(target);
-            }
-            Ok(_) => status.conditions.push(condition(false, "Invalid", problems.join("; "))),
-            Err(why) => status.conditions.push(condition(false, "TargetNotFound", why)),
-        }
-        parents.push(status);
-    }
+    let (parents, targets) = attach(&p.spec.target_refs, &ns, &problems, registry, waypoint, routes, "retry budget");
     Compiled {
-        status: RouteStatus {
-            route: format!("{}/{id}", KIND.to_ascii_lowercase()),
-            source: origin.to_owned(),
-            accepted: !targets.is_empty(),
-            parents,
-            problems,
-            notes: vec!["budgets are per waypoint replica".to_owned()],
-            rules: 0,
-        },
+        status: policy_status(KIND, &id, origin, parents, problems, "budgets are per waypoint replica"),
         targets: targets.into_iter().map(|t| (t, budget.clone())).collect(),
     }
 }

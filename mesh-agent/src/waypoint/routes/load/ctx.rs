@@ -587,12 +587,12 @@ impl<'a> Ctx<'a> {
             let port = p.port.and_then(|x| u16::try_from(x).ok());
             let mut status = ParentStatus { parent: id.to_string(), port, attached: false, conditions: Vec::new() };
             if !(group.is_empty() || group == "core") || kind != "Service" {
-                status.conditions.push(cond("Accepted", false, "NoMatchingParent", format!("spec.parentRefs[{i}]: {group}/{kind} is not a mesh parent; Heddle's waypoint serves Service parents (GAMMA)")));
+                status.conditions.push(Condition::new("Accepted", false, "NoMatchingParent", format!("spec.parentRefs[{i}]: {group}/{kind} is not a mesh parent; Heddle's waypoint serves Service parents (GAMMA)")));
                 statuses.push(status);
                 continue;
             }
             let Some(svc) = self.registry.service(&id) else {
-                status.conditions.push(cond(
+                status.conditions.push(Condition::new(
                     "Accepted",
                     false,
                     "NoMatchingParent",
@@ -602,7 +602,7 @@ impl<'a> Ctx<'a> {
                 continue;
             };
             if self.registry.waypoint_of(svc) != Some(self.waypoint) {
-                status.conditions.push(cond(
+                status.conditions.push(Condition::new(
                     "Accepted",
                     false,
                     "NoMatchingParent",
@@ -614,7 +614,7 @@ impl<'a> Ctx<'a> {
             status.attached = true;
             if let Some(port) = port {
                 if !svc.ports.iter().any(|sp| sp.port == port) {
-                    status.conditions.push(cond(
+                    status.conditions.push(Condition::new(
                         "Accepted",
                         false,
                         "NoMatchingParent",
@@ -625,7 +625,7 @@ impl<'a> Ctx<'a> {
                 }
             }
             if valid {
-                status.conditions.push(cond(
+                status.conditions.push(Condition::new(
                     "Accepted",
                     true,
                     "Accepted",
@@ -633,16 +633,16 @@ impl<'a> Ctx<'a> {
                 ));
                 attachments.push(Attachment { service: id, port, created: created.to_owned() });
             } else {
-                status.conditions.push(cond("Accepted", false, "UnsupportedValue", self.problems.join("; ")));
+                status.conditions.push(Condition::new("Accepted", false, "UnsupportedValue", self.problems.join("; ")));
             }
             match self.unresolved.first() {
-                None => status.conditions.push(cond(
+                None => status.conditions.push(Condition::new(
                     "ResolvedRefs",
                     true,
                     "ResolvedRefs",
                     "every backendRef resolved".into(),
                 )),
-                Some((reason, msg)) => status.conditions.push(cond(
+                Some((reason, msg)) => status.conditions.push(Condition::new(
                     "ResolvedRefs",
                     false,
                     reason,
@@ -667,10 +667,6 @@ impl<'a> Ctx<'a> {
             },
         }
     }
-}
-
-fn cond(kind: &'static str, ok: bool, reason: &'static str, message: String) -> Condition {
-    Condition { kind, status: if ok { "True" } else { "False" }, reason, message }
 }
 
 #[cfg(test)]
