@@ -40,6 +40,7 @@ use super::{
     routes::{
         matching::RequestFacts,
         model::{backend_port, Abort, BackendTarget, Fault, Filters, Mirror, PathMatch, Redirect, RetryPolicy, Subset},
+        RouteSet,
     },
     telemetry::{record_local, Counted, Observed, Pending},
     Downstream, State,
@@ -147,8 +148,10 @@ async fn route_and_send(
         let target = down.target;
         return send_to_endpoint(req, down, state, pending, target, None, None, grpc).await;
     };
+    // One snapshot of the routes for the whole request: its rule, limits,
+    // budget and traffic policy come from the same configuration.
+    let routes: Arc<RouteSet> = state.routes.borrow().clone();
     let (matched, has_routes) = {
-        let routes = state.routes.borrow();
         let client_ns = down.client.namespace();
         let facts = RequestFacts {
             service: &service,
@@ -166,7 +169,7 @@ async fn route_and_send(
         http_of(pending).route = Some(m.rule.route_name.clone());
         http_of(pending).rule = Some(m.rule.index);
     }
-    if let Some(refused) = rate_limited(state, down, &service, matched.as_ref().map(|m| &*m.rule.route_name)) {
+    if let Some(refused) = rate_limited(&routes, down, &service, matched.as_ref().map(|m| &*m.rule.route_name)) {
         return rate_limit_reply(pending, &refused, grpc);
     }
     let Some(matched) = matched else {
@@ -178,7 +181,7 @@ async fn route_and_send(
         }
         // No route at all: the Service itself, as without a waypoint.
         let target = Target { service, port: down.target.port(), subset: None, name: service_name };
-        let plan = Plan { path_match: None, filters: &[], backend_timeout: None, retry: None };
+        let plan = Plan { routes: &routes, path_match: None, filters: &[], backend_timeout: None, retry: None };
         return send_to_service(req, down, state, pending, &target, &plan, grpc).await;
     };
     let rule = matched.rule.clone();
@@ -206,8 +209,7 @@ async fn route_and_send(
     // A RetryBudgetPolicy on the route, else on the Service, replaces the
     // rule's own budget.
     let budget = rule.retry.as_ref().and_then(|_| {
-        let routes = state.routes.borrow();
-        routes.budgets.of_route(&rule.route_name).first().or(routes.budgets.of_service(&service).first()).cloned()
+        routes.budgets.of_route(&rule.route_name).first().or(routes.budgets.of_service(&service).first())
     });
     let (target, backend_filters) = match backend.map(|b| (&b.target, &b.filters)) {
         None => (Target { service, port: down.target.port(), subset: None, name: service_name }, None),
@@ -223,10 +225,11 @@ async fn route_and_send(
     let mut filter_list = vec![&rule.filters];
     filter_list.extend(backend_filters);
     let plan = Plan {
+        routes: &routes,
         path_match: path_match.as_ref(),
         filters: &filter_list,
         backend_timeout: rule.timeouts.backend_request,
-        retry: rule.retry.as_ref().map(|p| (p, budget.as_deref().unwrap_or(&p.budget))),
+        retry: rule.retry.as_ref().map(|p| (p, budget.map_or(&*p.budget, |b| &**b))),
     };
     let send = send_to_service(req, down, state, pending, &target, &plan, grpc);
     let mut resp = match rule.timeouts.request {
@@ -310,12 +313,11 @@ async fn inject(fault: &Fault, pending: &mut Pending, grpc: bool) -> Option<Resp
 /// The first limit refusing this request: the Service's policies, then
 /// the matched route's.
 fn rate_limited(
-    state: &State,
+    routes: &RouteSet,
     down: &Downstream,
     service: &ObjectRef,
     route: Option<&str>,
 ) -> Option<ratelimit::Refused> {
-    let routes = state.routes.borrow();
     if routes.limits.is_empty() {
         return None;
     }
@@ -327,6 +329,8 @@ fn rate_limited(
 
 /// What the matched rule asks of the forwarding step.
 struct Plan<'a> {
+    /// The request's snapshot of the routes.
+    routes: &'a RouteSet,
     /// The path match that matched (for `ReplacePrefixMatch`).
     path_match: Option<&'a PathMatch>,
     /// The rule's filters, then the backendRef's.
@@ -370,7 +374,7 @@ async fn send_to_service(
     // the Service's): circuit breaking, then outlier detection per attempt.
     let policy = match &target.subset {
         Some(s) => s.policy.clone(),
-        None => state.routes.borrow().destinations.service_policy(&target.service),
+        None => plan.routes.destinations.service_policy(&target.service),
     };
     if let Some(b) = policy.as_ref().and_then(|p| p.breaker.as_ref()) {
         let Some(permit) = b.admit().await else {
@@ -379,7 +383,7 @@ async fn send_to_service(
         };
         pending.permit = Some(permit);
     }
-    let backend = Pool { endpoints, outlier: policy.as_ref().and_then(|p| p.outlier), name: target.name.clone() };
+    let backend = Pool::new(endpoints, policy.as_ref().and_then(|p| p.outlier), target.name.clone());
     let retry = plan.retry.filter(|(p, _)| p.non_idempotent || retry::is_idempotent(req.method()));
     let mirrors: Vec<&Mirror> = plan.filters.iter().flat_map(|f| f.mirrors.iter()).collect();
     let upgrade = down.version == Version::Http1 && req.headers().contains_key(header::UPGRADE);
@@ -438,6 +442,8 @@ struct Held {
 /// outcomes are judged.
 struct Pool {
     endpoints: Vec<(SocketAddr, SpiffeId)>,
+    /// Their addresses, made once for every attempt's choice.
+    addrs: Vec<SocketAddr>,
     /// `outlierDetection` of the backend, if any.
     outlier: Option<OutlierConfig>,
     /// The backend as records name it.
@@ -445,15 +451,33 @@ struct Pool {
 }
 
 impl Pool {
+    fn new(endpoints: Vec<(SocketAddr, SpiffeId)>, outlier: Option<OutlierConfig>, name: Name) -> Self {
+        let addrs = endpoints.iter().map(|(a, _)| *a).collect();
+        Self { endpoints, addrs, outlier, name }
+    }
+
     /// Picks an endpoint by peak EWMA among those not ejected, preferring
     /// ones not yet `tried`.
     fn choose(&self, state: &State, tried: &[SocketAddr]) -> (SocketAddr, SpiffeId) {
-        let all: Vec<SocketAddr> = self.endpoints.iter().map(|(a, _)| *a).collect();
         let now = Instant::now();
-        let healthy = if self.outlier.is_some() { state.outliers.healthy(&all, now) } else { all };
-        let fresh: Vec<SocketAddr> = healthy.iter().copied().filter(|a| !tried.contains(a)).collect();
-        let candidates = if fresh.is_empty() { healthy } else { fresh };
-        let chosen = state.balancer.choose(&candidates, rand::random(), rand::random(), now);
+        let healthy: std::borrow::Cow<'_, [SocketAddr]> = if self.outlier.is_some() {
+            state.outliers.healthy(&self.addrs, now).into()
+        } else {
+            (&self.addrs[..]).into()
+        };
+        // The first attempt (the common case) allocates nothing here.
+        let fresh: Vec<SocketAddr>;
+        let candidates: &[SocketAddr] = if tried.is_empty() {
+            &healthy
+        } else {
+            fresh = healthy.iter().copied().filter(|a| !tried.contains(a)).collect();
+            if fresh.is_empty() {
+                &healthy
+            } else {
+                &fresh
+            }
+        };
+        let chosen = state.balancer.choose(candidates, rand::random(), rand::random(), now);
         self.endpoints.iter().find(|(a, _)| *a == chosen).cloned().unwrap_or_else(|| self.endpoints[0].clone())
     }
 
@@ -461,8 +485,8 @@ impl Pool {
     fn observe(&self, state: &State, pending: &mut Pending, addr: SocketAddr, resp: &Response<HttpBody>) {
         let Some(cfg) = &self.outlier else { return };
         let status = (!upstream_failed(http_of(pending).response_flags)).then(|| resp.status().as_u16());
-        let all: Vec<SocketAddr> = self.endpoints.iter().map(|(a, _)| *a).collect();
-        if let Some(time) = state.outliers.observe(addr, outlier::Outcome::of(status), cfg, &all, Instant::now()) {
+        if let Some(time) = state.outliers.observe(addr, outlier::Outcome::of(status), cfg, &self.addrs, Instant::now())
+        {
             state.telemetry.ejected(&self.name);
             tracing::info!(backend = %self.name, endpoint = %addr, seconds = time.as_secs(), "outlier detection ejected an endpoint");
             let mut info = ConnInfo::named(Direction::Outbound, state.me.id.clone(), state.me_name.clone());
