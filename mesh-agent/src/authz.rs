@@ -197,7 +197,7 @@ fn denial_text(d: &Decision) -> String {
 
 /// The dry-run outcome as one phrase: `deny by policy ns/name rule 0`,
 /// `allow: no ALLOW policy applies`, ...
-fn dry_run_text(d: &DryRunDecision) -> String {
+pub(crate) fn dry_run_text(d: &DryRunDecision) -> String {
     let verdict = d.verdict.name();
     match (&d.policy, d.rule, d.reason) {
         (Some(p), Some(rule), _) => format!("{verdict} by policy {p} rule {rule}"),
@@ -214,7 +214,7 @@ fn deciding_action(reason: Reason) -> Option<Action> {
     match reason {
         Reason::DeniedByDenyPolicy => Some(Action::Deny),
         Reason::NoAllowPolicyMatched | Reason::AllowedByPolicy => Some(Action::Allow),
-        Reason::AllowedNoAllowPolicies => None,
+        Reason::AllowedNoAllowPolicies | Reason::PolicyRejected => None,
     }
 }
 

@@ -257,13 +257,26 @@ struct WaypointArgs {
     /// Tokio worker threads.
     #[arg(long, env = "HEDDLE_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
+    /// Namespace whose policies may attach to every waypoint (GatewayClass
+    /// heddle-waypoint).
+    #[arg(long, env = "HEDDLE_ROOT_NAMESPACE", default_value = mesh_agent::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Authorization policies (AuthorizationPolicy with targetRefs,
+    /// RequestAuthentication): a YAML file or directory, re-read every
+    /// second like --routes (the node agents' --policies directory can be
+    /// given as is: policies without targetRefs are theirs and skipped).
+    #[arg(long, env = "HEDDLE_WAYPOINT_POLICIES", conflicts_with = "kubernetes")]
+    policies: Option<PathBuf>,
 }
 
 fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
     let (namespace, name) = args.waypoint.split_once('/').context("--waypoint must be namespace/name")?;
     let settings = mesh_agent::waypoint::Settings {
         source: match args.config {
-            Some(config) => mesh_agent::waypoint::sources::SourceSettings::File { config, routes: args.routes },
+            Some(config) => mesh_agent::waypoint::sources::SourceSettings::File {
+                config,
+                routes: args.routes.into_iter().chain(args.policies).collect(),
+            },
             None => mesh_agent::waypoint::sources::SourceSettings::Kubernetes {
                 trust_domain: args.trust_domain,
                 node: args.node,
@@ -281,6 +294,7 @@ fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         metrics_addr: args.metrics_addr,
         flow_capacity: args.flow_capacity,
+        root_namespace: args.root_namespace,
     };
     agent::raise_fd_limit();
     tokio::runtime::Builder::new_multi_thread()

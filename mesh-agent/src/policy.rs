@@ -27,6 +27,7 @@
 pub mod compile;
 pub mod eval;
 pub mod index;
+pub mod l7;
 pub mod load;
 pub mod matchers;
 pub mod model;
@@ -159,6 +160,22 @@ pub enum Problem {
     /// Another object with the same namespace and name came first.
     #[error("defined twice (the first definition, object #{0}, is kept)")]
     Duplicate(usize),
+    /// A `targetRef(s)` entry the waypoint cannot attach to.
+    #[error("{0}")]
+    TargetRef(String),
+    /// A `when` key the waypoint does not know (it would never match: the
+    /// policy is refused, as Istio's validation does).
+    #[error("unknown when key {0:?} (request.headers[NAME], request.auth.principal|audiences|presenter, request.auth.claims[NAME], source.ip|namespace|principal, remote.ip, destination.ip|port, connection.sni)")]
+    UnknownWhenKey(String),
+    /// A path pattern with a misplaced `{*}`/`{**}`, or not starting with `/`.
+    #[error("{0:?} is not a path pattern: {1}")]
+    PathPattern(String, &'static str),
+    /// Not an HTTP header name.
+    #[error("{0:?} is not an HTTP header name")]
+    HeaderName(String),
+    /// A `RequestAuthentication` problem (issuer, JWKS, locations).
+    #[error("{0}")]
+    Jwt(String),
 }
 
 /// Something in an accepted policy that does not do what it seems to: L7

@@ -23,11 +23,13 @@
 //! servers, the trust-bundle watcher and certificate maintenance.
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod detect;
 pub mod filters;
 pub mod forward;
 pub mod h2io;
+pub mod jwks;
 pub mod listener;
 pub mod mirror;
 pub mod outlier;
@@ -78,6 +80,8 @@ pub struct Settings {
     pub metrics_addr: SocketAddr,
     /// Flow records kept.
     pub flow_capacity: usize,
+    /// The namespace whose policies may attach to every waypoint.
+    pub root_namespace: String,
 }
 
 /// Everything a request handler reads.
@@ -92,6 +96,8 @@ pub struct State {
     pub me_name: crate::flows::Name,
     /// Its identity (`spiffe://<td>/ns/<ns>/sa/<sa>`).
     pub me_identity: SpiffeId,
+    /// The namespace whose policies may attach to every waypoint.
+    pub root_namespace: String,
     /// The latest registry.
     pub registry: watch::Receiver<SharedRegistry>,
     /// The routes in force.
@@ -108,6 +114,8 @@ pub struct State {
     pub shadows: mirror::Shadows,
     /// Endpoint health for outlier detection.
     pub outliers: outlier::Outliers,
+    /// Fetched JWKS of `RequestAuthentication` rules with a `jwksUri`.
+    pub jwks: jwks::JwksCache,
     /// Connection tasks.
     pub tracker: TaskTracker,
 }
@@ -161,7 +169,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let started = sources::start(&settings.source, &settings.waypoint, &settings.pod, &home, &stop).await?;
     let registry = started.registry;
     let (me, me_identity) = own_pod(&registry, &settings, &home)?;
-    let route_set = Arc::new(routes::RouteSet::build(&started.routes, &registry, &settings.waypoint));
+    let route_set =
+        Arc::new(routes::RouteSet::build(&started.routes, &registry, &settings.waypoint, &settings.root_namespace));
     started.updates.initial_status(&route_set, &registry, &settings.waypoint).await;
     let (registry_tx, registry_rx) = watch::channel(registry);
     let (routes_tx, routes_rx) = watch::channel(route_set);
@@ -177,6 +186,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         me_name: me.id.to_string().into(),
         me: me.clone(),
         me_identity,
+        root_namespace: settings.root_namespace.clone(),
         registry: registry_rx,
         routes: routes_rx,
         upstreams: Arc::new(pool::Upstreams::new(mesh.clone(), me)),
@@ -185,6 +195,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         telemetry,
         shadows: mirror::Shadows::default(),
         outliers: outlier::Outliers::default(),
+        jwks: jwks::JwksCache::default(),
         tracker: TaskTracker::new(),
     });
     let hbone = TcpListener::bind(settings.listen)
@@ -198,6 +209,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("binding the metrics port {}", settings.metrics_addr))?;
     tokio::spawn(admin::serve(admin, state.clone(), stop.clone()));
     tokio::spawn(admin::serve_metrics(metrics, state.clone(), stop.clone()));
+    tokio::spawn(jwks::run(state.routes.clone(), state.jwks.clone(), stop.clone()));
     tokio::spawn(started.updates.run(registry_tx, routes_tx, state.clone(), stop.clone()));
     let served = tokio::spawn(listener::run(hbone, state.clone(), stop.clone()));
     tracing::info!(waypoint = %settings.waypoint, listen = %settings.listen, "waypoint serving");

@@ -123,7 +123,7 @@ pub fn policy_ref(obj: &AuthorizationPolicy) -> PolicyRef {
 /// Validates and compiles the object at position `index` of the input.
 pub fn compile(index: usize, mut obj: AuthorizationPolicy) -> Result<Compiled, Vec<PolicyError>> {
     let id = policy_ref(&obj);
-    let mut cx = Cx { index, id, action: Action::Allow, errors: Vec::new(), warnings: Vec::new() };
+    let mut cx = Cx::new(index, id);
     if obj.api_version != model::HEDDLE_API_VERSION && !model::ISTIO_API_VERSIONS.contains(&obj.api_version.as_str()) {
         cx.error("apiVersion", Problem::ApiVersion(obj.api_version.clone()));
     }
@@ -154,24 +154,29 @@ pub fn compile(index: usize, mut obj: AuthorizationPolicy) -> Result<Compiled, V
 }
 
 /// A list field of the spec with its YAML name.
-type Named<'a> = (&'a str, &'a [String]);
+pub(super) type Named<'a> = (&'a str, &'a [String]);
 
-/// Collects every problem of one policy.
-struct Cx {
-    index: usize,
-    id: PolicyRef,
-    action: Action,
-    errors: Vec<PolicyError>,
-    warnings: Vec<PolicyWarning>,
+/// Collects every problem of one policy (the L4 compiler here, the
+/// waypoint's in [`super::l7`]).
+pub(super) struct Cx {
+    pub(super) index: usize,
+    pub(super) id: PolicyRef,
+    pub(super) action: Action,
+    pub(super) errors: Vec<PolicyError>,
+    pub(super) warnings: Vec<PolicyWarning>,
 }
 
 impl Cx {
-    fn error(&mut self, field: &str, problem: Problem) {
+    pub(super) fn new(index: usize, id: PolicyRef) -> Self {
+        Cx { index, id, action: Action::Allow, errors: Vec::new(), warnings: Vec::new() }
+    }
+
+    pub(super) fn error(&mut self, field: &str, problem: Problem) {
         let (index, policy, field) = (self.index, self.id.clone(), field.to_owned());
         self.errors.push(PolicyError { index, policy, field, problem });
     }
 
-    fn warn(&mut self, field: &str, caveat: Caveat) {
+    pub(super) fn warn(&mut self, field: &str, caveat: Caveat) {
         let (index, policy, field) = (self.index, self.id.clone(), field.to_owned());
         self.warnings.push(PolicyWarning { index, policy, field, caveat });
     }
@@ -215,7 +220,7 @@ impl Cx {
     }
 
     /// `heddle.dev/dry-run: "true"` or Istio's `istio.io/dry-run: "true"`.
-    fn dry_run(&mut self, annotations: &BTreeMap<String, String>) -> bool {
+    pub(super) fn dry_run(&mut self, annotations: &BTreeMap<String, String>) -> bool {
         let mut dry = false;
         for key in model::DRY_RUN_ANNOTATIONS {
             match annotations.get(key).map(|v| v.trim()) {
@@ -368,7 +373,7 @@ impl Cx {
 
     /// Parses a field and its `not` twin with `parse`, reporting each bad
     /// entry under `path.name[i]`.
-    fn field<T>(
+    pub(super) fn field<T>(
         &mut self,
         path: &str,
         (yes_name, yes): Named,
@@ -408,21 +413,21 @@ impl Cx {
     }
 }
 
-fn pattern(v: &str) -> Result<(StrMatch, Option<Caveat>), Problem> {
+pub(super) fn pattern(v: &str) -> Result<(StrMatch, Option<Caveat>), Problem> {
     StrMatch::parse(v)
 }
 
 /// A principal pattern; Istio compares principals without `spiffe://`, so a
 /// value written with it never matches (kept, as in Istio, but flagged).
-fn principal(v: &str) -> Result<(StrMatch, Option<Caveat>), Problem> {
+pub(super) fn principal(v: &str) -> Result<(StrMatch, Option<Caveat>), Problem> {
     let (m, caveat) = StrMatch::parse(v)?;
     Ok((m, caveat.or_else(|| v.starts_with("spiffe://").then(|| Caveat::SpiffePrefix(v.to_owned())))))
 }
 
-fn ip_block(v: &str) -> Result<(IpNet, Option<Caveat>), Problem> {
+pub(super) fn ip_block(v: &str) -> Result<(IpNet, Option<Caveat>), Problem> {
     parse_ip_block(v).map(|n| (n, None))
 }
 
-fn port(v: &str) -> Result<(PortRange, Option<Caveat>), Problem> {
+pub(super) fn port(v: &str) -> Result<(PortRange, Option<Caveat>), Problem> {
     PortRange::parse(v).map(|p| (p, None))
 }

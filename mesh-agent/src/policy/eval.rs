@@ -154,6 +154,9 @@ pub enum Reason {
     AllowedByPolicy,
     /// No DENY policy matched and no ALLOW policy applies to the workload.
     AllowedNoAllowPolicies,
+    /// A policy attached to the destination was rejected: the waypoint
+    /// denies what it covers rather than guess (fail closed).
+    PolicyRejected,
 }
 
 impl Reason {
@@ -165,6 +168,7 @@ impl Reason {
             Reason::NoAllowPolicyMatched => "no_allow_policy_matched",
             Reason::AllowedByPolicy => "allowed_by_policy",
             Reason::AllowedNoAllowPolicies => "allowed_no_allow_policies",
+            Reason::PolicyRejected => "policy_rejected",
         }
     }
 }
@@ -290,8 +294,8 @@ pub fn authorize(policies: &PolicySet, conn: &Connection<'_>) -> Decision {
         },
         peer: conn.peer,
     };
-    let mut enforced = Tally::default();
-    let mut with_dry_run = Tally::default();
+    let mut enforced: Tally<'_, CompiledPolicy> = Tally::default();
+    let mut with_dry_run: Tally<'_, CompiledPolicy> = Tally::default();
     let mut any_dry_run = false;
     policies.for_each_applicable(conn.dst.namespace, conn.dst.labels, |p| {
         let hit = p.rules.iter().position(|r| r.matches(&conn));
@@ -306,29 +310,61 @@ pub fn authorize(policies: &PolicySet, conn: &Connection<'_>) -> Decision {
         let (verdict, reason, policy, rule) = with_dry_run.decide();
         DryRunDecision { verdict, reason, policy, rule }
     });
-    let audited = enforced.audit.map(|(p, rule)| RuleRef { policy: p.id.clone(), rule });
+    let audited = enforced.audited();
     Decision { verdict, reason, policy, rule, audited, dry_run }
+}
+
+/// What the decision order needs of a policy: the L4 engine's and the
+/// waypoint's ([`super::l7`]) policies decide the same way.
+pub(crate) trait Ranked {
+    /// The policy's name.
+    fn id(&self) -> &PolicyRef;
+    /// Its action.
+    fn action(&self) -> Action;
+    /// Its rank among the policies of its set (lowest decides).
+    fn order(&self) -> u32;
+}
+
+impl Ranked for CompiledPolicy {
+    fn id(&self) -> &PolicyRef {
+        &self.id
+    }
+    fn action(&self) -> Action {
+        self.action
+    }
+    fn order(&self) -> u32 {
+        self.order
+    }
 }
 
 /// The lowest-ranked matching policy of each action, and whether any ALLOW
 /// policy applies.
-#[derive(Default)]
-struct Tally<'p> {
-    deny: Option<(&'p CompiledPolicy, usize)>,
-    allow: Option<(&'p CompiledPolicy, usize)>,
-    audit: Option<(&'p CompiledPolicy, usize)>,
+pub(crate) struct Tally<'p, P> {
+    deny: Option<(&'p P, usize)>,
+    allow: Option<(&'p P, usize)>,
+    audit: Option<(&'p P, usize)>,
     /// The lowest-ranked ALLOW policy that applies, matching or not.
-    allow_applies: Option<&'p CompiledPolicy>,
+    allow_applies: Option<&'p P>,
 }
 
-impl<'p> Tally<'p> {
-    fn observe(&mut self, p: &'p CompiledPolicy, hit: Option<usize>) {
-        let lower = |best: Option<(&CompiledPolicy, usize)>| best.is_none_or(|(b, _)| p.order < b.order);
-        let slot = match p.action {
+impl<P> Default for Tally<'_, P> {
+    fn default() -> Self {
+        Self { deny: None, allow: None, audit: None, allow_applies: None }
+    }
+}
+
+/// The deciding verdict, reason, policy and rule.
+pub(crate) type Decided = (Verdict, Reason, Option<PolicyRef>, Option<usize>);
+
+impl<'p, P: Ranked> Tally<'p, P> {
+    /// Notes that `p` applies and which of its rules matched, if any.
+    pub(crate) fn observe(&mut self, p: &'p P, hit: Option<usize>) {
+        let lower = |best: Option<(&P, usize)>| best.is_none_or(|(b, _)| p.order() < b.order());
+        let slot = match p.action() {
             Action::Deny => &mut self.deny,
             Action::Audit => &mut self.audit,
             Action::Allow => {
-                if self.allow_applies.is_none_or(|b| p.order < b.order) {
+                if self.allow_applies.is_none_or(|b| p.order() < b.order()) {
                     self.allow_applies = Some(p);
                 }
                 &mut self.allow
@@ -343,8 +379,14 @@ impl<'p> Tally<'p> {
         }
     }
 
-    fn decide(&self) -> (Verdict, Reason, Option<PolicyRef>, Option<usize>) {
-        let named = |(p, r): (&CompiledPolicy, usize)| (Some(p.id.clone()), Some(r));
+    /// The first AUDIT policy and rule that matched.
+    pub(crate) fn audited(&self) -> Option<RuleRef> {
+        self.audit.map(|(p, rule)| RuleRef { policy: p.id().clone(), rule })
+    }
+
+    /// Istio's decision order over what was observed.
+    pub(crate) fn decide(&self) -> Decided {
+        let named = |(p, r): (&P, usize)| (Some(p.id().clone()), Some(r));
         if let Some(hit) = self.deny {
             let (p, r) = named(hit);
             return (Verdict::Deny, Reason::DeniedByDenyPolicy, p, r);
@@ -355,7 +397,7 @@ impl<'p> Tally<'p> {
                 let (p, r) = named(hit);
                 (Verdict::Allow, Reason::AllowedByPolicy, p, r)
             }
-            (Some(first), None) => (Verdict::Deny, Reason::NoAllowPolicyMatched, Some(first.id.clone()), None),
+            (Some(first), None) => (Verdict::Deny, Reason::NoAllowPolicyMatched, Some(first.id().clone()), None),
         }
     }
 }

@@ -68,11 +68,17 @@ struct Target {
 }
 
 /// Handles one request of a downstream connection.
-pub async fn handle(req: Request<Incoming>, down: Arc<Downstream>, state: Arc<State>) -> Response<HttpBody> {
+pub async fn handle(mut req: Request<Incoming>, down: Arc<Downstream>, state: Arc<State>) -> Response<HttpBody> {
     let started = Instant::now();
     let grpc = is_grpc(&req);
     let mut pending = new_pending(&req, &down, &state, started, grpc);
-    let response = route_and_send(req, &down, &state, &mut pending, grpc).await;
+    let response = match normalize_path(&mut req) {
+        Ok(()) => route_and_send(req, &down, &state, &mut pending, grpc).await,
+        Err(e) => {
+            http_of(&mut pending).error = Some(format!("bad path: {e}"));
+            local_reply(StatusCode::BAD_REQUEST, grpc, "Bad Request")
+        }
+    };
     let (parts, body) = response.into_parts();
     if let Some(http) = pending.info.http.as_mut() {
         http.status = parts.status.as_u16();
@@ -86,6 +92,29 @@ pub async fn handle(req: Request<Incoming>, down: Arc<Downstream>, state: Arc<St
         return Response::from_parts(parts, body);
     }
     Response::from_parts(parts, HttpBody::new(Observed::new(body, pending, state.telemetry.clone())))
+}
+
+/// Istio's path normalisation (`BASE`): what policy, routes and the
+/// upstream see ([`crate::policy::l7::path`]); the record keeps the path
+/// as the client sent it.
+fn normalize_path<B>(req: &mut Request<B>) -> Result<(), crate::policy::l7::path::PathError> {
+    let path = req.uri().path();
+    if req.method() == hyper::Method::CONNECT || (path == "*" && req.method() == hyper::Method::OPTIONS) {
+        return Ok(());
+    }
+    let std::borrow::Cow::Owned(normalized) = crate::policy::l7::path::normalize(path)? else {
+        return Ok(());
+    };
+    let with_query = match req.uri().query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = with_query.parse().ok();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    Ok(())
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {
@@ -137,20 +166,23 @@ fn http_of(p: &mut Pending) -> &mut HttpInfo {
 }
 
 async fn route_and_send(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     down: &Downstream,
     state: &Arc<State>,
     pending: &mut Pending,
     grpc: bool,
 ) -> Response<HttpBody> {
+    // One snapshot of the routes for the whole request: its policies, rule,
+    // limits, budget and traffic policy come from the same configuration.
+    let routes: Arc<RouteSet> = state.routes.borrow().clone();
+    if let Some(refused) = super::authz::check(&routes, &mut req, down, state, pending, grpc) {
+        return refused;
+    }
     // A pod-addressed request goes to that pod; a service's through its routes.
     let (Some(service), Some(service_name)) = (down.service.clone(), down.service_name.clone()) else {
         let target = down.target;
         return send_to_endpoint(req, down, state, pending, target, None, None, grpc).await;
     };
-    // One snapshot of the routes for the whole request: its rule, limits,
-    // budget and traffic policy come from the same configuration.
-    let routes: Arc<RouteSet> = state.routes.borrow().clone();
     let (matched, has_routes) = {
         let client_ns = down.client.namespace();
         let facts = RequestFacts {
@@ -784,6 +816,9 @@ pub fn local_reply(status: StatusCode, grpc: bool, message: &str) -> Response<Ht
             StatusCode::NOT_FOUND => 12,           // UNIMPLEMENTED
             StatusCode::SERVICE_UNAVAILABLE => 14, // UNAVAILABLE
             StatusCode::TOO_MANY_REQUESTS => 8,    // RESOURCE_EXHAUSTED
+            StatusCode::FORBIDDEN => 7,            // PERMISSION_DENIED
+            StatusCode::UNAUTHORIZED => 16,        // UNAUTHENTICATED
+            StatusCode::BAD_REQUEST => 3,          // INVALID_ARGUMENT
             _ => 13,                               // INTERNAL
         };
         return grpc_reply(code, message);

@@ -31,8 +31,13 @@ pub async fn run<T: AsyncRead + AsyncWrite + Unpin>(
     info.security = Security::MutualTls;
     info.src_identity = Some(client_id.name());
     info.waypoint = Some(state.waypoint_name.clone());
+    let (policy, verdict) = super::authz::check_connection(state, peer, client_id, target, service.as_ref());
     info.service = service;
     info.passthrough = Some(reason.to_owned());
+    info.policy = policy;
+    if let Err(why) = verdict {
+        return state.telemetry.flows.failed(conn, &info, why);
+    }
     let resolved = {
         let reg = state.registry.borrow();
         reg.resolve(target).map(|r| {

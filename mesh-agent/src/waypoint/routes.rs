@@ -59,12 +59,17 @@ pub enum RoutesError {
     },
 }
 
-/// Reads `path` (a file, or the `*.yaml`/`*.yml` files of a directory in
-/// name order); `None` reads nothing.
-pub fn read(path: Option<&Path>) -> Result<Vec<Source>, RoutesError> {
-    let Some(path) = path else {
-        return Ok(Vec::new());
-    };
+/// Reads each of `paths` in turn (a file, or the `*.yaml`/`*.yml` files of
+/// a directory in name order).
+pub fn read(paths: &[PathBuf]) -> Result<Vec<Source>, RoutesError> {
+    let mut all = Vec::new();
+    for p in paths {
+        all.extend(read_one(p)?);
+    }
+    Ok(all)
+}
+
+fn read_one(path: &Path) -> Result<Vec<Source>, RoutesError> {
     let err = |path: &Path| {
         let path = path.to_owned();
         move |source| RoutesError::Read { path, source }
@@ -163,6 +168,9 @@ pub struct RouteSet {
     pub destinations: istio::Subsets,
     /// Retry budgets given by `RetryBudgetPolicy` objects.
     pub budgets: retry_budgets::RetryBudgets,
+    /// L7 authorization: `AuthorizationPolicy` objects with `targetRefs`
+    /// and `RequestAuthentication`s.
+    pub authz: crate::policy::l7::WaypointPolicies,
     statuses: Vec<RouteStatus>,
 }
 
@@ -170,7 +178,7 @@ impl RouteSet {
     /// Compiles `sources` for `waypoint` against `registry`: every
     /// `ReferenceGrant` first, then the routes.
     #[must_use]
-    pub fn build(sources: &[Source], registry: &Registry, waypoint: &ObjectRef) -> Self {
+    pub fn build(sources: &[Source], registry: &Registry, waypoint: &ObjectRef, root_namespace: &str) -> Self {
         let mut set = RouteSet::default();
         let mut grants = grants::Grants::default();
         let mut subsets = istio::Subsets::default();
@@ -179,6 +187,8 @@ impl RouteSet {
         let mut docs = Vec::new();
         let mut policies = Vec::new();
         let mut budgets = Vec::new();
+        let mut authz = Vec::new();
+        let mut authn = Vec::new();
         for s in sources {
             for (i, doc) in split_documents(&s.text).into_iter().enumerate() {
                 let origin = format!("{}#{}", s.file.display(), i + 1);
@@ -188,6 +198,8 @@ impl RouteSet {
                     load::Document::Route(value) => docs.push(Ok((origin, value))),
                     load::Document::RateLimit(Ok((p, unknown))) => policies.push((origin, p, unknown)),
                     load::Document::RetryBudget(Ok((p, unknown))) => budgets.push((origin, p, unknown)),
+                    load::Document::Authorization(p) => authz.push((origin, *p)),
+                    load::Document::Authentication(a) => authn.push((origin, *a)),
                     load::Document::RateLimit(Err(status))
                     | load::Document::DestinationRule(Err(status))
                     | load::Document::RetryBudget(Err(status)) => {
@@ -249,6 +261,31 @@ impl RouteSet {
                 set.budgets.insert(target, budget);
             }
             set.statuses.push(compiled.status);
+        }
+        set.authz = crate::policy::l7::WaypointPolicies::build(authz, authn, root_namespace);
+        for s in set.authz.statuses() {
+            set.statuses.push(RouteStatus {
+                route: s.object.clone(),
+                source: s.origin.clone(),
+                accepted: s.accepted,
+                parents: s
+                    .targets
+                    .iter()
+                    .map(|t| ParentStatus {
+                        parent: t.clone(),
+                        port: None,
+                        attached: true,
+                        conditions: vec![Condition::accepted(
+                            s.accepted,
+                            if s.accepted { "Accepted" } else { "Invalid" },
+                            if s.accepted { String::new() } else { s.problems.join("; ") },
+                        )],
+                    })
+                    .collect(),
+                problems: s.problems.clone(),
+                notes: s.notes.clone(),
+                rules: 0,
+            });
         }
         set
     }

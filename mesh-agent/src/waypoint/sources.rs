@@ -37,8 +37,9 @@ pub enum SourceSettings {
     File {
         /// The configuration file.
         config: PathBuf,
-        /// Routes: a YAML file or directory of `HTTPRoute`/`GRPCRoute` objects.
-        routes: Option<PathBuf>,
+        /// Routes and waypoint policies: YAML files or directories of
+        /// `HTTPRoute`/`GRPCRoute`/... and `AuthorizationPolicy` objects.
+        routes: Vec<PathBuf>,
     },
     /// The Kubernetes API.
     Kubernetes {
@@ -78,8 +79,8 @@ pub enum Updates {
     File {
         /// The configuration file.
         config: PathBuf,
-        /// The routes.
-        routes: Option<PathBuf>,
+        /// The routes and policies.
+        routes: Vec<PathBuf>,
         /// The last good configuration.
         file: config::LocalConfig,
         /// The last good routes.
@@ -109,7 +110,7 @@ pub async fn start(
     match settings {
         SourceSettings::File { config: path, routes: routes_path } => {
             let file = config::load(path)?;
-            let route_text = routes::read(routes_path.as_deref())?;
+            let route_text = routes::read(routes_path)?;
             Ok(Started {
                 registry: Arc::new(Registry::from_config(&file)),
                 routes: route_text.clone(),
@@ -176,8 +177,7 @@ impl Updates {
     ) {
         match self {
             Self::File { config, routes, file, route_text } => {
-                follow_files(&config, routes.as_deref(), file, route_text, &registry_tx, &routes_tx, &state, &stop)
-                    .await;
+                follow_files(&config, &routes, file, route_text, &registry_tx, &routes_tx, &state, &stop).await;
             }
             Self::Kubernetes { registry, routes, status } => {
                 follow_api(registry, routes, &status, &registry_tx, &routes_tx, &state, &stop).await;
@@ -194,7 +194,7 @@ fn apply(
     routes_tx: &watch::Sender<Arc<routes::RouteSet>>,
     state: &State,
 ) -> Arc<routes::RouteSet> {
-    let set = routes::RouteSet::build(sources, &registry, &state.waypoint);
+    let set = routes::RouteSet::build(sources, &registry, &state.waypoint, &state.root_namespace);
     for r in set.rejected() {
         tracing::warn!(route = %r.0, problem = %r.1, "route not (fully) accepted");
     }
@@ -210,7 +210,7 @@ fn apply(
 #[allow(clippy::too_many_arguments)] // the file mode's state, passed once
 async fn follow_files(
     config_path: &std::path::Path,
-    routes_path: Option<&std::path::Path>,
+    routes_path: &[PathBuf],
     mut file: config::LocalConfig,
     mut route_text: Vec<routes::Source>,
     registry_tx: &watch::Sender<SharedRegistry>,

@@ -876,7 +876,7 @@ services:
         let reg = Registry::from_config(&crate::config::parse(std::path::Path::new("c.yaml"), BOOKINFO).unwrap());
         let wp = ObjectRef { namespace: "default".into(), name: "waypoint".into() };
         let sources: Vec<Source> = files.iter().map(|(f, t)| Source { file: (*f).into(), text: (*t).into() }).collect();
-        RouteSet::build(&sources, &reg, &wp)
+        RouteSet::build(&sources, &reg, &wp, crate::policy::DEFAULT_ROOT_NAMESPACE)
     }
 
     const DR_ALL: &str = include_str!("../../../../tests/assets/bookinfo/destination-rule-all.yaml");

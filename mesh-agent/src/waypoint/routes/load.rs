@@ -45,6 +45,11 @@ pub enum Document {
     /// A Heddle `HTTPLocalRateLimitPolicy`, with its unknown fields, or
     /// why it does not parse.
     RateLimit(Result<(Box<super::rate_limits::Policy>, Vec<String>), RouteStatus>),
+    /// An `AuthorizationPolicy` (L7 authorization at the waypoint when it
+    /// has `targetRefs`; the node agents' otherwise).
+    Authorization(Box<crate::policy::AuthorizationPolicy>),
+    /// An Istio `RequestAuthentication`.
+    Authentication(Box<crate::policy::l7::RequestAuthentication>),
     /// Not YAML: its status.
     Invalid(RouteStatus),
 }
@@ -82,6 +87,18 @@ pub fn parse_document(doc: &str, origin: &str) -> Document {
     }
     if field("kind") == super::retry_budgets::KIND && field("apiVersion") == super::rate_limits::API_VERSION {
         return Document::RetryBudget(parse_boxed(value, origin, super::retry_budgets::KIND));
+    }
+    if field("kind") == crate::policy::model::KIND || field("kind") == crate::policy::l7::authn::KIND {
+        let kind = field("kind").to_owned();
+        let parsed = serde_yaml_ng::from_value::<serde_json::Value>(value).map_err(|e| e.to_string()).and_then(|v| {
+            if kind == crate::policy::model::KIND {
+                serde_json::from_value(v).map(|p| Document::Authorization(Box::new(p))).map_err(|e| e.to_string())
+            } else {
+                serde_json::from_value(v).map(|p| Document::Authentication(Box::new(p))).map_err(|e| e.to_string())
+            }
+        });
+        return parsed
+            .unwrap_or_else(|e| Document::Invalid(rejected(origin.to_owned(), origin, vec![format!("{kind}: {e}")])));
     }
     if field("kind") == "DestinationRule" && super::istio::is_istio_networking(field("apiVersion")) {
         return Document::DestinationRule(parse_boxed(value, origin, "DestinationRule"));

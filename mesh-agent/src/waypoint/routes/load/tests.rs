@@ -25,7 +25,12 @@ services:
 fn build(text: &str) -> RouteSet {
     let reg = Registry::from_config(&config::parse(Path::new("c.yaml"), CLUSTER).unwrap());
     let wp = ObjectRef { namespace: "demo".into(), name: "wp".into() };
-    RouteSet::build(&[Source { file: "r.yaml".into(), text: text.into() }], &reg, &wp)
+    RouteSet::build(
+        &[Source { file: "r.yaml".into(), text: text.into() }],
+        &reg,
+        &wp,
+        crate::policy::DEFAULT_ROOT_NAMESPACE,
+    )
 }
 
 const GOOD: &str = r"
