@@ -28,6 +28,9 @@ pub mod eval;
 pub mod path;
 pub mod target;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 
 use serde::Deserialize;
