@@ -212,7 +212,9 @@ pub enum Caveat {
     L7PartsDropped(String),
     /// The policy attaches to a gateway or waypoint (`targetRef(s)`), which an
     /// L4 agent does not run; it is not applied (ztunnel ignores it too).
-    #[error("targets a gateway/waypoint, not workloads: the policy is not applied by the node agent")]
+    #[error(
+        "targets a Service or waypoint: enforced by the waypoint (with its L7 attributes), not by the node agents"
+    )]
     TargetRef,
     /// A DENY or AUDIT policy with no rules never matches anything.
     #[error("a {0} policy without rules never matches (only ALLOW policies without rules have an effect: they deny everything)")]

@@ -229,6 +229,46 @@ struct EvalArgs {
     /// agent does (the problems are still printed).
     #[arg(long)]
     skip_invalid: bool,
+    /// A request through a waypoint instead of a connection: the Service
+    /// it is for (in --dst-namespace). Any of the L7 flags below does the
+    /// same; policies with targetRefs decide, as the waypoint would.
+    #[arg(long, help_heading = "Requests at a waypoint")]
+    service: Option<String>,
+    /// The waypoint, NAMESPACE/NAME (default: --dst-namespace/waypoint).
+    #[arg(long, help_heading = "Requests at a waypoint")]
+    waypoint: Option<String>,
+    /// HTTP method.
+    #[arg(long, help_heading = "Requests at a waypoint")]
+    method: Option<String>,
+    /// Request path (normalised as the waypoint does; the query is ignored).
+    #[arg(long, help_heading = "Requests at a waypoint")]
+    path: Option<String>,
+    /// Host (:authority).
+    #[arg(long, help_heading = "Requests at a waypoint")]
+    host: Option<String>,
+    /// A request header, "name: value"; may be repeated.
+    #[arg(long = "header", short = 'H', help_heading = "Requests at a waypoint")]
+    headers: Vec<String>,
+    /// The request principal of a verified JWT, ISSUER/SUBJECT.
+    #[arg(long, help_heading = "Requests at a waypoint")]
+    request_principal: Option<String>,
+    /// A claim of the verified JWT, name=value; may be repeated (a repeated
+    /// name makes a list).
+    #[arg(long = "claim", help_heading = "Requests at a waypoint")]
+    claims: Vec<String>,
+}
+
+impl EvalArgs {
+    fn is_request(&self) -> bool {
+        self.service.is_some()
+            || self.waypoint.is_some()
+            || self.method.is_some()
+            || self.path.is_some()
+            || self.host.is_some()
+            || !self.headers.is_empty()
+            || self.request_principal.is_some()
+            || !self.claims.is_empty()
+    }
 }
 
 /// Workload labels from `--dst-labels`.
@@ -481,9 +521,25 @@ fn check(paths: &[PathBuf], root_namespace: &str) -> Checked {
     let loaded = load::load_paths(paths);
     let origins: Vec<load::Origin> = loaded.objects.iter().map(|(o, _)| o.clone()).collect();
     let objects = origins.len();
+    // Policies with targetRefs are the waypoint's: checked as it checks them too.
+    let targeted = loaded.objects.iter().map(|(o, p)| (o.to_string(), p.clone())).collect();
+    let waypoint = policy::l7::WaypointPolicies::build(targeted, Vec::new(), root_namespace);
     let (set, policy_errors) = PolicySet::from_objects(loaded.objects.into_iter().map(|(_, o)| o), root_namespace);
     let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
     errors.extend(policy_errors.iter().map(|e| format!("{}: {e}", origins[e.index])));
+    for s in waypoint.statuses().iter().filter(|s| !s.accepted) {
+        for p in &s.problems {
+            let line = format!(
+                "{}: policy {}: {p} (at the waypoint)",
+                s.origin,
+                s.object.trim_start_matches("authorizationpolicy/")
+            );
+            // The node agents' compiler may have said it already.
+            if !errors.iter().any(|e| e.starts_with(&s.origin) && e.contains(p.split(": ").next().unwrap_or(p))) {
+                errors.push(line);
+            }
+        }
+    }
     let warnings = set.warnings().iter().map(|w| (w.policy.clone(), format!("{}: {w}", origins[w.index]))).collect();
     let notes = loaded
         .skipped
@@ -494,6 +550,9 @@ fn check(paths: &[PathBuf], root_namespace: &str) -> Checked {
 }
 
 fn policy_eval(args: &EvalArgs, output: Output) -> u8 {
+    if args.is_request() {
+        return policy_eval_request(args, output);
+    }
     let checked = check(&args.policies, &args.root_namespace);
     let labels = &args.dst_labels.0;
     let applied = checked.set.applicable(&args.dst_namespace, labels);
@@ -537,6 +596,116 @@ fn policy_eval(args: &EvalArgs, output: Output) -> u8 {
         for w in &warnings {
             eprintln!("warning: {w}");
         }
+        println!("{decision}");
+    }
+    if decision.is_allowed() {
+        EXIT_ALLOW
+    } else {
+        EXIT_DENY
+    }
+}
+
+/// `heddle policy eval` for a request at a waypoint.
+fn policy_eval_request(args: &EvalArgs, output: Output) -> u8 {
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+    use policy::l7::{self, Authenticated, RequestFacts, WaypointPolicies};
+    let loaded = load::load_paths(&args.policies);
+    let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    let objects = loaded.objects.into_iter().map(|(o, p)| (o.to_string(), p)).collect();
+    let set = WaypointPolicies::build(objects, Vec::new(), &args.root_namespace);
+    let rejected: Vec<String> = set
+        .statuses()
+        .iter()
+        .filter(|s| !s.accepted)
+        .flat_map(|s| s.problems.iter().map(move |p| format!("{} ({}): {p}", s.object, s.origin)))
+        .collect();
+    if args.skip_invalid {
+        for e in &rejected {
+            eprintln!("warning: invalid policy (its targets are denied, as at the waypoint): {e}");
+        }
+    } else {
+        errors.extend(rejected);
+    }
+    let waypoint = args.waypoint.clone().unwrap_or_else(|| format!("{}/waypoint", args.dst_namespace));
+    let Some((wp_ns, wp_name)) = waypoint.split_once('/') else {
+        errors.push(format!("--waypoint {waypoint:?} is not NAMESPACE/NAME"));
+        report_invalid(&errors, output);
+        return EXIT_INVALID;
+    };
+    let mut headers = HeaderMap::new();
+    for h in &args.headers {
+        let parsed = h.split_once(':').and_then(|(k, v)| {
+            Some((
+                HeaderName::from_bytes(k.trim().to_ascii_lowercase().as_bytes()).ok()?,
+                HeaderValue::try_from(v.trim()).ok()?,
+            ))
+        });
+        match parsed {
+            Some((k, v)) => {
+                headers.append(k, v);
+            }
+            None => errors.push(format!("--header {h:?} is not \"name: value\"")),
+        }
+    }
+    let raw_path = args.path.as_deref().unwrap_or("/");
+    let raw_path = raw_path.split_once('?').map_or(raw_path, |(p, _)| p);
+    let path = match l7::path::normalize(raw_path) {
+        Ok(p) => p.into_owned(),
+        Err(e) => {
+            errors.push(format!("--path {raw_path:?}: {e} (the waypoint answers 400)"));
+            String::new()
+        }
+    };
+    let mut claims = serde_json::Map::new();
+    for c in &args.claims {
+        let Some((k, v)) = c.split_once('=') else {
+            errors.push(format!("--claim {c:?} is not name=value"));
+            continue;
+        };
+        let v = Value::String(v.to_owned());
+        match claims.get_mut(k) {
+            Some(Value::Array(list)) => list.push(v),
+            Some(first) => *first = Value::Array(vec![first.clone(), v]),
+            None => {
+                claims.insert(k.to_owned(), v);
+            }
+        }
+    }
+    if !errors.is_empty() {
+        report_invalid(&errors, output);
+        return EXIT_INVALID;
+    }
+    let auth = (args.request_principal.is_some() || !claims.is_empty()).then(|| Authenticated {
+        principal: args.request_principal.clone().unwrap_or_default(),
+        audiences: claims.get("aud").and_then(Value::as_str).map(|a| vec![a.to_owned()]).unwrap_or_default(),
+        presenter: claims.get("azp").and_then(Value::as_str).map(str::to_owned),
+        claims,
+        by: policy::PolicyRef::new("-", "--request-principal"),
+        location: l7::authn::Location::Param(String::new()),
+        forward: false,
+        add_headers: Vec::new(),
+    });
+    let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let host = args.host.clone().unwrap_or_default().to_ascii_lowercase();
+    let facts = RequestFacts {
+        service: args.service.as_deref().map(|s| (args.dst_namespace.as_str(), s)),
+        waypoint: (wp_ns, wp_name),
+        src_ip: args.src_ip.unwrap_or(unspecified),
+        peer: args.src_principal.as_ref(),
+        dst: SocketAddr::new(args.dst_ip.unwrap_or(unspecified), args.dst_port),
+        method: args.method.as_deref().unwrap_or("GET"),
+        host: &host,
+        path: &path,
+        headers: &headers,
+        auth: auth.as_ref(),
+        http: true,
+    };
+    let decision = l7::authorize_request(&set, &facts);
+    if output == Output::Json {
+        let mut out = decision.to_json();
+        out["path"] = json!(path);
+        println!("{out}");
+    } else {
         println!("{decision}");
     }
     if decision.is_allowed() {

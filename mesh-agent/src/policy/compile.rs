@@ -198,6 +198,8 @@ impl Cx {
         }
         let targeted = spec.target_ref.is_some() || !spec.target_refs.is_empty();
         if targeted {
+            // The waypoint sees L7: the node agents' caveats about it do not apply.
+            self.warnings.retain(|w| !matches!(w.caveat, Caveat::L7RuleNeverMatches(_) | Caveat::L7PartsDropped(_)));
             let field = if spec.target_ref.is_some() { "spec.targetRef" } else { "spec.targetRefs" };
             self.warn(field, Caveat::TargetRef);
         }

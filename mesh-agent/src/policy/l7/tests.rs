@@ -126,8 +126,7 @@ spec:
 
 #[test]
 fn a_rejected_policy_closes_its_target_and_says_why() {
-    let s = set(
-        r#"
+    let s = set(r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: broken, namespace: shop}
@@ -136,24 +135,25 @@ spec:
   action: DENY
   rules:
   - when: [{key: "request.header[x]", values: ["1"]}]
-"#,
-    );
+"#);
     let d = decide(&s, &req("GET", "/"));
     assert_eq!((d.verdict, d.reason), (Verdict::Deny, Reason::PolicyRejected));
     assert_eq!(d.policy.unwrap().to_string(), "shop/broken");
     let st = &s.statuses()[0];
     assert!(!st.accepted);
-    assert!(st.problems[0].contains("spec.rules[0].when[0].key") && st.problems[0].contains("request.header[x]"), "{:?}", st.problems);
+    assert!(
+        st.problems[0].contains("spec.rules[0].when[0].key") && st.problems[0].contains("request.header[x]"),
+        "{:?}",
+        st.problems
+    );
     // Unreadable targets close the whole namespace.
-    let s = set(
-        r#"
+    let s = set(r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: odd, namespace: shop}
 spec:
   targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: x}]
-"#,
-    );
+"#);
     let mut r = req("GET", "/");
     r.service = ("shop", "cart");
     assert_eq!(decide(&s, &r).reason, Reason::PolicyRejected);
@@ -163,15 +163,13 @@ spec:
 
 #[test]
 fn policies_without_targets_are_the_node_agents() {
-    let s = set(
-        r#"
+    let s = set(r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: l4, namespace: shop}
 spec:
   rules: [{from: [{source: {namespaces: [nobody]}}]}]
-"#,
-    );
+"#);
     assert!(s.is_empty() && s.statuses().is_empty());
 }
 
@@ -281,16 +279,14 @@ spec:
 #[test]
 fn keys_from_a_uri_are_needed_before_any_token_passes() {
     let (jwks, key) = es256();
-    let s = set(
-        r#"
+    let s = set(r#"
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {name: jwt, namespace: shop}
 spec:
   targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
   jwtRules: [{issuer: iss, jwksUri: "http://keys.auth.svc:8080/jwks"}]
-"#,
-    );
+"#);
     assert_eq!(s.jwks_uris(), ["http://keys.auth.svc:8080/jwks"]);
     let authns = s.authns_for(Some(("shop", "api")), ("shop", "waypoint")).unwrap();
     let mut h = HeaderMap::new();
@@ -303,8 +299,7 @@ spec:
 
 #[test]
 fn a_bad_request_authentication_is_rejected_with_each_problem() {
-    let s = set(
-        r#"
+    let s = set(r#"
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {name: bad, namespace: shop}
@@ -315,8 +310,7 @@ spec:
     jwks: "{not json"
   - issuer: x
     jwksUri: https://example.com/keys
-"#,
-    );
+"#);
     let st = &s.statuses()[0];
     assert!(!st.accepted);
     let all = st.problems.join("\n");
