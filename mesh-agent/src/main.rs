@@ -257,12 +257,12 @@ struct WaypointArgs {
     /// Tokio worker threads.
     #[arg(long, env = "HEDDLE_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
-    /// Namespace whose policies may attach to every waypoint (GatewayClass
-    /// heddle-waypoint).
+    /// Namespace whose policies may attach to every waypoint (`GatewayClass`
+    /// `heddle-waypoint`).
     #[arg(long, env = "HEDDLE_ROOT_NAMESPACE", default_value = mesh_agent::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
-    /// Authorization policies (AuthorizationPolicy with targetRefs,
-    /// RequestAuthentication): a YAML file or directory, re-read every
+    /// Authorization policies (`AuthorizationPolicy` with `targetRefs`,
+    /// `RequestAuthentication`): a YAML file or directory, re-read every
     /// second like --routes (the node agents' --policies directory can be
     /// given as is: policies without targetRefs are theirs and skipped).
     #[arg(long, env = "HEDDLE_WAYPOINT_POLICIES", conflicts_with = "kubernetes")]

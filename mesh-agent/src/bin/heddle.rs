@@ -605,9 +605,49 @@ fn policy_eval(args: &EvalArgs, output: Output) -> u8 {
     }
 }
 
+/// `--header "name: value"` flags as a header map.
+fn request_headers(flags: &[String], errors: &mut Vec<String>) -> hyper::header::HeaderMap {
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+    let mut headers = HeaderMap::new();
+    for h in flags {
+        let parsed = h.split_once(':').and_then(|(k, v)| {
+            Some((
+                HeaderName::from_bytes(k.trim().to_ascii_lowercase().as_bytes()).ok()?,
+                HeaderValue::try_from(v.trim()).ok()?,
+            ))
+        });
+        match parsed {
+            Some((k, v)) => {
+                headers.append(k, v);
+            }
+            None => errors.push(format!("--header {h:?} is not \"name: value\"")),
+        }
+    }
+    headers
+}
+
+/// `--claim name=value` flags as JWT claims (a repeated name makes a list).
+fn jwt_claims(flags: &[String], errors: &mut Vec<String>) -> serde_json::Map<String, Value> {
+    let mut claims = serde_json::Map::new();
+    for c in flags {
+        let Some((k, v)) = c.split_once('=') else {
+            errors.push(format!("--claim {c:?} is not name=value"));
+            continue;
+        };
+        let v = Value::String(v.to_owned());
+        match claims.get_mut(k) {
+            Some(Value::Array(list)) => list.push(v),
+            Some(first) => *first = Value::Array(vec![first.clone(), v]),
+            None => {
+                claims.insert(k.to_owned(), v);
+            }
+        }
+    }
+    claims
+}
+
 /// `heddle policy eval` for a request at a waypoint.
 fn policy_eval_request(args: &EvalArgs, output: Output) -> u8 {
-    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
     use policy::l7::{self, Authenticated, RequestFacts, WaypointPolicies};
     let loaded = load::load_paths(&args.policies);
     let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
@@ -632,21 +672,7 @@ fn policy_eval_request(args: &EvalArgs, output: Output) -> u8 {
         report_invalid(&errors, output);
         return EXIT_INVALID;
     };
-    let mut headers = HeaderMap::new();
-    for h in &args.headers {
-        let parsed = h.split_once(':').and_then(|(k, v)| {
-            Some((
-                HeaderName::from_bytes(k.trim().to_ascii_lowercase().as_bytes()).ok()?,
-                HeaderValue::try_from(v.trim()).ok()?,
-            ))
-        });
-        match parsed {
-            Some((k, v)) => {
-                headers.append(k, v);
-            }
-            None => errors.push(format!("--header {h:?} is not \"name: value\"")),
-        }
-    }
+    let headers = request_headers(&args.headers, &mut errors);
     let raw_path = args.path.as_deref().unwrap_or("/");
     let raw_path = raw_path.split_once('?').map_or(raw_path, |(p, _)| p);
     let path = match l7::path::normalize(raw_path) {
@@ -656,21 +682,7 @@ fn policy_eval_request(args: &EvalArgs, output: Output) -> u8 {
             String::new()
         }
     };
-    let mut claims = serde_json::Map::new();
-    for c in &args.claims {
-        let Some((k, v)) = c.split_once('=') else {
-            errors.push(format!("--claim {c:?} is not name=value"));
-            continue;
-        };
-        let v = Value::String(v.to_owned());
-        match claims.get_mut(k) {
-            Some(Value::Array(list)) => list.push(v),
-            Some(first) => *first = Value::Array(vec![first.clone(), v]),
-            None => {
-                claims.insert(k.to_owned(), v);
-            }
-        }
-    }
+    let claims = jwt_claims(&args.claims, &mut errors);
     if !errors.is_empty() {
         report_invalid(&errors, output);
         return EXIT_INVALID;

@@ -5,7 +5,7 @@
 //!
 //! What this module owns:
 //! - [`target`]: what `targetRef(s)` may name (Service, Gateway, the
-//!   `heddle-waypoint` GatewayClass from the root namespace).
+//!   `heddle-waypoint` `GatewayClass` from the root namespace).
 //! - [`compile`]: targeted policies with every attribute (`methods`,
 //!   `paths` with `{*}`/`{**}`, `hosts`, `requestPrincipals`, `when` on
 //!   `request.headers[...]`, `request.auth.*`, and the L4 ones).
@@ -105,13 +105,13 @@ impl WaypointPolicies {
     /// Policies without targets are the node agents' and are skipped.
     #[must_use]
     pub fn build(
-        authz: Vec<(String, AuthorizationPolicy)>,
-        authn: Vec<(String, RequestAuthentication)>,
+        policies: Vec<(String, AuthorizationPolicy)>,
+        authentications: Vec<(String, RequestAuthentication)>,
         root_namespace: &str,
     ) -> Self {
         let mut set = Self { root_namespace: root_namespace.to_owned(), ..Self::default() };
         let mut seen: HashMap<PolicyRef, String> = HashMap::new();
-        for (index, (origin, obj)) in authz.into_iter().enumerate() {
+        for (index, (origin, obj)) in policies.into_iter().enumerate() {
             let id = policy_ref(&obj);
             let raw_targets = raw_targets(&obj.spec, id.namespace(), root_namespace);
             if raw_targets.is_none() {
@@ -134,7 +134,7 @@ impl WaypointPolicies {
             match outcome {
                 Ok((policy, warnings)) => {
                     let at = set.policies.len();
-                    for t in policy.targets.iter() {
+                    for t in &policy.targets {
                         set.by_target.entry(t.clone()).or_default().push(at);
                     }
                     set.statuses.push(ObjectStatus {
@@ -170,13 +170,13 @@ impl WaypointPolicies {
         for (rank, at) in order.into_iter().enumerate() {
             set.policies[at].order = u32::try_from(rank).unwrap_or(u32::MAX);
         }
-        for (index, (origin, obj)) in authn.into_iter().enumerate() {
-            set.add_authn(index, origin, obj);
+        for (index, (origin, obj)) in authentications.into_iter().enumerate() {
+            set.add_authn(index, origin, &obj);
         }
         set
     }
 
-    fn add_authn(&mut self, index: usize, origin: String, obj: RequestAuthentication) {
+    fn add_authn(&mut self, index: usize, origin: String, obj: &RequestAuthentication) {
         let ns =
             obj.metadata.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| super::DEFAULT_NAMESPACE.into());
         let id = PolicyRef::new(&ns, if obj.metadata.name.is_empty() { "<unnamed>" } else { &obj.metadata.name });
@@ -327,15 +327,15 @@ impl WaypointPolicies {
         if let Some(p) = targets.iter().flatten().find_map(|t| self.rejected_authn.get(t)) {
             return Err(p);
         }
-        let mut out: Vec<&RequestAuthn> = Vec::new();
+        let mut found: Vec<usize> = Vec::new();
         for t in targets.iter().flatten() {
             for &at in self.authn_by_target.get(t).into_iter().flatten() {
-                if !out.iter().any(|a| std::ptr::eq(*a, &self.authns[at])) {
-                    out.push(&self.authns[at]);
+                if !found.contains(&at) {
+                    found.push(at);
                 }
             }
         }
-        Ok(out)
+        Ok(found.into_iter().map(|at| &self.authns[at]).collect())
     }
 
     /// Every `jwksUri` the waypoint must fetch.
@@ -366,10 +366,13 @@ fn denial_note(targets: &[Target], known: bool, namespace: &str) -> String {
     }
 }
 
+/// Targets read, and the problems of the references that did not read.
+type ReadTargets = (Vec<Target>, Vec<(String, Problem)>);
+
 /// `spec.targetRef(s)` read leniently (for a policy that may be invalid):
 /// `None` when it has none (the node agents' policy), else the targets
 /// that parse and the problems of those that do not.
-fn raw_targets(spec: &serde_json::Value, namespace: &str, root: &str) -> Option<(Vec<Target>, Vec<(String, Problem)>)> {
+fn raw_targets(spec: &serde_json::Value, namespace: &str, root: &str) -> Option<ReadTargets> {
     let one = spec.get("targetRef").filter(|v| !v.is_null());
     let many: &[serde_json::Value] = spec.get("targetRefs").and_then(|v| v.as_array()).map_or(&[], Vec::as_slice);
     if one.is_none() && many.is_empty() {

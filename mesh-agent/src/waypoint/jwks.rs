@@ -1,6 +1,6 @@
 //! The JWKS of `RequestAuthentication` rules that name a `jwksUri`,
 //! fetched by the waypoint: `http://` URLs inside the cluster (plain HTTP/1.1,
-//! [`FETCH_TIMEOUT`]) and `file://` paths (a mounted Secret or ConfigMap).
+//! [`FETCH_TIMEOUT`]) and `file://` paths (a mounted Secret or `ConfigMap`).
 //!
 //! One task follows the routes in force: a new URI is fetched at once, a
 //! fetched one again every [`REFRESH`] (key rotation), a failed one every

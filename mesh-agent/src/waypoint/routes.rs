@@ -187,8 +187,8 @@ impl RouteSet {
         let mut docs = Vec::new();
         let mut policies = Vec::new();
         let mut budgets = Vec::new();
-        let mut authz = Vec::new();
-        let mut authn = Vec::new();
+        let mut authorizations = Vec::new();
+        let mut authentications = Vec::new();
         for s in sources {
             for (i, doc) in split_documents(&s.text).into_iter().enumerate() {
                 let origin = format!("{}#{}", s.file.display(), i + 1);
@@ -198,8 +198,8 @@ impl RouteSet {
                     load::Document::Route(value) => docs.push(Ok((origin, value))),
                     load::Document::RateLimit(Ok((p, unknown))) => policies.push((origin, p, unknown)),
                     load::Document::RetryBudget(Ok((p, unknown))) => budgets.push((origin, p, unknown)),
-                    load::Document::Authorization(p) => authz.push((origin, *p)),
-                    load::Document::Authentication(a) => authn.push((origin, *a)),
+                    load::Document::Authorization(p) => authorizations.push((origin, *p)),
+                    load::Document::Authentication(a) => authentications.push((origin, *a)),
                     load::Document::RateLimit(Err(status))
                     | load::Document::DestinationRule(Err(status))
                     | load::Document::RetryBudget(Err(status)) => {
@@ -262,31 +262,9 @@ impl RouteSet {
             }
             set.statuses.push(compiled.status);
         }
-        set.authz = crate::policy::l7::WaypointPolicies::build(authz, authn, root_namespace);
-        for s in set.authz.statuses() {
-            set.statuses.push(RouteStatus {
-                route: s.object.clone(),
-                source: s.origin.clone(),
-                accepted: s.accepted,
-                parents: s
-                    .targets
-                    .iter()
-                    .map(|t| ParentStatus {
-                        parent: t.clone(),
-                        port: None,
-                        attached: true,
-                        conditions: vec![Condition::accepted(
-                            s.accepted,
-                            if s.accepted { "Accepted" } else { "Invalid" },
-                            if s.accepted { String::new() } else { s.problems.join("; ") },
-                        )],
-                    })
-                    .collect(),
-                problems: s.problems.clone(),
-                notes: s.notes.clone(),
-                rules: 0,
-            });
-        }
+        set.authz = crate::policy::l7::WaypointPolicies::build(authorizations, authentications, root_namespace);
+        let policy_statuses: Vec<RouteStatus> = set.authz.statuses().iter().map(policy_status).collect();
+        set.statuses.extend(policy_statuses);
         set
     }
 
@@ -304,6 +282,31 @@ impl RouteSet {
             .filter(|s| !s.problems.is_empty())
             .map(|s| (s.route.clone(), s.problems.join("; ")))
             .collect()
+    }
+}
+
+/// The status of an authorization object, in the routes' shape: one
+/// parent per target.
+fn policy_status(s: &crate::policy::l7::ObjectStatus) -> RouteStatus {
+    let reason = if s.accepted { "Accepted" } else { "Invalid" };
+    let message = if s.accepted { String::new() } else { s.problems.join("; ") };
+    RouteStatus {
+        route: s.object.clone(),
+        source: s.origin.clone(),
+        accepted: s.accepted,
+        parents: s
+            .targets
+            .iter()
+            .map(|t| ParentStatus {
+                parent: t.clone(),
+                port: None,
+                attached: true,
+                conditions: vec![Condition::accepted(s.accepted, reason, message.clone())],
+            })
+            .collect(),
+        problems: s.problems.clone(),
+        notes: s.notes.clone(),
+        rules: 0,
     }
 }
 

@@ -183,52 +183,19 @@ pub fn compile(index: usize, id: PolicyRef, spec: &Spec, root: &str) -> Result<O
         } else if !issuers.insert(r.issuer.clone()) {
             error(at(".issuer"), Problem::Jwt(format!("issuer {:?} is named by an earlier rule", r.issuer)));
         }
-        let keys = match (&r.jwks, &r.jwks_uri) {
-            (Some(_), Some(_)) => {
-                error(at(""), Problem::Jwt("set jwks or jwksUri, not both".into()));
-                None
-            }
-            (Some(text), None) => match serde_json::from_str::<JwkSet>(text) {
-                Ok(set) if set.keys.is_empty() => {
-                    error(at(".jwks"), Problem::Jwt("the JWKS has no keys".into()));
-                    None
-                }
-                Ok(set) => match set.keys.iter().position(|k| DecodingKey::from_jwk(k).is_err()) {
-                    Some(bad) => {
-                        error(at(&format!(".jwks.keys[{bad}]")), Problem::Jwt("not a usable public key".into()));
-                        None
-                    }
-                    None => Some(Keys::Inline(set)),
-                },
-                Err(e) => {
-                    error(at(".jwks"), Problem::Jwt(format!("not a JWKS: {e}")));
-                    None
-                }
-            },
-            (None, Some(uri)) if uri.starts_with("http://") || uri.starts_with("file://") => {
-                Some(Keys::Uri(uri.clone()))
-            }
-            (None, Some(uri)) => {
-                error(
-                    at(".jwksUri"),
-                    Problem::Jwt(format!("{uri:?}: Heddle fetches http:// URLs inside the cluster and file:// paths (https:// is not supported yet: inline the keys with jwks)")),
-                );
-                None
-            }
-            (None, None) => {
-                error(
-                    at(""),
-                    Problem::Jwt("jwks or jwksUri is required (Istio's OIDC discovery is not supported)".into()),
-                );
+        let keys = match rule_keys(r) {
+            Ok(k) => Some(k),
+            Err((field, problem)) => {
+                error(at(field), problem);
                 None
             }
         };
-        let mut header = |f: String, name: &str| match HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
-            Ok(h) => Some(h),
-            Err(_) => {
+        let mut header = |f: String, name: &str| {
+            let parsed = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).ok();
+            if parsed.is_none() {
                 error(f, Problem::HeaderName(name.to_owned()));
-                None
             }
+            parsed
         };
         let mut locations: Vec<Location> = Vec::new();
         for (j, h) in r.from_headers.iter().enumerate() {
@@ -268,6 +235,32 @@ pub fn compile(index: usize, id: PolicyRef, spec: &Spec, root: &str) -> Result<O
         Ok(Some(RequestAuthn { id, targets, rules }))
     } else {
         Err(errors)
+    }
+}
+
+/// Where a rule's keys come from, or the problem (field suffix, problem).
+fn rule_keys(r: &JwtRuleSpec) -> Result<Keys, (&'static str, Problem)> {
+    let jwt = |s: &str| Problem::Jwt(s.to_owned());
+    match (&r.jwks, &r.jwks_uri) {
+        (Some(_), Some(_)) => Err(("", jwt("set jwks or jwksUri, not both"))),
+        (Some(text), None) => {
+            let set = serde_json::from_str::<JwkSet>(text).map_err(|e| (".jwks", Problem::Jwt(format!("not a JWKS: {e}"))))?;
+            if set.keys.is_empty() {
+                return Err((".jwks", jwt("the JWKS has no keys")));
+            }
+            if let Some(bad) = set.keys.iter().position(|k| DecodingKey::from_jwk(k).is_err()) {
+                return Err((".jwks", Problem::Jwt(format!("keys[{bad}] is not a usable public key"))));
+            }
+            Ok(Keys::Inline(set))
+        }
+        (None, Some(uri)) if uri.starts_with("http://") || uri.starts_with("file://") => Ok(Keys::Uri(uri.clone())),
+        (None, Some(uri)) => Err((
+            ".jwksUri",
+            Problem::Jwt(format!(
+                "{uri:?}: Heddle fetches http:// URLs inside the cluster and file:// paths (https:// is not supported yet: inline the keys with jwks)"
+            )),
+        )),
+        (None, None) => Err(("", jwt("jwks or jwksUri is required (Istio's OIDC discovery is not supported)"))),
     }
 }
 

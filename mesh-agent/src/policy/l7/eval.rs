@@ -143,7 +143,7 @@ impl PathPattern {
             PathPattern::Template(segs) => {
                 let Some(rest) = path.strip_prefix('/') else { return false };
                 let mut parts = rest.split('/');
-                for seg in segs.iter() {
+                for seg in &**segs {
                     match seg {
                         Segment::Rest => return true,
                         Segment::One => {

@@ -10,17 +10,17 @@ use crate::policy::{AuthorizationPolicy, PeerIdentity, Reason, Verdict};
 const ROOT: &str = "heddle-system";
 
 fn set(yaml: &str) -> WaypointPolicies {
-    let mut authz = Vec::new();
-    let mut authn = Vec::new();
+    let mut policies = Vec::new();
+    let mut authentications = Vec::new();
     for (i, doc) in yaml.split("\n---\n").enumerate() {
         let v: serde_json::Value = serde_yaml_ng::from_str(doc).unwrap();
         if v["kind"] == "RequestAuthentication" {
-            authn.push((format!("doc{i}"), serde_json::from_value::<RequestAuthentication>(v).unwrap()));
+            authentications.push((format!("doc{i}"), serde_json::from_value::<RequestAuthentication>(v).unwrap()));
         } else {
-            authz.push((format!("doc{i}"), serde_json::from_value::<AuthorizationPolicy>(v).unwrap()));
+            policies.push((format!("doc{i}"), serde_json::from_value::<AuthorizationPolicy>(v).unwrap()));
         }
     }
-    WaypointPolicies::build(authz, authn, ROOT)
+    WaypointPolicies::build(policies, authentications, ROOT)
 }
 
 struct Req {
@@ -147,13 +147,13 @@ spec:
         st.problems
     );
     // Unreadable targets close the whole namespace.
-    let s = set(r#"
+    let s = set(r"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: odd, namespace: shop}
 spec:
   targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: x}]
-"#);
+");
     let mut r = req("GET", "/");
     r.service = ("shop", "cart");
     assert_eq!(decide(&s, &r).reason, Reason::PolicyRejected);
@@ -163,13 +163,13 @@ spec:
 
 #[test]
 fn policies_without_targets_are_the_node_agents() {
-    let s = set(r#"
+    let s = set(r"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: l4, namespace: shop}
 spec:
   rules: [{from: [{source: {namespaces: [nobody]}}]}]
-"#);
+");
     assert!(s.is_empty() && s.statuses().is_empty());
 }
 
