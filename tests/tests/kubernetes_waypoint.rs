@@ -122,10 +122,14 @@ impl Cluster {
             plural: "httplocalratelimitpolicies".into(),
             namespaced: true,
         });
-        // Istio's traffic API, as when Istio's CRDs are installed.
-        for (kind, plural) in [("VirtualService", "virtualservices"), ("DestinationRule", "destinationrules")] {
+        // Istio's traffic and security APIs, as when Istio's CRDs are installed.
+        for (api_version, kind, plural) in [
+            ("networking.istio.io/v1", "VirtualService", "virtualservices"),
+            ("networking.istio.io/v1", "DestinationRule", "destinationrules"),
+            ("security.istio.io/v1", "AuthorizationPolicy", "authorizationpolicies"),
+        ] {
             api.register_crd(Resource {
-                api_version: "networking.istio.io/v1".into(),
+                api_version: api_version.into(),
                 kind: kind.into(),
                 plural: plural.into(),
                 namespaced: true,
@@ -327,6 +331,29 @@ fn an_istio_virtual_service_from_the_api_routes_its_host(c: &Cluster, wp: &Waypo
     Ok(())
 }
 
+/// An Istio `AuthorizationPolicy` from the API, attached to the `api`
+/// Service: the waypoint denies `/hello/admin*` with 403 and names it.
+fn an_istio_authorization_policy_from_the_api_denies_a_path(c: &Cluster, wp: &Waypoint, url: &str) -> Result<()> {
+    c.api.apply(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-admin", "namespace": "demo"},
+        "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": "api"}], "action": "DENY",
+                 "rules": [{"to": [{"operation": {"paths": ["/hello/admin*"]}}]}]}
+    }))?;
+    wp.wait_route("authorizationpolicy/demo/no-admin", true)?;
+    let admin = l7::load(&c.client, &format!("{url}/admin/x"), 5, &[])?;
+    ensure!(admin["status"]["403"] == 5, "the path is denied: {admin}");
+    let other = l7::load(&c.client, url, 5, &[])?;
+    ensure!(other["status"]["200"] == 5, "other paths are not: {other}");
+    let denied = wp.flows("path=/hello/admin/x")?;
+    ensure!(
+        !denied.is_empty() && denied.iter().all(|f| f["policy"] == "demo/no-admin" && f["verdict"] == "denied"),
+        "records name the policy: {denied:?}"
+    );
+    c.api.delete("security.istio.io/v1", "AuthorizationPolicy", Some("demo"), "no-admin")?;
+    Ok(())
+}
+
 fn replicas_follow_the_gateway_annotation(c: &Cluster) -> Result<()> {
     let deploy = c.api.get("apps/v1", "Deployment", Some("demo"), "waypoint").context("Deployment")?;
     ensure!(deploy["spec"].get("replicas").is_none_or(|r| r == 1), "replicas before asking: {deploy}");
@@ -435,6 +462,7 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
 
             a_rate_limit_policy_from_the_api_limits_the_route(c, wp, &url)?;
             an_istio_virtual_service_from_the_api_routes_its_host(c, wp)?;
+            an_istio_authorization_policy_from_the_api_denies_a_path(c, wp, &url)?;
 
             // Removing the label returns the Service to the L4 path.
             c.api.apply(service("api", API_VIP, &json!({})))?;

@@ -85,6 +85,10 @@ impl RouteWatch {
             // Istio's traffic API, read when Istio's CRDs are installed.
             ("virtualservices", "networking.istio.io", "v1", "VirtualService"),
             ("destinationrules", "networking.istio.io", "v1", "DestinationRule"),
+            // L7 authorization: policies with targetRefs, JWT rules.
+            ("authorizationpolicies", crate::k8s::crd::GROUP, "v1alpha1", "AuthorizationPolicy"),
+            ("authorizationpolicies", "security.istio.io", "v1", "AuthorizationPolicy"),
+            ("requestauthentications", "security.istio.io", "v1", "RequestAuthentication"),
         ] {
             let res = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), name);
             let installed = crd_installed(&client, &res).await;
