@@ -169,8 +169,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let started = sources::start(&settings.source, &settings.waypoint, &settings.pod, &home, &stop).await?;
     let registry = started.registry;
     let (me, me_identity) = own_pod(&registry, &settings, &home)?;
-    let route_set =
-        Arc::new(routes::RouteSet::build(&started.routes, &registry, &settings.waypoint, &settings.root_namespace));
+    let mut last_good = routes::last_good::LastGood::default();
+    let route_set = Arc::new(last_good.build(&started.routes, &registry, &settings.waypoint, &settings.root_namespace));
     started.updates.initial_status(&route_set, &registry, &settings.waypoint).await;
     let (registry_tx, registry_rx) = watch::channel(registry);
     let (routes_tx, routes_rx) = watch::channel(route_set);
@@ -210,7 +210,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(admin::serve(admin, state.clone(), stop.clone()));
     tokio::spawn(admin::serve_metrics(metrics, state.clone(), stop.clone()));
     tokio::spawn(jwks::run(state.routes.clone(), state.jwks.clone(), stop.clone()));
-    tokio::spawn(started.updates.run(registry_tx, routes_tx, state.clone(), stop.clone()));
+    tokio::spawn(started.updates.run(registry_tx, routes_tx, state.clone(), last_good, stop.clone()));
     let served = tokio::spawn(listener::run(hbone, state.clone(), stop.clone()));
     tracing::info!(waypoint = %settings.waypoint, listen = %settings.listen, "waypoint serving");
     crate::agent::wait_for_shutdown().await?;

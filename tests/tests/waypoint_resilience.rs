@@ -438,12 +438,25 @@ fn istio_virtual_services_route_subsets_split_and_inject_faults_as_istio_does() 
         let flagged = m.waypoint.flows("response_flag=FI&path=/abort/measure&last=100000")?;
         ensure!(flagged.len() as u64 == aborted, "every abort is flagged FI: {} of {aborted}", flagged.len());
 
-        // A VirtualService whose weights do not sum to 100 is rejected
-        // alone; the one in force stays.
+        // An edit whose weights do not sum to 100 is rejected, with its
+        // problem named, and the last good version (the faults) stays in force.
         let bad = virtual_service(CANARY_90_10).replace("weight: 10", "weight: 5");
         m.tb.set_routes("routes", &bad)?;
-        let status = m.waypoint.wait_route("virtualservice/demo/api", false)?;
-        ensure!(status["problems"].to_string().contains("weights sum to 95, not 100"), "{status}");
+        let status = wait_for("the rejected edit reported", || {
+            let routes = m.waypoint.routes()?;
+            let vs = routes["routes"]
+                .as_array()
+                .and_then(|l| l.iter().find(|r| r["route"] == "virtualservice/demo/api"))
+                .cloned();
+            Ok(vs.filter(|v| v["problems"].to_string().contains("weights sum to 95, not 100")))
+        })?;
+        ensure!(
+            status["accepted"] == true && status["notes"].to_string().contains("last good version stays in force"),
+            "{status}"
+        );
+        let still = m.load(&url("/abort/still"), 200, &[])?;
+        let aborted_still = still["status"]["503"].as_u64().unwrap_or(0);
+        ensure!((50..=150).contains(&aborted_still), "the faults stay in force: {still}");
         eprintln!("istio: 40/40 to v1; 90/10 canary v2 {v2}/1000; jason delayed {slow:.0} ms, bob {fast:.0} ms; aborts {aborted}/1000");
         Ok(())
     });

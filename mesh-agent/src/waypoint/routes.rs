@@ -20,6 +20,7 @@ pub mod gateway_api;
 pub mod grants;
 pub mod istio;
 pub mod istio_api;
+pub mod last_good;
 pub mod load;
 pub mod matching;
 pub mod model;
@@ -176,9 +177,22 @@ pub struct RouteSet {
 
 impl RouteSet {
     /// Compiles `sources` for `waypoint` against `registry`: every
-    /// `ReferenceGrant` first, then the routes.
+    /// `ReferenceGrant` first, then the routes. (The waypoint builds through
+    /// [`last_good::LastGood`], which keeps an object's last good version
+    /// when an edit breaks it.)
     #[must_use]
     pub fn build(sources: &[Source], registry: &Registry, waypoint: &ObjectRef, root_namespace: &str) -> Self {
+        Self::build_documents(&documents(sources), registry, waypoint, root_namespace)
+    }
+
+    /// [`Self::build`] over documents already split, each `(origin, text)`.
+    #[must_use]
+    pub fn build_documents(
+        documents: &[(String, String)],
+        registry: &Registry,
+        waypoint: &ObjectRef,
+        root_namespace: &str,
+    ) -> Self {
         let mut set = RouteSet::default();
         let mut grants = grants::Grants::default();
         let mut subsets = istio::Subsets::default();
@@ -189,9 +203,9 @@ impl RouteSet {
         let mut budgets = Vec::new();
         let mut authorizations = Vec::new();
         let mut authentications = Vec::new();
-        for s in sources {
-            for (i, doc) in split_documents(&s.text).into_iter().enumerate() {
-                let origin = format!("{}#{}", s.file.display(), i + 1);
+        for (origin, doc) in documents {
+            let origin = origin.clone();
+            {
                 match load::parse_document(doc, &origin) {
                     load::Document::Grant(Ok(g)) => grants.add(*g),
                     load::Document::Grant(Err(status)) | load::Document::Invalid(status) => docs.push(Err(status)),
@@ -274,6 +288,11 @@ impl RouteSet {
         &self.statuses
     }
 
+    /// The status of the object read at `origin` (`file#N`), to annotate.
+    pub(crate) fn status_at_mut(&mut self, origin: &str) -> Option<&mut RouteStatus> {
+        self.statuses.iter_mut().find(|s| s.source == origin)
+    }
+
     /// (route, problem) of objects not (fully) accepted.
     #[must_use]
     pub fn rejected(&self) -> Vec<(String, String)> {
@@ -308,6 +327,20 @@ fn policy_status(s: &crate::policy::l7::ObjectStatus) -> RouteStatus {
         notes: s.notes.clone(),
         rules: 0,
     }
+}
+
+/// Every document of `sources`, `(file#N, text)`, in order.
+#[must_use]
+pub fn documents(sources: &[Source]) -> Vec<(String, String)> {
+    sources
+        .iter()
+        .flat_map(|s| {
+            split_documents(&s.text)
+                .into_iter()
+                .enumerate()
+                .map(move |(i, doc)| (format!("{}#{}", s.file.display(), i + 1), doc.to_owned()))
+        })
+        .collect()
 }
 
 /// Splits a multi-document YAML text at `---` lines, dropping empty ones.

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{routes, State};
+use super::{routes, routes::last_good::LastGood, State};
 use crate::{
     config,
     k8s::{
@@ -167,55 +167,59 @@ impl Updates {
         }
     }
 
-    /// Applies changes until `stop`.
+    /// Applies changes until `stop`; `last_good` holds what the first
+    /// build accepted.
     pub async fn run(
         self,
         registry_tx: watch::Sender<SharedRegistry>,
         routes_tx: watch::Sender<Arc<routes::RouteSet>>,
         state: Arc<State>,
+        mut last_good: LastGood,
         stop: CancellationToken,
     ) {
+        let mut out =
+            Outputs { registry_tx: &registry_tx, routes_tx: &routes_tx, state: &state, last_good: &mut last_good };
         match self {
             Self::File { config, routes, file, route_text } => {
-                follow_files(&config, &routes, file, route_text, &registry_tx, &routes_tx, &state, &stop).await;
+                follow_files(&config, &routes, file, route_text, &mut out, &stop).await;
             }
             Self::Kubernetes { registry, routes, status } => {
-                follow_api(registry, routes, &status, &registry_tx, &routes_tx, &state, &stop).await;
+                follow_api(registry, routes, &status, &mut out, &stop).await;
             }
         }
     }
 }
 
+/// Where a rebuild goes, and what it remembers.
+struct Outputs<'a> {
+    registry_tx: &'a watch::Sender<SharedRegistry>,
+    routes_tx: &'a watch::Sender<Arc<routes::RouteSet>>,
+    state: &'a State,
+    last_good: &'a mut LastGood,
+}
+
 /// Compiles and publishes a new registry and routes.
-fn apply(
-    registry: SharedRegistry,
-    sources: &[routes::Source],
-    registry_tx: &watch::Sender<SharedRegistry>,
-    routes_tx: &watch::Sender<Arc<routes::RouteSet>>,
-    state: &State,
-) -> Arc<routes::RouteSet> {
-    let set = routes::RouteSet::build(sources, &registry, &state.waypoint, &state.root_namespace);
+fn apply(registry: SharedRegistry, sources: &[routes::Source], out: &mut Outputs<'_>) -> Arc<routes::RouteSet> {
+    let state = out.state;
+    let set = out.last_good.build(sources, &registry, &state.waypoint, &state.root_namespace);
     for r in set.rejected() {
         tracing::warn!(route = %r.0, problem = %r.1, "route not (fully) accepted");
     }
     // Endpoints that left the registry lose their pooled connections.
     let live: HashSet<IpAddr> = registry.workloads().flat_map(|w| w.ips.iter().copied()).collect();
     state.upstreams.retain(&|a| live.contains(&a.ip()));
-    registry_tx.send_replace(registry);
+    out.registry_tx.send_replace(registry);
     let set = Arc::new(set);
-    routes_tx.send_replace(set.clone());
+    out.routes_tx.send_replace(set.clone());
     set
 }
 
-#[allow(clippy::too_many_arguments)] // the file mode's state, passed once
 async fn follow_files(
     config_path: &std::path::Path,
     routes_path: &[PathBuf],
     mut file: config::LocalConfig,
     mut route_text: Vec<routes::Source>,
-    registry_tx: &watch::Sender<SharedRegistry>,
-    routes_tx: &watch::Sender<Arc<routes::RouteSet>>,
-    state: &State,
+    out: &mut Outputs<'_>,
     stop: &CancellationToken,
 ) {
     let mut last_error = String::new();
@@ -241,7 +245,7 @@ async fn follow_files(
         if new_file == file && new_routes == route_text {
             continue;
         }
-        apply(Arc::new(Registry::from_config(&new_file)), &new_routes, registry_tx, routes_tx, state);
+        apply(Arc::new(Registry::from_config(&new_file)), &new_routes, out);
         tracing::info!("configuration or routes changed: applied");
         file = new_file;
         route_text = new_routes;
@@ -252,9 +256,7 @@ async fn follow_api(
     mut registry: watch::Receiver<SharedRegistry>,
     mut routes: watch::Receiver<Vec<routes::Source>>,
     status: &StatusWriter,
-    registry_tx: &watch::Sender<SharedRegistry>,
-    routes_tx: &watch::Sender<Arc<routes::RouteSet>>,
-    state: &State,
+    out: &mut Outputs<'_>,
     stop: &CancellationToken,
 ) {
     loop {
@@ -265,8 +267,8 @@ async fn follow_api(
         }
         let reg = registry.borrow_and_update().clone();
         let sources = routes.borrow_and_update().clone();
-        let set = apply(reg.clone(), &sources, registry_tx, routes_tx, state);
+        let set = apply(reg.clone(), &sources, out);
         tracing::info!(routes = sources.len(), "registry or routes changed in the Kubernetes API: applied");
-        status.write(&set, &reg, &state.waypoint).await;
+        status.write(&set, &reg, &out.state.waypoint).await;
     }
 }
