@@ -343,8 +343,12 @@ fn an_istio_authorization_policy_from_the_api_denies_a_path(c: &Cluster, wp: &Wa
     wp.wait_route("authorizationpolicy/demo/no-admin", true)?;
     let admin = l7::load(&c.client, &format!("{url}/admin/x"), 5, &[])?;
     ensure!(admin["status"]["403"] == 5, "the path is denied: {admin}");
+    // (The route's 3/s rate limit from the step before still applies.)
     let other = l7::load(&c.client, url, 5, &[])?;
-    ensure!(other["status"]["200"] == 5, "other paths are not: {other}");
+    ensure!(
+        other["status"].get("403").is_none() && other["status"]["200"].as_u64() > Some(0),
+        "other paths are not: {other}"
+    );
     let denied = wp.flows("path=/hello/admin/x")?;
     ensure!(
         !denied.is_empty() && denied.iter().all(|f| f["policy"] == "demo/no-admin" && f["verdict"] == "denied"),
