@@ -381,6 +381,9 @@ const FAULTS: &str = r"  - match: [{headers: {end-user: {exact: jason}}}]
     fault: {abort: {percentage: {value: 50.0}, httpStatus: 503}}
     retries: {attempts: 0}
     route: [{destination: {host: api, subset: v1}}]
+  - match: [{uri: {prefix: /sometimes-slow}}]
+    fault: {delay: {percentage: {value: 30.0}, fixedDelay: 2ms}}
+    route: [{destination: {host: api, subset: v1}}]
   - route: [{destination: {host: api, subset: v1}}]
 ";
 
@@ -422,7 +425,7 @@ fn istio_virtual_services_route_subsets_split_and_inject_faults_as_istio_does() 
         // ratings-test-delay and -abort, in the api's shape: jason waits,
         // others do not; /abort fails half the requests with 503 FI.
         m.tb.set_routes("routes", &virtual_service(FAULTS))?;
-        wait_rules(m, "virtualservice/demo/api", 3)?;
+        wait_rules(m, "virtualservice/demo/api", 4)?;
         let jason = m.load(&url("/delayed"), 3, &["end-user:jason"])?;
         let bob = m.load(&url("/delayed"), 3, &["end-user:bob"])?;
         let (slow, fast) = (jason["max_ms"].as_f64().unwrap_or(0.0), bob["max_ms"].as_f64().unwrap_or(f64::MAX));
@@ -430,6 +433,12 @@ fn istio_virtual_services_route_subsets_split_and_inject_faults_as_istio_does() 
         ensure!(bob["status"]["200"] == 3 && fast < 500.0, "bob is not: {bob}");
         let delayed = m.waypoint.flows("response_flag=DI&path=/delayed")?;
         ensure!(delayed.len() == 3, "delays are flagged DI: {delayed:?}");
+
+        // A 30% delay: the delayed share of 1,000 requests (sd 14.5, 5 sd either way).
+        let r = m.load(&url("/sometimes-slow"), 1000, &[])?;
+        ensure!(r["status"]["200"] == 1000, "delays never fail a request: {r}");
+        let slowed = m.waypoint.flows("response_flag=DI&path=/sometimes-slow&last=100000")?.len();
+        ensure!((228..=372).contains(&slowed), "30% of 1,000 requests delayed: {slowed}");
 
         let r = m.load(&url("/abort/measure"), 1000, &[])?;
         let aborted = r["status"]["503"].as_u64().unwrap_or(0);
@@ -457,7 +466,7 @@ fn istio_virtual_services_route_subsets_split_and_inject_faults_as_istio_does() 
         let still = m.load(&url("/abort/still"), 200, &[])?;
         let aborted_still = still["status"]["503"].as_u64().unwrap_or(0);
         ensure!((50..=150).contains(&aborted_still), "the faults stay in force: {still}");
-        eprintln!("istio: 40/40 to v1; 90/10 canary v2 {v2}/1000; jason delayed {slow:.0} ms, bob {fast:.0} ms; aborts {aborted}/1000");
+        eprintln!("istio: 40/40 to v1; 90/10 canary v2 {v2}/1000; jason delayed {slow:.0} ms, bob {fast:.0} ms; aborts {aborted}/1000, delays {slowed}/1000");
         Ok(())
     });
 }

@@ -185,6 +185,10 @@ impl StatusWriter {
             let Some((kind, ns, name)) = api_object(status) else {
                 continue;
             };
+            if let Some(istio) = istio_kind(kind) {
+                self.write_istio(status, istio, ns, name).await;
+                continue;
+            }
             let ours = parent_entries(status);
             {
                 let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -231,9 +235,69 @@ impl StatusWriter {
 }
 
 impl StatusWriter {
+    /// Istio's status of a `VirtualService` or `DestinationRule`: an
+    /// `Accepted` condition (`True`, or `False` naming every problem) and
+    /// `observedGeneration`, as an Istio control plane would report what it
+    /// did with the object; written only when it changes.
+    async fn write_istio(&self, status: &RouteStatus, (kind, plural): (&str, &str), ns: &str, name: &str) {
+        let ours = vec![istio_condition(status)];
+        if self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&status.route) == Some(&ours) {
+            return;
+        }
+        let res = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("networking.istio.io", "v1", kind), plural);
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &res);
+        let current = match api.get_status(name).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!(object = %status.route, error = %e, "cannot read the object's status");
+                return;
+            }
+        };
+        let previous = current.data.pointer("/status/conditions/0").cloned();
+        let mut condition = ours[0].clone();
+        let now = k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second).map(|t| t.to_string());
+        condition["lastTransitionTime"] = previous
+            .filter(|p| p.get("status") == condition.get("status"))
+            .and_then(|p| p.get("lastTransitionTime").cloned())
+            .unwrap_or_else(|| json!(now.unwrap_or_default()));
+        let patch = json!({"metadata": {"resourceVersion": current.metadata.resource_version},
+                           "status": {"conditions": [condition], "observedGeneration": current.metadata.generation.unwrap_or(0)}});
+        match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                tracing::info!(object = %status.route, accepted = status.accepted, "status written");
+                self.remember(&status.route, ours);
+            }
+            Err(e) => tracing::warn!(object = %status.route, error = %e, "cannot write the object's status"),
+        }
+    }
+
     fn remember(&self, route: &str, ours: Vec<Value>) {
         self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(route.to_owned(), ours);
     }
+}
+
+/// The Istio kinds whose status the waypoint writes: (kind, plural).
+fn istio_kind(kind: &str) -> Option<(&'static str, &'static str)> {
+    match kind {
+        "virtualservice" => Some(("VirtualService", "virtualservices")),
+        "destinationrule" => Some(("DestinationRule", "destinationrules")),
+        _ => None,
+    }
+}
+
+/// The `Accepted` condition of an Istio object (without its time).
+fn istio_condition(status: &RouteStatus) -> Value {
+    let ok = status.accepted && status.problems.is_empty();
+    let (reason, message) = if ok {
+        ("Accepted", "in force at the Heddle waypoint".to_owned())
+    } else {
+        let mut m = status.problems.join("; ");
+        if status.accepted {
+            m.push_str(" (the last accepted version stays in force)");
+        }
+        ("Invalid", m)
+    };
+    json!({"type": "Accepted", "status": if ok { "True" } else { "False" }, "reason": reason, "message": message})
 }
 
 /// `(kind, namespace, name)` of a status whose route came from the API.

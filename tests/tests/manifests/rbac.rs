@@ -149,6 +149,9 @@ fn the_waypoint_role_reads_the_registry_and_routes_and_writes_only_route_status(
         ("heddle.dev", "retrybudgetpolicies"),
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
+        ("heddle.dev", "authorizationpolicies"),
+        ("security.istio.io", "authorizationpolicies"),
+        ("security.istio.io", "requestauthentications"),
     ] {
         for verb in AGENT_READ_VERBS {
             assert!(allows(&role, group, resource, verb), "waypoint cannot {verb} {group}/{resource}");
@@ -157,7 +160,9 @@ fn the_waypoint_role_reads_the_registry_and_routes_and_writes_only_route_status(
     for rule in &role {
         let writes = rule.verbs.iter().any(|v| !AGENT_READ_VERBS.contains(&v.as_str()));
         if writes {
-            assert!(rule.resources.iter().flatten().all(|r| r.ends_with("routes/status")), "{rule:?}");
+            let statuses =
+                ["httproutes/status", "grpcroutes/status", "virtualservices/status", "destinationrules/status"];
+            assert!(rule.resources.iter().flatten().all(|r| statuses.contains(&r.as_str())), "{rule:?}");
             assert!(rule.verbs.iter().all(|v| v == "get" || v == "patch"), "{rule:?}");
         }
     }
