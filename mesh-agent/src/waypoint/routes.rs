@@ -14,7 +14,11 @@
 //! backend that does not resolve keeps the route accepted but its share of
 //! requests gets 500 (Gateway API's rule) and `ResolvedRefs=False` says so.
 //! A file that cannot be read keeps the last good routes (the caller's job);
-//! a document that does not parse is rejected alone.
+//! a document that does not parse is rejected alone, and an object whose
+//! new version is rejected keeps its last good version ([`last_good`]).
+//! `AuthorizationPolicy` objects with `targetRefs` and
+//! `RequestAuthentication`s read from the same inputs are compiled into
+//! [`RouteSet::authz`] ([`crate::policy::l7`]).
 
 pub mod gateway_api;
 pub mod grants;
