@@ -2,7 +2,7 @@
 //! before routing (Envoy's `jwt_authn` then `rbac` filters in Istio's
 //! waypoint): the JWT check of the `RequestAuthentication`s attached to
 //! the request's targets (401 when a token fails), then
-//! [`policy::l7::authorize_request`] over the `AuthorizationPolicy`s
+//! [`crate::policy::l7::authorize_request`] over the `AuthorizationPolicy`s
 //! attached to them (403 `RBAC: access denied`, gRPC `PERMISSION_DENIED`).
 //! The decision goes into the request's flow record (`policy` block:
 //! deciding policy and rule, audit, dry-run).

@@ -1,6 +1,6 @@
 //! [`authorize_request`]: the waypoint's decision for one request, a pure
 //! function of a [`WaypointPolicies`] and a [`RequestFacts`], in Istio's
-//! decision order (the same [`Tally`] as the node agents': DENY, then no
+//! decision order (the same `Tally` as the node agents': DENY, then no
 //! ALLOW policy, then a matching ALLOW, else deny), AUDIT and dry-run
 //! included. A policy of the target that was rejected denies (fail closed).
 
