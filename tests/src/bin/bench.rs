@@ -241,6 +241,8 @@ fn set_bench_routes(tb: &Testbed, wp: &Waypoint, with_config: bool) -> Result<()
         wp.wait_route("httproute/demo/bench", true)?;
         wp.wait_route("httplocalratelimitpolicy/demo/bench", true)?;
         wp.wait_route("destinationrule/demo/server", true)?;
+        wp.wait_route("authorizationpolicy/demo/bench-allow", true)?;
+        wp.wait_route("authorizationpolicy/demo/bench-deny", true)?;
         return Ok(());
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -255,8 +257,9 @@ fn set_bench_routes(tb: &Testbed, wp: &Waypoint, with_config: bool) -> Result<()
 /// match, checked first, and a catch-all with a retry policy that holds the
 /// body for a retry: non-idempotent retries are allowed, the load is POST),
 /// a circuit breaker and an outlier detector (a `DestinationRule`), and a
-/// rate limit, all far above the load: everything configured, nothing
-/// triggering.
+/// rate limit, all far above the load, and L7 authorization (an ALLOW on
+/// namespace, methods and paths, a DENY on a header the load does not
+/// send): everything configured, nothing triggering.
 fn configured_routes() -> String {
     let mut rules = String::new();
     for i in 0..9 {
@@ -293,6 +296,24 @@ spec:
   targetRefs: [{{group: \"\", kind: Service, name: server}}]
   total: {{requestsPerSecond: 1000000}}
   identity: {{requestsPerSecond: 1000000}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: bench-allow, namespace: demo}}
+spec:
+  targetRefs: [{{group: \"\", kind: Service, name: server}}]
+  rules:
+  - from: [{{source: {{namespaces: [demo]}}}}]
+    to: [{{operation: {{methods: [GET, POST], paths: [\"/*\"]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: bench-deny, namespace: demo}}
+spec:
+  targetRefs: [{{group: \"\", kind: Service, name: server}}]
+  action: DENY
+  rules:
+  - when: [{{key: \"request.headers[x-block]\", values: [\"*\"]}}]
 "
     )
 }
@@ -404,7 +425,7 @@ fn report_waypoint(args: &Args, f: &L7Figures) {
     println!("{:<44} {:>12} {:>12.1} {:>14}", "waypoint peak RSS, MiB", "-", f.wp_rss_mib, "");
     println!();
     println!("Waypoint configured (10 route rules, a retry policy holding the body, a circuit breaker, an outlier");
-    println!("detector, a rate limit), none triggering;");
+    println!("detector, a rate limit, an ALLOW and a DENY AuthorizationPolicy), none triggering;");
     println!("bare and configured alternating, two runs each, means");
     println!("{:<44} {:>12} {:>12} {:>14}", "", "bare", "configured", "cost of config");
     for (i, p) in ["p50", "p90", "p99", "p99.9"].iter().enumerate() {
