@@ -128,6 +128,8 @@ pub struct Downstream {
     pub peer: SocketAddr,
     /// Its verified identity.
     pub client: SpiffeId,
+    /// The same, as policies match it (made once per connection).
+    pub identity: crate::policy::PeerIdentity,
     /// What it dialled (a VIP or a pod address).
     pub target: SocketAddr,
     /// The Service whose VIP it dialled.

@@ -5,10 +5,13 @@ bidirectional streaming method `Chat`, messages are raw bytes.
 
   grpc_app.py serve PORT NAME       answers "NAME:<request>" (Unary) and
                                     echoes each message as "NAME:<msg>" (Chat);
-                                    `Fail` aborts with UNAVAILABLE.
+                                    `Fail` aborts with UNAVAILABLE; `Slow`
+                                    answers after 2 s.
   grpc_app.py call HOST:PORT N M    N unary calls, then one Chat stream of M
                                     messages; prints JSON {unary: {...},
                                     chat: [...], chat_ok, failed_status}.
+  grpc_app.py slow HOST:PORT        one `Slow` call (10 s deadline); prints
+                                    JSON {status, ms}.
 """
 import json
 import sys
@@ -32,10 +35,15 @@ def serve(port, name):
     def fail(request, context):
         context.abort(grpc.StatusCode.UNAVAILABLE, "asked to fail")
 
+    def slow(request, context):
+        time.sleep(2)
+        return name.encode() + b":slow"
+
     handler = grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(unary, ident, ident),
         "Chat": grpc.stream_stream_rpc_method_handler(chat, ident, ident),
         "Fail": grpc.unary_unary_rpc_method_handler(fail, ident, ident),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow, ident, ident),
     })
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((handler,))
@@ -71,8 +79,22 @@ def call(target, n, m):
     print(json.dumps({"unary": served, "chat": got[:3], "chat_ok": ok, "failed_status": failed}))
 
 
+def slow_call(target):
+    channel = grpc.insecure_channel(target)
+    slow = channel.unary_unary("/%s/Slow" % SERVICE, request_serializer=ident, response_deserializer=ident)
+    started = time.monotonic()
+    try:
+        slow(b"x", timeout=10)
+        status = "OK"
+    except grpc.RpcError as e:
+        status = e.code().name
+    print(json.dumps({"status": status, "ms": (time.monotonic() - started) * 1000}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "slow":
+        slow_call(sys.argv[2])
     else:
         call(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -539,3 +539,51 @@ fn a_destination_rule_breaks_the_circuit_over_its_limits_and_ejects_a_failing_en
         Ok(())
     });
 }
+
+const TIMEOUTS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: timeouts, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /delay}}]
+    timeouts: {request: 300ms}
+    backendRefs: [{name: api-v1, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: grpc-timeouts, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 50051}]
+  rules:
+  - timeouts: {request: 300ms}
+    backendRefs: [{name: api-v1, port: 50051}]
+"#;
+
+#[test]
+fn a_request_timeout_ends_slow_requests_with_504_or_deadline_exceeded() {
+    run_waypoint("wp_timeouts", Extras { grpc: true, ..Extras::default() }, |m| {
+        m.routes(TIMEOUTS, "httproute/demo/timeouts")?;
+        m.waypoint.wait_route("httproute/demo/grpc-timeouts", true)?;
+        let r = m.load(&url("/delay/2000"), 3, &[])?;
+        let slowest = r["max_ms"].as_f64().unwrap_or(f64::MAX);
+        ensure!(r["status"]["504"] == 3 && slowest < 1500.0, "504 after 300 ms, not the backend's 2 s: {r}");
+        let timed_out = m.waypoint.flows("response_flag=UT&path=/delay/2000")?;
+        ensure!(timed_out.len() == 3, "timeouts are flagged UT: {timed_out:?}");
+
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(heddle_tests::env::asset("grpc_app.py"))
+            .args(["slow", &format!("{}:{}", common::waypoint_mesh::API_VIP, common::waypoint_mesh::GRPC_PORT)]);
+        let out = m.client.run(cmd)?;
+        ensure!(out.status.success(), "grpc client: {}", String::from_utf8_lossy(&out.stderr));
+        let g: Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(
+            g["status"] == "DEADLINE_EXCEEDED" && g["ms"].as_f64().unwrap_or(f64::MAX) < 1500.0,
+            "gRPC gets DEADLINE_EXCEEDED after 300 ms: {g}"
+        );
+        let rec = requests(&m.waypoint, 1, |f| f["http"]["path"] == "/heddle.test.Echo/Slow")?;
+        ensure!(rec[0]["http"]["grpc_status"] == 4 && rec[0]["http"]["response_flags"] == "UT", "{}", rec[0]);
+        Ok(())
+    });
+}

@@ -37,7 +37,8 @@ use serde::Deserialize;
 
 pub use authn::{Authenticated, AuthnError, RequestAuthn};
 pub use eval::{authorize_request, RequestFacts};
-pub use target::Target;
+use target::ByTarget;
+pub use target::{Target, TargetRef};
 
 use super::{
     compile::policy_ref,
@@ -87,15 +88,15 @@ pub struct ObjectStatus {
 pub struct WaypointPolicies {
     root_namespace: String,
     policies: Vec<WaypointPolicy>,
-    by_target: HashMap<Target, Vec<usize>>,
+    by_target: ByTarget<Vec<usize>>,
     /// Targets denied because a policy attached to them was rejected.
-    rejected: HashMap<Target, PolicyRef>,
+    rejected: ByTarget<PolicyRef>,
     /// Namespaces denied because a rejected policy's targets are unreadable.
     rejected_namespaces: HashMap<String, PolicyRef>,
     authns: Vec<RequestAuthn>,
-    authn_by_target: HashMap<Target, Vec<usize>>,
+    authn_by_target: ByTarget<Vec<usize>>,
     /// Targets where every token fails: their `RequestAuthentication` was rejected.
-    rejected_authn: HashMap<Target, PolicyRef>,
+    rejected_authn: ByTarget<PolicyRef>,
     statuses: Vec<ObjectStatus>,
 }
 
@@ -135,7 +136,7 @@ impl WaypointPolicies {
                 Ok((policy, warnings)) => {
                     let at = set.policies.len();
                     for t in &policy.targets {
-                        set.by_target.entry(t.clone()).or_default().push(at);
+                        set.by_target.entry(t, Vec::new).push(at);
                     }
                     set.statuses.push(ObjectStatus {
                         object: name,
@@ -212,7 +213,7 @@ impl WaypointPolicies {
             Ok(Some(a)) => {
                 let at = self.authns.len();
                 for t in &a.targets {
-                    self.authn_by_target.entry(t.clone()).or_default().push(at);
+                    self.authn_by_target.entry(t, Vec::new).push(at);
                 }
                 self.statuses.push(ObjectStatus {
                     object,
@@ -227,7 +228,7 @@ impl WaypointPolicies {
             Err(problems) => {
                 let targets = raw.map(|(t, _)| t).unwrap_or_default();
                 for t in &targets {
-                    self.rejected_authn.insert(t.clone(), id.clone());
+                    *self.rejected_authn.entry(t, || id.clone()) = id.clone();
                 }
                 self.statuses.push(ObjectStatus {
                     object,
@@ -244,7 +245,7 @@ impl WaypointPolicies {
     fn fail_closed(&mut self, id: &PolicyRef, targets: &[Target], targets_known: bool) {
         if targets_known && !targets.is_empty() {
             for t in targets {
-                self.rejected.entry(t.clone()).or_insert_with(|| id.clone());
+                self.rejected.entry(t, || id.clone());
             }
         } else {
             self.rejected_namespaces.entry(id.namespace().to_owned()).or_insert_with(|| id.clone());
@@ -273,11 +274,11 @@ impl WaypointPolicies {
         &self.root_namespace
     }
 
-    fn targets_of(service: Option<(&str, &str)>, waypoint: (&str, &str)) -> [Option<Target>; 3] {
+    fn targets_of<'a>(service: Option<(&'a str, &'a str)>, waypoint: (&'a str, &'a str)) -> [Option<TargetRef<'a>>; 3] {
         [
-            service.map(|(ns, n)| Target::Service(ns.to_owned(), n.to_owned())),
-            Some(Target::Gateway(waypoint.0.to_owned(), waypoint.1.to_owned())),
-            Some(Target::AllWaypoints),
+            service.map(|(ns, n)| TargetRef::Service(ns, n)),
+            Some(TargetRef::Gateway(waypoint.0, waypoint.1)),
+            Some(TargetRef::AllWaypoints),
         ]
     }
 
@@ -286,7 +287,7 @@ impl WaypointPolicies {
         if self.rejected.is_empty() && self.rejected_namespaces.is_empty() {
             return None;
         }
-        let by_target = Self::targets_of(service, waypoint).into_iter().flatten().find_map(|t| self.rejected.get(&t));
+        let by_target = Self::targets_of(service, waypoint).into_iter().flatten().find_map(|t| self.rejected.get(t));
         by_target
             .or_else(|| service.and_then(|(ns, _)| self.rejected_namespaces.get(ns)))
             .or_else(|| self.rejected_namespaces.get(waypoint.0))
@@ -302,12 +303,14 @@ impl WaypointPolicies {
         if self.by_target.is_empty() {
             return;
         }
-        let mut visited: Vec<usize> = Vec::new();
-        for t in Self::targets_of(service, waypoint).into_iter().flatten() {
-            for &at in self.by_target.get(&t).into_iter().flatten() {
-                if !visited.contains(&at) {
-                    visited.push(at);
-                    f(&self.policies[at]);
+        let targets = Self::targets_of(service, waypoint);
+        for (i, t) in targets.iter().enumerate() {
+            let Some(t) = *t else { continue };
+            for &at in self.by_target.get(t).into_iter().flatten() {
+                let p = &self.policies[at];
+                // A policy attached to an earlier target was visited there.
+                if !targets[..i].iter().flatten().any(|earlier| p.targets.iter().any(|pt| earlier.is(pt))) {
+                    f(p);
                 }
             }
         }
@@ -324,12 +327,12 @@ impl WaypointPolicies {
             return Ok(Vec::new());
         }
         let targets = Self::targets_of(service, waypoint);
-        if let Some(p) = targets.iter().flatten().find_map(|t| self.rejected_authn.get(t)) {
+        if let Some(p) = targets.iter().flatten().find_map(|t| self.rejected_authn.get(*t)) {
             return Err(p);
         }
         let mut found: Vec<usize> = Vec::new();
         for t in targets.iter().flatten() {
-            for &at in self.authn_by_target.get(t).into_iter().flatten() {
+            for &at in self.authn_by_target.get(*t).into_iter().flatten() {
                 if !found.contains(&at) {
                     found.push(at);
                 }

@@ -61,13 +61,17 @@ pub fn check(
             return Some(resp);
         }
     };
-    let peer = PeerIdentity::new(down.client.trust_domain(), down.client.namespace(), down.client.service_account());
-    let host = pending.info.http.as_ref().map(|h| h.authority.to_ascii_lowercase()).unwrap_or_default();
+    let authority = pending.info.http.as_ref().map_or("", |h| h.authority.as_str());
+    let host: std::borrow::Cow<'_, str> = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+        authority.to_ascii_lowercase().into()
+    } else {
+        authority.into()
+    };
     let facts = RequestFacts {
         service,
         waypoint,
         src_ip: down.peer.ip(),
-        peer: Some(&peer),
+        peer: Some(&down.identity),
         dst: down.target,
         method: req.method().as_str(),
         host: &host,

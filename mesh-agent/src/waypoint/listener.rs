@@ -191,6 +191,7 @@ async fn serve_stream(
     let down = Arc::new(Downstream {
         conn: state.telemetry.flows.conn_id(),
         peer,
+        identity: crate::policy::PeerIdentity::new(client.trust_domain(), client.namespace(), client.service_account()),
         client,
         target: addr,
         service_name: service.as_ref().map(|s| s.to_string().into()),

@@ -7,7 +7,7 @@
 //! (every waypoint). The target is always in the policy's namespace, as in
 //! Istio (a `namespace` naming another one is refused).
 
-use std::fmt;
+use std::{collections::HashMap, fmt};
 
 use serde::Deserialize;
 
@@ -37,6 +37,76 @@ impl fmt::Display for Target {
             Target::Gateway(ns, name) => write!(f, "gateway/{ns}/{name}"),
             Target::AllWaypoints => write!(f, "gatewayclass/{WAYPOINT_CLASS}"),
         }
+    }
+}
+
+/// A request's target, borrowed from the request (looked up without
+/// allocating).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetRef<'a> {
+    /// The Service `ns/name`.
+    Service(&'a str, &'a str),
+    /// The waypoint `ns/name`.
+    Gateway(&'a str, &'a str),
+    /// Every waypoint.
+    AllWaypoints,
+}
+
+impl TargetRef<'_> {
+    /// Whether `t` is this target.
+    #[must_use]
+    pub fn is(self, t: &Target) -> bool {
+        match (self, t) {
+            (TargetRef::Service(ns, n), Target::Service(tns, tn))
+            | (TargetRef::Gateway(ns, n), Target::Gateway(tns, tn)) => ns == tns && n == tn,
+            (TargetRef::AllWaypoints, Target::AllWaypoints) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Values by target, looked up with a [`TargetRef`].
+#[derive(Debug)]
+pub struct ByTarget<T> {
+    services: HashMap<String, HashMap<String, T>>,
+    gateways: HashMap<String, HashMap<String, T>>,
+    all: Option<T>,
+}
+
+impl<T> Default for ByTarget<T> {
+    fn default() -> Self {
+        Self { services: HashMap::new(), gateways: HashMap::new(), all: None }
+    }
+}
+
+impl<T> ByTarget<T> {
+    /// The value of `t`, made with `make` if there is none.
+    pub fn entry(&mut self, t: &Target, make: impl FnOnce() -> T) -> &mut T {
+        match t {
+            Target::Service(ns, n) => {
+                self.services.entry(ns.clone()).or_default().entry(n.clone()).or_insert_with(make)
+            }
+            Target::Gateway(ns, n) => {
+                self.gateways.entry(ns.clone()).or_default().entry(n.clone()).or_insert_with(make)
+            }
+            Target::AllWaypoints => self.all.get_or_insert_with(make),
+        }
+    }
+
+    /// The value of `t`.
+    #[must_use]
+    pub fn get(&self, t: TargetRef<'_>) -> Option<&T> {
+        match t {
+            TargetRef::Service(ns, n) => self.services.get(ns)?.get(n),
+            TargetRef::Gateway(ns, n) => self.gateways.get(ns)?.get(n),
+            TargetRef::AllWaypoints => self.all.as_ref(),
+        }
+    }
+
+    /// Whether no target has a value.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.gateways.is_empty() && self.all.is_none()
     }
 }
 
