@@ -109,11 +109,11 @@ fn normalize_path<B>(req: &mut Request<B>) -> Result<(), crate::policy::l7::path
         Some(q) => format!("{normalized}?{q}"),
         None => normalized,
     };
+    // Policy must never see a path other than the one forwarded: a
+    // normalised path that does not make a URI refuses the request.
     let mut parts = req.uri().clone().into_parts();
-    parts.path_and_query = with_query.parse().ok();
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-    }
+    parts.path_and_query = Some(with_query.parse().map_err(|_| crate::policy::l7::path::PathError::BadEscape)?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| crate::policy::l7::path::PathError::BadEscape)?;
     Ok(())
 }
 
