@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use common::l7::wait_for;
 use common::waypoint_mesh::{requests, run_waypoint, url, Extras, Mesh, V1_VIP, V2_VIP};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -50,18 +51,6 @@ fn cases(m: &Mesh, name: &str, list: &[(&str, String, Value)]) -> Result<Vec<Val
     std::fs::write(&file, serde_json::to_vec(&list)?)?;
     let out = m.httpc(&["cases", &file.display().to_string()])?;
     Ok(out.as_array().context("httpc cases answers a list")?.clone())
-}
-
-/// `probe` again every 200 ms until it answers, for up to 10 s.
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = probe()? {
-            return Ok(v);
-        }
-        ensure!(std::time::Instant::now() < deadline, "{what}: not after 10 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn status(v: &Value) -> u64 {

@@ -14,7 +14,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::l7::count;
+use common::l7::{count, wait_for};
 use common::waypoint_mesh::{requests, run_waypoint, url, Extras, Mesh, V1_VIP, V2_VIP};
 use heddle_tests::{poll_until, Check};
 use serde_json::Value;
@@ -61,18 +61,6 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 fn retries_of(r: &Value) -> u64 {
     r["http"]["retries"].as_u64().unwrap_or(0)
-}
-
-/// `probe` again every 200 ms until it answers, for up to 10 s.
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = probe()? {
-            return Ok(v);
-        }
-        ensure!(Instant::now() < deadline, "{what}: not after 10 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Request records for paths starting with `prefix`, `n` of them.

@@ -294,13 +294,26 @@ pub fn authorize(policies: &PolicySet, conn: &Connection<'_>) -> Decision {
         },
         peer: conn.peer,
     };
-    let mut enforced: Tally<'_, CompiledPolicy> = Tally::default();
-    let mut with_dry_run: Tally<'_, CompiledPolicy> = Tally::default();
+    decide_applicable(|observe| {
+        policies.for_each_applicable(conn.dst.namespace, conn.dst.labels, |p| {
+            observe(p, p.rules.iter().position(|r| r.matches(&conn)));
+        });
+    })
+}
+
+/// The decision over the policies `visit` gives, each with the index of
+/// its first matching rule: enforced ones decide, dry-run ones go into
+/// [`Decision::dry_run`]. Shared by the node agents' [`authorize`] and the
+/// waypoint's [`super::l7::authorize_request`].
+pub(crate) fn decide_applicable<'p, P: Ranked + 'p>(
+    visit: impl FnOnce(&mut dyn FnMut(&'p P, Option<usize>)),
+) -> Decision {
+    let mut enforced: Tally<'p, P> = Tally::default();
+    let mut with_dry_run: Tally<'p, P> = Tally::default();
     let mut any_dry_run = false;
-    policies.for_each_applicable(conn.dst.namespace, conn.dst.labels, |p| {
-        let hit = p.rules.iter().position(|r| r.matches(&conn));
-        any_dry_run |= p.dry_run;
-        if !p.dry_run {
+    visit(&mut |p, hit| {
+        any_dry_run |= p.dry_run();
+        if !p.dry_run() {
             enforced.observe(p, hit);
         }
         with_dry_run.observe(p, hit);
@@ -310,8 +323,7 @@ pub fn authorize(policies: &PolicySet, conn: &Connection<'_>) -> Decision {
         let (verdict, reason, policy, rule) = with_dry_run.decide();
         DryRunDecision { verdict, reason, policy, rule }
     });
-    let audited = enforced.audited();
-    Decision { verdict, reason, policy, rule, audited, dry_run }
+    Decision { verdict, reason, policy, rule, audited: enforced.audited(), dry_run }
 }
 
 /// What the decision order needs of a policy: the L4 engine's and the
@@ -323,6 +335,8 @@ pub(crate) trait Ranked {
     fn action(&self) -> Action;
     /// Its rank among the policies of its set (lowest decides).
     fn order(&self) -> u32;
+    /// Whether it is evaluated only into the dry-run decision.
+    fn dry_run(&self) -> bool;
 }
 
 impl Ranked for CompiledPolicy {
@@ -334,6 +348,9 @@ impl Ranked for CompiledPolicy {
     }
     fn order(&self) -> u32 {
         self.order
+    }
+    fn dry_run(&self) -> bool {
+        self.dry_run
     }
 }
 

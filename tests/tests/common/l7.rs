@@ -11,6 +11,19 @@ use heddle_tests::waypoint::Waypoint;
 use heddle_tests::{poll_until, Check, Pod};
 use serde_json::Value;
 
+/// `probe` again every 200 ms until it answers, for up to 10 s (a probe
+/// that runs clients, whose errors are `anyhow`'s).
+pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = probe()? {
+            return Ok(v);
+        }
+        ensure!(std::time::Instant::now() < deadline, "{what}: not after 10 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Runs `httpc.py ARGS` in `pod` and parses its JSON output.
 pub fn httpc(pod: &Pod, args: &[&str]) -> Result<Value> {
     let mut cmd = Command::new("python3");

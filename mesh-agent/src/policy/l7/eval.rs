@@ -10,8 +10,8 @@ use hyper::header::HeaderMap;
 
 use super::{
     super::{
-        eval::{Ranked, Tally},
-        Action, Decision, DryRunDecision, PeerIdentity, PolicyRef, Reason, Verdict,
+        eval::{decide_applicable, Ranked},
+        Action, Decision, PeerIdentity, PolicyRef, Reason, Verdict,
     },
     authn::{claim_values, Authenticated},
     compile::{Condition7, Operation7, PathPattern, Rule7, Segment, Source7, WaypointPolicy},
@@ -56,6 +56,9 @@ impl Ranked for WaypointPolicy {
     fn order(&self) -> u32 {
         self.order
     }
+    fn dry_run(&self) -> bool {
+        self.dry_run
+    }
 }
 
 /// Decides one request. Pure: same set and facts, same decision.
@@ -72,23 +75,11 @@ pub fn authorize_request(set: &WaypointPolicies, req: &RequestFacts<'_>) -> Deci
         };
     }
     let req = RequestFacts { src_ip: req.src_ip.to_canonical(), ..*req };
-    let mut enforced: Tally<'_, WaypointPolicy> = Tally::default();
-    let mut with_dry_run: Tally<'_, WaypointPolicy> = Tally::default();
-    let mut any_dry_run = false;
-    set.for_each_applicable(req.service, req.waypoint, |p| {
-        let hit = p.rules.iter().position(|r| r.matches(&req, p.action == Action::Allow));
-        any_dry_run |= p.dry_run;
-        if !p.dry_run {
-            enforced.observe(p, hit);
-        }
-        with_dry_run.observe(p, hit);
-    });
-    let (verdict, reason, policy, rule) = enforced.decide();
-    let dry_run = any_dry_run.then(|| {
-        let (verdict, reason, policy, rule) = with_dry_run.decide();
-        DryRunDecision { verdict, reason, policy, rule }
-    });
-    Decision { verdict, reason, policy, rule, audited: enforced.audited(), dry_run }
+    decide_applicable(|observe| {
+        set.for_each_applicable(req.service, req.waypoint, |p| {
+            observe(p, p.rules.iter().position(|r| r.matches(&req, p.action == Action::Allow)));
+        });
+    })
 }
 
 impl Rule7 {
