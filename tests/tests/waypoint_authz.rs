@@ -14,7 +14,6 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::l7::wait_for;
