@@ -29,4 +29,5 @@ pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod registry;
+pub mod trace;
 pub mod waypoint;

@@ -183,12 +183,23 @@ struct ControllerArgs {
     /// The namespace where the CA publishes the trust bundle `ConfigMap`.
     #[arg(long, env = "POD_NAMESPACE", default_value = "heddle-system")]
     ca_namespace: String,
+    /// Trace settings passed on to every waypoint the controller deploys.
+    #[command(flatten)]
+    trace: mesh_agent::trace::TraceArgs,
 }
 
 fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     use mesh_agent::k8s::{waypoint_controller, waypoint_objects::MeshSettings};
     let settings = waypoint_controller::ControllerSettings {
-        mesh: MeshSettings { image: args.image, trust_domain: args.trust_domain, ca_addr: args.ca_addr },
+        mesh: MeshSettings {
+            image: args.image,
+            trust_domain: args.trust_domain,
+            ca_addr: args.ca_addr,
+            trace_env: {
+                args.trace.settings()?;
+                args.trace.to_env()
+            },
+        },
         ca_namespace: args.ca_namespace,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
@@ -267,6 +278,8 @@ struct WaypointArgs {
     /// given as is: policies without targetRefs are theirs and skipped).
     #[arg(long, env = "HEDDLE_WAYPOINT_POLICIES", conflicts_with = "kubernetes")]
     policies: Option<PathBuf>,
+    #[command(flatten)]
+    trace: mesh_agent::trace::TraceArgs,
 }
 
 fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
@@ -295,6 +308,7 @@ fn waypoint(args: WaypointArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         flow_capacity: args.flow_capacity,
         root_namespace: args.root_namespace,
+        trace: args.trace.settings()?,
     };
     agent::raise_fd_limit();
     tokio::runtime::Builder::new_multi_thread()

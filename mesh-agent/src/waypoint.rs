@@ -11,7 +11,8 @@
 //! peak EWMA ([`balance`]), and sends each request over HBONE again as its
 //! own identity ([`pool`]), so the destination agent's L4 policy and STRICT
 //! mode still apply. Every request is a flow record and Istio-style L7
-//! metrics ([`telemetry`]); the admin API serves flows and the routes in
+//! metrics ([`telemetry`]), and, when sampled, a server and a client span
+//! exported over OTLP ([`spans`], [`crate::trace`]); the admin API serves flows and the routes in
 //! force ([`admin`]).
 //!
 //! Nothing here is imported by the node agent's data path: the agent knows
@@ -39,6 +40,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod routes;
 pub mod sources;
+pub mod spans;
 pub mod telemetry;
 
 use std::{
@@ -82,6 +84,8 @@ pub struct Settings {
     pub flow_capacity: usize,
     /// The namespace whose policies may attach to every waypoint.
     pub root_namespace: String,
+    /// Span export (`None`: no tracing).
+    pub trace: Option<crate::trace::Settings>,
 }
 
 /// Everything a request handler reads.
@@ -181,7 +185,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .context("the waypoint needs a CA")?;
     let me = Arc::new(me);
     let flows = Arc::new(FlowLog::new(settings.flow_capacity));
-    let telemetry = Arc::new(telemetry::Telemetry::new(flows));
+    let prometheus = prometheus::Registry::new();
+    // The exporter outlives the drain, so the last requests' spans go out.
+    let trace_stop = CancellationToken::new();
+    let service_name = format!("{}.{}", settings.waypoint.name, settings.waypoint.namespace);
+    let tracer = crate::trace::Tracer::start(settings.trace.as_ref(), &service_name, &prometheus, trace_stop.clone())?;
+    let telemetry = Arc::new(telemetry::Telemetry::new(flows, prometheus, tracer));
     let state = Arc::new(State {
         waypoint: settings.waypoint.clone(),
         waypoint_name: settings.waypoint.to_string().into(),
@@ -221,5 +230,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = served.await;
     state.tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), state.tracker.wait()).await;
+    trace_stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }

@@ -15,7 +15,10 @@
 //! endpoint fails again and a third attempt succeeds); `/_seen` answers the `Host`/`:authority`,
 //! method and path of every other request this server received (newest
 //! 1,000), so tests see traffic a client never sees, such as mirrored
-//! copies; `/ws` with `Upgrade` answers 101 and then echoes raw bytes (a
+//! copies; `/call/HOST:PORT/REST` requests `http://HOST:PORT/REST` itself
+//! and answers what that answered (status and body), forwarding the trace
+//! headers an instrumented application forwards ([`FORWARDED`]: W3C, B3,
+//! `x-request-id`, `end-user`), as Bookinfo's services do; `/ws` with `Upgrade` answers 101 and then echoes raw bytes (a
 //! stand-in for WebSocket frames: the proxy must pass bytes, not parse
 //! them).
 
@@ -125,6 +128,64 @@ fn acted_path(path: &str, app: &App) -> String {
     path.to_owned()
 }
 
+/// Headers `/call/` passes on to the request it makes (Bookinfo's list).
+pub const FORWARDED: [&str; 10] = [
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "b3",
+    "end-user",
+];
+
+/// `/call/HOST:PORT/REST`: requests `http://HOST:PORT/REST` (HTTP/1.1,
+/// through the mesh like any connection of the pod) with the
+/// [`FORWARDED`] headers, and answers its status and body.
+async fn call(target: &str, incoming: &hyper::HeaderMap, name: &str) -> Response<Full<Bytes>> {
+    let (authority, rest) = target.split_once('/').unwrap_or((target, ""));
+    let fail = |why: String| {
+        Response::builder()
+            .status(StatusCode::BAD_GATEWAY)
+            .header("x-served-by", name)
+            .body(Full::new(Bytes::from(format!("call {authority}: {why}\n"))))
+            .expect("static response parts")
+    };
+    let tcp = match tokio::net::TcpStream::connect(authority).await {
+        Ok(t) => t,
+        Err(e) => return fail(e.to_string()),
+    };
+    let (mut send, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    tokio::spawn(conn);
+    let mut req = Request::get(format!("/{rest}")).header(header::HOST, authority);
+    for h in FORWARDED {
+        for v in incoming.get_all(h) {
+            req = req.header(h, v);
+        }
+    }
+    let req = req.body(Full::new(Bytes::new())).expect("valid request parts");
+    match send.send_request(req).await {
+        Ok(upstream) => {
+            let status = upstream.status();
+            let body =
+                upstream.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+            Response::builder()
+                .status(status)
+                .header("x-served-by", name)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body))
+                .expect("static response parts")
+        }
+        Err(e) => fail(e.to_string()),
+    }
+}
+
 async fn answer(mut req: Request<Incoming>, app: Arc<App>) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let name = &app.name;
     if req.uri().path() == "/_seen" {
@@ -148,6 +209,9 @@ async fn answer(mut req: Request<Incoming>, app: Arc<App>) -> Result<Response<Fu
         });
     }
     let path = acted_path(req.uri().path(), &app);
+    if let Some(target) = path.strip_prefix("/call/") {
+        return Ok(call(target, req.headers(), name).await);
+    }
     if path == "/reset" {
         return Err(std::io::Error::other("/reset: dropping the request unanswered"));
     }

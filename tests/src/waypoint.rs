@@ -70,12 +70,18 @@ impl Testbed {
     /// carry the waypoint label), with the test bed's CA and routes
     /// directory; waits until its admin API answers.
     pub fn start_waypoint(&self, pod: &Pod, waypoint: &str) -> Result<Waypoint> {
+        self.start_waypoint_with_env(pod, waypoint, &[])
+    }
+
+    /// [`Testbed::start_waypoint`] with more environment (`HEDDLE_*` flags).
+    pub fn start_waypoint_with_env(&self, pod: &Pod, waypoint: &str, env: &[(&str, String)]) -> Result<Waypoint> {
         let config = self.write_config()?;
         let dir = self.routes_dir();
         std::fs::create_dir_all(&dir).map_err(|e| TestbedError::io(format!("mkdir {}", dir.display()), e))?;
         let mut source = vec![config.into_os_string(), "--routes".into(), dir.into_os_string()];
         source.insert(0, "--config".into());
-        self.spawn_waypoint(pod, waypoint, &source, &[])
+        let env: Vec<(&str, &std::ffi::OsStr)> = env.iter().map(|(k, v)| (*k, std::ffi::OsStr::new(v))).collect();
+        self.spawn_waypoint(pod, waypoint, &source, &env)
     }
 
     /// Starts `mesh-agent waypoint --kubernetes` for `namespace/name` in

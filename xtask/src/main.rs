@@ -49,8 +49,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "openssl",
 ];
-/// Python packages the waypoint tests use: a real gRPC client and server.
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("grpc", "grpcio")];
+/// Python packages the waypoint tests use: a real gRPC client and server,
+/// and OTLP's protobuf messages for the trace receiver.
+const PYTHON_PACKAGES: &[(&str, &str)] =
+    &[("grpc", "grpcio"), ("opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc", "opentelemetry-proto")];
 /// Real clients the benchmark drives (only `cargo xtask bench` installs them).
 const BENCH_PACKAGES: &[&str] = &["iperf3", "sockperf"];
 const BPF_LINKER_VERSION: &str = "0.13.0";

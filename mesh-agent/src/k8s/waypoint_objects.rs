@@ -53,6 +53,8 @@ pub struct MeshSettings {
     pub trust_domain: String,
     /// The CA's address, `host:port`.
     pub ca_addr: String,
+    /// Trace settings the waypoints get (`HEDDLE_OTLP_*`, `HEDDLE_TRACE_*`).
+    pub trace_env: Vec<(&'static str, String)>,
 }
 
 /// A Gateway as the controller reads it.
@@ -220,6 +222,9 @@ pub fn deployment(gw: &GatewayRef, mesh: &MeshSettings) -> Value {
             }
         }
     });
+    if let Some(env) = d["spec"]["template"]["spec"]["containers"][0]["env"].as_array_mut() {
+        env.extend(mesh.trace_env.iter().map(|(k, v)| json!({"name": k, "value": v})));
+    }
     if let Ok(Some(n)) = gw.replicas {
         d["spec"]["replicas"] = json!(n);
     }
@@ -299,6 +304,7 @@ mod tests {
             image: "ghcr.io/heddle-mesh/heddle:0.1.0".into(),
             trust_domain: "cluster.local".into(),
             ca_addr: "heddle-ca.heddle-system.svc:15012".into(),
+            trace_env: vec![("HEDDLE_OTLP_ENDPOINT", "http://otel-collector.observability:4317".into())],
         }
     }
 
@@ -312,6 +318,11 @@ mod tests {
         let c = &spec["containers"][0];
         assert_eq!(c["command"], json!(["mesh-agent", "waypoint", "--kubernetes"]));
         assert!(c["env"].as_array().unwrap().contains(&json!({"name": "HEDDLE_WAYPOINT", "value": "shop/waypoint"})));
+        // The controller's trace settings reach its waypoints.
+        assert!(c["env"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "HEDDLE_OTLP_ENDPOINT", "value": "http://otel-collector.observability:4317"})));
         assert_eq!(d["metadata"]["ownerReferences"][0]["uid"], "u-1");
         assert_eq!(spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"], "heddle-ca");
     }

@@ -72,6 +72,7 @@ pub async fn handle(mut req: Request<Incoming>, down: Arc<Downstream>, state: Ar
     let started = Instant::now();
     let grpc = is_grpc(&req);
     let mut pending = new_pending(&req, &down, &state, started, grpc);
+    pending.trace = super::spans::begin(&state.telemetry.tracer, req.headers_mut());
     let response = match normalize_path(&mut req) {
         Ok(()) => route_and_send(req, &down, &state, &mut pending, grpc).await,
         Err(e) => {
@@ -151,6 +152,7 @@ fn new_pending<B>(req: &Request<B>, down: &Downstream, state: &State, started: I
         grpc,
         labels: Default::default(),
         permit: None,
+        trace: None,
     }
 }
 
@@ -709,6 +711,9 @@ async fn exchange(
     http_of(pending).upstream = Some(addr);
     pending.info.dst = Some(addr);
     pending.info.dst_identity = Some(identity.name());
+    if let Some(t) = pending.trace.as_mut() {
+        t.upstream_started.get_or_insert_with(Instant::now);
+    }
     let in_flight = state.balancer.start(addr);
     let sent = state.upstreams.send(addr, &identity, down.version, req);
     let result = match timeout {

@@ -68,13 +68,14 @@ pub struct Telemetry {
     mirrors: IntCounterVec,
     ejections: IntCounterVec,
     rule_hits: Mutex<BTreeMap<(crate::flows::Name, usize), u64>>,
+    /// Spans of sampled requests.
+    pub tracer: crate::trace::Tracer,
 }
 
 impl Telemetry {
     /// Registers the metrics.
     #[must_use]
-    pub fn new(flows: Arc<FlowLog>) -> Self {
-        let prometheus = PromRegistry::new();
+    pub fn new(flows: Arc<FlowLog>, prometheus: PromRegistry, tracer: crate::trace::Tracer) -> Self {
         let requests = IntCounterVec::new(
             Opts::new("heddle_requests_total", "Requests handled by the waypoint (Istio's istio_requests_total)."),
             &LABELS,
@@ -143,6 +144,7 @@ impl Telemetry {
             mirrors,
             ejections,
             rule_hits: Mutex::new(BTreeMap::new()),
+            tracer,
         }
     }
 
@@ -206,6 +208,9 @@ impl Telemetry {
             self.route_requests.with_label_values(&[&**route, &rule.to_string(), &class]).inc();
             *self.rule_hits.lock().expect("hits lock").entry((route.clone(), rule)).or_default() += 1;
         }
+        if let Some(trace) = &rec.trace {
+            super::spans::finish(&self.tracer, trace, &info, rec.started, elapsed);
+        }
         self.flows.request(rec.conn, &info, (request_bytes, response_bytes), elapsed);
     }
 }
@@ -227,6 +232,8 @@ pub struct Pending {
     pub labels: [String; 7],
     /// The backend's circuit-breaker permit, held until the response ends.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Its trace, when tracing is on.
+    pub trace: Option<Box<super::spans::RequestTrace>>,
 }
 
 impl Pending {

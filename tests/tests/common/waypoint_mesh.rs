@@ -53,7 +53,13 @@ pub struct Extras {
     pub slow_v2: bool,
     /// A Service `shared/store` (another namespace) with one pod.
     pub shared_store: bool,
+    /// The waypoint exports spans over OTLP/gRPC to `127.0.0.1:`[`OTLP_PORT`]
+    /// in its pod, sampling this percentage of new traces.
+    pub trace_sampling: Option<u32>,
 }
+
+/// Where a tracing waypoint sends its spans (inside its own pod).
+pub const OTLP_PORT: u16 = 4317;
 
 impl Mesh {
     pub fn new(name: &str, extras: Extras) -> Result<Self> {
@@ -103,7 +109,17 @@ impl Mesh {
         tb.start_ca(&node_a, CaOptions::default())?;
         let mut agents = tb.start_agents(&[&node_a, &node_b])?.into_iter();
         let (agent_a, agent_b) = (agents.next().context("agent a")?, agents.next().context("agent b")?);
-        let waypoint = tb.start_waypoint(&wp_pod, "waypoint")?;
+        let waypoint = match extras.trace_sampling {
+            None => tb.start_waypoint(&wp_pod, "waypoint")?,
+            Some(percent) => tb.start_waypoint_with_env(
+                &wp_pod,
+                "waypoint",
+                &[
+                    ("HEDDLE_OTLP_ENDPOINT", format!("http://127.0.0.1:{OTLP_PORT}")),
+                    ("HEDDLE_TRACE_SAMPLING", percent.to_string()),
+                ],
+            )?,
+        };
         let ids: Vec<String> = [&v1, &v2].iter().map(|p| p.spiffe_id()).collect();
         agent_b.wait_certificates(&ids, Duration::from_secs(10))?;
         agent_a.wait_certificates(&[client.spiffe_id()], Duration::from_secs(10))?;
