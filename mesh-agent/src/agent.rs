@@ -85,6 +85,8 @@ pub struct Settings {
     pub ca: Option<CaClientSettings>,
     /// The namespace whose policies apply mesh-wide.
     pub root_namespace: String,
+    /// Span export of connections (`--trace-l4`; `None`: no spans).
+    pub trace_l4: Option<crate::trace::Settings>,
 }
 
 /// Where the registry and the policies come from. Only the composition root
@@ -299,7 +301,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Some(target) => Some(Arc::new(crate::access_log::AccessLog::open(target)?)),
         None => None,
     };
-    let flows = Arc::new(FlowLog::new(settings.flow_capacity).with_metrics(conn_metrics).with_access_log(access_log));
+    // The exporter outlives the drain, so the last connections' spans go out.
+    let trace_stop = CancellationToken::new();
+    let l4_spans = match &settings.trace_l4 {
+        Some(t) => Some(Arc::new(crate::trace::Tracer::start(
+            Some(t),
+            &format!("heddle-agent.{}", settings.node),
+            &prom,
+            trace_stop.clone(),
+        )?)),
+        None => None,
+    };
+    let flows = Arc::new(
+        FlowLog::new(settings.flow_capacity)
+            .with_metrics(conn_metrics)
+            .with_access_log(access_log)
+            .with_tracer(l4_spans),
+    );
     let tracker = TaskTracker::new();
     let ctx = Arc::new(ProxyContext {
         datapath: datapath.clone(),
@@ -363,6 +381,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = reevaluator.await;
     let exit = stop_capture(&capture, settings.keep_attached_on_exit);
     drain(&tracker, settings.drain_timeout).await;
+    trace_stop.cancel();
     leave_datapath(&datapath, exit, &settings.pin_dir);
     Ok(())
 }

@@ -23,6 +23,7 @@
 //! backlog and its live records neither overlap nor leave a gap.
 
 pub mod http;
+pub mod spans;
 pub mod subscribers;
 
 pub use http::HttpInfo;
@@ -333,6 +334,7 @@ pub struct FlowLog {
     counters: Mutex<BTreeMap<ObjectRef, WorkloadCounters>>,
     metrics: Option<Arc<ConnMetrics>>,
     access: Option<Arc<AccessLog>>,
+    tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 /// What the ring lock guards: the records and the live subscribers.
@@ -358,6 +360,7 @@ impl FlowLog {
             counters: Mutex::new(BTreeMap::new()),
             metrics: None,
             access: None,
+            tracer: None,
         }
     }
 
@@ -394,6 +397,13 @@ impl FlowLog {
     #[must_use]
     pub fn with_metrics(mut self, metrics: Arc<ConnMetrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Also records a span per closed connection ([`spans`]), sampled.
+    #[must_use]
+    pub fn with_tracer(mut self, tracer: Option<Arc<crate::trace::Tracer>>) -> Self {
+        self.tracer = tracer;
         self
     }
 
@@ -456,6 +466,9 @@ impl FlowLog {
         }
         if let Some(m) = &self.metrics {
             m.closed(conn, info, bytes, duration, error.is_some());
+        }
+        if let Some(t) = self.tracer.as_ref().filter(|t| t.sample()) {
+            t.record(spans::connection(info, bytes, duration, error.as_deref()));
         }
         self.push(conn, info, Event::Close, bytes, Some(duration), error);
     }

@@ -60,6 +60,7 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[allow(clippy::struct_excessive_bools)] // independent process flags
 struct RunArgs {
     /// The local configuration file (workloads, services). Required unless
     /// --kubernetes.
@@ -137,6 +138,12 @@ struct RunArgs {
     /// The namespace whose policies apply to every workload.
     #[arg(long, env = "HEDDLE_ROOT_NAMESPACE", default_value = mesh_agent::policy::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// A span per connection (sampled as `--trace-sampling` says), exported
+    /// to `--otlp-endpoint`: tracing for L4-only traffic. Off by default.
+    #[arg(long, env = "HEDDLE_TRACE_L4", requires = "otlp_endpoint")]
+    trace_l4: bool,
+    #[command(flatten)]
+    trace: mesh_agent::trace::TraceArgs,
 }
 
 #[derive(clap::Args)]
@@ -411,6 +418,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             _ => None,
         },
         root_namespace: args.root_namespace,
+        trace_l4: if args.trace_l4 { args.trace.settings()? } else { None },
     };
     agent::raise_fd_limit();
     tokio::runtime::Builder::new_multi_thread()

@@ -53,8 +53,8 @@ pub enum SettingsError {
     Endpoint(#[from] otlp::EndpointError),
 }
 
-/// Checked trace settings.
-#[derive(Clone, Debug)]
+/// Checked trace settings (shown by the admin API's effective config).
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Settings {
     /// Where spans go.
     pub endpoint: otlp::Endpoint,

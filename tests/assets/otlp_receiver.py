@@ -88,8 +88,9 @@ def main():
             pass
 
     host, port = addr.rsplit(":", 1)
+    server = ThreadingHTTPServer((host, int(port)), Handler)
     print(f"otlp http receiver on {addr}", file=sys.stderr, flush=True)
-    ThreadingHTTPServer((host, int(port)), Handler).serve_forever()
+    server.serve_forever()
 
 
 if __name__ == "__main__":

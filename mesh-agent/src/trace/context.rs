@@ -89,7 +89,9 @@ impl Injector for HeadersMut<'_> {
     }
 }
 
-fn random_span_id() -> SpanId {
+/// A new span id (never zero).
+#[must_use]
+pub fn random_span_id() -> SpanId {
     loop {
         let id: u64 = rand::random();
         if id != 0 {
@@ -98,7 +100,9 @@ fn random_span_id() -> SpanId {
     }
 }
 
-fn random_trace_id() -> TraceId {
+/// A new trace id (never zero).
+#[must_use]
+pub fn random_trace_id() -> TraceId {
     loop {
         let id: u128 = rand::random();
         if id != 0 {

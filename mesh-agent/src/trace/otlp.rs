@@ -19,13 +19,15 @@ const HTTP_PATH: &str = "/v1/traces";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// OTLP transport.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum Protocol {
     /// OTLP/gRPC (port 4317).
     #[default]
+    #[serde(rename = "grpc")]
     Grpc,
     /// OTLP/HTTP with protobuf bodies (port 4318).
     #[value(name = "http/protobuf")]
+    #[serde(rename = "http/protobuf")]
     HttpProtobuf,
 }
 
@@ -55,7 +57,7 @@ pub enum EndpointError {
 }
 
 /// A collector's address.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Endpoint {
     /// `host:port` to connect to.
     pub addr: String,

@@ -71,6 +71,8 @@ pub struct Options {
     pub mtls: Option<Mtls>,
     /// Add the STRICT pods `locked`, `vault` and `vault-open` on node-b.
     pub strict: bool,
+    /// More `mesh-agent run` flags for both agents.
+    pub agent_args: &'static [&'static str],
 }
 
 /// How the cluster's mesh CA runs.
@@ -154,6 +156,7 @@ impl Cluster {
             }
             None => None,
         };
+        tb.set_agent_args(options.agent_args);
         let mut agents = tb.start_agents(&[&node_a, &node_b])?.into_iter();
         let (agent_a, agent_b) = (agents.next().context("agent a")?, agents.next().context("agent b")?);
         let cluster =

@@ -1,4 +1,4 @@
-//! End-to-end test of tracing at the waypoint: a request through two
+//! End-to-end tests of tracing. At the waypoint: a request through two
 //! services (the client calls `api`, whose pod calls `api-v1` forwarding
 //! the trace headers, as Bookinfo's services do), both behind the
 //! waypoint, exported over OTLP/gRPC to a receiver that decodes the real
@@ -9,7 +9,8 @@
 //! parent to child, continuing the caller's W3C or B3 context; the
 //! context and `x-request-id` the last service received; an unsampled
 //! request propagated but not recorded; and spans a collector never got
-//! counted as dropped. Needs root; fails under `CI=true` when it cannot run.
+//! counted as dropped. At L4 (`--trace-l4`): one span per connection on
+//! each node. Needs root; fails under `CI=true` when it cannot run.
 
 mod common;
 
@@ -181,6 +182,55 @@ fn a_request_through_two_services_is_one_trace_with_every_hop_linked() {
             ensure!(exported >= 16.0, "16 spans (four traces of four) exported before: {exported}");
             Ok((dropped >= 4.0).then_some(()))
         })?;
+        Ok(())
+    });
+}
+
+#[test]
+fn with_trace_l4_each_agent_exports_a_span_per_connection() {
+    const ARGS: &[&str] = &[
+        "--trace-l4",
+        "--otlp-endpoint",
+        "http://127.0.0.1",
+        "--otlp-protocol",
+        "http/protobuf",
+        "--trace-sampling",
+        "100",
+    ];
+    let options = common::Options { agent_args: ARGS, ..common::Options::mtls() };
+    common::run_e2e("l4_tracing", options, |c| {
+        // OTLP/HTTP with protobuf bodies here (the waypoint test uses gRPC).
+        let mut receivers = Vec::new();
+        let mut files = Vec::new();
+        for node in [&c.node_a, &c.node_b] {
+            let out = c.tb.temp_dir().join(format!("spans-{}.jsonl", node.name()));
+            let mut cmd = Command::new("python3");
+            cmd.arg(asset("otlp_receiver.py")).args(["http", "127.0.0.1:4318", &out.display().to_string()]);
+            receivers.push(node.spawn(cmd)?);
+            files.push(out);
+        }
+        for r in &receivers {
+            wait_for("the OTLP receiver listening", || Ok(r.log_text().contains("receiver on").then_some(())))?;
+        }
+        let to = c.server.addr(common::ECHO_PORT);
+        common::expect_delivered(&c.client, &heddle_tests::ClientSpec::to(to).bytes(100))?;
+        let span_to = |file: &std::path::Path, kind: i64| -> Result<Option<Value>> {
+            Ok(spans(file)?
+                .into_iter()
+                .find(|s| s["kind"] == kind && s["attributes"]["server.address"] == to.ip().to_string()))
+        };
+        let client_side = wait_for("node-a's client span", || span_to(&files[0], SPAN_CLIENT))?;
+        let server_side = wait_for("node-b's server span", || span_to(&files[1], SPAN_SERVER))?;
+        for (s, node) in [(&client_side, "node-a"), (&server_side, "node-b")] {
+            ensure!(s["service"] == format!("heddle-agent.{node}"), "resource service.name: {s}");
+            ensure!(s["attributes"]["heddle.mtls"] == true, "mTLS: {s}");
+            ensure!(s["attributes"]["heddle.bytes.to_server"].as_i64() >= Some(100), "bytes: {s}");
+            ensure!(
+                s["attributes"]["heddle.source.principal"].as_str().is_some_and(|p| p.ends_with("/sa/client")),
+                "the client's identity: {s}"
+            );
+        }
+        ensure!(server_side["name"] == format!("tcp {to}"), "span name: {server_side}");
         Ok(())
     });
 }
