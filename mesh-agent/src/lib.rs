@@ -17,6 +17,7 @@ pub mod capture;
 pub mod cli_agent;
 pub mod cli_flows;
 pub mod cli_routes;
+pub mod cli_stat;
 pub mod config;
 pub mod datapath;
 pub mod flow_filter;

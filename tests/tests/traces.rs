@@ -8,8 +8,9 @@
 //! with every hop (server and client span per waypoint pass) linked
 //! parent to child, continuing the caller's W3C or B3 context; the
 //! context and `x-request-id` the last service received; an unsampled
-//! request propagated but not recorded; and spans a collector never got
-//! counted as dropped. At L4 (`--trace-l4`): one span per connection on
+//! request propagated but not recorded; `heddle stat` and `heddle graph`
+//! over the same traffic, gathered from an agent and the waypoint; and
+//! spans a collector never got counted as dropped. At L4 (`--trace-l4`): one span per connection on
 //! each node. Needs root; fails under `CI=true` when it cannot run.
 
 mod common;
@@ -96,7 +97,7 @@ fn assert_chain(spans: &[Value], root_parent: &str) -> Result<HashMap<&'static s
 }
 
 #[test]
-fn a_request_through_two_services_is_one_trace_with_every_hop_linked() {
+fn a_request_through_two_services_is_one_trace_with_every_hop_linked_and_stat_and_graph_show_it() {
     run_waypoint("wp_tracing", Extras { trace_sampling: Some(100), ..Extras::default() }, |m| {
         let out = m.tb.temp_dir().join("spans.jsonl");
         let mut cmd = Command::new("python3");
@@ -162,7 +163,30 @@ fn a_request_through_two_services_is_one_trace_with_every_hop_linked() {
         trace_spans(&out, marker, 4)?;
         ensure!(!spans(&out)?.iter().any(|s| s["trace_id"] == quiet), "an unsampled request made no span");
 
-        // 5. Without a collector, spans are dropped and counted, and
+        // 5. The golden signals and the graph of the same traffic, gathered
+        //    by the CLI from node-b's agent and the waypoint.
+        let wp_admin = format!("http://{}:15000", m.waypoint.pod.ip());
+        let from = ["--from", "http://127.0.0.1:15000", "--from", wp_admin.as_str()];
+        let run = |args: &[&str]| -> Result<String> {
+            let (code, out, err) = common::heddle(&m.agent_b, &[args, &from[..]].concat())?;
+            ensure!(code == 0, "heddle {args:?}: exit {code}: {err}");
+            Ok(out)
+        };
+        let rows: Value = serde_json::from_str(&run(&["-o", "json", "stat", "svc", "-n", "demo"])?)?;
+        let row = |name: &str| rows.as_array().and_then(|r| r.iter().find(|r| r["name"] == name)).cloned();
+        let api = row("demo/api").with_context(|| format!("a demo/api row: {rows}"))?;
+        let v1 = row("demo/api-v1").with_context(|| format!("a demo/api-v1 row: {rows}"))?;
+        ensure!(api["requests"] == 5 && v1["requests"] == 5, "five requests each: {rows}");
+        ensure!(api["success_rate"] == 1.0 && api["p99_ms"].as_f64() > Some(0.0), "success and latency: {api}");
+        let table = run(&["stat", "svc", "-n", "demo"])?;
+        ensure!(table.starts_with("SERVICE") && table.contains("100.00%"), "stat table:\n{table}");
+        let dot = run(&["-o", "dot", "graph"])?;
+        ensure!(
+            dot.contains("\"demo/client\" -> \"demo/api\" [label=\"") && dot.contains("mTLS"),
+            "graph edge from the client to api, over mTLS:\n{dot}"
+        );
+
+        // 6. Without a collector, spans are dropped and counted, and
         //    requests are served as before.
         receiver.stop(Duration::from_secs(2))?;
         let (status, _) = get(m, "nocollector", &call, &json!({}))?;

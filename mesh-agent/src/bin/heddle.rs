@@ -59,6 +59,24 @@ enum Output {
     Json,
     /// One JSON object per line (flows).
     Jsonl,
+    /// Graphviz DOT (graph): `heddle graph -o dot | dot -Tsvg > mesh.svg`.
+    Dot,
+}
+
+/// Where `heddle stat` and `heddle graph` read flow records.
+#[derive(clap::Args, Clone, Debug)]
+struct Sources {
+    /// Admin API of an agent or waypoint to gather from (repeat for each;
+    /// default: --agent).
+    #[arg(long = "from", value_name = "URL")]
+    from: Vec<String>,
+    /// Gather from the agents of these Kubernetes nodes too, through the
+    /// API server's port-forward.
+    #[arg(long, value_delimiter = ',', value_name = "NODE,...")]
+    nodes: Vec<String>,
+    /// Records of this last stretch of time (e.g. 30s, 1m, 10m).
+    #[arg(long, default_value = "1m", value_parser = mesh_agent::cli_flows::parse_duration)]
+    window: Duration,
 }
 
 #[derive(Subcommand)]
@@ -71,6 +89,30 @@ enum Command {
     ///   heddle flows --from-identity ns/demo/sa/web --since 5m -o jsonl
     ///   heddle flows --pod api --follow
     Flows(mesh_agent::cli_flows::FlowsArgs),
+    /// Golden signals over a window: success rate, requests/s, p50/p95/p99,
+    /// TCP connections and bytes, per workload (`deploy`), Service (`svc`)
+    /// or route, from the flow records of every --from agent and waypoint.
+    ///
+    /// Examples:
+    ///   heddle stat svc -n demo --from `http://NODE:15000` --from `http://WAYPOINT:15000`
+    ///   heddle stat deploy --window 5m
+    Stat {
+        /// What to group by.
+        #[arg(value_enum)]
+        by: mesh_agent::cli_stat::GroupBy,
+        /// Only destinations in this namespace.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        sources: Sources,
+    },
+    /// The service dependency graph from recent flows: edges with request
+    /// rate, error ratio, p99 and mTLS or plaintext (`-o dot` for Graphviz,
+    /// `-o json`).
+    Graph {
+        #[command(flatten)]
+        sources: Sources,
+    },
     /// Show a waypoint's routes: the `HTTPRoutes` and `GRPCRoutes` in force per
     /// Service, how often each rule matched, and the routes not accepted and
     /// why (point --agent at the waypoint's admin API).
@@ -367,6 +409,33 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Enroll { .. } | Command::Unenroll { .. } | Command::Waypoint(_) => unreachable!("handled above"),
         Command::Policy(cmd) => return policy_command(cmd, &cli.agent, cli.output),
         Command::Flows(args) => flows(&cli.agent, cli.output, &args)?,
+        Command::Stat { by, ref namespace, ref sources } => {
+            let records = gather(&cli, sources)?;
+            let rows = mesh_agent::cli_stat::stat(&records, by, namespace.as_deref(), sources.window);
+            if cli.output == Output::Table {
+                print!("{}", mesh_agent::cli_stat::stat_text(&rows, by));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            }
+        }
+        Command::Graph { ref sources } => {
+            let g = mesh_agent::cli_stat::graph(&gather(&cli, sources)?, sources.window);
+            match cli.output {
+                Output::Dot => print!("{}", mesh_agent::cli_stat::graph_dot(&g)),
+                Output::Json | Output::Jsonl => println!("{}", serde_json::to_string_pretty(&g)?),
+                Output::Table => {
+                    for e in &g.edges {
+                        let err = e.error_ratio.map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0));
+                        let p99 = e.p99_ms.map_or_else(|| "-".to_owned(), |p| format!("{p:.1}ms"));
+                        let sec = if e.mtls { "mTLS" } else { "plaintext" };
+                        println!(
+                            "{} -> {}  {:.1} rps  err {err}  p99 {p99}  {} conn  {sec}",
+                            e.from, e.to, e.rps, e.connections
+                        );
+                    }
+                }
+            }
+        }
         Command::Routes => {
             let r = get(&cli.agent, "/routes")?;
             if cli.output == Output::Table {
@@ -416,6 +485,32 @@ fn main() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Every flow record of the window from each source (`--from`, else
+/// `--agent`, and each `--nodes` agent through a port-forward), merged.
+fn gather(cli: &Cli, sources: &Sources) -> anyhow::Result<Vec<Value>> {
+    let mut urls = if sources.from.is_empty() && sources.nodes.is_empty() {
+        vec![cli.agent.clone()]
+    } else {
+        sources.from.clone()
+    };
+    let mut forwards = Vec::new();
+    for node in &sources.nodes {
+        let (url, forwarding) = forward_to_node(cli, node)?;
+        urls.push(url);
+        forwards.push(forwarding);
+    }
+    let since = mesh_agent::flows::rfc3339(std::time::SystemTime::now() - sources.window);
+    let query = format!("/flows?last=1000000&since={}", since.replace(':', "%3A").replace('+', "%2B"));
+    let mut records = Vec::new();
+    for url in &urls {
+        match get(url, &query)? {
+            Value::Array(list) => records.extend(list),
+            other => bail!("{url}{query}: expected a list of flow records, got {other}"),
+        }
+    }
+    Ok(records)
+}
+
 fn get(agent: &str, path: &str) -> anyhow::Result<Value> {
     let url = format!("{}{path}", agent.trim_end_matches('/'));
     let agent_err = || {
@@ -457,7 +552,7 @@ fn flows(agent: &str, output: Output, args: &mesh_agent::cli_flows::FlowsArgs) -
                 println!("{f}");
             }
         }
-        Output::Table => {
+        Output::Table | Output::Dot => {
             for f in &list {
                 println!("{}", table_row(f));
             }

@@ -117,6 +117,8 @@ impl Mesh {
                 &[
                     ("HEDDLE_OTLP_ENDPOINT", format!("http://127.0.0.1:{OTLP_PORT}")),
                     ("HEDDLE_TRACE_SAMPLING", percent.to_string()),
+                    // Reachable from the node, for `heddle stat --from`.
+                    ("HEDDLE_ADMIN_ADDR", "0.0.0.0:15000".to_owned()),
                 ],
             )?,
         };

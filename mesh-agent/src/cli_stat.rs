@@ -1,0 +1,441 @@
+//! `heddle stat` and `heddle graph`: golden signals and the service graph,
+//! computed by the CLI from the flow records of every agent and waypoint it
+//! is given (`--from`), over a window (`--window`, the records' `since`).
+//!
+//! Pure functions over the records as the admin API serves them (JSON), so
+//! merging many sources is concatenation: a connection seen by both its
+//! agents (the client's outbound record and the server's inbound one, same
+//! source address and original destination) is counted once; a waypoint
+//! request is one `request` record. Success is a status below 500 and, for
+//! gRPC, status 0 (Linkerd's and Istio's definition). Latency percentiles
+//! are nearest-rank over the window's requests.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// What `heddle stat` groups by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    /// The destination workload (its identity, `ns/serviceaccount`).
+    #[value(alias = "deployment", alias = "workload")]
+    Deploy,
+    /// The destination Service.
+    #[value(alias = "service")]
+    Svc,
+    /// The route that matched (waypoint requests only).
+    Route,
+}
+
+/// One row of `heddle stat`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Row {
+    /// `ns/name` of the workload, Service or route.
+    pub name: String,
+    /// Distinct pods seen serving it.
+    pub meshed: usize,
+    /// Requests (waypoint) in the window.
+    pub requests: u64,
+    /// Share of them that succeeded (none: no requests).
+    pub success_rate: Option<f64>,
+    /// Requests per second over the window.
+    pub rps: f64,
+    /// Latency percentiles, milliseconds.
+    pub p50_ms: Option<f64>,
+    /// 95th percentile.
+    pub p95_ms: Option<f64>,
+    /// 99th percentile.
+    pub p99_ms: Option<f64>,
+    /// Connections that ended in the window.
+    pub tcp_connections: u64,
+    /// Bytes both ways of those connections.
+    pub tcp_bytes: u64,
+}
+
+/// `spiffe://td/ns/NS/sa/SA` as `NS/SA`; anything else as it is.
+#[must_use]
+pub fn short_identity(id: &str) -> String {
+    id.split_once("/ns/")
+        .and_then(|(_, rest)| rest.split_once("/sa/"))
+        .map_or_else(|| id.to_owned(), |(ns, sa)| format!("{ns}/{sa}"))
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+/// Whether a waypoint request succeeded.
+fn succeeded(http: &Value) -> bool {
+    let status = http["status"].as_u64().unwrap_or(0);
+    let grpc_ok = http["grpc_status"].as_u64().is_none_or(|g| g == 0);
+    (1..500).contains(&status) && grpc_ok
+}
+
+/// The L4 close and error records, a connection counted once.
+fn connections(records: &[Value]) -> Vec<&Value> {
+    let mut seen = HashSet::new();
+    records
+        .iter()
+        .filter(|r| matches!(str_of(r, "event"), Some("close" | "error")))
+        .filter(|r| seen.insert((str_of(r, "src").map(str::to_owned), str_of(r, "orig_dst").map(str::to_owned))))
+        .collect()
+}
+
+fn requests(records: &[Value]) -> impl Iterator<Item = &Value> {
+    records.iter().filter(|r| str_of(r, "event") == Some("request"))
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted.get(rank - 1).copied()
+}
+
+#[derive(Default)]
+struct Acc {
+    pods: HashSet<String>,
+    requests: u64,
+    ok: u64,
+    latencies: Vec<f64>,
+    connections: u64,
+    bytes: u64,
+}
+
+impl Acc {
+    #[allow(clippy::cast_precision_loss)]
+    fn row(mut self, name: String, window: Duration) -> Row {
+        self.latencies.sort_by(f64::total_cmp);
+        let secs = window.as_secs_f64().max(1.0);
+        Row {
+            name,
+            meshed: self.pods.len(),
+            requests: self.requests,
+            success_rate: (self.requests > 0).then(|| self.ok as f64 / self.requests as f64),
+            rps: self.requests as f64 / secs,
+            p50_ms: percentile(&self.latencies, 50.0),
+            p95_ms: percentile(&self.latencies, 95.0),
+            p99_ms: percentile(&self.latencies, 99.0),
+            tcp_connections: self.connections,
+            tcp_bytes: self.bytes,
+        }
+    }
+}
+
+/// The destination of a waypoint request, as `by` names it.
+fn request_key(r: &Value, by: GroupBy) -> Option<String> {
+    let http = &r["http"];
+    match by {
+        GroupBy::Svc => str_of(http, "backend").or_else(|| str_of(r, "service")).map(str::to_owned),
+        GroupBy::Deploy => str_of(r, "dst_identity").map(short_identity),
+        GroupBy::Route => str_of(http, "route").map(str::to_owned),
+    }
+}
+
+/// The destination of a connection, as `by` names it (routes: none).
+fn connection_key(r: &Value, by: GroupBy) -> Option<String> {
+    match by {
+        GroupBy::Svc => str_of(r, "service").map(str::to_owned),
+        GroupBy::Deploy => match str_of(r, "direction") {
+            Some("inbound") => {
+                str_of(r, "dst_identity").map(short_identity).or_else(|| str_of(r, "workload").map(str::to_owned))
+            }
+            _ => str_of(r, "dst_identity").map(short_identity),
+        },
+        GroupBy::Route => None,
+    }
+}
+
+/// `heddle stat`: one row per destination, in `namespace` if given.
+#[must_use]
+pub fn stat(records: &[Value], by: GroupBy, namespace: Option<&str>, window: Duration) -> Vec<Row> {
+    let mut acc: BTreeMap<String, Acc> = BTreeMap::new();
+    let in_ns = |name: &str| {
+        namespace.is_none_or(|ns| {
+            // Routes are `kind/ns/name`; the rest `ns/name`.
+            let parts: Vec<&str> = name.split('/').collect();
+            parts.len() >= 2 && parts[parts.len() - 2] == ns
+        })
+    };
+    for r in requests(records) {
+        let Some(key) = request_key(r, by).filter(|k| in_ns(k)) else { continue };
+        let a = acc.entry(key).or_default();
+        a.requests += 1;
+        a.ok += u64::from(succeeded(&r["http"]));
+        if let Some(d) = r["duration_ms"].as_f64() {
+            a.latencies.push(d);
+        }
+        if let Some(up) = str_of(&r["http"], "upstream") {
+            a.pods.insert(up.to_owned());
+        }
+    }
+    for r in connections(records) {
+        let Some(key) = connection_key(r, by).filter(|k| in_ns(k)) else { continue };
+        let a = acc.entry(key).or_default();
+        a.connections += 1;
+        a.bytes += r["bytes_sent"].as_u64().unwrap_or(0) + r["bytes_received"].as_u64().unwrap_or(0);
+        if let Some(dst) = str_of(r, "dst") {
+            a.pods.insert(dst.to_owned());
+        }
+    }
+    acc.into_iter().map(|(name, a)| a.row(name, window)).collect()
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| if v < 10.0 { format!("{v:.1}ms") } else { format!("{v:.0}ms") })
+}
+
+/// The `heddle stat` table.
+#[must_use]
+pub fn stat_text(rows: &[Row], by: GroupBy) -> String {
+    let mut out = String::new();
+    let first = match by {
+        GroupBy::Deploy => "WORKLOAD",
+        GroupBy::Svc => "SERVICE",
+        GroupBy::Route => "ROUTE",
+    };
+    let _ = writeln!(
+        out,
+        "{first:<36} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "MESHED", "SUCCESS", "RPS", "P50", "P95", "P99", "TCP_CONN", "TCP_BYTES"
+    );
+    for r in rows {
+        let success = r.success_rate.map_or_else(|| "-".to_owned(), |s| format!("{:.2}%", s * 100.0));
+        let _ = writeln!(
+            out,
+            "{:<36} {:>6} {:>8} {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>10}",
+            r.name,
+            r.meshed,
+            success,
+            r.rps,
+            ms(r.p50_ms),
+            ms(r.p95_ms),
+            ms(r.p99_ms),
+            r.tcp_connections,
+            r.tcp_bytes
+        );
+    }
+    if rows.is_empty() {
+        out.push_str("(no traffic in the window)\n");
+    }
+    out
+}
+
+/// One edge of the service graph.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Edge {
+    /// The caller (`ns/serviceaccount`, a workload, or an address).
+    pub from: String,
+    /// The callee (a Service when one was dialled, else a workload).
+    pub to: String,
+    /// Requests (through a waypoint).
+    pub requests: u64,
+    /// Requests per second over the window.
+    pub rps: f64,
+    /// Share of requests that failed.
+    pub error_ratio: Option<f64>,
+    /// 99th percentile latency, milliseconds.
+    pub p99_ms: Option<f64>,
+    /// Connections.
+    pub connections: u64,
+    /// Whether every connection on this edge was mutual TLS.
+    pub mtls: bool,
+}
+
+/// The service graph.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Graph {
+    /// Every node, sorted.
+    pub nodes: Vec<String>,
+    /// Every edge, sorted by (from, to).
+    pub edges: Vec<Edge>,
+}
+
+fn source_of(r: &Value) -> String {
+    str_of(r, "src_identity")
+        .map(short_identity)
+        .or_else(|| {
+            (str_of(r, "direction") == Some("outbound")).then(|| str_of(r, "workload").map(str::to_owned)).flatten()
+        })
+        .or_else(|| str_of(r, "src").and_then(|s| s.rsplit_once(':')).map(|(ip, _)| ip.to_owned()))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn target_of(r: &Value) -> String {
+    str_of(&r["http"], "backend")
+        .or_else(|| str_of(r, "service"))
+        .map(str::to_owned)
+        .or_else(|| str_of(r, "dst_identity").map(short_identity))
+        .or_else(|| str_of(r, "orig_dst").map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// `heddle graph`: who talks to whom, from requests and connections.
+#[must_use]
+#[allow(clippy::cast_precision_loss)]
+pub fn graph(records: &[Value], window: Duration) -> Graph {
+    #[derive(Default)]
+    struct E {
+        requests: u64,
+        failed: u64,
+        latencies: Vec<f64>,
+        connections: u64,
+        plaintext: bool,
+    }
+    let mut edges: BTreeMap<(String, String), E> = BTreeMap::new();
+    for r in requests(records) {
+        let e = edges.entry((source_of(r), target_of(r))).or_default();
+        e.requests += 1;
+        e.failed += u64::from(!succeeded(&r["http"]));
+        if let Some(d) = r["duration_ms"].as_f64() {
+            e.latencies.push(d);
+        }
+    }
+    for r in connections(records) {
+        let e = edges.entry((source_of(r), target_of(r))).or_default();
+        e.connections += 1;
+        e.plaintext |= str_of(r, "security") != Some("mutual_tls");
+    }
+    let secs = window.as_secs_f64().max(1.0);
+    let mut nodes: Vec<String> = edges.keys().flat_map(|(a, b)| [a.clone(), b.clone()]).collect();
+    nodes.sort();
+    nodes.dedup();
+    let edges = edges
+        .into_iter()
+        .map(|((from, to), mut e)| {
+            e.latencies.sort_by(f64::total_cmp);
+            Edge {
+                from,
+                to,
+                requests: e.requests,
+                rps: e.requests as f64 / secs,
+                error_ratio: (e.requests > 0).then(|| e.failed as f64 / e.requests as f64),
+                p99_ms: percentile(&e.latencies, 99.0),
+                connections: e.connections,
+                mtls: !e.plaintext,
+            }
+        })
+        .collect();
+    Graph { nodes, edges }
+}
+
+fn dot_quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The graph in Graphviz's DOT language (`dot -Tsvg`): edges labelled
+/// with request rate, error ratio and p99, dashed red when plaintext.
+#[must_use]
+pub fn graph_dot(g: &Graph) -> String {
+    let mut out = String::from("digraph heddle {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+    for n in &g.nodes {
+        let _ = writeln!(out, "  {};", dot_quote(n));
+    }
+    for e in &g.edges {
+        let mut label = Vec::new();
+        if e.requests > 0 {
+            label.push(format!("{:.1} rps", e.rps));
+            if let Some(r) = e.error_ratio {
+                label.push(format!("{:.1}% err", r * 100.0));
+            }
+            label.push(format!("p99 {}", ms(e.p99_ms)));
+        }
+        if e.connections > 0 {
+            label.push(format!("{} conn", e.connections));
+        }
+        label.push(if e.mtls { "mTLS".to_owned() } else { "plaintext".to_owned() });
+        let style = if e.mtls { "" } else { ", style=dashed, color=red" };
+        // `\n` is DOT's line break inside a label: not escaped.
+        let label = label.join("\\n").replace('"', "\\\"");
+        let _ = writeln!(out, "  {} -> {} [label=\"{label}\"{style}];", dot_quote(&e.from), dot_quote(&e.to));
+    }
+    out.push_str("}\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn request(status: u64, ms: f64, backend: &str) -> Value {
+        json!({"event": "request", "direction": "inbound", "workload": "demo/waypoint",
+               "src_identity": "spiffe://td/ns/demo/sa/web", "dst_identity": "spiffe://td/ns/demo/sa/api",
+               "service": "demo/api", "duration_ms": ms, "security": "mutual_tls",
+               "http": {"status": status, "backend": backend, "route": "httproute/demo/api", "upstream": "10.0.0.9:8080"}})
+    }
+
+    fn conn(direction: &str, src: &str, security: &str) -> Value {
+        json!({"event": "close", "direction": direction, "workload": "demo/db-0", "src": src,
+               "orig_dst": "10.0.0.5:5432", "dst": "10.0.0.5:5432", "service": "demo/db",
+               "src_identity": "spiffe://td/ns/demo/sa/api", "dst_identity": "spiffe://td/ns/demo/sa/db",
+               "security": security, "bytes_sent": 100, "bytes_received": 50})
+    }
+
+    fn records() -> Vec<Value> {
+        let mut r: Vec<Value> = (0..99).map(|i| request(200, f64::from(i + 1), "demo/api")).collect();
+        r.push(request(503, 500.0, "demo/api"));
+        // One connection seen by both agents, one by the server only.
+        r.push(conn("outbound", "10.0.0.2:40000", "mutual_tls"));
+        r.push(conn("inbound", "10.0.0.2:40000", "mutual_tls"));
+        r.push(conn("inbound", "10.0.0.3:40001", "mutual_tls"));
+        r
+    }
+
+    #[test]
+    fn services_get_success_rate_rate_latency_and_connections() {
+        let rows = stat(&records(), GroupBy::Svc, None, Duration::from_secs(10));
+        assert_eq!(rows.len(), 2);
+        let api = &rows[0];
+        assert_eq!(api.name, "demo/api");
+        assert_eq!(api.requests, 100);
+        assert_eq!(api.success_rate, Some(0.99));
+        assert!((api.rps - 10.0).abs() < 1e-9);
+        assert_eq!((api.p50_ms, api.p99_ms), (Some(50.0), Some(99.0)));
+        assert_eq!(api.meshed, 1);
+        let db = &rows[1];
+        assert_eq!((db.name.as_str(), db.tcp_connections, db.tcp_bytes), ("demo/db", 2, 300));
+        assert_eq!(db.success_rate, None);
+    }
+
+    #[test]
+    fn workloads_and_routes_group_by_their_names_and_namespaces_filter() {
+        let rows = stat(&records(), GroupBy::Deploy, Some("demo"), Duration::from_secs(10));
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["demo/api", "demo/db"]);
+        let routes = stat(&records(), GroupBy::Route, None, Duration::from_secs(10));
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].name, "httproute/demo/api");
+        assert!(stat(&records(), GroupBy::Svc, Some("other"), Duration::from_secs(10)).is_empty());
+        assert!(stat_text(&rows, GroupBy::Deploy).contains("demo/api"));
+    }
+
+    #[test]
+    fn the_graph_has_one_edge_per_pair_with_rates_errors_and_security() {
+        let mut r = records();
+        r.push(json!({"event": "close", "direction": "outbound", "workload": "demo/api-0", "src": "10.0.0.2:40002",
+                      "orig_dst": "93.184.216.34:80", "security": "plaintext"}));
+        let g = graph(&r, Duration::from_secs(10));
+        assert_eq!(g.nodes, ["93.184.216.34:80", "demo/api", "demo/api-0", "demo/db", "demo/web"]);
+        let web = g.edges.iter().find(|e| e.from == "demo/web").unwrap();
+        assert_eq!((web.to.as_str(), web.requests, web.error_ratio), ("demo/api", 100, Some(0.01)));
+        assert_eq!(web.p99_ms, Some(99.0));
+        let db = g.edges.iter().find(|e| e.to == "demo/db").unwrap();
+        assert_eq!((db.connections, db.mtls), (2, true));
+        let out = g.edges.iter().find(|e| e.to.starts_with("93.")).unwrap();
+        assert!(!out.mtls);
+        let dot = graph_dot(&g);
+        assert!(dot.starts_with("digraph heddle {"));
+        assert!(
+            dot.contains("\"demo/web\" -> \"demo/api\" [label=\"10.0 rps\\n1.0% err\\np99 99ms\\nmTLS\"];"),
+            "{dot}"
+        );
+        assert!(dot.contains("style=dashed, color=red"));
+    }
+}
