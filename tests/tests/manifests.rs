@@ -252,3 +252,47 @@ fn crd_schema_rejects_unknown_fields_and_bad_actions() {
         assert!(!validator.is_valid(&bad), "{what} was accepted: {bad}");
     }
 }
+
+/// Every source file of the agent crate, concatenated.
+fn agent_sources() -> String {
+    let mut text = String::new();
+    let mut stack = vec![daemonset_dir().join("../mesh-agent/src")];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                text.push_str(&fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    text
+}
+
+#[test]
+fn every_metric_the_dashboard_queries_is_one_heddle_exports() {
+    let text = fs::read_to_string(daemonset_dir().join("grafana-dashboard.json")).unwrap();
+    let dashboard: Json = serde_json::from_str(&text).unwrap();
+    let sources = agent_sources();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            for (i, _) in expr.match_indices("heddle_") {
+                let name: String =
+                    expr[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+                let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name);
+                assert!(
+                    sources.contains(&format!("\"{base}\"")),
+                    "panel {:?} queries {name}, which mesh-agent does not register",
+                    panel["title"]
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} metric references found");
+    let types: Vec<&str> = dashboard["panels"].as_array().unwrap().iter().filter_map(|p| p["type"].as_str()).collect();
+    assert!(types.contains(&"nodeGraph"), "a service graph panel: {types:?}");
+}
