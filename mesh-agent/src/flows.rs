@@ -287,6 +287,8 @@ pub struct ConnInfo {
     pub http: Option<Box<HttpInfo>>,
     /// Why a waypoint passed the connection through as L4.
     pub passthrough: Option<String>,
+    /// Its span, when L4 tracing sampled it ([`FlowLog::l4_trace`]).
+    pub trace: Option<crate::trace::context::ConnTrace>,
 }
 
 impl ConnInfo {
@@ -319,6 +321,7 @@ impl ConnInfo {
             waypoint: None,
             http: None,
             passthrough: None,
+            trace: None,
         }
     }
 }
@@ -400,6 +403,22 @@ impl FlowLog {
         self
     }
 
+    /// A sampled new connection's span ids (`None`: no L4 tracing, or not
+    /// sampled), decided when it starts so the source side can send them.
+    #[must_use]
+    pub fn l4_trace(&self) -> Option<crate::trace::context::ConnTrace> {
+        self.tracer.as_ref().filter(|t| t.sample()).map(|_| crate::trace::context::ConnTrace::root())
+    }
+
+    /// The destination side's span of a tunnelled connection: a child of
+    /// the source side's (from the `CONNECT`'s `traceparent`), else
+    /// [`FlowLog::l4_trace`].
+    #[must_use]
+    pub fn l4_trace_from(&self, headers: &hyper::HeaderMap) -> Option<crate::trace::context::ConnTrace> {
+        let t = self.tracer.as_ref()?;
+        t.propagators.connection_child(headers).or_else(|| self.l4_trace())
+    }
+
     /// Also records a span per closed connection ([`spans`]), sampled.
     #[must_use]
     pub fn with_tracer(mut self, tracer: Option<Arc<crate::trace::Tracer>>) -> Self {
@@ -467,8 +486,12 @@ impl FlowLog {
         if let Some(m) = &self.metrics {
             m.closed(conn, info, bytes, duration, error.is_some());
         }
-        if let Some(t) = self.tracer.as_ref().filter(|t| t.sample()) {
-            t.record(spans::connection(info, bytes, duration, error.as_deref()));
+        if let Some(t) = &self.tracer {
+            // A connection sampled at its start keeps that decision (and
+            // its ids, which the source side sent on); others decide now.
+            if let Some(trace) = info.trace.or_else(|| self.l4_trace()) {
+                t.record(spans::connection(info, &trace, bytes, duration, error.as_deref()));
+            }
         }
         self.push(conn, info, Event::Close, bytes, Some(duration), error);
     }

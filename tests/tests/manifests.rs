@@ -280,8 +280,10 @@ fn every_metric_the_dashboard_queries_is_one_heddle_exports() {
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().unwrap_or_default();
             for (i, _) in expr.match_indices("heddle_") {
-                let name: String =
-                    expr[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
                 let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name);
                 assert!(
                     sources.contains(&format!("\"{base}\"")),

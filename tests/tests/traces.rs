@@ -11,7 +11,7 @@
 //! request propagated but not recorded; `heddle stat` and `heddle graph`
 //! over the same traffic, gathered from an agent and the waypoint; and
 //! spans a collector never got counted as dropped. At L4 (`--trace-l4`): one span per connection on
-//! each node. Needs root; fails under `CI=true` when it cannot run.
+//! each node, the destination's a child of the source's. Needs root; fails under `CI=true` when it cannot run.
 
 mod common;
 
@@ -255,6 +255,13 @@ fn with_trace_l4_each_agent_exports_a_span_per_connection() {
             );
         }
         ensure!(server_side["name"] == format!("tcp {to}"), "span name: {server_side}");
+        // The source agent sent its span in the CONNECT: one trace.
+        ensure!(
+            server_side["trace_id"] == client_side["trace_id"]
+                && server_side["parent_span_id"] == client_side["span_id"]
+                && client_side["parent_span_id"] == "",
+            "node-b's span is a child of node-a's: {client_side} {server_side}"
+        );
         Ok(())
     });
 }

@@ -1,9 +1,9 @@
 //! L4 spans (`mesh-agent run --trace-l4`, off by default): one span per
 //! connection when it closes, a client span on the source node and a
 //! server span on the destination node, so an L4-only mesh can still be
-//! traced. At L4 there are no headers to carry a context, so each side is
-//! its own trace; the attributes (addresses, identities, bytes, policy)
-//! let a backend join them.
+//! traced. The source agent sends its span as `traceparent` in the HBONE
+//! `CONNECT`, so the destination side's span is its child: one trace per
+//! tunnelled connection. A plaintext connection's sides are separate traces.
 
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +12,13 @@ use crate::trace::{Kind, SpanRecord, Value};
 
 /// The span of a closed connection.
 #[must_use]
-pub fn connection(info: &ConnInfo, bytes: (u64, u64), duration: Duration, error: Option<&str>) -> SpanRecord {
+pub fn connection(
+    info: &ConnInfo,
+    trace: &crate::trace::context::ConnTrace,
+    bytes: (u64, u64),
+    duration: Duration,
+    error: Option<&str>,
+) -> SpanRecord {
     let end = SystemTime::now();
     let kind = match info.direction {
         Direction::Outbound => Kind::Client,
@@ -47,9 +53,9 @@ pub fn connection(info: &ConnInfo, bytes: (u64, u64), duration: Duration, error:
         attributes.push(("server.port", Value::Int(i64::from(port))));
     }
     SpanRecord {
-        trace_id: crate::trace::context::random_trace_id(),
-        span_id: crate::trace::context::random_span_id(),
-        parent: None,
+        trace_id: trace.trace_id,
+        span_id: trace.span_id,
+        parent: trace.parent,
         trace_state: String::new(),
         name: format!("tcp {target}"),
         kind,
@@ -72,7 +78,9 @@ mod tests {
         info.orig_dst = Some("10.0.0.2:8080".parse().unwrap());
         info.security = Security::MutualTls;
         info.src_identity = Some("spiffe://td/ns/demo/sa/client".into());
-        let s = connection(&info, (10, 20), Duration::from_millis(5), None);
+        let trace = crate::trace::context::ConnTrace::root();
+        let s = connection(&info, &trace, (10, 20), Duration::from_millis(5), None);
+        assert_eq!((s.trace_id, s.span_id, s.parent), (trace.trace_id, trace.span_id, None));
         assert_eq!(s.kind, Kind::Server);
         assert_eq!(s.name, "tcp 10.0.0.2:8080");
         assert!(s.attributes.contains(&("heddle.mtls", Value::Bool(true))));

@@ -24,6 +24,7 @@ use std::{
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::trace::context::ConnTrace;
 use bytes::Bytes;
 use hyper::{Method, Request, StatusCode, Uri};
 use mesh_common::PORT_TUNNEL;
@@ -165,8 +166,9 @@ impl Mesh {
         src: &SpiffeId,
         dst: SocketAddr,
         dst_id: &SpiffeId,
+        trace: Option<&ConnTrace>,
     ) -> Result<Tunnelled, TunnelError> {
-        self.connect_via(pod, src, dst.ip(), dst_id, dst).await
+        self.connect_via(pod, src, dst.ip(), dst_id, dst, trace).await
     }
 
     /// Opens a tunnelled stream from `pod` (identity `src`) to the tunnel
@@ -180,7 +182,9 @@ impl Mesh {
         via: IpAddr,
         via_id: &SpiffeId,
         target: SocketAddr,
+        trace: Option<&ConnTrace>,
     ) -> Result<Tunnelled, TunnelError> {
+        let traceparent = trace.map(ConnTrace::traceparent);
         let (dst, dst_id) = (target, via_id);
         let cert = self.certs.get(src, CERT_WAIT).await?;
         let key = PoolKey { src: src.clone(), dst_ip: via, dst_id: dst_id.clone() };
@@ -192,7 +196,7 @@ impl Mesh {
         let mut fresh = false;
         loop {
             let opened = self.sender(pod, &key, cert.generation, fresh).await?;
-            match Self::request(opened.sender, &uri).await {
+            match Self::request(opened.sender, &uri, traceparent.as_ref()).await {
                 Err(TunnelError::Http(e)) if !fresh && (e.is_go_away() || e.is_io() || e.reason().is_none()) => {
                     tracing::debug!(error = %e, "pooled tunnel connection failed; retrying on a new one");
                     fresh = true;
@@ -204,9 +208,18 @@ impl Mesh {
         }
     }
 
-    async fn request(sender: h2::client::SendRequest<Bytes>, uri: &Uri) -> Result<H2Stream, TunnelError> {
+    async fn request(
+        sender: h2::client::SendRequest<Bytes>,
+        uri: &Uri,
+        traceparent: Option<&hyper::header::HeaderValue>,
+    ) -> Result<H2Stream, TunnelError> {
         let mut sender = sender.ready().await?;
-        let req = Request::builder().method(Method::CONNECT).uri(uri.clone()).body(()).expect("static request");
+        let mut req = Request::builder().method(Method::CONNECT).uri(uri.clone()).body(()).expect("static request");
+        if let Some(tp) = traceparent {
+            // The source side's L4 span (`--trace-l4`), continued by the
+            // destination agent.
+            req.headers_mut().insert("traceparent", tp.clone());
+        }
         let (response, send) = sender.send_request(req, false)?;
         let resp = response.await?;
         if resp.status() != StatusCode::OK {

@@ -77,7 +77,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let (done, health) = if let (Some(mesh), Some(dst_id)) = (ctx.mesh.clone(), dst_identity) {
         info.security = Security::MutualTls;
         info.dst_identity = Some(dst_id.name());
-        match mesh.connect(&pod, &pod.identity, resolved.addr, &dst_id).await {
+        info.trace = ctx.flows.l4_trace();
+        match mesh.connect(&pod, &pod.identity, resolved.addr, &dst_id, info.trace.as_ref()).await {
             Ok(tunnelled) => splice_tunnelled(client, peer, &pod, &ctx, conn, &mut info, started, tunnelled).await,
             Err(e) => {
                 // The destination's policy refused it: the source records

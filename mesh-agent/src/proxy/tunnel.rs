@@ -212,6 +212,7 @@ async fn serve_stream(
 ) {
     let conn = ctx.flows.conn_id();
     let mut info = tunnel.info.clone();
+    info.trace = ctx.flows.l4_trace_from(req.headers());
     let admitted = match check_stream(&req, conn, pod, ctx, &mut info, tunnel.peer_id) {
         Ok(a) => a,
         Err((status, reason)) => {

@@ -163,6 +163,48 @@ impl Propagators {
     }
 }
 
+/// The trace of one L4 connection side: its span, and the span of the
+/// other side when the source agent sent one in the HBONE `CONNECT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnTrace {
+    /// The trace.
+    pub trace_id: TraceId,
+    /// This side's span.
+    pub span_id: SpanId,
+    /// The source side's span (destination side only).
+    pub parent: Option<SpanId>,
+}
+
+impl ConnTrace {
+    /// A new trace (the source side, or a connection that came without one).
+    #[must_use]
+    pub fn root() -> Self {
+        Self { trace_id: random_trace_id(), span_id: random_span_id(), parent: None }
+    }
+
+    /// The `traceparent` the source side sends in its `CONNECT` (sampled).
+    #[must_use]
+    pub fn traceparent(&self) -> HeaderValue {
+        HeaderValue::try_from(format!("00-{}-{}-01", self.trace_id, self.span_id)).expect("hex ids make a header value")
+    }
+}
+
+impl Propagators {
+    /// The destination side of a connection whose `CONNECT` carried a
+    /// sampled W3C context: a child of the source side's span.
+    #[must_use]
+    pub fn connection_child(&self, headers: &HeaderMap) -> Option<ConnTrace> {
+        let h = Headers(headers);
+        let cx = self.w3c.extract(&h);
+        let sc = cx.span().span_context().clone();
+        (sc.is_valid() && sc.is_sampled()).then(|| ConnTrace {
+            trace_id: sc.trace_id(),
+            span_id: random_span_id(),
+            parent: Some(sc.span_id()),
+        })
+    }
+}
+
 /// A sampling decision without ids (`b3: 0`, `x-b3-sampled: 1`).
 fn sampling_only(headers: &HeaderMap) -> Option<bool> {
     let v = headers.get(B3_SINGLE).or_else(|| headers.get("x-b3-sampled"))?.to_str().ok()?;

@@ -56,7 +56,7 @@ pub async fn run<T: AsyncRead + AsyncWrite + Unpin>(
     info.dst = Some(addr);
     info.dst_identity = Some(identity.name());
     let started = Instant::now();
-    let tunnelled = match state.mesh.connect(&state.me, &state.me_identity, addr, &identity).await {
+    let tunnelled = match state.mesh.connect(&state.me, &state.me_identity, addr, &identity, None).await {
         Ok(t) => t,
         Err(e) => return state.telemetry.flows.failed(conn, &info, e.to_string()),
     };

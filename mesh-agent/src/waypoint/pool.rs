@@ -137,7 +137,7 @@ impl Upstreams {
     async fn tunnel(&self, addr: SocketAddr, identity: &SpiffeId) -> Result<TokioIo<H2Io>, UpstreamError> {
         let t = self
             .mesh
-            .connect(&self.me, &self.me.identity, addr, identity)
+            .connect(&self.me, &self.me.identity, addr, identity, None)
             .await
             .map_err(|source| UpstreamError::Tunnel { addr, source })?;
         Ok(TokioIo::new(H2Io::new(t.stream)))
