@@ -303,7 +303,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     // The exporter outlives the drain, so the last connections' spans go out.
     let trace_stop = CancellationToken::new();
-    let l4_spans = match &settings.trace_l4 {
+    let l4_spans: Option<Arc<crate::trace::Tracer>> = match &settings.trace_l4 {
         Some(t) => Some(Arc::new(crate::trace::Tracer::start(
             Some(t),
             &format!("heddle-agent.{}", settings.node),
@@ -316,7 +316,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         FlowLog::new(settings.flow_capacity)
             .with_metrics(conn_metrics)
             .with_access_log(access_log)
-            .with_tracer(l4_spans),
+            .with_tracer(l4_spans.clone()),
     );
     let tracker = TaskTracker::new();
     let ctx = Arc::new(ProxyContext {
@@ -383,6 +383,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     drain(&tracker, settings.drain_timeout).await;
     trace_stop.cancel();
     leave_datapath(&datapath, exit, &settings.pin_dir);
+    // After the programs are gone: the last connections' spans go out.
+    if let Some(t) = &l4_spans {
+        t.flushed(Duration::from_secs(2)).await;
+    }
     Ok(())
 }
 

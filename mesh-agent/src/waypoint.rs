@@ -231,6 +231,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     state.tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), state.tracker.wait()).await;
     trace_stop.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    state.telemetry.tracer.flushed(Duration::from_secs(2)).await;
     Ok(())
 }

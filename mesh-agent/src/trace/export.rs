@@ -85,13 +85,20 @@ pub struct Tracer {
     /// Header propagation.
     pub propagators: Propagators,
     dropped: IntCounterVec,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Tracer {
     /// A tracer that records nothing (no endpoint configured).
     #[must_use]
     pub fn disabled() -> Self {
-        Self { queue: None, sampling_per_million: 0, propagators: Propagators::default(), dropped: dropped_counter() }
+        Self {
+            queue: None,
+            sampling_per_million: 0,
+            propagators: Propagators::default(),
+            dropped: dropped_counter(),
+            task: std::sync::Mutex::new(None),
+        }
     }
 
     /// Starts the export task for `settings` (none: [`Tracer::disabled`]),
@@ -128,7 +135,7 @@ impl Tracer {
             exported,
             dropped: dropped.clone(),
         };
-        tokio::spawn(task.run(stop));
+        let task = tokio::spawn(task.run(stop));
         tracing::info!(
             endpoint = %settings.endpoint.addr,
             protocol = settings.endpoint.protocol.as_str(),
@@ -140,7 +147,17 @@ impl Tracer {
             sampling_per_million: settings.sampling_per_million,
             propagators: Propagators::default(),
             dropped,
+            task: std::sync::Mutex::new(Some(task)),
         })
+    }
+
+    /// Waits (up to `limit`) for the export task to send what is queued;
+    /// call after cancelling its `stop` token.
+    pub async fn flushed(&self, limit: Duration) {
+        let task = self.task.lock().expect("task lock").take();
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(limit, task).await;
+        }
     }
 
     /// Whether spans are exported at all.
