@@ -1,4 +1,5 @@
-//! `heddle stat` and `heddle graph`: golden signals and the service graph,
+//! `heddle stat`, `heddle graph` and `heddle top`: golden signals, the
+//! service graph and the busiest paths,
 //! computed by the CLI from the flow records of every agent and waypoint it
 //! is given (`--from`), over a window (`--window`, the records' `since`).
 //!
@@ -359,6 +360,89 @@ pub fn graph_dot(g: &Graph) -> String {
     out
 }
 
+/// One row of `heddle top`: a (source, destination, method, path).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TopRow {
+    /// The caller.
+    pub source: String,
+    /// The Service or workload called.
+    pub destination: String,
+    /// Method.
+    pub method: String,
+    /// Path, without the query.
+    pub path: String,
+    /// Requests.
+    pub count: u64,
+    /// Fastest, milliseconds.
+    pub best_ms: f64,
+    /// Slowest, milliseconds.
+    pub worst_ms: f64,
+    /// Share that succeeded.
+    pub success_rate: f64,
+}
+
+/// `heddle top`: the `limit` busiest paths among the waypoint requests.
+#[must_use]
+#[allow(clippy::cast_precision_loss)]
+pub fn top(records: &[Value], limit: usize) -> Vec<TopRow> {
+    let mut rows: BTreeMap<(String, String, String, String), (TopRow, u64)> = BTreeMap::new();
+    for r in requests(records) {
+        let http = &r["http"];
+        let path = str_of(http, "path").unwrap_or("/");
+        let path = path.split_once('?').map_or(path, |(p, _)| p).to_owned();
+        let method = str_of(http, "method").unwrap_or("-").to_owned();
+        let key = (source_of(r), target_of(r), method, path);
+        let ms = r["duration_ms"].as_f64().unwrap_or(0.0);
+        let (row, ok) = rows.entry(key.clone()).or_insert_with(|| {
+            let row = TopRow {
+                source: key.0.clone(),
+                destination: key.1.clone(),
+                method: key.2.clone(),
+                path: key.3.clone(),
+                best_ms: f64::INFINITY,
+                ..TopRow::default()
+            };
+            (row, 0)
+        });
+        row.count += 1;
+        row.best_ms = row.best_ms.min(ms);
+        row.worst_ms = row.worst_ms.max(ms);
+        *ok += u64::from(succeeded(http));
+        row.success_rate = *ok as f64 / row.count as f64;
+    }
+    let mut out: Vec<TopRow> = rows.into_values().map(|(r, _)| r).collect();
+    out.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.path.cmp(&b.path)));
+    out.truncate(limit);
+    out
+}
+
+/// The `heddle top` table.
+#[must_use]
+pub fn top_text(rows: &[TopRow]) -> String {
+    let mut out = format!(
+        "{:<24} {:<24} {:<6} {:<32} {:>7} {:>8} {:>8} {:>8}\n",
+        "SOURCE", "DESTINATION", "METHOD", "PATH", "COUNT", "BEST", "WORST", "SUCCESS"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<24} {:<6} {:<32} {:>7} {:>8} {:>8} {:>7.1}%",
+            r.source,
+            r.destination,
+            r.method,
+            r.path,
+            r.count,
+            ms(Some(r.best_ms)),
+            ms(Some(r.worst_ms)),
+            r.success_rate * 100.0
+        );
+    }
+    if rows.is_empty() {
+        out.push_str("(no requests yet)\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,6 +498,28 @@ mod tests {
         assert_eq!(routes[0].name, "httproute/demo/api");
         assert!(stat(&records(), GroupBy::Svc, Some("other"), Duration::from_secs(10)).is_empty());
         assert!(stat_text(&rows, GroupBy::Deploy).contains("demo/api"));
+    }
+
+    #[test]
+    fn top_ranks_paths_by_count_with_best_worst_and_success() {
+        let mut r = records();
+        let mut other = request(200, 3.0, "demo/api");
+        other["http"]["path"] = json!("/other?x=1");
+        other["http"]["method"] = json!("POST");
+        r.push(other);
+        for x in &mut r {
+            if x["http"]["method"].is_null() && x["event"] == "request" {
+                x["http"]["method"] = json!("GET");
+                x["http"]["path"] = json!("/items");
+            }
+        }
+        let rows = top(&r, 10);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].path.as_str(), rows[0].count, rows[0].method.as_str()), ("/items", 100, "GET"));
+        assert_eq!((rows[0].best_ms, rows[0].worst_ms, rows[0].success_rate), (1.0, 500.0, 0.99));
+        assert_eq!((rows[1].path.as_str(), rows[1].source.as_str()), ("/other", "demo/web"));
+        assert_eq!(top(&r, 1).len(), 1);
+        assert!(top_text(&rows).contains("/items"));
     }
 
     #[test]

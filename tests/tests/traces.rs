@@ -8,8 +8,8 @@
 //! with every hop (server and client span per waypoint pass) linked
 //! parent to child, continuing the caller's W3C or B3 context; the
 //! context and `x-request-id` the last service received; an unsampled
-//! request propagated but not recorded; `heddle stat` and `heddle graph`
-//! over the same traffic, gathered from an agent and the waypoint; and
+//! request propagated but not recorded; `heddle stat`, `heddle graph` and
+//! `heddle top` over the same traffic, gathered from an agent and the waypoint; and
 //! spans a collector never got counted as dropped. At L4 (`--trace-l4`): one span per connection on
 //! each node, the destination's a child of the source's. Needs root; fails under `CI=true` when it cannot run.
 
@@ -163,28 +163,8 @@ fn a_request_through_two_services_is_one_trace_with_every_hop_linked_and_stat_an
         trace_spans(&out, marker, 4)?;
         ensure!(!spans(&out)?.iter().any(|s| s["trace_id"] == quiet), "an unsampled request made no span");
 
-        // 5. The golden signals and the graph of the same traffic, gathered
-        //    by the CLI from node-b's agent and the waypoint.
-        let wp_admin = format!("http://{}:15000", m.waypoint.pod.ip());
-        let from = ["--from", "http://127.0.0.1:15000", "--from", wp_admin.as_str()];
-        let run = |args: &[&str]| -> Result<String> {
-            let (code, out, err) = common::heddle(&m.agent_b, &[args, &from[..]].concat())?;
-            ensure!(code == 0, "heddle {args:?}: exit {code}: {err}");
-            Ok(out)
-        };
-        let rows: Value = serde_json::from_str(&run(&["-o", "json", "stat", "svc", "-n", "demo"])?)?;
-        let row = |name: &str| rows.as_array().and_then(|r| r.iter().find(|r| r["name"] == name)).cloned();
-        let api = row("demo/api").with_context(|| format!("a demo/api row: {rows}"))?;
-        let v1 = row("demo/api-v1").with_context(|| format!("a demo/api-v1 row: {rows}"))?;
-        ensure!(api["requests"] == 5 && v1["requests"] == 5, "five requests each: {rows}");
-        ensure!(api["success_rate"] == 1.0 && api["p99_ms"].as_f64() > Some(0.0), "success and latency: {api}");
-        let table = run(&["stat", "svc", "-n", "demo"])?;
-        ensure!(table.starts_with("SERVICE") && table.contains("100.00%"), "stat table:\n{table}");
-        let dot = run(&["-o", "dot", "graph"])?;
-        ensure!(
-            dot.contains("\"demo/client\" -> \"demo/api\" [label=\"") && dot.contains("mTLS"),
-            "graph edge from the client to api, over mTLS:\n{dot}"
-        );
+        // 5. The golden signals, the graph and top of the same traffic.
+        cli_views(m, &call)?;
 
         // 6. Without a collector, spans are dropped and counted, and
         //    requests are served as before.
@@ -208,6 +188,44 @@ fn a_request_through_two_services_is_one_trace_with_every_hop_linked_and_stat_an
         })?;
         Ok(())
     });
+}
+
+/// `heddle stat`, `heddle graph` and `heddle top` over the traffic of
+/// [`a_request_through_two_services_is_one_trace_with_every_hop_linked_and_stat_and_graph_show_it`],
+/// gathered by the CLI from node-b's agent and the waypoint.
+fn cli_views(m: &Mesh, call: &str) -> Result<()> {
+    let wp_admin = format!("http://{}:15000", m.waypoint.pod.ip());
+    let from = ["--from", "http://127.0.0.1:15000", "--from", wp_admin.as_str()];
+    let run = |args: &[&str]| -> Result<String> {
+        let (code, out, err) = common::heddle(&m.agent_b, &[args, &from[..]].concat())?;
+        ensure!(code == 0, "heddle {args:?}: exit {code}: {err}");
+        Ok(out)
+    };
+    let rows: Value = serde_json::from_str(&run(&["-o", "json", "stat", "svc", "-n", "demo"])?)?;
+    let row = |name: &str| rows.as_array().and_then(|r| r.iter().find(|r| r["name"] == name)).cloned();
+    let api = row("demo/api").with_context(|| format!("a demo/api row: {rows}"))?;
+    let v1 = row("demo/api-v1").with_context(|| format!("a demo/api-v1 row: {rows}"))?;
+    ensure!(api["requests"] == 5 && v1["requests"] == 5, "five requests each: {rows}");
+    ensure!(api["success_rate"] == 1.0 && api["p99_ms"].as_f64() > Some(0.0), "success and latency: {api}");
+    let table = run(&["stat", "svc", "-n", "demo"])?;
+    ensure!(table.starts_with("SERVICE") && table.contains("100.00%"), "stat table:\n{table}");
+    let dot = run(&["-o", "dot", "graph"])?;
+    ensure!(
+        dot.contains("\"demo/client\" -> \"demo/api\" [label=\"") && dot.contains("mTLS"),
+        "graph edge from the client to api, over mTLS:\n{dot}"
+    );
+
+    // `heddle top` on the waypoint: the busiest paths, counted.
+    let (code, top, err) = common::heddle(&m.agent_b, &["--agent", wp_admin.as_str(), "top", "--duration", "2s"])?;
+    ensure!(code == 0, "heddle top: exit {code}: {err}");
+    let line = |path: &str| top.lines().find(|l| l.contains(path)).map(str::to_owned);
+    let client_line = line(call).with_context(|| format!("a row for {call}:\n{top}"))?;
+    ensure!(
+        client_line.starts_with("demo/client") && client_line.split_whitespace().nth(4) == Some("5"),
+        "five requests from the client: {client_line}"
+    );
+    ensure!(line(" /hello ").is_some(), "a row for api-v1's /hello:\n{top}");
+    Ok(())
 }
 
 #[test]

@@ -113,6 +113,21 @@ enum Command {
         #[command(flatten)]
         sources: Sources,
     },
+    /// The busiest paths through a waypoint, live (like `linkerd viz top`):
+    /// requests per (source, destination, method, path) over the last
+    /// --window, from --agent's flow stream (point it at a waypoint).
+    Top {
+        /// Requests of this last stretch of time.
+        #[arg(long, default_value = "1m", value_parser = mesh_agent::cli_flows::parse_duration)]
+        window: Duration,
+        /// Rows shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Stop after this long and print the table once (default: run
+        /// until interrupted, redrawing every second on a terminal).
+        #[arg(long, value_parser = mesh_agent::cli_flows::parse_duration)]
+        duration: Option<Duration>,
+    },
     /// Show a waypoint's routes: the `HTTPRoutes` and `GRPCRoutes` in force per
     /// Service, how often each rule matched, and the routes not accepted and
     /// why (point --agent at the waypoint's admin API).
@@ -418,6 +433,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             }
         }
+        Command::Top { window, limit, duration } => top(&cli.agent, cli.output, window, limit, duration)?,
         Command::Graph { ref sources } => {
             let g = mesh_agent::cli_stat::graph(&gather(&cli, sources)?, sources.window);
             match cli.output {
@@ -483,6 +499,65 @@ fn main() -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `heddle top`: reads the flow stream on a thread, keeps the window's
+/// requests, and draws the table every second (on a terminal) or once at
+/// the end of `--duration`.
+fn top(agent: &str, output: Output, window: Duration, limit: usize, duration: Option<Duration>) -> anyhow::Result<()> {
+    use mesh_agent::cli_flows::{follow, FlowsArgs, StreamLine};
+    use std::time::Instant;
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let args = FlowsArgs { since: Some(window), last: 100_000, ..FlowsArgs::default() };
+    let agent_url = agent.to_owned();
+    let (err_tx, err_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = follow(&agent_url, &args, |line| {
+            if let StreamLine::Record(f) = line {
+                let _ = tx.send(f);
+            }
+        });
+        if let Err(e) = r {
+            let _ = err_tx.send(e);
+        }
+    });
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let started = Instant::now();
+    let mut kept: std::collections::VecDeque<(Instant, Value)> = std::collections::VecDeque::new();
+    loop {
+        let tick = Instant::now() + Duration::from_secs(1);
+        while let Some(left) = tick.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(f) => kept.push_back((Instant::now(), f)),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    if let Ok(e) = err_rx.try_recv() {
+                        return Err(e.into());
+                    }
+                    break;
+                }
+            }
+        }
+        while kept.front().is_some_and(|(t, _)| t.elapsed() > window) {
+            kept.pop_front();
+        }
+        let records: Vec<Value> = kept.iter().map(|(_, f)| f.clone()).collect();
+        let rows = mesh_agent::cli_stat::top(&records, limit);
+        let done = duration.is_some_and(|d| started.elapsed() >= d);
+        if done || (tty && duration.is_none()) {
+            if output == Output::Table {
+                if tty && !done {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", mesh_agent::cli_stat::top_text(&rows));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            }
+        }
+        if done {
+            return Ok(());
+        }
+    }
 }
 
 /// Every flow record of the window from each source (`--from`, else
