@@ -18,6 +18,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::cli_flows::short_identity;
+
 /// What `heddle stat` groups by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum GroupBy {
@@ -54,14 +56,6 @@ pub struct Row {
     pub tcp_connections: u64,
     /// Bytes both ways of those connections.
     pub tcp_bytes: u64,
-}
-
-/// `spiffe://td/ns/NS/sa/SA` as `NS/SA`; anything else as it is.
-#[must_use]
-pub fn short_identity(id: &str) -> String {
-    id.split_once("/ns/")
-        .and_then(|(_, rest)| rest.split_once("/sa/"))
-        .map_or_else(|| id.to_owned(), |(ns, sa)| format!("{ns}/{sa}"))
 }
 
 fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {

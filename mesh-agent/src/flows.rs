@@ -287,7 +287,8 @@ pub struct ConnInfo {
     pub http: Option<Box<HttpInfo>>,
     /// Why a waypoint passed the connection through as L4.
     pub passthrough: Option<String>,
-    /// Its span, when L4 tracing sampled it ([`FlowLog::l4_trace`]).
+    /// Its span, when L4 tracing sampled it at the start
+    /// ([`FlowLog::l4_trace`], [`FlowLog::l4_trace_from`]).
     pub trace: Option<crate::trace::context::ConnTrace>,
 }
 
@@ -486,12 +487,10 @@ impl FlowLog {
         if let Some(m) = &self.metrics {
             m.closed(conn, info, bytes, duration, error.is_some());
         }
-        if let Some(t) = &self.tracer {
-            // A connection sampled at its start keeps that decision (and
-            // its ids, which the source side sent on); others decide now.
-            if let Some(trace) = info.trace.or_else(|| self.l4_trace()) {
-                t.record(spans::connection(info, &trace, bytes, duration, error.as_deref()));
-            }
+        // Sampled when the connection started ([`FlowLog::l4_trace`]):
+        // one decision per connection, the one its tunnel carried.
+        if let (Some(t), Some(trace)) = (&self.tracer, &info.trace) {
+            t.record(spans::connection(info, trace, bytes, duration, error.as_deref()));
         }
         self.push(conn, info, Event::Close, bytes, Some(duration), error);
     }

@@ -574,8 +574,8 @@ fn gather(cli: &Cli, sources: &Sources) -> anyhow::Result<Vec<Value>> {
         urls.push(url);
         forwards.push(forwarding);
     }
-    let since = mesh_agent::flows::rfc3339(std::time::SystemTime::now() - sources.window);
-    let query = format!("/flows?last=1000000&since={}", since.replace(':', "%3A").replace('+', "%2B"));
+    let args = mesh_agent::cli_flows::FlowsArgs { since: Some(sources.window), last: 1_000_000, ..Default::default() };
+    let query = mesh_agent::cli_flows::query(&args, std::time::SystemTime::now(), None);
     let mut records = Vec::new();
     for url in &urls {
         match get(url, &query)? {

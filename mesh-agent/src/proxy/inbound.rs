@@ -42,6 +42,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let conn = ctx.flows.conn_id();
     let orig = client.local_addr().ok();
     let mut info = ConnInfo::new(Direction::Inbound, pod.id.clone());
+    info.trace = ctx.flows.l4_trace();
     info.src = Some(peer);
     info.orig_dst = orig;
     info.dst = orig;

@@ -41,6 +41,9 @@ pub async fn run(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>, s
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     let conn = ctx.flows.conn_id();
     let mut info = ConnInfo::new(Direction::Outbound, pod.id.clone());
+    // L4 tracing decides once, here: a tunnel carries the span to the
+    // destination, and the close records it only if it was sampled.
+    info.trace = ctx.flows.l4_trace();
     let orig = match peer {
         SocketAddr::V4(peer) => ctx.datapath.take_orig_dst(pod.cookie, peer),
         SocketAddr::V6(_) => None,
@@ -77,7 +80,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let (done, health) = if let (Some(mesh), Some(dst_id)) = (ctx.mesh.clone(), dst_identity) {
         info.security = Security::MutualTls;
         info.dst_identity = Some(dst_id.name());
-        info.trace = ctx.flows.l4_trace();
         match mesh.connect(&pod, &pod.identity, resolved.addr, &dst_id, info.trace.as_ref()).await {
             Ok(tunnelled) => splice_tunnelled(client, peer, &pod, &ctx, conn, &mut info, started, tunnelled).await,
             Err(e) => {

@@ -48,7 +48,6 @@ pub async fn forward(
     info.dst = Some(SocketAddr::new(via, mesh_common::PORT_TUNNEL));
     info.dst_identity = Some(via_id.name());
     let started = Instant::now();
-    info.trace = ctx.flows.l4_trace();
     match mesh.connect_via(pod, &pod.identity, via, &via_id, orig, info.trace.as_ref()).await {
         Ok(tunnelled) => {
             let (done, health) = splice_tunnelled(client, peer, pod, ctx, conn, &mut info, started, tunnelled).await;

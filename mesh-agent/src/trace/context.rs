@@ -90,8 +90,7 @@ impl Injector for HeadersMut<'_> {
 }
 
 /// A new span id (never zero).
-#[must_use]
-pub fn random_span_id() -> SpanId {
+fn random_span_id() -> SpanId {
     loop {
         let id: u64 = rand::random();
         if id != 0 {
@@ -101,8 +100,7 @@ pub fn random_span_id() -> SpanId {
 }
 
 /// A new trace id (never zero).
-#[must_use]
-pub fn random_trace_id() -> TraceId {
+fn random_trace_id() -> TraceId {
     loop {
         let id: u128 = rand::random();
         if id != 0 {
