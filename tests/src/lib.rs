@@ -35,6 +35,7 @@
 pub mod admin;
 pub mod agent;
 pub mod apiserver;
+pub mod bookinfo;
 pub mod ca;
 pub mod cgroup;
 pub mod config;

@@ -169,3 +169,36 @@ mod tests {
         assert_eq!(parse_id("123"), None);
     }
 }
+
+/// Where a binary keeps the handle [`on_interrupt`] tears down.
+pub type InterruptSlot = std::sync::Mutex<Option<crate::testbed::TeardownHandle>>;
+
+/// Blocks SIGINT and SIGTERM in every thread and waits for them on a
+/// thread of its own, which tears down the test bed in `slot` (if any),
+/// prints `who: interrupted` and exits 130: a demo interrupted with Ctrl-C
+/// leaves nothing behind. Call before starting other threads.
+pub fn on_interrupt(slot: &'static InterruptSlot, who: &'static str) -> std::io::Result<()> {
+    // SAFETY: plain libc signal-set calls on a zeroed, then initialised set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialised; sigwait writes the signal number.
+        unsafe { libc::sigwait(&raw const set, &raw mut sig) };
+        eprintln!("\n{who}: interrupted, cleaning up…");
+        if let Some(handle) = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            handle.teardown();
+        }
+        std::process::exit(130);
+    });
+    Ok(())
+}

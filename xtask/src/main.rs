@@ -8,7 +8,8 @@
 //!   first, so a fresh machine needs nothing else.
 //! * `build` builds the agent (with its embedded eBPF object), the CLI and
 //!   the test bed binaries.
-//! * `demo` runs the two-node, four-pod demo from the local configuration.
+//! * `demo` runs the two-node, four-pod demo from the local configuration;
+//!   `demo bookinfo` runs Istio's Bookinfo walkthrough on Heddle.
 //! * `bench` compares direct and meshed connections in the test bed
 //!   (throughput with iperf3, ping-pong latency with sockperf, HTTP latency
 //!   at a fixed rate, new connections per second, agent CPU and memory).
@@ -48,6 +49,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // Waypoint tests: an HTTP/2 client (nghttp) and load generator (h2load).
     "nghttp2-client",
     "openssl",
+    // The Bookinfo walkthrough renders `heddle graph -o dot` to SVG.
+    "graphviz",
 ];
 /// Python packages the waypoint tests use: a real gRPC client and server,
 /// and OTLP's protobuf messages for the trace receiver.
@@ -65,6 +68,13 @@ struct Cli {
     command: Cmd,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DemoName {
+    /// Productpage, details, reviews v1/v2/v3 and ratings: mTLS, traffic
+    /// shifting, faults, a DENY policy, stat, graph and a trace.
+    Bookinfo,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Install the eBPF toolchain and test tools (idempotent).
@@ -76,7 +86,12 @@ enum Cmd {
         release: bool,
     },
     /// Run the demo: two nodes, four pods, two agents, traffic, a report.
-    Demo,
+    /// `demo bookinfo`: Istio's Bookinfo walkthrough on Heddle.
+    Demo {
+        /// Which demo (the L4 + waypoint tour when omitted).
+        #[arg(value_enum)]
+        which: Option<DemoName>,
+    },
     /// Benchmark direct vs meshed connections in the test bed (release build).
     Bench {
         /// Seconds per measurement.
@@ -111,11 +126,19 @@ fn main() -> anyhow::Result<()> {
             let tc = setup()?;
             build(&root, &tc, release)?;
         }
-        Cmd::Demo => {
+        Cmd::Demo { which } => {
             let tc = setup()?;
             build(&root, &tc, false)?;
             let bin = root.join("target/debug");
-            run(Command::new(bin.join("demo")).env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
+            let mut cmd = match which {
+                None => Command::new(bin.join("demo")),
+                Some(DemoName::Bookinfo) => {
+                    let mut cmd = Command::new(bin.join("bookinfo"));
+                    cmd.arg("--out").arg(root.join("target/bookinfo"));
+                    cmd
+                }
+            };
+            run(cmd.env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
         }
         Cmd::Bench { seconds, args } => {
             let tc = setup()?;

@@ -71,15 +71,17 @@ struct Target {
 pub async fn handle(mut req: Request<Incoming>, down: Arc<Downstream>, state: Arc<State>) -> Response<HttpBody> {
     let started = Instant::now();
     let grpc = is_grpc(&req);
-    let mut pending = new_pending(&req, &down, &state, started, grpc);
+    let mut unanswered = Unanswered { pending: Some(new_pending(&req, &down, &state, started, grpc)), state: &state };
+    let pending = unanswered.pending.as_mut().expect("set above");
     pending.trace = super::spans::begin(&state.telemetry.tracer, req.headers_mut());
     let response = match normalize_path(&mut req) {
-        Ok(()) => route_and_send(req, &down, &state, &mut pending, grpc).await,
+        Ok(()) => route_and_send(req, &down, &state, pending, grpc).await,
         Err(e) => {
-            http_of(&mut pending).error = Some(format!("bad path: {e}"));
+            http_of(pending).error = Some(format!("bad path: {e}"));
             local_reply(StatusCode::BAD_REQUEST, grpc, "Bad Request")
         }
     };
+    let mut pending = unanswered.pending.take().expect("answered once");
     let (parts, body) = response.into_parts();
     if let Some(http) = pending.info.http.as_mut() {
         http.status = parts.status.as_u16();
@@ -93,6 +95,31 @@ pub async fn handle(mut req: Request<Incoming>, down: Arc<Downstream>, state: Ar
         return Response::from_parts(parts, body);
     }
     Response::from_parts(parts, HttpBody::new(Observed::new(body, pending, state.telemetry.clone())))
+}
+
+/// A request being handled: when the client goes away before it is
+/// answered (the handler's future is dropped, during a fault delay or
+/// while the upstream has not answered), it is still recorded, with
+/// status 0 and flag `DC` as Envoy does, so an abandoned request shows in
+/// the flows, the metrics and its trace.
+struct Unanswered<'a> {
+    pending: Option<Pending>,
+    state: &'a State,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let Some(mut pending) = self.pending.take() else {
+            return;
+        };
+        if let Some(http) = pending.info.http.as_mut() {
+            http.status = 0;
+            http.response_flags = if http.response_flags == "DI" { "DI,DC" } else { "DC" };
+            http.error.get_or_insert_with(|| "client went away before the response".into());
+        }
+        pending.resolve_labels(&self.state.registry.borrow());
+        record_local(&self.state.telemetry, &pending);
+    }
 }
 
 /// Istio's path normalisation (`BASE`): what policy, routes and the
@@ -323,8 +350,9 @@ async fn inject(fault: &Fault, pending: &mut Pending, grpc: bool) -> Option<Resp
     let mut delayed = false;
     if let Some((delay, share)) = fault.delay {
         if hit(share) {
-            tokio::time::sleep(delay).await;
+            // Flagged first: a request abandoned during the delay says so.
             http_of(pending).response_flags = "DI";
+            tokio::time::sleep(delay).await;
             delayed = true;
         }
     }

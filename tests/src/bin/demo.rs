@@ -40,7 +40,7 @@ use heddle_tests::env::TCPDUMP;
 use heddle_tests::report::{cert_table, datapath_tables, flow_table, identity_table, workload_table};
 use heddle_tests::{
     check_environment, find_tool, Agent, CaOptions, ClientSpec, Direction, Flow, FlowEvent, InboundMode, Node, Pod,
-    PodSpec, Security, ServiceSpec, TeardownHandle, Testbed, TUNNEL_PORT,
+    PodSpec, Security, ServiceSpec, Testbed, TUNNEL_PORT,
 };
 
 /// The `demo/api` service's VIP.
@@ -53,7 +53,7 @@ const API_POLICY: &str = "demo/api-allow-web";
 const CERT_WAIT: Duration = Duration::from_secs(15);
 
 /// The test bed to tear down if a signal arrives.
-static TEARDOWN: Mutex<Option<TeardownHandle>> = Mutex::new(None);
+static TEARDOWN: heddle_tests::teardown::InterruptSlot = Mutex::new(None);
 
 fn main() -> ExitCode {
     if let Err(e) = check_environment() {
@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         eprintln!("demo: run it as root on Linux with cgroup v2 and iproute2 (e.g. `sudo -E cargo xtask demo`)");
         return ExitCode::FAILURE;
     }
-    if let Err(e) = handle_signals() {
+    if let Err(e) = heddle_tests::teardown::on_interrupt(&TEARDOWN, "demo") {
         eprintln!("demo: cannot install signal handling: {e}");
         return ExitCode::FAILURE;
     }
@@ -80,32 +80,6 @@ fn main() -> ExitCode {
 
 /// Blocks SIGINT and SIGTERM in every thread (children get a clean mask from
 /// std) and tears the test bed down from a dedicated thread when one comes.
-fn handle_signals() -> std::io::Result<()> {
-    // SAFETY: plain libc signal-set calls on a zeroed, then initialised set.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&raw mut set);
-        libc::sigaddset(&raw mut set, libc::SIGINT);
-        libc::sigaddset(&raw mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        set
-    };
-    std::thread::spawn(move || {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `set` is initialised; sigwait writes the signal number.
-        unsafe { libc::sigwait(&raw const set, &raw mut sig) };
-        eprintln!("\ndemo: interrupted, cleaning up…");
-        if let Some(handle) = TEARDOWN.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            handle.teardown();
-        }
-        std::process::exit(130);
-    });
-    Ok(())
-}
-
 /// What a step should do.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Expect {

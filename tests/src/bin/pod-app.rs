@@ -8,6 +8,9 @@
 //! - `pod-app http --listen ADDR --name NAME`: an HTTP/1.1 + h2c server
 //!   that answers with what it received and who it is
 //!   ([`heddle_tests::httpapp`]).
+//! - `pod-app reviews --listen ADDR --name NAME --version v1|v2|v3
+//!   [--ratings ADDR]`: Bookinfo's reviews service
+//!   ([`heddle_tests::bookinfo::reviews`]).
 //! - `pod-app client --to ADDR [--bytes N] [--conns C] [--parallel P] [--hold]
 //!   [--pattern TEXT] [--chunks K --interval-ms MS] [--checksum]`:
 //!   C connections, at most P at once, each sending N bytes of its
@@ -76,6 +79,21 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// Bookinfo's reviews service (see `heddle_tests::bookinfo::reviews`).
+    Reviews {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:9080")]
+        listen: SocketAddr,
+        /// The pod's name.
+        #[arg(long)]
+        name: String,
+        /// v1 (no stars), v2 (black stars) or v3 (red stars).
+        #[arg(long)]
+        version: String,
+        /// Ratings' address (v2 and v3 call it).
+        #[arg(long)]
+        ratings: Option<SocketAddr>,
+    },
     /// Echo client that verifies every byte.
     Client {
         /// Server address.
@@ -116,6 +134,14 @@ fn main() -> Result<()> {
             .build()?
             .block_on(heddle_tests::httpapp::serve(listen, name, Duration::from_millis(delay_ms)))
             .context("http server"),
+        Cmd::Reviews { listen, name, version, ratings } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(heddle_tests::bookinfo::reviews::serve(
+                listen,
+                heddle_tests::bookinfo::reviews::Reviews { name, version, ratings },
+            ))
+            .context("reviews server"),
         Cmd::Client { to, bytes, conns, parallel, hold, pattern, chunks, interval_ms, checksum } => {
             let summary = client(&Plan {
                 to,
