@@ -24,6 +24,7 @@ pub mod reviews;
 pub mod walkthrough;
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -114,11 +115,10 @@ impl Bookinfo {
                 .enrolled(true);
             pods.push(tb.add_pod(&nodes[p.node], spec)?);
         }
-        let wp_pod = tb.add_pod(
-            &nodes[1],
-            PodSpec::new(WAYPOINT).namespace(NAMESPACE).label(GATEWAY_NAME_LABEL, WAYPOINT),
-        )?;
-        for (service, addr) in [("productpage", PRODUCTPAGE), ("reviews", REVIEWS), ("ratings", RATINGS), ("details", DETAILS)]
+        let wp_pod =
+            tb.add_pod(&nodes[1], PodSpec::new(WAYPOINT).namespace(NAMESPACE).label(GATEWAY_NAME_LABEL, WAYPOINT))?;
+        for (service, addr) in
+            [("productpage", PRODUCTPAGE), ("reviews", REVIEWS), ("ratings", RATINGS), ("details", DETAILS)]
         {
             tb.add_service(ServiceSpec::new(service, *addr.ip()).namespace(NAMESPACE).port(PORT, PORT))?;
         }
@@ -126,9 +126,8 @@ impl Bookinfo {
         tb.set_namespace_waypoint(NAMESPACE, Some(WAYPOINT))?;
         tb.start_ca(&nodes[0], CaOptions::default())?;
         let started = tb.start_agents(&[&nodes[0], &nodes[1]])?;
-        let agents: [Agent; 2] = started
-            .try_into()
-            .map_err(|_| TestbedError::Environment("two agents expected".into()))?;
+        let agents: [Agent; 2] =
+            started.try_into().map_err(|_| TestbedError::Environment("two agents expected".into()))?;
 
         let mut apps = Vec::new();
         for (p, pod) in PODS.iter().zip(&pods) {
@@ -200,10 +199,7 @@ impl Bookinfo {
             );
             applied.insert(key, v);
         }
-        let text: Vec<String> = applied
-            .values()
-            .map(|v| serde_yaml_ng::to_string(v).unwrap_or_default())
-            .collect();
+        let text: Vec<String> = applied.values().map(|v| serde_yaml_ng::to_string(v).unwrap_or_default()).collect();
         self.tb.set_routes("applied", &text.join("---\n"))
     }
 
@@ -256,10 +252,10 @@ impl Bookinfo {
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for (p, app) in PODS.iter().zip(&self.apps) {
-            out += &format!("--- {} ---\n{}\n", p.name, app.log_text());
+            let _ = writeln!(out, "--- {} ---\n{}", p.name, app.log_text());
         }
-        out += &format!("--- otlp receiver ---\n{}\n", self.receiver.log_text());
-        out += &format!("--- waypoint ---\n{}\n", self.waypoint.log_text());
+        let _ = writeln!(out, "--- otlp receiver ---\n{}", self.receiver.log_text());
+        let _ = writeln!(out, "--- waypoint ---\n{}", self.waypoint.log_text());
         out
     }
 }

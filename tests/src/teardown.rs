@@ -156,20 +156,6 @@ fn parse_id(rest: &str) -> Option<String> {
     Some(format!("{pid}-{n}"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_id;
-
-    #[test]
-    fn parses_ids_from_cgroup_and_netns_names() {
-        assert_eq!(parse_id("123-4").as_deref(), Some("123-4"));
-        assert_eq!(parse_id("123-4-client").as_deref(), Some("123-4"));
-        assert_eq!(parse_id("123-4--sw").as_deref(), Some("123-4"));
-        assert_eq!(parse_id("foo-4"), None);
-        assert_eq!(parse_id("123"), None);
-    }
-}
-
 /// Where a binary keeps the handle [`on_interrupt`] tears down.
 pub type InterruptSlot = std::sync::Mutex<Option<crate::testbed::TeardownHandle>>;
 
@@ -201,4 +187,18 @@ pub fn on_interrupt(slot: &'static InterruptSlot, who: &'static str) -> std::io:
         std::process::exit(130);
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_id;
+
+    #[test]
+    fn parses_ids_from_cgroup_and_netns_names() {
+        assert_eq!(parse_id("123-4").as_deref(), Some("123-4"));
+        assert_eq!(parse_id("123-4-client").as_deref(), Some("123-4"));
+        assert_eq!(parse_id("123-4--sw").as_deref(), Some("123-4"));
+        assert_eq!(parse_id("foo-4"), None);
+        assert_eq!(parse_id("123"), None);
+    }
 }

@@ -19,7 +19,10 @@ fn the_bookinfo_walkthrough_behaves_at_every_step() {
     common::run_on(
         "bookinfo",
         || {
-            let b = Bookinfo::start("bookinfo", &std::env::temp_dir().join(format!("heddle-bookinfo-{}", std::process::id())))?;
+            let b = Bookinfo::start(
+                "bookinfo",
+                &std::env::temp_dir().join(format!("heddle-bookinfo-{}", std::process::id())),
+            )?;
             dir = Some(b.out_dir.clone());
             Ok(b)
         },

@@ -37,7 +37,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = check_environment() {
         eprintln!("bookinfo: cannot run here: {e}");
-        eprintln!("bookinfo: run it as root on Linux with cgroup v2 and iproute2 (`sudo -E cargo xtask demo bookinfo`)");
+        eprintln!(
+            "bookinfo: run it as root on Linux with cgroup v2 and iproute2 (`sudo -E cargo xtask demo bookinfo`)"
+        );
         return ExitCode::FAILURE;
     }
     if let Err(e) = heddle_tests::teardown::on_interrupt(&TEARDOWN, "bookinfo") {

@@ -30,7 +30,11 @@ pub const RATINGS_UNAVAILABLE: &str = "Ratings service is currently unavailable"
 /// The two reviews of the book, and their stars.
 const REVIEWS: [(&str, &str, u64); 2] = [
     ("Reviewer1", "An extremely entertaining play by Shakespeare. The slapstick humour is refreshing!", 5),
-    ("Reviewer2", "Absolutely fun and entertaining. The play lacks thematic depth when compared to other plays by Shakespeare.", 4),
+    (
+        "Reviewer2",
+        "Absolutely fun and entertaining. The play lacks thematic depth when compared to other plays by Shakespeare.",
+        4,
+    ),
 ];
 
 /// One running reviews version.

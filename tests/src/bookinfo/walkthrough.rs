@@ -21,7 +21,7 @@
 //!    one request's trace across all four services.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::process::Command;
 use std::time::Duration;
 
@@ -166,7 +166,9 @@ fn enrolled_and_mtls(b: &Bookinfo) -> Result<Step> {
     let mut seen = 0;
     for agent in &b.agents {
         let node = agent.node().name();
-        for w in agent.workloads()?.into_iter().filter(|w| w.namespace == NAMESPACE && w.name != WAYPOINT && w.node == node) {
+        for w in
+            agent.workloads()?.into_iter().filter(|w| w.namespace == NAMESPACE && w.name != WAYPOINT && w.node == node)
+        {
             seen += 1;
             all &= w.enrolled && w.captured;
             table.row(vec![
@@ -202,7 +204,10 @@ fn enrolled_and_mtls(b: &Bookinfo) -> Result<Step> {
     let spread = load(b, 30, None)?;
     s.check(
         spread["statuses"]["200"] == 30,
-        format!("30 more requests, no routes yet: reviews versions {:?} (balanced per request)", counts(&spread, "reviews")),
+        format!(
+            "30 more requests, no routes yet: reviews versions {:?} (balanced per request)",
+            counts(&spread, "reviews")
+        ),
     );
     if let Some(capture) = capture {
         let report = capture.stop()?;
@@ -215,6 +220,13 @@ fn enrolled_and_mtls(b: &Bookinfo) -> Result<Step> {
         s.say("(tcpdump is not installed: no packet capture)");
     }
 
+    hops(b, &mut s)?;
+    Ok(s)
+}
+
+/// Who talked to whom, from both agents' records: every hop of the call
+/// graph must be there, in mTLS, and nothing in plaintext.
+fn hops(b: &Bookinfo, s: &mut Step) -> Result<()> {
     // Who talked to whom, from both agents' records.
     // Open records count too: the waypoint keeps its upstream connections.
     let mut pairs: BTreeMap<(String, String, String), BTreeSet<u64>> = BTreeMap::new();
@@ -260,7 +272,7 @@ fn enrolled_and_mtls(b: &Bookinfo) -> Result<Step> {
         .collect();
     s.check(missing.is_empty(), format!("every hop of the call graph authenticated both ways (missing: {missing:?})"));
     s.check(plaintext.is_empty(), format!("no Bookinfo connection in plaintext ({plaintext:?})"));
-    Ok(s)
+    Ok(())
 }
 
 fn describe(f: &Flow) -> String {
@@ -307,7 +319,10 @@ fn routing(b: &Bookinfo) -> Result<Step> {
         Ok(only(&r, "reviews", "v3", 20).then_some(r))
     })?;
     let others = load(b, 20, None)?;
-    s.check(only(&j, "stars", "red", 20), format!("jason: reviews {:?}, stars {:?}", counts(&j, "reviews"), counts(&j, "stars")));
+    s.check(
+        only(&j, "stars", "red", 20),
+        format!("jason: reviews {:?}, stars {:?}", counts(&j, "reviews"), counts(&j, "stars")),
+    );
     s.check(
         only(&others, "reviews", "v1", 20),
         format!("everyone else: reviews {:?}, stars {:?}", counts(&others, "reviews"), counts(&others, "stars")),
@@ -379,9 +394,9 @@ fn faults(b: &Bookinfo) -> Result<Step> {
     s.say("$ apply virtual-service-ratings-test-abort.yaml   (Istio's file, unchanged: HTTP 500 for jason)");
     let aborted = until("the abort in force", || {
         let p = page(b, &jason())?;
-        let errors = p["body"]["reviews"]["reviews"].as_array().map_or(0, |r| {
-            r.iter().filter(|r| r["rating"]["error"] == RATINGS_UNAVAILABLE).count()
-        });
+        let errors = p["body"]["reviews"]["reviews"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|r| r["rating"]["error"] == RATINGS_UNAVAILABLE).count());
         Ok((errors == 2).then_some(p))
     })?;
     s.check(
@@ -409,7 +424,9 @@ fn deny(b: &Bookinfo) -> Result<Step> {
     let before = direct(b)?;
     s.check(before["status"] == 200, format!("before: curl -> ratings answers {}", before["status"]));
     b.apply(&bookinfo_file("authorization-policy-ratings-deny-curl.yaml")?)?;
-    s.say("$ apply authorization-policy-ratings-deny-curl.yaml   (DENY from principal cluster.local/ns/default/sa/curl)");
+    s.say(
+        "$ apply authorization-policy-ratings-deny-curl.yaml   (DENY from principal cluster.local/ns/default/sa/curl)",
+    );
     let denied = until("the policy in force", || {
         let r = direct(b)?;
         Ok((r["status"] == 403).then_some(r))
@@ -429,8 +446,10 @@ fn deny(b: &Bookinfo) -> Result<Step> {
         format!("the flow record: verdict {}, policy {}, {}", rec["verdict"], rec["policy"], record_line(&rec)),
     );
     let wp_admin = format!("http://{}:15000", b.waypoint.pod.ip());
-    let (_, text) =
-        b.heddle(&b.nodes[1], &["--agent", &wp_admin, "flows", "--http-status", "403", "--path", "/ratings/0", "--last", "1"])?;
+    let (_, text) = b.heddle(
+        &b.nodes[1],
+        &["--agent", &wp_admin, "flows", "--http-status", "403", "--path", "/ratings/0", "--last", "1"],
+    )?;
     s.say(format!("$ heddle flows --http-status 403 --path /ratings/0 --last 1   (the waypoint's records)\n{text}"));
     Ok(s)
 }
@@ -457,10 +476,7 @@ fn observe(b: &Bookinfo) -> Result<Step> {
         let r = row(&name).unwrap_or(Value::Null);
         s.check(
             r["requests"].as_u64() > Some(0) && r["p99_ms"].as_f64() > Some(0.0),
-            format!(
-                "{name}: {} requests, success {}, p99 {} ms",
-                r["requests"], r["success_rate"], r["p99_ms"]
-            ),
+            format!("{name}: {} requests, success {}, p99 {} ms", r["requests"], r["success_rate"], r["p99_ms"]),
         );
     }
     let svc_table = cli(&["stat", "svc", "-n", NAMESPACE, "--window", "5m"])?;
@@ -477,13 +493,8 @@ fn observe(b: &Bookinfo) -> Result<Step> {
     let dot_file = b.out_dir.join("bookinfo-graph.dot");
     let svg_file = b.out_dir.join("bookinfo-graph.svg");
     std::fs::write(&dot_file, &dot).map_err(|e| TestbedError::io(format!("write {}", dot_file.display()), e))?;
-    let rendered = Command::new("dot")
-        .arg("-Tsvg")
-        .arg("-o")
-        .arg(&svg_file)
-        .arg(&dot_file)
-        .status()
-        .is_ok_and(|st| st.success());
+    let rendered =
+        Command::new("dot").arg("-Tsvg").arg("-o").arg(&svg_file).arg(&dot_file).status().is_ok_and(|st| st.success());
     let svg = std::fs::read_to_string(&svg_file).unwrap_or_default();
     s.check(
         rendered && svg.contains("<svg") && svg.contains("default/ratings"),
@@ -534,20 +545,21 @@ fn trace(b: &Bookinfo, s: &mut Step) -> Result<()> {
             .unwrap_or(Value::Null);
         (server, client)
     };
-    let (pp_s, pp_c) = hop("default/productpage");
-    let (de_s, de_c) = hop("default/details");
-    let (re_s, re_c) = hop("default/reviews");
-    let (ra_s, ra_c) = hop("default/ratings");
-    let child = |c: &Value, parent: &Value| !c.is_null() && !parent.is_null() && c["parent_span_id"] == parent["span_id"];
+    let (page_srv, page_cli) = hop("default/productpage");
+    let (details_srv, details_cli) = hop("default/details");
+    let (reviews_srv, reviews_cli) = hop("default/reviews");
+    let (ratings_srv, ratings_cli) = hop("default/ratings");
+    let child =
+        |c: &Value, parent: &Value| !c.is_null() && !parent.is_null() && c["parent_span_id"] == parent["span_id"];
     let links = [
-        ("productpage's server span <- the caller", !pp_s.is_null() && pp_s["parent_span_id"] == CALLER_SPAN),
-        ("productpage client <- server", child(&pp_c, &pp_s)),
-        ("details server <- productpage client", child(&de_s, &pp_c)),
-        ("details client <- server", child(&de_c, &de_s)),
-        ("reviews server <- productpage client", child(&re_s, &pp_c)),
-        ("reviews client <- server", child(&re_c, &re_s)),
-        ("ratings server <- reviews client", child(&ra_s, &re_c)),
-        ("ratings client <- server", child(&ra_c, &ra_s)),
+        ("productpage's server span <- the caller", !page_srv.is_null() && page_srv["parent_span_id"] == CALLER_SPAN),
+        ("productpage client <- server", child(&page_cli, &page_srv)),
+        ("details server <- productpage client", child(&details_srv, &page_cli)),
+        ("details client <- server", child(&details_cli, &details_srv)),
+        ("reviews server <- productpage client", child(&reviews_srv, &page_cli)),
+        ("reviews client <- server", child(&reviews_cli, &reviews_srv)),
+        ("ratings server <- reviews client", child(&ratings_srv, &reviews_cli)),
+        ("ratings client <- server", child(&ratings_cli, &ratings_srv)),
     ];
     let broken: Vec<&str> = links.iter().filter(|(_, ok)| !ok).map(|(what, _)| *what).collect();
     let mut tree = String::new();
@@ -567,14 +579,15 @@ fn trace(b: &Bookinfo, s: &mut Step) -> Result<()> {
 fn print_tree(spans: &[Value], parent: &str, depth: usize, out: &mut String) {
     for s in spans.iter().filter(|s| s["parent_span_id"] == parent) {
         let ms = (s["end"].as_u64().unwrap_or(0).saturating_sub(s["start"].as_u64().unwrap_or(0))) / 1_000_000;
-        out.push_str(&format!(
-            "{}{} [{}] {} ms, status {}\n",
+        let _ = writeln!(
+            out,
+            "{}{} [{}] {} ms, status {}",
             "  ".repeat(depth),
             s["name"].as_str().unwrap_or("?"),
             if s["kind"] == SPAN_SERVER { "server" } else { "client" },
             ms,
             s["attributes"]["http.response.status_code"]
-        ));
+        );
         if let Some(id) = s["span_id"].as_str() {
             print_tree(spans, id, depth + 1, out);
         }
