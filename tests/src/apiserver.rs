@@ -194,7 +194,7 @@ impl ApiServer {
     pub fn start() -> Result<ApiServer> {
         let listener = StdTcpListener::bind("127.0.0.1:0")
             .map_err(|source| ApiServerError::Io { context: "bind 127.0.0.1:0".into(), source })?;
-        Self::serve(listener)
+        Self::serve(listener, None)
     }
 
     /// Starts with its listening socket created inside the network
@@ -207,22 +207,33 @@ impl ApiServer {
                 source: std::io::Error::other(e),
             })?
             .map_err(|source| ApiServerError::Io { context: format!("bind {addr} in {}", netns.display()), source })?;
-        Self::serve(listener)
+        let ns = std::fs::File::open(netns)
+            .map_err(|source| ApiServerError::Io { context: format!("open {}", netns.display()), source })?;
+        Self::serve(listener, Some(Arc::new(ns)))
     }
 
-    fn serve(listener: StdTcpListener) -> Result<ApiServer> {
+    /// Serves on `listener`; with `netns`, every thread of the server runs
+    /// in that network namespace, so what it dials (port-forward targets)
+    /// is dialled from there, as from the API server's host.
+    fn serve(listener: StdTcpListener, netns: Option<Arc<std::fs::File>>) -> Result<ApiServer> {
         let io = |context: &str| {
             let context = context.to_owned();
             move |source| ApiServerError::Io { context, source }
         };
         let addr = listener.local_addr().map_err(io("local_addr"))?;
         listener.set_nonblocking(true).map_err(io("set_nonblocking"))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("apiserver-standin")
-            .enable_all()
-            .build()
-            .map_err(io("build the tokio runtime"))?;
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(2).thread_name("apiserver-standin").enable_all();
+        if let Some(ns) = netns {
+            builder.on_thread_start(move || {
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: setns(2) on a valid fd, for this runtime thread only.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    eprintln!("apiserver stand-in: setns failed: {}", std::io::Error::last_os_error());
+                }
+            });
+        }
+        let runtime = builder.build().map_err(io("build the tokio runtime"))?;
         let mut store = Store::new(resources::builtins());
         let ns_type = store.lookup_kind("v1", "Namespace").expect("built-in");
         for ns in INITIAL_NAMESPACES {

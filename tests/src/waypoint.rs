@@ -101,7 +101,16 @@ impl Testbed {
             "--node".into(),
             pod.node_name().into(),
         ];
-        self.spawn_waypoint(pod, waypoint, &args, &[("KUBECONFIG", kubeconfig.as_os_str())])
+        // The admin API on the pod's address too: the API-server stand-in's
+        // port-forward dials the pod from its own node (a kubelet would
+        // dial the pod's localhost).
+        let admin = std::ffi::OsStr::new("0.0.0.0:15000");
+        self.spawn_waypoint(
+            pod,
+            waypoint,
+            &args,
+            &[("KUBECONFIG", kubeconfig.as_os_str()), ("HEDDLE_ADMIN_ADDR", admin)],
+        )
     }
 
     fn spawn_waypoint(

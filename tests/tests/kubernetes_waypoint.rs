@@ -277,6 +277,24 @@ fn expect_deployed(c: &Cluster) -> Result<()> {
 /// Replicas: left to `kubectl scale` until the Gateway asks, then the
 /// annotation's count; a bad count is reported, not applied.
 /// A rate limit policy from the API on the route `api`: 3/s in total.
+/// `heddle stat --waypoints` finds the waypoint pod in the API and reads
+/// its records through the API server's port-forward.
+fn stat_gathers_from_the_waypoint_through_the_api_server(c: &Cluster, wp: &Waypoint) -> Result<()> {
+    c.api.port_forward_to("demo", c.waypoint_pod.name(), wp.pod.addr(15000));
+    let rows: Value = serde_json::from_str(&c.heddle(&["-o", "json", "stat", "svc", "-n", "demo", "--waypoints"])?)?;
+    // The route sends to the version Services: their rows count the requests.
+    let row = |name: &str| rows.as_array().and_then(|r| r.iter().find(|r| r["name"] == name)).cloned();
+    let (v1, v2) = (row("demo/api-v1").unwrap_or_default(), row("demo/api-v2").unwrap_or_default());
+    ensure!(
+        v1["requests"].as_u64() >= Some(20)
+            && v2["requests"].as_u64() >= Some(20)
+            && v1["success_rate"] == 1.0
+            && v2["success_rate"] == 1.0,
+        "the waypoint's requests to api-v1 and api-v2, gathered through the API server: {rows}"
+    );
+    Ok(())
+}
+
 fn a_rate_limit_policy_from_the_api_limits_the_route(c: &Cluster, wp: &Waypoint, url: &str) -> Result<()> {
     c.api.apply(json!({
         "apiVersion": "heddle.dev/v1alpha1", "kind": "HTTPLocalRateLimitPolicy",
@@ -491,6 +509,7 @@ fn a_heddle_waypoint_gateway_is_deployed_by_the_controller_and_routes_a_labelled
                 records.last()
             );
 
+            stat_gathers_from_the_waypoint_through_the_api_server(c, wp)?;
             a_rate_limit_policy_from_the_api_limits_the_route(c, wp, &url)?;
             an_istio_virtual_service_from_the_api_routes_its_host(c, wp)?;
             an_istio_authorization_policy_from_the_api_denies_a_path(c, wp, &url)?;

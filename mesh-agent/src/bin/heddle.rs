@@ -74,6 +74,11 @@ struct Sources {
     /// API server's port-forward.
     #[arg(long, value_delimiter = ',', value_name = "NODE,...")]
     nodes: Vec<String>,
+    /// Gather from every running waypoint pod too (pods labelled
+    /// gateway.networking.k8s.io/gateway-name, any namespace), through the
+    /// API server's port-forward.
+    #[arg(long)]
+    waypoints: bool,
     /// Records of this last stretch of time (e.g. 30s, 1m, 10m).
     #[arg(long, default_value = "1m", value_parser = mesh_agent::cli_flows::parse_duration)]
     window: Duration,
@@ -96,6 +101,7 @@ enum Command {
     /// Examples:
     ///   heddle stat svc -n demo --from `http://NODE:15000` --from `http://WAYPOINT:15000`
     ///   heddle stat deploy --window 5m
+    ///   heddle stat svc --nodes node-a,node-b --waypoints   (Kubernetes)
     Stat {
         /// What to group by.
         #[arg(value_enum)]
@@ -380,6 +386,29 @@ fn forward_to_node(cli: &Cli, node: &str) -> anyhow::Result<(String, Forwarding)
     Ok((forward.local_url(), Forwarding { _forward: forward, _runtime: rt }))
 }
 
+/// Forwards to every running waypoint pod: their local URLs.
+fn forward_to_waypoints(cli: &Cli) -> anyhow::Result<(Vec<String>, WaypointForwards)> {
+    let rt = runtime()?;
+    let forwards = rt.block_on(async {
+        let (client, url) = k8s::cli_enroll::kube_client(cli.context.as_deref()).await?;
+        let pods = k8s::cli_forward::waypoint_pods(client.clone(), &url).await?;
+        let mut forwards = Vec::new();
+        for (namespace, pod) in pods {
+            let api = kube::Api::namespaced(client.clone(), &namespace);
+            forwards.push(k8s::cli_forward::forward_to_pod(api, &url, &namespace, pod, mesh_common::PORT_ADMIN).await?);
+        }
+        anyhow::Ok(forwards)
+    })?;
+    let urls = forwards.iter().map(k8s::cli_forward::AgentForward::local_url).collect();
+    Ok((urls, WaypointForwards { _forwards: forwards, _runtime: rt }))
+}
+
+/// Waypoint port-forwards and the runtime that drives them.
+struct WaypointForwards {
+    _forwards: Vec<k8s::cli_forward::AgentForward>,
+    _runtime: tokio::runtime::Runtime,
+}
+
 fn enroll(context: Option<&str>, namespace: &str, enroll: bool) -> anyhow::Result<ExitCode> {
     use k8s::cli_enroll::{kube_client, set_enrollment, Outcome};
     let outcome = runtime()?.block_on(async {
@@ -561,7 +590,8 @@ fn top(agent: &str, output: Output, window: Duration, limit: usize, duration: Op
 }
 
 /// Every flow record of the window from each source (`--from`, else
-/// `--agent`, and each `--nodes` agent through a port-forward), merged.
+/// `--agent`, each `--nodes` agent and with `--waypoints` every waypoint,
+/// those two through port-forwards), merged.
 fn gather(cli: &Cli, sources: &Sources) -> anyhow::Result<Vec<Value>> {
     let mut urls = if sources.from.is_empty() && sources.nodes.is_empty() {
         vec![cli.agent.clone()]
@@ -574,6 +604,13 @@ fn gather(cli: &Cli, sources: &Sources) -> anyhow::Result<Vec<Value>> {
         urls.push(url);
         forwards.push(forwarding);
     }
+    let _waypoints = if sources.waypoints {
+        let (found, forwarding) = forward_to_waypoints(cli)?;
+        urls.extend(found);
+        Some(forwarding)
+    } else {
+        None
+    };
     let args = mesh_agent::cli_flows::FlowsArgs { since: Some(sources.window), last: 1_000_000, ..Default::default() };
     let query = mesh_agent::cli_flows::query(&args, std::time::SystemTime::now(), None);
     let mut records = Vec::new();

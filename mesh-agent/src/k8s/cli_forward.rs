@@ -7,6 +7,9 @@
 //!
 //! Finding the pod: pods in the agents' namespace with label
 //! [`AGENT_SELECTOR`] and `spec.nodeName=NODE`, preferring a running one.
+//! `heddle stat|graph --waypoints` forwards the same way to every running
+//! waypoint pod ([`waypoint_pods`]: pods labelled with the Gateway name,
+//! in any namespace).
 //! One port-forward is opened before the listener is handed out, so an
 //! unreachable API server or a refused port-forward is reported at once, by
 //! name, rather than as a broken connection later.
@@ -57,7 +60,8 @@ pub enum ForwardError {
     Listen(#[source] std::io::Error),
 }
 
-/// A running forward: a local listener bridged to the agent pod.
+/// A running forward: a local listener bridged to a pod (an agent's or a
+/// waypoint's).
 pub struct AgentForward {
     local: SocketAddr,
     pod: String,
@@ -71,7 +75,7 @@ impl AgentForward {
         format!("http://{}", self.local)
     }
 
-    /// The agent pod forwarded to.
+    /// The pod forwarded to.
     #[must_use]
     pub fn pod(&self) -> &str {
         &self.pod
@@ -112,6 +116,40 @@ pub async fn forward_to_agent(
     let listed = pods.list(&lp).await.map_err(|e| explain(e, url, "list", "pods"))?;
     let pod = pick_agent_pod(&listed.items, node)
         .ok_or_else(|| ForwardError::NoAgentPod { node: node.to_owned(), namespace: namespace.to_owned() })?;
+    forward_to_pod(pods, url, namespace, pod, port).await
+}
+
+/// The waypoint pods of the cluster (`namespace`, `name`): pods labelled
+/// [`crate::config::GATEWAY_NAME_LABEL`], running and not being
+/// deleted, in every namespace.
+pub async fn waypoint_pods(client: Client, url: &str) -> Result<Vec<(String, String)>, ForwardError> {
+    let pods: Api<Pod> = Api::all(client);
+    let lp = ListParams::default().labels(crate::config::GATEWAY_NAME_LABEL);
+    let listed = pods.list(&lp).await.map_err(|e| explain(e, url, "list", "pods"))?;
+    Ok(pick_waypoint_pods(&listed.items))
+}
+
+/// [`waypoint_pods`]' choice among listed pods.
+#[must_use]
+pub fn pick_waypoint_pods(pods: &[Pod]) -> Vec<(String, String)> {
+    pods.iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|ph| ph == "Running")
+        })
+        .filter_map(|p| Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?)))
+        .collect()
+}
+
+/// Forwards `port` of pod `namespace/pod` to a local listener on
+/// 127.0.0.1 (an ephemeral port). Runs until dropped.
+pub async fn forward_to_pod(
+    pods: Api<Pod>,
+    url: &str,
+    namespace: &str,
+    pod: String,
+    port: u16,
+) -> Result<AgentForward, ForwardError> {
     let failed = |message: String| ForwardError::PortForward {
         namespace: namespace.to_owned(),
         pod: pod.clone(),
@@ -173,5 +211,23 @@ mod tests {
         ];
         assert_eq!(pick_agent_pod(&pods, "node-a").as_deref(), Some("live"));
         assert_eq!(pick_agent_pod(&pods, "node-c"), None);
+    }
+
+    #[test]
+    fn picks_the_running_waypoint_pods_of_every_namespace() {
+        let mut a = agent("wp-1", "node-a", "Running");
+        a.metadata.namespace = Some("shop".into());
+        let mut b = agent("wp-2", "node-b", "Pending");
+        b.metadata.namespace = Some("shop".into());
+        let mut c = agent("wp-3", "node-b", "Running");
+        c.metadata.namespace = Some("bookinfo".into());
+        let mut gone = agent("wp-4", "node-b", "Running");
+        gone.metadata.namespace = Some("bookinfo".into());
+        gone.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(
+            pick_waypoint_pods(&[a, b, c, gone]),
+            [("shop".to_owned(), "wp-1".to_owned()), ("bookinfo".to_owned(), "wp-3".to_owned())]
+        );
     }
 }
