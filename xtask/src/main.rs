@@ -28,6 +28,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
 mod manifests;
+mod ztunnel;
 
 /// Debian packages the build and the test bed need.
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -58,6 +59,8 @@ const PYTHON_PACKAGES: &[(&str, &str)] =
     &[("grpc", "grpcio"), ("opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc", "opentelemetry-proto")];
 /// Real clients the benchmark drives (only `cargo xtask bench` installs them).
 const BENCH_PACKAGES: &[&str] = &["iperf3", "sockperf"];
+/// What `bench --vs-ztunnel` needs: ztunnel's build (protoc) and its capture (iptables).
+const ZTUNNEL_PACKAGES: &[&str] = &["protobuf-compiler", "iptables"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LINKED_TOOLCHAIN: &str = "heddle-bpf";
 
@@ -97,6 +100,10 @@ enum Cmd {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Also measure Istio's ztunnel in the same run, built (once, cached
+        /// under ~/.cache/heddle-bench) from the source in PATH.
+        #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "../shared/bench/ztunnel")]
+        vs_ztunnel: Option<PathBuf>,
         /// More arguments for the bench binary (`-- --only-waypoint`, `-- --help`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -140,19 +147,25 @@ fn main() -> anyhow::Result<()> {
             };
             run(cmd.env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
         }
-        Cmd::Bench { seconds, args } => {
+        Cmd::Bench { seconds, vs_ztunnel, args } => {
             let tc = setup()?;
-            let missing: Vec<&str> = BENCH_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+            let mut wanted: Vec<&str> = BENCH_PACKAGES.to_vec();
+            if vs_ztunnel.is_some() {
+                wanted.extend(ZTUNNEL_PACKAGES);
+            }
+            let missing: Vec<&str> = wanted.into_iter().filter(|p| !dpkg_installed(p)).collect();
             if !missing.is_empty() {
                 install_debian(&missing)?;
             }
+            let ztunnel = vs_ztunnel.map(|src| ztunnel::binary(&root.join(src))).transpose()?;
             build(&root, &tc, true)?;
             let bin = root.join("target/release");
-            run(Command::new(bin.join("bench"))
-                .arg("--seconds")
-                .arg(seconds.to_string())
-                .args(&args)
-                .env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
+            let mut cmd = Command::new(bin.join("bench"));
+            cmd.arg("--seconds").arg(seconds.to_string());
+            if let Some(z) = ztunnel {
+                cmd.arg("--ztunnel").arg(z);
+            }
+            run(cmd.args(&args).env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
         }
         Cmd::Manifests { check } => {
             let tc = setup()?;

@@ -27,7 +27,10 @@ use clap::Parser;
 use heddle_tests::waypoint::{Waypoint, GATEWAY_NAME_LABEL};
 use heddle_tests::{check_environment, Agent, CaOptions, ClientSpec, Pod, PodSpec, ServiceSpec, Testbed};
 
-#[derive(Parser, Clone, Copy)]
+#[path = "bench/ztunnel.rs"]
+mod ztunnel;
+
+#[derive(Parser, Clone)]
 #[command(about = "Benchmark Heddle's data path against direct connections")]
 struct Args {
     /// Seconds per throughput, ping-pong and HTTP measurement.
@@ -46,6 +49,10 @@ struct Args {
     /// Only the waypoint phase (skips the direct and L4 measurements).
     #[arg(long, conflicts_with = "no_mtls")]
     only_waypoint: bool,
+    /// Also measure Istio's ztunnel (this binary, built with `--features
+    /// testing`) in the same bed and run: `cargo xtask bench --vs-ztunnel`.
+    #[arg(long, conflicts_with = "only_waypoint")]
+    ztunnel: Option<std::path::PathBuf>,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -58,14 +65,21 @@ const SERVER_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 40);
 #[derive(Default, Clone, Copy)]
 struct Figures {
     gbps: f64,
+    /// iperf3 with 8 parallel streams.
+    gbps_8: f64,
     pp_avg_us: f64,
     pp_p50_us: f64,
     pp_p99_us: f64,
+    pp_p999_us: f64,
     http: [f64; 4],
     http_errors: u64,
     http_requests: u64,
-    /// Agents' CPU seconds during the HTTP phase (mesh only).
+    /// The proxies' CPU seconds during the HTTP phase (mesh only).
     http_cpu_s: f64,
+    /// The proxies' CPU seconds during the single-stream iperf3 run.
+    iperf_cpu_s: f64,
+    /// Bytes iperf3 moved in that run.
+    iperf_bytes: f64,
     conns_per_s: f64,
 }
 
@@ -107,7 +121,20 @@ fn main() -> Result<()> {
         Figures::default()
     } else {
         eprintln!("bench: measuring the direct path ({} s per measurement)…", args.seconds);
-        measure(&args, &client, &server, &loadgen, &[])?
+        measure(&args, &client, &server, &loadgen, &|| Ok(0.0))?
+    };
+    // ztunnel before Heddle's agents start (nothing else captures then).
+    let ztunnel = match &args.ztunnel {
+        Some(bin) => {
+            eprintln!("bench: starting ztunnel in the client's and the server's namespaces (dedicated mode)…");
+            let z = ztunnel::Ztunnels::start(bin, &tb, &client, &server)?;
+            eprintln!("bench: measuring through ztunnel…");
+            let f = measure(&args, &client, &server, &loadgen, &|| z.cpu_seconds())?;
+            let rss = z.peak_rss_mib()?;
+            z.stop(&client)?;
+            Some((f, rss))
+        }
+        None => None,
     };
 
     if args.no_mtls {
@@ -122,7 +149,7 @@ fn main() -> Result<()> {
     ensure!(warm.all_ok(), "warm-up connection through the mesh failed: {warm:?}");
     if !args.only_waypoint {
         eprintln!("bench: measuring the meshed path…");
-        let mesh = measure(&args, &client, &server, &loadgen, &agents)?;
+        let mesh = measure(&args, &client, &server, &loadgen, &|| agents.iter().map(cpu_seconds).sum::<Result<f64>>())?;
         let rss: Vec<f64> = agents.iter().map(peak_rss_mib).collect::<Result<_>>()?;
         let flows = agents[0].flows()?;
         let want = if args.no_mtls { heddle_tests::Security::Plaintext } else { heddle_tests::Security::MutualTls };
@@ -130,9 +157,10 @@ fn main() -> Result<()> {
             flows.iter().any(|f| f.security == want),
             "the meshed run carried no {want:?} flow: the benchmark did not measure the mesh"
         );
-        #[allow(clippy::cast_precision_loss)]
-        let cpu_per_k = mesh.http_cpu_s / (mesh.http_requests.max(1) as f64) * 1000.0;
-        report(&args, &direct, &mesh, cpu_per_k, &rss);
+        report(&args, &direct, &mesh, &rss);
+        if let Some((z, z_rss)) = &ztunnel {
+            ztunnel::report(&args, &direct, &mesh, &rss, z, z_rss);
+        }
     }
     if let Some(wp_pod) = wp_pod {
         let l7 = waypoint_phase(&args, &tb, &client, &wp_pod, &loadgen, &agents)?;
@@ -181,7 +209,7 @@ fn waypoint_phase(
     let wp = tb.start_waypoint(wp_pod, "waypoint")?;
     std::thread::sleep(Duration::from_millis(1500));
     // Warm-up through the waypoint (its tunnels and upstream pool).
-    let (_, _, _) = http_at_rate(&Args { seconds: 1, ..*args }, client, loadgen, vip, Some(&wp))?;
+    let (_, _, _) = http_at_rate(&Args { seconds: 1, ..args.clone() }, client, loadgen, vip, Some(&wp))?;
     let before = wp.flows("last=1")?.first().and_then(|f| f["id"].as_u64()).unwrap_or(0);
     eprintln!("bench: HTTP to the service VIP through the waypoint…");
     let (wp_lat, wp_errors, cpu) = http_at_rate(args, client, loadgen, vip, Some(&wp))?;
@@ -200,7 +228,7 @@ fn waypoint_phase(
     for _ in 0..2 {
         for with_config in [false, true] {
             set_bench_routes(tb, &wp, with_config)?;
-            let (_, _, _) = http_at_rate(&Args { seconds: 1, ..*args }, client, loadgen, vip, Some(&wp))?;
+            let (_, _, _) = http_at_rate(&Args { seconds: 1, ..args.clone() }, client, loadgen, vip, Some(&wp))?;
             let (lat, errors, _) = http_at_rate(args, client, loadgen, vip, Some(&wp))?;
             let route = wp.flows("last=1")?.first().map(|f| f["http"]["route"].clone()).unwrap_or_default();
             ensure!(
@@ -451,14 +479,29 @@ fn run_ok(pod: &Pod, c: Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn measure(args: &Args, client: &Pod, server: &Pod, loadgen: &std::path::Path, agents: &[Agent]) -> Result<Figures> {
+/// Every measurement from `client` to `server`; `cpu` reads the CPU
+/// seconds of the proxies measured (zero for the direct path).
+fn measure(
+    args: &Args,
+    client: &Pod,
+    server: &Pod,
+    loadgen: &std::path::Path,
+    cpu: &dyn Fn() -> Result<f64>,
+) -> Result<Figures> {
     let secs = args.seconds.to_string();
     let ip = server.ip().to_string();
     let mut f = Figures::default();
 
-    let out = run_ok(client, cmd("iperf3", &["-c", &ip, "-p", &IPERF_PORT.to_string(), "-t", &secs, "-J"]), "iperf3")?;
+    let port = IPERF_PORT.to_string();
+    let cpu_before = cpu()?;
+    let out = run_ok(client, cmd("iperf3", &["-c", &ip, "-p", &port, "-t", &secs, "-J"]), "iperf3")?;
+    f.iperf_cpu_s = cpu()? - cpu_before;
     let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
     f.gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
+    f.iperf_bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    let out = run_ok(client, cmd("iperf3", &["-c", &ip, "-p", &port, "-t", &secs, "-P", "8", "-J"]), "iperf3 -P 8")?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+    f.gbps_8 = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
 
     let out = run_ok(
         client,
@@ -469,10 +512,9 @@ fn measure(args: &Args, client: &Pod, server: &Pod, loadgen: &std::path::Path, a
     f.pp_avg_us = sockperf_value(&out, "avg-latency=")?;
     f.pp_p50_us = sockperf_value(&out, "percentile 50.000 =")?;
     f.pp_p99_us = sockperf_value(&out, "percentile 99.000 =")?;
+    f.pp_p999_us = sockperf_value(&out, "percentile 99.900 =")?;
 
-    let run = run_at_rate(args, client, loadgen, server.addr(HTTP_PORT), &|| {
-        agents.iter().map(cpu_seconds).sum::<Result<f64>>()
-    })?;
+    let run = run_at_rate(args, client, loadgen, server.addr(HTTP_PORT), cpu)?;
     f.http = run.lat;
     f.http_cpu_s = run.cpu_s;
     f.http_errors = run.errors;
@@ -547,7 +589,21 @@ fn pid_peak_rss_mib(pid: u32) -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
-fn report(args: &Args, d: &Figures, m: &Figures, cpu_per_k: f64, rss: &[f64]) {
+impl Figures {
+    /// The proxies' CPU seconds per 1,000 HTTP requests.
+    #[allow(clippy::cast_precision_loss)]
+    fn cpu_per_k(&self) -> f64 {
+        self.http_cpu_s / (self.http_requests.max(1) as f64) * 1000.0
+    }
+
+    /// The proxies' CPU seconds per GB of the single-stream run.
+    fn cpu_per_gb(&self) -> f64 {
+        self.iperf_cpu_s / (self.iperf_bytes / 1e9).max(1e-9)
+    }
+}
+
+fn report(args: &Args, d: &Figures, m: &Figures, rss: &[f64]) {
+    let cpu_per_k = m.cpu_per_k();
     let ratio = |m: f64, d: f64| {
         if d > 0.0 {
             format!("{:.0}%", m / d * 100.0)
@@ -566,6 +622,13 @@ fn report(args: &Args, d: &Figures, m: &Figures, cpu_per_k: f64, rss: &[f64]) {
         d.gbps,
         m.gbps,
         ratio(m.gbps, d.gbps)
+    );
+    println!(
+        "{:<44} {:>12.2} {:>12.2} {:>14}",
+        "8-stream throughput, Gbit/s (iperf3 -P 8)",
+        d.gbps_8,
+        m.gbps_8,
+        ratio(m.gbps_8, d.gbps_8)
     );
     println!(
         "{:<44} {:>12.1} {:>12.1} {:>14}",
@@ -588,6 +651,13 @@ fn report(args: &Args, d: &Figures, m: &Figures, cpu_per_k: f64, rss: &[f64]) {
         m.pp_p99_us,
         added(m.pp_p99_us, d.pp_p99_us)
     );
+    println!(
+        "{:<44} {:>12.1} {:>12.1} {:>14}",
+        "1 KiB ping-pong one-way p99.9, µs",
+        d.pp_p999_us,
+        m.pp_p999_us,
+        added(m.pp_p999_us, d.pp_p999_us)
+    );
     for (i, p) in ["p50", "p90", "p99", "p99.9"].iter().enumerate() {
         let label = format!("HTTP 1 KiB at {}/s, latency {p}, µs", args.rate);
         println!("{:<44} {:>12.0} {:>12.0} {:>14}", label, d.http[i], m.http[i], ratio(m.http[i], d.http[i]));
@@ -601,6 +671,7 @@ fn report(args: &Args, d: &Figures, m: &Figures, cpu_per_k: f64, rss: &[f64]) {
         ratio(m.conns_per_s, d.conns_per_s)
     );
     println!("{:<44} {:>12} {:>12.3} {:>14}", "agent CPU s per 1,000 HTTP requests (both)", "-", cpu_per_k, "");
+    println!("{:<44} {:>12} {:>12.3} {:>14}", "agent CPU s per GB, 1 stream (both)", "-", m.cpu_per_gb(), "");
     let rss_s: Vec<String> = rss.iter().map(|r| format!("{r:.1}")).collect();
     println!("{:<44} {:>12} {:>12} {:>14}", "agent peak RSS, MiB (node-a, node-b)", "-", rss_s.join(" / "), "");
 }
