@@ -59,6 +59,8 @@ const IPERF_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
 const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 9000;
+/// Connections, one at a time, for the time-to-first-byte figure.
+const SERIAL: usize = 300;
 /// The `demo/server` service (HTTP), for the waypoint phase.
 const SERVER_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 40);
 
@@ -81,6 +83,9 @@ struct Figures {
     /// Bytes iperf3 moved in that run.
     iperf_bytes: f64,
     conns_per_s: f64,
+    /// Mean time of one new connection to its first echoed byte, one at a
+    /// time (the process start of the client amortised over them), µs.
+    first_byte_us: f64,
 }
 
 fn main() -> Result<()> {
@@ -528,6 +533,13 @@ fn measure(
     {
         f.conns_per_s = args.conns as f64 / elapsed.as_secs_f64();
     }
+    let started = Instant::now();
+    let s = client.run_client(&ClientSpec::to(server.addr(ECHO_PORT)).conns(SERIAL).parallel(1).bytes(1))?;
+    ensure!(s.all_ok(), "serial new-connections run had failures: {s:?}");
+    #[allow(clippy::cast_precision_loss)]
+    {
+        f.first_byte_us = started.elapsed().as_secs_f64() * 1e6 / SERIAL as f64;
+    }
     Ok(f)
 }
 
@@ -669,6 +681,13 @@ fn report(args: &Args, d: &Figures, m: &Figures, rss: &[f64]) {
         d.conns_per_s,
         m.conns_per_s,
         ratio(m.conns_per_s, d.conns_per_s)
+    );
+    println!(
+        "{:<44} {:>12.0} {:>12.0} {:>14}",
+        "new connection to first echoed byte, µs",
+        d.first_byte_us,
+        m.first_byte_us,
+        added(m.first_byte_us, d.first_byte_us)
     );
     println!("{:<44} {:>12} {:>12.3} {:>14}", "agent CPU s per 1,000 HTTP requests (both)", "-", cpu_per_k, "");
     println!("{:<44} {:>12} {:>12.3} {:>14}", "agent CPU s per GB, 1 stream (both)", "-", m.cpu_per_gb(), "");

@@ -167,6 +167,7 @@ pub fn report(args: &Args, d: &Figures, h: &Figures, h_rss: &[f64], z: &Figures,
     }
     println!("{:<42} {:>9} {:>9} {:>9}", "HTTP errors", d.http_errors, h.http_errors, z.http_errors);
     row("new connections/s", d.conns_per_s, h.conns_per_s, z.conns_per_s, 0);
+    added("new connection to first byte, µs (added)", d.first_byte_us, h.first_byte_us, z.first_byte_us);
     let cpu = |label: &str, hv: f64, zv: f64| {
         println!("{label:<42} {:>9} {hv:>9.3} {zv:>9.3} {:>9} {:>9} {:>9}", "-", "", "", x(hv, zv));
     };
