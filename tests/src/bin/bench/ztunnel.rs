@@ -154,8 +154,8 @@ pub fn report(args: &Args, d: &Figures, h: &Figures, h_rss: &[f64], z: &Figures,
     let added = |label: &str, dv: f64, hv: f64, zv: f64| {
         println!(
             "{label:<42} {dv:>9.1} {hv:>9.1} {zv:>9.1} {:>9} {:>9} {:>9}",
-            format!("+{:.1}", hv - dv),
-            format!("+{:.1}", zv - dv),
+            format!("{:+.1}", hv - dv),
+            format!("{:+.1}", zv - dv),
             x(hv - dv, zv - dv)
         );
     };
