@@ -126,11 +126,14 @@ impl Propagators {
     /// a new trace; `sample` decides when the request carries no decision.
     pub fn begin(&self, headers: &HeaderMap, sample: impl FnOnce() -> bool) -> Hop {
         let parent = self.extract(headers);
-        let decided = parent
-            .as_ref()
-            .filter(|p| p.trace_flags().to_u8() & DEFERRED == 0)
-            .map(SpanContext::is_sampled)
-            .or_else(|| sampling_only(headers));
+        // B3's debug flag forces the trace, whatever else the request says.
+        let decided = b3_debug(headers).then_some(true).or_else(|| {
+            parent
+                .as_ref()
+                .filter(|p| p.trace_flags().to_u8() & DEFERRED == 0)
+                .map(SpanContext::is_sampled)
+                .or_else(|| sampling_only(headers))
+        });
         Hop {
             trace_id: parent.as_ref().map_or_else(random_trace_id, SpanContext::trace_id),
             parent: parent.as_ref().map(SpanContext::span_id),
@@ -144,14 +147,19 @@ impl Propagators {
     /// Writes `hop`'s client span as the upstream request's context:
     /// `traceparent` (and `tracestate` if any), `x-b3-traceid`,
     /// `x-b3-spanid`, `x-b3-parentspanid` (the server span), `x-b3-sampled`,
-    /// and the single `b3` header when the request came with one.
+    /// `x-b3-flags: 1` when the request was a B3 debug trace, and the
+    /// single `b3` header when the request came with one.
     pub fn inject(&self, hop: &Hop, headers: &mut HeaderMap) {
         let flags = TraceFlags::default().with_sampled(hop.sampled);
         let sc = SpanContext::new(hop.trace_id, hop.client, flags, true, hop.trace_state.clone());
         let cx = Context::new().with_remote_span_context(sc);
         let single = headers.contains_key(B3_SINGLE);
-        headers.remove("x-b3-flags");
+        let debug = b3_debug(headers);
+        headers.remove(B3_FLAGS);
         let mut out = HeadersMut(headers);
+        if debug {
+            out.set(B3_FLAGS, "1".to_owned());
+        }
         self.w3c.inject_context(&cx, &mut out);
         self.b3_multi.inject_context(&cx, &mut out);
         out.set(B3_PARENT, hop.server.to_string());
@@ -204,6 +212,14 @@ impl Propagators {
 }
 
 /// A sampling decision without ids (`b3: 0`, `x-b3-sampled: 1`).
+/// B3's debug flag header: `1` forces the trace and is passed on.
+const B3_FLAGS: &str = "x-b3-flags";
+
+/// Whether the request carries B3's debug flag.
+fn b3_debug(headers: &HeaderMap) -> bool {
+    headers.get(B3_FLAGS).is_some_and(|v| v == "1")
+}
+
 fn sampling_only(headers: &HeaderMap) -> Option<bool> {
     let v = headers.get(B3_SINGLE).or_else(|| headers.get("x-b3-sampled"))?.to_str().ok()?;
     match v {
@@ -318,6 +334,28 @@ mod tests {
             headers(&[("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"), ("x-b3-spanid", "e457b5a2e4d86bd1")]);
         assert!(p.begin(&deferred, || true).sampled);
         assert!(!p.begin(&deferred, || false).sampled);
+    }
+
+    #[test]
+    fn a_b3_debug_trace_is_sampled_and_keeps_its_flag() {
+        let p = Propagators::default();
+        let h = headers(&[
+            ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+            ("x-b3-spanid", "e457b5a2e4d86bd1"),
+            ("x-b3-sampled", "0"),
+            ("x-b3-flags", "1"),
+        ]);
+        let hop = p.begin(&h, || false);
+        assert!(hop.sampled, "debug forces the trace");
+        let mut out = h.clone();
+        p.inject(&hop, &mut out);
+        assert_eq!(out["x-b3-flags"], "1");
+        assert_eq!(out["x-b3-sampled"], "1");
+        // Any other flags value is not passed on.
+        let mut plain = headers(&[("x-b3-flags", "0")]);
+        let hop = p.begin(&plain, || false);
+        p.inject(&hop, &mut plain);
+        assert!(!plain.contains_key("x-b3-flags"));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{Bookinfo, NAMESPACE, PRODUCTPAGE, RATINGS, WAYPOINT};
-use crate::env::{asset, find_tool, TCPDUMP};
+use crate::env::{asset, TCPDUMP};
 use crate::error::{Result, TestbedError};
 use crate::{Direction, Flow, FlowEvent, Security};
 
@@ -183,10 +183,8 @@ fn enrolled_and_mtls(b: &Bookinfo) -> Result<Step> {
     s.say(format!("The agents' workloads (namespace {NAMESPACE}, each with its own service account):\n{table}"));
     s.check(all && seen == 7, format!("{seen} of 7 workloads (six services' pods and curl) enrolled and captured"));
 
-    let capture = match find_tool(TCPDUMP) {
-        Some(_) => Some(b.tb.capture_link(&b.nodes[0], "tcp")?),
-        None => None,
-    };
+    crate::env::require_tool(TCPDUMP)?;
+    let capture = b.tb.capture_link(&b.nodes[0], "tcp")?;
     let mut curl = Command::new("curl");
     curl.args(["-sS", "--max-time", "10", "-H", "Host: productpage:9080", &productpage_url()]);
     let out = b.curl.run(curl)?;
@@ -209,16 +207,12 @@ fn enrolled_and_mtls(b: &Bookinfo) -> Result<Step> {
             counts(&spread, "reviews")
         ),
     );
-    if let Some(capture) = capture {
-        let report = capture.stop()?;
-        let tls = report.tls_on_port(crate::TUNNEL_PORT);
-        s.check(
-            tls.all_tls() && tls.application_data_records() > 0 && !report.contains(b"Shakespeare"),
-            format!("on node-a's link: {}", report.describe(crate::TUNNEL_PORT, "Shakespeare")),
-        );
-    } else {
-        s.say("(tcpdump is not installed: no packet capture)");
-    }
+    let report = capture.stop()?;
+    let tls = report.tls_on_port(crate::TUNNEL_PORT);
+    s.check(
+        tls.all_tls() && tls.application_data_records() > 0 && !report.contains(b"Shakespeare"),
+        format!("on node-a's link: {}", report.describe(crate::TUNNEL_PORT, "Shakespeare")),
+    );
 
     hops(b, &mut s)?;
     Ok(s)
@@ -227,7 +221,6 @@ fn enrolled_and_mtls(b: &Bookinfo) -> Result<Step> {
 /// Who talked to whom, from both agents' records: every hop of the call
 /// graph must be there, in mTLS, and nothing in plaintext.
 fn hops(b: &Bookinfo, s: &mut Step) -> Result<()> {
-    // Who talked to whom, from both agents' records.
     // Open records count too: the waypoint keeps its upstream connections.
     let mut pairs: BTreeMap<(String, String, String), BTreeSet<u64>> = BTreeMap::new();
     let mut plaintext = Vec::new();
