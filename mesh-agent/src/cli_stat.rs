@@ -11,7 +11,7 @@
 //! gRPC, status 0 (Linkerd's and Istio's definition). Latency percentiles
 //! are nearest-rank over the window's requests.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -225,10 +225,16 @@ pub fn stat_text(rows: &[Row], by: GroupBy) -> String {
 /// One edge of the service graph.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Edge {
-    /// The caller (`ns/serviceaccount`, a workload, or an address).
+    /// The caller: the Service its identity serves when the window shows
+    /// it serving exactly one, else `ns/serviceaccount`, a workload, or an
+    /// address.
     pub from: String,
     /// The callee (a Service when one was dialled, else a workload).
     pub to: String,
+    /// The callee's subset (version) when a route chose one: one edge per
+    /// subset between the same two nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
     /// Requests (through a waypoint).
     pub requests: u64,
     /// Requests per second over the window.
@@ -271,7 +277,30 @@ fn target_of(r: &Value) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// The Service each identity serves, from the requests whose upstream
+/// answered as it (L7 records: an L4 record's server may be a waypoint):
+/// only identities that served exactly one Service in the window.
+fn served_services(records: &[Value]) -> BTreeMap<String, String> {
+    let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in requests(records) {
+        let (Some(id), Some(backend)) =
+            (str_of(r, "dst_identity"), str_of(&r["http"], "backend").or_else(|| str_of(r, "service")))
+        else {
+            continue;
+        };
+        let service = backend.split_once('@').map_or(backend, |(s, _)| s);
+        seen.entry(short_identity(id)).or_default().insert(service.to_owned());
+    }
+    seen.into_iter()
+        .filter(|(_, services)| services.len() == 1)
+        .filter_map(|(id, services)| Some((id, services.into_iter().next()?)))
+        .collect()
+}
+
 /// `heddle graph`: who talks to whom, from requests and connections.
+/// Callers are drawn as the Service they serve when the records show one
+/// (so `a -> b -> c` is a chain, not pairs), callees as the Service
+/// dialled; a route's subsets are separate edges into the same node.
 #[must_use]
 #[allow(clippy::cast_precision_loss)]
 pub fn graph(records: &[Value], window: Duration) -> Graph {
@@ -283,9 +312,19 @@ pub fn graph(records: &[Value], window: Duration) -> Graph {
         connections: u64,
         plaintext: bool,
     }
-    let mut edges: BTreeMap<(String, String), E> = BTreeMap::new();
+    let serves = served_services(records);
+    let from = |r: &Value| {
+        let s = source_of(r);
+        serves.get(&s).cloned().unwrap_or(s)
+    };
+    let mut edges: BTreeMap<(String, String, Option<String>), E> = BTreeMap::new();
     for r in requests(records) {
-        let e = edges.entry((source_of(r), target_of(r))).or_default();
+        let target = target_of(r);
+        let (to, subset) = match target.split_once('@') {
+            Some((service, subset)) => (service.to_owned(), Some(subset.to_owned())),
+            None => (target, None),
+        };
+        let e = edges.entry((from(r), to, subset)).or_default();
         e.requests += 1;
         e.failed += u64::from(!succeeded(&r["http"]));
         if let Some(d) = r["duration_ms"].as_f64() {
@@ -293,21 +332,22 @@ pub fn graph(records: &[Value], window: Duration) -> Graph {
         }
     }
     for r in connections(records) {
-        let e = edges.entry((source_of(r), target_of(r))).or_default();
+        let e = edges.entry((from(r), target_of(r), None)).or_default();
         e.connections += 1;
         e.plaintext |= str_of(r, "security") != Some("mutual_tls");
     }
     let secs = window.as_secs_f64().max(1.0);
-    let mut nodes: Vec<String> = edges.keys().flat_map(|(a, b)| [a.clone(), b.clone()]).collect();
+    let mut nodes: Vec<String> = edges.keys().flat_map(|(a, b, _)| [a.clone(), b.clone()]).collect();
     nodes.sort();
     nodes.dedup();
     let edges = edges
         .into_iter()
-        .map(|((from, to), mut e)| {
+        .map(|((from, to, subset), mut e)| {
             e.latencies.sort_by(f64::total_cmp);
             Edge {
                 from,
                 to,
+                subset,
                 requests: e.requests,
                 rps: e.requests as f64 / secs,
                 error_ratio: (e.requests > 0).then(|| e.failed as f64 / e.requests as f64),
@@ -333,7 +373,7 @@ pub fn graph_dot(g: &Graph) -> String {
         let _ = writeln!(out, "  {};", dot_quote(n));
     }
     for e in &g.edges {
-        let mut label = Vec::new();
+        let mut label: Vec<String> = e.subset.iter().cloned().collect();
         if e.requests > 0 {
             label.push(format!("{:.1} rps", e.rps));
             if let Some(r) = e.error_ratio {
@@ -537,5 +577,41 @@ mod tests {
             "{dot}"
         );
         assert!(dot.contains("style=dashed, color=red"));
+    }
+
+    #[test]
+    fn a_caller_that_serves_one_service_is_drawn_as_it_and_subsets_share_a_node() {
+        let hop = |src: &str, dst: &str, backend: &str| {
+            json!({"event": "request", "direction": "inbound", "workload": "default/waypoint",
+                   "src_identity": format!("spiffe://td/ns/default/sa/{src}"),
+                   "dst_identity": format!("spiffe://td/ns/default/sa/{dst}"),
+                   "duration_ms": 2.0, "security": "mutual_tls", "http": {"status": 200, "backend": backend}})
+        };
+        let r = vec![
+            hop("curl", "bookinfo-productpage", "default/productpage@v1"),
+            hop("bookinfo-productpage", "bookinfo-reviews", "default/reviews@v1"),
+            hop("bookinfo-productpage", "bookinfo-reviews", "default/reviews@v3"),
+            hop("bookinfo-reviews", "bookinfo-ratings", "default/ratings"),
+            // An identity serving two Services stays an identity.
+            hop("shared", "multi", "default/a"),
+            hop("shared", "multi", "default/b"),
+            hop("multi", "bookinfo-ratings", "default/ratings"),
+        ];
+        let g = graph(&r, Duration::from_secs(10));
+        let edges: Vec<(&str, &str, Option<&str>)> =
+            g.edges.iter().map(|e| (e.from.as_str(), e.to.as_str(), e.subset.as_deref())).collect();
+        assert_eq!(
+            edges,
+            [
+                ("default/curl", "default/productpage", Some("v1")),
+                ("default/multi", "default/ratings", None),
+                ("default/productpage", "default/reviews", Some("v1")),
+                ("default/productpage", "default/reviews", Some("v3")),
+                ("default/reviews", "default/ratings", None),
+                ("default/shared", "default/a", None),
+                ("default/shared", "default/b", None),
+            ]
+        );
+        assert!(graph_dot(&g).contains("\"default/productpage\" -> \"default/reviews\" [label=\"v3\\n"));
     }
 }

@@ -473,8 +473,9 @@ fn main() -> anyhow::Result<ExitCode> {
                         let err = e.error_ratio.map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0));
                         let p99 = e.p99_ms.map_or_else(|| "-".to_owned(), |p| format!("{p:.1}ms"));
                         let sec = if e.mtls { "mTLS" } else { "plaintext" };
+                        let subset = e.subset.as_ref().map_or_else(String::new, |s| format!(" ({s})"));
                         println!(
-                            "{} -> {}  {:.1} rps  err {err}  p99 {p99}  {} conn  {sec}",
+                            "{} -> {}{subset}  {:.1} rps  err {err}  p99 {p99}  {} conn  {sec}",
                             e.from, e.to, e.rps, e.connections
                         );
                     }
