@@ -12,7 +12,9 @@
 //! carry mark 0x539 and are skipped). The client's ztunnel then opens HBONE
 //! (HTTP/2 CONNECT in mTLS) to the server's ztunnel on 15008, which
 //! connects to the server. Nothing of ztunnel is in the project; the
-//! binary is built by xtask from the source beside it.
+//! binary is built by xtask from the source beside it. `ZTUNNEL_LOG` sets
+//! ztunnel's `RUST_LOG` (default `info`, which logs each connection; the
+//! bench counts those lines to prove the traffic went through ztunnel).
 
 use std::path::Path;
 use std::process::Command;
