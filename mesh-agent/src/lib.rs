@@ -32,3 +32,6 @@ pub mod proxy;
 pub mod registry;
 pub mod trace;
 pub mod waypoint;
+
+#[cfg(test)]
+mod hostile_input;
