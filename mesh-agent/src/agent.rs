@@ -157,6 +157,11 @@ async fn open_source(
                 policy_status: policy_source.status(),
                 trust_domain: initial.trust_domain,
                 updater: Updater::Local(LocalWatcher {
+                    // Installed now, before the agent says it is ready: a
+                    // SIGHUP's default action would end the process.
+                    hup: signal(SignalKind::hangup())
+                        .map_err(|e| tracing::error!(error = %e, "cannot install the SIGHUP handler; polling only"))
+                        .ok(),
                     path: config.clone(),
                     last_good: initial_text,
                     last_bad: None,
@@ -487,6 +492,8 @@ async fn reconcile(
 /// invalid one is logged (once) and the last good state kept. Policies: see
 /// [`PolicySource::reload`].
 struct LocalWatcher {
+    /// SIGHUP, when its handler could be installed.
+    hup: Option<tokio::signal::unix::Signal>,
     path: PathBuf,
     last_good: String,
     last_bad: Option<String>,
@@ -498,14 +505,17 @@ struct LocalWatcher {
 
 impl LocalWatcher {
     async fn run(mut self, stop: CancellationToken) {
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::error!("cannot install the SIGHUP handler; relying on polling");
-            return;
-        };
+        let mut hup = self.hup.take();
         loop {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => return,
-                _ = hup.recv() => tracing::info!(file = %self.path.display(), "SIGHUP: reloading configuration and policies"),
+                _ = hangup => tracing::info!(file = %self.path.display(), "SIGHUP: reloading configuration and policies"),
                 () = tokio::time::sleep(POLL_INTERVAL) => {},
             }
             self.reload_config();
