@@ -137,12 +137,11 @@ fn request_key(r: &Value, by: GroupBy) -> Option<String> {
 fn connection_key(r: &Value, by: GroupBy) -> Option<String> {
     match by {
         GroupBy::Svc => str_of(r, "service").map(str::to_owned),
-        GroupBy::Deploy => match str_of(r, "direction") {
-            Some("inbound") => {
-                str_of(r, "dst_identity").map(short_identity).or_else(|| str_of(r, "workload").map(str::to_owned))
-            }
-            _ => str_of(r, "dst_identity").map(short_identity),
-        },
+        // An inbound record's workload is the destination: its name when
+        // the connection carried no identity.
+        GroupBy::Deploy => str_of(r, "dst_identity").map(short_identity).or_else(|| {
+            (str_of(r, "direction") == Some("inbound")).then(|| str_of(r, "workload").map(str::to_owned)).flatten()
+        }),
         GroupBy::Route => None,
     }
 }
@@ -277,6 +276,11 @@ fn target_of(r: &Value) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// A backend name's Service and subset: `ns/name@subset`.
+fn split_subset(backend: &str) -> (&str, Option<&str>) {
+    backend.split_once('@').map_or((backend, None), |(service, subset)| (service, Some(subset)))
+}
+
 /// The Service each identity serves, from the requests whose upstream
 /// answered as it (L7 records: an L4 record's server may be a waypoint):
 /// only identities that served exactly one Service in the window.
@@ -288,8 +292,7 @@ fn served_services(records: &[Value]) -> BTreeMap<String, String> {
         else {
             continue;
         };
-        let service = backend.split_once('@').map_or(backend, |(s, _)| s);
-        seen.entry(short_identity(id)).or_default().insert(service.to_owned());
+        seen.entry(short_identity(id)).or_default().insert(split_subset(backend).0.to_owned());
     }
     seen.into_iter()
         .filter(|(_, services)| services.len() == 1)
@@ -320,11 +323,8 @@ pub fn graph(records: &[Value], window: Duration) -> Graph {
     let mut edges: BTreeMap<(String, String, Option<String>), E> = BTreeMap::new();
     for r in requests(records) {
         let target = target_of(r);
-        let (to, subset) = match target.split_once('@') {
-            Some((service, subset)) => (service.to_owned(), Some(subset.to_owned())),
-            None => (target, None),
-        };
-        let e = edges.entry((from(r), to, subset)).or_default();
+        let (to, subset) = split_subset(&target);
+        let e = edges.entry((from(r), to.to_owned(), subset.map(str::to_owned))).or_default();
         e.requests += 1;
         e.failed += u64::from(!succeeded(&r["http"]));
         if let Some(d) = r["duration_ms"].as_f64() {

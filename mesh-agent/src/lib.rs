@@ -14,6 +14,7 @@ pub mod admin;
 pub mod agent;
 pub mod authz;
 pub mod capture;
+pub mod chance;
 pub mod cli_agent;
 pub mod cli_flows;
 pub mod cli_routes;

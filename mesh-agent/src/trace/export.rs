@@ -169,7 +169,7 @@ impl Tracer {
     /// A new trace's sampling decision.
     #[must_use]
     pub fn sample(&self) -> bool {
-        self.sampling_per_million >= 1_000_000 || rand::random::<u32>() % 1_000_000 < self.sampling_per_million
+        crate::chance::per_million(self.sampling_per_million)
     }
 
     /// Queues a finished span; never waits (a full queue drops it).

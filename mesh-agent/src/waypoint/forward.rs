@@ -346,10 +346,9 @@ fn redirect_reply<B>(req: &Request<B>, r: &Redirect, path_match: Option<&PathMat
 /// (flag `DI`), then answers the abort for its share (flag `FI`, with
 /// `DI,FI` when both hit).
 async fn inject(fault: &Fault, pending: &mut Pending, grpc: bool) -> Option<Response<HttpBody>> {
-    let hit = |per_million: u32| rand::random::<u32>() % 1_000_000 < per_million;
     let mut delayed = false;
     if let Some((delay, share)) = fault.delay {
-        if hit(share) {
+        if crate::chance::per_million(share) {
             // Flagged first: a request abandoned during the delay says so.
             http_of(pending).response_flags = "DI";
             tokio::time::sleep(delay).await;
@@ -357,7 +356,7 @@ async fn inject(fault: &Fault, pending: &mut Pending, grpc: bool) -> Option<Resp
         }
     }
     let (abort, share) = fault.abort?;
-    if !hit(share) {
+    if !crate::chance::per_million(share) {
         return None;
     }
     http_of(pending).response_flags = if delayed { "DI,FI" } else { "FI" };
