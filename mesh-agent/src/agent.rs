@@ -1,7 +1,9 @@
 //! The composition root of `mesh-agent run`: loads the configuration and the
-//! authorization policies, starts the datapath, enrolls pods, serves the
-//! admin API and the Prometheus metrics, watches the configuration and policy files, and shuts down in
-//! order on SIGTERM/SIGINT.
+//! authorization policies, takes over from a running agent if there is one
+//! ([`crate::handover`]), starts the datapath, enrolls pods, serves the
+//! admin API and the Prometheus metrics, watches the configuration and policy
+//! files, and shuts down in order on SIGTERM/SIGINT, or hands over to a
+//! successor and drains.
 //!
 //! Tasks (all on the tokio runtime): the admin server, the metrics server,
 //! the watcher (config
@@ -11,6 +13,7 @@
 
 use std::{
     net::SocketAddr,
+    os::fd::{AsFd as _, OwnedFd},
     path::PathBuf,
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
@@ -19,6 +22,7 @@ use std::{
 use anyhow::Context as _;
 use serde::Serialize;
 use tokio::{
+    net::TcpListener,
     signal::unix::{signal, SignalKind},
     sync::watch,
 };
@@ -34,6 +38,7 @@ use crate::{
     config,
     datapath::Datapath,
     flows::FlowLog,
+    handover::{self, Incumbent, Inventory, Offer, Offered, Role, Takeover},
     identity::{
         bundle::{self, TrustBundle},
         ca_client::{RemoteCa, TokenSource},
@@ -47,7 +52,7 @@ use crate::{
     },
     netns::Netns,
     policy::PolicySet,
-    proxy::{hbone::Mesh, ProxyContext},
+    proxy::{hbone::Mesh, splice::CLOSE_GRACE, ProxyContext},
     registry::{Registry, SharedRegistry},
 };
 
@@ -64,8 +69,13 @@ pub struct Settings {
     pub node: String,
     /// Cgroup v2 directory the cgroup programs attach to.
     pub cgroup: PathBuf,
-    /// Directory on bpffs for pinned links.
+    /// Directory on bpffs for pinned links (and maps, under `maps/`).
     pub pin_dir: PathBuf,
+    /// Unix socket of the zero-downtime upgrade ([`crate::handover`]).
+    pub handover_socket: PathBuf,
+    /// How long an agent that handed over drains its connections.
+    #[serde(with = "secs")]
+    pub handover_drain: Duration,
     /// Admin API address.
     pub admin_addr: SocketAddr,
     /// Prometheus metrics address (`/metrics`, `/healthz`).
@@ -283,7 +293,11 @@ pub(crate) async fn start_mesh(
     Ok(Some(mesh))
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
+/// Time to obtain the certificates of the pods taken over before serving.
+const TAKEOVER_CERT_WAIT: Duration = Duration::from_secs(15);
+
+/// Runs the agent until SIGTERM/SIGINT, or until it has handed over to a
+/// successor and drained.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let home = Arc::new(Netns::current()?);
     let stop = CancellationToken::new();
@@ -291,48 +305,30 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let registry_rx = inputs.registry.clone();
     let authz = Arc::new(Authorizer::new(inputs.policies.clone(), registry_rx.clone()));
     let mesh = start_mesh(settings.ca.as_ref(), &inputs.trust_domain, &stop).await?;
+    // An upgrade: the running agent's listeners, before binding anything.
+    let (mut inventory, takeover) = take_over(&settings.handover_socket).await?;
     // Everything that can fail on bad input is done before the programs are
     // attached, so a start that fails leaves no pod redirected to nothing.
-    let admin_listener = admin::bind(settings.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin API on {}", settings.admin_addr))?;
+    let admin_listener = node_listener(&mut inventory, Role::Admin, settings.admin_addr).await?;
     let datapath =
         Arc::new(Datapath::start(&settings.cgroup, &settings.pin_dir).context("starting the eBPF datapath")?);
     tracing::info!(cgroup = %settings.cgroup.display(), pins = %settings.pin_dir.display(), "eBPF programs attached");
 
     let prom = prometheus::Registry::new();
-    let conn_metrics = Arc::new(ConnMetrics::new(&prom, registry_rx.clone())?);
-    let access_log = match &settings.access_log {
-        Some(target) => Some(Arc::new(crate::access_log::AccessLog::open(target)?)),
-        None => None,
-    };
     // The exporter outlives the drain, so the last connections' spans go out.
     let trace_stop = CancellationToken::new();
-    let l4_spans: Option<Arc<crate::trace::Tracer>> = match &settings.trace_l4 {
-        Some(t) => Some(Arc::new(crate::trace::Tracer::start(
-            Some(t),
-            &format!("heddle-agent.{}", settings.node),
-            &prom,
-            trace_stop.clone(),
-        )?)),
-        None => None,
-    };
-    let flows = Arc::new(
-        FlowLog::new(settings.flow_capacity)
-            .with_metrics(conn_metrics)
-            .with_access_log(access_log)
-            .with_tracer(l4_spans.clone()),
-    );
-    let tracker = TaskTracker::new();
+    let (flows, l4_spans) = flow_log(&settings, &prom, &registry_rx, &trace_stop)?;
     let ctx = Arc::new(ProxyContext {
         datapath: datapath.clone(),
         flows: flows.clone(),
         registry: registry_rx.clone(),
-        tracker: tracker.clone(),
+        tracker: TaskTracker::new(),
         mesh: mesh.clone(),
         authz: authz.clone(),
+        draining: CancellationToken::new(),
+        closing: CancellationToken::new(),
     });
-    let capture = Arc::new(Mutex::new(Capture::new(settings.node.clone(), home, ctx)));
+    let capture = Arc::new(Mutex::new(Capture::new(settings.node.clone(), home, ctx.clone())));
 
     let exporter = Arc::new(Exporter::new(
         prom,
@@ -343,10 +339,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             certs: mesh.as_ref().map(|m| m.certs.clone()),
         },
     )?);
-    let metrics_listener = scrape::bind(settings.metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint on {}", settings.metrics_addr))?;
-    tokio::spawn(scrape::serve(metrics_listener, exporter, stop.clone()));
+    let metrics_listener = node_listener(&mut inventory, Role::Metrics, settings.metrics_addr).await?;
+    let node_listeners = vec![
+        (Role::Admin, admin_listener.as_fd().try_clone_to_owned()?),
+        (Role::Metrics, metrics_listener.as_fd().try_clone_to_owned()?),
+    ];
+    // Admin and metrics stop serving at a handover; the rest runs on while
+    // the connections drain (policy changes still apply to them).
+    let serving = stop.child_token();
+    tokio::spawn(scrape::serve(metrics_listener, exporter, serving.clone()));
 
     let admin_state = Arc::new(AdminState {
         node: settings.node.clone(),
@@ -360,33 +361,50 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             Updater::Local(w) => w.config_error.clone(),
             Updater::Kubernetes(_) => Arc::new(Mutex::new(None)),
         },
-        mesh,
+        mesh: mesh.clone(),
         authz: authz.clone(),
         policy_status: inputs.policy_status.clone(),
     });
-    tokio::spawn(admin::serve(admin_listener, admin_state.clone(), stop.clone()));
+    tokio::spawn(admin::serve(admin_listener, admin_state.clone(), serving.clone()));
 
-    capture.lock().expect("capture lock").reconcile(&registry_rx.borrow());
+    if let (Some(_), Some(mesh)) = (&takeover, &mesh) {
+        // Both agents accept on the same sockets now: have the pods'
+        // certificates before the first handshake lands here.
+        certificates_for(mesh, &registry_rx.borrow(), &settings.node).await;
+    }
+    first_enrollment(&capture, inventory, &registry_rx.borrow());
+    // Before saying ready: from then on a SIGTERM must stop us in order.
+    let mut signals = ShutdownSignals::install()?;
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(node = %settings.node, admin = %settings.admin_addr, metrics = %settings.metrics_addr, "agent ready");
+    if let Some(t) = takeover {
+        finish_takeover(t).await;
+    }
+    let offer = Arc::new(AgentOffer { capture: capture.clone(), node_listeners });
+    let (incumbent, mut releases) = serve_handover(&settings.handover_socket, offer);
 
     let reevaluator = tokio::spawn(authz.run(stop.clone()));
     let updater = tokio::spawn(inputs.updater.run(stop.clone()));
     let reconciler = tokio::spawn(reconcile(registry_rx, capture.clone(), stop.clone()));
 
-    wait_for_shutdown().await?;
-    tracing::info!(
-        keep_attached_on_exit = settings.keep_attached_on_exit,
-        "shutting down: not ready, stopping the pods' listeners, draining connections"
-    );
+    let release = tokio::select! {
+        () = signals.recv() => None,
+        Some(release) = releases.recv() => Some(release),
+    };
     admin_state.ready.store(false, Ordering::Release);
-    stop.cancel();
-    let _ = updater.await;
-    let _ = reconciler.await;
-    let _ = reevaluator.await;
-    let exit = stop_capture(&capture, settings.keep_attached_on_exit);
-    drain(&tracker, settings.drain_timeout).await;
+    let exit = if let Some(release) = release {
+        serving.cancel();
+        hand_over(&capture, &ctx, release, settings.handover_drain).await;
+        stop.cancel();
+        Exit::HandedOver
+    } else {
+        stop.cancel();
+        let _ = reconciler.await;
+        shut_down(&settings, &capture, &ctx).await
+    };
+    let _ = tokio::join!(updater, reevaluator);
     trace_stop.cancel();
+    incumbent.iter().for_each(Incumbent::withdraw);
     leave_datapath(&datapath, exit, &settings.pin_dir);
     // After the programs are gone: the last connections' spans go out.
     if let Some(t) = &l4_spans {
@@ -395,12 +413,167 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The flow log, with its metrics, access log and L4 span exporter.
+fn flow_log(
+    settings: &Settings,
+    prom: &prometheus::Registry,
+    registry: &watch::Receiver<SharedRegistry>,
+    trace_stop: &CancellationToken,
+) -> anyhow::Result<(Arc<FlowLog>, Option<Arc<crate::trace::Tracer>>)> {
+    let conn_metrics = Arc::new(ConnMetrics::new(prom, registry.clone())?);
+    let access_log = match &settings.access_log {
+        Some(target) => Some(Arc::new(crate::access_log::AccessLog::open(target)?)),
+        None => None,
+    };
+    let l4_spans = match &settings.trace_l4 {
+        Some(t) => Some(Arc::new(crate::trace::Tracer::start(
+            Some(t),
+            &format!("heddle-agent.{}", settings.node),
+            prom,
+            trace_stop.clone(),
+        )?)),
+        None => None,
+    };
+    let flows = FlowLog::new(settings.flow_capacity)
+        .with_metrics(conn_metrics)
+        .with_access_log(access_log)
+        .with_tracer(l4_spans.clone());
+    Ok((Arc::new(flows), l4_spans))
+}
+
+/// Serves the handover socket for the next agent; without it (a warning)
+/// upgrades are restarts.
+fn serve_handover(
+    socket: &std::path::Path,
+    offer: Arc<AgentOffer>,
+) -> (Option<Incumbent>, tokio::sync::mpsc::Receiver<handover::Release>) {
+    match Incumbent::serve(socket, offer) {
+        Ok((i, rx)) => (Some(i), rx),
+        Err(e) => {
+            tracing::warn!(socket = %socket.display(), error = %e, "cannot serve the handover socket: the next agent will not take over seamlessly");
+            (None, tokio::sync::mpsc::channel(1).1)
+        }
+    }
+}
+
+/// Enrolls this node's pods for the first time, with the listeners taken
+/// over where there are, then clears what a previous agent left unused.
+fn first_enrollment(capture: &Mutex<Capture>, inherited: Inventory, registry: &Registry) {
+    let mut capture = capture.lock().expect("capture lock");
+    capture.inherit(inherited);
+    capture.reconcile(registry);
+    capture.sweep();
+}
+
+/// The admin or metrics listener: the one taken over, or a new one.
+async fn node_listener(inventory: &mut Inventory, role: Role, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    match inventory.take(role, None) {
+        Some(l) => TcpListener::from_std(l).with_context(|| format!("the {role:?} listener taken over")),
+        None => crate::http_server::bind(addr).await.with_context(|| format!("binding the {role:?} listener on {addr}")),
+    }
+}
+
+/// An exit on SIGTERM/SIGINT: stop capturing (see [`stop_capture`]),
+/// send `GOAWAY` on the tunnels, drain.
+async fn shut_down(settings: &Settings, capture: &Mutex<Capture>, ctx: &ProxyContext) -> Exit {
+    tracing::info!(
+        keep_attached_on_exit = settings.keep_attached_on_exit,
+        "shutting down: not ready, stopping the pods' listeners, draining connections"
+    );
+    let exit = stop_capture(capture, settings.keep_attached_on_exit);
+    ctx.draining.cancel();
+    drain(&ctx.tracker, settings.drain_timeout, &ctx.closing).await;
+    exit
+}
+
+/// The incumbent's side of a handover, once the successor serves: stop
+/// accepting, send `GOAWAY` on the tunnels, say how much is left, drain.
+/// The policy watch and re-evaluation keep running meanwhile, so a policy
+/// change still closes what it denies.
+async fn hand_over(capture: &Mutex<Capture>, ctx: &ProxyContext, release: handover::Release, deadline: Duration) {
+    let pods = capture.lock().expect("capture lock").release_to_successor();
+    ctx.draining.cancel();
+    let open = ctx.tracker.len();
+    tracing::info!(pods, open, drain_s = deadline.as_secs(), "handed over to the successor: not accepting; draining open connections");
+    let _ = release.draining.send(open);
+    drain(&ctx.tracker, deadline, &ctx.closing).await;
+}
+
+/// Asks a running agent for its listeners (blocking, on tokio's blocking
+/// pool). None running: an empty inventory.
+async fn take_over(socket: &std::path::Path) -> anyhow::Result<(Inventory, Option<Takeover>)> {
+    let path = socket.to_owned();
+    let taken = tokio::task::spawn_blocking(move || handover::take_over(&path))
+        .await?
+        .with_context(|| format!("taking over from the running agent at {}", socket.display()))?;
+    Ok(match taken {
+        Some(mut t) => {
+            tracing::info!(incumbent = t.incumbent, listeners = t.inventory.len(), "taking over from the running agent");
+            (std::mem::take(&mut t.inventory), Some(t))
+        }
+        None => (Inventory::default(), None),
+    })
+}
+
+/// Tells the previous agent this one serves now.
+async fn finish_takeover(takeover: Takeover) {
+    let incumbent = takeover.incumbent;
+    match tokio::task::spawn_blocking(move || takeover.finish()).await {
+        Ok(Ok(draining)) => tracing::info!(incumbent, draining, "took over: the previous agent stopped accepting and drains"),
+        Ok(Err(e)) => tracing::warn!(incumbent, error = %e, "the previous agent did not confirm the handover"),
+        Err(e) => tracing::warn!(incumbent, error = %e, "handover task failed"),
+    }
+}
+
+/// Waits (bounded) for the certificates of this node's enrolled pods.
+async fn certificates_for(mesh: &Arc<Mesh>, registry: &Registry, node: &str) {
+    let ids: std::collections::HashSet<_> = registry
+        .on_node(node)
+        .filter(|w| w.enrolled && !registry.is_waypoint_pod(w))
+        .map(|w| w.identity.clone())
+        .collect();
+    for id in &ids {
+        mesh.certs.ensure(id);
+    }
+    for id in &ids {
+        if let Err(e) = mesh.certs.get(id, TAKEOVER_CERT_WAIT).await {
+            tracing::warn!(identity = %id, error = %e, "no certificate yet for a pod taken over");
+        }
+    }
+}
+
+/// The listeners this agent hands to a successor.
+struct AgentOffer {
+    capture: Arc<Mutex<Capture>>,
+    node_listeners: Vec<(Role, OwnedFd)>,
+}
+
+impl Offer for AgentOffer {
+    fn freeze(&self) -> Vec<Offered> {
+        let mut offered: Vec<Offered> = self
+            .node_listeners
+            .iter()
+            .filter_map(|(role, fd)| fd.try_clone().ok().map(|fd| Offered { role: *role, cookie: None, pod: None, fd }))
+            .collect();
+        offered.extend(self.capture.lock().expect("capture lock").offer());
+        offered
+    }
+
+    fn thaw(&self) {
+        self.capture.lock().expect("capture lock").thaw();
+    }
+}
+
 /// The last step of an exit: detach everything, or leave it pinned.
 fn leave_datapath(datapath: &Datapath, exit: Exit, pin_dir: &std::path::Path) {
     match exit {
         Exit::Detach => {
             datapath.shutdown();
             tracing::info!(pins = %pin_dir.display(), "eBPF programs detached and unpinned; pods go direct; bye");
+        }
+        Exit::HandedOver => {
+            datapath.release();
+            tracing::info!(pins = %pin_dir.display(), "eBPF programs and maps left to the successor; bye");
         }
         Exit::KeepAttached { pods } => {
             datapath.release();
@@ -421,6 +594,8 @@ enum Exit {
     /// Everything left attached and pinned: `pods` enrolled pods fail closed
     /// until the next agent.
     KeepAttached { pods: usize },
+    /// Everything left to the successor, which serves the pods already.
+    HandedOver,
 }
 
 /// Stops capturing new connections. Without `keep_attached`, or when no pod
@@ -431,7 +606,13 @@ enum Exit {
 fn stop_capture(capture: &Mutex<Capture>, keep_attached: bool) -> Exit {
     let mut capture = capture.lock().expect("capture lock");
     let enrolled = capture.enrolled_count();
-    if keep_attached && enrolled > 0 {
+    if capture.is_frozen() {
+        // Stopped in the middle of a handover: the successor holds the
+        // listeners and has adopted the links; take nothing away from it.
+        tracing::info!("stopped during a handover: leaving everything to the successor");
+        capture.release_to_successor();
+        Exit::HandedOver
+    } else if keep_attached && enrolled > 0 {
         tracing::info!(
             pods = enrolled,
             "keeping enrolled pods in the datapath (--keep-attached-on-exit): their new connections fail closed until the next agent"
@@ -448,25 +629,47 @@ fn stop_capture(capture: &Mutex<Capture>, keep_attached: bool) -> Exit {
     }
 }
 
-/// Lets open connections finish for up to `deadline`. New ones are no
-/// longer accepted (see [`stop_capture`]).
-async fn drain(tracker: &TaskTracker, deadline: Duration) {
+/// Lets open connections finish for up to `deadline`, then ends the rest
+/// cleanly (`closing`: FIN and `END_STREAM`, see [`crate::proxy::splice`]).
+/// New ones are no longer accepted (see [`stop_capture`]).
+async fn drain(tracker: &TaskTracker, deadline: Duration, closing: &CancellationToken) {
     tracker.close();
     if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
-        tracing::warn!(open = tracker.len(), "drain deadline passed; closing remaining connections");
+        tracing::warn!(open = tracker.len(), "drain deadline passed; ending the remaining connections cleanly");
+        closing.cancel();
+        if tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(1), tracker.wait()).await.is_err() {
+            tracing::warn!(open = tracker.len(), "connections still open after their clean close; exiting");
+        }
     }
 }
 
 /// Waits for SIGTERM or SIGINT: how every Heddle process (agent, CA,
 /// waypoint, controller) is told to stop.
 pub async fn wait_for_shutdown() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
+    ShutdownSignals::install()?.recv().await;
     Ok(())
+}
+
+/// SIGTERM and SIGINT, handled from the moment this is made (their default
+/// action, ending the process, no longer applies, for the rest of its life).
+pub struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers.
+    pub fn install() -> anyhow::Result<Self> {
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// The next SIGTERM or SIGINT.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+    }
 }
 
 /// Keeps capture in line with the registry: at once when a source publishes

@@ -14,14 +14,21 @@
 //! [`Capture::reconcile`] is idempotent and is called on every configuration
 //! change and every poll tick, so a pod that could not be enrolled (its netns
 //! not there yet) is retried.
+//!
+//! Upgrades ([`crate::handover`]): a successor enrolls with the listeners it
+//! inherited ([`Capture::inherit`]) instead of binding new ones, and adopts
+//! the pods' pinned `sk_lookup` links; the incumbent is frozen (no enrollment
+//! changes) from the moment it offers its listeners ([`Capture::offer`])
+//! until it releases them ([`Capture::release_to_successor`]) or the
+//! successor gives up ([`Capture::thaw`]).
 
 use std::{
     collections::{BTreeMap, HashSet},
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::AsFd,
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use mesh_common::{PORT_INBOUND, PORT_OUTBOUND, PORT_TUNNEL};
@@ -30,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     datapath::{Datapath, DatapathError, NetnsLink},
+    handover::{Inventory, Offered, Role},
     identity::SpiffeId,
     netns::{Netns, NetnsError},
     proxy::{self, sockets::SocketError, Pod, ProxyContext},
@@ -51,6 +59,15 @@ pub enum CaptureError {
     /// The workload has no namespace path.
     #[error("workload has no netns path")]
     NoNetns,
+    /// A listener received from the previous agent is unusable.
+    #[error("inherited {role:?} listener: {source}")]
+    Inherited {
+        /// Which.
+        role: Role,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What the admin API shows for a local workload.
@@ -79,6 +96,8 @@ struct Enrolled {
     link: Option<NetnsLink>,
     inbound_ips: Vec<Ipv4Addr>,
     stop: CancellationToken,
+    /// Duplicates of the pod's listening sockets, to hand to a successor.
+    listeners: Vec<(Role, OwnedFd)>,
 }
 
 /// The set of enrolled pods on this node.
@@ -88,21 +107,89 @@ pub struct Capture {
     ctx: Arc<ProxyContext>,
     enrolled: BTreeMap<ObjectRef, Enrolled>,
     errors: BTreeMap<ObjectRef, String>,
+    /// Listeners inherited from the previous agent, not yet taken.
+    inherited: Mutex<Inventory>,
+    /// A successor holds copies of the listeners: no enrollment changes.
+    frozen: bool,
 }
 
 impl Capture {
     /// An empty capture for `node`; `home` is the agent's own netns.
     #[must_use]
     pub fn new(node: String, home: Arc<File>, ctx: Arc<ProxyContext>) -> Self {
-        Self { node, home, ctx, enrolled: BTreeMap::new(), errors: BTreeMap::new() }
+        Self {
+            node,
+            home,
+            ctx,
+            enrolled: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            inherited: Mutex::new(Inventory::default()),
+            frozen: false,
+        }
+    }
+
+    /// Enroll with these listeners (from the previous agent) where they fit.
+    pub fn inherit(&mut self, inventory: Inventory) {
+        self.inherited = Mutex::new(inventory);
+    }
+
+    /// After the first reconcile: closes inherited listeners nobody took,
+    /// and clears from the datapath what a previous agent left that is not
+    /// enrolled now ([`Datapath::sweep`]).
+    pub fn sweep(&mut self) {
+        for (role, cookie) in self.inherited.get_mut().expect("inventory lock").close_rest() {
+            tracing::info!(?role, cookie, "closing an inherited listener of a pod that is not enrolled now");
+        }
+        let cookies: HashSet<u64> = self.enrolled.values().map(|e| e.pod.cookie).collect();
+        let ips: HashSet<Ipv4Addr> = self.enrolled.values().flat_map(|e| e.inbound_ips.iter().copied()).collect();
+        self.datapath().sweep(&cookies, &ips);
+    }
+
+    /// Freezes enrollment and lists every pod's listeners for a successor.
+    pub fn offer(&mut self) -> Vec<Offered> {
+        self.frozen = true;
+        let mut offered = Vec::new();
+        for (id, e) in &self.enrolled {
+            for (role, fd) in &e.listeners {
+                match fd.try_clone() {
+                    Ok(fd) => offered.push(Offered { role: *role, cookie: Some(e.pod.cookie), pod: Some(id.to_string()), fd }),
+                    Err(err) => tracing::warn!(pod = %id, ?role, error = %err, "cannot duplicate a listener for the successor"),
+                }
+            }
+        }
+        offered
+    }
+
+    /// Resumes enrollment after an abandoned handover.
+    pub fn thaw(&mut self) {
+        self.frozen = false;
+    }
+
+    /// Whether a successor holds copies of the listeners.
+    #[must_use]
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Stops accepting for every pod, leaving everything else (maps, links,
+    /// the listening sockets themselves) to the successor that holds them.
+    pub fn release_to_successor(&mut self) -> usize {
+        let pods = std::mem::take(&mut self.enrolled);
+        for e in pods.values() {
+            e.stop.cancel();
+        }
+        pods.len()
     }
 
     fn datapath(&self) -> &Datapath {
         &self.ctx.datapath
     }
 
-    /// Brings the enrolled set in line with `registry`.
+    /// Brings the enrolled set in line with `registry` (not while frozen).
     pub fn reconcile(&mut self, registry: &Registry) {
+        if self.frozen {
+            return;
+        }
         let desired: BTreeMap<ObjectRef, (Desired, &Workload)> = registry
             .on_node(&self.node)
             // A waypoint's pod terminates HBONE on its own port 15008.
@@ -158,15 +245,27 @@ impl Capture {
         let netns = Netns::open(&want.netns, self.home.clone())?;
         let cookie = netns.cookie()?;
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let outbound = proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_OUTBOUND))?;
-        let inbound = proxy::sockets::listen_in(&netns, SocketAddr::new(localhost, PORT_INBOUND))?;
+        let listen = |role, addr| -> Result<tokio::net::TcpListener, CaptureError> {
+            let inherited = self.inherited.lock().expect("inventory lock").take(role, Some(cookie));
+            match inherited {
+                Some(l) => {
+                    tokio::net::TcpListener::from_std(l).map_err(|source| CaptureError::Inherited { role, source })
+                }
+                None => Ok(proxy::sockets::listen_in(&netns, addr)?),
+            }
+        };
+        let outbound = listen(Role::Outbound, SocketAddr::new(localhost, PORT_OUTBOUND))?;
+        let inbound = listen(Role::Inbound, SocketAddr::new(localhost, PORT_INBOUND))?;
         let tunnel = match &self.ctx.mesh {
-            Some(_) => Some(proxy::sockets::listen_in(
-                &netns,
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT_TUNNEL),
-            )?),
+            Some(_) => Some(listen(Role::Tunnel, SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT_TUNNEL))?),
             None => None,
         };
+        let mut listeners = Vec::new();
+        for (role, l) in [(Role::Outbound, Some(&outbound)), (Role::Inbound, Some(&inbound)), (Role::Tunnel, tunnel.as_ref())] {
+            if let Some(fd) = l.and_then(|l| l.as_fd().try_clone_to_owned().ok()) {
+                listeners.push((role, fd));
+            }
+        }
         let ns_file =
             File::open(&want.netns).map_err(|source| NetnsError::Open { path: want.netns.clone(), source })?;
         let link = self.datapath().attach_netns(ns_file.as_fd(), &want.netns, cookie)?;
@@ -178,6 +277,7 @@ impl Capture {
             link: Some(link),
             inbound_ips: Vec::new(),
             stop: CancellationToken::new(),
+            listeners,
         };
         let registered = (|| {
             for ip in &want.ips {

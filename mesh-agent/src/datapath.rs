@@ -2,32 +2,40 @@
 //! links, and the map operations the agent needs.
 //!
 //! Lifecycle (see ARCHITECTURE.md, "Crash, restart, shutdown (decision)"):
-//! * links are pinned under the pin directory, so programs stay attached if
-//!   the agent dies: enrolled pods then fail closed (outbound connects are
-//!   refused, inbound connections dropped) rather than bypass the mesh;
-//! * on start, links left by a previous instance are detached before new
-//!   programs are attached, so exactly one set is ever active;
+//! * links are pinned under the pin directory and the maps under its
+//!   `maps/`, so programs and their state stay if the agent dies: enrolled
+//!   pods then fail closed (outbound connects are refused, inbound
+//!   connections dropped) rather than bypass the mesh;
+//! * on start, the pinned maps are reused (when their layout is this
+//!   agent's) and links left by a previous instance are adopted: the new
+//!   program replaces the old one inside the link (`BPF_LINK_UPDATE`), so
+//!   exactly one set is ever active and there is no moment without one (an
+//!   upgrade, [`crate::handover`], or a restart after a crash). Pod links
+//!   nobody adopts in the first reconcile are detached then ([`Datapath::sweep`]);
 //! * on a clean exit either everything is detached and the pins removed
 //!   ([`Datapath::shutdown`]: pods go direct again), or, with
 //!   `--keep-attached-on-exit` and pods still enrolled, everything is left
 //!   attached and pinned ([`Datapath::release`]: pods fail closed as after a
 //!   crash until the next agent takes over).
 
+mod pins;
+
 use std::{
+    collections::{BTreeMap, HashSet},
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, MapError, MapType, PerCpuArray, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
     },
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use mesh_common::{capacity, maps, ConnKey, EnrolledNetns, OrigDst, PendingConnect, Reason};
 use serde::Serialize;
@@ -45,6 +53,32 @@ const PROG_SK_LOOKUP: &str = "heddle_sk_lookup";
 const CGROUP_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where the maps are pinned, inside the pin directory.
+const MAPS_DIR: &str = "maps";
+/// Prefix of a pod's `sk_lookup` link pin; the netns cookie follows.
+const SK_LOOKUP_PIN: &str = "sk_lookup-";
+
+/// The pinned maps and the layout each must have to be reused.
+fn map_shapes() -> [(&'static str, pins::Shape); 6] {
+    use std::mem::size_of;
+    let shape = |kind, key: usize, value: usize, max_entries| pins::Shape {
+        kind,
+        key_size: key as u32,
+        value_size: value as u32,
+        max_entries,
+    };
+    [
+        (
+            maps::ENROLLED_NETNS,
+            shape(MapType::Hash, size_of::<u64>(), size_of::<EnrolledNetns>(), capacity::ENROLLED_NETNS),
+        ),
+        (maps::PENDING, shape(MapType::LruHash, size_of::<u64>(), size_of::<PendingConnect>(), capacity::PENDING)),
+        (maps::ORIG_DST, shape(MapType::LruHash, size_of::<ConnKey>(), size_of::<OrigDst>(), capacity::ORIG_DST)),
+        (maps::INBOUND_LISTENERS, shape(MapType::SockHash, size_of::<u32>(), size_of::<u32>(), capacity::INBOUND)),
+        (maps::INBOUND_ENROLLED, shape(MapType::Hash, size_of::<u32>(), size_of::<u32>(), capacity::INBOUND)),
+        (maps::STATS, shape(MapType::PerCpuArray, size_of::<u32>(), size_of::<u64>(), Reason::COUNT)),
+    ]
+}
 
 /// Errors of the datapath.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +175,9 @@ pub struct MapUsage {
 pub struct Datapath {
     pin_dir: PathBuf,
     ebpf: Mutex<Ebpf>,
+    /// Pods' `sk_lookup` links left pinned by a previous agent, by netns
+    /// cookie, until this agent adopts them (or sweeps them away).
+    adoptable: Mutex<BTreeMap<u64, PathBuf>>,
     cgroup_links: Mutex<Vec<(Attachment, PinnedLink)>>,
     enrolled: Mutex<HashMap<MapData, u64, EnrolledNetns>>,
     pending: Mutex<HashMap<MapData, u64, PendingConnect>>,
@@ -173,14 +210,17 @@ where
 }
 
 impl Datapath {
-    /// Loads the programs, detaches whatever a previous instance left pinned
-    /// in `pin_dir`, and attaches the cgroup programs at `cgroup`.
+    /// Loads the programs on the pinned maps (created and pinned on a first
+    /// start), adopts the links a previous instance left in `pin_dir` or
+    /// attaches new ones to `cgroup`.
     pub fn start(cgroup: &Path, pin_dir: &Path) -> Result<Self, DatapathError> {
         ensure_bpffs(pin_dir)?;
-        remove_stale_pins(pin_dir)?;
-        std::fs::create_dir_all(pin_dir)
-            .map_err(|e| DatapathError::Pin { path: pin_dir.to_owned(), message: e.to_string() })?;
-        let mut ebpf = load_object()?;
+        let maps_dir = pin_dir.join(MAPS_DIR);
+        std::fs::create_dir_all(&maps_dir)
+            .map_err(|e| DatapathError::Pin { path: maps_dir.clone(), message: e.to_string() })?;
+        drop_incompatible_maps(&maps_dir)?;
+        let adoptable = scan_pins(pin_dir)?;
+        let mut ebpf = load_object(&maps_dir)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_ebpf_logger(logger),
             Err(e) => tracing::debug!(error = %e, "no eBPF log buffer"),
@@ -195,10 +235,17 @@ impl Datapath {
                 .try_into()
                 .map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
-            let id = prog.attach(&cgroup_file, CGROUP_ATTACH_MODE).map_err(prog_err(name))?;
-            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?)
-                .map_err(|source| DatapathError::Link { name, source })?;
-            links.push(pin_link(link, pin_dir, name, name, attach, cgroup)?);
+            let pin = pin_dir.join(name);
+            let adopted = adopt(&pin, prog.fd().map_err(prog_err(name))?.as_fd());
+            let link = if let Some(link) = adopted {
+                link
+            } else {
+                let id = prog.attach(&cgroup_file, CGROUP_ATTACH_MODE).map_err(prog_err(name))?;
+                let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?)
+                    .map_err(|source| DatapathError::Link { name, source })?;
+                pin_link(link, &pin)?
+            };
+            links.push((attachment(name, attach, cgroup, pin), link));
         }
         {
             let prog: &mut SockOps = ebpf
@@ -207,10 +254,17 @@ impl Datapath {
                 .try_into()
                 .map_err(prog_err(PROG_SOCKOPS))?;
             prog.load().map_err(prog_err(PROG_SOCKOPS))?;
-            let id = prog.attach(&cgroup_file, CGROUP_ATTACH_MODE).map_err(prog_err(PROG_SOCKOPS))?;
-            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(PROG_SOCKOPS))?)
-                .map_err(|source| DatapathError::Link { name: PROG_SOCKOPS, source })?;
-            links.push(pin_link(link, pin_dir, PROG_SOCKOPS, PROG_SOCKOPS, "cgroup/sock_ops", cgroup)?);
+            let pin = pin_dir.join(PROG_SOCKOPS);
+            let adopted = adopt(&pin, prog.fd().map_err(prog_err(PROG_SOCKOPS))?.as_fd());
+            let link = if let Some(link) = adopted {
+                link
+            } else {
+                let id = prog.attach(&cgroup_file, CGROUP_ATTACH_MODE).map_err(prog_err(PROG_SOCKOPS))?;
+                let link = FdLink::try_from(prog.take_link(id).map_err(prog_err(PROG_SOCKOPS))?)
+                    .map_err(|source| DatapathError::Link { name: PROG_SOCKOPS, source })?;
+                pin_link(link, &pin)?
+            };
+            links.push((attachment(PROG_SOCKOPS, "cgroup/sock_ops", cgroup, pin), link));
         }
         {
             let prog: &mut SkLookup = ebpf
@@ -222,6 +276,7 @@ impl Datapath {
         }
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
+            adoptable: Mutex::new(adoptable),
             enrolled: Mutex::new(take(&mut ebpf, maps::ENROLLED_NETNS)?),
             pending: Mutex::new(take(&mut ebpf, maps::PENDING)?),
             orig_dst: Mutex::new(take(&mut ebpf, maps::ORIG_DST)?),
@@ -233,7 +288,8 @@ impl Datapath {
         })
     }
 
-    /// Attaches `sk_lookup` to a pod's network namespace.
+    /// Attaches `sk_lookup` to a pod's network namespace, or adopts the link
+    /// a previous agent left there.
     pub fn attach_netns(
         &self,
         netns: BorrowedFd<'_>,
@@ -246,11 +302,46 @@ impl Datapath {
             .ok_or(DatapathError::MissingProgram(PROG_SK_LOOKUP))?
             .try_into()
             .map_err(prog_err(PROG_SK_LOOKUP))?;
+        let pin = self.pin_dir.join(format!("{SK_LOOKUP_PIN}{cookie}"));
+        let attachment = attachment(PROG_SK_LOOKUP, "sk_lookup", netns_path, pin.clone());
+        if self.adoptable.lock().expect("pins lock").remove(&cookie).is_some() {
+            if let Some(link) = adopt(&pin, prog.fd().map_err(prog_err(PROG_SK_LOOKUP))?.as_fd()) {
+                return Ok(NetnsLink { link, attachment });
+            }
+        }
         let id = prog.attach(netns).map_err(prog_err(PROG_SK_LOOKUP))?;
         let link = FdLink::from(prog.take_link(id).map_err(prog_err(PROG_SK_LOOKUP))?);
-        let name = format!("sk_lookup-{cookie}");
-        let (attachment, link) = pin_link(link, &self.pin_dir, &name, PROG_SK_LOOKUP, "sk_lookup", netns_path)?;
-        Ok(NetnsLink { link, attachment })
+        Ok(NetnsLink { link: pin_link(link, &pin)?, attachment })
+    }
+
+    /// After the first enrollment: detaches the pod links a previous agent
+    /// left that nobody adopted (their pods are gone or no longer enrolled),
+    /// and removes from the maps the network namespaces and pod IPs not
+    /// enrolled now, so a reused map holds no pod that would fail closed
+    /// forever.
+    pub fn sweep(&self, enrolled: &HashSet<u64>, inbound_ips: &HashSet<Ipv4Addr>) {
+        for (cookie, pin) in std::mem::take(&mut *self.adoptable.lock().expect("pins lock")) {
+            tracing::info!(pin = %pin.display(), cookie, "detaching a pod link nobody adopted");
+            if let Ok(link) = PinnedLink::from_pin(&pin) {
+                unpin_and_detach(link, &pin);
+            }
+        }
+        {
+            let mut map = self.enrolled.lock().expect("map lock");
+            let stale: Vec<u64> = map.keys().flatten().filter(|c| !enrolled.contains(c)).collect();
+            for cookie in stale {
+                tracing::info!(cookie, "removing a network namespace left enrolled by a previous agent");
+                let _ = map.remove(&cookie);
+            }
+        }
+        let keys: HashSet<u32> = inbound_ips.iter().map(|ip| u32::from_ne_bytes(ip.octets())).collect();
+        let mut map = self.inbound_ips.lock().expect("map lock");
+        let stale: Vec<u32> = map.keys().flatten().filter(|k| !keys.contains(k)).collect();
+        for key in stale {
+            tracing::info!(ip = %Ipv4Addr::from(key.to_ne_bytes()), "removing a pod IP left enrolled by a previous agent");
+            let _ = map.remove(&key);
+            let _ = self.inbound.lock().expect("map lock").remove(&key);
+        }
     }
 
     /// Detaches a pod's `sk_lookup` and removes its pin.
@@ -338,12 +429,17 @@ impl Datapath {
         self.cgroup_links.lock().expect("links lock").iter().map(|(a, _)| a.clone()).collect()
     }
 
-    /// Detaches the cgroup programs and removes the pin directory. Pod
-    /// attachments must have been detached first.
+    /// Detaches the cgroup programs, unpins the maps and removes the pin
+    /// directory. Pod attachments must have been detached first.
     pub fn shutdown(&self) {
         for (att, link) in self.cgroup_links.lock().expect("links lock").drain(..) {
             unpin_and_detach(link, &att.pin);
         }
+        let maps_dir = self.pin_dir.join(MAPS_DIR);
+        for (name, _) in map_shapes() {
+            let _ = std::fs::remove_file(maps_dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&maps_dir);
         if let Err(e) = std::fs::remove_dir(&self.pin_dir) {
             tracing::warn!(dir = %self.pin_dir.display(), error = %e, "cannot remove pin directory");
         }
@@ -351,8 +447,8 @@ impl Datapath {
 
     /// Leaves the cgroup programs attached and pinned (and with them the
     /// maps they reference, pod entries included): only this process's
-    /// handles are closed, the pins keep the links alive. The next agent
-    /// detaches them at start ([`Datapath::start`]).
+    /// handles are closed, the pins keep the links and maps alive. The next
+    /// agent adopts them at start ([`Datapath::start`]).
     pub fn release(&self) {
         for (att, link) in self.cgroup_links.lock().expect("links lock").drain(..) {
             tracing::debug!(pin = %att.pin.display(), "leaving link attached");
@@ -363,26 +459,53 @@ impl Datapath {
 }
 
 #[cfg(not(heddle_no_ebpf))]
-fn load_object() -> Result<Ebpf, DatapathError> {
-    Ebpf::load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))
+fn load_object(maps_dir: &Path) -> Result<Ebpf, DatapathError> {
+    let mut loader = EbpfLoader::new();
+    for (name, _) in map_shapes() {
+        loader.map_pin_path(name, maps_dir.join(name));
+    }
+    loader.load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))
 }
 
 #[cfg(heddle_no_ebpf)]
-fn load_object() -> Result<Ebpf, DatapathError> {
+fn load_object(_maps_dir: &Path) -> Result<Ebpf, DatapathError> {
+    let _ = EbpfLoader::new;
     Err(DatapathError::NoObject)
 }
 
-fn pin_link(
-    link: FdLink,
-    pin_dir: &Path,
-    name: &str,
-    program: &'static str,
-    attach: &'static str,
-    target: &Path,
-) -> Result<(Attachment, PinnedLink), DatapathError> {
-    let path = pin_dir.join(name);
-    let pinned = link.pin(&path).map_err(|e| DatapathError::Pin { path: path.clone(), message: e.to_string() })?;
-    Ok((Attachment { program, attach, target: target.display().to_string(), pin: path }, pinned))
+fn attachment(program: &'static str, attach: &'static str, target: &Path, pin: PathBuf) -> Attachment {
+    Attachment { program, attach, target: target.display().to_string(), pin }
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<PinnedLink, DatapathError> {
+    link.pin(path).map_err(|e| DatapathError::Pin { path: path.to_owned(), message: e.to_string() })
+}
+
+/// Adopts the link pinned at `pin`, if there is one: `program` replaces
+/// whatever it ran, atomically. A link that cannot be adopted is detached
+/// (the caller attaches a new one).
+fn adopt(pin: &Path, program: BorrowedFd<'_>) -> Option<PinnedLink> {
+    if !pin.exists() {
+        return None;
+    }
+    match pins::replace_program(pin, program).map_err(|e| e.to_string()).and_then(|()| {
+        PinnedLink::from_pin(pin).map_err(|e| e.to_string())
+    }) {
+        Ok(link) => {
+            tracing::info!(pin = %pin.display(), "adopted the link left by a previous agent (program replaced in place)");
+            Some(link)
+        }
+        Err(e) => {
+            tracing::warn!(pin = %pin.display(), error = %e, "cannot adopt the link left by a previous agent; detaching it");
+            match PinnedLink::from_pin(pin) {
+                Ok(link) => unpin_and_detach(link, pin),
+                Err(_) => {
+                    let _ = std::fs::remove_file(pin);
+                }
+            }
+            None
+        }
+    }
 }
 
 fn unpin_and_detach(link: PinnedLink, path: &Path) {
@@ -393,23 +516,44 @@ fn unpin_and_detach(link: PinnedLink, path: &Path) {
     }
 }
 
-/// Detaches links a previous (crashed) instance left pinned in `dir`.
-fn remove_stale_pins(dir: &Path) -> Result<(), DatapathError> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if let Ok(link) = PinnedLink::from_pin(&path) {
-            tracing::info!(pin = %path.display(), "detaching link left by a previous agent");
-            unpin_and_detach(link, &path);
-        } else {
-            tracing::info!(pin = %path.display(), "removing stale pin");
-            std::fs::remove_file(&path)
-                .map_err(|e| DatapathError::Pin { path: path.clone(), message: e.to_string() })?;
+/// Unpins maps whose layout is not this agent's (an upgrade that changed a
+/// map): the programs then start on new, empty maps.
+fn drop_incompatible_maps(maps_dir: &Path) -> Result<(), DatapathError> {
+    for (name, shape) in map_shapes() {
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        if let Some(why) = pins::mismatch(&path, shape) {
+            tracing::warn!(map = name, reason = %why, "not reusing the pinned map; starting with an empty one");
+            std::fs::remove_file(&path).map_err(|e| DatapathError::Pin { path: path.clone(), message: e.to_string() })?;
         }
     }
     Ok(())
+}
+
+/// The pins a previous agent left in `dir`: the pods' `sk_lookup` links by
+/// netns cookie, to adopt. The cgroup links are adopted by name; anything
+/// else is removed.
+fn scan_pins(dir: &Path) -> Result<BTreeMap<u64, PathBuf>, DatapathError> {
+    let mut pods = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(pods);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == MAPS_DIR || [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS].contains(&name.as_str()) {
+            continue;
+        }
+        if let Some(cookie) = name.strip_prefix(SK_LOOKUP_PIN).and_then(|c| c.parse().ok()) {
+            pods.insert(cookie, path);
+            continue;
+        }
+        tracing::info!(pin = %path.display(), "removing stale pin");
+        std::fs::remove_file(&path).map_err(|e| DatapathError::Pin { path: path.clone(), message: e.to_string() })?;
+    }
+    Ok(pods)
 }
 
 /// Makes sure the pin directory is on a bpffs, mounting one at /sys/fs/bpf

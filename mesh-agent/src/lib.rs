@@ -23,6 +23,7 @@ pub mod config;
 pub mod datapath;
 pub mod flow_filter;
 pub mod flows;
+pub mod handover;
 pub mod http_server;
 pub mod identity;
 pub mod k8s;

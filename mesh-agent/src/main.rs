@@ -112,6 +112,15 @@ struct RunArgs {
     /// at exit everything is detached as without the flag (uninstall).
     #[arg(long, env = "HEDDLE_KEEP_ATTACHED_ON_EXIT")]
     keep_attached_on_exit: bool,
+    /// Unix socket of the zero-downtime upgrade: a starting agent takes the
+    /// running agent's listeners over it, and then serves it for the next
+    /// one [default: /run/heddle/NODE/handover.sock].
+    #[arg(long, env = "HEDDLE_HANDOVER_SOCKET")]
+    handover_socket: Option<PathBuf>,
+    /// Seconds an agent that handed over keeps serving its open connections
+    /// before ending them cleanly.
+    #[arg(long, env = "HEDDLE_HANDOVER_DRAIN_SECONDS", default_value_t = 30)]
+    handover_drain_seconds: u64,
     /// Tokio worker threads.
     #[arg(long, env = "HEDDLE_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -399,6 +408,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("no node name: pass --node (or NODE_NAME), or set `node:` in the configuration file")?;
     let settings = agent::Settings {
         pin_dir: args.pin_dir.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/heddle").join(&node)),
+        handover_socket: args
+            .handover_socket
+            .unwrap_or_else(|| PathBuf::from("/run/heddle").join(&node).join("handover.sock")),
+        handover_drain: Duration::from_secs(args.handover_drain_seconds),
         node,
         source,
         cgroup: args.cgroup.unwrap_or_else(agent::default_cgroup_root),

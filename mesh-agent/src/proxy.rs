@@ -48,6 +48,12 @@ pub struct ProxyContext {
     pub mesh: Option<Arc<hbone::Mesh>>,
     /// Authorization of inbound connections and the live-connection table.
     pub authz: Arc<crate::authz::Authorizer>,
+    /// Fired when the agent stops accepting (handover or exit): tunnel
+    /// connections send `GOAWAY`, so sources open new streams elsewhere.
+    pub draining: CancellationToken,
+    /// Fired at the drain deadline: connections still open end cleanly
+    /// (FIN, `END_STREAM`), not with a reset.
+    pub closing: CancellationToken,
 }
 
 /// An enrolled pod, as the proxy legs see it.

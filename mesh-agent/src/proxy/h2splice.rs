@@ -11,7 +11,10 @@
 //! ways; an error, or the stop signal of [`splice_until`] (a policy change
 //! revoked the connection), resets the TCP side and the stream
 //! (`RST_STREAM CANCEL`), so neither application hangs or mistakes the end
-//! for a clean close.
+//! for a clean close. The `finish` signal (the agent's drain deadline) ends
+//! both cleanly instead: `END_STREAM` to the tunnel peer, FIN to the
+//! application, then what they still send is dropped while they close (see
+//! [`super::splice`]).
 
 use std::{
     future::{poll_fn, Future},
@@ -25,10 +28,11 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
+use tokio_util::sync::CancellationToken;
 
 use super::{
     sockets::reset,
-    splice::{Spliced, Stopped},
+    splice::{discard, drain_deadline, Spliced, Stopped, CLOSE_GRACE},
 };
 
 /// Largest read from the TCP side per DATA frame batch.
@@ -42,9 +46,10 @@ pub struct H2Stream {
     pub recv: RecvStream,
 }
 
-/// Splices `tcp` and `stream` until both directions are finished.
-pub async fn splice(tcp: TcpStream, stream: H2Stream) -> Spliced {
-    match splice_until(tcp, stream, std::future::pending::<()>()).await {
+/// Splices `tcp` and `stream` until both directions are finished, or
+/// `finish` fires (then both end cleanly).
+pub async fn splice(tcp: TcpStream, stream: H2Stream, finish: &CancellationToken) -> Spliced {
+    match splice_until(tcp, stream, std::future::pending::<()>(), finish).await {
         Ok(done) => done,
         Err(stopped) => Spliced { from_tcp: stopped.from_tcp, to_tcp: stopped.to_tcp, error: None },
     }
@@ -52,12 +57,17 @@ pub async fn splice(tcp: TcpStream, stream: H2Stream) -> Spliced {
 
 /// [`splice`], unless `stop` completes first: then both sides are reset and
 /// the bytes copied so far are returned.
-pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -> Result<Spliced, Stopped> {
+pub async fn splice_until(
+    tcp: TcpStream,
+    stream: H2Stream,
+    stop: impl Future,
+    finish: &CancellationToken,
+) -> Result<Spliced, Stopped> {
     let H2Stream { mut send, mut recv } = stream;
     let (mut rd, mut wr) = tcp.into_split();
     // Atomics only because the future must be `Send`; one task touches them.
     let (up_n, down_n) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (up, down, stopped) = {
+    let (up, down, stopped, finished) = {
         let mut up = pin!(async {
             let mut buf = BytesMut::with_capacity(READ_CHUNK);
             loop {
@@ -99,7 +109,7 @@ pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -
         });
         let mut stop = pin!(stop);
         // Both directions run until done; the first error, or `stop`, ends both.
-        let (mut up_res, mut down_res, mut stopped) = (None, None, false);
+        let (mut up_res, mut down_res, mut stopped, mut finished) = (None, None, false, false);
         while up_res.is_none() || down_res.is_none() {
             tokio::select! {
                 r = &mut up, if up_res.is_none() => {
@@ -116,9 +126,13 @@ pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -
                     stopped = true;
                     break;
                 }
+                () = finish.cancelled() => {
+                    finished = true;
+                    break;
+                }
             }
         }
-        (up_res, down_res, stopped)
+        (up_res, down_res, stopped, finished)
     };
     let (from_tcp, to_tcp) = (up_n.load(Relaxed), down_n.load(Relaxed));
     let abort = |send: &mut SendStream<Bytes>, rd, wr| {
@@ -131,6 +145,10 @@ pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -
         abort(&mut send, rd, wr);
         return Err(Stopped { from_tcp, to_tcp });
     }
+    if finished {
+        Box::pin(end_cleanly(send, recv, rd, wr, (up.is_some(), down.is_some()))).await;
+        return Ok(Spliced { from_tcp, to_tcp, error: Some(drain_deadline()) });
+    }
     let unfinished = || std::io::Error::other("other direction failed");
     match (up.unwrap_or_else(|| Err(unfinished())), down.unwrap_or_else(|| Err(unfinished()))) {
         (Ok(()), Ok(())) => Ok(Spliced { from_tcp, to_tcp, error: None }),
@@ -139,6 +157,33 @@ pub async fn splice_until(tcp: TcpStream, stream: H2Stream, stop: impl Future) -
             Ok(Spliced { from_tcp, to_tcp, error: up.err().or_else(|| down.err()) })
         }
     }
+}
+
+/// Ends a splice at the drain deadline: `END_STREAM` to the tunnel peer and
+/// FIN to the application for the directions still open (`done`: up, down),
+/// then drops what they still send while they close, for [`CLOSE_GRACE`].
+async fn end_cleanly(
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    done: (bool, bool),
+) {
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if !done.0 {
+            let _ = send.send_data(Bytes::new(), true);
+        }
+        if !done.1 {
+            let _ = wr.shutdown().await;
+        }
+        let from_peer = async {
+            while let Some(Ok(chunk)) = recv.data().await {
+                let _ = recv.flow_control().release_capacity(chunk.len());
+            }
+        };
+        tokio::join!(discard(&mut rd), from_peer);
+    })
+    .await;
 }
 
 fn h2_io(e: h2::Error) -> std::io::Error {

@@ -139,6 +139,8 @@ struct Opened {
     sender: h2::client::SendRequest<Bytes>,
     probe: Option<Arc<TcpProbe>>,
     handshake: Option<Duration>,
+    /// The pool entry's flag: set when the connection is no use any more.
+    closed: Arc<AtomicBool>,
 }
 
 /// The mesh side of the agent: certificates, trust, the tunnel pool.
@@ -192,14 +194,21 @@ impl Mesh {
             .authority(dst.to_string())
             .build()
             .map_err(|e| TunnelError::Refused { status: StatusCode::BAD_REQUEST, reason: e.to_string() })?;
-        // A pooled connection may have just died: retry once on a new one.
-        let mut fresh = false;
+        // A pooled connection may have just died, or be going away (the
+        // destination agent was upgraded and drains it): it leaves the pool,
+        // and the stream is retried on a new connection (twice at most: a new
+        // connection may land on the draining agent just before it stops
+        // accepting). The request never reached an application, so nothing
+        // is sent twice.
+        let mut retries = 0;
         loop {
-            let opened = self.sender(pod, &key, cert.generation, fresh).await?;
+            let opened = self.sender(pod, &key, cert.generation, retries > 0).await?;
+            let closed = opened.closed.clone();
             match Self::request(opened.sender, &uri, traceparent.as_ref()).await {
-                Err(TunnelError::Http(e)) if !fresh && (e.is_go_away() || e.is_io() || e.reason().is_none()) => {
-                    tracing::debug!(error = %e, "pooled tunnel connection failed; retrying on a new one");
-                    fresh = true;
+                Err(TunnelError::Http(e)) if retries < 2 && (e.is_go_away() || e.is_io() || e.reason().is_none()) => {
+                    tracing::debug!(error = %e, "tunnel connection failed or going away; retrying on a new one");
+                    closed.store(true, Ordering::Release);
+                    retries += 1;
                 }
                 other => {
                     return other.map(|stream| Tunnelled { stream, probe: opened.probe, handshake: opened.handshake })
@@ -237,7 +246,12 @@ impl Mesh {
             if let Some(conns) = pool.get_mut(key) {
                 conns.retain(|c| !c.closed.load(Ordering::Acquire) && c.generation >= generation);
                 if let Some(c) = conns.first() {
-                    return Ok(Opened { sender: c.sender.clone(), probe: c.probe.clone(), handshake: None });
+                    return Ok(Opened {
+                        sender: c.sender.clone(),
+                        probe: c.probe.clone(),
+                        handshake: None,
+                        closed: c.closed.clone(),
+                    });
                 }
             }
         }
@@ -283,6 +297,7 @@ impl Mesh {
             .handshake::<_, Bytes>(tls)
             .await?;
         let driver_probe = probe.clone();
+        let driver_closed = closed.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "tunnel connection ended");
@@ -293,7 +308,7 @@ impl Mesh {
             }
         });
         tracing::debug!(src = %key.src, dst = %addr, "tunnel connection opened");
-        Ok(Opened { sender, probe, handshake: Some(handshake) })
+        Ok(Opened { sender, probe, handshake: Some(handshake), closed: driver_closed })
     }
 
     /// Number of pooled tunnel connections.

@@ -99,7 +99,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             None => std::future::pending().await,
         }
     };
-    let (bytes, error) = match splice_until(client, upstream, revoked).await {
+    let (bytes, error) = match splice_until(client, upstream, revoked, &ctx.closing).await {
         Ok(done) => ((done.from_tcp, done.to_tcp), done.error.map(|e| e.to_string())),
         Err(stopped) => {
             let denial = live.as_ref().and_then(|l| l.denial()).expect("a stopped splice was revoked");

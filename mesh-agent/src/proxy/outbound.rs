@@ -98,7 +98,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                 let health = probe.as_ref().map(TcpProbe::flow);
                 info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
                 ctx.flows.opened(conn, &info);
-                let done = splice(client, upstream).await;
+                let done = splice(client, upstream, &ctx.closing).await;
                 (done, health)
             }
             Err(e) => return fail(&ctx, conn, &info, client, &e),
@@ -129,7 +129,7 @@ pub(super) async fn splice_tunnelled(
     let health = tunnelled.probe.as_ref().map(TcpProbe::flow);
     info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
     ctx.flows.opened(conn, info);
-    (super::h2splice::splice(client, tunnelled.stream).await, health)
+    (super::h2splice::splice(client, tunnelled.stream, &ctx.closing).await, health)
 }
 
 /// Records the end of a forwarded connection.

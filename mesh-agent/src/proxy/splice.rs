@@ -7,6 +7,12 @@
 //! [`splice_until`] (TCP to TCP: the plaintext inbound leg) also stops when
 //! told to (a policy change revoked the connection): both sides are then
 //! reset, and the bytes copied so far are reported.
+//!
+//! Both also end when `finish` fires (the agent's drain deadline, after a
+//! handover or at exit): then cleanly, not with a reset. Each side gets a
+//! FIN, and what the peers still send is read and dropped for up to
+//! [`CLOSE_GRACE`] while they close their ends, so no unread byte turns the
+//! close into a reset. The application sees an orderly end of stream.
 
 use std::{
     future::Future,
@@ -15,14 +21,32 @@ use std::{
 };
 
 use tokio::{
-    io::{self, AsyncRead, AsyncWrite, ReadBuf},
+    io::{self, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::TcpStream,
 };
+use tokio_util::sync::CancellationToken;
 
 use super::sockets::reset;
 
 /// Buffer per direction.
 const BUF_SIZE: usize = 64 * 1024;
+/// How long a connection ended at the drain deadline waits for its peers
+/// to close their side.
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The error text of a connection ended at the drain deadline.
+#[must_use]
+pub fn drain_deadline() -> io::Error {
+    io::Error::other("ended cleanly at the agent's drain deadline")
+}
+
+/// Reads and drops what `r` still sends until its end of stream.
+pub async fn discard(r: &mut (impl AsyncRead + Unpin)) {
+    // On the heap: this runs once per connection, at its very end, and must
+    // not grow every connection's future.
+    let mut buf = vec![0u8; 16 * 1024];
+    while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+}
 
 /// Result of a finished splice.
 pub struct Spliced {
@@ -43,24 +67,23 @@ pub struct Stopped {
     pub to_tcp: u64,
 }
 
-/// Splices `tcp` and `other` until both directions are finished.
-pub async fn splice<S>(mut tcp: TcpStream, mut other: S) -> Spliced
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    match io::copy_bidirectional_with_sizes(&mut tcp, &mut other, BUF_SIZE, BUF_SIZE).await {
-        Ok((from_tcp, to_tcp)) => Spliced { from_tcp, to_tcp, error: None },
-        Err(error) => {
-            reset(tcp);
-            drop(other);
-            Spliced { from_tcp: 0, to_tcp: 0, error: Some(error) }
-        }
+/// Splices two TCP streams until both directions are finished, or until
+/// `finish` fires (then both end cleanly).
+pub async fn splice(tcp: TcpStream, other: TcpStream, finish: &CancellationToken) -> Spliced {
+    match splice_until(tcp, other, std::future::pending::<()>(), finish).await {
+        Ok(done) => done,
+        Err(stopped) => Spliced { from_tcp: stopped.from_tcp, to_tcp: stopped.to_tcp, error: None },
     }
 }
 
-/// [`splice`] between two TCP streams, unless `stop` completes first: then
-/// both are reset and the bytes read from each so far are returned.
-pub async fn splice_until(tcp: TcpStream, other: TcpStream, stop: impl Future) -> Result<Spliced, Stopped> {
+/// [`splice`], unless `stop` completes first: then both are reset and the
+/// bytes read from each so far are returned.
+pub async fn splice_until(
+    tcp: TcpStream,
+    other: TcpStream,
+    stop: impl Future,
+    finish: &CancellationToken,
+) -> Result<Spliced, Stopped> {
     let mut tcp = Counted::new(tcp);
     let mut other = Counted::new(other);
     let copied = tokio::select! {
@@ -70,6 +93,16 @@ pub async fn splice_until(tcp: TcpStream, other: TcpStream, stop: impl Future) -
             reset(tcp.inner);
             reset(other.inner);
             return Err(stopped);
+        }
+        () = finish.cancelled() => {
+            let (from_tcp, to_tcp) = (tcp.read, other.read);
+            let (mut a, mut b) = (tcp.inner, other.inner);
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                let _ = tokio::join!(a.shutdown(), b.shutdown());
+                tokio::join!(discard(&mut a), discard(&mut b));
+            })
+            .await;
+            return Ok(Spliced { from_tcp, to_tcp, error: Some(drain_deadline()) });
         }
     };
     Ok(match copied {
@@ -139,7 +172,7 @@ mod tests {
         let stop = tokio_util::sync::CancellationToken::new();
         let splice = tokio::spawn({
             let stop = stop.clone();
-            async move { splice_until(proxy_client, proxy_app, stop.cancelled_owned()).await }
+            async move { splice_until(proxy_client, proxy_app, stop.cancelled_owned(), &CancellationToken::new()).await }
         });
         client.write_all(b"hello").await.unwrap();
         let mut buf = [0; 5];
@@ -151,5 +184,32 @@ mod tests {
             let got = peer.read(&mut buf).await;
             assert_eq!(got.map_err(|e| e.kind()).unwrap_err(), std::io::ErrorKind::ConnectionReset);
         }
+    }
+
+    #[tokio::test]
+    async fn at_the_drain_deadline_both_peers_see_an_orderly_end_even_while_sending() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_app, mut app) = pair().await;
+        let finish = CancellationToken::new();
+        let splice = tokio::spawn({
+            let finish = finish.clone();
+            async move { splice(proxy_client, proxy_app, &finish).await }
+        });
+        client.write_all(b"hello").await.unwrap();
+        let mut buf = [0; 5];
+        app.read_exact(&mut buf).await.unwrap();
+        finish.cancel();
+        // Each peer reads end of stream (not a reset), then closes; bytes
+        // sent after the deadline are dropped, not answered with a reset.
+        for peer in [&mut client, &mut app] {
+            let _ = peer.write_all(b"late").await;
+            let mut rest = Vec::new();
+            let got = peer.read_to_end(&mut rest).await;
+            assert!(got.is_ok(), "orderly end expected, got {got:?}");
+            peer.shutdown().await.unwrap();
+        }
+        let done = splice.await.unwrap();
+        assert_eq!(done.from_tcp, 5);
+        assert!(done.error.unwrap().to_string().contains("drain deadline"));
     }
 }

@@ -126,8 +126,20 @@ async fn serve_connection(
         Ok(c) => c,
         Err(e) => return fail(&info, format!("tunnel HTTP/2 handshake failed: {e}")),
     };
-    // `accept` also drives the connection's I/O for every open stream.
-    while let Some(next) = h2.accept().await {
+    // `accept` also drives the connection's I/O for every open stream. When
+    // the agent starts draining (a handover, or exit), GOAWAY tells the
+    // source agent to open new streams elsewhere; the open ones go on.
+    let mut going_away = false;
+    loop {
+        let next = tokio::select! {
+            next = h2.accept() => next,
+            () = ctx.draining.cancelled(), if !going_away => {
+                going_away = true;
+                h2.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         match next {
             Ok((req, respond)) => {
                 let (pod, ctx2, info, peer_id, probe) =
@@ -243,7 +255,7 @@ async fn serve_stream(
     info.tcp = health.as_ref().map(FlowHealth::at_open).unwrap_or_default();
     ctx.flows.opened(conn, &info);
     let stream = H2Stream { send, recv: req.into_body() };
-    let (bytes, error) = match splice_until_revoked(upstream, stream, &admitted.live).await {
+    let (bytes, error) = match splice_until_revoked(upstream, stream, &admitted.live, &ctx.closing).await {
         Ok(done) => ((done.to_tcp, done.from_tcp), done.error.map(|e| e.to_string())),
         Err((denial, bytes)) => {
             info.policy = denial.closing_mark();
@@ -296,8 +308,9 @@ async fn splice_until_revoked(
     upstream: TcpStream,
     stream: H2Stream,
     live: &LiveConn,
+    finish: &CancellationToken,
 ) -> Result<Spliced, (Denial, (u64, u64))> {
-    match h2splice::splice_until(upstream, stream, live.revoked()).await {
+    match h2splice::splice_until(upstream, stream, live.revoked(), finish).await {
         Ok(done) => Ok(done),
         Err(stopped) => {
             let denial = live.denial().expect("a stopped splice was revoked").clone();
