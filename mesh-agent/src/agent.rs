@@ -54,6 +54,7 @@ use crate::{
     policy::PolicySet,
     proxy::{hbone::Mesh, splice::CLOSE_GRACE, ProxyContext},
     registry::{Registry, SharedRegistry},
+    state_file::{Phase, StateFile},
 };
 
 /// How often the configuration file is re-read and enrollment retried.
@@ -76,6 +77,8 @@ pub struct Settings {
     /// How long an agent that handed over drains its connections.
     #[serde(with = "secs")]
     pub handover_drain: Duration,
+    /// The health file of `mesh-agent probe` ([`crate::state_file`]).
+    pub state_file: Option<PathBuf>,
     /// Admin API address.
     pub admin_addr: SocketAddr,
     /// Prometheus metrics address (`/metrics`, `/healthz`).
@@ -301,6 +304,7 @@ const TAKEOVER_CERT_WAIT: Duration = Duration::from_secs(15);
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let home = Arc::new(Netns::current()?);
     let stop = CancellationToken::new();
+    let state = StateFile::start(settings.state_file.as_deref(), stop.clone()).context("writing the state file")?;
     let inputs = open_source(&settings, &home, &stop).await?;
     let registry_rx = inputs.registry.clone();
     let authz = Arc::new(Authorizer::new(inputs.policies.clone(), registry_rx.clone()));
@@ -380,18 +384,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(t) = takeover {
         finish_takeover(t).await;
     }
-    let offer = Arc::new(AgentOffer { capture: capture.clone(), node_listeners });
-    let (incumbent, mut releases) = serve_handover(&settings.handover_socket, offer);
+    state.set(Phase::Ready);
+    let offer = AgentOffer { capture: capture.clone(), node_listeners };
+    let (incumbent, mut releases) = serve_handover(&settings.handover_socket, Arc::new(offer));
 
     let reevaluator = tokio::spawn(authz.run(stop.clone()));
     let updater = tokio::spawn(inputs.updater.run(stop.clone()));
     let reconciler = tokio::spawn(reconcile(registry_rx, capture.clone(), stop.clone()));
 
-    let release = tokio::select! {
-        () = signals.recv() => None,
-        Some(release) = releases.recv() => Some(release),
-    };
+    let release = tokio::select! { () = signals.recv() => None, Some(r) = releases.recv() => Some(r) };
     admin_state.ready.store(false, Ordering::Release);
+    state.set(Phase::Draining);
     let exit = if let Some(release) = release {
         serving.cancel();
         hand_over(&capture, &ctx, release, settings.handover_drain).await;
@@ -469,7 +472,9 @@ fn first_enrollment(capture: &Mutex<Capture>, inherited: Inventory, registry: &R
 async fn node_listener(inventory: &mut Inventory, role: Role, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     match inventory.take(role, None) {
         Some(l) => TcpListener::from_std(l).with_context(|| format!("the {role:?} listener taken over")),
-        None => crate::http_server::bind(addr).await.with_context(|| format!("binding the {role:?} listener on {addr}")),
+        None => {
+            crate::http_server::bind(addr).await.with_context(|| format!("binding the {role:?} listener on {addr}"))
+        }
     }
 }
 
@@ -494,7 +499,12 @@ async fn hand_over(capture: &Mutex<Capture>, ctx: &ProxyContext, release: handov
     let pods = capture.lock().expect("capture lock").release_to_successor();
     ctx.draining.cancel();
     let open = ctx.tracker.len();
-    tracing::info!(pods, open, drain_s = deadline.as_secs(), "handed over to the successor: not accepting; draining open connections");
+    tracing::info!(
+        pods,
+        open,
+        drain_s = deadline.as_secs(),
+        "handed over to the successor: not accepting; draining open connections"
+    );
     let _ = release.draining.send(open);
     drain(&ctx.tracker, deadline, &ctx.closing).await;
 }
@@ -508,7 +518,11 @@ async fn take_over(socket: &std::path::Path) -> anyhow::Result<(Inventory, Optio
         .with_context(|| format!("taking over from the running agent at {}", socket.display()))?;
     Ok(match taken {
         Some(mut t) => {
-            tracing::info!(incumbent = t.incumbent, listeners = t.inventory.len(), "taking over from the running agent");
+            tracing::info!(
+                incumbent = t.incumbent,
+                listeners = t.inventory.len(),
+                "taking over from the running agent"
+            );
             (std::mem::take(&mut t.inventory), Some(t))
         }
         None => (Inventory::default(), None),
@@ -519,7 +533,9 @@ async fn take_over(socket: &std::path::Path) -> anyhow::Result<(Inventory, Optio
 async fn finish_takeover(takeover: Takeover) {
     let incumbent = takeover.incumbent;
     match tokio::task::spawn_blocking(move || takeover.finish()).await {
-        Ok(Ok(draining)) => tracing::info!(incumbent, draining, "took over: the previous agent stopped accepting and drains"),
+        Ok(Ok(draining)) => {
+            tracing::info!(incumbent, draining, "took over: the previous agent stopped accepting and drains");
+        }
         Ok(Err(e)) => tracing::warn!(incumbent, error = %e, "the previous agent did not confirm the handover"),
         Err(e) => tracing::warn!(incumbent, error = %e, "handover task failed"),
     }

@@ -152,8 +152,17 @@ impl Capture {
         for (id, e) in &self.enrolled {
             for (role, fd) in &e.listeners {
                 match fd.try_clone() {
-                    Ok(fd) => offered.push(Offered { role: *role, cookie: Some(e.pod.cookie), pod: Some(id.to_string()), fd }),
-                    Err(err) => tracing::warn!(pod = %id, ?role, error = %err, "cannot duplicate a listener for the successor"),
+                    Ok(fd) => {
+                        offered.push(Offered {
+                            role: *role,
+                            cookie: Some(e.pod.cookie),
+                            pod: Some(id.to_string()),
+                            fd,
+                        });
+                    }
+                    Err(err) => {
+                        tracing::warn!(pod = %id, ?role, error = %err, "cannot duplicate a listener for the successor");
+                    }
                 }
             }
         }
@@ -261,7 +270,9 @@ impl Capture {
             None => None,
         };
         let mut listeners = Vec::new();
-        for (role, l) in [(Role::Outbound, Some(&outbound)), (Role::Inbound, Some(&inbound)), (Role::Tunnel, tunnel.as_ref())] {
+        for (role, l) in
+            [(Role::Outbound, Some(&outbound)), (Role::Inbound, Some(&inbound)), (Role::Tunnel, tunnel.as_ref())]
+        {
             if let Some(fd) = l.and_then(|l| l.as_fd().try_clone_to_owned().ok()) {
                 listeners.push((role, fd));
             }

@@ -488,9 +488,10 @@ fn adopt(pin: &Path, program: BorrowedFd<'_>) -> Option<PinnedLink> {
     if !pin.exists() {
         return None;
     }
-    match pins::replace_program(pin, program).map_err(|e| e.to_string()).and_then(|()| {
-        PinnedLink::from_pin(pin).map_err(|e| e.to_string())
-    }) {
+    match pins::replace_program(pin, program)
+        .map_err(|e| e.to_string())
+        .and_then(|()| PinnedLink::from_pin(pin).map_err(|e| e.to_string()))
+    {
         Ok(link) => {
             tracing::info!(pin = %pin.display(), "adopted the link left by a previous agent (program replaced in place)");
             Some(link)
@@ -526,7 +527,8 @@ fn drop_incompatible_maps(maps_dir: &Path) -> Result<(), DatapathError> {
         }
         if let Some(why) = pins::mismatch(&path, shape) {
             tracing::warn!(map = name, reason = %why, "not reusing the pinned map; starting with an empty one");
-            std::fs::remove_file(&path).map_err(|e| DatapathError::Pin { path: path.clone(), message: e.to_string() })?;
+            std::fs::remove_file(&path)
+                .map_err(|e| DatapathError::Pin { path: path.clone(), message: e.to_string() })?;
         }
     }
     Ok(())

@@ -235,7 +235,7 @@ fn accept_successors(listener: &socket2::Socket, offer: &dyn Offer, release: &mp
         };
         match hand_over(&conn, offer, release) {
             Ok(draining) => {
-                tracing::info!(draining, "handed over to the successor: not accepting any more; draining");
+                tracing::debug!(draining, "handover complete");
                 return;
             }
             Err(e) => {

@@ -32,6 +32,7 @@ pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod registry;
+pub mod state_file;
 pub mod trace;
 pub mod waypoint;
 

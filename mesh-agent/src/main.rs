@@ -43,6 +43,16 @@ enum Command {
     /// Run the waypoint controller (Kubernetes): a Deployment, Service and
     /// `ServiceAccount` for every Gateway of class heddle-waypoint.
     Controller(ControllerArgs),
+    /// Probe this container's agent through its state file (`--state-file`
+    /// of `run`): exit 0 if it is alive (`live`) or serving (`ready`).
+    Probe {
+        /// What to check.
+        #[arg(value_parser = ["live", "ready"])]
+        what: String,
+        /// The agent's state file.
+        #[arg(long, env = "HEDDLE_STATE_FILE")]
+        state_file: PathBuf,
+    },
     /// Validate a local configuration file and print what is wrong.
     CheckConfig {
         /// The file.
@@ -121,6 +131,11 @@ struct RunArgs {
     /// before ending them cleanly.
     #[arg(long, env = "HEDDLE_HANDOVER_DRAIN_SECONDS", default_value_t = 30)]
     handover_drain_seconds: u64,
+    /// Keep this process-local health file current, for `mesh-agent probe`
+    /// (the `DaemonSet`'s probes: HTTP probes cannot tell an upgrading pair of
+    /// agents apart, they share the listeners).
+    #[arg(long, env = "HEDDLE_STATE_FILE")]
+    state_file: Option<PathBuf>,
     /// Tokio worker threads.
     #[arg(long, env = "HEDDLE_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -348,6 +363,17 @@ fn main() -> anyhow::Result<()> {
             print!("{yaml}");
             Ok(())
         }
+        Command::Probe { what, state_file } => {
+            use mesh_agent::state_file::{probe, Probe};
+            let which = if what == "ready" { Probe::Ready } else { Probe::Live };
+            match probe(&state_file, which) {
+                Ok(seen) => {
+                    println!("{what}: {seen}");
+                    Ok(())
+                }
+                Err(why) => anyhow::bail!("{what}: {why}"),
+            }
+        }
         Command::CheckConfig { file } => {
             let cfg = config::load(&file)?;
             println!("{}: ok ({} workloads, {} services)", file.display(), cfg.workloads.len(), cfg.services.len());
@@ -412,6 +438,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .handover_socket
             .unwrap_or_else(|| PathBuf::from("/run/heddle").join(&node).join("handover.sock")),
         handover_drain: Duration::from_secs(args.handover_drain_seconds),
+        state_file: args.state_file,
         node,
         source,
         cgroup: args.cgroup.unwrap_or_else(agent::default_cgroup_root),

@@ -18,8 +18,8 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::admin::{AdminClient, Certificate, Certs, Datapath, Flow, Policies, Stats, Workload};
@@ -36,6 +36,10 @@ pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const METRICS_ADDR: &str = "127.0.0.1:15020";
 /// Grace period between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// What a new agent logs once the running one released its listeners.
+pub const TOOK_OVER: &str = "took over: the previous agent stopped accepting";
+/// What an agent logs once it handed over and stopped accepting.
+pub const HANDED_OVER: &str = "handed over to the successor: not accepting; draining";
 
 /// A node agent; cheap to clone (all clones control the same process).
 #[derive(Debug, Clone)]
@@ -51,6 +55,9 @@ struct Inner {
     admin: AdminClient,
     metrics: AdminClient,
     daemon: Daemon,
+    /// Agents that handed over to a successor ([`Agent::upgrade`]) and
+    /// drain, until reaped.
+    retired: Mutex<Vec<Child>>,
 }
 
 impl Agent {
@@ -64,7 +71,7 @@ impl Agent {
         };
         let metrics = AdminClient { addr: METRICS_ADDR.to_owned(), ..admin.clone() };
         let daemon = Daemon::new(format!("agent on {}", node.name()), node.netns_path(), node.agent_cgroup(), log);
-        Self { inner: Arc::new(Inner { node, bin, ca, admin, metrics, daemon }) }
+        Self { inner: Arc::new(Inner { node, bin, ca, admin, metrics, daemon, retired: Mutex::new(Vec::new()) }) }
     }
 
     /// The node this agent serves.
@@ -107,6 +114,8 @@ impl Agent {
             .arg(node.cgroup())
             .arg("--pin-dir")
             .arg(node.pin_dir())
+            .arg("--handover-socket")
+            .arg(shared.tmp.join(format!("handover-{}.sock", node.name())))
             .args(["--admin-addr", ADMIN_ADDR])
             .args(shared.lock().agent_args.clone());
         if let Some(ca) = &self.inner.ca {
@@ -136,6 +145,51 @@ impl Agent {
         }
         self.start()?;
         self.wait_ready(crate::testbed::AGENT_READY_TIMEOUT)
+    }
+
+    /// Upgrades the agent without stopping it: starts a new process with the
+    /// same arguments, which takes the running one's listeners over
+    /// (`mesh-agent`'s handover), and waits until it says it took over. The
+    /// previous process drains and exits by itself ([`Agent::retired_exits`]).
+    pub fn upgrade(&self) -> Result<()> {
+        let before = self.log_count(TOOK_OVER);
+        let previous = self.inner.daemon.start_successor(self.command())?;
+        self.retired().extend(previous);
+        let what = format!("the new agent on {} to take over", self.inner.node.name());
+        poll_until(&what, crate::testbed::AGENT_READY_TIMEOUT, Duration::from_millis(100), || {
+            self.check_alive()?;
+            let now = self.log_count(TOOK_OVER);
+            Ok(if now > before { Check::Ready(()) } else { Check::Pending(self.log_tail(3)) })
+        })
+    }
+
+    /// Waits for every agent that handed over to exit (SIGKILL at
+    /// `timeout`) and returns their exit statuses, oldest first.
+    pub fn retired_exits(&self, timeout: Duration) -> Result<Vec<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        let mut statuses = Vec::new();
+        for mut child in std::mem::take(&mut *self.retired()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(Some(status)) = crate::exec::wait_timeout(&mut child, left) {
+                statuses.push(status);
+            } else {
+                let _ = child.kill();
+                let _ = child.wait();
+                let pid = child.id();
+                return Err(self.not_running(&format!("a retired agent (pid {pid}) did not exit within {timeout:?}")));
+            }
+        }
+        Ok(statuses)
+    }
+
+    fn retired(&self) -> std::sync::MutexGuard<'_, Vec<Child>> {
+        self.inner.retired.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many lines of the log contain `text`.
+    #[must_use]
+    pub fn log_count(&self, text: &str) -> usize {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default().lines().filter(|l| l.contains(text)).count()
     }
 
     /// The process id while it runs.
@@ -173,9 +227,17 @@ impl Agent {
         self.inner.daemon.terminate();
     }
 
-    /// Waits for the process until `deadline`, then SIGKILLs and reaps it.
+    /// Waits for the process (and retired ones) until `deadline`, then
+    /// SIGKILLs and reaps them.
     pub(crate) fn reap_by(&self, deadline: Instant) {
         self.inner.daemon.reap_by(deadline);
+        for mut child in std::mem::take(&mut *self.retired()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !matches!(crate::exec::wait_timeout(&mut child, left), Ok(Some(_))) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 
     /// Waits until `GET /ready` answers 200; fails early if the process

@@ -50,20 +50,33 @@ impl Daemon {
     }
 
     /// Starts `cmd` (not waiting for readiness); fails if it already runs.
-    pub(crate) fn start(&self, mut cmd: Command) -> Result<()> {
+    pub(crate) fn start(&self, cmd: Command) -> Result<()> {
         let mut child = self.child();
         if let Some(c) = child.as_mut() {
             if matches!(c.try_wait(), Ok(None)) {
                 return Err(TestbedError::Environment(format!("{} is already running", self.label)));
             }
         }
+        *child = Some(self.spawn(cmd)?);
+        Ok(())
+    }
+
+    /// Starts `cmd` while the running process goes on (an upgrade): the new
+    /// process becomes this daemon's, the previous one is returned for its
+    /// owner to reap.
+    pub(crate) fn start_successor(&self, cmd: Command) -> Result<Option<Child>> {
+        let mut child = self.child();
+        let new = self.spawn(cmd)?;
+        Ok(child.replace(new))
+    }
+
+    fn spawn(&self, mut cmd: Command) -> Result<Child> {
         let log_err = |e| TestbedError::io(format!("open {}", self.log.display()), e);
         let mut log = OpenOptions::new().create(true).append(true).open(&self.log).map_err(log_err)?;
         let _ = writeln!(log, "===== heddle-tests: starting `{}` =====", command_line(&cmd));
         let log2: File = log.try_clone().map_err(log_err)?;
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2).env("RUST_BACKTRACE", "1");
-        *child = Some(spawn_in(cmd, &self.netns, &self.cgroup)?);
-        Ok(())
+        spawn_in(cmd, &self.netns, &self.cgroup)
     }
 
     /// The process id while it runs.

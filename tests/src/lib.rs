@@ -38,6 +38,7 @@ pub mod apiserver;
 pub mod bookinfo;
 pub mod ca;
 pub mod cgroup;
+pub mod churn;
 pub mod config;
 mod daemon;
 pub mod delay_line;

@@ -142,11 +142,12 @@ impl Conn {
         let mut cmsg = nix::cmsg_space!([RawFd; 4]);
         let (len, fds) = {
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = recvmsg::<UnixAddr>(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-                .map_err(|e| match e {
-                    nix::errno::Errno::EAGAIN => HandoverError::Timeout,
-                    e => HandoverError::Io { what: "recvmsg", source: e.into() },
-                })?;
+            let msg =
+                recvmsg::<UnixAddr>(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                    .map_err(|e| match e {
+                        nix::errno::Errno::EAGAIN => HandoverError::Timeout,
+                        e => HandoverError::Io { what: "recvmsg", source: e.into() },
+                    })?;
             let mut fds = Vec::new();
             for c in msg.cmsgs().map_err(errno("control message"))? {
                 if let ControlMessageOwned::ScmRights(got) = c {
@@ -166,8 +167,8 @@ impl Conn {
         if fds.len() > 1 {
             return Err(HandoverError::Protocol(format!("{} descriptors on one message", fds.len())));
         }
-        let msg = serde_json::from_slice(&buf[..len])
-            .map_err(|e| HandoverError::Protocol(format!("bad message: {e}")))?;
+        let msg =
+            serde_json::from_slice(&buf[..len]).map_err(|e| HandoverError::Protocol(format!("bad message: {e}")))?;
         Ok((msg, fds.into_iter().next()))
     }
 }

@@ -22,6 +22,10 @@
 //!   verifying each chunk's echo before the next (a long-lived connection).
 //!   Prints one JSON [`ClientSummary`] line (with `--checksum`, the FNV-1a of
 //!   what each connection sent); exits 0 only if none failed.
+//! - `pod-app churn --to ADDR [--rate R] [--streams S] [--seconds T]`: R
+//!   short connections per second and S long, byte-verified streams for T
+//!   seconds against an echo server; prints one JSON
+//!   [`heddle_tests::churn::ChurnReport`] line.
 //!
 //! Plain threads and std sockets: the point is to behave like an ordinary
 //! application, with nothing mesh-aware in it. Large payloads are generated,
@@ -124,10 +128,36 @@ enum Cmd {
         #[arg(long)]
         checksum: bool,
     },
+    /// Short connections at a fixed rate plus long verified streams
+    /// (see `heddle_tests::churn`).
+    Churn {
+        /// Echo server address.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Short connections per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// Long streams at once.
+        #[arg(long, default_value_t = 20)]
+        streams: u32,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Churn { to, rate, streams, seconds } => {
+            let plan = heddle_tests::churn::ChurnPlan { to, rate, streams, duration: Duration::from_secs(seconds) };
+            let report = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(heddle_tests::churn::run(plan));
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Cmd::Echo { listen } => echo(listen),
         Cmd::Http { listen, name, delay_ms } => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -6,8 +6,8 @@ use std::{collections::BTreeSet, fs};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::load::{
-    assert_probe_served, container, daemonset_dir, env, env_field_ref, manifests, mount_of, pod_spec_of_daemonset,
-    port_number, repo_root, volume, NAMESPACE,
+    container, daemonset_dir, env, env_field_ref, manifests, mount_of, pod_spec_of_daemonset, port_number, repo_root,
+    volume, NAMESPACE,
 };
 
 #[test]
@@ -28,7 +28,11 @@ fn agent_runs_on_every_node_with_the_node_pids_and_network() {
     assert_eq!(spec.priority_class_name.as_deref(), Some("system-node-critical"));
     let update = ds.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
     assert_eq!(update.type_.as_deref(), Some("RollingUpdate"));
-    assert_eq!(update.rolling_update.as_ref().unwrap().max_unavailable, Some(IntOrString::Int(1)));
+    // Upgrades hand over (ARCHITECTURE.md, "Upgrades"): the new pod starts
+    // beside the old one, and no node is ever without a serving agent.
+    let rolling = update.rolling_update.as_ref().unwrap();
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
     let annotations =
         ds.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.clone().unwrap_or_default();
     assert_eq!(annotations.get("prometheus.io/scrape").map(String::as_str), Some("true"));
@@ -52,32 +56,55 @@ fn agent_runs_on_every_node_with_the_node_pids_and_network() {
 }
 
 #[test]
-fn agent_probes_hit_endpoints_the_agent_serves() {
+fn agent_probes_ask_the_pods_own_agent_process() {
     let m = manifests();
     let spec = pod_spec_of_daemonset(&m);
     let agent = container(spec, "agent");
-    let (port, path) = assert_probe_served(agent.liveness_probe.as_ref(), agent, "liveness");
-    assert_eq!((port, path.as_str()), (15020, "/healthz"));
-    // The first start waits for the initial lists and the trust bundle
-    // before the metrics server opens: the startup probe allows for that
-    // (and holds liveness off until then) on the same endpoint.
-    let startup = agent.startup_probe.as_ref();
-    let (port, path) = assert_probe_served(startup, agent, "startup");
-    assert_eq!((port, path.as_str()), (15020, "/healthz"));
-    let startup = startup.unwrap();
+    // Exec probes of the pod's own state file: during an upgrade the old and
+    // the new agent share the admin and metrics sockets, so an HTTP probe of
+    // the new pod could be answered by the old process.
+    let exec = |probe: Option<&k8s_openapi::api::core::v1::Probe>, what: &str| {
+        let probe = probe.unwrap_or_else(|| panic!("a {what} probe"));
+        assert!(probe.http_get.is_none() && probe.tcp_socket.is_none(), "{what} probe: exec, not a shared port");
+        probe.exec.as_ref().and_then(|e| e.command.clone()).unwrap_or_else(|| panic!("{what} probe command"))
+    };
+    let cmd = |what: &str| vec!["mesh-agent".to_owned(), "probe".to_owned(), what.to_owned()];
+    assert_eq!(exec(agent.liveness_probe.as_ref(), "liveness"), cmd("live"));
+    assert_eq!(exec(agent.startup_probe.as_ref(), "startup"), cmd("live"));
+    assert_eq!(exec(agent.readiness_probe.as_ref(), "readiness"), cmd("ready"));
+    // The first start waits for the initial lists and the trust bundle: the
+    // startup probe allows for that (and holds liveness off until then).
+    let startup = agent.startup_probe.as_ref().unwrap();
     assert_eq!((startup.period_seconds, startup.failure_threshold), (Some(5), Some(60)), "startup probe: 60 x 5 s");
-    let (port, path) = assert_probe_served(agent.readiness_probe.as_ref(), agent, "readiness");
-    // /ready turns 200 once the programs are attached and the pods reconciled.
-    assert_eq!(path, "/ready");
-    if port == 15000 {
-        // The admin API is on the node's loopback only: reachable by the
-        // kubelet's probe because the agent shares the node's network.
-        let get = agent.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
-        assert_eq!(get.host.as_deref(), Some("127.0.0.1"));
-        assert_eq!(spec.host_network, Some(true));
-    }
-    // The metrics port is declared (with hostNetwork it is a hostPort too).
-    assert!(agent.ports.iter().flatten().any(|p| p.container_port == 15020));
+    // `mesh-agent probe` reads HEDDLE_STATE_FILE, which `run` keeps current,
+    // in a volume of this pod only.
+    let state = env(agent).get("HEDDLE_STATE_FILE").cloned().flatten().expect("HEDDLE_STATE_FILE");
+    let (vol, _) = mount_of(spec, agent, &state);
+    assert!(vol.empty_dir.is_some(), "the state file is the pod's own (emptyDir), got {vol:?}");
+    let main = fs::read_to_string(repo_root().join("mesh-agent/src/main.rs")).unwrap();
+    assert!(
+        main.contains("env = \"HEDDLE_STATE_FILE\"") && main.contains("Probe {"),
+        "mesh-agent has probe and --state-file"
+    );
+    // No declared port: with hostNetwork it would be a hostPort, which two
+    // pods of the DaemonSet cannot share on a node (a surge upgrade).
+    assert!(agent.ports.as_ref().is_none_or(Vec::is_empty), "declared ports block maxSurge: {:?}", agent.ports);
+}
+
+#[test]
+fn agent_pods_of_a_rollout_meet_at_the_handover_socket_and_drain_within_the_grace_period() {
+    let m = manifests();
+    let spec = pod_spec_of_daemonset(&m);
+    let agent = container(spec, "agent");
+    // The default socket is /run/heddle/NODE/handover.sock: on the node, so
+    // the old and the new pod both reach it.
+    let (vol, _) = mount_of(spec, agent, "/run/heddle/node-1");
+    assert_eq!(vol.host_path.as_ref().map(|h| h.path.as_str()), Some("/run/heddle"), "got {vol:?}");
+    let main = fs::read_to_string(repo_root().join("mesh-agent/src/main.rs")).unwrap();
+    assert!(main.contains("PathBuf::from(\"/run/heddle\").join(&node).join(\"handover.sock\")"));
+    let drain: i64 = env(agent).get("HEDDLE_HANDOVER_DRAIN_SECONDS").cloned().flatten().unwrap().parse().unwrap();
+    let grace = spec.termination_grace_period_seconds.unwrap();
+    assert!(grace > drain, "the old agent is killed before its drain ends: grace {grace} s, drain {drain} s");
 }
 
 #[test]
