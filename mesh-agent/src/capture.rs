@@ -345,8 +345,8 @@ impl Capture {
     /// stays pinned. Its new connections then fail closed exactly as after
     /// a crash (outbound: refused at the closed `15001`; inbound:
     /// `lookup_refused_no_listener`, since the kernel drops a closed
-    /// listener from the socket hash) until the next agent detaches the
-    /// stale links and enrolls it again. Returns how many pods were left so.
+    /// listener from the socket hash) until the next agent adopts the links
+    /// and enrolls it again. Returns how many pods were left so.
     pub fn release(&mut self) -> usize {
         let pods = std::mem::take(&mut self.enrolled);
         for (id, e) in &pods {

@@ -29,19 +29,24 @@ use heddle_tests::{Agent, ClientSpec};
 const RATE: u32 = 500;
 /// Long streams.
 const STREAMS: u32 = 20;
-/// Seconds of load: long enough for six upgrades and their drains.
-const SECONDS: u64 = 48;
+/// Seconds of load: long enough for six upgrades and their drains, and short
+/// enough to stay within what one source address can open to one server
+/// port at this rate: with 60 s of TIME_WAIT and ~28,000 ephemeral ports a
+/// (source, destination) pair sustains ~470 new connections/s, and beyond
+/// about 15,000 connections the test bed's path stalls even without any
+/// upgrade (see the closing note of the reliability issue).
+const SECONDS: u64 = 22;
 /// The agents' drain deadline after a handover.
-const DRAIN_SECONDS: u64 = 3;
+const DRAIN_SECONDS: u64 = 2;
 /// Pause between upgrades.
-const BETWEEN: Duration = Duration::from_secs(4);
+const BETWEEN: Duration = Duration::from_secs(2);
 
 #[test]
 fn agents_upgraded_three_times_under_load_fail_no_connection_and_corrupt_no_byte() {
     if !environment_ready() {
         return;
     }
-    let options = Options { agent_args: &["--handover-drain-seconds", "3"], ..Options::mtls() };
+    let options = Options { agent_args: &["--handover-drain-seconds", "2"], ..Options::mtls() };
     run_e2e("upgrade", options, |c| {
         let to = c.server.addr(ECHO_PORT);
         expect_delivered(&c.client, &ClientSpec::to(to))?;

@@ -108,6 +108,13 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The churn soak (release build): minutes of new connections, long
+    /// streams, enrollment and policy changes; resources over time.
+    Soak {
+        /// More arguments for the soak binary (`-- --minutes 2`, `-- --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Regenerate daemonset/'s generated manifests (the CRD) from the Rust types.
     Manifests {
         /// Change nothing; fail if a generated manifest is out of date.
@@ -166,6 +173,12 @@ fn main() -> anyhow::Result<()> {
                 cmd.arg("--ztunnel").arg(z);
             }
             run(cmd.args(&args).env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
+        }
+        Cmd::Soak { args } => {
+            let tc = setup()?;
+            build(&root, &tc, true)?;
+            let bin = root.join("target/release");
+            run(Command::new(bin.join("soak")).args(&args).env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
         }
         Cmd::Manifests { check } => {
             let tc = setup()?;
