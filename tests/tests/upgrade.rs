@@ -31,7 +31,7 @@ const RATE: u32 = 500;
 const STREAMS: u32 = 20;
 /// Seconds of load: long enough for six upgrades and their drains, and short
 /// enough to stay within what one source address can open to one server
-/// port at this rate: with 60 s of TIME_WAIT and ~28,000 ephemeral ports a
+/// port at this rate: with 60 s of `TIME_WAIT` and ~28,000 ephemeral ports a
 /// (source, destination) pair sustains ~470 new connections/s, and beyond
 /// about 15,000 connections the test bed's path stalls even without any
 /// upgrade (see the closing note of the reliability issue).

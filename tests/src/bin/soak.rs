@@ -46,7 +46,7 @@ const ECHO_PORT: u16 = 9000;
 /// Two policy sets that both admit the load: changing between them makes
 /// every agent recompile and re-evaluate, and changes no verdict.
 fn policies(turn: u64) -> String {
-    let rules = if turn % 2 == 0 {
+    let rules = if turn.is_multiple_of(2) {
         "  rules:\n  - from: [{source: {namespaces: [\"demo\"]}}]\n".to_owned()
     } else {
         format!("  rules:\n  - to: [{{operation: {{ports: [\"{ECHO_PORT}\"]}}}}]\n")
@@ -84,13 +84,13 @@ fn sample(agent: &Agent) -> Result<Sample> {
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     // SAFETY: sysconf has no preconditions.
     let hz = f64::from(u32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100));
-    let stats = agent.stats()?;
+    let counters = agent.stats()?;
     let dp = agent.datapath()?;
     Ok(Sample {
         rss_mib: rss_kib / 1024.0,
-        fds: stats.open_fds,
+        fds: counters.open_fds,
         cpu_s: ticks / hz,
-        active: stats.active_connections,
+        active: counters.active_connections,
         orig_dst: dp.map_entries("HEDDLE_ORIG_DST"),
         pending: dp.map_entries("HEDDLE_PENDING"),
         enrolled: dp.map_entries("HEDDLE_ENROLLED"),
@@ -137,13 +137,13 @@ fn main() -> Result<()> {
                 Err(e) => change_errors.push(format!("t={tick}s {}: {e}", churn[i].qualified_name())),
             }
         }
-        if tick % 10 == 0 {
+        if tick.is_multiple_of(10) {
             match tb.set_policies(&policies(tick / 10)) {
                 Ok(_) => policy_changes += 1,
                 Err(e) => change_errors.push(format!("t={tick}s policies: {e}")),
             }
         }
-        if tick % args.sample_seconds == 0 {
+        if tick.is_multiple_of(args.sample_seconds.max(1)) {
             series.push((tick, agents.iter().map(sample).collect::<Result<_>>()?));
             let s = &series.last().expect("just pushed").1;
             eprintln!(
@@ -178,6 +178,7 @@ fn finish(load: &mut heddle_tests::Process, seconds: u64) -> Result<ChurnReport>
 }
 
 /// Mean of `f` over the samples taken in `[from, to)` seconds.
+#[allow(clippy::cast_precision_loss)] // a few hundred samples
 fn mean(series: &[(u64, Vec<Sample>)], agent: usize, from: u64, to: u64, f: impl Fn(&Sample) -> f64) -> f64 {
     let picked: Vec<f64> = series.iter().filter(|(t, _)| *t >= from && *t < to).map(|(_, s)| f(&s[agent])).collect();
     if picked.is_empty() {
@@ -200,12 +201,24 @@ fn render(
     let mut out = String::new();
     let end = series.last().map_or(0, |(t, _)| *t);
     let _ = writeln!(out, "\n== soak: {} min at {} new connections/s ==", args.minutes, args.rate);
-    let _ = writeln!(out, "{:>6}  {:>28}  {:>28}", "t (s)", "node-a rss MiB / fds / active", "node-b rss MiB / fds / active");
+    let _ = writeln!(
+        out,
+        "{:>6}  {:>28}  {:>28}",
+        "t (s)", "node-a rss MiB / fds / active", "node-b rss MiB / fds / active"
+    );
     for (t, s) in series {
         let _ = writeln!(
             out,
             "{t:>6}  {:>12.1} / {:>5} / {:>5}  {:>12.1} / {:>5} / {:>5}   orig_dst {} pending {} enrolled {}",
-            s[0].rss_mib, s[0].fds, s[0].active, s[1].rss_mib, s[1].fds, s[1].active, s[0].orig_dst, s[0].pending, s[0].enrolled
+            s[0].rss_mib,
+            s[0].fds,
+            s[0].active,
+            s[1].rss_mib,
+            s[1].fds,
+            s[1].active,
+            s[0].orig_dst,
+            s[0].pending,
+            s[0].enrolled
         );
     }
     for (i, node) in ["node-a", "node-b"].iter().enumerate() {
