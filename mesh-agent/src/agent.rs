@@ -296,8 +296,9 @@ pub(crate) async fn start_mesh(
     Ok(Some(mesh))
 }
 
-/// Time to obtain the certificates of the pods taken over before serving.
-const TAKEOVER_CERT_WAIT: Duration = Duration::from_secs(15);
+/// Time to obtain the certificates of the pods taken over before serving,
+/// all together (well inside the incumbent's wait for `Ready`).
+const TAKEOVER_CERT_WAIT: Duration = Duration::from_secs(20);
 
 /// Runs the agent until SIGTERM/SIGINT, or until it has handed over to a
 /// successor and drained.
@@ -382,8 +383,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(node = %settings.node, admin = %settings.admin_addr, metrics = %settings.metrics_addr, "agent ready");
     if let Some(t) = takeover {
-        finish_takeover(t).await;
+        // Serving beside an incumbent that did not let go would leave two
+        // agents in charge of the same pins: better not to serve at all.
+        finish_takeover(t).await?;
     }
+    // Only once the previous agent has let go: what it left unused.
+    capture.lock().expect("capture lock").sweep();
     state.set(Phase::Ready);
     let offer = AgentOffer { capture: capture.clone(), node_listeners };
     let (incumbent, mut releases) = serve_handover(&settings.handover_socket, Arc::new(offer));
@@ -460,12 +465,12 @@ fn serve_handover(
 }
 
 /// Enrolls this node's pods for the first time, with the listeners taken
-/// over where there are, then clears what a previous agent left unused.
+/// over where there are ([`Capture::sweep`] follows once any previous agent
+/// has let go).
 fn first_enrollment(capture: &Mutex<Capture>, inherited: Inventory, registry: &Registry) {
     let mut capture = capture.lock().expect("capture lock");
     capture.inherit(inherited);
     capture.reconcile(registry);
-    capture.sweep();
 }
 
 /// The admin or metrics listener: the one taken over, or a new one.
@@ -529,19 +534,19 @@ async fn take_over(socket: &std::path::Path) -> anyhow::Result<(Inventory, Optio
     })
 }
 
-/// Tells the previous agent this one serves now.
-async fn finish_takeover(takeover: Takeover) {
+/// Tells the previous agent this one serves now; fails if it does not
+/// confirm that it stopped accepting.
+async fn finish_takeover(takeover: Takeover) -> anyhow::Result<()> {
     let incumbent = takeover.incumbent;
-    match tokio::task::spawn_blocking(move || takeover.finish()).await {
-        Ok(Ok(draining)) => {
-            tracing::info!(incumbent, draining, "took over: the previous agent stopped accepting and drains");
-        }
-        Ok(Err(e)) => tracing::warn!(incumbent, error = %e, "the previous agent did not confirm the handover"),
-        Err(e) => tracing::warn!(incumbent, error = %e, "handover task failed"),
-    }
+    let draining = tokio::task::spawn_blocking(move || takeover.finish())
+        .await?
+        .with_context(|| format!("the previous agent (pid {incumbent}) did not confirm the handover"))?;
+    tracing::info!(incumbent, draining, "took over: the previous agent stopped accepting and drains");
+    Ok(())
 }
 
-/// Waits (bounded) for the certificates of this node's enrolled pods.
+/// Waits (bounded, all together) for the certificates of this node's
+/// enrolled pods.
 async fn certificates_for(mesh: &Arc<Mesh>, registry: &Registry, node: &str) {
     let ids: std::collections::HashSet<_> = registry
         .on_node(node)
@@ -551,8 +556,10 @@ async fn certificates_for(mesh: &Arc<Mesh>, registry: &Registry, node: &str) {
     for id in &ids {
         mesh.certs.ensure(id);
     }
+    let deadline = tokio::time::Instant::now() + TAKEOVER_CERT_WAIT;
     for id in &ids {
-        if let Err(e) = mesh.certs.get(id, TAKEOVER_CERT_WAIT).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let Err(e) = mesh.certs.get(id, left).await {
             tracing::warn!(identity = %id, error = %e, "no certificate yet for a pod taken over");
         }
     }

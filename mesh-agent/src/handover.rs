@@ -20,7 +20,10 @@
 //!    `END_STREAM`, not a reset).
 //!
 //! If the successor goes away before `Ready`, the incumbent thaws and goes
-//! on as if nothing happened. See ARCHITECTURE.md, "Upgrades".
+//! on serving (on the successor's programs, which it put into the shared
+//! links: same maps, same layout; the successor sweeps nothing before it is
+//! released). A successor whose `Ready` is not answered exits instead of
+//! serving beside a thawed incumbent. See ARCHITECTURE.md, "Upgrades".
 
 pub mod wire;
 
@@ -248,6 +251,14 @@ fn accept_successors(listener: &socket2::Socket, offer: &dyn Offer, release: &mp
 }
 
 fn hand_over(conn: &Conn, offer: &dyn Offer, release: &mpsc::Sender<Release>) -> Result<usize, HandoverError> {
+    // Only this agent's own user may take its listeners (the socket's mode
+    // says so too; this holds even if the file's mode were changed).
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let peer = conn.peer_uid()?;
+    if peer != me {
+        return Err(HandoverError::Protocol(format!("peer uid {peer} is not this agent's uid {me}")));
+    }
     let pid = match conn.recv()?.0 {
         Message::Hello { version: VERSION, pid } => pid,
         Message::Hello { version, .. } => {

@@ -93,7 +93,9 @@ impl StateFile {
 
     fn write(&self) -> std::io::Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
-        let content = Content { phase: *self.phase.lock().expect("phase lock"), pid: std::process::id(), at: now() };
+        // Held for the whole write: the heartbeat and `set` share the temp name.
+        let phase = self.phase.lock().expect("phase lock");
+        let content = Content { phase: *phase, pid: std::process::id(), at: now() };
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec(&content).expect("serializes"))?;
         std::fs::rename(&tmp, path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))

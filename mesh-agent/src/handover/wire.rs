@@ -109,6 +109,13 @@ impl Conn {
         Self::from_socket(socket, timeout).map(Some)
     }
 
+    /// The user id of the process at the other end.
+    pub fn peer_uid(&self) -> Result<u32, HandoverError> {
+        nix::sys::socket::getsockopt(&self.socket, nix::sys::socket::sockopt::PeerCredentials)
+            .map(|c| c.uid())
+            .map_err(errno("SO_PEERCRED"))
+    }
+
     /// Wraps an accepted connection.
     pub fn from_socket(socket: Socket, timeout: Duration) -> Result<Self, HandoverError> {
         socket.set_read_timeout(Some(timeout)).map_err(io("SO_RCVTIMEO"))?;
@@ -127,8 +134,13 @@ impl Conn {
         let iov = [IoSlice::new(&body)];
         let fds = fd.map(|f| [f]);
         let cmsgs: Vec<ControlMessage<'_>> = fds.as_ref().map(|f| ControlMessage::ScmRights(f)).into_iter().collect();
-        let sent = sendmsg::<UnixAddr>(self.socket.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
-            .map_err(errno("sendmsg"))?;
+        let sent = loop {
+            match sendmsg::<UnixAddr>(self.socket.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+                // A signal: sockets with a timeout are not restarted.
+                Err(nix::errno::Errno::EINTR) => {}
+                other => break other.map_err(errno("sendmsg"))?,
+            }
+        };
         if sent != body.len() {
             return Err(HandoverError::Protocol(format!("short send: {sent} of {} bytes", body.len())));
         }
@@ -142,12 +154,17 @@ impl Conn {
         let mut cmsg = nix::cmsg_space!([RawFd; 4]);
         let (len, fds) = {
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg =
-                recvmsg::<UnixAddr>(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-                    .map_err(|e| match e {
-                        nix::errno::Errno::EAGAIN => HandoverError::Timeout,
-                        e => HandoverError::Io { what: "recvmsg", source: e.into() },
-                    })?;
+            let msg = loop {
+                let got =
+                    recvmsg::<UnixAddr>(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC);
+                match got {
+                    // A signal: sockets with a timeout are not restarted.
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(nix::errno::Errno::EAGAIN) => return Err(HandoverError::Timeout),
+                    Err(e) => return Err(HandoverError::Io { what: "recvmsg", source: e.into() }),
+                    Ok(msg) => break msg,
+                }
+            };
             let mut fds = Vec::new();
             for c in msg.cmsgs().map_err(errno("control message"))? {
                 if let ControlMessageOwned::ScmRights(got) = c {
@@ -175,15 +192,22 @@ impl Conn {
 
 /// Binds a listening handover socket at `path` without a moment in which
 /// the path is missing: bound at a temporary name, then renamed over `path`
-/// (which replaces a predecessor's socket file, or a stale one).
+/// (which replaces a predecessor's socket file, or a stale one). The
+/// directory is made `0700` and the socket `0600`: only this user can
+/// connect (and the incumbent also checks the peer's uid).
 pub fn publish(path: &Path) -> Result<Socket, HandoverError> {
+    use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io("creating the handover directory"))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("restricting the handover directory"))?;
     }
     let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let socket = Socket::new(Domain::UNIX, Type::SEQPACKET.cloexec(), None).map_err(io("socket"))?;
     socket.bind(&SockAddr::unix(&tmp).map_err(io("socket path"))?).map_err(io("bind"))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("restricting the handover socket"))?;
     socket.listen(4).map_err(io("listen"))?;
     std::fs::rename(&tmp, path).map_err(io("publishing the handover socket"))?;
     Ok(socket)
