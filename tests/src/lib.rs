@@ -51,6 +51,7 @@ pub mod httpapp;
 pub mod kube_ca;
 pub mod network;
 pub mod podapp;
+pub mod procfs;
 pub mod report;
 pub mod spec;
 pub mod teardown;

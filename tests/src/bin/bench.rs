@@ -574,16 +574,7 @@ fn cpu_seconds(agent: &Agent) -> Result<f64> {
 }
 
 fn pid_cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces): utime is
-    // field 14 and stime field 15 of the whole line.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = f64::from(u32::try_from(hz).unwrap_or(100));
-    Ok(ticks / hz)
+    Ok(heddle_tests::procfs::cpu_seconds(pid)?)
 }
 
 fn peak_rss_mib(agent: &Agent) -> Result<f64> {
@@ -591,14 +582,7 @@ fn peak_rss_mib(agent: &Agent) -> Result<f64> {
 }
 
 fn pid_peak_rss_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("no VmHWM")?
-        .parse()?;
-    Ok(kib / 1024.0)
+    Ok(heddle_tests::procfs::status_mib(pid, "VmHWM")?)
 }
 
 impl Figures {

@@ -71,25 +71,12 @@ struct Sample {
 
 fn sample(agent: &Agent) -> Result<Sample> {
     let pid = agent.pid().context("agent not running")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("no VmRSS")?
-        .parse()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = f64::from(u32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100));
     let counters = agent.stats()?;
     let dp = agent.datapath()?;
     Ok(Sample {
-        rss_mib: rss_kib / 1024.0,
+        rss_mib: heddle_tests::procfs::status_mib(pid, "VmRSS")?,
         fds: counters.open_fds,
-        cpu_s: ticks / hz,
+        cpu_s: heddle_tests::procfs::cpu_seconds(pid)?,
         active: counters.active_connections,
         orig_dst: dp.map_entries("HEDDLE_ORIG_DST"),
         pending: dp.map_entries("HEDDLE_PENDING"),
