@@ -40,7 +40,7 @@ use crate::{
     handover::{Inventory, Offered, Role},
     identity::SpiffeId,
     netns::{Netns, NetnsError},
-    proxy::{self, sockets::SocketError, Pod, ProxyContext},
+    proxy::{self, local_ports::LocalPorts, sockets::SocketError, Pod, ProxyContext},
     registry::{ObjectRef, Registry, Workload},
 };
 
@@ -280,8 +280,14 @@ impl Capture {
         let ns_file =
             File::open(&want.netns).map_err(|source| NetnsError::Open { path: want.netns.clone(), source })?;
         let link = self.datapath().attach_netns(ns_file.as_fd(), &want.netns, cookie)?;
-        let pod =
-            Arc::new(Pod { id: id.clone(), netns, cookie, ips: want.ips.clone(), identity: want.identity.clone() });
+        let pod = Arc::new(Pod {
+            id: id.clone(),
+            local_ports: LocalPorts::read_in(&netns),
+            netns,
+            cookie,
+            ips: want.ips.clone(),
+            identity: want.identity.clone(),
+        });
         let mut enrolled = Enrolled {
             desired: want.clone(),
             pod: pod.clone(),

@@ -12,6 +12,7 @@
 pub mod h2splice;
 pub mod hbone;
 pub mod inbound;
+pub mod local_ports;
 pub mod outbound;
 pub mod sockets;
 pub mod splice;
@@ -68,6 +69,24 @@ pub struct Pod {
     pub ips: Vec<std::net::IpAddr>,
     /// Its identity.
     pub identity: crate::identity::SpiffeId,
+    /// Source ports for deliveries to its own addresses.
+    pub local_ports: local_ports::LocalPorts,
+}
+
+impl Pod {
+    /// Connects to `addr` for the pod: from the port pool when `addr` is
+    /// one of the pod's own addresses (a delivery to the application),
+    /// from a kernel-chosen port otherwise.
+    ///
+    /// # Errors
+    /// As [`sockets::connect_in`].
+    pub async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, sockets::SocketError> {
+        if self.ips.contains(&addr.ip()) {
+            self.local_ports.connect(&self.netns, addr).await
+        } else {
+            sockets::connect_in(&self.netns, addr).await
+        }
+    }
 }
 
 /// Authorizes a connection to an enrolled pod: the decision's mark goes

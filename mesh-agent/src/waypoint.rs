@@ -165,7 +165,8 @@ fn own_pod(registry: &Registry, settings: &Settings, home: &Arc<std::fs::File>) 
     );
     let netns = Netns::open(std::path::Path::new("/proc/self/ns/net"), home.clone())?;
     let ips: Vec<IpAddr> = w.ips.clone();
-    Ok((Pod { id, netns, cookie: 0, ips, identity: w.identity.clone() }, w.identity.clone()))
+    let local_ports = crate::proxy::local_ports::LocalPorts::read_in(&netns);
+    Ok((Pod { id, netns, cookie: 0, ips, identity: w.identity.clone(), local_ports }, w.identity.clone()))
 }
 
 /// Runs the waypoint until SIGTERM/SIGINT.

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     accept_loop, authorize,
-    sockets::{connect_in, reset},
+    sockets::reset,
     splice::splice_until,
     tcp_health::{FlowHealth, TcpProbe},
     Pod, ProxyContext,
@@ -78,7 +78,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         Some(admitted)
     };
     let started = Instant::now();
-    let upstream = match connect_in(&pod.netns, orig).await {
+    let upstream = match pod.connect(orig).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(pod = %pod.id, dst = %orig, error = %e, "application connect failed");

@@ -70,6 +70,20 @@ pub fn listen_in(netns: &Netns, addr: SocketAddr) -> Result<TcpListener, SocketE
 
 /// Connects to `addr` from inside `netns`, with the agent's mark.
 pub async fn connect_in(netns: &Netns, addr: SocketAddr) -> Result<TcpStream, SocketError> {
+    finish_connect(upstream_socket(netns, addr)?, addr).await
+}
+
+/// Connects to `addr` from `local`, bound explicitly with `SO_REUSEADDR`
+/// (see [`super::local_ports`]), from inside `netns`, with the agent's mark.
+pub async fn connect_from(netns: &Netns, local: SocketAddr, addr: SocketAddr) -> Result<TcpStream, SocketError> {
+    let socket = upstream_socket(netns, addr)?;
+    socket.set_reuse_address(true).map_err(|source| SocketError::Io { op: "setsockopt SO_REUSEADDR", addr, source })?;
+    socket.bind(&local.into()).map_err(|source| SocketError::Io { op: "bind", addr: local, source })?;
+    finish_connect(socket, addr).await
+}
+
+/// A non-blocking TCP socket made in `netns`, marked as the agent's.
+fn upstream_socket(netns: &Netns, addr: SocketAddr) -> Result<Socket, SocketError> {
     let io_err = |op| move |source| SocketError::Io { op, addr, source };
     let socket = netns
         .run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))?
@@ -77,9 +91,13 @@ pub async fn connect_in(netns: &Netns, addr: SocketAddr) -> Result<TcpStream, So
     socket.set_mark(AGENT_MARK).map_err(io_err("setsockopt SO_MARK"))?;
     socket.set_nonblocking(true).map_err(io_err("setsockopt"))?;
     socket.set_tcp_nodelay(true).map_err(io_err("setsockopt"))?;
+    Ok(socket)
+}
+
+async fn finish_connect(socket: Socket, addr: SocketAddr) -> Result<TcpStream, SocketError> {
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
-        Ok(r) => r.map_err(io_err("connect")),
+        Ok(r) => r.map_err(|source| SocketError::Io { op: "connect", addr, source }),
         Err(_) => Err(SocketError::Timeout { addr }),
     }
 }

@@ -36,7 +36,6 @@ use super::{
     accept_loop, authorize,
     h2splice::{self, H2Stream},
     hbone::{Mesh, CONN_WINDOW, MAX_FRAME, REASON_HEADER, STREAM_WINDOW},
-    sockets::connect_in,
     splice::Spliced,
     tcp_health::{FlowHealth, TcpProbe},
     Pod, ProxyContext,
@@ -234,7 +233,7 @@ async fn serve_stream(
     };
     let target = info.dst.expect("set by check_stream");
     let started = Instant::now();
-    let upstream = match connect_in(&pod.netns, target).await {
+    let upstream = match pod.connect(target).await {
         Ok(s) => s,
         Err(e) => {
             ctx.flows.failed(conn, &info, e.to_string());
