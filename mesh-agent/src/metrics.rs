@@ -118,6 +118,49 @@ impl HandshakeSide {
     }
 }
 
+/// Why a pod's tunnel port (15008) turned a connection or a stream away,
+/// as the `reason` label of `heddle_tunnel_refusals_total`: a fixed set,
+/// so hostile input cannot add series.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TunnelRefusal {
+    /// The TLS handshake failed (not TLS, no or bad client certificate,
+    /// no common ALPN protocol).
+    TlsHandshake,
+    /// The client did not finish the TLS handshake in time (idle or
+    /// slowloris connections).
+    TlsHandshakeTimeout,
+    /// No mesh workload owns the source address.
+    UnknownSource,
+    /// The client certificate is not the source workload's identity.
+    PeerIdentity,
+    /// TLS held, but the client did not speak HTTP/2.
+    Http2Handshake,
+    /// A stream that is not `CONNECT`, or whose target is malformed or not
+    /// this pod's.
+    BadRequest,
+    /// Authorization policy denied the stream.
+    Denied,
+    /// The application could not be reached.
+    Upstream,
+}
+
+impl TunnelRefusal {
+    /// The label value.
+    #[must_use]
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::TlsHandshake => "tls_handshake",
+            Self::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Self::UnknownSource => "unknown_source",
+            Self::PeerIdentity => "peer_identity",
+            Self::Http2Handshake => "http2_handshake",
+            Self::BadRequest => "bad_request",
+            Self::Denied => "denied",
+            Self::Upstream => "upstream",
+        }
+    }
+}
+
 /// Buckets of the duration histogram, in seconds: 1 ms to ~17 min.
 const DURATION_BUCKETS: [f64; 14] =
     [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1000.0];
@@ -252,6 +295,7 @@ pub struct ConnMetrics {
     rtt: HistogramVec,
     connect: HistogramVec,
     handshake: HistogramVec,
+    refusals: IntCounterVec,
 }
 
 impl ConnMetrics {
@@ -295,7 +339,16 @@ impl ConnMetrics {
             &LATENCY_BUCKETS,
             &["side"],
         )?;
+        let refusals = IntCounterVec::new(
+            Opts::new(
+                "heddle_tunnel_refusals_total",
+                "Connections and streams the tunnel port (15008) turned away, by reason (tls_handshake, tls_handshake_timeout, unknown_source, peer_identity, http2_handshake, bad_request, denied, upstream).",
+            ),
+            &["reason"],
+        )?;
+        prom.register(Box::new(refusals.clone()))?;
         Ok(Self {
+            refusals,
             rtt,
             connect,
             handshake,
@@ -366,6 +419,11 @@ impl ConnMetrics {
         if let Some(rtt) = info.tcp.rtt_us {
             self.rtt.with_label_values(&l.duration_values()).observe(f64::from(rtt) / 1e6);
         }
+    }
+
+    /// The tunnel port turned a connection or stream away.
+    pub fn tunnel_refused(&self, why: TunnelRefusal) {
+        self.refusals.with_label_values(&[why.reason()]).inc();
     }
 
     /// A connection could not be forwarded.

@@ -46,6 +46,20 @@ const CLOSED_PORT: u16 = 9999;
 /// The body of the HTTP tests.
 const BODY: &str = "hello through the tunnel\n";
 
+/// `heddle_tunnel_refusals_total{reason}` on `agent`'s metrics port.
+fn tunnel_refusals(agent: &Agent, reason: &str) -> Result<f64> {
+    let scrape = agent.metrics()?;
+    Ok(scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "heddle_tunnel_refusals_total" && s.labels.get("reason") == Some(reason))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(x) | prometheus_parse::Value::Untyped(x) => x,
+            _ => f64::NAN,
+        })
+        .sum())
+}
+
 /// [`run_e2e`], after making sure `tools` are installed (failing, and
 /// naming the Debian package, if one cannot be had).
 fn run_tunnel(name: &str, options: Options, tools: &[Tool], body: impl FnOnce(&Cluster) -> Result<()>) {
@@ -294,6 +308,11 @@ fn garbage_sent_to_the_tunnel_port_is_closed_and_recorded_and_the_agent_keeps_se
         ensure!(garbage.failed == 1, "garbage on the tunnel port was echoed: {garbage}");
         ensure!(start.elapsed() < Duration::from_secs(5), "closing took {:?}", start.elapsed());
         expect_tunnel_error(&c.agent_b, &c.server, &c.other, "tunnel TLS handshake failed", 1)?;
+        let refusals = tunnel_refusals(&c.agent_b, "tls_handshake")?;
+        ensure!(
+            (refusals - 1.0).abs() < 0.5,
+            "heddle_tunnel_refusals_total{{reason=\"tls_handshake\"}} is {refusals}, want 1"
+        );
         ensure!(c.agent_b.is_running(), "node-b's agent died");
         let to = c.server.addr(ECHO_PORT);
         expect_delivered(&c.client, &ClientSpec::to(to).conns(3))?;

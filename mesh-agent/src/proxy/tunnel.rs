@@ -44,7 +44,7 @@ use crate::{
     authz::{Admitted, ConnFacts, Denial, LiveConn},
     flows::{ConnInfo, Direction, Security},
     identity::{tls, SpiffeId},
-    metrics::HandshakeSide,
+    metrics::{HandshakeSide, TunnelRefusal},
 };
 
 /// Time allowed for a client to finish the TLS handshake.
@@ -86,8 +86,9 @@ async fn serve_connection(
     info.src = Some(peer);
     info.security = Security::MutualTls;
     info.dst_identity = Some(pod.identity.name());
-    let fail = |info: &ConnInfo, msg: String| {
+    let fail = |info: &ConnInfo, why: TunnelRefusal, msg: String| {
         tracing::info!(pod = %pod.id, %peer, error = %msg, "tunnel connection refused");
+        refused(&ctx, why);
         ctx.flows.failed(ctx.flows.conn_id(), info, msg);
     };
     let probe = TcpProbe::of(&tcp).map(Arc::new);
@@ -99,16 +100,20 @@ async fn serve_connection(
             }
             tls
         }
-        Ok(Err(e)) => return fail(&info, format!("tunnel TLS handshake failed: {e}")),
-        Err(_) => return fail(&info, "tunnel TLS handshake timed out".into()),
+        Ok(Err(e)) => return fail(&info, TunnelRefusal::TlsHandshake, format!("tunnel TLS handshake failed: {e}")),
+        Err(_) => return fail(&info, TunnelRefusal::TlsHandshakeTimeout, "tunnel TLS handshake timed out".into()),
     };
     let expected = ctx.registry.borrow().workload_by_ip(peer.ip()).map(|w| w.identity.clone());
     let Some(expected) = expected else {
-        return fail(&info, format!("no mesh workload owns source address {}", peer.ip()));
+        return fail(
+            &info,
+            TunnelRefusal::UnknownSource,
+            format!("no mesh workload owns source address {}", peer.ip()),
+        );
     };
     let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&expected)) {
         Ok(id) => id,
-        Err(e) => return fail(&info, format!("tunnel client rejected: {e}")),
+        Err(e) => return fail(&info, TunnelRefusal::PeerIdentity, format!("tunnel client rejected: {e}")),
     };
     info.src_identity = Some(peer_id.name());
     info.peer_cert_serial =
@@ -123,7 +128,7 @@ async fn serve_connection(
         .await;
     let mut h2 = match handshake {
         Ok(c) => c,
-        Err(e) => return fail(&info, format!("tunnel HTTP/2 handshake failed: {e}")),
+        Err(e) => return fail(&info, TunnelRefusal::Http2Handshake, format!("tunnel HTTP/2 handshake failed: {e}")),
     };
     // `accept` also drives the connection's I/O for every open stream. When
     // the agent starts draining (a handover, or exit), GOAWAY tells the
@@ -236,6 +241,7 @@ async fn serve_stream(
     let upstream = match pod.connect(target).await {
         Ok(s) => s,
         Err(e) => {
+            refused(ctx, TunnelRefusal::Upstream);
             ctx.flows.failed(conn, &info, e.to_string());
             let _ = respond.send_response(refuse(StatusCode::SERVICE_UNAVAILABLE, e.reason()), true);
             return;
@@ -278,6 +284,7 @@ fn check_stream(
     peer_id: &SpiffeId,
 ) -> Result<Admitted, (StatusCode, String)> {
     if req.method() != Method::CONNECT {
+        refused(ctx, TunnelRefusal::BadRequest);
         let error = format!("tunnel request {} is not CONNECT", req.method());
         ctx.flows.failed(conn, info, error);
         return Err((StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served".into()));
@@ -288,6 +295,7 @@ fn check_stream(
             if let Refusal::NotLocal(t) = &refusal {
                 info.orig_dst = Some(*t);
             }
+            refused(ctx, TunnelRefusal::BadRequest);
             ctx.flows.failed(conn, info, refusal.to_string());
             return Err((StatusCode::BAD_REQUEST, refusal.reason().into()));
         }
@@ -296,7 +304,17 @@ fn check_stream(
     info.dst = Some(target);
     let src = info.src.map_or(target.ip(), |s| s.ip());
     let facts = ConnFacts::tunnelled(pod.id.clone(), target, src, peer_id);
-    authorize(ctx, conn, facts, info).map_err(|text| (StatusCode::FORBIDDEN, text))
+    authorize(ctx, conn, facts, info).map_err(|text| {
+        refused(ctx, TunnelRefusal::Denied);
+        (StatusCode::FORBIDDEN, text)
+    })
+}
+
+/// Counts a refusal in `heddle_tunnel_refusals_total`.
+fn refused(ctx: &ProxyContext, why: TunnelRefusal) {
+    if let Some(m) = ctx.flows.metrics() {
+        m.tunnel_refused(why);
+    }
 }
 
 /// [`h2splice::splice`], unless `live` is revoked first: then the
