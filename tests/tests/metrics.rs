@@ -13,6 +13,7 @@ mod common;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context, Result};
+use common::scrape::{number, sample, value};
 use common::{expect_delivered, run_e2e, wait_finished, Cluster, Options, ECHO_PORT};
 use heddle_tests::admin::maps;
 use heddle_tests::{Agent, ClientSpec, Direction};
@@ -126,38 +127,7 @@ fn expect_internals(agent: &Agent, scrape: &Scrape) -> Result<()> {
     Ok(())
 }
 
-/// The one sample of `metric` whose labels include `labels`.
-fn sample<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Result<&'a Sample> {
-    let hits: Vec<&Sample> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .collect();
-    if let [one] = hits.as_slice() {
-        Ok(one)
-    } else {
-        let all: Vec<String> = scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == metric)
-            .map(|s| format!("{:?} {:?}", s.labels, s.value))
-            .collect();
-        anyhow::bail!("{} samples of {metric} match {labels:?}; all of them: {all:#?}", hits.len())
-    }
-}
-
 /// Whether a sample value is the count `n`.
 fn is(v: f64, n: u32) -> bool {
     (v - f64::from(n)).abs() < 0.5
-}
-
-fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Result<f64> {
-    Ok(number(&sample(scrape, metric, labels)?.value))
-}
-
-fn number(v: &Value) -> f64 {
-    match v {
-        Value::Counter(x) | Value::Gauge(x) | Value::Untyped(x) => *x,
-        Value::Histogram(_) | Value::Summary(_) => f64::NAN,
-    }
 }

@@ -20,6 +20,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use common::scrape::{sample, value};
 use common::{expect_delivered, heddle, run_e2e, wait_finished, Cluster, Options, ECHO_PORT, WAIT};
 use heddle_tests::{poll_until, Agent, Check, ClientSpec, DelaySpec, Direction, Flow, FlowEvent, FlowStreamClient};
 use prometheus_parse::{Scrape, Value};
@@ -99,14 +100,7 @@ fn expect_histograms(
 /// The cumulative buckets `(le, count)` of the one histogram series of
 /// `metric` whose labels include `labels`.
 fn histogram(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Result<Vec<(f64, f64)>> {
-    let hits: Vec<_> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .collect();
-    let [one] = hits.as_slice() else {
-        anyhow::bail!("{} series of {metric} match {labels:?}", hits.len());
-    };
+    let one = sample(scrape, metric, labels)?;
     match &one.value {
         Value::Histogram(b) => Ok(b.iter().map(|b| (b.less_than, b.count)).collect()),
         other => anyhow::bail!("{metric} is not a histogram: {other:?}"),
@@ -158,15 +152,7 @@ fn a_stalled_flow_subscriber_loses_records_but_does_not_slow_traffic() {
         let sub = stats.flow_subscribers.first().context("subscriber gone")?;
         ensure!(stats.flow_subscriber_dropped >= sub.lost, "total below the subscriber's losses: {stats:?}");
         let scrape = c.agent_a.metrics()?;
-        let dropped = scrape
-            .samples
-            .iter()
-            .find(|s| s.metric == "heddle_flow_subscriber_dropped_total")
-            .map(|s| match s.value {
-                Value::Counter(v) | Value::Untyped(v) => v,
-                _ => f64::NAN,
-            })
-            .context("no heddle_flow_subscriber_dropped_total")?;
+        let dropped = value(&scrape, "heddle_flow_subscriber_dropped_total", &[])?;
         ensure!(dropped >= 1.0, "heddle_flow_subscriber_dropped_total is {dropped}");
 
         // Reading now, the subscriber is told how many it lost.

@@ -24,6 +24,7 @@ use anyhow::{ensure, Context, Result};
 use common::mesh::{
     expect_no_leaks, expect_tunnel_error, expect_tunnelled, forge_certificate, issue_from_mesh_ca, mentions, warm_up,
 };
+use common::scrape::total;
 use common::{
     environment_ready, expect_delivered, expect_exactly, expect_none, run_e2e, wait_finished, Cluster, Mtls, Options,
     ECHO_PORT, WAIT,
@@ -48,16 +49,7 @@ const BODY: &str = "hello through the tunnel\n";
 
 /// `heddle_tunnel_refusals_total{reason}` on `agent`'s metrics port.
 fn tunnel_refusals(agent: &Agent, reason: &str) -> Result<f64> {
-    let scrape = agent.metrics()?;
-    Ok(scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == "heddle_tunnel_refusals_total" && s.labels.get("reason") == Some(reason))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(x) | prometheus_parse::Value::Untyped(x) => x,
-            _ => f64::NAN,
-        })
-        .sum())
+    Ok(total(&agent.metrics()?, "heddle_tunnel_refusals_total", &[("reason", reason)]))
 }
 
 /// [`run_e2e`], after making sure `tools` are installed (failing, and

@@ -19,6 +19,7 @@
 pub mod kube;
 pub mod l7;
 pub mod mesh;
+pub mod scrape;
 pub mod waypoint_mesh;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
