@@ -126,15 +126,21 @@ pub enum TunnelRefusal {
     /// The TLS handshake failed (not TLS, no or bad client certificate,
     /// no common ALPN protocol).
     TlsHandshake,
-    /// The client did not finish the TLS handshake in time (idle or
-    /// slowloris connections).
+    /// The client did not finish the TLS and HTTP/2 handshakes in time
+    /// (idle or slowloris connections).
     TlsHandshakeTimeout,
+    /// The source address already holds its share of connections in their
+    /// handshake ([`crate::proxy::handshakes`]).
+    HandshakeLimit,
     /// No mesh workload owns the source address.
     UnknownSource,
     /// The client certificate is not the source workload's identity.
     PeerIdentity,
     /// TLS held, but the client did not speak HTTP/2.
     Http2Handshake,
+    /// The client broke the HTTP/2 protocol on an established tunnel
+    /// connection (malformed frames, a flood of resets), which ended it.
+    Http2Protocol,
     /// A stream that is not `CONNECT`, or whose target is malformed or not
     /// this pod's.
     BadRequest,
@@ -151,9 +157,11 @@ impl TunnelRefusal {
         match self {
             Self::TlsHandshake => "tls_handshake",
             Self::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Self::HandshakeLimit => "handshake_limit",
             Self::UnknownSource => "unknown_source",
             Self::PeerIdentity => "peer_identity",
             Self::Http2Handshake => "http2_handshake",
+            Self::Http2Protocol => "http2_protocol",
             Self::BadRequest => "bad_request",
             Self::Denied => "denied",
             Self::Upstream => "upstream",

@@ -10,6 +10,7 @@
 //! network-facing socket for the flow records (`tcp_health`).
 
 pub mod h2splice;
+pub mod handshakes;
 pub mod hbone;
 pub mod inbound;
 pub mod local_ports;

@@ -53,10 +53,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The Bookinfo walkthrough renders `heddle graph -o dot` to SVG.
     "graphviz",
 ];
-/// Python packages the waypoint tests use: a real gRPC client and server,
-/// and OTLP's protobuf messages for the trace receiver.
-const PYTHON_PACKAGES: &[(&str, &str)] =
-    &[("grpc", "grpcio"), ("opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc", "opentelemetry-proto")];
+/// Python packages the tests use: a real gRPC client and server (waypoint
+/// tests), OTLP's protobuf messages for the trace receiver, and
+/// python-hyper's HTTP/2 stack for the hostile-client test's raw frames.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("grpc", "grpcio"),
+    ("opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc", "opentelemetry-proto"),
+    ("h2", "h2"),
+];
 /// Real clients the benchmark drives (only `cargo xtask bench` installs them).
 const BENCH_PACKAGES: &[&str] = &["iperf3", "sockperf"];
 /// What `bench --vs-ztunnel` needs: ztunnel's build (protoc) and its capture (iptables).

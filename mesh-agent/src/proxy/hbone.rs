@@ -30,7 +30,13 @@ use hyper::{Method, Request, StatusCode, Uri};
 use mesh_common::PORT_TUNNEL;
 use rustls::{pki_types::ServerName, ClientConfig};
 
-use super::{h2splice::H2Stream, sockets, tcp_health::TcpProbe, Pod};
+use super::{
+    h2splice::H2Stream,
+    handshakes::{HandshakeSlots, PER_SOURCE},
+    sockets,
+    tcp_health::TcpProbe,
+    Pod,
+};
 use crate::identity::{bundle::TrustBundle, certs::CertManager, tls, SpiffeId};
 
 /// Time to obtain a source certificate before failing the connection.
@@ -149,6 +155,9 @@ pub struct Mesh {
     pub certs: Arc<CertManager>,
     /// Trust bundle (replaceable at run time).
     pub trust: Arc<TrustBundle>,
+    /// Tunnel-port connections still in their handshake, per source IP
+    /// (the server side's bound, see [`super::handshakes`]).
+    pub handshakes: Arc<HandshakeSlots>,
     pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     client_configs: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
@@ -157,7 +166,13 @@ impl Mesh {
     /// A mesh with no tunnels open yet.
     #[must_use]
     pub fn new(certs: Arc<CertManager>, trust: Arc<TrustBundle>) -> Self {
-        Self { certs, trust, pool: Mutex::new(HashMap::new()), client_configs: Mutex::new(HashMap::new()) }
+        Self {
+            certs,
+            trust,
+            handshakes: HandshakeSlots::new(PER_SOURCE),
+            pool: Mutex::new(HashMap::new()),
+            client_configs: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Opens a tunnelled stream from `pod` (identity `src`) to `dst`, which

@@ -28,6 +28,7 @@ use std::{
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
 use hyper::{Method, Request, Response, StatusCode};
+use mesh_common::PORT_TUNNEL;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -47,10 +48,14 @@ use crate::{
     metrics::{HandshakeSide, TunnelRefusal},
 };
 
-/// Time allowed for a client to finish the TLS handshake.
+/// Time allowed for a client to finish the TLS and HTTP/2 handshakes.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams per tunnel connection.
 const MAX_STREAMS: u32 = 4096;
+/// Largest header block of a tunnel request: a `CONNECT` carries its
+/// authority and trace context, a few hundred bytes. Larger blocks are
+/// answered `431` by the HTTP/2 layer (as hyper's default).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// Serves the pod's tunnel port until `stop` fires.
 pub async fn run(
@@ -69,8 +74,8 @@ pub async fn run(
         }
     };
     accept_loop(listener, stop, "tunnel", &pod.id.clone(), move |tcp, peer| {
-        let (pod, ctx, acceptor) = (pod.clone(), ctx.clone(), acceptor.clone());
-        ctx.tracker.clone().spawn(serve_connection(tcp, peer, pod, ctx, acceptor))
+        let (pod, ctx, mesh, acceptor) = (pod.clone(), ctx.clone(), mesh.clone(), acceptor.clone());
+        ctx.tracker.clone().spawn(serve_connection(tcp, peer, pod, ctx, mesh, acceptor))
     })
     .await;
 }
@@ -80,56 +85,33 @@ async fn serve_connection(
     peer: SocketAddr,
     pod: Arc<Pod>,
     ctx: Arc<ProxyContext>,
+    mesh: Arc<Mesh>,
     acceptor: TlsAcceptor,
 ) {
     let mut info = ConnInfo::new(Direction::Inbound, pod.id.clone());
     info.src = Some(peer);
     info.security = Security::MutualTls;
     info.dst_identity = Some(pod.identity.name());
-    let fail = |info: &ConnInfo, why: TunnelRefusal, msg: String| {
-        tracing::info!(pod = %pod.id, %peer, error = %msg, "tunnel connection refused");
-        refused(&ctx, why);
-        ctx.flows.failed(ctx.flows.conn_id(), info, msg);
-    };
     let probe = TcpProbe::of(&tcp).map(Arc::new);
-    let started = Instant::now();
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => {
-            if let Some(m) = ctx.flows.metrics() {
-                m.tls_handshake(HandshakeSide::Server, started.elapsed());
+    let (mut h2, peer_id) = match admit(tcp, peer, &ctx, &mesh, &acceptor, &mut info).await {
+        Ok(admitted) => admitted,
+        Err((why, msg)) => {
+            if why == TunnelRefusal::HandshakeLimit {
+                // One line per connection of a flood would be a flood of
+                // logs; the metric and the flow records count them.
+                tracing::debug!(pod = %pod.id, %peer, error = %msg, "tunnel connection refused");
+            } else {
+                tracing::info!(pod = %pod.id, %peer, error = %msg, "tunnel connection refused");
             }
-            tls
+            refused(&ctx, why);
+            ctx.flows.failed(ctx.flows.conn_id(), &info, msg);
+            if let Some(p) = probe {
+                p.release();
+            }
+            return;
         }
-        Ok(Err(e)) => return fail(&info, TunnelRefusal::TlsHandshake, format!("tunnel TLS handshake failed: {e}")),
-        Err(_) => return fail(&info, TunnelRefusal::TlsHandshakeTimeout, "tunnel TLS handshake timed out".into()),
     };
-    let expected = ctx.registry.borrow().workload_by_ip(peer.ip()).map(|w| w.identity.clone());
-    let Some(expected) = expected else {
-        return fail(
-            &info,
-            TunnelRefusal::UnknownSource,
-            format!("no mesh workload owns source address {}", peer.ip()),
-        );
-    };
-    let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&expected)) {
-        Ok(id) => id,
-        Err(e) => return fail(&info, TunnelRefusal::PeerIdentity, format!("tunnel client rejected: {e}")),
-    };
-    info.src_identity = Some(peer_id.name());
-    info.peer_cert_serial =
-        tls.get_ref().1.peer_certificates().and_then(<[_]>::first).and_then(tls::serial_of).map(Into::into);
     let info = Arc::new(info);
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS)
-        .handshake::<_, Bytes>(tls)
-        .await;
-    let mut h2 = match handshake {
-        Ok(c) => c,
-        Err(e) => return fail(&info, TunnelRefusal::Http2Handshake, format!("tunnel HTTP/2 handshake failed: {e}")),
-    };
     // `accept` also drives the connection's I/O for every open stream. When
     // the agent starts draining (a handover, or exit), GOAWAY tells the
     // source agent to open new streams elsewhere; the open ones go on.
@@ -154,7 +136,12 @@ async fn serve_connection(
                 });
             }
             Err(e) => {
-                tracing::debug!(%peer, error = %e, "tunnel connection ended with an error");
+                if peer_broke_protocol(&e) {
+                    tracing::info!(pod = %pod.id, %peer, error = %e, "tunnel connection closed: the peer broke HTTP/2");
+                    refused(&ctx, TunnelRefusal::Http2Protocol);
+                } else {
+                    tracing::debug!(%peer, error = %e, "tunnel connection ended with an error");
+                }
                 break;
             }
         }
@@ -163,6 +150,73 @@ async fn serve_connection(
     if let Some(p) = probe {
         p.release();
     }
+}
+
+/// A tunnel connection that finished its handshakes, and its verified peer.
+type Admission = (h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>, SpiffeId);
+
+/// The checks and handshakes before a tunnel connection carries streams:
+/// the source must be a known workload (checked before any TLS work), hold
+/// a handshake slot, finish TLS and HTTP/2 by one deadline (so a client
+/// that completes TLS and never sends the HTTP/2 preface is cut off too),
+/// and present the certificate of the workload that owns its address.
+/// Fills in `info`'s peer identity and certificate serial.
+async fn admit(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: &ProxyContext,
+    mesh: &Mesh,
+    acceptor: &TlsAcceptor,
+    info: &mut ConnInfo,
+) -> Result<Admission, (TunnelRefusal, String)> {
+    let expected = ctx.registry.borrow().workload_by_ip(peer.ip()).map(|w| w.identity.clone());
+    let expected = expected
+        .ok_or_else(|| (TunnelRefusal::UnknownSource, format!("no mesh workload owns source address {}", peer.ip())))?;
+    let slot = mesh.handshakes.try_acquire(peer.ip()).ok_or_else(|| {
+        let limit = mesh.handshakes.per_source();
+        let msg = format!("{} already has {limit} tunnel connections in their handshake", peer.ip());
+        (TunnelRefusal::HandshakeLimit, msg)
+    })?;
+    let timed_out = |what: &str| {
+        let msg = format!("tunnel {what} handshake timed out after {}s", HANDSHAKE_TIMEOUT.as_secs());
+        (TunnelRefusal::TlsHandshakeTimeout, msg)
+    };
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err((TunnelRefusal::TlsHandshake, format!("tunnel TLS handshake failed: {e}"))),
+        Err(_) => return Err(timed_out("TLS")),
+    };
+    if let Some(m) = ctx.flows.metrics() {
+        m.tls_handshake(HandshakeSide::Server, started.elapsed());
+    }
+    let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&expected))
+        .map_err(|e| (TunnelRefusal::PeerIdentity, format!("tunnel client rejected: {e}")))?;
+    info.src_identity = Some(peer_id.name());
+    info.peer_cert_serial =
+        tls.get_ref().1.peer_certificates().and_then(<[_]>::first).and_then(tls::serial_of).map(Into::into);
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .handshake::<_, Bytes>(tls);
+    let h2 = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err((TunnelRefusal::Http2Handshake, format!("tunnel HTTP/2 handshake failed: {e}"))),
+        Err(_) => return Err(timed_out("HTTP/2")),
+    };
+    drop(slot);
+    Ok((h2, peer_id))
+}
+
+/// Whether a tunnel connection's error is the peer's fault at the HTTP/2
+/// layer (a GOAWAY this side sent for a protocol violation, such as a flood
+/// of stream resets), as opposed to the connection simply going away.
+fn peer_broke_protocol(e: &h2::Error) -> bool {
+    e.is_go_away() && e.is_library() && e.reason().is_some_and(|r| r != h2::Reason::NO_ERROR)
 }
 
 /// The tunnel connection a stream arrived on.
@@ -184,6 +238,10 @@ pub enum Refusal {
     /// The address is not one of this pod's.
     #[error("{0} is not a local enrolled workload")]
     NotLocal(SocketAddr),
+    /// The target is the tunnel port itself: a stream into it would only
+    /// loop back into the agent.
+    #[error("{0} is the tunnel port itself")]
+    TunnelPort(SocketAddr),
 }
 
 impl Refusal {
@@ -193,6 +251,7 @@ impl Refusal {
         match self {
             Refusal::BadAuthority(_) => "bad_authority",
             Refusal::NotLocal(_) => "not_local_workload",
+            Refusal::TunnelPort(_) => "tunnel_port",
         }
     }
 }
@@ -201,10 +260,12 @@ impl Refusal {
 pub fn connect_target(uri: &hyper::Uri, pod_ips: &[std::net::IpAddr]) -> Result<SocketAddr, Refusal> {
     let target: SocketAddr =
         uri.authority().and_then(|a| a.as_str().parse().ok()).ok_or_else(|| Refusal::BadAuthority(uri.to_string()))?;
-    if pod_ips.contains(&target.ip()) {
-        Ok(target)
-    } else {
+    if !pod_ips.contains(&target.ip()) {
         Err(Refusal::NotLocal(target))
+    } else if target.port() == PORT_TUNNEL {
+        Err(Refusal::TunnelPort(target))
+    } else {
+        Ok(target)
     }
 }
 
@@ -292,7 +353,7 @@ fn check_stream(
     let target = match connect_target(req.uri(), &pod.ips) {
         Ok(t) => t,
         Err(refusal) => {
-            if let Refusal::NotLocal(t) = &refusal {
+            if let Refusal::NotLocal(t) | Refusal::TunnelPort(t) = &refusal {
                 info.orig_dst = Some(*t);
             }
             refused(ctx, TunnelRefusal::BadRequest);
@@ -356,6 +417,14 @@ mod tests {
         let got = connect_target(&uri("10.44.2.3:8080"), &ips);
         assert_eq!(got, Err(Refusal::NotLocal("10.44.2.3:8080".parse().unwrap())));
         assert_eq!(got.unwrap_err().to_string(), "10.44.2.3:8080 is not a local enrolled workload");
+    }
+
+    #[test]
+    fn refuses_a_connect_to_the_tunnel_port_itself() {
+        let ips = ["10.44.2.2".parse().unwrap()];
+        let got = connect_target(&uri("10.44.2.2:15008"), &ips);
+        assert_eq!(got, Err(Refusal::TunnelPort("10.44.2.2:15008".parse().unwrap())));
+        assert_eq!(got.unwrap_err().reason(), "tunnel_port");
     }
 
     #[test]

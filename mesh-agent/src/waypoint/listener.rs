@@ -50,7 +50,7 @@ use crate::{
     },
 };
 
-/// Time for a client to finish the TLS handshake.
+/// Time for a client to finish the TLS and HTTP/2 handshakes.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent HBONE streams per client tunnel, and HTTP/2 requests per
 /// client connection.
@@ -83,14 +83,24 @@ pub async fn run(listener: TcpListener, state: Arc<State>, stop: CancellationTok
 }
 
 async fn serve_connection(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, acceptor: TlsAcceptor) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return refused(&state, peer, &format!("TLS handshake failed: {e}")),
-        Err(_) => return refused(&state, peer, "TLS handshake timed out"),
-    };
+    // As on the tunnel port (`proxy::tunnel`): the source is checked before
+    // any TLS work, each source IP may hold only its share of connections in
+    // their handshake, and one deadline covers the TLS and HTTP/2 handshakes.
     let expected = state.registry.borrow().workload_by_ip(peer.ip()).map(|w| w.identity.clone());
     let Some(expected) = expected else {
         return refused(&state, peer, &format!("no mesh workload owns source address {}", peer.ip()));
+    };
+    let Some(slot) = state.mesh.handshakes.try_acquire(peer.ip()) else {
+        let limit = state.mesh.handshakes.per_source();
+        let why = format!("{} already has {limit} connections in their handshake", peer.ip());
+        tracing::debug!(%peer, error = %why, "waypoint connection refused");
+        return record_refusal(&state, peer, why);
+    };
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return refused(&state, peer, &format!("TLS handshake failed: {e}")),
+        Err(_) => return refused(&state, peer, "TLS handshake timed out"),
     };
     let client = match tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&expected)) {
         Ok(id) => id,
@@ -104,12 +114,13 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, a
         .max_header_list_size(MAX_HEADERS as u32)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
         .max_local_error_reset_streams(Some(MAX_ERROR_RESETS))
-        .handshake::<_, Bytes>(tls)
-        .await;
-    let mut h2 = match handshake {
-        Ok(c) => c,
-        Err(e) => return refused(&state, peer, &format!("HTTP/2 handshake failed: {e}")),
+        .handshake::<_, Bytes>(tls);
+    let mut h2 = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return refused(&state, peer, &format!("HTTP/2 handshake failed: {e}")),
+        Err(_) => return refused(&state, peer, "HTTP/2 handshake timed out"),
     };
+    drop(slot);
     while let Some(next) = h2.accept().await {
         match next {
             Ok((req, respond)) => {
@@ -126,10 +137,14 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, state: Arc<State>, a
 
 fn refused(state: &State, peer: SocketAddr, why: &str) {
     tracing::info!(%peer, error = %why, "waypoint connection refused");
+    record_refusal(state, peer, why.to_owned());
+}
+
+fn record_refusal(state: &State, peer: SocketAddr, why: String) {
     let mut info = crate::flows::ConnInfo::new(crate::flows::Direction::Inbound, state.me.id.clone());
     info.src = Some(peer);
     info.waypoint = Some(state.waypoint_name.clone());
-    state.telemetry.flows.failed(state.telemetry.flows.conn_id(), &info, why.to_owned());
+    state.telemetry.flows.failed(state.telemetry.flows.conn_id(), &info, why);
 }
 
 /// Why a CONNECT is not served here.

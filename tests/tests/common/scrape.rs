@@ -6,7 +6,7 @@ use prometheus_parse::{Sample, Scrape, Value};
 /// The one sample of `metric` whose labels include `labels`; the error lists
 /// every sample of `metric` when none or several match.
 pub fn sample<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Result<&'a Sample> {
-    let hits: Vec<&Sample> = matching(scrape, metric, labels).collect();
+    let hits: Vec<&Sample> = scrape.samples.iter().filter(|s| matches(s, metric, labels)).collect();
     if let [one] = hits.as_slice() {
         Ok(one)
     } else {
@@ -28,7 +28,7 @@ pub fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Result<f
 /// The sum over every sample of `metric` whose labels include `labels`: 0
 /// when there is none (a counter not yet incremented has no series).
 pub fn total(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    matching(scrape, metric, labels).map(|s| number(&s.value)).sum()
+    scrape.samples.iter().filter(|s| matches(s, metric, labels)).map(|s| number(&s.value)).sum()
 }
 
 /// A counter's, gauge's or untyped sample's value; NaN for histograms and
@@ -40,6 +40,6 @@ pub fn number(v: &Value) -> f64 {
     }
 }
 
-fn matching<'a>(scrape: &'a Scrape, metric: &'a str, labels: &'a [(&str, &str)]) -> impl Iterator<Item = &'a Sample> {
-    scrape.samples.iter().filter(move |s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+fn matches(s: &Sample, metric: &str, labels: &[(&str, &str)]) -> bool {
+    s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
 }
