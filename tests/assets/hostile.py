@@ -239,9 +239,18 @@ def connect_cases(host, port, cert, key, cases):
     print(json.dumps({"cases": results, "goaway": goaway}))
 
 
-def rapid_resets(host, port, cert, key, n, authority):
+def read_goaway(s, conn):
+    """Reads one chunk: (GOAWAY error code or None, "connection closed" or None)."""
     import h2.events
 
+    data = s.recv(65536)
+    if not data:
+        return None, "connection closed"
+    codes = [int(ev.error_code) for ev in conn.receive_data(data) if isinstance(ev, h2.events.ConnectionTerminated)]
+    return (codes[-1] if codes else None), None
+
+
+def rapid_resets(host, port, cert, key, n, authority):
     s, conn = h2_connection(host, port, cert, key)
     sent, goaway, error = 0, None, None
     s.settimeout(0.001)
@@ -253,26 +262,14 @@ def rapid_resets(host, port, cert, key, n, authority):
             s.sendall(conn.data_to_send())
             sent += 1
             try:
-                data = s.recv(65536)
+                goaway, error = read_goaway(s, conn)
             except (socket.timeout, ssl.SSLWantReadError):
                 continue
-            if not data:
-                error = "connection closed"
-                break
-            for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.ConnectionTerminated):
-                    goaway = int(ev.error_code)
-            if goaway is not None:
+            if goaway is not None or error is not None:
                 break
         s.settimeout(5)
         while goaway is None and error is None:
-            data = s.recv(65536)
-            if not data:
-                error = "connection closed"
-                break
-            for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.ConnectionTerminated):
-                    goaway = int(ev.error_code)
+            goaway, error = read_goaway(s, conn)
     except Exception as e:
         error = error or repr(e)
     print(json.dumps({"sent": sent, "goaway": goaway, "error": error}))

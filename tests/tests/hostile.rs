@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use common::mesh::{expect_no_leaks, issue_from_mesh_ca, warm_up};
-use common::scrape::total;
+use common::scrape::number;
 use common::{run_e2e, Cluster, Options, ECHO_PORT};
 use heddle_tests::env::asset;
 use heddle_tests::{procfs, Agent, ClientSpec, Pod, Process, TUNNEL_PORT};
@@ -118,50 +118,44 @@ fn slow_clients(c: &Cluster, refusals: &mut Refusals) -> Result<()> {
     let slowest = slow["close_s_max"].as_f64().unwrap_or(f64::MAX);
     ensure!(slowest < (HANDSHAKE_TIMEOUT + Duration::from_secs(5)).as_secs_f64(), "slowloris held {slowest:.1} s");
     let seen = refusals.delta(&c.agent_b)?;
-    ensure!(
-        is(seen.get("tls_handshake_timeout"), ROUND) && seen.others(&["tls_handshake_timeout"]) == 0.0,
-        "slowloris refusals: {seen:?}"
-    );
+    ensure!(seen.exactly(&[("tls_handshake_timeout", ROUND)]), "slowloris refusals: {seen:?}");
 
     // Half-open: the start of a ClientHello, then the sending side shut.
     let half = run_hostile(&c.other, &["halfopen", &ip(&c.server), &TUNNEL_PORT.to_string(), &ROUND.to_string()])?;
     ensure!(count(&half, "connected") == ROUND && count(&half, "open") == 0, "half-open: {half}");
     ensure!(half["close_s_max"].as_f64().unwrap_or(f64::MAX) < 5.0, "half-open connections were held: {half}");
     let seen = refusals.delta(&c.agent_b)?;
-    ensure!(
-        is(seen.get("tls_handshake"), ROUND) && seen.others(&["tls_handshake"]) == 0.0,
-        "half-open refusals: {seen:?}"
-    );
+    ensure!(seen.exactly(&[("tls_handshake", ROUND)]), "half-open refusals: {seen:?}");
 
     Ok(())
 }
 
-/// `hostile.py` options presenting the mesh certificate in `dir`.
-fn cred_args(dir: &Path) -> Vec<String> {
-    ["--cert", path(&dir.join("cert.pem")), "--key", path(&dir.join("key.pem"))].map(str::to_owned).to_vec()
+/// `hostile.py MODE <server ip> <tunnel port>`, then `extra`, presenting
+/// the mesh certificate in `creds` if given.
+fn tunnel_args(c: &Cluster, mode: &str, creds: Option<&Path>, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![mode.to_owned(), ip(&c.server), TUNNEL_PORT.to_string()];
+    if let Some(dir) = creds {
+        args.extend(["--cert", path(&dir.join("cert.pem")), "--key", path(&dir.join("key.pem"))].map(str::to_owned));
+    }
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
 }
 
 /// TLS: a wrong SNI without a certificate, and a mesh certificate offered
 /// with a protocol other than h2.
-fn wrong_tls(c: &Cluster, refusals: &mut Refusals, creds_dir: &Path) -> Result<()> {
-    let creds = cred_args(creds_dir);
-    let creds: Vec<&str> = creds.iter().map(String::as_str).collect();
-    let tunnel = [ip(&c.server), TUNNEL_PORT.to_string()];
-    let sni = run_hostile(&c.other, &[&["tls", &tunnel[0], &tunnel[1], "--sni", "evil.example"][..]].concat())?;
+fn wrong_tls(c: &Cluster, refusals: &mut Refusals, creds: &Path) -> Result<()> {
+    let sni = run_hostile(&c.other, &tunnel_args(c, "tls", None, &["--sni", "evil.example"]))?;
     ensure!(sni["ok"] == false, "a TLS client with a wrong SNI and no certificate was served: {sni}");
-    let alpn = run_hostile(&c.other, &[&["tls", &tunnel[0], &tunnel[1], "--alpn", "http/1.1"][..], &creds].concat())?;
+    let alpn = run_hostile(&c.other, &tunnel_args(c, "tls", Some(creds), &["--alpn", "http/1.1"]))?;
     ensure!(alpn["ok"] == false, "a mesh client offering only http/1.1 was served: {alpn}");
     let seen = refusals.delta(&c.agent_b)?;
-    ensure!(is(seen.get("tls_handshake"), 2) && seen.others(&["tls_handshake"]) == 0.0, "TLS refusals: {seen:?}");
+    ensure!(seen.exactly(&[("tls_handshake", 2)]), "TLS refusals: {seen:?}");
     Ok(())
 }
 
 /// CONNECT, authenticated: one good stream (proving the refusals after it
 /// are for their targets), then what must not be served.
-fn forbidden_connects(c: &Cluster, refusals: &mut Refusals, creds_dir: &Path) -> Result<()> {
-    let creds = cred_args(creds_dir);
-    let creds: Vec<&str> = creds.iter().map(String::as_str).collect();
-    let tunnel = [ip(&c.server), TUNNEL_PORT.to_string()];
+fn forbidden_connects(c: &Cluster, refusals: &mut Refusals, creds: &Path) -> Result<()> {
     let server = c.server.addr(ECHO_PORT).to_string();
     let cases = serde_json::json!([
         {"authority": server},
@@ -174,8 +168,7 @@ fn forbidden_connects(c: &Cluster, refusals: &mut Refusals, creds_dir: &Path) ->
         {"authority": server, "header_bytes": 20_000},
         {"authority": server, "header_bytes": 100_000},
     ]);
-    let out =
-        run_hostile(&c.other, &[&["connect", &tunnel[0], &tunnel[1]][..], &creds, &[&cases.to_string()]].concat())?;
+    let out = run_hostile(&c.other, &tunnel_args(c, "connect", Some(creds), &[&cases.to_string()]))?;
     eprintln!("CONNECT cases: {out}");
     let got: Vec<(i64, String)> = out["cases"]
         .as_array()
@@ -201,27 +194,15 @@ fn forbidden_connects(c: &Cluster, refusals: &mut Refusals, creds_dir: &Path) ->
     // a request exists (so it is not counted); one over four times the
     // limit ends the connection (GOAWAY ENHANCE_YOUR_CALM), which is.
     ensure!(out["goaway"] == 11, "a 100 kB header block did not end the connection: {out}");
-    ensure!(
-        is(seen.get("bad_request"), 5)
-            && is(seen.get("upstream"), 1)
-            && is(seen.get("http2_protocol"), 1)
-            && seen.others(&["bad_request", "upstream", "http2_protocol"]) == 0.0,
-        "CONNECT refusals: {seen:?}"
-    );
+    ensure!(seen.exactly(&[("bad_request", 5), ("upstream", 1), ("http2_protocol", 1)]), "CONNECT refusals: {seen:?}");
     Ok(())
 }
 
 /// Rapid reset: streams opened and reset at once, by the thousand, end the
 /// connection with GOAWAY `ENHANCE_YOUR_CALM` (0xb).
-fn rapid_reset(c: &Cluster, refusals: &mut Refusals, creds_dir: &Path) -> Result<()> {
-    let creds = cred_args(creds_dir);
-    let creds: Vec<&str> = creds.iter().map(String::as_str).collect();
-    let tunnel = [ip(&c.server), TUNNEL_PORT.to_string()];
+fn rapid_reset(c: &Cluster, refusals: &mut Refusals, creds: &Path) -> Result<()> {
     let server = c.server.addr(ECHO_PORT).to_string();
-    let resets = run_hostile(
-        &c.other,
-        &[&["resets", &tunnel[0], &tunnel[1]][..], &creds, &["5000", "--authority", &server]].concat(),
-    )?;
+    let resets = run_hostile(&c.other, &tunnel_args(c, "resets", Some(creds), &["5000", "--authority", &server]))?;
     eprintln!("rapid reset: {resets}");
     ensure!(
         resets["goaway"] == 11,
@@ -255,26 +236,17 @@ fn probe_latency(c: &Cluster, when: &str) -> Result<Latency> {
 #[derive(Debug, Clone, Default)]
 struct Refusals(Vec<(String, f64)>);
 
-const REASONS: &[&str] = &[
-    "tls_handshake",
-    "tls_handshake_timeout",
-    "handshake_limit",
-    "unknown_source",
-    "peer_identity",
-    "http2_handshake",
-    "http2_protocol",
-    "bad_request",
-    "denied",
-    "upstream",
-];
-
 impl Refusals {
+    /// Every reason the agent has counted so far, read off the scrape (so a
+    /// reason added to the agent is seen here too).
     fn read(agent: &Agent) -> Result<Self> {
         let scrape = agent.metrics()?;
         Ok(Self(
-            REASONS
+            scrape
+                .samples
                 .iter()
-                .map(|r| ((*r).to_owned(), total(&scrape, "heddle_tunnel_refusals_total", &[("reason", r)])))
+                .filter(|s| s.metric == "heddle_tunnel_refusals_total")
+                .map(|s| (s.labels.get("reason").unwrap_or_default().to_owned(), number(&s.value)))
                 .collect(),
         ))
     }
@@ -296,6 +268,13 @@ impl Refusals {
     fn others(&self, these: &[&str]) -> f64 {
         self.0.iter().filter(|(r, _)| !these.contains(&r.as_str())).map(|(_, v)| v).sum()
     }
+
+    /// Whether exactly `want` was counted: each reason its count, and
+    /// nothing under any other reason.
+    fn exactly(&self, want: &[(&str, u64)]) -> bool {
+        let named: Vec<&str> = want.iter().map(|(r, _)| *r).collect();
+        want.iter().all(|(r, n)| is(self.get(r), *n)) && self.others(&named) == 0.0
+    }
 }
 
 /// Waits until `reason` has counted `at_least` refusals.
@@ -311,14 +290,14 @@ fn wait_refusals(agent: &Agent, reason: &str, at_least: f64) -> Result<()> {
     }
 }
 
-fn hostile_command(args: &[&str]) -> Command {
+fn hostile_command<S: AsRef<str>>(args: &[S]) -> Command {
     let mut cmd = Command::new("python3");
-    cmd.arg(asset("hostile.py")).args(args);
+    cmd.arg(asset("hostile.py")).args(args.iter().map(AsRef::as_ref));
     cmd
 }
 
 /// Runs `hostile.py args` in `pod`; its JSON line.
-fn run_hostile(pod: &Pod, args: &[&str]) -> Result<Value> {
+fn run_hostile<S: AsRef<str> + std::fmt::Debug>(pod: &Pod, args: &[S]) -> Result<Value> {
     let out = pod.run(hostile_command(args))?;
     ensure!(out.status.success(), "hostile.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout)
