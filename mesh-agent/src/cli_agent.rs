@@ -48,7 +48,11 @@ pub fn certs_text(certs: &Value, now: i64) -> String {
     }
     let _ = writeln!(out, "{:<52} {:<6} {:>11} {:>4}  LAST ERROR", "IDENTITY", "READY", "EXPIRES IN", "GEN");
     for c in certs["certificates"].as_array().into_iter().flatten() {
-        let expires = c["notAfter"].as_i64().map_or("-".into(), |t| human_secs(t - now));
+        let expires = if c["expired"] == true {
+            "EXPIRED".into()
+        } else {
+            c["notAfter"].as_i64().map_or("-".into(), |t| human_secs(t - now))
+        };
         let _ = writeln!(
             out,
             "{:<52} {:<6} {:>11} {:>4}  {}",
@@ -115,9 +119,10 @@ pub fn status_text(stats: &Value, dp: &Value, certs: &Value, policies: &Value, w
         let list: Vec<&Value> = certs["certificates"].as_array().into_iter().flatten().collect();
         let soonest = list.iter().filter_map(|c| c["notAfter"].as_i64()).min();
         let not_ready = list.iter().filter(|c| c["ready"] != true).count();
+        let expired = list.iter().filter(|c| c["expired"] == true).count();
         let _ = writeln!(
             out,
-            "mTLS:          on, {} certificates ({not_ready} not ready), next expiry in {}",
+            "mTLS:          on, {} certificates ({not_ready} not ready, {expired} expired), next expiry in {}",
             list.len(),
             soonest.map_or("-".into(), |t| human_secs(t - now))
         );

@@ -23,6 +23,9 @@ pub mod config;
 pub mod datapath;
 pub mod flow_filter;
 pub mod flows;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handover;
 pub mod http_server;
 pub mod identity;

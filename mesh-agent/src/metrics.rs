@@ -148,6 +148,11 @@ pub enum TunnelRefusal {
     Denied,
     /// The application could not be reached.
     Upstream,
+    /// A stream arrived on a tunnel connection whose peer certificate, or
+    /// this pod's own, has expired since the handshake (the connection is
+    /// then drained: its open streams go on, new ones need a new
+    /// handshake with valid certificates).
+    CertificateExpired,
 }
 
 impl TunnelRefusal {
@@ -165,6 +170,7 @@ impl TunnelRefusal {
             Self::BadRequest => "bad_request",
             Self::Denied => "denied",
             Self::Upstream => "upstream",
+            Self::CertificateExpired => "certificate_expired",
         }
     }
 }

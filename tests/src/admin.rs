@@ -407,8 +407,11 @@ impl fmt::Display for Certs {
 pub struct Certificate {
     /// The SPIFFE ID it carries.
     pub identity: String,
-    /// Whether a certificate is held now.
+    /// Whether a valid certificate is held now.
     pub ready: bool,
+    /// Whether the certificate held has expired (renewal failed past it).
+    #[serde(default)]
+    pub expired: bool,
     /// When it was obtained (Unix seconds).
     pub issued_at: Option<u64>,
     /// End of validity (Unix seconds).

@@ -58,6 +58,8 @@ struct Inner {
     /// Agents that handed over to a successor ([`Agent::upgrade`]) and
     /// drain, until reaped.
     retired: Mutex<Vec<Child>>,
+    /// Extra environment of the process ([`Agent::set_env`]).
+    env: Mutex<Vec<(String, String)>>,
 }
 
 impl Agent {
@@ -71,7 +73,18 @@ impl Agent {
         };
         let metrics = AdminClient { addr: METRICS_ADDR.to_owned(), ..admin.clone() };
         let daemon = Daemon::new(format!("agent on {}", node.name()), node.netns_path(), node.agent_cgroup(), log);
-        Self { inner: Arc::new(Inner { node, bin, ca, admin, metrics, daemon, retired: Mutex::new(Vec::new()) }) }
+        Self {
+            inner: Arc::new(Inner {
+                node,
+                bin,
+                ca,
+                admin,
+                metrics,
+                daemon,
+                retired: Mutex::new(Vec::new()),
+                env: Mutex::new(Vec::new()),
+            }),
+        }
     }
 
     /// The node this agent serves.
@@ -118,6 +131,7 @@ impl Agent {
             .arg(shared.tmp.join(format!("handover-{}.sock", node.name())))
             .args(["--admin-addr", ADMIN_ADDR])
             .args(shared.lock().agent_args.clone());
+        cmd.envs(self.inner.env.lock().expect("env lock").iter().map(|(k, v)| (k, v)));
         if let Some(ca) = &self.inner.ca {
             cmd.arg("--ca-addr")
                 .arg(ca.ca_addr.to_string())
@@ -127,6 +141,13 @@ impl Agent {
                 .arg(&ca.trust_bundle);
         }
         cmd
+    }
+
+    /// Sets the environment the process gets from its next (re)start on,
+    /// replacing what an earlier call set (e.g. a `LD_PRELOAD`ed fake clock).
+    pub fn set_env(&self, vars: &[(&str, &str)]) {
+        *self.inner.env.lock().expect("env lock") =
+            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     }
 
     /// Starts the process (not waiting for readiness); fails if it runs.

@@ -44,6 +44,10 @@ pub const NGHTTP: Tool = Tool { binary: "nghttp", package: "nghttp2-client" };
 pub const H2LOAD: Tool = Tool { binary: "h2load", package: "nghttp2-client" };
 /// A TLS toolkit: certificates and a TLS client.
 pub const OPENSSL: Tool = Tool { binary: "openssl", package: "openssl" };
+/// libfaketime's wrapper (and the library it preloads, [`LIBFAKETIME`]).
+pub const FAKETIME: Tool = Tool { binary: "faketime", package: "faketime" };
+/// The library that shifts a process's wall clock (`FAKETIME=-240`).
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// The path of `tool`'s executable, searched in `PATH` and the usual
 /// system directories; `None` if it is not installed.

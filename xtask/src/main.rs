@@ -13,6 +13,8 @@
 //! * `bench` compares direct and meshed connections in the test bed
 //!   (throughput with iperf3, ping-pong latency with sockperf, HTTP latency
 //!   at a fixed rate, new connections per second, agent CPU and memory).
+//! * `fuzz` runs the libFuzzer harnesses of `mesh-agent/fuzz/` for a bounded
+//!   time each (cargo-fuzz on nightly) and reports inputs tried and crashes.
 //! * `manifests` regenerates the generated Kubernetes manifests of
 //!   `daemonset/` (the CRD, from the policy types); `--check` fails on drift.
 //! * `test` runs every test: unit tests, the eBPF build, and the
@@ -27,6 +29,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod manifests;
 mod ztunnel;
 
@@ -119,6 +122,15 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Fuzz every parser fed from outside (cargo-fuzz, nightly): inputs tried,
+    /// corpus kept and crashes, per target.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (all when omitted).
+        targets: Vec<String>,
+    },
     /// Regenerate daemonset/'s generated manifests (the CRD) from the Rust types.
     Manifests {
         /// Change nothing; fail if a generated manifest is out of date.
@@ -183,6 +195,14 @@ fn main() -> anyhow::Result<()> {
             build(&root, &tc, true)?;
             let bin = root.join("target/release");
             run(Command::new(bin.join("soak")).args(&args).env("HEDDLE_AGENT_BIN", bin.join("mesh-agent")))?;
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            let all = fuzz::targets(&root)?;
+            let unknown: Vec<&String> = targets.iter().filter(|t| !all.contains(t)).collect();
+            if !unknown.is_empty() {
+                bail!("unknown fuzz targets {unknown:?}; the targets are {all:?}");
+            }
+            fuzz::run(&root, seconds, if targets.is_empty() { all } else { targets })?;
         }
         Cmd::Manifests { check } => {
             let tc = setup()?;

@@ -31,8 +31,11 @@ use super::SpiffeId;
 
 /// Root validity.
 const ROOT_VALIDITY: Duration = Duration::from_hours(10 * 365 * 24);
-/// Leaves are valid from a little before issuance, for clock skew.
-const BACKDATE: Duration = Duration::from_mins(1);
+/// Certificates are valid from this long before issuance, so that a node
+/// whose clock is behind the CA's by up to this much accepts them (and the
+/// CA's own) at once. Expiry is never extended: `not_after` stays issuance
+/// plus the TTL. Five minutes, as Kerberos's default skew allowance.
+const BACKDATE: Duration = Duration::from_mins(5);
 
 /// Errors of the signing core.
 #[derive(Debug, thiserror::Error)]

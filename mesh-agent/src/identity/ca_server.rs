@@ -222,6 +222,16 @@ impl CaServer {
         self.refused.clone()
     }
 
+    /// Serves the CA's HTTP API on `io`, a stream already decrypted (what
+    /// follows TLS on a connection): the fuzz target's way in.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub async fn serve_decrypted<I>(&self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        serve_http(io, &self.state, self.limits.header_read_timeout).await;
+    }
+
     /// The trust bundle agents need.
     #[must_use]
     pub fn bundle_pem(&self) -> String {
@@ -276,14 +286,19 @@ async fn serve_connection(
         tracing::debug!(?peer, "TLS handshake with CA client failed or timed out");
         return;
     };
-    let svc = service_fn(move |req| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(&state, req).await) }
-    });
+    serve_http(tls, &state, limits.header_read_timeout).await;
+}
+
+/// HTTP/1 with a header timeout on a decrypted stream.
+async fn serve_http<I>(io: I, state: &State, header_read_timeout: Duration)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let svc = service_fn(|req| async move { Ok::<_, Infallible>(handle(state, req).await) });
     let _ = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .serve_connection(TokioIo::new(tls), svc)
+        .header_read_timeout(header_read_timeout)
+        .serve_connection(TokioIo::new(io), svc)
         .await;
 }
 

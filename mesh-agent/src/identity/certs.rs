@@ -55,6 +55,28 @@ pub enum CertError {
         /// Why the last attempt failed.
         last_error: Option<String>,
     },
+    /// The certificate held has expired and no new one could be had: the
+    /// identity is not presented until one is (fail closed).
+    #[error("the certificate of {id} expired at unix {not_after} and could not be renewed{}", last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    Expired {
+        /// The identity.
+        id: SpiffeId,
+        /// When it expired, Unix seconds.
+        not_after: u64,
+        /// Why the last renewal failed.
+        last_error: Option<String>,
+    },
+}
+
+impl CertError {
+    /// Short stable reason for flows and metrics.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CertError::Expired { .. } => "certificate_expired",
+            _ => "no_certificate",
+        }
+    }
 }
 
 /// A certificate and key held for one identity.
@@ -69,6 +91,14 @@ pub struct WorkloadCert {
     pub not_after: SystemTime,
     /// Increases with every new certificate of any identity.
     pub generation: u64,
+}
+
+impl WorkloadCert {
+    /// Whether it is still valid at `now`.
+    #[must_use]
+    pub fn valid_at(&self, now: SystemTime) -> bool {
+        now < self.not_after
+    }
 }
 
 impl fmt::Debug for WorkloadCert {
@@ -86,8 +116,10 @@ impl fmt::Debug for WorkloadCert {
 pub struct CertStatus {
     /// SPIFFE ID.
     pub identity: String,
-    /// Held now.
+    /// Held and valid now.
     pub ready: bool,
+    /// Held but expired (renewal failed until past its end).
+    pub expired: bool,
     /// Unix seconds.
     pub issued_at: Option<u64>,
     /// Unix seconds.
@@ -124,16 +156,18 @@ impl fmt::Debug for CertHandle {
 }
 
 impl CurrentCert for CertHandle {
+    /// An expired certificate is never presented: the handshake fails
+    /// instead (closed), on both the client and the server side.
     fn current(&self) -> Option<Arc<CertifiedKey>> {
-        self.rx.borrow().as_ref().map(|c| c.key.clone())
+        self.get().map(|c| c.key.clone())
     }
 }
 
 impl CertHandle {
-    /// The certificate now, if any.
+    /// The certificate now, if any and valid.
     #[must_use]
     pub fn get(&self) -> Option<Arc<WorkloadCert>> {
-        self.rx.borrow().clone()
+        self.rx.borrow().as_ref().filter(|c| c.valid_at(SystemTime::now())).cloned()
     }
 }
 
@@ -173,19 +207,27 @@ impl CertManager {
         });
     }
 
-    /// The certificate of `id`, waiting up to `wait` for the first one.
+    /// The valid certificate of `id`, waiting up to `wait` for one (the
+    /// first, or a renewal of an expired one).
     pub async fn get(self: &Arc<Self>, id: &SpiffeId, wait: Duration) -> Result<Arc<WorkloadCert>, CertError> {
         let mut handle = self.ensure(id);
         if let Some(c) = handle.get() {
             return Ok(c);
         }
-        let got = tokio::time::timeout(wait, handle.rx.wait_for(Option::is_some)).await;
-        if let Ok(Ok(c)) = got {
-            if let Some(c) = c.as_ref() {
-                return Ok(c.clone());
-            }
+        let valid = |c: &Option<Arc<WorkloadCert>>| c.as_ref().is_some_and(|c| c.valid_at(SystemTime::now()));
+        let got = match tokio::time::timeout(wait, handle.rx.wait_for(valid)).await {
+            Ok(Ok(c)) => c.clone(),
+            _ => None,
+        };
+        if let Some(c) = got {
+            return Ok(c);
         }
-        Err(CertError::NotReady { id: id.clone(), last_error: self.last_error(id) })
+        let last_error = self.last_error(id);
+        let held = handle.rx.borrow().as_ref().map(|c| c.not_after);
+        match held {
+            Some(not_after) => Err(CertError::Expired { id: id.clone(), not_after: unix(not_after), last_error }),
+            None => Err(CertError::NotReady { id: id.clone(), last_error }),
+        }
     }
 
     fn last_error(&self, id: &SpiffeId) -> Option<String> {
@@ -200,9 +242,11 @@ impl CertManager {
             .iter()
             .map(|(id, e)| {
                 let cert = e.rx.borrow().clone();
+                let expired = cert.as_ref().is_some_and(|c| !c.valid_at(SystemTime::now()));
                 CertStatus {
                     identity: id.to_string(),
-                    ready: cert.is_some(),
+                    ready: cert.is_some() && !expired,
+                    expired,
                     issued_at: cert.as_ref().map(|c| unix(c.issued_at)),
                     not_after: cert.as_ref().map(|c| unix(c.not_after)),
                     generation: cert.as_ref().map(|c| c.generation),
@@ -256,6 +300,7 @@ async fn maintain(
     last_error: Arc<Mutex<Option<String>>>,
 ) {
     let mut backoff = BACKOFF_MIN;
+    let mut announced_expiry = false;
     loop {
         match mgr.fetch(&id).await {
             Ok(cert) => {
@@ -265,9 +310,15 @@ async fn maintain(
                 tx.send_replace(Some(cert));
                 *last_error.lock().expect("lock") = None;
                 backoff = BACKOFF_MIN;
+                announced_expiry = false;
                 tokio::time::sleep(refresh_in.max(Duration::from_secs(1))).await;
             }
             Err(e) => {
+                let expired = tx.borrow().as_ref().is_some_and(|c| !c.valid_at(SystemTime::now()));
+                if expired && !announced_expiry {
+                    tracing::error!(%id, error = %e, "certificate expired without renewal: the identity is not presented (new mesh connections fail) until the CA issues a new one");
+                    announced_expiry = true;
+                }
                 let msg = e.to_string();
                 {
                     let mut last = last_error.lock().expect("lock");

@@ -363,3 +363,44 @@ async fn the_bundle_watcher_swaps_in_a_changed_file_and_keeps_the_roots_on_a_bad
     stop.cancel();
     task.await.unwrap();
 }
+
+/// Signs once, with a lifetime of two seconds, then is down for good.
+struct OnceThenDown {
+    authority: Authority,
+    signed: std::sync::atomic::AtomicBool,
+}
+
+impl CertificateAuthority for OnceThenDown {
+    fn sign<'a>(
+        &'a self,
+        identity: &'a SpiffeId,
+        csr_pem: String,
+    ) -> super::ca_client::BoxFuture<'a, Result<super::ca_client::SignedChain, CaError>> {
+        Box::pin(async move {
+            if self.signed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err(CaError::Timeout);
+            }
+            let now = SystemTime::now();
+            let issued = self.authority.sign_csr_valid(&csr_pem, identity, now, now + Duration::from_secs(2)).unwrap();
+            Ok(super::ca_client::SignedChain { chain_pem: issued.chain_pem, not_after: issued.not_after })
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_never_presented_and_is_reported_expired() {
+    let (authority, _) = authority("expiry");
+    let mgr = CertManager::new(Arc::new(OnceThenDown { authority, signed: false.into() }));
+    let web = id("web");
+    let cert = mgr.get(&web, Duration::from_secs(5)).await.unwrap();
+    let handle = mgr.ensure(&web);
+    assert!(handle.current().is_some() && mgr.list()[0].ready);
+    tokio::time::sleep(cert.not_after.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(handle.current().is_none(), "an expired certificate is still presented");
+    let err = mgr.get(&web, Duration::from_millis(300)).await.unwrap_err();
+    assert_eq!(err.reason(), "certificate_expired", "{err}");
+    assert!(err.to_string().contains("timed out"), "the renewal's error is not named: {err}");
+    let status = &mgr.list()[0];
+    assert!(status.expired && !status.ready, "{status:?}");
+}

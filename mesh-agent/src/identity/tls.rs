@@ -100,6 +100,14 @@ pub fn serial_of(cert: &CertificateDer<'_>) -> Option<String> {
     Some(hex(parsed.raw_serial()))
 }
 
+/// End of validity of a certificate.
+#[must_use]
+pub fn not_after_of(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let secs = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 /// Lowercase hex of `bytes`.
 #[must_use]
 pub fn hex(bytes: &[u8]) -> String {

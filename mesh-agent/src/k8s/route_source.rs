@@ -143,7 +143,7 @@ impl RouteWatch {
 
 /// An API object as a route source: `kubernetes:<kind>/<ns>/<name>`, its
 /// JSON (which is YAML) without status and bookkeeping.
-fn source_of(obj: &DynamicObject) -> Option<Source> {
+pub(crate) fn source_of(obj: &DynamicObject) -> Option<Source> {
     let mut value = serde_json::to_value(obj).ok()?;
     let kind = value.get("kind")?.as_str()?.to_ascii_lowercase();
     let meta = value.get_mut("metadata")?.as_object_mut()?;

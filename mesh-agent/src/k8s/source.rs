@@ -434,7 +434,7 @@ impl KubeSource {
 
 /// A policy object from the API in the engine's envelope (which keeps the
 /// spec raw and validates it strictly when compiled).
-fn policy_object(obj: &DynamicObject) -> Result<AuthorizationPolicy, String> {
+pub(crate) fn policy_object(obj: &DynamicObject) -> Result<AuthorizationPolicy, String> {
     let value = serde_json::to_value(obj).map_err(|e| e.to_string())?;
     serde_json::from_value(value).map_err(|e| {
         format!(

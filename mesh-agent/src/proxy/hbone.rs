@@ -19,7 +19,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,7 +102,7 @@ impl TunnelError {
     #[must_use]
     pub fn reason(&self) -> &'static str {
         match self {
-            TunnelError::Cert(_) => "no_certificate",
+            TunnelError::Cert(e) => e.reason(),
             TunnelError::Connect(e) => e.reason(),
             TunnelError::Tls { .. } => "tls_handshake",
             TunnelError::Identity { .. } => "peer_identity",
@@ -126,6 +126,8 @@ struct Pooled {
     sender: h2::client::SendRequest<Bytes>,
     probe: Option<Arc<TcpProbe>>,
     generation: u64,
+    /// When the destination's certificate expires: no new stream after.
+    peer_not_after: Option<SystemTime>,
     /// Set by the connection's driver task when the connection ends.
     closed: Arc<AtomicBool>,
 }
@@ -145,6 +147,8 @@ struct Opened {
     sender: h2::client::SendRequest<Bytes>,
     probe: Option<Arc<TcpProbe>>,
     handshake: Option<Duration>,
+    /// When the destination's certificate expires.
+    peer_not_after: Option<SystemTime>,
     /// The pool entry's flag: set when the connection is no use any more.
     closed: Arc<AtomicBool>,
 }
@@ -259,12 +263,18 @@ impl Mesh {
         if !fresh {
             let mut pool = self.pool.lock().expect("pool lock");
             if let Some(conns) = pool.get_mut(key) {
-                conns.retain(|c| !c.closed.load(Ordering::Acquire) && c.generation >= generation);
+                let now = SystemTime::now();
+                conns.retain(|c| {
+                    !c.closed.load(Ordering::Acquire)
+                        && c.generation >= generation
+                        && c.peer_not_after.is_none_or(|t| now < t)
+                });
                 if let Some(c) = conns.first() {
                     return Ok(Opened {
                         sender: c.sender.clone(),
                         probe: c.probe.clone(),
                         handshake: None,
+                        peer_not_after: c.peer_not_after,
                         closed: c.closed.clone(),
                     });
                 }
@@ -278,6 +288,7 @@ impl Mesh {
             sender: opened.sender.clone(),
             probe: opened.probe.clone(),
             generation,
+            peer_not_after: opened.peer_not_after,
             closed,
         });
         Ok(opened)
@@ -304,6 +315,7 @@ impl Mesh {
         let handshake = started.elapsed();
         tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&key.dst_id))
             .map_err(|source| TunnelError::Identity { addr, source })?;
+        let peer_not_after = tls.get_ref().1.peer_certificates().and_then(<[_]>::first).and_then(tls::not_after_of);
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
@@ -323,7 +335,7 @@ impl Mesh {
             }
         });
         tracing::debug!(src = %key.src, dst = %addr, "tunnel connection opened");
-        Ok(Opened { sender, probe, handshake: Some(handshake), closed: driver_closed })
+        Ok(Opened { sender, probe, handshake: Some(handshake), peer_not_after, closed: driver_closed })
     }
 
     /// Number of pooled tunnel connections.

@@ -22,7 +22,7 @@
 use std::{
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -93,7 +93,7 @@ async fn serve_connection(
     info.security = Security::MutualTls;
     info.dst_identity = Some(pod.identity.name());
     let probe = TcpProbe::of(&tcp).map(Arc::new);
-    let (mut h2, peer_id) = match admit(tcp, peer, &ctx, &mesh, &acceptor, &mut info).await {
+    let (mut h2, peer_id, peer_not_after) = match admit(tcp, peer, &ctx, &mesh, &acceptor, &mut info).await {
         Ok(admitted) => admitted,
         Err((why, msg)) => {
             if why == TunnelRefusal::HandshakeLimit {
@@ -112,6 +112,7 @@ async fn serve_connection(
         }
     };
     let info = Arc::new(info);
+    let own = mesh.certs.ensure(&pod.identity);
     // `accept` also drives the connection's I/O for every open stream. When
     // the agent starts draining (a handover, or exit), GOAWAY tells the
     // source agent to open new streams elsewhere; the open ones go on.
@@ -127,7 +128,19 @@ async fn serve_connection(
         };
         let Some(next) = next else { break };
         match next {
-            Ok((req, respond)) => {
+            Ok((req, mut respond)) => {
+                if let Some(why) = expired(peer_not_after, &own) {
+                    // Certificates are checked at the handshake; a stream
+                    // opened after one of them expired needs a new one.
+                    refused(&ctx, TunnelRefusal::CertificateExpired);
+                    ctx.flows.failed(ctx.flows.conn_id(), &info, format!("tunnel stream refused: {why}"));
+                    let _ = respond.send_response(refuse(StatusCode::FORBIDDEN, "certificate_expired"), true);
+                    if !going_away {
+                        going_away = true;
+                        h2.graceful_shutdown();
+                    }
+                    continue;
+                }
                 let (pod, ctx2, info, peer_id, probe) =
                     (pod.clone(), ctx.clone(), info.clone(), peer_id.clone(), probe.clone());
                 ctx.tracker.spawn(async move {
@@ -152,8 +165,23 @@ async fn serve_connection(
     }
 }
 
-/// A tunnel connection that finished its handshakes, and its verified peer.
-type Admission = (h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>, SpiffeId);
+/// Why a new stream on a tunnel connection is refused for a certificate
+/// that expired since its handshake: the peer's (`peer_not_after`) or this
+/// pod's own (`own` holds no valid certificate).
+fn expired(peer_not_after: Option<SystemTime>, own: &crate::identity::certs::CertHandle) -> Option<&'static str> {
+    if peer_not_after.is_some_and(|t| SystemTime::now() >= t) {
+        Some("the peer's certificate has expired")
+    } else if own.get().is_none() {
+        Some("this pod's certificate has expired")
+    } else {
+        None
+    }
+}
+
+/// A tunnel connection that finished its handshakes, its verified peer, and
+/// when the peer's certificate expires.
+type Admission =
+    (h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>, SpiffeId, Option<SystemTime>);
 
 /// The checks and handshakes before a tunnel connection carries streams:
 /// the source must be a known workload (checked before any TLS work), hold
@@ -194,22 +222,29 @@ async fn admit(
     let peer_id = tls::peer_identity(tls.get_ref().1.peer_certificates(), Some(&expected))
         .map_err(|e| (TunnelRefusal::PeerIdentity, format!("tunnel client rejected: {e}")))?;
     info.src_identity = Some(peer_id.name());
-    info.peer_cert_serial =
-        tls.get_ref().1.peer_certificates().and_then(<[_]>::first).and_then(tls::serial_of).map(Into::into);
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .handshake::<_, Bytes>(tls);
+    let leaf = tls.get_ref().1.peer_certificates().and_then(<[_]>::first);
+    info.peer_cert_serial = leaf.and_then(tls::serial_of).map(Into::into);
+    let peer_not_after = leaf.and_then(tls::not_after_of);
+    let handshake = server_builder().handshake::<_, Bytes>(tls);
     let h2 = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err((TunnelRefusal::Http2Handshake, format!("tunnel HTTP/2 handshake failed: {e}"))),
         Err(_) => return Err(timed_out("HTTP/2")),
     };
     drop(slot);
-    Ok((h2, peer_id))
+    Ok((h2, peer_id, peer_not_after))
+}
+
+/// The tunnel's HTTP/2 server settings: windows, frame size, streams and
+/// header list bounds.
+pub(crate) fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST);
+    b
 }
 
 /// Whether a tunnel connection's error is the peer's fault at the HTTP/2

@@ -125,7 +125,7 @@ impl Drop for Unanswered<'_> {
 /// Istio's path normalisation (`BASE`): what policy, routes and the
 /// upstream see ([`crate::policy::l7::path`]); the record keeps the path
 /// as the client sent it.
-fn normalize_path<B>(req: &mut Request<B>) -> Result<(), crate::policy::l7::path::PathError> {
+pub(crate) fn normalize_path<B>(req: &mut Request<B>) -> Result<(), crate::policy::l7::path::PathError> {
     let path = req.uri().path();
     if req.method() == hyper::Method::CONNECT || (path == "*" && req.method() == hyper::Method::OPTIONS) {
         return Ok(());
@@ -145,7 +145,7 @@ fn normalize_path<B>(req: &mut Request<B>) -> Result<(), crate::policy::l7::path
     Ok(())
 }
 
-fn is_grpc<B>(req: &Request<B>) -> bool {
+pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -183,7 +183,7 @@ fn new_pending<B>(req: &Request<B>, down: &Downstream, state: &State, started: I
     }
 }
 
-fn authority<B>(req: &Request<B>) -> Option<String> {
+pub(crate) fn authority<B>(req: &Request<B>) -> Option<String> {
     req.uri()
         .authority()
         .map(ToString::to_string)
@@ -325,7 +325,7 @@ fn rate_limit_reply(pending: &mut Pending, refused: &ratelimit::Refused, grpc: b
 }
 
 /// The answer of a `RequestRedirect` (or an Istio `redirect`).
-fn redirect_reply<B>(req: &Request<B>, r: &Redirect, path_match: Option<&PathMatch>) -> Response<HttpBody> {
+pub(crate) fn redirect_reply<B>(req: &Request<B>, r: &Redirect, path_match: Option<&PathMatch>) -> Response<HttpBody> {
     let location = filters::redirect_location(
         r,
         "http",
@@ -668,7 +668,7 @@ fn retryable(p: &RetryPolicy, resp: &Response<HttpBody>, flag: &str, grpc: bool)
                 .is_some_and(|c| p.grpc_codes.contains(&c)))
 }
 
-fn apply_request_filters(req: &mut Request<Incoming>, f: &Filters, path_match: Option<&PathMatch>) {
+pub(crate) fn apply_request_filters(req: &mut Request<Incoming>, f: &Filters, path_match: Option<&PathMatch>) {
     if let Some(m) = &f.request_headers {
         filters::modify_headers(req.headers_mut(), m);
     }

@@ -19,14 +19,15 @@
 //! flow control. A client breaking the limits gets a 4xx where HTTP allows
 //! it, else its connection closed; the others are unaffected.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
 use hyper::{
+    body::Incoming,
     server::conn::{http1, http2},
     service::service_fn,
-    Method, Request, StatusCode,
+    Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,7 +39,7 @@ use super::{
     forward,
     h2io::H2Io,
     passthrough,
-    pool::Version,
+    pool::{HttpBody, Version},
     Downstream, State,
 };
 use crate::{
@@ -213,15 +214,28 @@ async fn serve_stream(
         service,
         version,
     });
-    let io = TokioIo::new(Prefixed::new(head, io));
     let svc = {
         let (down, state) = (down.clone(), state.clone());
         service_fn(move |req| {
             let (down, state) = (down.clone(), state.clone());
-            async move { Ok::<_, std::convert::Infallible>(forward::handle(req, down, state).await) }
+            async move { Ok::<_, Infallible>(forward::handle(req, down, state).await) }
         })
     };
-    let served = match version {
+    if let Err(e) = serve_http(Prefixed::new(head, io), version, svc).await {
+        tracing::debug!(%peer, error = %e, "client HTTP connection ended with an error");
+    }
+}
+
+/// Serves a client's HTTP/1.1 or HTTP/2 connection with the waypoint's
+/// limits (header size and time, streams, resets, windows).
+pub(crate) async fn serve_http<I, S>(io: I, version: Version, svc: S) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<HttpBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    let io = TokioIo::new(io);
+    match version {
         Version::Http1 => {
             http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -243,8 +257,5 @@ async fn serve_stream(
                 .serve_connection(io, svc)
                 .await
         }
-    };
-    if let Err(e) = served {
-        tracing::debug!(%peer, error = %e, "client HTTP connection ended with an error");
     }
 }

@@ -1,0 +1,4 @@
+//! libFuzzer harness for `mesh_agent::fuzzing::tunnel_tls`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| mesh_agent::fuzzing::tunnel_tls(data));

@@ -1,0 +1,190 @@
+//! Faults in the mesh itself (issue 14): the mesh CA down for longer than
+//! a certificate's lifetime, a destination node agent killed in the middle
+//! of a transfer, and the clocks of two nodes minutes apart. Each test
+//! builds its own two-node cluster with mTLS (see `common`), needs root,
+//! and fails under `CI=true` when it cannot run.
+//!
+//! What is asserted is what users see: their open connections carry on or
+//! end promptly with an error (never hang), new ones fail closed with a
+//! reason in the flow records and in `heddle certs`, and the mesh recovers
+//! by itself once the fault is gone.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use common::mesh::{expect_no_leaks, expect_tunnelled, warm_up};
+use common::{environment_ready, expect_delivered, heddle, run_e2e, wait_finished, Cluster, Mtls, Options, ECHO_PORT};
+use heddle_tests::env::{FAKETIME, LIBFAKETIME};
+use heddle_tests::{poll_until, require_tool, Check, ClientSpec, Direction, FlowEvent};
+
+/// Certificate lifetime in the CA test: short, so the outage outlasts it.
+const TTL_SECONDS: u64 = 8;
+
+/// Polls until a new mesh connection from `client` to `server` succeeds;
+/// returns how long that took.
+fn wait_mesh_recovers(c: &Cluster, what: &str, within: Duration) -> Result<Duration> {
+    let to = c.server.addr(ECHO_PORT);
+    let start = Instant::now();
+    poll_until(what, within, Duration::from_millis(250), || {
+        let s = c.client.run_client(&ClientSpec::to(to))?;
+        Ok(if s.all_ok() { Check::Ready(()) } else { Check::Pending(s.to_string()) })
+    })?;
+    Ok(start.elapsed())
+}
+
+#[test]
+fn a_ca_down_past_the_certificate_lifetime_keeps_open_connections_fails_new_ones_closed_and_recovers() {
+    let options =
+        Options { mtls: Some(Mtls { ttl_seconds: Some(TTL_SECONDS), ..Mtls::default() }), ..Options::default() };
+    run_e2e("fault_ca_down", options, |c| {
+        let ca = c.ca.as_ref().context("CA")?;
+        let to = c.server.addr(ECHO_PORT);
+        let baseline = warm_up(c)?;
+        // 40 chunks, one every 500 ms: open across the whole outage.
+        let long = c.client.spawn_client(&ClientSpec::to(to).bytes(4000).trickle(40, Duration::from_millis(500)))?;
+
+        ca.stop();
+        let id = c.client.spiffe_id();
+        let expired_after = Instant::now();
+        poll_until(
+            "the client's certificate to expire with the CA down",
+            Duration::from_secs(TTL_SECONDS * 2 + 5),
+            Duration::from_millis(250),
+            || {
+                let certs = c.agent_a.certs()?;
+                let expired = certs.certificate(&id).is_some_and(|cert| cert.expired && !cert.ready);
+                Ok(if expired { Check::Ready(()) } else { Check::Pending(certs.to_string()) })
+            },
+        )?;
+        eprintln!("the client's certificate expired {:.1?} into the outage", expired_after.elapsed());
+        let certs = c.agent_a.certs()?;
+        let cert = certs.certificate(&id).context("client certificate listed")?;
+        ensure!(cert.last_error.is_some(), "an expired certificate without the renewal's error: {certs}");
+        let (code, out, _) = heddle(&c.agent_a, &["certs"])?;
+        ensure!(code == 0 && out.lines().any(|l| l.contains(&id) && l.contains("EXPIRED")), "heddle certs:\n{out}");
+
+        // New connections fail closed, and say why.
+        let start = Instant::now();
+        let refused = c.client.run_client(&ClientSpec::to(to))?;
+        let took = start.elapsed();
+        ensure!(refused.failed == 1, "a new mesh connection succeeded with an expired certificate: {refused}");
+        ensure!(took < Duration::from_secs(8), "failing closed took {took:?}");
+        let records = wait_finished(&c.agent_a, Direction::Outbound, "demo/client", to, 2)?;
+        let last = records.iter().rev().find(|f| f.event == FlowEvent::Error).context("no error record")?;
+        ensure!(
+            last.is_mutual_tls() && last.error.as_deref().is_some_and(|e| e.contains("expired")),
+            "the refused connection's record does not say the certificate expired: {last}"
+        );
+        eprintln!("with the certificate expired the application saw {refused} after {took:.1?}; recorded: {last}");
+
+        ca.start()?;
+        let recovered = wait_mesh_recovers(c, "new mesh connections once the CA is back", Duration::from_secs(45))?;
+        eprintln!("new mesh connections succeeded {recovered:.1?} after the CA came back");
+        let certs = c.agent_a.certs()?;
+        ensure!(certs.certificate(&id).is_some_and(|c| c.ready && !c.expired), "after recovery: {certs}");
+
+        // The connection opened before the outage went on through it.
+        let long = long.wait(Duration::from_secs(40))?;
+        ensure!(long.all_ok() && long.ok == 1, "the connection open during the outage: {long}");
+        expect_no_leaks(&[(&c.agent_a, baseline[0]), (&c.agent_b, baseline[1])])
+    });
+}
+
+#[test]
+fn a_destination_agent_killed_mid_transfer_resets_its_clients_and_the_source_recovers() {
+    run_e2e("fault_dest_killed", Options::mtls(), |c| {
+        let to = c.server.addr(ECHO_PORT);
+        let baseline = warm_up(c)?;
+        let long = c.client.spawn_client(&ClientSpec::to(to).bytes(10_000).trickle(100, Duration::from_millis(100)))?;
+        std::thread::sleep(Duration::from_secs(1));
+
+        c.agent_b.kill()?;
+        let killed = Instant::now();
+        let cut = long.wait(Duration::from_secs(15))?;
+        let took = killed.elapsed();
+        ensure!(cut.failed == 1 && cut.ok == 0, "the transfer through the killed agent: {cut}");
+        ensure!(took < Duration::from_secs(5), "the client learnt of the killed agent after {took:?} (a hang)");
+        eprintln!("the client of the killed agent saw {cut} after {took:.1?}");
+        // The source agent records the transfer as ended by an error.
+        let records = wait_finished(&c.agent_a, Direction::Outbound, "demo/client", to, 2)?;
+        let last = records.last().context("a record")?;
+        ensure!(last.error.is_some() && last.is_mutual_tls(), "source agent's record: {last}");
+
+        // With no agent on node-b, new connections fail at once.
+        let start = Instant::now();
+        let down = c.client.run_client(&ClientSpec::to(to))?;
+        let took = start.elapsed();
+        ensure!(down.failed == 1, "a connection succeeded with the destination agent down: {down}");
+        ensure!(took < Duration::from_secs(5), "failing took {took:?}");
+        eprintln!("with the destination agent down a new connection saw {down} after {took:.1?}");
+
+        c.agent_b.restart()?;
+        c.wait_certificates()?;
+        let recovered = wait_mesh_recovers(c, "new mesh connections once the agent is back", Duration::from_secs(20))?;
+        eprintln!("mesh connections succeeded {recovered:.1?} after the agent restarted");
+        expect_delivered(&c.client, &ClientSpec::to(to).conns(3))?;
+        let pooled = c.agent_a.certs()?.pooled_tunnels;
+        ensure!(pooled == Some(1), "the source pool after recovery holds {pooled:?} tunnels (expected 1)");
+        expect_no_leaks(&[(&c.agent_a, baseline[0])])
+    });
+}
+
+#[test]
+fn nodes_whose_clocks_are_minutes_apart_still_accept_each_others_certificates() {
+    if !environment_ready() {
+        return;
+    }
+    if let Err(e) = require_tool(FAKETIME) {
+        panic!("fault_clock_skew: cannot run: {e}");
+    }
+    run_e2e("fault_clock_skew", Options { peer: true, ..Options::mtls() }, |c| {
+        let peer = c.peer.as_ref().context("peer pod")?;
+        // node-b's agent runs 4 minutes behind the CA and node-a.
+        c.agent_b.set_env(&[("LD_PRELOAD", LIBFAKETIME), ("FAKETIME", "-240"), ("FAKETIME_DONT_FAKE_MONOTONIC", "1")]);
+        c.agent_b.restart()?;
+        c.wait_certificates()?;
+        let certs = c.agent_b.certs()?;
+        ensure!(certs.certificates.iter().all(|c| c.ready), "node-b, 4 minutes behind: {certs}");
+        // Both directions, both agents verifying the other's certificates.
+        let to_server = c.server.addr(ECHO_PORT);
+        expect_delivered(&c.client, &ClientSpec::to(to_server).conns(2))?;
+        expect_tunnelled(c, &c.client, &c.server, &c.agent_b, to_server, 2)?;
+        let to_peer = peer.addr(ECHO_PORT);
+        expect_delivered(&c.server, &ClientSpec::to(to_peer).conns(2))?;
+        expect_tunnelled(c, &c.server, peer, &c.agent_a, to_peer, 2)?;
+
+        // Beyond what the CA allows for (30 minutes), node-b fails closed
+        // and says why.
+        c.agent_b.set_env(&[("LD_PRELOAD", LIBFAKETIME), ("FAKETIME", "-1800"), ("FAKETIME_DONT_FAKE_MONOTONIC", "1")]);
+        c.agent_b.restart()?;
+        let why = poll_until(
+            "node-b, 30 minutes behind, to report why it has no certificate",
+            Duration::from_secs(20),
+            Duration::from_millis(250),
+            || {
+                let certs = c.agent_b.certs()?;
+                let errors: Vec<String> = certs.certificates.iter().filter_map(|c| c.last_error.clone()).collect();
+                Ok(match errors.first() {
+                    Some(e) if certs.certificates.iter().all(|c| !c.ready) => Check::Ready(e.clone()),
+                    _ => Check::Pending(certs.to_string()),
+                })
+            },
+        )?;
+        eprintln!("node-b 30 minutes behind: {why}");
+        let lower = why.to_lowercase();
+        ensure!(
+            lower.contains("not valid yet") || lower.contains("notvalidyet"),
+            "the reason does not name the clock: {why}"
+        );
+        let refused = c.client.run_client(&ClientSpec::to(to_server))?;
+        ensure!(refused.failed == 1, "a connection to the node whose clock is 30 minutes off succeeded: {refused}");
+
+        c.agent_b.set_env(&[]);
+        c.agent_b.restart()?;
+        c.wait_certificates()?;
+        expect_delivered(&c.client, &ClientSpec::to(to_server))?;
+        Ok(())
+    });
+}
