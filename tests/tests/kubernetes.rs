@@ -408,3 +408,97 @@ fn kubelet_probes_from_the_node_pass_strict_mode_and_allow_policies_on_probed_po
         Ok(())
     });
 }
+
+#[test]
+fn watches_flapping_during_pod_churn_leave_no_stale_enrollment_and_lose_no_policy() {
+    run("k8s-flap", true, |c| {
+        wait_captured(&c.agent_b, "demo/server", true)?;
+        let churn: Vec<Pod> =
+            (0..4).map(|i| c.tb.add_pod(&c.node_b, PodSpec::new(&format!("churn-{i}")))).collect::<Result<_, _>>()?;
+        let lists_before = list_requests(c);
+        let flapping = std::sync::atomic::AtomicBool::new(true);
+        let mut present = [false; 4];
+        let mut policies: Vec<String> = Vec::new();
+        let cuts = std::thread::scope(|s| -> Result<usize> {
+            // Every 250 ms the watches are cut, new ones held, and every
+            // other time the history compacted (410 Gone: a re-list).
+            let flapper = s.spawn(|| {
+                let mut cuts = 0;
+                while flapping.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.api.hold_watches();
+                    c.api.drop_watches();
+                    std::thread::sleep(Duration::from_millis(120));
+                    if cuts % 2 == 1 {
+                        c.api.compact();
+                    }
+                    c.api.release_watches();
+                    std::thread::sleep(Duration::from_millis(130));
+                    cuts += 1;
+                }
+                cuts
+            });
+            // Meanwhile pods come and go and policies change, as a busy
+            // cluster's would.
+            let churned = (|| -> Result<()> {
+                for round in 0..22 {
+                    let i = round % 4;
+                    if present[i] {
+                        c.api.delete("v1", "Pod", Some("demo"), churn[i].name())?;
+                    } else {
+                        c.api.apply(pod_object(&churn[i], &json!({"app": "churn"})))?;
+                    }
+                    present[i] = !present[i];
+                    let name = format!("churn-policy-{round}");
+                    let mut policy = deny_client("heddle.dev/v1alpha1", &name);
+                    policy["spec"]["rules"][0]["to"][0]["operation"]["ports"] = json!(["9999"]);
+                    c.api.apply(policy)?;
+                    policies.push(format!("demo/{name}"));
+                    if round % 3 == 2 {
+                        let gone = policies.remove(0);
+                        let name = gone.trim_start_matches("demo/");
+                        c.api.delete("heddle.dev/v1alpha1", "AuthorizationPolicy", Some("demo"), name)?;
+                    }
+                    std::thread::sleep(Duration::from_millis(170));
+                }
+                Ok(())
+            })();
+            flapping.store(false, std::sync::atomic::Ordering::Relaxed);
+            let cuts = flapper.join().map_err(|_| anyhow::anyhow!("the flapper panicked"))?;
+            churned.map(|()| cuts)
+        })?;
+        c.api.release_watches();
+        c.api.send_bookmarks();
+        eprintln!("{cuts} watch cuts during the churn; final pods {present:?}, {} policies", policies.len());
+
+        // The agents end where the API is: every present pod captured,
+        // every deleted one gone, the enrollment map holding exactly the
+        // node's enrolled pods, and exactly the policies that exist.
+        for (pod, present) in churn.iter().zip(present) {
+            let name = format!("demo/{}", pod.name());
+            poll_until(&format!("{name} present={present} on node-b"), WAIT, POLL, || {
+                Ok(match c.agent_b.workload(&name)? {
+                    Some(w) if present && w.captured => Check::Ready(()),
+                    None if !present => Check::Ready(()),
+                    other => Check::Pending(format!("{other:?}")),
+                })
+            })?;
+        }
+        let enrolled = 1 + present.iter().filter(|p| **p).count() as u64;
+        poll_until("node-b's enrollment map to match its pods", WAIT, POLL, || {
+            let entries = c.agent_b.datapath()?.map_entries("HEDDLE_ENROLLED");
+            Ok(if entries == enrolled { Check::Ready(()) } else { Check::Pending(format!("{entries} entries")) })
+        })?;
+        let mut expected: Vec<&str> = policies.iter().map(String::as_str).collect();
+        expected.sort_unstable();
+        wait_policy(c, &expected)?;
+        ensure!(list_requests(c) > lists_before, "the agents never re-listed during the flapping");
+        // And the mesh still decides: the client gets through, then a new
+        // policy denies it.
+        expect_delivered(&c.client, &ClientSpec::to(c.server.addr(ECHO_PORT)))?;
+        c.api.apply(deny_client("heddle.dev/v1alpha1", "after-flapping"))?;
+        expected.push("demo/after-flapping");
+        expected.sort_unstable();
+        wait_policy(c, &expected)?;
+        expect_denied_by(c, "demo/after-flapping")
+    });
+}
