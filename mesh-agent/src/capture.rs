@@ -224,7 +224,7 @@ impl Capture {
         if let Some(mesh) = &self.ctx.mesh {
             // Certificates: exactly the identities of this node's enrolled pods.
             let ids: HashSet<SpiffeId> = desired.values().map(|(d, _)| d.identity.clone()).collect();
-            mesh.certs.retain(&ids);
+            mesh.retain_identities(&ids);
             for id in &ids {
                 mesh.certs.ensure(id);
             }

@@ -482,6 +482,14 @@ fn watches_flapping_during_pod_churn_leave_no_stale_enrollment_and_lose_no_polic
                     other => Check::Pending(format!("{other:?}")),
                 })
             })?;
+            // node-a knows node-b's pods (for policy and the tunnel) too.
+            poll_until(&format!("{name} present={present} on node-a"), WAIT, POLL, || {
+                Ok(match c.agent_a.workload(&name)? {
+                    Some(w) if present && !w.captured && w.node == "node-b" => Check::Ready(()),
+                    None if !present => Check::Ready(()),
+                    other => Check::Pending(format!("{other:?}")),
+                })
+            })?;
         }
         let enrolled = 1 + present.iter().filter(|p| **p).count() as u64;
         poll_until("node-b's enrollment map to match its pods", WAIT, POLL, || {

@@ -71,7 +71,15 @@ pub fn run(root: &Path, seconds: u64, targets: Vec<String>) -> anyhow::Result<()
         let before: Vec<_> = files_in(&artifacts);
         eprintln!("xtask: fuzzing {target} for {seconds} s");
         let out = common_args(cargo_fuzz(root).args(["run", &target]))
-            .args(["--", &format!("-max_total_time={seconds}"), "-print_final_stats=1", "-rss_limit_mb=4096"])
+            // An input that takes 20 s is a hang (the serving targets give
+            // up after 10 s themselves).
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-timeout=20",
+                "-print_final_stats=1",
+                "-rss_limit_mb=4096",
+            ])
             .stdout(Stdio::inherit())
             .output()
             .with_context(|| format!("cannot run cargo fuzz for {target}"))?;
@@ -81,7 +89,12 @@ pub fn run(root: &Path, seconds: u64, targets: Vec<String>) -> anyhow::Result<()
             .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0);
-        let crash = files_in(&artifacts).into_iter().find(|p| !before.contains(p));
+        // libFuzzer's findings (`slow-unit-*` files are only slow inputs).
+        let finding = |p: &std::path::PathBuf| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            ["crash-", "timeout-", "oom-", "leak-"].iter().any(|k| name.starts_with(k))
+        };
+        let crash = files_in(&artifacts).into_iter().find(|p| !before.contains(p) && finding(p));
         if let Some(c) = &crash {
             let keep = fuzz.join("regressions").join(&target);
             std::fs::create_dir_all(&keep)?;

@@ -1,5 +1,5 @@
 //! The fixed state fuzz targets run against, made once per process: a
-//! tokio runtime, a registry with one service, the waypoint's routes and
+//! registry with one service, the waypoint's routes and
 //! L7 policies for it, a mesh CA with a known node token, and the tunnel's
 //! TLS server configuration. The CA keeps its root under the system's temp
 //! directory, one directory per process (`heddle-fuzz-<pid>`).
@@ -85,14 +85,6 @@ spec:
   - when: [{key: "request.headers[X-Debug]", values: ["*"]}]
   - to: [{operation: {hosts: ["*.internal"], paths: ["/api/{*}/secret/{**}"]}}]
 "#;
-
-/// A current-thread runtime with time, for the targets that serve.
-pub fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a current-thread runtime")
-    })
-}
 
 /// The registry (`demo/api` at 10.96.0.1:80, two endpoints; `demo/web`).
 pub fn registry() -> &'static Registry {

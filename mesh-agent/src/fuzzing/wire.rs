@@ -4,8 +4,12 @@
 //! HTTP/2 request handling (detection, hyper with the waypoint's limits,
 //! path normalisation, L7 authorization, route matching and filters).
 //! Each serves the input over an in-memory pipe, the client's side closed
-//! after the last byte, and must finish: a server still waiting after the
-//! client has gone is a hang, and fails the target.
+//! after the last byte, on a runtime of its own (so nothing of one input
+//! runs during the next), and must finish within [`HANG`]: a server still
+//! waiting after the client has gone is a hang, and fails the target. A
+//! panic in any task serving the input fails it too (libFuzzer aborts on
+//! any panic; the stable replay counts them, as a panic in a spawned task
+//! would not reach it otherwise).
 
 use std::{
     convert::Infallible,
@@ -34,8 +38,26 @@ use crate::{
     },
 };
 
-/// Longest a server may take to finish once its client's input has ended.
+/// Longest a server may take to serve an input and finish.
 const HANG: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// Panics on this thread (a current-thread runtime runs its tasks here).
+    static PANICS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts every panic on its thread in [`PANICS`], then does what the
+/// previous hook did.
+fn count_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.with(|p| p.set(p.get() + 1));
+            previous(info);
+        }));
+    });
+}
 
 /// The address the tunnel fixture's pod has.
 const POD: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
@@ -48,7 +70,10 @@ where
     F: FnOnce(DuplexStream) -> Fut,
     Fut: Future<Output = ()>,
 {
-    fixtures::runtime().block_on(async {
+    count_panics();
+    let before = PANICS.with(std::cell::Cell::get);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    runtime.block_on(async {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (mut from_server, mut to_server) = tokio::io::split(client);
         let feed = async move {
@@ -61,12 +86,15 @@ where
         let ((), (), finished) = tokio::join!(feed, drain, tokio::time::timeout(HANG, serve(server)));
         assert!(finished.is_ok(), "the server was still busy {HANG:?} after its client's input ended");
     });
+    drop(runtime);
+    let panics = PANICS.with(std::cell::Cell::get) - before;
+    assert!(panics == 0, "{panics} task(s) serving the input panicked");
 }
 
 /// The tunnel port after TLS: HTTP/2 with the tunnel's settings, each
-/// stream checked as the tunnel checks it (method, CONNECT target, trace
-/// context). A target is only ever this pod's address, never the tunnel
-/// port.
+/// stream put through the checks the tunnel makes before authorization
+/// (method, `CONNECT` target, trace context). A target is only ever this
+/// pod's address, never the tunnel port.
 pub fn tunnel_connect(data: &[u8]) {
     over_pipe(data, |io| async move {
         let Ok(mut conn) = tunnel::server_builder().handshake::<_, Bytes>(io).await else { return };
@@ -127,8 +155,10 @@ pub fn ca_http(data: &[u8]) {
 }
 
 /// The waypoint's client side: protocol detection, then hyper with the
-/// waypoint's HTTP/1.1 or HTTP/2 settings, every request decided as the
-/// waypoint decides it, and answered locally instead of forwarded.
+/// waypoint's HTTP/1.1 or HTTP/2 settings, every request put through the
+/// waypoint's own steps before forwarding (path normalisation, L7
+/// authorization, route matching, redirects, rewrites, the backend pick),
+/// and answered locally instead of forwarded.
 pub fn waypoint_http(data: &[u8]) {
     over_pipe(data, |mut io| async move {
         let Ok((protocol, head)) = detect::detect(&mut io).await else { return };
@@ -193,7 +223,9 @@ fn decide(mut req: Request<Incoming>) -> Response<HttpBody> {
     }
     forward::apply_request_filters(&mut req, &rule.filters, path_match.as_ref());
     let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
-    if let Some(b) = pick_weighted(&weights, rand::random()).map(|i| &rule.backends[i]) {
+    // Deterministic, so that a crash replays: the pick comes from the path.
+    let roll = req.uri().path().bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    if let Some(b) = pick_weighted(&weights, roll).map(|i| &rule.backends[i]) {
         forward::apply_request_filters(&mut req, &b.filters, path_match.as_ref());
     }
     forward::local_reply(StatusCode::OK, grpc, req.uri().path())

@@ -222,6 +222,10 @@ impl CertManager {
         if let Some(c) = got {
             return Ok(c);
         }
+        // A renewal may have landed just after the wait.
+        if let Some(c) = handle.get() {
+            return Ok(c);
+        }
         let last_error = self.last_error(id);
         let held = handle.rx.borrow().as_ref().map(|c| c.not_after);
         match held {
@@ -269,6 +273,14 @@ impl CertManager {
             .map_err(|e| CertError::BadChain(e.to_string()))?;
         let got = tls::peer_identity(Some(&chain), Some(id)).map_err(|e| CertError::BadChain(e.to_string()))?;
         debug_assert_eq!(&got, id);
+        if signed.not_after <= SystemTime::now() {
+            // Only a clock ahead of the CA's by a whole lifetime does this:
+            // retried with back-off, and named, rather than held expired.
+            return Err(CertError::BadChain(format!(
+                "it ends at unix {}, already past by this node's clock (is the node's clock ahead of the CA's?)",
+                unix(signed.not_after)
+            )));
+        }
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signing =
             tls::provider().key_provider.load_private_key(der).map_err(|e| CertError::BadChain(e.to_string()))?;

@@ -126,7 +126,8 @@ struct Pooled {
     sender: h2::client::SendRequest<Bytes>,
     probe: Option<Arc<TcpProbe>>,
     generation: u64,
-    /// When the destination's certificate expires: no new stream after.
+    /// When the destination's certificate expires: no new stream after
+    /// (none, if it could not be read: no new stream at all).
     peer_not_after: Option<SystemTime>,
     /// Set by the connection's driver task when the connection ends.
     closed: Arc<AtomicBool>,
@@ -267,7 +268,7 @@ impl Mesh {
                 conns.retain(|c| {
                     !c.closed.load(Ordering::Acquire)
                         && c.generation >= generation
-                        && c.peer_not_after.is_none_or(|t| now < t)
+                        && c.peer_not_after.is_some_and(|t| now < t)
                 });
                 if let Some(c) = conns.first() {
                     return Ok(Opened {
@@ -292,6 +293,15 @@ impl Mesh {
             closed,
         });
         Ok(opened)
+    }
+
+    /// Stops maintaining the certificates of identities not in `keep`, and
+    /// forgets the client configurations built on them (a configuration
+    /// reads its identity's certificate channel, which ends with it: an
+    /// identity that comes back gets a new channel, and a new configuration).
+    pub fn retain_identities(&self, keep: &std::collections::HashSet<SpiffeId>) {
+        self.certs.retain(keep);
+        self.client_configs.lock().expect("configs lock").retain(|id, _| keep.contains(id));
     }
 
     fn client_config(&self, src: &SpiffeId) -> Result<Arc<ClientConfig>, TunnelError> {

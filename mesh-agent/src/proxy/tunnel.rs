@@ -66,7 +66,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let handle = Arc::new(mesh.certs.ensure(&pod.identity));
-    let acceptor = match tls::server_config_with(handle, mesh.trust.clone()) {
+    let acceptor = match tls::server_config_with(handle.clone(), mesh.trust.clone()) {
         Ok(c) => TlsAcceptor::from(c),
         Err(e) => {
             tracing::error!(pod = %pod.id, error = %e, "cannot serve the tunnel port");
@@ -74,8 +74,9 @@ pub async fn run(
         }
     };
     accept_loop(listener, stop, "tunnel", &pod.id.clone(), move |tcp, peer| {
-        let (pod, ctx, mesh, acceptor) = (pod.clone(), ctx.clone(), mesh.clone(), acceptor.clone());
-        ctx.tracker.clone().spawn(serve_connection(tcp, peer, pod, ctx, mesh, acceptor))
+        let (pod, ctx, mesh, acceptor, own) =
+            (pod.clone(), ctx.clone(), mesh.clone(), acceptor.clone(), handle.clone());
+        ctx.tracker.clone().spawn(serve_connection(tcp, peer, pod, ctx, mesh, acceptor, own))
     })
     .await;
 }
@@ -87,6 +88,7 @@ async fn serve_connection(
     ctx: Arc<ProxyContext>,
     mesh: Arc<Mesh>,
     acceptor: TlsAcceptor,
+    own: Arc<crate::identity::certs::CertHandle>,
 ) {
     let mut info = ConnInfo::new(Direction::Inbound, pod.id.clone());
     info.src = Some(peer);
@@ -112,7 +114,6 @@ async fn serve_connection(
         }
     };
     let info = Arc::new(info);
-    let own = mesh.certs.ensure(&pod.identity);
     // `accept` also drives the connection's I/O for every open stream. When
     // the agent starts draining (a handover, or exit), GOAWAY tells the
     // source agent to open new streams elsewhere; the open ones go on.
@@ -133,7 +134,9 @@ async fn serve_connection(
                     // Certificates are checked at the handshake; a stream
                     // opened after one of them expired needs a new one.
                     refused(&ctx, TunnelRefusal::CertificateExpired);
-                    ctx.flows.failed(ctx.flows.conn_id(), &info, format!("tunnel stream refused: {why}"));
+                    let mut record = (*info).clone();
+                    record.orig_dst = connect_target(req.uri(), &pod.ips).ok();
+                    ctx.flows.failed(ctx.flows.conn_id(), &record, format!("tunnel stream refused: {why}"));
                     let _ = respond.send_response(refuse(StatusCode::FORBIDDEN, "certificate_expired"), true);
                     if !going_away {
                         going_away = true;
@@ -166,10 +169,11 @@ async fn serve_connection(
 }
 
 /// Why a new stream on a tunnel connection is refused for a certificate
-/// that expired since its handshake: the peer's (`peer_not_after`) or this
-/// pod's own (`own` holds no valid certificate).
+/// that expired since its handshake: the peer's (`peer_not_after`; one
+/// whose end could not be read counts as expired) or this pod's own (`own`,
+/// the listener's certificate, holds no valid one).
 fn expired(peer_not_after: Option<SystemTime>, own: &crate::identity::certs::CertHandle) -> Option<&'static str> {
-    if peer_not_after.is_some_and(|t| SystemTime::now() >= t) {
+    if peer_not_after.is_none_or(|t| SystemTime::now() >= t) {
         Some("the peer's certificate has expired")
     } else if own.get().is_none() {
         Some("this pod's certificate has expired")
