@@ -18,7 +18,8 @@ the hostile-client test (tests/tests/hostile.rs). Each prints one JSON line.
       client): {"ok", "alpn", "error"}.
   hostile.py connect HOST PORT --cert C --key K CASES_JSON
       one mTLS + HTTP/2 connection (python-hyper's h2), then per case of the
-      JSON list ({"method", "authority", "header_bytes"}) one stream:
+      JSON list ({"method", "authority", "header_bytes", "sleep"}) one stream
+      (after "sleep" seconds):
       [{"status", "reason", "reset", "error"}], then {"goaway"}.
   hostile.py resets HOST PORT --cert C --key K N
       one mTLS + HTTP/2 connection that opens and at once resets N CONNECT
@@ -191,12 +192,39 @@ def h2_connection(host, port, cert, key):
     return s, conn
 
 
+class Frames:
+    """Feeds the server's bytes to `conn` one HTTP/2 frame at a time, so the
+    events of frames before one h2 refuses (such as a PING after a graceful
+    GOAWAY, which the peer may send but h2 rejects) are not lost."""
+
+    def __init__(self, conn):
+        self.conn, self.pending, self.refused = conn, b"", None
+
+    def feed(self, data):
+        self.pending += data
+        events = []
+        while self.refused is None and len(self.pending) >= 9:
+            n = 9 + int.from_bytes(self.pending[:3], "big")
+            if len(self.pending) < n:
+                break
+            frame, self.pending = self.pending[:n], self.pending[n:]
+            try:
+                events += self.conn.receive_data(frame)
+            except Exception as e:
+                self.refused = repr(e)
+        return events
+
+
 def connect_cases(host, port, cert, key, cases):
     import h2.events
 
     s, conn = h2_connection(host, port, cert, key)
+    frames = Frames(conn)
     results, goaway = [], None
     for case in cases:
+        # A pause first (the tunnel stays open, idle), e.g. to outlive a
+        # certificate.
+        time.sleep(case.get("sleep", 0))
         sid = conn.get_next_available_stream_id()
         method = case.get("method", "CONNECT")
         headers = [(":method", method), (":authority", case["authority"])]
@@ -215,7 +243,7 @@ def connect_cases(host, port, cert, key, cases):
                 if not data:
                     result["error"] = "connection closed"
                     break
-                for ev in conn.receive_data(data):
+                for ev in frames.feed(data):
                     if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
                         h = dict(ev.headers)
                         result["status"] = int(h.get(":status", 0))
@@ -227,6 +255,9 @@ def connect_cases(host, port, cert, key, cases):
                     elif isinstance(ev, h2.events.ConnectionTerminated):
                         goaway = int(ev.error_code)
                         done = True
+                if frames.refused is not None and not done:
+                    result["error"] = frames.refused
+                    break
                 s.sendall(conn.data_to_send())
             if result["status"] == 200:
                 conn.reset_stream(sid)

@@ -14,9 +14,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::mesh::{expect_no_leaks, expect_tunnelled, warm_up};
+use common::mesh::{expect_no_leaks, expect_tunnelled, issue_from_mesh_ca, warm_up};
+use common::scrape::total;
 use common::{environment_ready, expect_delivered, heddle, run_e2e, wait_finished, Cluster, Mtls, Options, ECHO_PORT};
-use heddle_tests::env::{FAKETIME, LIBFAKETIME};
+use heddle_tests::env::{asset, FAKETIME, LIBFAKETIME};
 use heddle_tests::{poll_until, require_tool, Check, ClientSpec, Direction, FlowEvent};
 
 /// Certificate lifetime in the CA test: short, so the outage outlasts it.
@@ -97,6 +98,52 @@ fn a_ca_down_past_the_certificate_lifetime_keeps_open_connections_fails_new_ones
         ensure!(long.all_ok() && long.ok == 1, "the connection open during the outage: {long}");
         eprintln!("the connection open through the {outage:.1?} outage ended intact: {long}");
         expect_no_leaks(&[(&c.agent_a, baseline[0]), (&c.agent_b, baseline[1])])
+    });
+}
+
+#[test]
+fn a_tunnel_opened_before_the_destination_certificate_expired_carries_no_new_stream_after() {
+    let options =
+        Options { mtls: Some(Mtls { ttl_seconds: Some(TTL_SECONDS), ..Mtls::default() }), ..Options::default() };
+    run_e2e("fault_dest_cert_expired", options, |c| {
+        let ca = c.ca.as_ref().context("CA")?;
+        c.wait_certificates()?;
+        // A client of the tunnel port that keeps its tunnel: python-hyper's
+        // h2 in `other`, with a certificate for its own identity.
+        let creds = issue_from_mesh_ca(c.tb.temp_dir(), ca.state_dir(), &c.other.spiffe_id())?;
+        let server = c.server.addr(ECHO_PORT).to_string();
+        ca.stop();
+        // The server's certificate has at most 8 s left: one stream now,
+        // one on the same tunnel after it has expired.
+        let cases = serde_json::json!([{"authority": server}, {"authority": server, "sleep": TTL_SECONDS + 3}]);
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(asset("hostile.py")).args([
+            "connect",
+            &c.server.ip().to_string(),
+            &heddle_tests::TUNNEL_PORT.to_string(),
+        ]);
+        cmd.arg("--cert").arg(creds.join("cert.pem")).arg("--key").arg(creds.join("key.pem")).arg(cases.to_string());
+        let out = c.other.run(cmd)?;
+        ensure!(out.status.success(), "hostile.py: {}", String::from_utf8_lossy(&out.stderr));
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        eprintln!("the same tunnel before and after the destination's certificate expired: {got}");
+        ensure!(got["cases"][0]["status"] == 200, "the first stream was not served: {got}");
+        let after = &got["cases"][1];
+        ensure!(
+            after["status"] == 403 && after["reason"] == "certificate_expired",
+            "a new stream after the destination's certificate expired: {got}"
+        );
+        let refused =
+            total(&c.agent_b.metrics()?, "heddle_tunnel_refusals_total", &[("reason", "certificate_expired")]);
+        ensure!((refused - 1.0).abs() < 0.5, "certificate_expired refusals counted: {refused}");
+        let flows = c.agent_b.flows()?;
+        ensure!(
+            flows.iter().any(|f| f.event == FlowEvent::Error
+                && f.error.as_deref().is_some_and(|e| e.contains("this pod's certificate has expired"))),
+            "no record of the refused stream on node-b: {}",
+            heddle_tests::agent::describe_flows(&flows, 5)
+        );
+        Ok(())
     });
 }
 

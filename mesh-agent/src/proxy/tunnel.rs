@@ -57,6 +57,11 @@ const MAX_STREAMS: u32 = 4096;
 /// answered `431` by the HTTP/2 layer (as hyper's default).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
+/// How long after refusing a stream for an expired certificate the tunnel
+/// connection is told to go away (GOAWAY, open streams go on): the
+/// refusal is sent first, as h2 sends GOAWAY ahead of queued responses.
+const EXPIRED_GOAWAY_DELAY: Duration = Duration::from_millis(100);
+
 /// Serves the pod's tunnel port until `stop` fires.
 pub async fn run(
     listener: TcpListener,
@@ -118,10 +123,24 @@ async fn serve_connection(
     // the agent starts draining (a handover, or exit), GOAWAY tells the
     // source agent to open new streams elsewhere; the open ones go on.
     let mut going_away = false;
+    // After a stream refused for an expired certificate: when to send
+    // GOAWAY (a moment later, so that the refusal reaches the peer first).
+    let mut expired_at: Option<tokio::time::Instant> = None;
     loop {
+        let shut = async {
+            match expired_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             next = h2.accept() => next,
             () = ctx.draining.cancelled(), if !going_away => {
+                going_away = true;
+                h2.graceful_shutdown();
+                continue;
+            }
+            () = shut, if !going_away => {
                 going_away = true;
                 h2.graceful_shutdown();
                 continue;
@@ -138,10 +157,7 @@ async fn serve_connection(
                     record.orig_dst = connect_target(req.uri(), &pod.ips).ok();
                     ctx.flows.failed(ctx.flows.conn_id(), &record, format!("tunnel stream refused: {why}"));
                     let _ = respond.send_response(refuse(StatusCode::FORBIDDEN, "certificate_expired"), true);
-                    if !going_away {
-                        going_away = true;
-                        h2.graceful_shutdown();
-                    }
+                    expired_at.get_or_insert_with(|| tokio::time::Instant::now() + EXPIRED_GOAWAY_DELAY);
                     continue;
                 }
                 let (pod, ctx2, info, peer_id, probe) =
