@@ -1,6 +1,7 @@
 //! Faults in the mesh itself (issue 14): the mesh CA down for longer than
-//! a certificate's lifetime, a destination node agent killed in the middle
-//! of a transfer, and the clocks of two nodes minutes apart. Each test
+//! a certificate's lifetime (at the source, and at the destination for a
+//! client that keeps its tunnel), a destination node agent killed in the
+//! middle of a transfer, and the clocks of two nodes minutes apart. Each test
 //! builds its own two-node cluster with mTLS (see `common`), needs root,
 //! and fails under `CI=true` when it cannot run.
 //!

@@ -62,9 +62,9 @@ fn count_panics() {
 /// The address the tunnel fixture's pod has.
 const POD: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
 
-/// Serves `data` to `serve` over a pipe, reading (and dropping) what the
-/// server writes, and fails if the server has not finished within [`HANG`]
-/// of the input's end.
+/// Serves `data` to `serve` over a pipe on a runtime of its own, reading
+/// (and dropping) what the server writes; fails if the server has not
+/// finished within [`HANG`], or if any of its tasks panicked.
 fn over_pipe<F, Fut>(data: &[u8], serve: F)
 where
     F: FnOnce(DuplexStream) -> Fut,
@@ -84,7 +84,7 @@ where
             let _ = tokio::io::copy(&mut from_server, &mut tokio::io::sink()).await;
         };
         let ((), (), finished) = tokio::join!(feed, drain, tokio::time::timeout(HANG, serve(server)));
-        assert!(finished.is_ok(), "the server was still busy {HANG:?} after its client's input ended");
+        assert!(finished.is_ok(), "the server was still busy after {HANG:?} (its client's input had ended)");
     });
     drop(runtime);
     let panics = PANICS.with(std::cell::Cell::get) - before;
