@@ -11,12 +11,13 @@
 //! HBONE `CONNECT` authority, L7 path normalisation (which must also be
 //! idempotent: policy and routing see the normalised path, so a second
 //! pass must change nothing), trace context headers, and the admin API's
-//! query strings.
+//! query strings. Each property feeds its generated input to the fuzz
+//! target of the same parser ([`crate::fuzzing`]), so both drive one body
+//! of checks; the `CONNECT` authority's has no fuzz twin.
 
-use std::path::Path;
-
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
+
+use crate::fuzzing;
 
 /// Cases per structure-aware target.
 const CASES: u32 = 1500;
@@ -187,13 +188,6 @@ const ROUTE_WORDS: &[&str] = &[
     "\"[\"",
 ];
 
-const REGISTRY: &str = r#"
-workloads:
-  - {name: api-0, namespace: demo, node: n1, ips: ["10.0.0.2"], enrolled: false, labels: {app: api, version: v1}}
-services:
-  - {name: api, namespace: demo, vip: 10.96.0.1, ports: [{port: 80, targetPort: 8080}], selector: {app: api}}
-"#;
-
 fn config() -> ProptestConfig {
     ProptestConfig { cases: CASES, ..ProptestConfig::default() }
 }
@@ -203,25 +197,17 @@ proptest! {
 
     #[test]
     fn the_local_configuration_parser_never_panics(text in yaml_like(CONFIG_WORDS)) {
-        let _ = crate::config::parse(Path::new("hostile.yaml"), &text);
+        fuzzing::config(text.as_bytes());
     }
 
     #[test]
     fn policy_documents_never_panic_the_loader(text in yaml_like(POLICY_WORDS)) {
-        let mut loaded = crate::policy::load::Loaded::default();
-        crate::policy::load::parse_documents(&text, Path::new("hostile.yaml"), &mut loaded);
-        let objects = loaded.objects.into_iter().map(|(_, o)| o);
-        let _ = crate::policy::PolicySet::from_objects(objects, crate::policy::DEFAULT_ROOT_NAMESPACE);
+        fuzzing::policy(text.as_bytes());
     }
 
     #[test]
     fn route_documents_never_panic_the_waypoint(text in yaml_like(ROUTE_WORDS)) {
-        let config = crate::config::parse(Path::new("c.yaml"), REGISTRY).expect("the fixed registry parses");
-        let registry = crate::registry::Registry::from_config(&config);
-        let wp = crate::registry::ObjectRef { namespace: "demo".into(), name: "waypoint".into() };
-        let sources = [crate::waypoint::routes::Source { file: "hostile.yaml".into(), text }];
-        let set = crate::waypoint::routes::RouteSet::build(&sources, &registry, &wp, crate::policy::DEFAULT_ROOT_NAMESPACE);
-        let _ = set.statuses();
+        fuzzing::routes(text.as_bytes());
     }
 }
 
@@ -230,9 +216,8 @@ proptest! {
 
     #[test]
     fn arbitrary_text_never_panics_the_configuration_or_policy_parsers(text in any::<String>()) {
-        let _ = crate::config::parse(Path::new("hostile.yaml"), &text);
-        let mut loaded = crate::policy::load::Loaded::default();
-        crate::policy::load::parse_documents(&text, Path::new("hostile.yaml"), &mut loaded);
+        fuzzing::config(text.as_bytes());
+        fuzzing::policy(text.as_bytes());
     }
 
     #[test]
@@ -247,11 +232,7 @@ proptest! {
 
     #[test]
     fn path_normalisation_is_total_and_idempotent(path in "/[a-zA-Z0-9/.%_~-]{0,40}") {
-        if let Ok(once) = crate::policy::l7::path::normalize(&path) {
-            prop_assert!(once.starts_with('/'), "{} -> {}", path, once);
-            let twice = crate::policy::l7::path::normalize(&once).expect("a normalised path normalises");
-            prop_assert_eq!(&*twice, &*once, "not idempotent for {}", path);
-        }
+        fuzzing::path(path.as_bytes());
     }
 
     #[test]
@@ -261,21 +242,14 @@ proptest! {
         sampled in "[0-9a-z]{0,3}",
         flags in "[0-9]{0,2}",
     ) {
-        let mut headers = HeaderMap::new();
-        for (name, value) in [("traceparent", &traceparent), ("b3", &b3), ("x-b3-sampled", &sampled),
-                              ("x-b3-traceid", &traceparent), ("x-b3-spanid", &b3), ("x-b3-flags", &flags)] {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                headers.insert(HeaderName::from_static(name), v);
-            }
-        }
-        let p = crate::trace::context::Propagators::default();
-        let hop = p.begin(&headers, || false);
-        p.inject(&hop, &mut headers);
-        prop_assert!(headers.contains_key("traceparent"));
+        let lines = format!(
+            "traceparent: {traceparent}\nb3: {b3}\nx-b3-sampled: {sampled}\nx-b3-traceid: {traceparent}\nx-b3-spanid: {b3}\nx-b3-flags: {flags}\n"
+        );
+        fuzzing::trace_headers(lines.as_bytes());
     }
 
     #[test]
     fn admin_query_strings_never_panic(q in any::<String>()) {
-        let _ = crate::admin::parse_query(Some(&q));
+        fuzzing::admin_query(q.as_bytes());
     }
 }

@@ -14,33 +14,25 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use common::mesh::{expect_no_leaks, expect_tunnelled, issue_from_mesh_ca, warm_up};
+use anyhow::{ensure, Context};
+use common::hostile::{run_hostile, tunnel_args};
+use common::mesh::{expect_no_leaks, expect_tunnelled, issue_from_mesh_ca, wait_mesh_recovers, warm_up};
 use common::scrape::total;
-use common::{environment_ready, expect_delivered, heddle, run_e2e, wait_finished, Cluster, Mtls, Options, ECHO_PORT};
-use heddle_tests::env::{asset, FAKETIME, LIBFAKETIME};
+use common::{environment_ready, expect_delivered, heddle, run_e2e, wait_finished, Mtls, Options, ECHO_PORT};
+use heddle_tests::env::{FAKETIME, LIBFAKETIME};
 use heddle_tests::{poll_until, require_tool, Check, ClientSpec, Direction, FlowEvent};
 
 /// Certificate lifetime in the CA test: short, so the outage outlasts it.
 const TTL_SECONDS: u64 = 8;
 
-/// Polls until a new mesh connection from `client` to `server` succeeds;
-/// returns how long that took.
-fn wait_mesh_recovers(c: &Cluster, what: &str, within: Duration) -> Result<Duration> {
-    let to = c.server.addr(ECHO_PORT);
-    let start = Instant::now();
-    poll_until(what, within, Duration::from_millis(250), || {
-        let s = c.client.run_client(&ClientSpec::to(to))?;
-        Ok(if s.all_ok() { Check::Ready(()) } else { Check::Pending(s.to_string()) })
-    })?;
-    Ok(start.elapsed())
+/// The standard cluster with a mesh CA issuing [`TTL_SECONDS`] certificates.
+fn short_lived() -> Options {
+    Options { mtls: Some(Mtls { ttl_seconds: Some(TTL_SECONDS), ..Mtls::default() }), ..Options::default() }
 }
 
 #[test]
 fn a_ca_down_past_the_certificate_lifetime_keeps_open_connections_fails_new_ones_closed_and_recovers() {
-    let options =
-        Options { mtls: Some(Mtls { ttl_seconds: Some(TTL_SECONDS), ..Mtls::default() }), ..Options::default() };
-    run_e2e("fault_ca_down", options, |c| {
+    run_e2e("fault_ca_down", short_lived(), |c| {
         let ca = c.ca.as_ref().context("CA")?;
         let to = c.server.addr(ECHO_PORT);
         let baseline = warm_up(c)?;
@@ -104,9 +96,7 @@ fn a_ca_down_past_the_certificate_lifetime_keeps_open_connections_fails_new_ones
 
 #[test]
 fn a_tunnel_opened_before_the_destination_certificate_expired_carries_no_new_stream_after() {
-    let options =
-        Options { mtls: Some(Mtls { ttl_seconds: Some(TTL_SECONDS), ..Mtls::default() }), ..Options::default() };
-    run_e2e("fault_dest_cert_expired", options, |c| {
+    run_e2e("fault_dest_cert_expired", short_lived(), |c| {
         let ca = c.ca.as_ref().context("CA")?;
         c.wait_certificates()?;
         // A client of the tunnel port that keeps its tunnel: python-hyper's
@@ -117,16 +107,7 @@ fn a_tunnel_opened_before_the_destination_certificate_expired_carries_no_new_str
         // The server's certificate has at most 8 s left: one stream now,
         // one on the same tunnel after it has expired.
         let cases = serde_json::json!([{"authority": server}, {"authority": server, "sleep": TTL_SECONDS + 3}]);
-        let mut cmd = std::process::Command::new("python3");
-        cmd.arg(asset("hostile.py")).args([
-            "connect",
-            &c.server.ip().to_string(),
-            &heddle_tests::TUNNEL_PORT.to_string(),
-        ]);
-        cmd.arg("--cert").arg(creds.join("cert.pem")).arg("--key").arg(creds.join("key.pem")).arg(cases.to_string());
-        let out = c.other.run(cmd)?;
-        ensure!(out.status.success(), "hostile.py: {}", String::from_utf8_lossy(&out.stderr));
-        let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let got = run_hostile(&c.other, &tunnel_args(c, "connect", Some(&creds), &[&cases.to_string()]))?;
         eprintln!("the same tunnel before and after the destination's certificate expired: {got}");
         ensure!(got["cases"][0]["status"] == 200, "the first stream was not served: {got}");
         let after = &got["cases"][1];

@@ -20,11 +20,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use common::hostile::{ip, run_hostile, spawn_hostile, tunnel_args, wait_hostile};
 use common::mesh::{expect_no_leaks, issue_from_mesh_ca, warm_up};
 use common::scrape::number;
 use common::{run_e2e, Cluster, Options, ECHO_PORT};
-use heddle_tests::env::asset;
-use heddle_tests::{procfs, Agent, ClientSpec, Pod, Process, TUNNEL_PORT};
+use heddle_tests::{procfs, Agent, ClientSpec, TUNNEL_PORT};
 use mesh_agent::proxy::handshakes::PER_SOURCE;
 use serde_json::Value;
 
@@ -128,17 +128,6 @@ fn slow_clients(c: &Cluster, refusals: &mut Refusals) -> Result<()> {
     ensure!(seen.exactly(&[("tls_handshake", ROUND)]), "half-open refusals: {seen:?}");
 
     Ok(())
-}
-
-/// `hostile.py MODE <server ip> <tunnel port>`, then `extra`, presenting
-/// the mesh certificate in `creds` if given.
-fn tunnel_args(c: &Cluster, mode: &str, creds: Option<&Path>, extra: &[&str]) -> Vec<String> {
-    let mut args = vec![mode.to_owned(), ip(&c.server), TUNNEL_PORT.to_string()];
-    if let Some(dir) = creds {
-        args.extend(["--cert", path(&dir.join("cert.pem")), "--key", path(&dir.join("key.pem"))].map(str::to_owned));
-    }
-    args.extend(extra.iter().map(|a| (*a).to_owned()));
-    args
 }
 
 /// TLS: a wrong SNI without a certificate, and a mesh certificate offered
@@ -290,39 +279,6 @@ fn wait_refusals(agent: &Agent, reason: &str, at_least: f64) -> Result<()> {
     }
 }
 
-fn hostile_command<S: AsRef<str>>(args: &[S]) -> Command {
-    let mut cmd = Command::new("python3");
-    cmd.arg(asset("hostile.py")).args(args.iter().map(AsRef::as_ref));
-    cmd
-}
-
-/// Runs `hostile.py args` in `pod`; its JSON line.
-fn run_hostile<S: AsRef<str> + std::fmt::Debug>(pod: &Pod, args: &[S]) -> Result<Value> {
-    let out = pod.run(hostile_command(args))?;
-    ensure!(out.status.success(), "hostile.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("hostile.py {args:?}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-/// Starts `hostile.py args` in `pod` in the background.
-fn spawn_hostile(pod: &Pod, args: &[&str]) -> Result<Process> {
-    Ok(pod.spawn(hostile_command(args))?)
-}
-
-/// Waits for a background `hostile.py`; its JSON line.
-fn wait_hostile(mut p: Process, timeout: Duration) -> Result<Value> {
-    let start = Instant::now();
-    while p.try_wait()?.is_none() {
-        ensure!(start.elapsed() < timeout, "{} still running after {timeout:?}", p.description());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let text = p.log_text();
-    text.lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .with_context(|| format!("{} printed no result: {text}", p.description()))
-}
-
 /// The agent container's memory limit in the `DaemonSet`, in MiB.
 fn daemonset_memory_limit_mib() -> Result<f64> {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemonset/agent-daemonset.yaml");
@@ -350,14 +306,6 @@ fn mebibytes(q: &str) -> Result<f64> {
         anyhow::bail!("not a Ki/Mi/Gi quantity")
     };
     Ok(number.parse::<f64>()? * scale)
-}
-
-fn ip(pod: &Pod) -> String {
-    pod.ip().to_string()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
 }
 
 fn count(v: &Value, key: &str) -> u64 {

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use common::mesh::{
-    expect_no_leaks, expect_tunnel_error, expect_tunnelled, forge_certificate, issue_from_mesh_ca, mentions, warm_up,
+    expect_no_leaks, expect_tunnel_error, expect_tunnelled, forge_certificate, issue_from_mesh_ca, mentions,
+    wait_mesh_recovers, warm_up,
 };
 use common::scrape::total;
 use common::{
@@ -31,9 +32,7 @@ use common::{
 };
 use heddle_tests::agent::describe_flows;
 use heddle_tests::env::{NGHTTPD, OPENSSL, TCPDUMP};
-use heddle_tests::{
-    poll_until, require_tool, Agent, Check, ClientSpec, Direction, Flow, FlowEvent, Pod, Security, Tool, TUNNEL_PORT,
-};
+use heddle_tests::{require_tool, Agent, ClientSpec, Direction, Flow, FlowEvent, Pod, Security, Tool, TUNNEL_PORT};
 
 const MIB: usize = 1 << 20;
 /// What a capture must (not) find: the payload of the marked transfers.
@@ -427,18 +426,8 @@ fn agents_started_while_the_ca_is_down_fail_mesh_connections_fast_and_recover_on
         ensure!(failed[0].event == FlowEvent::Error && failed[0].is_mutual_tls(), "{}", failed[0]);
 
         ca.start()?;
-        let up = Instant::now();
-        let attempts = poll_until(
-            "the same mesh connection to succeed once the CA is up",
-            Duration::from_secs(20),
-            Duration::from_millis(250),
-            || {
-                let s = c.client.run_client(&ClientSpec::to(to))?;
-                Ok(if s.all_ok() { Check::Ready(()) } else { Check::Pending(s.to_string()) })
-            },
-        );
-        let recovered = up.elapsed();
-        attempts?;
+        let recovered =
+            wait_mesh_recovers(c, "the same mesh connection to succeed once the CA is up", Duration::from_secs(20))?;
         eprintln!("mesh connection succeeded {recovered:.1?} after the CA came up");
         ensure!(recovered <= Duration::from_secs(15), "recovery took {recovered:?} after the CA came up");
         let flows = c.agent_b.flows()?;

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use heddle_tests::{poll_until, Agent, Check, ClientSpec, ClientSummary, Direction, Flow, FlowEvent, Pod};
@@ -104,6 +104,18 @@ pub fn expect_no_leaks(agents: &[(&Agent, usize)]) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Polls (for up to `within`) until a new mesh connection from `c.client`
+/// to `c.server`'s echo port succeeds; returns how long that took.
+pub fn wait_mesh_recovers(c: &Cluster, what: &str, within: Duration) -> Result<Duration> {
+    let to = c.server.addr(ECHO_PORT);
+    let start = Instant::now();
+    poll_until(what, within, Duration::from_millis(250), || {
+        let s = c.client.run_client(&ClientSpec::to(to))?;
+        Ok(if s.all_ok() { Check::Ready(()) } else { Check::Pending(s.to_string()) })
+    })?;
+    Ok(start.elapsed())
 }
 
 /// Whether any error of `summary` mentions one of `words`.

@@ -16,6 +16,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod hostile;
 pub mod kube;
 pub mod l7;
 pub mod mesh;
